@@ -1,0 +1,302 @@
+"""Policy objectives, loss aggregation, KL estimators and entropy: pure jnp, no model code.
+
+Conventions (shapes in names: B responses, T completion tokens, V vocabulary):
+
+* `logp_BxT`, `old_logp_BxT`: log-probabilities of the sampled tokens under the current and the
+  behaviour policy; `mask_BxT` is 1 on completion tokens (the EOS included) and 0 on padding.
+  A row whose mask is all zero is padding and counts nowhere, so batches can be padded freely.
+* Objectives are *maximised*; the loss is their negative. Per unit (a token, or a response at
+  `level="sequence"`), with ratio r and advantage A:
+    - `cfpo`: r·A − |A|/(2ε)·(r − 1)². Its gradient in r, A − (|A|/ε)(r − 1), is zero at
+      r* = 1 + ε·sign(A) and restores r toward r* from both sides. With `eps_high` set, ε_high is
+      used for A > 0, so r* sits at the same boundary that clip-higher (DAPO) would clip at.
+    - `ppo`: min(r·A, clip(r, 1 − ε, 1 + ε_high)·A), and with `dual_clip` c > 1 the objective of
+      A < 0 units is floored at c·A (dual-clip PPO).
+  Both have gradient A in r at r = 1, so they give identical on-policy updates.
+* `level="sequence"` (GSPO-style): r_i = exp(mean over response i's tokens of the log-ratio); the
+  response's objective is assigned to each of its tokens before aggregation, so the aggregations
+  below keep their meaning (`token-mean` weights responses by length, `seq-mean-*` does not).
+* The log-ratio is clamped to ±20 before `exp` so that a stale token cannot overflow.
+* Aggregations return a (sum, denominator) pair. Adding pairs over micro-batches or data shards and
+  dividing once gives exactly the full-batch value (the denominators do not depend on parameters):
+    - `token-mean`: Σ_it l / Σ_it m.
+    - `seq-mean-token-mean`: Σ_i (Σ_t l / n_i) / #responses (original GRPO).
+    - `seq-mean-token-sum`: Σ_it l / #responses.
+    - `seq-mean-token-sum-norm`: Σ_it l / max_len / #responses (Dr.GRPO; `max_len` defaults to T,
+      set it to the generation budget so the scale does not depend on padding).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+LOG_RATIO_CLAMP = 20.0
+# Same bound as verl's low-variance KL: one token whose reference probability collapsed must not
+# dominate the batch.
+KL_VALUE_CLAMP = 10.0
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+def cfpo_objective(ratio, adv, eps_low, eps_high, dual_clip):
+    eps = jnp.where(adv > 0, eps_high, eps_low)
+    return ratio * adv - jnp.abs(adv) / (2.0 * eps) * jnp.square(ratio - 1.0)
+
+
+def ppo_objective(ratio, adv, eps_low, eps_high, dual_clip):
+    clipped = jnp.clip(ratio, 1.0 - eps_low, 1.0 + eps_high)
+    objective = jnp.minimum(ratio * adv, clipped * adv)
+    if dual_clip is not None:
+        objective = jnp.where(adv < 0, jnp.maximum(objective, dual_clip * adv), objective)
+    return objective
+
+
+# ----------------------------------------------------------------------------- aggregations
+
+
+def _token_mean(values_BxT, mask_BxT, max_len):
+    del max_len
+    return jnp.sum(values_BxT * mask_BxT), jnp.sum(mask_BxT)
+
+
+def _seq_mean_token_mean(values_BxT, mask_BxT, max_len):
+    del max_len
+    count_B = jnp.sum(mask_BxT, axis=-1)
+    seq_B = jnp.sum(values_BxT * mask_BxT, axis=-1) / jnp.maximum(count_B, 1.0)
+    return jnp.sum(seq_B), jnp.sum(count_B > 0).astype(values_BxT.dtype)
+
+
+def _seq_mean_token_sum(values_BxT, mask_BxT, max_len):
+    del max_len
+    count_B = jnp.sum(mask_BxT, axis=-1)
+    return jnp.sum(values_BxT * mask_BxT), jnp.sum(count_B > 0).astype(values_BxT.dtype)
+
+
+def _seq_mean_token_sum_norm(values_BxT, mask_BxT, max_len):
+    total, num_seqs = _seq_mean_token_sum(values_BxT, mask_BxT, None)
+    return total / max_len, num_seqs
+
+
+# ----------------------------------------------------------------------------- KL estimators
+
+
+def _k1(log_ratio):  # log_ratio = log(ref / pi); unbiased for KL(pi||ref) but zero expected gradient
+    return -log_ratio
+
+
+def _k2(log_ratio):  # its gradient is the unbiased gradient of KL(pi||ref)
+    return 0.5 * jnp.square(log_ratio)
+
+
+def _k3(log_ratio):  # unbiased, non-negative, low variance (Schulman's "k3")
+    return jnp.minimum(jnp.exp(log_ratio) - log_ratio - 1.0, KL_VALUE_CLAMP)
+
+
+# ----------------------------------------------------------------------------- registry
+
+REGISTRY: dict[str, dict[str, Callable]] = {
+    "objective": {"cfpo": cfpo_objective, "ppo": ppo_objective},
+    "agg": {
+        "token-mean": _token_mean,
+        "seq-mean-token-mean": _seq_mean_token_mean,
+        "seq-mean-token-sum": _seq_mean_token_sum,
+        "seq-mean-token-sum-norm": _seq_mean_token_sum_norm,
+    },
+    "kl": {"k1": _k1, "k2": _k2, "k3": _k3},
+    "level": {"token": None, "sequence": None},
+}
+
+
+def lookup(kind: str, name: str) -> Callable:
+    """Returns the registered `kind` ('objective', 'agg', 'kl', 'level') called `name`."""
+    table = REGISTRY[kind]
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; valid: {sorted(table)}")
+    return table[name]
+
+
+# ----------------------------------------------------------------------------- policy loss
+
+# Terms that combine across micro-batches by max / min; every other term is a sum.
+_MAX_TERMS = ("ratio_max",)
+_MIN_TERMS = ("ratio_min",)
+
+
+def _check_shapes(logp, old_logp, advantages, mask, level):
+    if logp.ndim != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape:
+        raise ValueError(
+            "logp, old_logp and mask must share one [B, T] shape; got "
+            f"logp {logp.shape}, old_logp {old_logp.shape}, mask {mask.shape}"
+        )
+    valid = [logp.shape[:1]] + ([logp.shape] if level == "token" else [])
+    if advantages.shape not in valid:
+        raise ValueError(
+            f"advantages has shape {advantages.shape}; at level={level!r} valid shapes are "
+            f"{[tuple(v) for v in valid]} for logp of shape {logp.shape}"
+        )
+
+
+def policy_loss_terms(
+    logp,
+    old_logp,
+    advantages,
+    mask,
+    *,
+    objective: str = "cfpo",
+    eps: float = 0.2,
+    eps_high: float | None = None,
+    dual_clip: float | None = None,
+    level: str = "token",
+    agg: str = "token-mean",
+    max_len: float | None = None,
+) -> dict[str, jax.Array]:
+    """The additive terms of `policy_loss` for one (micro-)batch; see the module docstring.
+
+    Returns scalars: `loss_sum`, `loss_denom` (loss = loss_sum / loss_denom), and metric terms
+    (`clip_count`, `ratio_dev_sum`, `ratio_count`, `ppo_kl_sum`, `token_count`, `ratio_max`,
+    `ratio_min`). Combine batches with `combine_terms`, turn into values with `finalize_terms`.
+    """
+    objective_fn = lookup("objective", objective)
+    agg_fn = lookup("agg", agg)
+    lookup("level", level)
+    if eps <= 0 or (eps_high is not None and eps_high <= 0):
+        raise ValueError(f"eps and eps_high must be > 0; got eps={eps}, eps_high={eps_high}")
+    if dual_clip is not None and (objective != "ppo" or dual_clip <= 1.0):
+        raise ValueError(
+            f"dual_clip={dual_clip} needs objective='ppo' and a value > 1 (got {objective!r})"
+        )
+    logp, old_logp, advantages = (jnp.asarray(x, jnp.float32) for x in (logp, old_logp, advantages))
+    mask_BxT = jnp.asarray(mask, jnp.float32)
+    _check_shapes(logp, old_logp, advantages, mask_BxT, level)
+    eps_high = eps if eps_high is None else eps_high
+    max_len = logp.shape[1] if max_len is None else max_len
+
+    log_ratio_BxT = jnp.where(
+        mask_BxT > 0, jnp.clip(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), 0.0
+    )
+    if level == "token":
+        adv = advantages if advantages.ndim == 2 else advantages[:, None]
+        ratio = jnp.exp(log_ratio_BxT)
+        adv = jnp.broadcast_to(adv, ratio.shape)
+        unit_mask = mask_BxT
+        objective_BxT = objective_fn(ratio, adv, eps, eps_high, dual_clip)
+    else:
+        count_B = jnp.sum(mask_BxT, axis=-1)
+        ratio = jnp.exp(jnp.sum(log_ratio_BxT, axis=-1) / jnp.maximum(count_B, 1.0))
+        adv = advantages
+        unit_mask = (count_B > 0).astype(jnp.float32)
+        objective_B = objective_fn(ratio, adv, eps, eps_high, dual_clip)
+        objective_BxT = jnp.broadcast_to(objective_B[:, None], mask_BxT.shape)
+
+    loss_sum, loss_denom = agg_fn(-objective_BxT, mask_BxT, max_len)
+    would_clip = ((adv > 0) & (ratio > 1.0 + eps_high)) | ((adv < 0) & (ratio < 1.0 - eps))
+    valid = unit_mask > 0
+    return {
+        "loss_sum": loss_sum,
+        "loss_denom": loss_denom,
+        "clip_count": jnp.sum(would_clip * unit_mask),
+        "ratio_dev_sum": jnp.sum(jnp.abs(ratio - 1.0) * unit_mask),
+        "ratio_count": jnp.sum(unit_mask),
+        "ppo_kl_sum": jnp.sum(-log_ratio_BxT * mask_BxT),
+        "token_count": jnp.sum(mask_BxT),
+        "ratio_max": jnp.max(jnp.where(valid, ratio, -jnp.inf)),
+        "ratio_min": jnp.min(jnp.where(valid, ratio, jnp.inf)),
+    }
+
+
+def combine_terms(a: dict, b: dict) -> dict:
+    """Combines the terms of two disjoint (micro-)batches into the terms of their union."""
+    out = {}
+    for key in a:
+        if key in _MAX_TERMS:
+            out[key] = jnp.maximum(a[key], b[key])
+        elif key in _MIN_TERMS:
+            out[key] = jnp.minimum(a[key], b[key])
+        else:
+            out[key] = a[key] + b[key]
+    return out
+
+
+def _safe_div(num, den):
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+
+
+def finalize_terms(terms: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(loss, metrics) from summed terms. With no valid unit the ratio extremes read 1."""
+    has_units = terms["ratio_count"] > 0
+    metrics = {
+        "clip_frac": _safe_div(terms["clip_count"], terms["ratio_count"]),
+        "ratio_dev": _safe_div(terms["ratio_dev_sum"], terms["ratio_count"]),
+        "ppo_kl": _safe_div(terms["ppo_kl_sum"], terms["token_count"]),
+        "ratio_max": jnp.where(has_units, terms["ratio_max"], 1.0),
+        "ratio_min": jnp.where(has_units, terms["ratio_min"], 1.0),
+    }
+    return _safe_div(terms["loss_sum"], terms["loss_denom"]), metrics
+
+
+def policy_loss(logp, old_logp, advantages, mask, **kwargs) -> tuple[jax.Array, dict]:
+    """Scalar loss to minimise and its metrics; keyword arguments as `policy_loss_terms`.
+
+    Metrics: `clip_frac` (fraction of units with r > 1+ε_high and A > 0 or r < 1−ε and A < 0 —
+    for CFPO the units PPO *would* clip), `ratio_dev` (mean |r − 1|), `ppo_kl` (token mean of
+    old_logp − logp), `ratio_max`, `ratio_min`.
+    """
+    return finalize_terms(policy_loss_terms(logp, old_logp, advantages, mask, **kwargs))
+
+
+# ----------------------------------------------------------------------------- KL, entropy
+
+
+def kl(logp, ref_logp, estimator: str = "k3"):
+    """Per-token estimate of KL(π || π_ref) from sampled-token logprobs, same shape as `logp`.
+
+    `k1` = log π − log π_ref, `k2` = ½(log π − log π_ref)², `k3` = ρ − log ρ − 1 with
+    ρ = π_ref/π (clamped at 10). The log-ratio is clamped to ±20. As a loss term, k1 has zero
+    expected gradient; use k2 or k3.
+    """
+    fn = lookup("kl", estimator)
+    log_ratio = jnp.clip(
+        jnp.asarray(ref_logp, jnp.float32) - jnp.asarray(logp, jnp.float32),
+        -LOG_RATIO_CLAMP,
+        LOG_RATIO_CLAMP,
+    )
+    return fn(log_ratio)
+
+
+def entropy(logits_xV):
+    """Entropy (nats, float32) of softmax(logits) over the last axis."""
+    logp_xV = jax.nn.log_softmax(jnp.asarray(logits_xV, jnp.float32), axis=-1)
+    return -jnp.sum(jnp.exp(logp_xV) * logp_xV, axis=-1)
+
+
+def token_logprobs(logits_BxTxV, tokens_BxT, temperature: float = 1.0):
+    """log softmax(logits / temperature) at `tokens`, float32 [B, T]: the distribution sampled from."""
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 for logprobs; got {temperature}")
+    logits = jnp.asarray(logits_BxTxV, jnp.float32) / temperature
+    logp_BxTxV = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(logp_BxTxV, tokens_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def _demo() -> None:
+    """Prints how CFPO and PPO pull on the ratio (the README's command until the trainer lands)."""
+    ratios = jnp.linspace(0.6, 1.4, 9)
+    for adv in (1.0, -1.0):
+        advs = jnp.full_like(ratios, adv)
+        grads = {
+            name: jax.vmap(jax.grad(lambda r, a, f=lookup("objective", name): f(r, a, 0.2, 0.2, None)))(
+                ratios, advs
+            )
+            for name in ("cfpo", "ppo")
+        }
+        print(f"A = {adv:+.0f}:   r    d(cfpo)/dr   d(ppo)/dr")
+        for r, gc, gp in zip(ratios, grads["cfpo"], grads["ppo"]):
+            print(f"        {float(r):.2f}   {float(gc):+8.3f}   {float(gp):+8.3f}")
+
+
+if __name__ == "__main__":
+    _demo()
