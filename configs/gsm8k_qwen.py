@@ -1,0 +1,70 @@
+r"""GSM8K with Qwen2.5-0.5B-Instruct and CFPO: one GPU (24 GB+) or a Colab TPU (v2-8 / v5e-1).
+
+Launch:
+  python -m cfpo_jax.train --config=configs/gsm8k_qwen.py --workdir=runs/gsm8k_qwen
+  python -m cfpo_jax.train --config=configs/gsm8k_qwen.py:1.5b   # Qwen2.5-1.5B-Instruct, 40 GB+
+Colab TPU: see launch/colab.md (install, then the same command).
+
+Expected run time: not measured on hardware yet; each step samples 64 × 8 completions of up to
+512 tokens.
+
+Numbers: CFPO ε = 0.2, β = 0, GRPO advantages as in the paper; GSM8K train / test with the
+`#### <answer>` preset; prompt 256 and response 512 tokens (GSM8K questions are short and
+solutions rarely exceed 300 tokens); learning rate 1e-6 as verl's GSM8K GRPO examples; 64 prompts
+× 8 samples per step, 2 minibatches (batch ratio 2) to fit one accelerator.
+"""
+
+from cfpo_jax.config import base_config
+
+MODELS = {"0.5b": "Qwen/Qwen2.5-0.5B-Instruct", "1.5b": "Qwen/Qwen2.5-1.5B-Instruct"}
+
+
+def get_config(arg: str = "0.5b"):
+    if arg not in MODELS:
+        raise ValueError(f"unknown model size {arg!r}; valid: {sorted(MODELS)}")
+    c = base_config()
+    c.workdir = f"runs/gsm8k_qwen_{arg}"
+    c.model.path = MODELS[arg]
+    c.model.param_dtype = "float32"
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+
+    c.data.source = "hf:openai/gsm8k:train"
+    c.data.preset = "gsm8k"
+    c.data.template = "chat"
+    c.data.system_prompt = "Please reason step by step, and put your final answer within \\boxed{}."
+    c.data.batch_size = 64
+
+    c.sampling.max_prompt_len = 256
+    c.sampling.max_new_tokens = 512
+    c.sampling.temperature = 1.0
+
+    c.rewards.fns = ("gsm8k",)
+    c.rewards.weights = (1.0,)
+    c.rewards.num_workers = 4
+
+    c.eval.sources = ("hf:openai/gsm8k:test",)
+    c.eval.num_samples = 1
+    c.eval.greedy = True
+    c.eval.every_steps = 25
+    c.eval.max_examples = 500
+
+    c.rl.objective = "cfpo"
+    c.rl.eps = 0.2
+    c.rl.estimator = "grpo"
+    c.rl.group_size = 8
+    c.rl.num_epochs = 1
+    c.rl.num_minibatches = 2
+    c.rl.micro_batch_size = 32
+    c.rl.beta = 0.0
+
+    c.optim.lr = 1e-6
+    c.optim.warmup_steps = 5
+    c.optim.weight_decay = 0.01
+    c.optim.max_grad_norm = 1.0
+
+    c.train.num_steps = 200
+    c.train.checkpoint_every = 20
+    c.train.keep_checkpoints = 2
+    c.train.export_hf = True
+    return c

@@ -1,0 +1,103 @@
+r"""The paper's reasoning setting: Qwen2.5-{1.5B,3B,7B}-Instruct on MATH train, CFPO, eval MATH500 + GSM8K.
+
+Launch (GPU node, 8 × 80 GB; see launch/gpu.sh):
+  python -m cfpo_jax.train --config=configs/math_qwen.py:1.5b --workdir=runs/math_qwen_1.5b
+  # the paper's off-policy sweep: iterations μ and batch ratio
+  python -m cfpo_jax.train --config=configs/math_qwen.py:7b --config.rl.num_epochs=4 \
+      --config.rl.num_minibatches=8 --workdir=runs/math_qwen_7b_mu4
+  # GRPO baseline for the comparison: same everything, clipped objective
+  python -m cfpo_jax.train --config=configs/math_qwen.py:1.5b --config.rl.objective=ppo
+Launch (TPU VM / pod slice, every host runs the same command; see launch/tpu_vm.sh):
+  launch/tpu_vm.sh my-tpu us-central2-b "--config=configs/math_qwen.py:7b --config.mesh.distributed=True"
+
+Expected run time: not measured on hardware yet. The budget per RL step is dominated by sampling
+5120 completions of up to 1024 tokens; estimate from benchmarks/README.md's tokens/s.
+
+Where the numbers come from:
+  * CFPO with ε = 0.2, β = 0 (no reference model), group-relative (GRPO) advantages, token-mean
+    aggregation: the paper (arXiv 2601.22801, reasoning setting).
+  * `rl.num_epochs` is the paper's "iterations" μ and `rl.num_minibatches` its "batch ratio"
+    (rollout batch / optimiser minibatch); 1 × 4 here, the baseline of the sweep.
+  * Prompt/response length 1024/1024, 1024 prompts per step, 5 samples per prompt, minibatch 256
+    prompts (hence num_minibatches = 4), learning rate 1e-6, Qwen2.5-Instruct with its chat
+    template: verl's GRPO example on MATH (examples/grpo_trainer/run_qwen2_5-7b_math.sh), the
+    usual reference setup for these models. Warmup 10 updates and weight decay 0.01 (verl's AdamW
+    defaults). Not checked against the paper's appendix: override if it states otherwise.
+"""
+
+from cfpo_jax.config import base_config
+
+SIZES = {
+    "1.5b": dict(path="Qwen/Qwen2.5-1.5B-Instruct", micro_batch_size=64),
+    "3b": dict(path="Qwen/Qwen2.5-3B-Instruct", micro_batch_size=32),
+    "7b": dict(path="Qwen/Qwen2.5-7B-Instruct", micro_batch_size=16),
+}
+
+SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
+
+
+def get_config(arg: str = "1.5b"):
+    if arg not in SIZES:
+        raise ValueError(f"unknown size {arg!r}; valid: {sorted(SIZES)}")
+    size = SIZES[arg]
+    c = base_config()
+    c.seed = 0
+    c.workdir = f"runs/math_qwen_{arg}"
+
+    c.model.path = size["path"]
+    c.model.param_dtype = "float32"  # fp32 master weights and Adam moments
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+
+    c.data.source = "hf:DigitalLearningGmbH/MATH-lighteval:train"
+    c.data.preset = "math"
+    c.data.template = "chat"
+    c.data.system_prompt = SYSTEM_PROMPT
+    c.data.user_template = "{question}"
+    c.data.batch_size = 1024
+    c.data.seed = 0
+
+    c.sampling.max_prompt_len = 1024
+    c.sampling.max_new_tokens = 1024
+    c.sampling.temperature = 1.0
+    c.sampling.top_p = 1.0
+    c.sampling.top_k = 0
+
+    c.rewards.fns = ("math",)
+    c.rewards.weights = (1.0,)
+    c.rewards.num_workers = 16
+    c.rewards.timeout_s = 5.0
+
+    c.eval.sources = ("hf:HuggingFaceH4/MATH-500:test", "hf:openai/gsm8k:test")
+    c.eval.num_samples = 4
+    c.eval.ks = (1, 4)
+    c.eval.greedy = False
+    c.eval.every_steps = 10
+    c.eval.max_examples = 0
+
+    c.rl.objective = "cfpo"
+    c.rl.eps = 0.2
+    c.rl.level = "token"
+    c.rl.agg = "token-mean"
+    c.rl.estimator = "grpo"
+    c.rl.group_size = 5
+    c.rl.num_epochs = 1
+    c.rl.num_minibatches = 4
+    c.rl.micro_batch_size = size["micro_batch_size"]
+    c.rl.beta = 0.0
+    c.rl.kl_estimator = "k3"
+
+    c.optim.lr = 1e-6
+    c.optim.warmup_steps = 10
+    c.optim.schedule = "constant"
+    c.optim.weight_decay = 0.01
+    c.optim.max_grad_norm = 1.0
+
+    c.train.num_steps = 100  # verl's 15 epochs of 7.5k MATH problems at 1024/step ≈ 110 steps
+    c.train.log_every = 1
+    c.train.checkpoint_every = 10
+    c.train.keep_checkpoints = 3
+    c.train.export_hf = True
+    return c

@@ -1,0 +1,73 @@
+r"""Quickstart: a tiny model learns 1-digit addition with CFPO on a laptop CPU, offline.
+
+Launch (the default config, so both are the same):
+  python -m cfpo_jax.train
+  python -m cfpo_jax.train --config=configs/quickstart.py --workdir=runs/quickstart
+
+Expected run time: about 3-4 minutes on 2 CPU cores including compilation. The console prints the
+warm start's cross-entropy, then one line per RL step with the mean reward, which rises from about
+0.2-0.4 to above 0.7; the last line compares the first and last tenth of the steps.
+
+What it does: builds a random-init 2-layer decoder (hidden 64) and a character-level tokenizer into
+<workdir>/tiny_model in Hugging Face format (so the normal loader is used), fits it for a few
+hundred supervised steps on gold answers (enough to learn the answer format, not the sums), then
+runs CFPO (ε = 0.2, GRPO advantages, 2 epochs over each rollout batch) on "a+b=" prompts with an
+exact-answer reward. Run it again with the same workdir and it resumes (here: finds it finished).
+"""
+
+from cfpo_jax.config import base_config
+
+
+def get_config(arg: str = ""):
+    del arg
+    c = base_config()
+    c.seed = 0
+    c.workdir = "runs/quickstart"
+
+    c.model.path = "tiny"
+    c.model.tiny.hidden_size = 64
+    c.model.tiny.intermediate_size = 128
+    c.model.tiny.num_layers = 2
+    c.model.tiny.num_heads = 4
+    c.model.tiny.num_kv_heads = 2
+
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
+
+    c.data.source = "synthetic:arithmetic"
+    c.data.template = "plain"
+    c.data.user_template = "{question}="
+    c.data.batch_size = 16
+    c.data.seed = 0
+    c.data.synthetic.digits = 1
+    c.data.synthetic.ops = "+"
+    c.data.synthetic.terms = 2
+
+    c.sampling.max_prompt_len = 16
+    c.sampling.max_new_tokens = 4
+    c.sampling.temperature = 1.0
+
+    c.rewards.fns = ("gsm8k",)
+    c.rewards.weights = (1.0,)
+    c.rewards.num_workers = 0
+
+    c.rl.objective = "cfpo"
+    c.rl.eps = 0.2
+    c.rl.estimator = "grpo"
+    c.rl.group_size = 8
+    c.rl.num_epochs = 2
+    c.rl.num_minibatches = 1
+    c.rl.beta = 0.0
+
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 0
+    c.optim.max_grad_norm = 1.0
+
+    c.train.num_steps = 60
+    c.train.checkpoint_every = 20
+    c.train.keep_checkpoints = 2
+    c.train.log_every = 1
+
+    c.warmstart.steps = 100
+    c.warmstart.lr = 3e-3
+    c.warmstart.batch_size = 64
+    return c
