@@ -88,3 +88,146 @@ def test_kv_cache_prefill_then_decode_matches_transformers(checkpoint):
         assert_close_logits(logits, expected[:, i : i + 1])
     assert cache.k.shape == (model.config.num_layers, 2, P + N + spare, model.config.num_kv_heads, model.config.head_dim)
     np.testing.assert_array_equal(np.asarray(cache.k[:, :, P + N :]), 0.0)
+
+
+def test_sequence_logprobs_match_transformers(checkpoint):
+    """Chunked float32 logprobs/entropies at temperature 0.7 against numpy on the reference logits,
+    with a chunk size that does not divide T."""
+    _, directory, ref = checkpoint
+    model = from_pretrained(directory)
+    tokens, mask = batch(T=20, pad=(0, 6))
+    temperature = 0.7
+    logp, ent = nnx.jit(lambda m, t, k: sequence_logprobs(m, t, k, temperature=temperature, chunk_size=6))(
+        model, jnp.asarray(tokens), jnp.asarray(mask)
+    )
+    scaled = hf_fixtures.reference_logits(ref, tokens, mask).astype(np.float64) / temperature
+    logsm = scaled - scaled.max(-1, keepdims=True)
+    logsm -= np.log(np.exp(logsm).sum(-1, keepdims=True))
+    expected_logp = np.zeros(tokens.shape)
+    expected_ent = np.zeros(tokens.shape)
+    for b in range(tokens.shape[0]):
+        for t in range(1, tokens.shape[1]):
+            if mask[b, t] and mask[b, t - 1]:
+                expected_logp[b, t] = logsm[b, t - 1, tokens[b, t]]
+                expected_ent[b, t] = -(np.exp(logsm[b, t - 1]) * logsm[b, t - 1]).sum()
+    assert logp.dtype == ent.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logp), expected_logp, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ent), expected_ent, rtol=0, atol=1e-4)
+
+
+def test_export_round_trip_loads_in_transformers(checkpoint, tmp_path):
+    family, directory, ref = checkpoint
+    model = from_pretrained(directory)
+    # A small shard limit forces the sharded layout (several files + index) that large models get.
+    save_pretrained(model, tmp_path / "single")
+    save_pretrained(model, tmp_path / "sharded", max_shard_bytes=40_000)
+    assert os.path.exists(tmp_path / "single" / "model.safetensors")
+    assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
+    tokens, mask = batch(pad=(0, 4))
+    ours = model(jnp.asarray(tokens), mask_BxT=jnp.asarray(mask))
+    for layout in ("single", "sharded"):
+        exported = hf_fixtures.reference_model(tmp_path / layout)
+        assert exported.config.model_type == family
+        assert_close_logits(ours, hf_fixtures.reference_logits(exported, tokens, mask), mask)
+
+
+def test_export_keeps_bfloat16(tmp_path):
+    directory = hf_fixtures.build_checkpoint("qwen2", tmp_path / "src")
+    model = from_pretrained(directory, param_dtype="bfloat16")
+    assert model.blocks.attn.q_kernel[...].dtype == jnp.bfloat16
+    save_pretrained(model, tmp_path / "out")
+    with open(tmp_path / "out" / "config.json") as f:
+        assert json.load(f)["torch_dtype"] == "bfloat16"
+    # Both sides compute in float32 from the same bf16-rounded weights.
+    tokens, _ = batch(pad=(0, 0))
+    ours = from_pretrained(tmp_path / "out", param_dtype="float32")(jnp.asarray(tokens))
+    reference = hf_fixtures.reference_model(tmp_path / "out")
+    assert_close_logits(ours, hf_fixtures.reference_logits(reference, tokens))
+
+
+def test_legacy_rope_keys_load_like_rope_parameters(tmp_path):
+    """Published checkpoints spell RoPE as rope_theta + rope_scaling (with `type`), transformers 5
+    writes rope_parameters; both must give the same model."""
+    directory = hf_fixtures.build_checkpoint("llama", tmp_path)
+    current = from_pretrained(directory)
+    with open(tmp_path / "config.json") as f:
+        cfg = json.load(f)
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    rope["type"] = rope.pop("rope_type")
+    cfg["rope_scaling"] = rope
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(cfg, f)
+    legacy = from_pretrained(directory)
+    assert legacy.config == current.config
+    assert legacy.config.rope_scaling["rope_type"] == "llama3" and legacy.config.rope_theta == 10000.0
+
+
+def test_bfloat16_compute_and_remat_stay_close_to_float32(tmp_path):
+    directory = hf_fixtures.build_checkpoint("qwen3", tmp_path)
+    tokens, mask = batch(pad=(0, 5))
+    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+    exact = from_pretrained(directory)
+    fast = from_pretrained(directory, param_dtype="bfloat16", dtype="bfloat16")
+    logits = fast(tokens, mask_BxT=mask)
+    assert logits.dtype == jnp.float32
+    err = np.abs(np.asarray(logits - exact(tokens, mask_BxT=mask)))[np.asarray(mask, bool)]
+    assert err.max() < 0.05 * np.abs(np.asarray(logits)).max()
+
+    def loss(model):
+        return sequence_logprobs(model, tokens, mask)[0].sum()
+
+    remat = from_pretrained(directory, remat=True)
+    graphdef, state = nnx.split(remat)
+    assert "checkpoint" in str(jax.make_jaxpr(lambda s: loss(nnx.merge(graphdef, s)))(state))
+    grads = nnx.grad(loss)(exact)
+    grads_remat = nnx.grad(loss)(remat)
+    for g, h in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_remat)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=0, atol=1e-5 * np.abs(np.asarray(g)).max())
+
+
+def test_program_size_does_not_grow_with_depth():
+    """The layers run inside one scan: 2 and 8 layers trace to the same number of equations."""
+
+    def num_equations(num_layers):
+        config = ModelConfig(
+            model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=num_layers,
+            num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True,
+        )
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+        tokens = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+        jaxpr = jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+        return len(jaxpr.eqns)
+
+    assert num_equations(2) == num_equations(8)
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_pretrained(str(tmp_path))
+    directory = hf_fixtures.build_checkpoint("llama", tmp_path / "ok")
+    os.remove(os.path.join(directory, "model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        from_pretrained(directory)
+    with open(os.path.join(directory, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["model_type"] = "mistral"
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match="'mistral'.*qwen2, qwen3, llama"):
+        from_pretrained(directory)
+    with pytest.raises(ValueError, match="param_dtype='float64'.*float32"):
+        ModelConfig(model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
+                    num_heads=2, num_kv_heads=1, head_dim=4, param_dtype="float64")
+
+
+def test_repo_id_is_downloaded_with_huggingface_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    directory = hf_fixtures.build_checkpoint("qwen3", tmp_path)
+    requested = []
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda repo_id, **kw: requested.append(repo_id) or directory
+    )
+    model = from_pretrained("Qwen/Qwen3-0.6B")
+    assert requested == ["Qwen/Qwen3-0.6B"] and model.config.model_type == "qwen3"

@@ -3,8 +3,9 @@
 Loading never builds a randomly initialised model: `nnx.eval_shape` gives the abstract state and
 each parameter is filled from the checkpoint one at a time (a stacked block parameter is gathered
 layer by layer into one host buffer of its final dtype), then placed on device (directly with its
-`NamedSharding` when a mesh is given, each device receiving only its slice). Safetensors files are
-memory-mapped, so peak host memory is the placed model plus one stacked parameter.
+`NamedSharding` when a mesh is given, each device receiving only its slice). Tensors are read with
+plain file reads (no memory map left resident), so peak host memory is the placed model plus one
+stacked parameter.
 
 `_PARAM_MAP` is the single name/layout table used in both directions. HF stores linear weights
 as [out, in]; ours are [in, ...heads, head_dim] so that the einsums name their axes.
@@ -14,13 +15,14 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from cfpo_jax.models.config import ModelConfig, from_hf_config, to_hf_config
@@ -102,32 +104,60 @@ def _resolve(path: str) -> str:
     )
 
 
+# safetensors dtype codes -> numpy (bfloat16 through ml_dtypes, which jax depends on).
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+
+
+class _SafetensorsFile:
+    """Reads one tensor at a time with plain file reads. Unlike a memory map, nothing of the file
+    stays resident in this process once a tensor has been converted and placed."""
+
+    def __init__(self, path: str):
+        with open(path, "rb") as f:
+            (header_len,) = struct.unpack("<Q", f.read(8))
+            self.header = json.loads(f.read(header_len))
+        self.header.pop("__metadata__", None)
+        self.path, self.data_start = path, 8 + header_len
+
+    def read(self, name: str) -> np.ndarray:
+        info = self.header[name]
+        begin, end = info["data_offsets"]
+        array = np.empty(info["shape"], _DTYPES[info["dtype"]])
+        if array.nbytes != end - begin:
+            raise ValueError(f"{self.path}: tensor {name!r} has {end - begin} bytes for shape {info['shape']}")
+        with open(self.path, "rb") as f:
+            f.seek(self.data_start + begin)
+            f.readinto(array.reshape(-1).view(np.uint8))
+        return array
+
+
 class _Checkpoint:
-    """Memory-mapped view of a (possibly sharded) safetensors checkpoint, tensor by tensor."""
+    """A (possibly sharded) safetensors checkpoint, read tensor by tensor."""
 
     def __init__(self, directory: str):
         index_path = os.path.join(directory, INDEX_FILE)
-        single_path = os.path.join(directory, WEIGHTS_FILE)
         if os.path.exists(index_path):
             with open(index_path) as f:
                 weight_map = json.load(f)["weight_map"]
-        elif os.path.exists(single_path):
-            with safe_open(single_path, framework="numpy") as f:
-                weight_map = {name: WEIGHTS_FILE for name in f.keys()}
+        elif os.path.exists(os.path.join(directory, WEIGHTS_FILE)):
+            weight_map = None
         else:
             raise FileNotFoundError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {directory}")
-        self.weight_map = weight_map
         self._files = {}
-        for file in sorted(set(weight_map.values())):
+        for file in sorted(set(weight_map.values())) if weight_map else [WEIGHTS_FILE]:
             file_path = os.path.join(directory, file)
             if not os.path.exists(file_path):
                 raise FileNotFoundError(f"{file_path} is listed in {INDEX_FILE} but missing")
-            self._files[file] = safe_open(file_path, framework="numpy")
+            self._files[file] = _SafetensorsFile(file_path)
+        self.weight_map = weight_map or {name: WEIGHTS_FILE for name in self._files[WEIGHTS_FILE].header}
 
     def get(self, name: str) -> np.ndarray:
         if name not in self.weight_map:
             raise KeyError(f"tensor {name!r} not found in the checkpoint")
-        return self._files[self.weight_map[name]].get_tensor(name)
+        return self._files[self.weight_map[name]].read(name)
 
 
 def read_config(path: str) -> dict:
@@ -152,14 +182,15 @@ def _load_array(ckpt: _Checkpoint, key, config: ModelConfig, shape, dtype) -> np
     return buffer
 
 
-def from_pretrained(path: str, *, mesh=None, param_dtype=None, dtype=None) -> Transformer:
+def from_pretrained(path: str, *, mesh=None, param_dtype=None, dtype=None, remat: bool = False) -> Transformer:
     """Transformer from a Hugging Face directory (or Hub repo id) with config.json + safetensors.
 
-    param_dtype / dtype ("float32", "bfloat16") default to the checkpoint's dtype. With `mesh`,
-    each parameter is created directly with its `cfpo_jax.sharding.param_shardings` sharding.
+    param_dtype / dtype ("float32", "bfloat16") default to the checkpoint's dtype; `remat`
+    rematerialises each layer in the backward pass. With `mesh`, each parameter is created
+    directly with its `cfpo_jax.sharding.param_shardings` sharding.
     """
     directory = _resolve(path)
-    config = from_hf_config(read_config(directory), param_dtype=param_dtype, dtype=dtype)
+    config = from_hf_config(read_config(directory), param_dtype=param_dtype, dtype=dtype).replace(remat=remat)
     ckpt = _Checkpoint(directory)
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
