@@ -179,7 +179,7 @@ def test_bfloat16_compute_and_remat_stay_close_to_float32(tmp_path):
 
     remat = from_pretrained(directory, remat=True)
     graphdef, state = nnx.split(remat)
-    assert "checkpoint" in str(jax.make_jaxpr(lambda s: loss(nnx.merge(graphdef, s)))(state))
+    assert "remat" in str(jax.make_jaxpr(lambda s: loss(nnx.merge(graphdef, s)))(state))
     grads = nnx.grad(loss)(exact)
     grads_remat = nnx.grad(loss)(remat)
     for g, h in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_remat)):
