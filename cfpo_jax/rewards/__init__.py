@@ -18,7 +18,7 @@ Score through `Scorer` (weighted sum, per-function values, failure counts, real 
 
 from __future__ import annotations
 
-from cfpo_jax.rewards.registry import REGISTRY, get
+from cfpo_jax.rewards.registry import REGISTRY, VOTE_KEYS, get
 from cfpo_jax.rewards.scorer import Scorer, Scores
 
-__all__ = ["REGISTRY", "Scorer", "Scores", "get"]
+__all__ = ["REGISTRY", "Scorer", "Scores", "VOTE_KEYS", "get"]

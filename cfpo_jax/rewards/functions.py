@@ -62,6 +62,11 @@ def gsm8k_correct(completion: str, answer: str, *, flexible: bool = True) -> flo
     gold = answers_lib.to_number(answer.split("####")[-1])
     if gold is None:
         raise ValueError(f"gsm8k gold answer {answer!r} is not a number")
+    pred = _gsm8k_prediction(completion, flexible)
+    return float(pred is not None and pred == gold)
+
+
+def _gsm8k_prediction(completion: str, flexible: bool):
     pred = answers_lib.gsm8k_strict(completion)
     if pred is None:
         boxed = answers_lib.last_boxed(completion)
@@ -70,7 +75,7 @@ def gsm8k_correct(completion: str, answer: str, *, flexible: bool = True) -> flo
             pred = pred if pred is not None else answers_lib.last_number(boxed)
     if pred is None and flexible:
         pred = answers_lib.last_number(completion)
-    return float(pred is not None and pred == gold)
+    return pred
 
 
 def format_ok(completion: str) -> float:
@@ -108,3 +113,15 @@ def _format_item(completion: str, answer: str) -> float:
 
 
 format_reward = _batched(_format_item)
+
+
+def math_vote_key(completion: str) -> str | None:
+    """What majority voting compares for `math`: the last box, spaces removed (None: no box)."""
+    boxed = answers_lib.last_boxed(completion)
+    return None if boxed is None or not boxed.strip() else "".join(boxed.split())
+
+
+def gsm8k_vote_key(completion: str, *, flexible: bool = True) -> str | None:
+    """What majority voting compares for `gsm8k`: the extracted number, exactly (None: none)."""
+    pred = _gsm8k_prediction(completion, flexible)
+    return None if pred is None else str(pred)

@@ -18,6 +18,14 @@ REGISTRY: dict[str, RewardFn] = {
     "format": functions.format_reward,
 }
 
+# The answer each built-in compares, for majority voting (evaluate's maj@N); two completions
+# with the same key get the same score from that function.
+VOTE_KEYS: dict[str, Callable[[str], str | None]] = {
+    "math": functions.math_vote_key,
+    "gsm8k": functions.gsm8k_vote_key,
+    "gsm8k_strict": lambda completion: functions.gsm8k_vote_key(completion, flexible=False),
+}
+
 
 def get(name: str) -> RewardFn:
     """The reward function registered as `name`, or the user function "package.module:function"."""
