@@ -35,12 +35,14 @@ import ml_collections
 import numpy as np
 import optax
 from absl import app, flags
+from absl import logging as absl_logging
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 from ml_collections import config_flags
 
-from cfpo_jax import advantages, checkpoint, data, losses, models, rewards, sampling, sharding
+from cfpo_jax import advantages, checkpoint, data, evaluate, losses, models, rewards, sampling
+from cfpo_jax import sharding
 from cfpo_jax import config as config_lib
 from cfpo_jax import logging as metrics_lib
 from cfpo_jax import tiny
@@ -170,9 +172,13 @@ def make_logprobs(graphdef, rest, *, temperature: float, micro_batch_size: int):
 # ============================================================================ warm start
 
 
-def warm_start(params, graphdef, rest, *, iterator, tokenizer, wcfg, max_prompt_len, max_new_tokens,
-               param_sh, batch_sh, progress):
-    """Supervised steps (cross-entropy on the gold answer + EOS, teacher-forced) before RL."""
+def warm_start(params, graphdef, rest, *, iterator, tokenizer, wcfg, max_new_tokens, batch_sh,
+               progress):
+    """Supervised steps before RL: teacher-forced cross-entropy on the gold `answer` text + EOS.
+
+    Meant for models that do not yet know the answer format (the quickstart's random init); the
+    target is the bare answer, not a worked solution.
+    """
     tx = optax.adam(wcfg.lr)
     eos = tokenizer.eos_token_id
 
@@ -189,11 +195,10 @@ def warm_start(params, graphdef, rest, *, iterator, tokenizer, wcfg, max_prompt_
     opt_state = jax.jit(tx.init)(params)
     losses_seen = []
     for i in range(wcfg.steps):
-        batch = iterator.next_batch(wcfg.batch_size)
-        prompts = _encode_prompts(batch, tokenizer, max_prompt_len)
-        answers = [tokenizer(_gold_completion(ex), add_special_tokens=False)["input_ids"][:max_new_tokens - 1]
-                   + [eos] for ex in batch]
-        tokens, attn, mask = _teacher_forced_batch(prompts, answers, tokenizer.pad_token_id,
+        batch = next(iterator)
+        answers = [tokenizer(ex["answer"], add_special_tokens=False)["input_ids"][:max_new_tokens - 1]
+                   + [eos] for ex in batch.examples]
+        tokens, attn, mask = _teacher_forced_batch(batch.prompts, answers, tokenizer.pad_token_id,
                                                    max_new_tokens)
         put = lambda x: jax.device_put(x, batch_sh)
         params, opt_state, loss = sft_step(params, opt_state, put(tokens), put(attn), put(mask))
@@ -201,10 +206,6 @@ def warm_start(params, graphdef, rest, *, iterator, tokenizer, wcfg, max_prompt_
         if (i + 1) % max(wcfg.steps // 5, 1) == 0 or i + 1 == wcfg.steps:
             progress.message(f"warm start {i + 1}/{wcfg.steps}  cross-entropy {float(loss):.3f}")
     return params
-
-
-def _gold_completion(example) -> str:
-    return str(example["answer"])
 
 
 def _teacher_forced_batch(prompts, answers, pad_id, width_n):
@@ -226,15 +227,6 @@ def _teacher_forced_batch(prompts, answers, pad_id, width_n):
 def _bucket(length: int) -> int:
     """Next power of two (at least 8): prompt widths that keep the number of compiles small."""
     return max(8, 1 << (max(length, 1) - 1).bit_length())
-
-
-def _encode_prompts(batch, tokenizer, max_prompt_len):
-    """Token ids per example; prompts longer than `max_prompt_len` keep their last tokens."""
-    out = []
-    for example in batch:
-        ids = tokenizer(example["prompt"], add_special_tokens=False)["input_ids"]
-        out.append(ids[-max_prompt_len:])
-    return out
 
 
 def _left_pad_to(x, width, value):
@@ -332,7 +324,7 @@ def _run(config, workdir, devices, stop):
                              param_dtype=config.model.param_dtype, dtype=config.model.dtype)
     model = load()
     tokenizer = models.load_tokenizer(model_path)
-    eos_ids = sorted({tokenizer.eos_token_id, *getattr(model.config, "eos_token_ids", ())} - {None})
+    eos_ids = sorted({*evaluate.eos_ids(tokenizer, model_path), *model.config.eos_token_ids})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     param_sh = jax.tree.map(lambda x: x.sharding, params)
@@ -341,8 +333,9 @@ def _run(config, workdir, devices, stop):
         ref_params = jax.tree.map(jnp.copy, params)
 
     # ------------------------------------------------------------------ data and rewards
-    iterator = data.make_iterator(config.data, tokenizer, seed=config.data.seed)
-    scorer = rewards.Scorer(config.rewards)
+    iterator = data.iterator_from_config(config, tokenizer)
+    iterator.dataset[0]  # a row without the preset's fields fails now, not after compilation
+    scorer = rewards.Scorer.from_config(config.rewards)
 
     # ------------------------------------------------------------------ train state
     updates_per_step = rl.num_epochs * rl.num_minibatches
@@ -366,16 +359,18 @@ def _run(config, workdir, devices, stop):
     latest = ckpt.latest_step()
     if latest is not None:
         state, meta = ckpt.restore(latest, checkpoint.abstract_like(state, state_sh))
-        iterator.set_state(meta["data"])
+        iterator.restore(meta["data"])
         progress = metrics_lib.Progress(config.train.num_steps, start=latest,
                                         every=config.train.log_every, enabled=is_main)
         progress.message(f"resumed from step {latest} ({ckpt.directory}/{latest})")
     elif config.warmstart.steps:
-        warm_iter = data.make_iterator(config.data, tokenizer, seed=config.data.seed + 1)
+        # Its own shuffle of the training set (seed + 1), so RL's data order is unchanged.
+        warm_iter = data.PromptIterator(iterator.dataset, iterator.builder,
+                                        config.warmstart.batch_size, seed=config.data.seed + 1,
+                                        max_prompt_len=smp.max_prompt_len)
         state["params"] = warm_start(
             state["params"], graphdef, rest, iterator=warm_iter, tokenizer=tokenizer,
-            wcfg=config.warmstart, max_prompt_len=smp.max_prompt_len,
-            max_new_tokens=smp.max_new_tokens, param_sh=param_sh, batch_sh=batch_sh,
+            wcfg=config.warmstart, max_new_tokens=smp.max_new_tokens, batch_sh=batch_sh,
             progress=progress)
     start = int(state["step"])
 
@@ -398,11 +393,10 @@ def _run(config, workdir, devices, stop):
     while step < config.train.num_steps and stop.signal is None:
         t0 = time.time()
         # sample
-        batch = iterator.next_batch(config.data.batch_size)
-        prompts = _encode_prompts(batch, tokenizer, smp.max_prompt_len)
+        batch = next(iterator)  # prompts longer than max_prompt_len are skipped by the iterator
         new_rng, sample_key = split_rng(state["rng"])
         samples = sampling.generate(
-            nnx.merge(graphdef, state["params"], rest), prompts,
+            nnx.merge(graphdef, state["params"], rest), batch.prompts,
             max_new_tokens=smp.max_new_tokens, temperature=temperature, top_p=smp.top_p,
             top_k=smp.top_k, eos_token_ids=tuple(eos_ids), seed=sample_key, n=rl.group_size,
             pad_id=pad_id, mesh=mesh)
@@ -412,8 +406,9 @@ def _run(config, workdir, devices, stop):
         # rewards and advantages
         completions = tokenizer.batch_decode(
             [row[:n] for row, n in zip(samples.tokens, samples.lengths)], skip_special_tokens=True)
-        repeated = [ex for ex in batch for _ in range(rl.group_size)]
-        reward_B, reward_parts = scorer(completions, repeated)
+        answers, fields = batch.reward_inputs(rl.group_size)
+        scores = scorer(completions, answers, **fields)
+        reward_B = scores.total_B
         adv_B = np.asarray(advantages.compute(reward_B, rl.group_size, rl.estimator))
         t2 = time.time()
 
@@ -450,8 +445,7 @@ def _run(config, workdir, devices, stop):
         num_tokens = float(mask.sum())
         groups = reward_B.reshape(-1, rl.group_size)
         metrics = dict(
-            reward_mean=float(reward_B.mean()), reward_std=float(reward_B.std()),
-            **{f"reward/{k}": float(np.mean(v)) for k, v in reward_parts.items()},
+            **scores.metrics("reward"),
             **update_metrics,
             entropy=float((entropy * mask).sum() / max(num_tokens, 1)),
             response_len_mean=float(samples.lengths.mean()),
@@ -470,13 +464,13 @@ def _run(config, workdir, devices, stop):
         history.append(dict(step=step, **metrics))
 
         # checkpoint, evaluation
-        if ckpt.save(step, state, {"data": iterator.get_state()},
+        if ckpt.save(step, state, {"data": iterator.state},
                      force=stop.signal is not None or step == config.train.num_steps):
             progress.message(f"checkpoint {step} -> {ckpt.directory}/{step}")
         every = config.eval.every_steps
         if config.eval.sources and ((every and step % every == 0) or step == config.train.num_steps):
             _evaluate(config, workdir, nnx.merge(graphdef, state["params"], rest), tokenizer,
-                      mesh, step, writer, progress)
+                      mesh, tuple(eos_ids), step, writer, progress)
 
     ckpt.close()
     if stop.signal is not None:
@@ -489,12 +483,10 @@ def _run(config, workdir, devices, stop):
     return dict(state=state, history=history, stopped_by=stop.signal)
 
 
-def _evaluate(config, workdir, model, tokenizer, mesh, step, writer, progress):
-    from cfpo_jax import evaluate
-
-    results = evaluate.evaluate(model, tokenizer, config,
-                                output_dir=config.eval.output_dir or os.path.join(workdir, "eval"),
-                                step=step, mesh=mesh)
+def _evaluate(config, workdir, model, tokenizer, mesh, eos_ids, step, writer, progress):
+    results = evaluate.evaluate_model(
+        model, tokenizer, config, output_dir=config.eval.output_dir or os.path.join(workdir, "eval"),
+        step=step, mesh=mesh, eos_token_ids=eos_ids, progress=progress.tty)
     writer.write(step, {f"eval/{k}": v for k, v in results.items()})
     progress.message(f"eval @ {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in results.items()))
 
@@ -518,6 +510,7 @@ def _parse_flags(argv):
 
 def main(argv):
     del argv
+    absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
     config = _CONFIG.value
     workdir = _WORKDIR.value or config.workdir
     if not workdir:

@@ -29,7 +29,7 @@ def get_config(arg: str = "0.5b"):
     c.model.dtype = "bfloat16"
     c.model.remat = True
 
-    c.data.source = "hf:openai/gsm8k:train"
+    c.data.source = "hf:openai/gsm8k:main:train"
     c.data.preset = "gsm8k"
     c.data.template = "chat"
     c.data.system_prompt = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -43,7 +43,7 @@ def get_config(arg: str = "0.5b"):
     c.rewards.weights = (1.0,)
     c.rewards.num_workers = 4
 
-    c.eval.sources = ("hf:openai/gsm8k:test",)
+    c.eval.sources = ("hf:openai/gsm8k:main:test",)
     c.eval.num_samples = 1
     c.eval.greedy = True
     c.eval.every_steps = 25

@@ -70,7 +70,7 @@ def get_config(arg: str = "1.5b"):
     c.rewards.num_workers = 16
     c.rewards.timeout_s = 5.0
 
-    c.eval.sources = ("hf:HuggingFaceH4/MATH-500:test", "hf:openai/gsm8k:test")
+    c.eval.sources = ("hf:HuggingFaceH4/MATH-500:test", "hf:openai/gsm8k:main:test")
     c.eval.num_samples = 4
     c.eval.ks = (1, 4)
     c.eval.greedy = False

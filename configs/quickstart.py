@@ -11,7 +11,7 @@ warm start's cross-entropy, then one line per RL step with the mean reward, whic
 What it does: builds a random-init 2-layer decoder (hidden 64) and a character-level tokenizer into
 <workdir>/tiny_model in Hugging Face format (so the normal loader is used), fits it for a few
 hundred supervised steps on gold answers (enough to learn the answer format, not the sums), then
-runs CFPO (ε = 0.2, GRPO advantages, 2 epochs over each rollout batch) on "a+b=" prompts with an
+runs CFPO (ε = 0.2, GRPO advantages, 2 epochs over each rollout batch) on "What is a + b?" prompts with an
 exact-answer reward. Run it again with the same workdir and it resumes (here: finds it finished).
 """
 
@@ -31,18 +31,16 @@ def get_config(arg: str = ""):
     c.model.tiny.num_heads = 4
     c.model.tiny.num_kv_heads = 2
 
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
-
     c.data.source = "synthetic:arithmetic"
     c.data.template = "plain"
-    c.data.user_template = "{question}="
-    c.data.batch_size = 16
+    c.data.user_template = "{question}"
+    c.data.batch_size = 32
     c.data.seed = 0
     c.data.synthetic.digits = 1
     c.data.synthetic.ops = "+"
     c.data.synthetic.terms = 2
 
-    c.sampling.max_prompt_len = 16
+    c.sampling.max_prompt_len = 24
     c.sampling.max_new_tokens = 4
     c.sampling.temperature = 1.0
 
@@ -58,16 +56,16 @@ def get_config(arg: str = ""):
     c.rl.num_minibatches = 1
     c.rl.beta = 0.0
 
-    c.optim.lr = 3e-3
+    c.optim.lr = 1e-3
     c.optim.warmup_steps = 0
     c.optim.max_grad_norm = 1.0
 
-    c.train.num_steps = 60
-    c.train.checkpoint_every = 20
+    c.train.num_steps = 300
+    c.train.checkpoint_every = 50
     c.train.keep_checkpoints = 2
     c.train.log_every = 1
 
-    c.warmstart.steps = 100
+    c.warmstart.steps = 40
     c.warmstart.lr = 3e-3
     c.warmstart.batch_size = 64
     return c
