@@ -48,8 +48,10 @@ from cfpo_jax import logging as metrics_lib
 from cfpo_jax import tiny
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "quickstart.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "Training config file.",
-                                          lock_config=True)
+# No default here: ml_collections would parse the default and its overrides at import time, out of
+# reach of `_parse_flags`; the quickstart is put in argv there instead.
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, f"Training config file (default {_DEFAULT_CONFIG}).", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where everything goes; overrides config.workdir.")
 
 
@@ -496,15 +498,22 @@ def _evaluate(config, workdir, model, tokenizer, mesh, eos_ids, step, writer, pr
 
 def _parse_flags(argv):
     """absl flag parsing, with an unknown `--config.a.b` override reported with the valid names."""
+    if not any(a == "--config" or a.startswith("--config=") for a in argv):
+        argv = [argv[0], f"--config={_DEFAULT_CONFIG}", *argv[1:]]
     try:
         return flags.FLAGS(argv)
-    except (AttributeError, KeyError, flags.Error) as e:
+    except (AttributeError, KeyError, TypeError, ValueError, flags.Error) as e:
         message = str(e).strip("'\"").replace("\\n", "\n").replace("\\'", "'")
         sys.stderr.write(f"error: {message}\n")
-        override = next((a for a in argv if a.startswith("--config.")), None)
-        if override:
-            sys.stderr.write(f"  (while applying {override}; the valid fields are those of "
-                             f"cfpo_jax/config.py: base_config)\n")
+        for arg in argv:
+            if arg.startswith("--config.") and "=" in arg:
+                *sections, _ = arg[len("--config."):].split("=")[0].split(".")
+                node = config_lib.base_config()
+                for section in sections:
+                    node = node.get(section) if isinstance(node, ml_collections.ConfigDict) else None
+                if isinstance(node, ml_collections.ConfigDict):
+                    where = ".".join(sections) or "the top level"
+                    sys.stderr.write(f"  valid fields of {where}: {sorted(node.keys())}\n")
         sys.exit(2)
 
 

@@ -1,0 +1,227 @@
+"""The training loop end to end on the quickstart's tiny model (CPU, 8 fake devices).
+
+Runs are in-process where possible (`train.run`); the preemption tests need real processes, so they
+run `python -m cfpo_jax.train` and signal it. References are independent of the code under test:
+the reward criterion is computed here from metrics.jsonl, CFPO/GRPO equality follows from their
+gradients agreeing at r = 1 (losses docstring), and the resume test compares against an
+uninterrupted run.
+"""
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from cfpo_jax import checkpoint, train
+from cfpo_jax import config as config_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
+
+
+def quickstart(**overrides):
+    spec = importlib.util.spec_from_file_location("quickstart", QUICKSTART)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    for dotted, value in overrides.items():
+        *sections, key = dotted.split("__")
+        node = config
+        for section in sections:
+            node = node[section]
+        node[key] = value
+    return config
+
+
+def tiny(**overrides):
+    """A few-second run: small batches, no warm start, no TensorBoard."""
+    base = dict(data__batch_size=4, rl__group_size=4, sampling__max_new_tokens=3,
+                warmstart__steps=0, train__num_steps=2, train__tensorboard=False,
+                train__checkpoint_every=100)
+    return quickstart(**{**base, **overrides})
+
+
+def params_of(result):
+    return jax.tree.leaves(jax.device_get(result["state"]["params"]))
+
+
+def max_diff(a, b):
+    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
+
+
+def read_metrics(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------- learning
+
+
+def test_shortened_quickstart_reward_rises(tmp_path):
+    config = quickstart(train__num_steps=120, optim__lr=1.5e-3, train__tensorboard=False,
+                        train__checkpoint_every=1000)
+    result = train.run(config, str(tmp_path), devices=jax.devices()[:1])
+    rewards = [m["reward_mean"] for m in read_metrics(str(tmp_path))]
+    assert len(rewards) == 120
+    tenth = len(rewards) // 10
+    first, last = np.mean(rewards[:tenth]), np.mean(rewards[-tenth:])
+    assert last - first >= 0.3, (first, last, rewards)
+    assert result["state"]["skipped_updates"] == 0
+    expected = {"step", "reward_mean", "reward/gsm8k_mean", "clip_frac", "ratio_dev", "ppo_kl",
+                "entropy", "response_len_mean", "truncated_frac", "zero_std_groups", "grad_norm",
+                "lr", "sampler_logprob_gap", "tokens_per_s", "time_sample_s", "time_learn_s",
+                "skipped_updates"}
+    assert expected <= set(read_metrics(str(tmp_path))[0])
+    # The sampler and the trainer agree on the logprobs of what was sampled.
+    assert max(m["sampler_logprob_gap"] for m in read_metrics(str(tmp_path))) < 1e-4
+    assert os.listdir(tmp_path / "tensorboard") if config.train.tensorboard else True
+
+
+# ---------------------------------------------------------------- CFPO vs GRPO
+
+
+def test_cfpo_and_grpo_first_update_equal_on_policy_and_differ_off_policy(tmp_path):
+    runs = {}
+    for objective in ("cfpo", "ppo"):
+        for epochs in (1, 4):
+            config = tiny(rl__objective=objective, rl__num_epochs=epochs, train__num_steps=1)
+            runs[objective, epochs] = params_of(
+                train.run(config, str(tmp_path / f"{objective}{epochs}"), devices=jax.devices()[:1]))
+    # One epoch, one minibatch: both gradients are A·∇logp at r = 1, so Adam's first step agrees.
+    assert max_diff(runs["cfpo", 1], runs["ppo", 1]) < 1e-6
+    # Four epochs: later epochs see r != 1, where the quadratic penalty and the clip differ.
+    assert max_diff(runs["cfpo", 4], runs["ppo", 4]) > 1e-4
+
+
+# ---------------------------------------------------------------- sharding
+
+
+def test_one_and_eight_devices_give_the_same_losses(tmp_path):
+    losses = {}
+    for name, (fsdp, tensor, devices) in {
+        "1": (1, 1, jax.devices()[:1]),
+        "fsdp8": (8, 1, jax.devices()),
+        "fsdp4xtensor2": (4, 2, jax.devices()),
+    }.items():
+        config = tiny(mesh__fsdp=fsdp, mesh__tensor=tensor, data__batch_size=4, rl__group_size=4,
+                      rl__micro_batch_size=8, train__num_steps=2)
+        train.run(config, str(tmp_path / name), devices=devices)
+        losses[name] = [(m["loss"], m["grad_norm"], m["reward_mean"]) for m in read_metrics(str(tmp_path / name))]
+    for name in ("fsdp8", "fsdp4xtensor2"):
+        np.testing.assert_allclose(losses[name], losses["1"], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+# ---------------------------------------------------------------- preemption
+
+
+def _launch(workdir, *overrides):
+    args = [sys.executable, "-m", "cfpo_jax.train", f"--config={QUICKSTART}", f"--workdir={workdir}",
+            "--config.data.batch_size=4", "--config.rl.group_size=4",
+            "--config.sampling.max_new_tokens=3", "--config.warmstart.steps=0",
+            "--config.train.num_steps=6", "--config.train.checkpoint_every=2",
+            "--config.train.tensorboard=False", *overrides]
+    return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+
+
+def _wait_for(predicate, process, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        if process.poll() is not None:
+            raise AssertionError(f"process ended early:\n{process.stdout.read()}")
+        time.sleep(0.05)
+    process.kill()
+    raise AssertionError("timed out")
+
+
+def test_resume_after_sigkill_and_sigterm_matches_an_uninterrupted_run(tmp_path):
+    workdir = tmp_path / "preempted"
+    ckpts = workdir / "checkpoints"
+
+    # 1. SIGKILL once the first checkpoint is complete (orbax renames it into place when done).
+    first = _launch(workdir)
+    _wait_for(lambda: ckpts.is_dir() and any(d.isdigit() for d in os.listdir(ckpts)), first)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = max(int(d) for d in os.listdir(ckpts) if d.isdigit())
+
+    # 2. Restart: it resumes from that checkpoint; SIGTERM while it runs → checkpoint, exit 0.
+    # (A constant learning rate does not depend on num_steps, so a longer run is the same run.)
+    second = _launch(workdir, "--config.train.num_steps=1000")
+    lines = []
+    _wait_for(lambda: lines.append(second.stdout.readline()) or "resumed from step" in lines[-1],
+              second)
+    assert f"resumed from step {killed_at}" in lines[-1]
+    _wait_for(lambda: read_metrics(str(workdir))[-1]["step"] > killed_at, second)
+    second.send_signal(signal.SIGTERM)
+    output = second.communicate(timeout=240)[0]
+    assert second.returncode == 0, output
+    assert "SIGTERM: saved step" in output, output
+    stopped_at = int(output.split("SIGTERM: saved step")[1].split()[0])
+    assert killed_at < stopped_at < 6 and str(stopped_at) in os.listdir(ckpts)
+
+    # 3. Run to the end.
+    third = _launch(workdir)
+    output = third.communicate(timeout=240)[0]
+    assert third.returncode == 0, output
+    assert f"resumed from step {stopped_at}" in output
+
+    # The same run without interruptions, in this process (same 8 devices, same seed).
+    reference = train.run(tiny(train__num_steps=6, train__checkpoint_every=2), str(tmp_path / "ref"))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            reference["state"])
+    manager = checkpoint.Checkpointer(str(ckpts), every=2, keep=3)
+    assert manager.latest_step() == 6
+    resumed, _ = manager.restore(6, abstract)
+    manager.close()
+    assert max_diff(params_of({"state": resumed}), params_of(reference)) <= 1e-6
+    steps = [m["step"] for m in read_metrics(str(workdir))]
+    assert steps[-1] == 6 and set(steps) == set(range(1, 7))
+
+
+# ---------------------------------------------------------------- clear errors
+
+
+def test_unknown_config_field_fails_with_the_valid_names():
+    config = tiny()
+    config.rl.unlock()
+    config.rl.epochs = 4
+    with pytest.raises(ValueError, match=r"unknown field 'rl.epochs'.*num_epochs"):
+        config_lib.validate(config)
+    with pytest.raises(ValueError, match=r"rl.objective='grpo'; valid: \['cfpo', 'ppo'\]"):
+        config_lib.validate(tiny(rl__objective="grpo"))
+    with pytest.raises(TypeError):
+        tiny(rl__num_epochs="four")  # the schema types its fields at assignment
+
+
+def test_bad_override_on_the_command_line_exits_with_the_valid_names():
+    result = subprocess.run(
+        [sys.executable, "-m", "cfpo_jax.train", "--config.rl.epochs=4"], cwd=ROOT,
+        capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Did you mean \"num_epochs\"" in result.stderr and "Traceback" not in result.stderr
+    assert "valid fields of rl:" in result.stderr
+
+
+def test_missing_checkpoint_directory_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        checkpoint.checkpoint_dir(str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        checkpoint.checkpoint_dir(str(tmp_path))
+
+
+def test_dataset_without_its_answer_field_is_a_clear_error(tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"question": "What is 1 + 1?", "solution": "2"}) + "\n")
+    config = tiny(data__source=f"jsonl:{rows}")
+    with pytest.raises(ValueError, match=r"row 0 has no field 'answer'"):
+        train.run(config, str(tmp_path / "run"), devices=jax.devices()[:1])
