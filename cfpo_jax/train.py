@@ -342,7 +342,11 @@ def _run(config, workdir, devices, stop):
     # ------------------------------------------------------------------ train state
     updates_per_step = rl.num_epochs * rl.num_minibatches
     tx, schedule = make_optimizer(config.optim, config.train.num_steps * updates_per_step)
-    opt_state = jax.jit(tx.init)(params)  # moments inherit the params' shardings
+    # Moments inherit the params' shardings; leaves made from nothing (step counts) would land on
+    # one device, so they are replicated over the mesh.
+    opt_state = jax.tree.map(
+        lambda x: x if len(x.sharding.device_set) == mesh.size else jax.device_put(x, replicated),
+        jax.jit(tx.init)(params))
     scalar = lambda v: jax.device_put(jnp.int32(v), replicated)
     state = dict(params=params, opt_state=opt_state,
                  rng=jax.device_put(jax.random.PRNGKey(config.seed), replicated),

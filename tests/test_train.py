@@ -24,6 +24,7 @@ from cfpo_jax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py")
+DENSE_REWARD = "tests._rewards:digit_fraction"
 
 
 def quickstart(**overrides):
@@ -41,8 +42,9 @@ def quickstart(**overrides):
 
 
 def tiny(**overrides):
-    """A few-second run: small batches, no warm start, no TensorBoard."""
+    """A few-second run: small batches, no warm start, no TensorBoard, a dense reward."""
     base = dict(data__batch_size=4, rl__group_size=4, sampling__max_new_tokens=3,
+                rewards__fns=(DENSE_REWARD,),
                 warmstart__steps=0, train__num_steps=2, train__tensorboard=False,
                 train__checkpoint_every=100)
     return quickstart(**{**base, **overrides})
@@ -113,7 +115,8 @@ def test_one_and_eight_devices_give_the_same_losses(tmp_path):
         config = tiny(mesh__fsdp=fsdp, mesh__tensor=tensor, data__batch_size=4, rl__group_size=4,
                       rl__micro_batch_size=8, train__num_steps=2)
         train.run(config, str(tmp_path / name), devices=devices)
-        losses[name] = [(m["loss"], m["grad_norm"], m["reward_mean"]) for m in read_metrics(str(tmp_path / name))]
+        losses[name] = [(m["loss"], m["grad_norm"], m["reward_mean"])
+                        for m in read_metrics(str(tmp_path / name))]
     for name in ("fsdp8", "fsdp4xtensor2"):
         np.testing.assert_allclose(losses[name], losses["1"], rtol=1e-4, atol=1e-6, err_msg=name)
 
@@ -126,7 +129,8 @@ def _launch(workdir, *overrides):
             "--config.data.batch_size=4", "--config.rl.group_size=4",
             "--config.sampling.max_new_tokens=3", "--config.warmstart.steps=0",
             "--config.train.num_steps=6", "--config.train.checkpoint_every=2",
-            "--config.train.tensorboard=False", *overrides]
+            "--config.train.tensorboard=False", f"--config.rewards.fns=('{DENSE_REWARD}',)",
+            *overrides]
     return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 

@@ -1,0 +1,10 @@
+"""A dense reward for trainer tests: an untrained policy gets varied scores, so advantages are not
+all zero and the first updates actually move the parameters."""
+
+import numpy as np
+
+
+def digit_fraction(completions, answers, **fields):
+    del answers, fields
+    return np.asarray([sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions],
+                      np.float32)
