@@ -93,19 +93,22 @@ class MetricsWriter:
 class Progress:
     """Console progress: a redrawn bar on a terminal, plain lines otherwise."""
 
-    def __init__(self, total: int, *, start: int = 0, every: int = 1, stream=None,
+    def __init__(self, total: int, *, every: int = 1, stream=None,
                  enabled: bool = True):
         self.total, self.every, self.enabled = total, every, enabled
         self.stream = stream or sys.stdout
         self.tty = self.stream.isatty()
-        self._start_time, self._start_step = time.time(), start
+        # The ETA is timed from the first reported step on, so compilation does not inflate it.
+        self._first = None
 
     def update(self, step: int, metrics: dict) -> None:
         if not self.enabled or (step % self.every and step != self.total):
             return
-        elapsed = time.time() - self._start_time
-        done = max(step - self._start_step, 1)
-        eta = elapsed / done * (self.total - step)
+        if self._first is None:
+            self._first = (time.time(), step)
+        first_time, first_step = self._first
+        eta = ((time.time() - first_time) / (step - first_step) * (self.total - step)
+               if step > first_step else float("nan"))
         text = (
             f"step {step}/{self.total}  reward {metrics.get('reward_mean', float('nan')):.3f}  "
             f"step {metrics.get('time_step_s', float('nan')):.2f}s  "

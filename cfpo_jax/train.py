@@ -366,8 +366,6 @@ def _run(config, workdir, devices, stop):
     if latest is not None:
         state, meta = ckpt.restore(latest, checkpoint.abstract_like(state, state_sh))
         iterator.restore(meta["data"])
-        progress = metrics_lib.Progress(config.train.num_steps, start=latest,
-                                        every=config.train.log_every, enabled=is_main)
         progress.message(f"resumed from step {latest} ({ckpt.directory}/{latest})")
     elif config.warmstart.steps:
         # Its own shuffle of the training set (seed + 1), so RL's data order is unchanged.

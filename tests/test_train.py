@@ -67,11 +67,10 @@ def read_metrics(workdir):
 
 
 def test_shortened_quickstart_reward_rises(tmp_path):
-    config = quickstart(train__num_steps=120, optim__lr=1.5e-3, train__tensorboard=False,
-                        train__checkpoint_every=1000)
+    config = quickstart(train__num_steps=150, train__checkpoint_every=1000)
     result = train.run(config, str(tmp_path), devices=jax.devices()[:1])
     rewards = [m["reward_mean"] for m in read_metrics(str(tmp_path))]
-    assert len(rewards) == 120
+    assert len(rewards) == 150
     tenth = len(rewards) // 10
     first, last = np.mean(rewards[:tenth]), np.mean(rewards[-tenth:])
     assert last - first >= 0.3, (first, last, rewards)
@@ -83,7 +82,7 @@ def test_shortened_quickstart_reward_rises(tmp_path):
     assert expected <= set(read_metrics(str(tmp_path))[0])
     # The sampler and the trainer agree on the logprobs of what was sampled.
     assert max(m["sampler_logprob_gap"] for m in read_metrics(str(tmp_path))) < 1e-4
-    assert os.listdir(tmp_path / "tensorboard") if config.train.tensorboard else True
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))
 
 
 # ---------------------------------------------------------------- CFPO vs GRPO
