@@ -44,7 +44,7 @@ def quickstart(**overrides):
 def tiny(**overrides):
     """A few-second run: small batches, no warm start, no TensorBoard, a dense reward."""
     base = dict(data__batch_size=4, rl__group_size=4, sampling__max_new_tokens=3,
-                rewards__fns=(DENSE_REWARD,),
+                rewards__fns=(DENSE_REWARD,), optim__schedule="constant",
                 warmstart__steps=0, train__num_steps=2, train__tensorboard=False,
                 train__checkpoint_every=100)
     return quickstart(**{**base, **overrides})
@@ -129,6 +129,7 @@ def _launch(workdir, *overrides):
             "--config.sampling.max_new_tokens=3", "--config.warmstart.steps=0",
             "--config.train.num_steps=6", "--config.train.checkpoint_every=2",
             "--config.train.tensorboard=False", f"--config.rewards.fns=('{DENSE_REWARD}',)",
+            "--config.optim.schedule=constant",
             *overrides]
     return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
