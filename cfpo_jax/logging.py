@@ -113,7 +113,8 @@ class Progress:
             f"step {step}/{self.total}  reward {metrics.get('reward_mean', float('nan')):.3f}  "
             f"step {metrics.get('time_step_s', float('nan')):.2f}s  "
             f"len {metrics.get('response_len_mean', float('nan')):.1f}  "
-            f"clip_frac {metrics.get('clip_frac', float('nan')):.3f}  eta {eta:.0f}s"
+            f"clip_frac {metrics.get('clip_frac', float('nan')):.3f}  "
+            + (f"eta {eta:.0f}s" if math.isfinite(eta) else "eta ?")
         )
         if self.tty:
             width = 20

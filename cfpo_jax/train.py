@@ -7,7 +7,8 @@ One RL step (ARCHITECTURE.md, "Data flow"):
   → metrics → checkpoint → periodic evaluation.
 
 Decisions written down here:
-  * The training state is a dict pytree {params, opt_state, rng, step, updates, skipped_updates};
+  * The training state is a dict pytree {params, opt_state, rng, step, updates, skipped_updates,
+    and ref_params only when β > 0};
     `step` counts RL steps, `updates` optimiser updates actually applied (it drives the learning-
     rate schedule), `skipped_updates` those refused because the loss or a gradient was not finite.
   * Gradient accumulation is exact: the loss denominators (token or sequence counts) depend only on
@@ -18,7 +19,7 @@ Decisions written down here:
   * The sampler gets a key split off the state's rng each step: same seed and same data iterator
     state → same samples, which is what makes a resumed run equal an uninterrupted one.
   * The supervised warm start (config.warmstart) runs only on a fresh start; its result is part of
-    every checkpoint's params.
+    every checkpoint's params, and it is the reference policy when β > 0.
 """
 
 from __future__ import annotations
@@ -330,9 +331,6 @@ def _run(config, workdir, devices, stop):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     param_sh = jax.tree.map(lambda x: x.sharding, params)
-    ref_params = None
-    if rl.beta > 0:  # a frozen copy; β = 0 never holds a reference model
-        ref_params = jax.tree.map(jnp.copy, params)
 
     # ------------------------------------------------------------------ data and rewards
     iterator = data.iterator_from_config(config, tokenizer)
@@ -351,6 +349,10 @@ def _run(config, workdir, devices, stop):
     state = dict(params=params, opt_state=opt_state,
                  rng=jax.device_put(jax.random.PRNGKey(config.seed), replicated),
                  step=scalar(0), updates=scalar(0), skipped_updates=scalar(0))
+    if rl.beta > 0:
+        # The frozen reference is the policy RL starts from (after any warm start). It lives in the
+        # state so a resumed run gets it back from the checkpoint; β = 0 holds no reference.
+        state["ref_params"] = jax.tree.map(jnp.copy, params)
     state_sh = jax.tree.map(lambda x: x.sharding, state)
 
     # ------------------------------------------------------------------ checkpoint / resume
@@ -376,6 +378,9 @@ def _run(config, workdir, devices, stop):
             state["params"], graphdef, rest, iterator=warm_iter, tokenizer=tokenizer,
             wcfg=config.warmstart, max_new_tokens=smp.max_new_tokens, batch_sh=batch_sh,
             progress=progress)
+        state["params"] = jax.device_put(state["params"], param_sh)
+        if rl.beta > 0:
+            state["ref_params"] = jax.tree.map(jnp.copy, state["params"])
     start = int(state["step"])
 
     # ------------------------------------------------------------------ jitted functions
@@ -427,9 +432,9 @@ def _run(config, workdir, devices, stop):
         old_logp, entropy = jax.device_get(logprobs(state["params"], tokens_d, attn_d))
         old_logp, entropy = old_logp[:, width_p:], entropy[:, width_p:]
         rollout_batch = dict(tokens=tokens, attn=attn, mask=mask, old_logp=old_logp, adv=adv_B)
-        if ref_params is not None:
+        if rl.beta > 0:
             rollout_batch["ref_logp"] = np.asarray(
-                jax.device_get(logprobs(ref_params, tokens_d, attn_d)[0]))[:, width_p:]
+                jax.device_get(logprobs(state["ref_params"], tokens_d, attn_d)[0]))[:, width_p:]
 
         # num_epochs × num_minibatches updates
         update_metrics = []
@@ -492,7 +497,8 @@ def _evaluate(config, workdir, model, tokenizer, mesh, eos_ids, step, writer, pr
         model, tokenizer, config, output_dir=config.eval.output_dir or os.path.join(workdir, "eval"),
         step=step, mesh=mesh, eos_token_ids=eos_ids, progress=progress.tty)
     writer.write(step, {f"eval/{k}": v for k, v in results.items()})
-    progress.message(f"eval @ {step}: " + "  ".join(f"{k} {v:.3f}" for k, v in results.items()))
+    shown = (f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items())
+    progress.message(f"eval @ {step}: " + "  ".join(shown))
 
 
 # ============================================================================ command line

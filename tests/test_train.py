@@ -92,32 +92,82 @@ def test_cfpo_and_grpo_first_update_equal_on_policy_and_differ_off_policy(tmp_pa
     runs = {}
     for objective in ("cfpo", "ppo"):
         for epochs in (1, 4):
-            config = tiny(rl__objective=objective, rl__num_epochs=epochs, train__num_steps=1)
+            config = tiny(rl__objective=objective, rl__num_epochs=epochs, train__num_steps=1,
+                          train__export_hf=objective == "cfpo" and epochs == 1)
             runs[objective, epochs] = params_of(
                 train.run(config, str(tmp_path / f"{objective}{epochs}"), devices=jax.devices()[:1]))
     # One epoch, one minibatch: both gradients are A·∇logp at r = 1, so Adam's first step agrees.
     assert max_diff(runs["cfpo", 1], runs["ppo", 1]) < 1e-6
     # Four epochs: later epochs see r != 1, where the quadratic penalty and the clip differ.
     assert max_diff(runs["cfpo", 4], runs["ppo", 4]) > 1e-4
+    # The exported Hugging Face directory holds the trained policy.
+    from flax import nnx
+
+    from cfpo_jax import models
+
+    exported = models.from_pretrained(str(tmp_path / "cfpo1" / "hf"))
+    assert max_diff(jax.tree.leaves(jax.device_get(nnx.state(exported, nnx.Param))),
+                    runs["cfpo", 1]) == 0.0
 
 
 # ---------------------------------------------------------------- sharding
 
 
-def test_one_and_eight_devices_give_the_same_losses(tmp_path):
+def test_one_and_eight_devices_and_micro_batches_give_the_same_losses(tmp_path):
+    """Same first steps on 1 device (whole minibatch, and in 2 micro-batches) and on 8 devices
+    (fsdp 8, fsdp 4 × tensor 2); with β > 0 and a per-sequence aggregation, so the KL term and the
+    global denominators are exercised too."""
     losses = {}
-    for name, (fsdp, tensor, devices) in {
-        "1": (1, 1, jax.devices()[:1]),
-        "fsdp8": (8, 1, jax.devices()),
-        "fsdp4xtensor2": (4, 2, jax.devices()),
+    for name, (fsdp, tensor, micro, devices) in {
+        "1": (1, 1, 0, jax.devices()[:1]),
+        "1-micro": (1, 1, 8, jax.devices()[:1]),
+        "fsdp8": (8, 1, 8, jax.devices()),
+        "fsdp4xtensor2": (4, 2, 8, jax.devices()),
     }.items():
-        config = tiny(mesh__fsdp=fsdp, mesh__tensor=tensor, data__batch_size=4, rl__group_size=4,
-                      rl__micro_batch_size=8, train__num_steps=2)
+        config = tiny(mesh__fsdp=fsdp, mesh__tensor=tensor, rl__micro_batch_size=micro,
+                      rl__beta=0.1, rl__agg="seq-mean-token-mean", train__num_steps=2)
         train.run(config, str(tmp_path / name), devices=devices)
-        losses[name] = [(m["loss"], m["grad_norm"], m["reward_mean"])
+        losses[name] = [(m["loss"], m["grad_norm"], m["kl_ref"], m["reward_mean"])
                         for m in read_metrics(str(tmp_path / name))]
-    for name in ("fsdp8", "fsdp4xtensor2"):
+    assert losses["1"][1][2] > 0  # the second step's policy has moved away from the reference
+    for name in ("1-micro", "fsdp8", "fsdp4xtensor2"):
         np.testing.assert_allclose(losses[name], losses["1"], rtol=1e-4, atol=1e-6, err_msg=name)
+
+
+def test_non_finite_update_is_skipped_and_never_checkpointed(tmp_path):
+    from flax import nnx
+
+    from cfpo_jax import models, tiny as tiny_lib
+
+    config = tiny()
+    path = tiny_lib.build(str(tmp_path / "model"), seed=0, **config.model.tiny.to_dict())
+    graphdef, params, rest = nnx.split(models.from_pretrained(path), nnx.Param, ...)
+    tx, schedule = train.make_optimizer(config.optim, 10)
+    state = dict(params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0),
+                 step=np.int32(0), updates=np.int32(0), skipped_updates=np.int32(0))
+    update = jax.jit(train.make_update(graphdef, rest, tx, schedule, config.rl, temperature=1.0,
+                                       max_len=3, micro_batch_size=0))
+    rng = np.random.default_rng(0)
+    batch = dict(tokens=rng.integers(3, 50, (4, 8)).astype(np.int32),
+                 attn=np.ones((4, 8), np.int32), mask=np.ones((4, 3), np.float32),
+                 old_logp=np.full((4, 3), -3.0, np.float32),
+                 adv=np.array([1.0, np.nan, -1.0, 0.5], np.float32))
+    before = jax.tree.leaves(jax.device_get(params))
+    new_state, metrics = update(state, batch)
+    assert int(new_state["skipped_updates"]) == 1 and int(new_state["updates"]) == 0
+    assert float(metrics["update_skipped"]) == 1.0
+    assert max_diff(jax.tree.leaves(jax.device_get(new_state["params"])), before) == 0.0
+    batch["adv"][1] = 0.25
+    new_state, _ = update(new_state, batch)
+    assert int(new_state["skipped_updates"]) == 1 and int(new_state["updates"]) == 1
+
+    manager = checkpoint.Checkpointer(str(tmp_path / "ckpt"), every=1, keep=2)
+    poisoned = dict(new_state, params=jax.tree.map(lambda x: x * np.nan, new_state["params"]))
+    assert not manager.save(1, poisoned, {}, force=True)
+    assert manager.save(2, new_state, {}, force=True)
+    manager.wait()
+    assert manager.latest_step() == 2
+    manager.close()
 
 
 # ---------------------------------------------------------------- preemption
