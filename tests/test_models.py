@@ -146,6 +146,22 @@ def test_export_keeps_bfloat16(tmp_path):
     assert_close_logits(ours, hf_fixtures.reference_logits(reference, tokens))
 
 
+def test_tokenizer_next_to_the_checkpoint(checkpoint, tmp_path):
+    _, directory, _ = checkpoint
+    tokenizer = load_tokenizer(directory)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "2+3?"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<|im_start|>user\n2+3?<|im_end|>\n<|im_start|>assistant\n"
+    ids = tokenizer(text)["input_ids"]
+    assert max(ids) < hf_fixtures.VOCAB_SIZE and tokenizer.decode(ids) == text
+    assert tokenizer.eos_token_id in from_pretrained(directory).config.eos_token_ids
+    save_pretrained(from_pretrained(directory), tmp_path, tokenizer=tokenizer)
+    assert load_tokenizer(tmp_path).apply_chat_template(
+        [{"role": "user", "content": "2+3?"}], tokenize=False, add_generation_prompt=True
+    ) == text
+
+
 def test_legacy_rope_keys_load_like_rope_parameters(tmp_path):
     """Published checkpoints spell RoPE as rope_theta + rope_scaling (with `type`), transformers 5
     writes rope_parameters; both must give the same model."""
