@@ -1,0 +1,19 @@
+"""Decoder-only policy models (Qwen2/2.5, Qwen3, Llama 3 / SmolLM2) in Flax NNX, with Hugging
+Face checkpoint import/export and the chunked log-probabilities the trainer scores with."""
+
+from cfpo_jax.models.config import ModelConfig
+from cfpo_jax.models.hf import from_pretrained, load_tokenizer, save_pretrained
+from cfpo_jax.models.logprobs import sequence_logprobs
+from cfpo_jax.models.transformer import Cache, Transformer, default_positions, init_cache
+
+__all__ = [
+    "Cache",
+    "ModelConfig",
+    "Transformer",
+    "default_positions",
+    "from_pretrained",
+    "init_cache",
+    "load_tokenizer",
+    "save_pretrained",
+    "sequence_logprobs",
+]

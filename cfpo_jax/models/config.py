@@ -1,0 +1,185 @@
+"""ModelConfig: the one description of a decoder, and its translation to/from Hugging Face config.json.
+
+One dataclass covers Qwen2/2.5, Qwen3 and Llama 3 (SmolLM2 is a Llama) through flags:
+
+* `qkv_bias`: biases on the q/k/v projections (Qwen2; never on the output projection).
+* `qk_norm`: RMSNorm over head_dim on queries and keys before RoPE (Qwen3).
+* `head_dim`: explicit, because Qwen3 decouples it from hidden_size / num_heads.
+* `rope_scaling`: None, or a dict with `rope_type` "linear" or "llama3" (Llama 3.1+ frequencies).
+
+Both spellings of the RoPE settings in config.json are read: `rope_theta` + `rope_scaling` (what
+published checkpoints carry) and `rope_parameters` (what transformers >= 5 writes). We write the
+first, which every transformers version and vLLM read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    rms_norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    param_dtype: str = "float32"
+    dtype: str = "float32"
+    remat: bool = False
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {self.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in SUPPORTED_DTYPES:
+                raise ValueError(f"{name}={getattr(self, name)!r}; valid: {', '.join(SUPPORTED_DTYPES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
+            )
+        rope_type = (self.rope_scaling or {}).get("rope_type", "default")
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+
+    # The config is static metadata of the NNX module, so jit needs it hashable; the dict field
+    # is not, hence the explicit hash over a frozen view of it.
+    def __hash__(self):
+        fields = dataclasses.astuple(self)
+        return hash(tuple(tuple(sorted(f.items())) if isinstance(f, dict) else f for f in fields))
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _rope_from_hf(cfg: dict) -> tuple[float, dict | None]:
+    params = cfg.get("rope_parameters")
+    if params is not None:
+        if "rope_theta" not in params and "full_attention" in params:
+            params = params["full_attention"]
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+        theta = params.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    else:
+        scaling = dict(cfg.get("rope_scaling") or {})
+        theta = cfg.get("rope_theta", 10000.0)
+    if "type" in scaling and "rope_type" not in scaling:
+        scaling["rope_type"] = scaling.pop("type")
+    if scaling.get("rope_type", "default") == "default":
+        return float(theta), None
+    return float(theta), scaling
+
+
+def _unsupported(model_type: str, flag: str, value: Any) -> ValueError:
+    return ValueError(f"{model_type} checkpoints with {flag}={value!r} are not supported")
+
+
+def from_hf_config(cfg: dict, *, param_dtype: str | None = None, dtype: str | None = None) -> ModelConfig:
+    """ModelConfig from a parsed config.json. Dtypes default to the checkpoint's (else float32)."""
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(
+            f"unsupported model_type {model_type!r} in config.json; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise _unsupported(model_type, "hidden_act", cfg["hidden_act"])
+    if cfg.get("use_sliding_window"):
+        raise _unsupported(model_type, "use_sliding_window", True)
+    if model_type == "llama" and cfg.get("mlp_bias"):
+        raise _unsupported(model_type, "mlp_bias", True)
+    # Qwen3 and Llama put `attention_bias` on the output projection as well, which we do not model.
+    if model_type in ("qwen3", "llama") and cfg.get("attention_bias"):
+        raise _unsupported(model_type, "attention_bias", True)
+    theta, scaling = _rope_from_hf(cfg)
+    checkpoint_dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
+    if checkpoint_dtype not in SUPPORTED_DTYPES:
+        checkpoint_dtype = "float32"
+    param_dtype = param_dtype or checkpoint_dtype
+    num_heads = cfg["num_attention_heads"]
+    eos = cfg.get("eos_token_id")
+    eos_ids = () if eos is None else (tuple(eos) if isinstance(eos, (list, tuple)) else (eos,))
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=cfg["hidden_size"],
+        intermediate_size=cfg["intermediate_size"],
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=num_heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // num_heads,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        qkv_bias=model_type == "qwen2",
+        qk_norm=model_type == "qwen3",
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        param_dtype=param_dtype,
+        dtype=dtype or param_dtype,
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=eos_ids,
+    )
+
+
+def to_hf_config(config: ModelConfig) -> dict:
+    """config.json contents that transformers (4.x and 5.x) and vLLM read back as this model."""
+    expected = {"qwen2": (True, False), "qwen3": (False, True), "llama": (False, False)}[config.model_type]
+    if (config.qkv_bias, config.qk_norm) != expected:
+        raise ValueError(
+            f"model_type {config.model_type!r} needs qkv_bias={expected[0]}, qk_norm={expected[1]}; "
+            f"got qkv_bias={config.qkv_bias}, qk_norm={config.qk_norm}"
+        )
+    cfg = {
+        "architectures": [_ARCHITECTURES[config.model_type]],
+        "model_type": config.model_type,
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "num_key_value_heads": config.num_kv_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        "rope_theta": config.rope_theta,
+        "rope_scaling": config.rope_scaling,
+        "tie_word_embeddings": config.tie_embeddings,
+        "torch_dtype": config.param_dtype,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": (
+            None if not config.eos_token_ids
+            else config.eos_token_ids[0] if len(config.eos_token_ids) == 1
+            else list(config.eos_token_ids)
+        ),
+    }
+    if config.model_type in ("qwen2", "qwen3"):
+        cfg["use_sliding_window"] = False
+    if config.model_type in ("qwen3", "llama"):
+        cfg["attention_bias"] = False
+    if config.model_type == "llama":
+        cfg["mlp_bias"] = False
+    return cfg

@@ -1,0 +1,278 @@
+"""The decoder: GQA attention with RoPE, SwiGLU MLP, RMSNorm; layers stacked and run with a scan.
+
+Families differ only by `ModelConfig` flags (q/k/v bias, q/k norm, explicit head_dim, tied
+embeddings, RoPE scaling), never by copies of this code. Parameter names are the parameter *kinds*
+that `cfpo_jax.sharding` keys its one rule table on: `embedding [V, D]`, `lm_head [D, V]`,
+`q_kernel [D, N, H]`, `k_kernel`/`v_kernel [D, K, H]`, `o_kernel [N, H, D]`, `q_bias [N, H]`,
+`k_bias`/`v_bias [K, H]`, `gate_kernel`/`up_kernel [D, F]`, `down_kernel [F, D]` and `scale` for
+every RMSNorm. Everything under `blocks` carries a leading layer axis [L, ...].
+
+The layer loop is a `jax.lax.scan` over the stacked block state (`nnx.merge` of one layer's slice
+inside the body), so the compiled program holds one layer however deep the model is. With
+`config.remat` the body is rematerialised in the backward pass.
+
+Numerics follow transformers: RMSNorm and softmax in float32, RoPE angles in float32, matmuls in
+the compute dtype with float32 accumulation for the logits. A query that may attend to no slot at
+all (a left-padding position) gets a uniform average instead of NaN; its output is never used.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from cfpo_jax.models.config import ModelConfig
+
+_INIT = nnx.initializers.normal(stddev=0.02)
+
+
+def default_positions(mask_BxT):
+    """Position ids of a left-padded batch: 0 at the first real token, 0 on padding."""
+    return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+# ----------------------------------------------------------------------------- RoPE
+
+
+def rope_inv_freq(config: ModelConfig):
+    """Inverse frequencies [H/2] (float32), with Llama-3 or linear scaling when configured."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    scaling = config.rope_scaling or {}
+    rope_type = scaling.get("rope_type", "default")
+    if rope_type == "linear":
+        return inv_freq / scaling["factor"]
+    if rope_type == "llama3":
+        factor = scaling["factor"]
+        low, high = scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+        return jnp.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_angles(config: ModelConfig, positions_BxT):
+    """(sin, cos) [B, T, H] float32 in transformers' half-split layout."""
+    freqs_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * rope_inv_freq(config)
+    angles_BxTxH = jnp.concatenate([freqs_BxTxH2, freqs_BxTxH2], axis=-1)
+    return jnp.sin(angles_BxTxH), jnp.cos(angles_BxTxH)
+
+
+def apply_rope(x_BxTxNxH, sin_BxTxH, cos_BxTxH):
+    half = x_BxTxNxH.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BxTxNxH[..., half:], x_BxTxNxH[..., :half]], axis=-1)
+    sin, cos = sin_BxTxH[:, :, None, :], cos_BxTxH[:, :, None, :]
+    return (x_BxTxNxH * cos.astype(x_BxTxNxH.dtype) + rotated * sin.astype(x_BxTxNxH.dtype))
+
+
+# ----------------------------------------------------------------------------- layers
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, config: ModelConfig):
+        self.eps = config.rms_norm_eps
+        self.dtype = jnp.dtype(config.dtype)
+        self.scale = nnx.Param(jnp.ones((dim,), config.param_dtype))
+
+    def __call__(self, x):
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(self.dtype) * normed.astype(self.dtype)
+
+
+@flax.struct.dataclass
+class Cache:
+    """Per-layer keys and values, [layers, B, S, kv_heads, head_dim]; slot s of row b holds the
+    token the caller wrote there (see `Transformer.forward_cached`)."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype=None) -> Cache:
+    """A zero cache for `batch_size` rows of `cache_len` slots, in the compute dtype by default."""
+    shape = (config.num_layers, batch_size, cache_len, config.num_kv_heads, config.head_dim)
+    dtype = jnp.dtype(dtype or config.dtype)
+    return Cache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
+
+
+class Attention(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        D, N, K, H = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+        pdt = config.param_dtype
+        self.config = config
+        self.q_kernel = nnx.Param(_INIT(rngs.params(), (D, N, H), pdt))
+        self.k_kernel = nnx.Param(_INIT(rngs.params(), (D, K, H), pdt))
+        self.v_kernel = nnx.Param(_INIT(rngs.params(), (D, K, H), pdt))
+        self.o_kernel = nnx.Param(_INIT(rngs.params(), (N, H, D), pdt))
+        if config.qkv_bias:
+            self.q_bias = nnx.Param(jnp.zeros((N, H), pdt))
+            self.k_bias = nnx.Param(jnp.zeros((K, H), pdt))
+            self.v_bias = nnx.Param(jnp.zeros((K, H), pdt))
+        if config.qk_norm:
+            self.q_norm = RMSNorm(H, config)
+            self.k_norm = RMSNorm(H, config)
+
+    def _project(self, x_BxTxD, name):
+        dtype = x_BxTxD.dtype
+        out = jnp.einsum("btd,dnh->btnh", x_BxTxD, getattr(self, f"{name}_kernel")[...].astype(dtype))
+        if self.config.qkv_bias:
+            out = out + getattr(self, f"{name}_bias")[...].astype(dtype)
+        return out
+
+    def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxTxS, cache=None, layer=None, write_index=None):
+        """Self-attention over this call's keys, or (with `cache`) over the cache after writing
+        this call's keys at slots [write_index, write_index + T) of `layer`. Returns (out, cache)."""
+        q_BxTxNxH = self._project(x_BxTxD, "q")
+        k_BxTxKxH = self._project(x_BxTxD, "k")
+        v_BxTxKxH = self._project(x_BxTxD, "v")
+        if self.config.qk_norm:
+            q_BxTxNxH, k_BxTxKxH = self.q_norm(q_BxTxNxH), self.k_norm(k_BxTxKxH)
+        q_BxTxNxH = apply_rope(q_BxTxNxH, sin_BxTxH, cos_BxTxH)
+        k_BxTxKxH = apply_rope(k_BxTxKxH, sin_BxTxH, cos_BxTxH)
+        if cache is None:
+            k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
+        else:
+            start = (layer, 0, write_index, 0, 0)
+            cache = Cache(
+                k=jax.lax.dynamic_update_slice(cache.k, k_BxTxKxH[None].astype(cache.k.dtype), start),
+                v=jax.lax.dynamic_update_slice(cache.v, v_BxTxKxH[None].astype(cache.v.dtype), start),
+            )
+            k_BxSxKxH = cache.k[layer].astype(x_BxTxD.dtype)
+            v_BxSxKxH = cache.v[layer].astype(x_BxTxD.dtype)
+        out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS)
+        out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_kernel[...].astype(x_BxTxD.dtype))
+        return out_BxTxD, cache
+
+
+def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
+    """Grouped-query attention: query head n reads kv head n // (N / K). Softmax in float32."""
+    B, T, N, H = q_BxTxNxH.shape
+    K = k_BxSxKxH.shape[2]
+    q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
+    scores_BxKxGxTxS = jnp.einsum(
+        "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
+    ) * (H**-0.5)
+    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
+    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
+    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, v_BxSxKxH)
+    return out_BxTxKxGxH.reshape(B, T, N, H)
+
+
+class MLP(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        D, F, pdt = config.hidden_size, config.intermediate_size, config.param_dtype
+        self.gate_kernel = nnx.Param(_INIT(rngs.params(), (D, F), pdt))
+        self.up_kernel = nnx.Param(_INIT(rngs.params(), (D, F), pdt))
+        self.down_kernel = nnx.Param(_INIT(rngs.params(), (F, D), pdt))
+
+    def __call__(self, x_BxTxD):
+        dtype = x_BxTxD.dtype
+        gate_BxTxF = x_BxTxD @ self.gate_kernel[...].astype(dtype)
+        up_BxTxF = x_BxTxD @ self.up_kernel[...].astype(dtype)
+        return (jax.nn.silu(gate_BxTxF) * up_BxTxF) @ self.down_kernel[...].astype(dtype)
+
+
+class Block(nnx.Module):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(config.hidden_size, config)
+        self.attn = Attention(config, rngs=rngs)
+        self.mlp_norm = RMSNorm(config.hidden_size, config)
+        self.mlp = MLP(config, rngs=rngs)
+
+    def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxTxS, cache=None, layer=None, write_index=None):
+        attn_BxTxD, cache = self.attn(
+            self.attn_norm(x_BxTxD), sin_BxTxH, cos_BxTxH, mask_BxTxS, cache, layer, write_index
+        )
+        x_BxTxD = x_BxTxD + attn_BxTxD
+        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache
+
+
+# ----------------------------------------------------------------------------- the model
+
+
+class Transformer(nnx.Module):
+    """Decoder-only LM. Token ids are int32 [B, T]; masks are 1 for real tokens, 0 for padding."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        D, V, pdt = config.hidden_size, config.vocab_size, config.param_dtype
+        self.embedding = nnx.Param(_INIT(rngs.params(), (V, D), pdt))
+        if not config.tie_embeddings:
+            self.lm_head = nnx.Param(_INIT(rngs.params(), (D, V), pdt))
+
+        @nnx.split_rngs(splits=config.num_layers)
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def stacked_blocks(rngs):
+            return Block(config, rngs=rngs)
+
+        self.blocks = stacked_blocks(rngs)
+        self.final_norm = RMSNorm(D, config)
+
+    def _run_blocks(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, write_index=None):
+        sin_BxTxH, cos_BxTxH = rope_angles(self.config, positions_BxT)
+        graphdef, state = nnx.split(self.blocks)
+
+        def body(carry, xs):
+            x_BxTxD, cache = carry
+            layer_state, layer = xs
+            block = nnx.merge(graphdef, layer_state)
+            return block(x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxTxS, cache, layer, write_index), None
+
+        if self.config.remat:
+            body = jax.checkpoint(body, prevent_cse=False)
+        layers = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+        (x_BxTxD, cache), _ = jax.lax.scan(body, (x_BxTxD, cache), (state, layers))
+        return self.final_norm(x_BxTxD), cache
+
+    def _embed(self, tokens_BxT):
+        return jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(self.config.dtype)
+
+    def hidden(self, tokens_BxT, *, positions_BxT=None, mask_BxT=None):
+        """Final-norm hidden states [B, T, D] (compute dtype), causal over real tokens only."""
+        T = tokens_BxT.shape[1]
+        mask_BxTxS = jnp.tril(jnp.ones((T, T), bool))[None]
+        if mask_BxT is not None:
+            mask_BxTxS = mask_BxTxS & (mask_BxT[:, None, :] != 0)
+            if positions_BxT is None:
+                positions_BxT = default_positions(mask_BxT)
+        if positions_BxT is None:
+            positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens_BxT.shape)
+        hidden_BxTxD, _ = self._run_blocks(self._embed(tokens_BxT), positions_BxT, mask_BxTxS)
+        return hidden_BxTxD
+
+    def unembed(self, hidden_BxTxD):
+        """Logits [B, T, V] in float32 (float32 accumulation whatever the compute dtype)."""
+        dtype = hidden_BxTxD.dtype
+        if self.config.tie_embeddings:
+            return jnp.einsum(
+                "btd,vd->btv", hidden_BxTxD, self.embedding[...].astype(dtype), preferred_element_type=jnp.float32
+            )
+        return jnp.einsum(
+            "btd,dv->btv", hidden_BxTxD, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32
+        )
+
+    def __call__(self, tokens_BxT, *, positions_BxT=None, mask_BxT=None):
+        """Logits [B, T, V] float32. Positions default to `default_positions(mask)` (arange without)."""
+        return self.unembed(self.hidden(tokens_BxT, positions_BxT=positions_BxT, mask_BxT=mask_BxT))
+
+    def forward_cached(self, tokens_BxT, positions_BxT, cache: Cache, kv_mask_BxS, write_index):
+        """Writes this call's keys/values at cache slots [write_index, write_index + T) in place and
+        lets query t attend to slot s iff kv_mask_BxS[b, s] == 1 and s <= write_index + t.
+        Returns (logits_BxTxV float32, cache). `write_index` is an int32 scalar, possibly traced."""
+        T, S = tokens_BxT.shape[1], cache.k.shape[2]
+        write_index = jnp.asarray(write_index, jnp.int32)
+        causal_TxS = jnp.arange(S)[None, :] <= write_index + jnp.arange(T)[:, None]
+        mask_BxTxS = causal_TxS[None] & (kv_mask_BxS[:, None, :] != 0)
+        hidden_BxTxD, cache = self._run_blocks(
+            self._embed(tokens_BxT), positions_BxT, mask_BxTxS, cache, write_index
+        )
+        return self.unembed(hidden_BxTxD), cache

@@ -1,0 +1,128 @@
+"""Device mesh, the one table of partition rules, and multi-host start-up.
+
+Mesh axes:
+* `data`: pure data parallelism (parameters replicated along it).
+* `fsdp`: data parallelism with parameters (and optimizer state) sharded along it (ZeRO-3 style;
+  XLA all-gathers a layer's weights inside the scan when it needs them).
+* `tensor`: Megatron-style tensor parallelism over attention heads, the MLP hidden size and the
+  vocabulary.
+
+`RULES` maps a parameter *kind* (its leaf name, see `cfpo_jax.models.transformer`) to the
+PartitionSpec of one layer's parameter; parameters under `blocks` carry a leading layer axis,
+which is never sharded. The table is the same for every model family. A dimension that a mesh
+axis does not divide (e.g. 2 kv heads on tensor=4) is left unsharded rather than failing, so any
+checkpoint runs on any mesh (logged at INFO).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import numpy as np
+from jax.experimental import mesh_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+RULES: dict[str, P] = {
+    "embedding": P("tensor", "fsdp"),  # [V, D]
+    "lm_head": P("fsdp", "tensor"),  # [D, V]
+    "q_kernel": P("fsdp", "tensor", None),  # [D, N, H]
+    "k_kernel": P("fsdp", "tensor", None),  # [D, K, H]
+    "v_kernel": P("fsdp", "tensor", None),  # [D, K, H]
+    "o_kernel": P("tensor", None, "fsdp"),  # [N, H, D]
+    "q_bias": P("tensor", None),  # [N, H]
+    "k_bias": P("tensor", None),  # [K, H]
+    "v_bias": P("tensor", None),  # [K, H]
+    "gate_kernel": P("fsdp", "tensor"),  # [D, F]
+    "up_kernel": P("fsdp", "tensor"),  # [D, F]
+    "down_kernel": P("tensor", "fsdp"),  # [F, D]
+    "scale": P(None),  # RMSNorm weights: small, replicated
+}
+
+log = logging.getLogger(__name__)
+
+
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+    """Mesh with axes ('data', 'fsdp', 'tensor'); one size may be -1 (the remaining devices)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    if any(s == 0 or s < -1 for s in sizes.values()) or list(sizes.values()).count(-1) > 1:
+        raise ValueError(f"mesh sizes must be positive, with at most one -1; got {sizes}")
+    known = int(np.prod([s for s in sizes.values() if s != -1]))
+    if -1 in sizes.values():
+        if len(devices) % known:
+            raise ValueError(f"{len(devices)} devices are not divisible by the fixed mesh sizes {sizes}")
+        sizes = {k: (len(devices) // known if s == -1 else s) for k, s in sizes.items()}
+    shape = tuple(sizes[a] for a in MESH_AXES)
+    if int(np.prod(shape)) != len(devices):
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices; have {len(devices)}")
+    try:
+        device_array = mesh_utils.create_device_mesh(shape, devices)
+    except (AssertionError, NotImplementedError, ValueError):
+        device_array = np.asarray(devices).reshape(shape)
+    return Mesh(device_array, MESH_AXES)
+
+
+def _leaf_names(path) -> list[str]:
+    return [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+
+
+def partition_spec(mesh: Mesh, names: list[str], shape: tuple[int, ...]) -> P:
+    """The rule for a parameter at state path `names`, with undividable dimensions unsharded."""
+    kind = names[-1]
+    if kind not in RULES:
+        raise KeyError(f"no partition rule for parameter {'/'.join(names)!r}; kinds: {', '.join(RULES)}")
+    spec = tuple(RULES[kind])
+    if names[0] == "blocks":
+        spec = (None,) + spec
+    if len(spec) != len(shape):
+        raise ValueError(f"rule {RULES[kind]} for {'/'.join(names)} does not fit shape {shape}")
+    fitted = []
+    for axis, dim in zip(spec, shape):
+        if axis is not None and dim % mesh.shape[axis]:
+            log.info("%s: dim %d not divisible by mesh axis %s=%d; left unsharded",
+                     "/".join(names), dim, axis, mesh.shape[axis])
+            axis = None
+        fitted.append(axis)
+    return P(*fitted)
+
+
+def param_shardings(mesh: Mesh, state):
+    """NamedShardings with the structure of `state` (an nnx.State of arrays or ShapeDtypeStructs)."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: NamedSharding(mesh, partition_spec(mesh, _leaf_names(path), x.shape)), state
+    )
+
+
+def shard_model(model, mesh: Mesh):
+    """Moves every parameter of an NNX model to its sharding (in place); returns the model."""
+    from flax import nnx
+
+    state = nnx.state(model)
+    nnx.update(model, jax.device_put(state, param_shardings(mesh, state)))
+    return model
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Leading (batch) axis split over data x fsdp, the rest replicated."""
+    return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def cache_sharding(mesh: Mesh, cache):
+    """KV cache [L, B, S, K, H]: batch over data x fsdp, kv heads over tensor when divisible."""
+    num_kv_heads, batch = cache.k.shape[3], cache.k.shape[1]
+    batch_axes = BATCH_AXES if batch % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else None
+    heads_axis = "tensor" if num_kv_heads % mesh.shape["tensor"] == 0 else None
+    spec = NamedSharding(mesh, P(None, batch_axes, None, heads_axis, None))
+    return type(cache)(k=spec, v=spec)
+
+
+def initialize_distributed(enabled: bool) -> None:
+    """`jax.distributed.initialize()` (multi-host: TPU pods, SLURM) only when `enabled`; the
+    cluster is auto-detected from the environment the launcher sets."""
+    if enabled:
+        jax.distributed.initialize()

