@@ -28,7 +28,9 @@ Layout (B prompts, n samples each, P padded prompt length, N = max_new_tokens, V
 * Randomness is explicit: `seed` (an int or a PRNG key) is split once per step with `fold_in`, so
   the same seed gives the same samples. Pass a fresh seed per call in training.
 * Everything static (sampling settings, shapes, mesh) keys the jit cache; params are an argument,
-  so new weights after an update step reuse the compiled sampler.
+  so new weights after an update step reuse the compiled sampler. Prefill, cache and decode live
+  in one jitted call: the cache is born inside it and rides in the `while_loop` carry, where the
+  model's `dynamic_update_slice` writes it in place (no buffer to donate, no host round trip).
 * With a `mesh`, the prompt batch is split over ('data', 'fsdp') (rows are padded with copies of
   the first prompt up to a multiple of that size and dropped again) and the cache follows
   `cfpo_jax.sharding.cache_sharding`; parameters keep the sharding they were placed with
