@@ -1,0 +1,267 @@
+"""Sampler throughput: cfpo_jax.sampling.generate against transformers' generate and the roofline.
+
+    python benchmarks/sampling.py                  # GPU: Qwen2.5-0.5B and 1.5B shapes, batch 64, 256
+    python benchmarks/sampling.py --small          # CPU smoke run at a tiny size (seconds)
+    python benchmarks/sampling.py --shapes 0.5b --batches 256 --no-hf --profile   # top GPU kernels
+
+Random bf16 weights, every prompt `--prompt-len` tokens, `--new-tokens` tokens drawn with
+temperature 1 and no EOS, so every row runs the full budget. For each shape and batch it prints:
+
+* tokens/s of `generate` (new tokens over the wall time of a whole call: prefill + decode), the
+  median of `--repeats` calls after a compile call;
+* the same for transformers' `generate` (PyTorch, bf16, do_sample, top_k 0, its default dynamic cache);
+* roofline: a decode step must read every weight once plus the keys/values of the valid cache
+  slots (prompt + tokens so far); their sum over all steps, divided by the copy bandwidth measured
+  on this card (a large device copy, bytes read + written), is the fastest the decode could run.
+  `roof` is that time over our measured decode time (call time minus a 1-token call's time),
+  both over steps 1 .. N-1. Results and the profile's reading: benchmarks/README.md.
+
+Run the PyTorch baseline first and release its memory, because JAX preallocates most of the card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import os
+import statistics
+import sys
+import time
+
+# JAX takes 75% of the card at its first allocation by default; torch runs first and lets go, so
+# JAX can have most of it, but leave the rest for the CUDA context of both libraries.
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.85")
+
+import numpy as np  # noqa: E402
+
+# Run as a script from a checkout: the package is the directory above this file.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+SHAPES = {
+    # Qwen2.5-0.5B / 1.5B (config.json of the published checkpoints).
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                 num_kv_heads=2, head_dim=64, vocab_size=151936, tie_embeddings=True),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
+                 num_kv_heads=2, head_dim=128, vocab_size=151936, tie_embeddings=True),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                 num_kv_heads=2, head_dim=16, vocab_size=512, tie_embeddings=True),
+}
+
+
+@dataclasses.dataclass
+class Row:
+    shape: str
+    batch: int
+    jax_s: float
+    jax_prefill_s: float
+    hf_s: float | None
+    roofline_s: float
+    new_tokens: int
+
+    @property
+    def tokens(self):
+        return self.batch * self.new_tokens
+
+
+def _time(fn, repeats):
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def copy_bandwidth(small: bool) -> float:
+    """Bytes read + written per second by a large elementwise device copy (jnp), median of 10."""
+    import jax
+    import jax.numpy as jnp
+
+    size = (1 << 20) if small else (1 << 31)  # 2 GiB of bf16 on the GPU
+    x = jnp.ones((size // 2,), jnp.bfloat16)
+    # `+ 1` so XLA cannot alias the output to the input; one read and one write of every byte.
+    copy = jax.jit(lambda a: a + 1)
+    copy(x).block_until_ready()
+    seconds = _time(lambda: copy(x).block_until_ready(), 10)
+    return 2 * size / seconds
+
+
+def model_config(shape: str):
+    from cfpo_jax.models import ModelConfig
+
+    return ModelConfig(model_type="qwen2", qkv_bias=True, rope_theta=1e6,
+                       max_position_embeddings=32768, param_dtype="bfloat16", dtype="bfloat16",
+                       **SHAPES[shape])
+
+
+def roofline_seconds(config, num_params, batch, prompt_len, steps, bandwidth):
+    """Sum over decode steps of (all weight bytes + valid cache bytes) / bandwidth (bf16)."""
+    weight_bytes = 2 * num_params
+    kv_bytes_per_slot = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2  # k and v
+    # Step s attends over the prompt and the s tokens before it: prompt_len + s slots per row.
+    slots = sum(prompt_len + s for s in steps)
+    return (len(steps) * weight_bytes + batch * slots * kv_bytes_per_slot) / bandwidth
+
+
+def print_kernel_profile(run, steps, top=20):
+    """Traces `run()` (a generate call of `steps` new tokens) and prints the GPU kernels that took
+    the most time, per decode step (the prefill's kernels are spread over the steps too)."""
+    import collections
+    import glob
+    import tempfile
+
+    import jax
+
+    directory = tempfile.mkdtemp(prefix="sampling-profile-")
+    jax.profiler.start_trace(directory)
+    run()
+    jax.profiler.stop_trace()
+    data = jax.profiler.ProfileData.from_file(glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)[0])
+    total_ns, count = collections.Counter(), collections.Counter()
+    for plane in data.planes:
+        if "GPU" not in plane.name:
+            continue
+        for line in plane.lines:
+            if "Stream" in line.name:
+                for event in line.events:
+                    total_ns[event.name] += event.duration_ns
+                    count[event.name] += 1
+    if not total_ns:
+        print("  (no GPU kernels in the trace)")
+        return
+    print(f"  kernel time {sum(total_ns.values()) / 1e6 / steps:.3f} ms/step (summed over streams), "
+          f"{sum(count.values()) / steps:.0f} kernels/step")
+    for name, ns in total_ns.most_common(top):
+        print(f"  {ns / 1e6 / steps:8.3f} ms/step {count[name] / steps:6.1f}x  {name[:80]}")
+
+
+def time_jax(config, batch, prompt_len, new_tokens, repeats, profile=False):
+    import jax
+    from flax import nnx
+
+    from cfpo_jax.models import Transformer
+    from cfpo_jax.sampling import generate
+
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(0, config.vocab_size, (batch, prompt_len)).tolist()
+
+    def run(num_new, seed):
+        samples = generate(model, prompts, max_new_tokens=num_new, temperature=1.0, seed=seed)
+        samples.tokens.block_until_ready()
+        assert int(samples.lengths.min()) == num_new
+
+    run(new_tokens, 0)
+    run(1, 0)
+    call_s = _time(lambda: run(new_tokens, 1), repeats)
+    prefill_s = _time(lambda: run(1, 1), repeats)
+    if profile:
+        print_kernel_profile(lambda: run(new_tokens, 2), new_tokens)
+    del model
+    gc.collect()
+    return call_s, prefill_s, num_params
+
+
+def time_transformers(shape, batch, prompt_len, new_tokens, device):
+    import torch
+    import transformers
+
+    spec = SHAPES[shape]
+    hf_config = transformers.Qwen2Config(
+        vocab_size=spec["vocab_size"], hidden_size=spec["hidden_size"],
+        intermediate_size=spec["intermediate_size"], num_hidden_layers=spec["num_layers"],
+        num_attention_heads=spec["num_heads"], num_key_value_heads=spec["num_kv_heads"],
+        tie_word_embeddings=spec["tie_embeddings"], rope_theta=1e6, max_position_embeddings=32768,
+        torch_dtype="bfloat16",
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.Qwen2ForCausalLM(hf_config).to(torch.bfloat16).eval()
+    ids = torch.randint(0, spec["vocab_size"], (batch, prompt_len), device=device)
+    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+                  top_p=1.0, pad_token_id=0, eos_token_id=None)
+
+    def run(num_new):
+        with torch.inference_mode():
+            out = model.generate(ids, max_new_tokens=num_new, min_new_tokens=num_new, **kwargs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        assert out.shape == (batch, prompt_len + num_new)
+
+    run(4)
+    seconds = _time(lambda: run(new_tokens), 1)
+    del model, ids
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return seconds
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", action="store_true", help="tiny model and sizes, runs on CPU")
+    parser.add_argument("--shapes", default=None, help="comma list of " + ",".join(SHAPES))
+    parser.add_argument("--batches", default=None, help="comma list of batch sizes")
+    parser.add_argument("--prompt-len", type=int, default=None)
+    parser.add_argument("--new-tokens", type=int, default=None)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one call")
+    args = parser.parse_args(argv)
+    shapes = (args.shapes or ("tiny" if args.small else "0.5b,1.5b")).split(",")
+    batches = [int(b) for b in (args.batches or ("4,8" if args.small else "64,256")).split(",")]
+    prompt_len = args.prompt_len or (16 if args.small else 256)
+    new_tokens = args.new_tokens or (16 if args.small else 512)
+    for s in shapes:
+        if s not in SHAPES:
+            parser.error(f"unknown shape {s!r}; valid: {', '.join(SHAPES)}")
+
+    hf = {}
+    if not args.no_hf:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        for shape in shapes:
+            for batch in batches:
+                hf[shape, batch] = time_transformers(shape, batch, prompt_len, new_tokens, device)
+                print(f"transformers {shape} batch {batch}: {hf[shape, batch]:.2f} s "
+                      f"({batch * new_tokens / hf[shape, batch]:,.0f} tokens/s)", flush=True)
+
+    import jax
+
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+    bandwidth = copy_bandwidth(args.small)
+    print(f"copy bandwidth: {bandwidth / 1e9:,.1f} GB/s (read + write)", flush=True)
+    rows = []
+    for shape in shapes:
+        config = model_config(shape)
+        for batch in batches:
+            call_s, prefill_s, num_params = time_jax(
+                config, batch, prompt_len, new_tokens, args.repeats, args.profile
+            )
+            # The 1-token call holds the prefill and step 0: the rest is steps 1 .. N-1.
+            roof_s = roofline_seconds(config, num_params, batch, prompt_len, range(1, new_tokens), bandwidth)
+            rows.append(Row(shape, batch, call_s, prefill_s, hf.get((shape, batch)), roof_s, new_tokens))
+            print(f"cfpo_jax {shape} batch {batch}: {call_s:.3f} s, prefill+1 {prefill_s:.3f} s, "
+                  f"{num_params / 1e6:.0f}M params", flush=True)
+
+    print(f"\nprompt {prompt_len} tokens, {new_tokens} new tokens, bf16, temperature 1, no EOS; "
+          f"bandwidth {bandwidth / 1e9:,.0f} GB/s")
+    header = (f"{'shape':>6} {'batch':>5} {'cfpo_jax tok/s':>14} {'transformers tok/s':>18} "
+              f"{'ratio':>7} {'decode ms/step':>14} {'roofline ms/step':>16} {'roof':>6}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        decode_s = r.jax_s - r.jax_prefill_s
+        hf_tps = f"{r.tokens / r.hf_s:,.0f}" if r.hf_s else "-"
+        ratio = f"{r.hf_s / r.jax_s:.1f}x" if r.hf_s else "-"
+        print(f"{r.shape:>6} {r.batch:>5} {r.tokens / r.jax_s:>14,.0f} {hf_tps:>18} {ratio:>7} "
+              f"{1e3 * decode_s / (r.new_tokens - 1):>14.3f} {1e3 * r.roofline_s / (r.new_tokens - 1):>16.3f} "
+              f"{r.roofline_s / decode_s:>6.0%}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
