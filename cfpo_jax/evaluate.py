@@ -1,0 +1,279 @@
+"""Evaluation on held-out sets: mean@N, pass@k and maj@N (and greedy accuracy) per dataset.
+
+    python -m cfpo_jax.evaluate --config=configs/math_qwen.py:1.5b --config.eval.checkpoint=DIR
+
+For each prompt, N = `eval.num_samples` completions are sampled and scored 0/1 by the dataset's
+correctness reward (`gsm8k` for the gsm8k preset, `math` otherwise):
+
+* mean@N — the mean score over all N samples of all prompts;
+* pass@k — the unbiased estimator 1 − C(N−c, k)/C(N, k) per prompt with c correct of N (Chen
+  et al. 2021), averaged; k ≤ N;
+* maj@N — the score of the most frequent extracted answer (the last `\\boxed{}` for math, the
+  number for gsm8k; ties: the answer seen first; completions without one do not vote);
+* greedy — accuracy of one temperature-0 completion, when `eval.greedy`.
+
+Generations with their scores go to `<output_dir>/<dataset>[_step<S>].jsonl`, metrics to
+`summary[_step<S>].json`. `evaluate` takes the sampler as a function, so its logic runs without
+a model; `evaluate_model` wires the policy and `cfpo_jax.sampling.generate`.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Callable, Sequence
+
+import numpy as np
+
+from cfpo_jax import data as data_lib
+from cfpo_jax import rewards
+
+log = logging.getLogger(__name__)
+
+# prompts (token-id lists), n, greedy → n completion texts per prompt
+SampleFn = Callable[[list[list[int]], int, bool], list[list[str]]]
+CORRECTNESS_REWARD = {"gsm8k": "gsm8k", "math": "math", "math500": "math", None: "math"}
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k from c correct of n samples: 1 − C(n−c, k)/C(n, k)."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
+    return 1.0 - math.comb(n - c, k) / math.comb(n, k)
+
+
+def majority_score(keys: Sequence[str | None], scores: Sequence[float]) -> float:
+    """Score of the most frequent non-None key (ties: first seen); 0 when no key."""
+    counts = collections.Counter(k for k in keys if k is not None)
+    if not counts:
+        return 0.0
+    best = max(counts.values())
+    winner = next(k for k in keys if k is not None and counts[k] == best)
+    return float(scores[list(keys).index(winner)])
+
+
+class _Progress:
+    """A tqdm bar on a terminal, plain log lines (about every 10%) otherwise."""
+
+    def __init__(self, total: int, name: str, enabled: bool):
+        self.total, self.name, self.done, self.enabled = total, name, 0, enabled
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=f"eval {name}", unit="prompt")
+        self.next_line = 0
+        self.start = time.time()
+
+    def update(self, count: int, mean: float):
+        self.done += count
+        if self.bar is not None:
+            self.bar.update(count)
+            self.bar.set_postfix(mean=f"{mean:.3f}")
+        elif self.enabled and (self.done >= self.next_line or self.done == self.total):
+            print(f"eval {self.name}: {self.done}/{self.total} prompts, mean {mean:.3f}, "
+                  f"{time.time() - self.start:.0f} s", file=sys.stderr, flush=True)
+            self.next_line = self.done + max(self.total // 10, 1)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def evaluate(sample_fn: SampleFn, datasets: Sequence[data_lib.Dataset],
+             builder: data_lib.PromptBuilder, *, num_samples: int, ks: Sequence[int] = (1,),
+             greedy: bool = False, batch_size: int = 32, max_examples: int = 0,
+             max_prompt_len: int | None = None, num_workers: int = 0, timeout_s: float = 10.0,
+             output_dir: str | None = None, step: int | None = None,
+             progress: bool = True) -> dict[str, dict[str, float]]:
+    """Metrics per dataset name: {"mean@N", "pass@k"..., "maj@N", ["greedy"], "num_examples",
+    "skipped_long", "failures"}.
+
+    sample_fn(prompts, n, greedy) → for each prompt its n completion texts (greedy: n = 1 at
+    temperature 0). max_examples: the first rows of each dataset only (0: all). Prompts longer
+    than max_prompt_len tokens are skipped and counted. num_workers, timeout_s: the reward
+    scorer's (see `cfpo_jax.rewards.Scorer`).
+    """
+    bad_ks = [k for k in ks if not 1 <= k <= num_samples]
+    if bad_ks:
+        raise ValueError(f"eval ks {tuple(ks)}: each k must be in 1..num_samples={num_samples}")
+    if output_dir:
+        os.makedirs(output_dir, exist_ok=True)
+    suffix = "" if step is None else f"_step{step}"
+    results = {}
+    for dataset in datasets:
+        reward_name = CORRECTNESS_REWARD[dataset.preset]
+        vote_key = rewards.VOTE_KEYS[reward_name]
+        count = min(len(dataset), max_examples) if max_examples else len(dataset)
+        totals = collections.defaultdict(float)
+        used = skipped = failures = 0
+        writer = open(os.path.join(output_dir, f"{dataset.name}{suffix}.jsonl"), "w") \
+            if output_dir else None
+        bar = _Progress(count, dataset.name, progress)
+        with rewards.Scorer([reward_name], num_workers=num_workers, timeout_s=timeout_s) as scorer:
+            for start in range(0, count, batch_size):
+                examples, prompts = [], []
+                for index in range(start, min(start + batch_size, count)):
+                    example = dataset[index]
+                    tokens = builder.build(example["question"])[1]
+                    if max_prompt_len is not None and len(tokens) > max_prompt_len:
+                        skipped += 1
+                        continue
+                    examples.append(dict(example, index=index))
+                    prompts.append(tokens)
+                if not examples:
+                    bar.update(min(start + batch_size, count) - start, 0.0)
+                    continue
+                runs = [("sample", num_samples, False)] + ([("greedy", 1, True)] if greedy else [])
+                for kind, n, is_greedy in runs:
+                    texts = sample_fn(prompts, n, is_greedy)
+                    if len(texts) != len(prompts) or any(len(t) != n for t in texts):
+                        raise ValueError(f"sample_fn returned {[len(t) for t in texts]} "
+                                         f"completions for {len(prompts)} prompts × {n}")
+                    flat = [t for per_prompt in texts for t in per_prompt]
+                    answers = [e["answer"] for e in examples for _ in range(n)]
+                    scores = scorer(flat, answers)
+                    failures += scores.failures[reward_name]
+                    score_PxN = scores.per_fn[reward_name].reshape(len(examples), n)
+                    for p, example in enumerate(examples):
+                        _accumulate(totals, kind, score_PxN[p], texts[p], vote_key, ks)
+                        if writer:
+                            for j, text in enumerate(texts[p]):
+                                writer.write(json.dumps({
+                                    "index": example["index"], "kind": kind, "sample": j,
+                                    "question": example["question"], "answer": example["answer"],
+                                    "completion": text, "extracted": vote_key(text),
+                                    "score": float(score_PxN[p, j])}) + "\n")
+                used += len(examples)
+                bar.update(min(start + batch_size, count) - start,
+                           totals["mean"] / max(used, 1))
+        bar.close()
+        if writer:
+            writer.close()
+        metrics = {f"mean@{num_samples}": totals["mean"] / max(used, 1)}
+        metrics.update({f"pass@{k}": totals[f"pass@{k}"] / max(used, 1) for k in ks})
+        metrics[f"maj@{num_samples}"] = totals["maj"] / max(used, 1)
+        if greedy:
+            metrics["greedy"] = totals["greedy"] / max(used, 1)
+        metrics.update(num_examples=used, skipped_long=skipped, failures=failures)
+        results[dataset.name] = metrics
+    if output_dir:
+        with open(os.path.join(output_dir, f"summary{suffix}.json"), "w") as f:
+            json.dump({"step": step, "datasets": results}, f, indent=2)
+    return results
+
+
+def _accumulate(totals, kind, scores_N, texts, vote_key, ks):
+    if kind == "greedy":
+        totals["greedy"] += float(scores_N[0])
+        return
+    correct = int(np.sum(scores_N >= 0.5))
+    totals["mean"] += float(np.mean(scores_N))
+    for k in ks:
+        totals[f"pass@{k}"] += pass_at_k(len(scores_N), correct, k)
+    totals["maj"] += majority_score([vote_key(t) for t in texts], scores_N)
+
+
+# ---------------------------------------------------------------- the real policy
+
+
+def make_sample_fn(model, tokenizer, sampling_config, *, seed: int = 0, mesh=None,
+                   eos_token_ids: Sequence[int] = ()) -> SampleFn:
+    """A `SampleFn` over `cfpo_jax.sampling.generate` with `config.sampling`'s settings; each call
+    draws with a fresh seed (seed, seed + 1, ...) so repeated batches are independent."""
+    from cfpo_jax import sampling
+
+    eos = tuple(eos_token_ids) or (tokenizer.eos_token_id,)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
+    calls = iter(range(seed, sys.maxsize))
+
+    def sample_fn(prompts, n, greedy):
+        samples = sampling.generate(
+            model, prompts, max_new_tokens=sampling_config.max_new_tokens,
+            temperature=0.0 if greedy else sampling_config.temperature,
+            top_p=sampling_config.top_p, top_k=sampling_config.top_k, eos_token_ids=eos,
+            seed=next(calls), n=n, pad_id=pad_id, mesh=mesh)
+        tokens_BxN, lengths_B = np.asarray(samples.tokens), np.asarray(samples.lengths)
+        texts = tokenizer.batch_decode([row[:length] for row, length in zip(tokens_BxN, lengths_B)],
+                                       skip_special_tokens=True)
+        return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+    return sample_fn
+
+
+def eos_ids(tokenizer, path: str) -> tuple[int, ...]:
+    """The tokenizer's EOS plus those of the model's generation_config.json (chat models end
+    turns with a token that is not the tokenizer's EOS)."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    generation_config = os.path.join(path, "generation_config.json")
+    if os.path.isfile(generation_config):
+        with open(generation_config) as f:
+            extra = json.load(f).get("eos_token_id", [])
+        ids += extra if isinstance(extra, list) else [extra]
+    return tuple(dict.fromkeys(ids))
+
+
+def eval_datasets(config) -> list[data_lib.Dataset]:
+    """`config.eval.sources`, each with the preset its name implies; a synthetic source uses
+    config.data.seed + 1, so its problems are not the training ones."""
+    return [data_lib.load(source, preset=data_lib.preset_for(source),
+                          synthetic=config.data.synthetic, seed=config.data.seed + 1)
+            for source in config.eval.sources]
+
+
+def evaluate_model(model, tokenizer, config, *, output_dir: str, step: int | None = None,
+                   mesh=None, eos_token_ids: Sequence[int] = (),
+                   progress: bool = True) -> dict[str, float]:
+    """`evaluate` of a policy on `config.eval.sources` with config.sampling / eval / rewards
+    settings; flat metrics {"<dataset>/<metric>": value} for the trainer's metrics file."""
+    sample_fn = make_sample_fn(model, tokenizer, config.sampling, seed=config.seed + 1,
+                               mesh=mesh, eos_token_ids=eos_token_ids)
+    results = evaluate(
+        sample_fn, eval_datasets(config), data_lib.PromptBuilder.from_config(tokenizer, config.data),
+        num_samples=config.eval.num_samples, ks=tuple(config.eval.ks), greedy=config.eval.greedy,
+        batch_size=config.data.batch_size, max_examples=config.eval.max_examples,
+        max_prompt_len=config.sampling.max_prompt_len, num_workers=config.rewards.num_workers,
+        timeout_s=config.rewards.timeout_s, output_dir=output_dir, step=step, progress=progress)
+    return {f"{name}/{metric}": value for name, metrics in results.items()
+            for metric, value in metrics.items()}
+
+
+# ---------------------------------------------------------------- command line
+
+
+def main(argv):
+    del argv
+    from cfpo_jax import models
+
+    config = _CONFIG.value
+    if not config.eval.sources:
+        raise ValueError("config.eval.sources is empty: name the data sets to evaluate on")
+    path = config.eval.checkpoint or config.model.path
+    workdir = _WORKDIR.value or config.workdir
+    output_dir = config.eval.output_dir or os.path.join(workdir or ".", "eval")
+    tokenizer = models.load_tokenizer(path)
+    model = models.from_pretrained(path, param_dtype=config.model.param_dtype,
+                                   dtype=config.model.dtype)
+    metrics = evaluate_model(model, tokenizer, config, output_dir=output_dir,
+                             eos_token_ids=eos_ids(tokenizer, path))
+    for key, value in metrics.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    print(f"generations and summary.json in {output_dir}")
+
+
+if __name__ == "__main__":
+    # Flags are defined only when run as a program: the trainer imports this module and defines
+    # its own --config.
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    _CONFIG = config_flags.DEFINE_config_file("config", None, "evaluation config file",
+                                              lock_config=True)
+    _WORKDIR = flags.DEFINE_string("workdir", None, "where eval/ goes (default config.workdir)")
+    flags.mark_flags_as_required(["config"])
+    app.run(main)

@@ -1,0 +1,46 @@
+"""Reward functions by name: the built-ins, or a user function named "package.module:function"."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import numpy as np
+
+from cfpo_jax.rewards import functions
+
+RewardFn = Callable[..., np.ndarray]
+
+REGISTRY: dict[str, RewardFn] = {
+    "math": functions.math_reward,
+    "gsm8k": functions.gsm8k_reward,
+    "gsm8k_strict": functions.gsm8k_strict_reward,
+    "format": functions.format_reward,
+}
+
+# The answer each built-in compares, for majority voting (evaluate's maj@N); two completions
+# with the same key get the same score from that function.
+VOTE_KEYS: dict[str, Callable[[str], str | None]] = {
+    "math": functions.math_vote_key,
+    "gsm8k": functions.gsm8k_vote_key,
+    "gsm8k_strict": lambda completion: functions.gsm8k_vote_key(completion, flexible=False),
+}
+
+
+def get(name: str) -> RewardFn:
+    """The reward function registered as `name`, or the user function "package.module:function"."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if ":" not in name:
+        raise ValueError(
+            f"unknown reward function {name!r}; valid: {sorted(REGISTRY)} or 'package.module:function'"
+        )
+    module_name, _, attr = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"reward function {name!r}: cannot import module {module_name!r}: {e}") from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward function {name!r}: module {module_name!r} has no function {attr!r}")
+    return fn
