@@ -2,17 +2,19 @@
 
     python benchmarks/sampling.py                  # GPU: Qwen2.5-0.5B and 1.5B shapes, batch 64, 256
     python benchmarks/sampling.py --small          # CPU smoke run at a tiny size (seconds)
+    python benchmarks/sampling.py --shapes 0.5b --batches 256 --no-hf --profile   # top GPU kernels
 
 Random bf16 weights, every prompt `--prompt-len` tokens, `--new-tokens` tokens drawn with
 temperature 1 and no EOS, so every row runs the full budget. For each shape and batch it prints:
 
 * tokens/s of `generate` (new tokens over the wall time of a whole call: prefill + decode), the
   median of `--repeats` calls after a compile call;
-* the same for transformers' `generate` (PyTorch, bf16, do_sample, top_k 0, static shapes);
+* the same for transformers' `generate` (PyTorch, bf16, do_sample, top_k 0, its default dynamic cache);
 * roofline: a decode step must read every weight once plus the keys/values of the valid cache
   slots (prompt + tokens so far); their sum over all steps, divided by the copy bandwidth measured
   on this card (a large device copy, bytes read + written), is the fastest the decode could run.
-  `roof` is that time over our measured decode time (call time minus a 1-token call's time).
+  `roof` is that time over our measured decode time (call time minus a 1-token call's time),
+  both over steps 1 .. N-1. Results and the profile's reading: benchmarks/README.md.
 
 Run the PyTorch baseline first and release its memory, because JAX preallocates most of the card.
 """
@@ -32,6 +34,9 @@ import time
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.85")
 
 import numpy as np  # noqa: E402
+
+# Run as a script from a checkout: the package is the directory above this file.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 SHAPES = {
     # Qwen2.5-0.5B / 1.5B (config.json of the published checkpoints).
@@ -82,7 +87,7 @@ def copy_bandwidth(small: bool) -> float:
     return 2 * size / seconds
 
 
-def model_config(shape: str, small: bool):
+def model_config(shape: str):
     from cfpo_jax.models import ModelConfig
 
     return ModelConfig(model_type="qwen2", qkv_bias=True, rope_theta=1e6,
@@ -99,7 +104,39 @@ def roofline_seconds(config, num_params, batch, prompt_len, steps, bandwidth):
     return (len(steps) * weight_bytes + batch * slots * kv_bytes_per_slot) / bandwidth
 
 
-def time_jax(config, batch, prompt_len, new_tokens, repeats):
+def print_kernel_profile(run, steps, top=20):
+    """Traces `run()` (a generate call of `steps` new tokens) and prints the GPU kernels that took
+    the most time, per decode step (the prefill's kernels are spread over the steps too)."""
+    import collections
+    import glob
+    import tempfile
+
+    import jax
+
+    directory = tempfile.mkdtemp(prefix="sampling-profile-")
+    jax.profiler.start_trace(directory)
+    run()
+    jax.profiler.stop_trace()
+    data = jax.profiler.ProfileData.from_file(glob.glob(f"{directory}/**/*.xplane.pb", recursive=True)[0])
+    total_ns, count = collections.Counter(), collections.Counter()
+    for plane in data.planes:
+        if "GPU" not in plane.name:
+            continue
+        for line in plane.lines:
+            if "Stream" in line.name:
+                for event in line.events:
+                    total_ns[event.name] += event.duration_ns
+                    count[event.name] += 1
+    if not total_ns:
+        print("  (no GPU kernels in the trace)")
+        return
+    print(f"  kernel time {sum(total_ns.values()) / 1e6 / steps:.3f} ms/step (summed over streams), "
+          f"{sum(count.values()) / steps:.0f} kernels/step")
+    for name, ns in total_ns.most_common(top):
+        print(f"  {ns / 1e6 / steps:8.3f} ms/step {count[name] / steps:6.1f}x  {name[:80]}")
+
+
+def time_jax(config, batch, prompt_len, new_tokens, repeats, profile=False):
     import jax
     from flax import nnx
 
@@ -120,6 +157,8 @@ def time_jax(config, batch, prompt_len, new_tokens, repeats):
     run(1, 0)
     call_s = _time(lambda: run(new_tokens, 1), repeats)
     prefill_s = _time(lambda: run(1, 1), repeats)
+    if profile:
+        print_kernel_profile(lambda: run(new_tokens, 2), new_tokens)
     del model
     gc.collect()
     return call_s, prefill_s, num_params
@@ -169,6 +208,7 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=None)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
+    parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one call")
     args = parser.parse_args(argv)
     shapes = (args.shapes or ("tiny" if args.small else "0.5b,1.5b")).split(",")
     batches = [int(b) for b in (args.batches or ("4,8" if args.small else "64,256")).split(",")]
@@ -193,12 +233,14 @@ def main(argv=None):
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
     bandwidth = copy_bandwidth(args.small)
-    print(f"copy bandwidth: {bandwidth / 1e12:.3f} TB/s (read + write)", flush=True)
+    print(f"copy bandwidth: {bandwidth / 1e9:,.1f} GB/s (read + write)", flush=True)
     rows = []
     for shape in shapes:
-        config = model_config(shape, args.small)
+        config = model_config(shape)
         for batch in batches:
-            call_s, prefill_s, num_params = time_jax(config, batch, prompt_len, new_tokens, args.repeats)
+            call_s, prefill_s, num_params = time_jax(
+                config, batch, prompt_len, new_tokens, args.repeats, args.profile
+            )
             # The 1-token call holds the prefill and step 0: the rest is steps 1 .. N-1.
             roof_s = roofline_seconds(config, num_params, batch, prompt_len, range(1, new_tokens), bandwidth)
             rows.append(Row(shape, batch, call_s, prefill_s, hf.get((shape, batch)), roof_s, new_tokens))
@@ -206,7 +248,7 @@ def main(argv=None):
                   f"{num_params / 1e6:.0f}M params", flush=True)
 
     print(f"\nprompt {prompt_len} tokens, {new_tokens} new tokens, bf16, temperature 1, no EOS; "
-          f"bandwidth {bandwidth / 1e12:.2f} TB/s")
+          f"bandwidth {bandwidth / 1e9:,.0f} GB/s")
     header = (f"{'shape':>6} {'batch':>5} {'cfpo_jax tok/s':>14} {'transformers tok/s':>18} "
               f"{'ratio':>7} {'decode ms/step':>14} {'roofline ms/step':>16} {'roof':>6}")
     print(header)
@@ -222,4 +264,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main() and 0)
+    main()

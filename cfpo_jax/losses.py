@@ -93,7 +93,8 @@ def _k2(log_ratio):  # its gradient is the unbiased gradient of KL(pi||ref)
 
 
 def _k3(log_ratio):  # unbiased, non-negative, low variance (Schulman's "k3")
-    return jnp.minimum(jnp.exp(log_ratio) - log_ratio - 1.0, KL_VALUE_CLAMP)
+    # expm1 keeps precision near ρ = 1, where exp(x) − 1 − x cancels in float32.
+    return jnp.minimum(jnp.expm1(log_ratio) - log_ratio, KL_VALUE_CLAMP)
 
 
 # ----------------------------------------------------------------------------- registry

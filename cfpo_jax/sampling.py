@@ -28,10 +28,13 @@ Layout (B prompts, n samples each, P padded prompt length, N = max_new_tokens, V
 * Randomness is explicit: `seed` (an int or a PRNG key) is split once per step with `fold_in`, so
   the same seed gives the same samples. Pass a fresh seed per call in training.
 * Everything static (sampling settings, shapes, mesh) keys the jit cache; params are an argument,
-  so new weights after an update step reuse the compiled sampler.
+  so new weights after an update step reuse the compiled sampler. Prefill, cache and decode live
+  in one jitted call: the cache is born inside it and rides in the `while_loop` carry, where the
+  model's `dynamic_update_slice` writes it in place (no buffer to donate, no host round trip).
 * With a `mesh`, the prompt batch is split over ('data', 'fsdp') (rows are padded with copies of
-  the first prompt up to a multiple of that size and dropped again) and the cache is constrained
-  to the same batch split; parameters keep whatever sharding they were placed with.
+  the first prompt up to a multiple of that size and dropped again) and the cache follows
+  `cfpo_jax.sharding.cache_sharding`; parameters keep the sharding they were placed with
+  (`shard_model` / `from_pretrained(mesh=...)`).
 """
 
 from __future__ import annotations
@@ -48,8 +51,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 from cfpo_jax.models import init_cache
-
-_BATCH_AXES = ("data", "fsdp")
+from cfpo_jax.sharding import BATCH_AXES, batch_sharding, cache_sharding
 
 
 @flax.struct.dataclass
@@ -117,8 +119,15 @@ def _constrain_batch(x, mesh, axis):
     if mesh is None:
         return x
     spec = [PS.UNCONSTRAINED] * x.ndim
-    spec[axis] = _BATCH_AXES
+    spec[axis] = BATCH_AXES
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PS(*spec)))
+
+
+def _constrain_cache(cache, mesh):
+    """The cache layout of `cfpo_jax.sharding` (batch over data x fsdp, kv heads over tensor)."""
+    if mesh is None:
+        return cache
+    return jax.lax.with_sharding_constraint(cache, cache_sharding(mesh, cache))
 
 
 def _sample(logits_BxV, key, settings: _Settings):
@@ -163,7 +172,7 @@ def _generate_impl(graphdef, settings: _Settings, state, prompt_tokens_BxP, prom
     # ---- prefill: every prompt column but the last, once per prompt.
     if prompt_len > 1:
         prefill_cache = init_cache(config, batch, prompt_len - 1)
-        prefill_cache = jax.tree.map(lambda x: _constrain_batch(x, settings.mesh, 1), prefill_cache)
+        prefill_cache = _constrain_cache(prefill_cache, settings.mesh)
         _, prefill_cache = model.forward_cached(
             prompt_tokens_BxP[:, :-1],
             positions_BxP[:, :-1],
@@ -181,7 +190,7 @@ def _generate_impl(graphdef, settings: _Settings, state, prompt_tokens_BxP, prom
         )
     else:
         cache = init_cache(config, rows, cache_len)
-    cache = jax.tree.map(lambda x: _constrain_batch(x, settings.mesh, 1), cache)
+    cache = _constrain_cache(cache, settings.mesh)
 
     def per_row(x_B):
         return _constrain_batch(jnp.repeat(x_B, n, axis=0), settings.mesh, 0)
@@ -350,14 +359,13 @@ def generate(
     if mesh is not None:
         # The batch split needs a multiple of the ('data', 'fsdp') size: fill with copies of the
         # first prompt, whose rows are dropped after sampling.
-        shards = int(np.prod([mesh.shape[a] for a in _BATCH_AXES]))
+        shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
         token_lists = token_lists + [token_lists[0]] * (-num_prompts % shards)
     width = _bucket(max(len(ids) for ids in token_lists), prompt_bucket)
     prompt_tokens_BxP, prompt_mask_BxP = _left_pad(token_lists, width, pad_id)
     if mesh is not None:
-        batch_sharding = NamedSharding(mesh, PS(_BATCH_AXES))
-        prompt_tokens_BxP = jax.device_put(prompt_tokens_BxP, batch_sharding)
-        prompt_mask_BxP = jax.device_put(prompt_mask_BxP, batch_sharding)
+        prompt_tokens_BxP = jax.device_put(prompt_tokens_BxP, batch_sharding(mesh))
+        prompt_mask_BxP = jax.device_put(prompt_mask_BxP, batch_sharding(mesh))
 
     key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
     settings = _Settings(

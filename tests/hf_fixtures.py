@@ -1,7 +1,9 @@
 """Tiny random Hugging Face checkpoints built offline, for tests of every stream.
 
 `build_checkpoint(family, directory)` saves a transformers model (PyTorch, float32) with
-`save_pretrained` and returns the directory. Every parameter is re-drawn (norm weights around 1,
+`save_pretrained`, next to a character-level tokenizer with a ChatML chat template
+(`build_tokenizer`; ids 0 <pad>, 1 <s>, 2 <|im_end|> = EOS, 3 <|im_start|>, then printable ASCII),
+and returns the directory. Every parameter is re-drawn (norm weights around 1,
 non-zero biases), so a transposed or misnamed tensor cannot hide behind transformers' default
 init of ones and zeros. `reference_model(directory)` loads it back as the PyTorch reference.
 
@@ -82,15 +84,53 @@ def _randomize(model, seed: int) -> None:
                 param.copy_(0.1 * noise)
 
 
-def build_checkpoint(family: str, directory, *, seed: int = 0, max_shard_size=None, **overrides) -> str:
-    """Saves a tiny random `family` checkpoint (float32 safetensors) in `directory`; returns it.
-    `max_shard_size` (e.g. "50KB") makes transformers write a sharded checkpoint with an index."""
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+SPECIAL_TOKENS = ("<pad>", "<s>", "<|im_end|>", "<|im_start|>")
+
+
+def build_tokenizer(directory) -> str:
+    """Saves a character-level fast tokenizer (vocabulary 102 < VOCAB_SIZE) in `directory`.
+
+    Characters are stored in the byte-level alphabet of GPT-2/Qwen ("\\n" as "Ċ", " " as "Ġ") with
+    a byte-level pre-tokenizer, because transformers rebuilds a Qwen2 directory's tokenizer with
+    Qwen's byte-level pipeline: the same vocabulary then encodes identically under every family."""
+    import string
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    byte_to_char = bytes_to_unicode()
+    chars = [byte_to_char[ord(c)] for c in string.printable[:-2]]  # without \x0b and \x0c
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *chars])}
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token=None))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>"
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(os.fspath(directory))
+    return os.fspath(directory)
+
+
+def build_checkpoint(
+    family: str, directory, *, seed: int = 0, max_shard_size=None, tokenizer: bool = True, **overrides
+) -> str:
+    """Saves a tiny random `family` checkpoint (float32 safetensors) and, unless `tokenizer` is
+    False, the character tokenizer in `directory`; returns it. `max_shard_size` (e.g. "50KB")
+    makes transformers write a sharded checkpoint with an index."""
     directory = os.fspath(directory)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(hf_config(family, **overrides), dtype=torch.float32)
     _randomize(model, seed)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(directory, **kwargs)
+    if tokenizer:
+        build_tokenizer(directory)
     return directory
 
 

@@ -91,6 +91,27 @@ def test_kv_cache_prefill_then_decode_matches_transformers(checkpoint):
     np.testing.assert_array_equal(np.asarray(cache.k[:, :, P + N :]), 0.0)
 
 
+def test_decode_step_writes_the_cache_in_place():
+    """With the cache donated, a decode step aliases it to the output and its scratch memory stays
+    below the size of one whole-cache copy (it holds at most one layer's keys and values)."""
+    config = ModelConfig(
+        model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
+        num_heads=4, num_kv_heads=2, head_dim=8,
+    )
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+    cache = jax.eval_shape(lambda: init_cache(config, 2, 4096))
+    step = jax.jit(
+        lambda s, t, p, c, k, i: nnx.merge(graphdef, s).forward_cached(t, p, c, k, i), donate_argnums=(3,)
+    )
+    tokens = jax.ShapeDtypeStruct((2, 1), jnp.int32)
+    kv_mask = jax.ShapeDtypeStruct((2, 4096), jnp.int32)
+    index = jax.ShapeDtypeStruct((), jnp.int32)
+    memory = step.lower(state, tokens, tokens, cache, kv_mask, index).compile().memory_analysis()
+    cache_bytes = cache.k.size * cache.k.dtype.itemsize
+    assert memory.alias_size_in_bytes >= 2 * cache_bytes
+    assert memory.temp_size_in_bytes < cache_bytes
+
+
 def test_sequence_logprobs_match_transformers(checkpoint):
     """Chunked float32 logprobs/entropies at temperature 0.7 against numpy on the reference logits,
     with a chunk size that does not divide T."""
@@ -144,6 +165,22 @@ def test_export_keeps_bfloat16(tmp_path):
     ours = from_pretrained(tmp_path / "out", param_dtype="float32")(jnp.asarray(tokens))
     reference = hf_fixtures.reference_model(tmp_path / "out")
     assert_close_logits(ours, hf_fixtures.reference_logits(reference, tokens))
+
+
+def test_tokenizer_next_to_the_checkpoint(checkpoint, tmp_path):
+    _, directory, _ = checkpoint
+    tokenizer = load_tokenizer(directory)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "2+3?"}], tokenize=False, add_generation_prompt=True
+    )
+    assert text == "<|im_start|>user\n2+3?<|im_end|>\n<|im_start|>assistant\n"
+    ids = tokenizer(text)["input_ids"]
+    assert max(ids) < hf_fixtures.VOCAB_SIZE and tokenizer.decode(ids) == text
+    assert tokenizer.eos_token_id in from_pretrained(directory).config.eos_token_ids
+    save_pretrained(from_pretrained(directory), tmp_path, tokenizer=tokenizer)
+    assert load_tokenizer(tmp_path).apply_chat_template(
+        [{"role": "user", "content": "2+3?"}], tokenize=False, add_generation_prompt=True
+    ) == text
 
 
 def test_legacy_rope_keys_load_like_rope_parameters(tmp_path):

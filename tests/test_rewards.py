@@ -231,6 +231,9 @@ def test_hostile_completions_score_zero_in_time_without_side_effects(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+# A deadline can land in JAX's gc callback, which prints and drops it; the timer's refire raises
+# it again in the reward code (that is what the scorer's refire is for).
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_hostile_python_level_completions_in_main_thread(tmp_path):
     """Everything but the uninterruptible power tower also returns in time in the main thread."""
     completions = [text.replace("{tmp}", str(tmp_path))

@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 import hf_fixtures
 from cfpo_jax import sharding
-from cfpo_jax.models import Transformer, default_positions, from_pretrained, init_cache
+from cfpo_jax.models import default_positions, from_pretrained, init_cache
 
 MESHES = [(8, 1), (4, 2), (2, 4)]  # (fsdp, tensor)
 

@@ -91,17 +91,23 @@ _PARAM_MAP: dict[tuple[str, ...], tuple[str, tuple[Callable, Callable]]] = {
 }
 
 
-def _resolve(path: str) -> str:
+def _resolve(path) -> str:
     """A local directory as is; anything else is a Hub repo id, downloaded (config, weights, tokenizer)."""
+    path = os.fspath(path)
     if os.path.isdir(path):
         return path
     if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise FileNotFoundError(f"{path!r} is not a directory holding a Hugging Face checkpoint")
     from huggingface_hub import snapshot_download
 
-    return snapshot_download(
-        path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
-    )
+    try:
+        return snapshot_download(
+            path, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+        )
+    except Exception as e:  # offline, unknown repo, no access: all reach the user the same way
+        raise FileNotFoundError(
+            f"{path!r} is not a local directory and could not be fetched from the Hugging Face Hub: {e}"
+        ) from e
 
 
 # safetensors dtype codes -> numpy (bfloat16 through ml_dtypes, which jax depends on).

@@ -10,10 +10,11 @@ Two ways to run, `num_workers`:
 
 * 0 — in the calling thread, which must be the main thread: the deadline is a `SIGALRM` timer
   (`setitimer`) that raises `RewardTimeout`, a BaseException, so that the many `except
-  Exception` clauses in math-verify and sympy cannot swallow it (the timer also refires every
-  50 ms until disarmed). It cannot interrupt one long C-level call — sympy evaluating
-  `9^{9^{9^{9}}}` is one uninterruptible big-integer power — so use this mode only for trusted
-  text (tests, reference solutions).
+  Exception` clauses in math-verify and sympy cannot swallow it. math-verify's own
+  `signal.alarm` timeouts are switched off: each of its calls would cancel this timer. A timer
+  cannot interrupt one long C-level call — sympy evaluating `9^{9^{9^{9}}}` is a single
+  uninterruptible big-integer power — so use this mode only for trusted text (tests, reference
+  solutions), not for model output.
 * > 0 — a pool of spawned worker processes (spawn: forking a process that runs JAX threads is
   unsafe). Each worker scores one item at a time under the same timer, and the parent kills a
   worker whose item has run `timeout_s + KILL_GRACE_S` wall seconds and starts a fresh one, so
@@ -46,6 +47,8 @@ log = logging.getLogger(__name__)
 KILL_GRACE_S = 1.0
 # A worker imports math-verify/sympy (and the user's module) before it reports ready.
 WORKER_START_TIMEOUT_S = 300.0
+# The timer refires until disarmed: a RewardTimeout raised where exceptions are swallowed (a bare
+# `except:`, a gc callback such as JAX's, printed as "Exception ignored in") is raised again.
 _REFIRE_S = 0.05
 _LOGGED_INPUT_CHARS = 2000
 
@@ -168,10 +171,12 @@ class _WorkerPool:
                 if w.ready and w.task is None and queue:
                     w.task, w.task_started = queue.popleft(), time.monotonic()
                     w.conn.send(tasks[w.task])
-            now = time.monotonic()
-            deadlines = [w.task_started + kill_after if w.ready else w.started + WORKER_START_TIMEOUT_S
-                         for w in self._workers]
-            connection.wait([w.conn for w in self._workers], max(min(deadlines) - now, 0.0))
+            # Idle workers set no deadline (at a batch's tail they would make this loop spin).
+            deadlines = [w.started + WORKER_START_TIMEOUT_S if not w.ready else
+                         w.task_started + kill_after for w in self._workers
+                         if not w.ready or w.task is not None]
+            wait_s = max(min(deadlines, default=0.0) - time.monotonic(), 0.0)
+            connection.wait([w.conn for w in self._workers], wait_s)
             for w in list(self._workers):
                 self._collect(w, results, kill_after)
         return results

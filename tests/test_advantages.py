@@ -1,0 +1,58 @@
+"""Advantage estimators on hand-worked examples."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cfpo_jax import advantages
+
+# Two groups of four: one mixed (1, 0, 0, 1), one flat (0.1 × 4, whose float mean is inexact).
+REWARDS = np.array([1.0, 0.0, 0.0, 1.0, 0.1, 0.1, 0.1, 0.1])
+SQRT3_2 = np.sqrt(3.0) / 2.0  # 0.5 / unbiased std of (1, 0, 0, 1) = 0.5 / sqrt(1/3)
+
+
+@pytest.mark.parametrize(
+    "estimator,expected",
+    [
+        # (r − 0.5) / (sqrt(1/3) + 1e-6)
+        ("grpo", [SQRT3_2, -SQRT3_2, -SQRT3_2, SQRT3_2, 0, 0, 0, 0]),
+        ("drgrpo", [0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]),
+        # 1 − (0 + 0 + 1)/3 = 2/3 ; 0 − (1 + 0 + 1)/3 = −2/3
+        ("rloo", [2 / 3, -2 / 3, -2 / 3, 2 / 3, 0, 0, 0, 0]),
+        # centred (±0.5 × 4, 0 × 4): unbiased batch variance 1/7 → ±0.5·sqrt(7)
+        ("reinforce_pp", [0.5 * np.sqrt(7)] * 1 + [-0.5 * np.sqrt(7)] * 2 + [0.5 * np.sqrt(7)]
+         + [0, 0, 0, 0]),
+    ],
+)
+def test_hand_worked(estimator, expected):
+    fn = jax.jit(advantages.compute, static_argnums=(1, 2))
+    out = np.asarray(fn(REWARDS, 4, estimator))
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=0)
+    assert (out[4:] == 0).all()  # a flat group is exactly zero
+
+
+@pytest.mark.parametrize("estimator", sorted(advantages.ESTIMATORS))
+def test_all_flat_batch_gives_zeros_not_nan(estimator):
+    out = advantages.compute(jnp.full(6, 0.3), 3, estimator)
+    assert np.all(np.asarray(out) == 0.0)
+
+
+def test_rloo_is_leave_one_out_on_random_groups():
+    rng = np.random.default_rng(0)
+    rewards = rng.normal(size=15)
+    out = np.asarray(advantages.compute(rewards, 5, "rloo"))
+    for i, r in enumerate(rewards):
+        group = rewards[(i // 5) * 5:(i // 5 + 1) * 5]
+        np.testing.assert_allclose(out[i], r - (group.sum() - r) / 4, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="group_size 3 does not divide the batch of 8"):
+        advantages.compute(REWARDS, 3, "grpo")
+    with pytest.raises(ValueError, match=r"unknown advantage estimator 'ppo'.*'drgrpo'"):
+        advantages.compute(REWARDS, 4, "ppo")
+    with pytest.raises(ValueError, match="needs group_size >= 2"):
+        advantages.compute(REWARDS, 1, "rloo")
+    with pytest.raises(ValueError, match=r"vector \[B\]"):
+        advantages.compute(REWARDS.reshape(2, 4), 4, "grpo")
