@@ -88,24 +88,6 @@ def abstract_like(state, shardings):
     )
 
 
-def checkpoint_dir(path: str) -> str:
-    """The checkpoints folder under a workdir, or `path` itself if it is one; clear error if none.
-
-    Accepts a workdir (holding `checkpoints/`) or a checkpoints folder (holding step folders).
-    """
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"checkpoint directory {path!r} does not exist")
-    nested = os.path.join(path, "checkpoints")
-    directory = nested if os.path.isdir(nested) else path
-    steps = [d for d in os.listdir(directory) if d.isdigit()]
-    if not steps:
-        raise FileNotFoundError(
-            f"no complete checkpoint in {directory!r} (expected step folders such as "
-            f"'{directory}/100'; found {sorted(os.listdir(directory))[:10]})"
-        )
-    return directory
-
-
 def export_hf(model, path: str, tokenizer=None) -> str:
     """Writes `model` (an NNX Transformer) as a Hugging Face directory loadable by transformers."""
     from cfpo_jax.models import save_pretrained

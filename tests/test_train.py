@@ -267,10 +267,13 @@ def test_bad_override_on_the_command_line_exits_with_the_valid_names():
 
 
 def test_missing_checkpoint_directory_is_a_clear_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
-        checkpoint.checkpoint_dir(str(tmp_path / "nowhere"))
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        checkpoint.checkpoint_dir(str(tmp_path))
+    missing = tmp_path / "no_such_run" / "hf"
+    result = subprocess.run(
+        [sys.executable, "-m", "cfpo_jax.evaluate", f"--config={QUICKSTART}",
+         "--config.eval.sources=('synthetic:arithmetic',)", f"--config.eval.checkpoint={missing}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert f"{str(missing)!r} is not a directory holding a Hugging Face checkpoint" in result.stderr
 
 
 def test_dataset_without_its_answer_field_is_a_clear_error(tmp_path):
