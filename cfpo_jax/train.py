@@ -333,9 +333,8 @@ def _run(config, workdir, devices, stop):
     if model_path == "tiny":
         model_path = tiny.build(os.path.join(workdir, "tiny_model"), seed=config.seed,
                                 **config.model.tiny.to_dict())
-    load = functools.partial(models.from_pretrained, model_path, mesh=mesh,
-                             param_dtype=config.model.param_dtype, dtype=config.model.dtype)
-    model = load()
+    model = models.from_pretrained(model_path, mesh=mesh, param_dtype=config.model.param_dtype,
+                                   dtype=config.model.dtype)
     tokenizer = models.load_tokenizer(model_path)
     eos_ids = sorted({*evaluate.eos_ids(tokenizer, model_path), *model.config.eos_token_ids})
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
@@ -491,9 +490,14 @@ def _run(config, workdir, devices, stop):
             _evaluate(config, workdir, nnx.merge(graphdef, state["params"], rest), tokenizer,
                       mesh, tuple(eos_ids), step, writer, progress)
 
-    ckpt.close()
     if stop.signal is not None:
+        # A signal before the first RL step (during compilation or the warm start) still leaves a
+        # checkpoint of what was done.
+        ckpt.wait()
+        if ckpt.latest_step() != step:
+            ckpt.save(step, state, {"data": iterator.state}, force=True)
         progress.message(f"{stop.signal}: saved step {step} and stopped")
+    ckpt.close()
     if config.train.export_hf and step == config.train.num_steps and stop.signal is None:
         path = checkpoint.export_hf(nnx.merge(graphdef, state["params"], rest),
                                     os.path.join(workdir, "hf"), tokenizer=tokenizer)

@@ -4,15 +4,16 @@ Launch (the default config, so both are the same):
   python -m cfpo_jax.train
   python -m cfpo_jax.train --config=configs/quickstart.py --workdir=runs/quickstart
 
-Expected run time: about 3-4 minutes on 2 CPU cores including compilation. The console prints the
-warm start's cross-entropy, then one line per RL step with the mean reward, which rises from about
-0.2-0.4 to above 0.7; the last line compares the first and last tenth of the steps.
+Expected run time: 70 s on 2 shared CPU cores including compilation (measured 2026-11-23; about
+10 s of it compiling). The console prints the warm start's cross-entropy (2.7 → 0.7), then one
+line per RL step with the mean reward, which rises from about 0.25 to about 0.8; the last line
+compares the first and last tenth of the steps (measured: 0.254 → 0.810).
 
 What it does: builds a random-init 2-layer decoder (hidden 64) and a character-level tokenizer into
 <workdir>/tiny_model in Hugging Face format (so the normal loader is used), fits it for a few
 hundred supervised steps on gold answers (enough to learn the answer format, not the sums), then
-runs CFPO (ε = 0.2, GRPO advantages, 2 epochs over each rollout batch) on "What is a + b?" prompts with an
-exact-answer reward. Run it again with the same workdir and it resumes (here: finds it finished).
+runs CFPO (ε = 0.2, GRPO advantages, 2 epochs over each rollout batch) on "What is a + b?" prompts
+with the gsm8k (last number) reward. Run it again with the same workdir and it resumes (here: finds it finished).
 """
 
 from cfpo_jax.config import base_config
