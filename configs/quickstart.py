@@ -4,16 +4,20 @@ Launch (the default config, so both are the same):
   python -m cfpo_jax.train
   python -m cfpo_jax.train --config=configs/quickstart.py --workdir=runs/quickstart
 
-Expected run time: 70 s on 2 shared CPU cores including compilation (measured 2026-11-23; about
+Expected run time: 80 s on 2 shared CPU cores including compilation (measured 2026-11-23; about
 10 s of it compiling). The console prints the warm start's cross-entropy (2.7 → 0.7), then one
 line per RL step with the mean reward, which rises from about 0.25 to about 0.8; the last line
-compares the first and last tenth of the steps (measured: 0.254 → 0.810).
+compares the first and last tenth of the steps (measured: 0.254 → 0.810; greedy accuracy on
+200 held-out problems 0.90).
 
 What it does: builds a random-init 2-layer decoder (hidden 64) and a character-level tokenizer into
-<workdir>/tiny_model in Hugging Face format (so the normal loader is used), fits it for a few
-hundred supervised steps on gold answers (enough to learn the answer format, not the sums), then
-runs CFPO (ε = 0.2, GRPO advantages, 2 epochs over each rollout batch) on "What is a + b?" prompts
-with the gsm8k (last number) reward. Run it again with the same workdir and it resumes (here: finds it finished).
+<workdir>/tiny_model in Hugging Face format (so the normal loader is used), fits it for 80
+supervised steps on gold answers (enough to learn the answer format, not the sums), then runs CFPO
+(ε = 0.2, GRPO advantages, 2 epochs over each rollout batch) on "What is a + b?" prompts with the
+gsm8k (last number) reward. At the end it evaluates greedy accuracy on 200 held-out problems and
+exports the policy to <workdir>/hf. Run it again with the same workdir and it resumes (here: finds
+it finished). Evaluate the export again with
+  python -m cfpo_jax.evaluate --config=configs/quickstart.py --config.eval.checkpoint=runs/quickstart/hf
 """
 
 from cfpo_jax.config import base_config
@@ -49,6 +53,13 @@ def get_config(arg: str = ""):
     c.rewards.weights = (1.0,)
     c.rewards.num_workers = 0
 
+    # Problems of another seed (evaluate uses data.seed + 1 for synthetic sources), at the end only.
+    c.eval.sources = ("synthetic:arithmetic",)
+    c.eval.greedy = True
+    c.eval.num_samples = 1
+    c.eval.every_steps = 0
+    c.eval.max_examples = 200
+
     c.rl.objective = "cfpo"
     c.rl.eps = 0.2
     c.rl.estimator = "grpo"
@@ -69,6 +80,7 @@ def get_config(arg: str = ""):
     c.train.checkpoint_every = 50
     c.train.keep_checkpoints = 2
     c.train.log_every = 1
+    c.train.export_hf = True
 
     c.warmstart.steps = 80
     c.warmstart.lr = 3e-3
