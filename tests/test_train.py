@@ -44,7 +44,7 @@ def quickstart(**overrides):
 def tiny(**overrides):
     """A few-second run: small batches, no warm start, no TensorBoard, a dense reward."""
     base = dict(data__batch_size=4, rl__group_size=4, sampling__max_new_tokens=3,
-                rewards__fns=(DENSE_REWARD,), optim__schedule="constant",
+                rewards__fns=(DENSE_REWARD,), optim__schedule="constant", eval__sources=(),
                 warmstart__steps=0, train__num_steps=2, train__tensorboard=False,
                 train__checkpoint_every=100)
     return quickstart(**{**base, **overrides})
@@ -58,9 +58,12 @@ def max_diff(a, b):
     return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(a, b))
 
 
-def read_metrics(workdir):
+def read_metrics(workdir, kind="train"):
+    """metrics.jsonl records of RL steps (kind="train") or of evaluations (kind="eval")."""
     with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        records = [json.loads(line) for line in f]
+    is_eval = lambda record: any(key.startswith("eval/") for key in record)
+    return [r for r in records if is_eval(r) == (kind == "eval")]
 
 
 # ---------------------------------------------------------------- learning
@@ -83,6 +86,9 @@ def test_shortened_quickstart_reward_rises(tmp_path):
     # The sampler and the trainer agree on the logprobs of what was sampled.
     assert max(m["sampler_logprob_gap"] for m in read_metrics(str(tmp_path))) < 1e-4
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(tmp_path / "tensorboard"))
+    # The final evaluation is in the same file, at the last step.
+    (final_eval,) = read_metrics(str(tmp_path), kind="eval")
+    assert final_eval["step"] == 150 and 0 <= final_eval["eval/arithmetic/greedy"] <= 1
 
 
 # ---------------------------------------------------------------- CFPO vs GRPO
@@ -179,7 +185,7 @@ def _launch(workdir, *overrides):
             "--config.sampling.max_new_tokens=3", "--config.warmstart.steps=0",
             "--config.train.num_steps=6", "--config.train.checkpoint_every=2",
             "--config.train.tensorboard=False", f"--config.rewards.fns=('{DENSE_REWARD}',)",
-            "--config.optim.schedule=constant",
+            "--config.optim.schedule=constant", "--config.eval.sources=()",
             *overrides]
     return subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
