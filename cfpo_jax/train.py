@@ -137,7 +137,7 @@ def make_update(graphdef, rest, tx, schedule, rl: ml_collections.ConfigDict, *,
         loss = jnp.sum(loss_M)
         _, metrics = losses.finalize_terms(terms)
 
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, new_opt_state = tx.update(grads, state["opt_state"], params)
         new_params = optax.apply_updates(params, updates)
