@@ -40,6 +40,15 @@ SampleFn = Callable[[list[list[int]], int, bool], list[list[str]]]
 CORRECTNESS_REWARD = {"gsm8k": "gsm8k", "math": "math", "math500": "math", None: "math"}
 
 
+def correctness_reward(dataset) -> str:
+    """The reward that says right/wrong for `dataset`: by preset, and `gsm8k` (numeric) for the
+    synthetic task, whose answers are exact integers written without a box — so its majority
+    vote compares the numbers instead of finding no `\\boxed{}` to vote on."""
+    if dataset.source.startswith("synthetic:"):
+        return "gsm8k"
+    return CORRECTNESS_REWARD[dataset.preset]
+
+
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k from c correct of n samples: 1 − C(n−c, k)/C(n, k)."""
     if not 0 <= c <= n or not 1 <= k <= n:
@@ -107,7 +116,7 @@ def evaluate(sample_fn: SampleFn, datasets: Sequence[data_lib.Dataset],
     suffix = "" if step is None else f"_step{step}"
     results = {}
     for dataset in datasets:
-        reward_name = CORRECTNESS_REWARD[dataset.preset]
+        reward_name = correctness_reward(dataset)
         vote_key = rewards.VOTE_KEYS[reward_name]
         count = min(len(dataset), max_examples) if max_examples else len(dataset)
         totals = collections.defaultdict(float)

@@ -131,6 +131,22 @@ def test_evaluate_gsm8k_preset_limits_and_errors(tmp_path):
                           progress=False)
 
 
+def test_synthetic_answers_without_a_box_are_scored_and_voted_numerically():
+    dataset = data.load("synthetic:arithmetic", synthetic=dict(digits=1, ops="+", terms=2), seed=3)
+    builder = data.PromptBuilder(tiny_tokenizer(), "plain")
+    index = {tuple(builder.build(dataset[i]["question"])[1]): dataset[i]["answer"]
+             for i in range(4)}
+
+    def sample_fn(prompts, n, greedy):  # two bare right answers and one wrong one per prompt
+        answers = [index[tuple(p)] for p in prompts]
+        return [[a, f"it is {a}", str(int(a) + 1)][:n] for a in answers]
+
+    results = evaluate.evaluate(sample_fn, [dataset], builder, num_samples=3, ks=(1,),
+                                max_examples=4, progress=False)["arithmetic"]
+    assert results["mean@3"] == pytest.approx(2 / 3)
+    assert results["maj@3"] == 1.0
+
+
 CONFIG_FILE = '''
 import ml_collections
 
@@ -156,10 +172,10 @@ def get_config():
 
 
 def test_command_line_end_to_end_on_a_tiny_checkpoint(tmp_path):
-    models = pytest.importorskip("cfpo_jax.models",
-                                 reason="cfpo_jax.models (issue 3) is not on this branch yet")
-    pytest.importorskip("cfpo_jax.sampling", reason="cfpo_jax.sampling (issue 4) is not here yet")
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
+    from cfpo_jax import models
+
     tokenizer = tiny_tokenizer()
     hf_config = transformers.Qwen2Config(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
