@@ -68,7 +68,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.rewards = ml_collections.ConfigDict()
     c.rewards.fns = ("math",)  # registered names or "package.module:function"
     c.rewards.weights = (1.0,)
-    c.rewards.num_workers = 0  # 0: score in the main thread (math-verify's alarm timeouts work)
+    # 0: score in the main thread under a SIGALRM deadline. That cannot interrupt one long C call
+    # (sympy expanding 9^9^9^9 inside math-verify); only a worker pool (>= 1, whose stuck workers
+    # are killed) can, so configs scoring model output with `math` use workers.
+    c.rewards.num_workers = 0
     c.rewards.timeout_s = 5.0
 
     c.eval = ml_collections.ConfigDict()

@@ -282,22 +282,3 @@ def token_logprobs(logits_BxTxV, tokens_BxT, temperature: float = 1.0):
     logp_BxTxV = jax.nn.log_softmax(logits, axis=-1)
     return jnp.take_along_axis(logp_BxTxV, tokens_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
 
-
-def _demo() -> None:
-    """Prints how CFPO and PPO pull on the ratio (the README's command until the trainer lands)."""
-    ratios = jnp.linspace(0.6, 1.4, 9)
-    for adv in (1.0, -1.0):
-        advs = jnp.full_like(ratios, adv)
-        grads = {
-            name: jax.vmap(jax.grad(lambda r, a, f=lookup("objective", name): f(r, a, 0.2, 0.2, None)))(
-                ratios, advs
-            )
-            for name in ("cfpo", "ppo")
-        }
-        print(f"A = {adv:+.0f}:   r    d(cfpo)/dr   d(ppo)/dr")
-        for r, gc, gp in zip(ratios, grads["cfpo"], grads["ppo"]):
-            print(f"        {float(r):.2f}   {float(gc):+8.3f}   {float(gp):+8.3f}")
-
-
-if __name__ == "__main__":
-    _demo()
