@@ -1,4 +1,4 @@
-"""Checkpoints: orbax `CheckpointManager` with async saves, keep-last-K, resume, and HF export.
+"""Checkpoints: orbax `CheckpointManager` with async saves, keep-last-K and resume.
 
 A checkpoint at step s (directory `<workdir>/checkpoints/<s>`) holds two items:
   * `state`: the training-state pytree (params, optimiser state, step, rng) — sharded arrays are
@@ -87,10 +87,3 @@ def abstract_like(state, shardings):
         lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), state, shardings
     )
 
-
-def export_hf(model, path: str, tokenizer=None) -> str:
-    """Writes `model` (an NNX Transformer) as a Hugging Face directory loadable by transformers."""
-    from cfpo_jax.models import save_pretrained
-
-    save_pretrained(model, path, tokenizer=tokenizer)
-    return path

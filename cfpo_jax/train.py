@@ -499,8 +499,8 @@ def _run(config, workdir, devices, stop):
         progress.message(f"{stop.signal}: saved step {step} and stopped")
     ckpt.close()
     if config.train.export_hf and step == config.train.num_steps and stop.signal is None:
-        path = checkpoint.export_hf(nnx.merge(graphdef, state["params"], rest),
-                                    os.path.join(workdir, "hf"), tokenizer=tokenizer)
+        path = os.path.join(workdir, "hf")
+        models.save_pretrained(nnx.merge(graphdef, state["params"], rest), path, tokenizer=tokenizer)
         progress.message(f"exported the policy to {path}")
     writer.close()
     return dict(state=state, history=history, stopped_by=stop.signal)
