@@ -28,6 +28,7 @@ import functools
 import os
 import signal
 import sys
+import threading
 import time
 
 import jax
@@ -197,7 +198,6 @@ def warm_start(params, graphdef, rest, *, iterator, tokenizer, wcfg, max_new_tok
         return optax.apply_updates(params, updates), opt_state, loss
 
     opt_state = jax.jit(tx.init)(params)
-    losses_seen = []
     for i in range(wcfg.steps):
         batch = next(iterator)
         answers = [tokenizer(ex["answer"], add_special_tokens=False)["input_ids"][:max_new_tokens - 1]
@@ -206,7 +206,6 @@ def warm_start(params, graphdef, rest, *, iterator, tokenizer, wcfg, max_new_tok
                                                    max_new_tokens)
         put = lambda x: jax.device_put(x, batch_sh)
         params, opt_state, loss = sft_step(params, opt_state, put(tokens), put(attn), put(mask))
-        losses_seen.append(loss)
         if (i + 1) % max(wcfg.steps // 5, 1) == 0 or i + 1 == wcfg.steps:
             progress.message(f"warm start {i + 1}/{wcfg.steps}  cross-entropy {float(loss):.3f}")
     return params
@@ -275,7 +274,7 @@ class _StopFlag:
         self._previous = {}
 
     def install(self):
-        if sys.modules["threading"].current_thread() is not sys.modules["threading"].main_thread():
+        if threading.current_thread() is not threading.main_thread():
             return self
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
