@@ -5,8 +5,12 @@ Launch:
   python -m cfpo_jax.train --config=configs/gsm8k_qwen.py:1.5b   # Qwen2.5-1.5B-Instruct, 40 GB+
 Colab TPU: see launch/colab.md (install, then the same command).
 
-Expected run time: not measured on hardware yet; each step samples 64 × 8 completions of up to
-512 tokens.
+Expected run time on one H100 (an estimate, not yet measured end to end): ≈ 15 s per RL step,
+≈ 1 h for the 200 steps with evaluations. Basis: each step samples 64 × 8 completions of up to 512
+tokens (262k tokens at the 37.8k tokens/s benchmarks/README.md measured for this shape at batch
+256: ≤ 7 s), then one logprob forward and one rematted forward/backward over 512 × 768 tokens
+(≈ 2e15 FLOPs, ≈ 7 s at ~300 TFLOP/s); a greedy evaluation of 500 problems every 25 steps ≈ 10 s.
+A Colab TPU is slower: count several times that.
 
 Numbers: CFPO ε = 0.2, β = 0, GRPO advantages as in the paper; GSM8K train / test with the
 `#### <answer>` preset; prompt 256 and response 512 tokens (GSM8K questions are short and

@@ -10,8 +10,13 @@ Launch (GPU node, 8 × 80 GB; see launch/gpu.sh):
 Launch (TPU VM / pod slice, every host runs the same command; see launch/tpu_vm.sh):
   launch/tpu_vm.sh my-tpu us-central2-b "--config=configs/math_qwen.py:7b --config.mesh.distributed=True"
 
-Expected run time: not measured on hardware yet. The budget per RL step is dominated by sampling
-5120 completions of up to 1024 tokens; estimate from benchmarks/README.md's tokens/s.
+Expected run time on 8 × H100 (an estimate, not yet measured end to end): 1.5b ≈ 2–3 min per RL
+step, ≈ 4–5 h for the 100 steps; 3b about twice that; 7b ≈ 10–12 min per step, ≈ 18–20 h. Basis:
+each step samples 5120 completions of up to 1024 tokens (5.2M tokens; benchmarks/README.md measured
+18.5k tokens/s per H100 for the 1.5B shape at 512 new tokens, taken here as ~10k at 1024 + 1024
+for the longer cache, so ≈ 65 s over 8 GPUs) and then runs one logprob forward plus one rematted
+forward/backward over 10.5M tokens (≈ 1.6e17 FLOPs at ~300 TFLOP/s per GPU ≈ 65 s); the
+evaluation every 10 steps adds ≈ 1.5 min (1.5b).
 
 Where the numbers come from:
   * CFPO with ε = 0.2, β = 0 (no reference model), group-relative (GRPO) advantages, token-mean
