@@ -4,7 +4,7 @@ Configs in `configs/` start from `base_config()` and override values; they never
 `validate(config)` runs once at load (train.py, evaluate.py) and fails with the valid names on an
 unknown field, a wrong type, or a value outside its registry (objective, agg, estimator, ...).
 
-Sections (see CONTRACT.md): seed, workdir, model, mesh, data, sampling, rewards, eval, rl, optim,
+Sections: seed, workdir, model, mesh, data, sampling, rewards, eval, rl, optim,
 train, warmstart. Optional values are typed placeholders (`placeholder(float)` is None until set,
 and then only takes a float), so `--config.rl.eps_high=0.28` works and `=abc` fails at parse time.
 """
@@ -81,7 +81,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.greedy = True
     c.eval.every_steps = 0  # 0: only at the end of training (when sources are set)
     c.eval.max_examples = 0  # 0: all
-    c.eval.checkpoint = ""  # for `python -m cfpo_jax.evaluate`: a checkpoint or HF directory
+    c.eval.checkpoint = ""  # for `python -m cfpo_jax.evaluate`: a HF directory (e.g. <workdir>/hf)
     c.eval.output_dir = ""  # default <workdir>/eval
 
     c.rl = ml_collections.ConfigDict()

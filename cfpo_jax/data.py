@@ -373,16 +373,13 @@ class PromptIterator:
         return Batch(examples, prompts, texts)
 
 
-def iterator_from_config(config, tokenizer, *, state: dict | None = None) -> PromptIterator:
+def iterator_from_config(config, tokenizer) -> PromptIterator:
     """The training prompt iterator of a full config (config.data, config.sampling)."""
     data = config.data
     dataset = load(data.source, preset=data.preset, synthetic=data.synthetic, seed=data.seed)
-    iterator = PromptIterator(dataset, PromptBuilder.from_config(tokenizer, data),
-                              data.batch_size, seed=data.seed,
-                              max_prompt_len=config.sampling.max_prompt_len)
-    if state is not None:
-        iterator.restore(state)
-    return iterator
+    return PromptIterator(dataset, PromptBuilder.from_config(tokenizer, data),
+                          data.batch_size, seed=data.seed,
+                          max_prompt_len=config.sampling.max_prompt_len)
 
 
 __all__ = ["Batch", "Dataset", "PRESETS", "PromptBuilder", "PromptIterator", "SyntheticArithmetic",

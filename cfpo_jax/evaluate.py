@@ -196,6 +196,7 @@ def make_sample_fn(model, tokenizer, sampling_config, *, seed: int = 0, mesh=Non
     """A `SampleFn` over `cfpo_jax.sampling.generate` with `config.sampling`'s settings; each call
     draws with a fresh seed (seed, seed + 1, ...) so repeated batches are independent."""
     from cfpo_jax import sampling
+    from cfpo_jax.sharding import to_host
 
     eos = tuple(eos_token_ids) or (tokenizer.eos_token_id,)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
@@ -207,7 +208,7 @@ def make_sample_fn(model, tokenizer, sampling_config, *, seed: int = 0, mesh=Non
             temperature=0.0 if greedy else sampling_config.temperature,
             top_p=sampling_config.top_p, top_k=sampling_config.top_k, eos_token_ids=eos,
             seed=next(calls), n=n, pad_id=pad_id, mesh=mesh)
-        tokens_BxN, lengths_B = np.asarray(samples.tokens), np.asarray(samples.lengths)
+        tokens_BxN, lengths_B = to_host((samples.tokens, samples.lengths))
         texts = tokenizer.batch_decode([row[:length] for row, length in zip(tokens_BxN, lengths_B)],
                                        skip_special_tokens=True)
         return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]

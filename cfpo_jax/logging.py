@@ -76,10 +76,6 @@ class MetricsWriter:
         if self._wandb is not None:
             self._wandb.log(numeric, step=int(step))
 
-    def flush(self) -> None:
-        if self.enabled and self._tb is not None:
-            self._tb.flush()
-
     def close(self) -> None:
         if not self.enabled:
             return

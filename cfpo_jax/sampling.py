@@ -4,8 +4,8 @@ Layout (B prompts, n samples each, P padded prompt length, N = max_new_tokens, V
 
 * Prompts are left-padded to a bucket P (the next power of two of the longest prompt, or the
   given `prompt_bucket`), so every prompt ends in column P - 1 and a new prompt length does not
-  recompile. Positions come from the mask (`max(cumsum(mask) - 1, 0)`), as in the trainer's
-  teacher-forced forward, so both see the same numbers.
+  recompile. Positions come from the mask through `models.default_positions`, as in the
+  trainer's teacher-forced forward, so both see the same numbers.
 * One shared write index for all rows. The cache has S = P - 1 + N slots: the prefill writes the
   first P - 1 prompt columns; decode step s feeds one token (the last prompt token at s = 0, the
   previous sample after) into slot P - 1 + s and samples from its logits. The prefill's logits are
@@ -50,7 +50,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from cfpo_jax.models import init_cache
+from cfpo_jax.models import default_positions, init_cache
 from cfpo_jax.sharding import BATCH_AXES, batch_sharding, cache_sharding
 
 
@@ -167,7 +167,7 @@ def _generate_impl(graphdef, settings: _Settings, state, prompt_tokens_BxP, prom
     batch, prompt_len = prompt_tokens_BxP.shape
     rows = batch * n
     cache_len = prompt_len - 1 + num_new
-    positions_BxP = jnp.maximum(jnp.cumsum(prompt_mask_BxP, axis=-1) - 1, 0).astype(jnp.int32)
+    positions_BxP = default_positions(prompt_mask_BxP)
 
     # ---- prefill: every prompt column but the last, once per prompt.
     if prompt_len > 1:

@@ -20,7 +20,7 @@ import logging
 
 import jax
 import numpy as np
-from jax.experimental import mesh_utils
+from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -119,6 +119,16 @@ def cache_sharding(mesh: Mesh, cache):
     heads_axis = "tensor" if num_kv_heads % mesh.shape["tensor"] == 0 else None
     spec = NamedSharding(mesh, P(None, batch_axes, None, heads_axis, None))
     return type(cache)(k=spec, v=spec)
+
+
+def to_host(tree):
+    """Device pytree → numpy on every host; arrays spanning hosts are all-gathered (every process
+    must call it then)."""
+    def get(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            x = multihost_utils.process_allgather(x, tiled=True)
+        return np.asarray(jax.device_get(x))
+    return jax.tree.map(get, tree)
 
 
 def initialize_distributed(enabled: bool) -> None:

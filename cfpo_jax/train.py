@@ -39,7 +39,6 @@ import optax
 from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
-from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 from ml_collections import config_flags
@@ -116,9 +115,8 @@ def make_update(graphdef, rest, tx, schedule, rl: ml_collections.ConfigDict, *,
     def update(state, batch):
         params = state["params"]
         mask = batch["mask"].astype(jnp.float32)
-        zeros = jnp.zeros_like(mask)
         # Denominators depend on masks only: compute them once for the whole minibatch.
-        denom = losses.policy_loss_terms(zeros, zeros, batch["adv"], mask, **loss_kwargs)["loss_denom"]
+        _, denom = losses.lookup("agg", rl.agg)(mask, mask, max_len)
         denom = jnp.maximum(denom, 1e-9)
         num_tokens = jnp.maximum(jnp.sum(mask), 1.0)
         size = micro_batch_size or mask.shape[0]
@@ -235,15 +233,6 @@ def _bucket(length: int) -> int:
 def _left_pad_to(x, width, value):
     pad = width - x.shape[1]
     return jnp.pad(x, ((0, 0), (pad, 0)), constant_values=value) if pad > 0 else x
-
-
-def _to_host(tree):
-    """Device pytree → numpy on every host (sharded arrays spanning hosts are all-gathered)."""
-    def get(x):
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-        return np.asarray(jax.device_get(x))
-    return jax.tree.map(get, tree)
 
 
 def _shard_np(tree, sharding_):
@@ -417,7 +406,7 @@ def _run(config, workdir, devices, stop):
             max_new_tokens=smp.max_new_tokens, temperature=temperature, top_p=smp.top_p,
             top_k=smp.top_k, eos_token_ids=tuple(eos_ids), seed=sample_key, n=rl.group_size,
             pad_id=pad_id, mesh=mesh)
-        samples = _to_host(samples)
+        samples = sharding.to_host(samples)
         t1 = time.time()
 
         # rewards and advantages
@@ -437,12 +426,12 @@ def _run(config, workdir, devices, stop):
         attn = np.concatenate([prompt_mask, samples.mask], axis=1)
         mask = samples.mask.astype(np.float32)
         tokens_d, attn_d = _shard_np((tokens, attn), batch_sh)
-        old_logp, entropy = _to_host(logprobs(state["params"], tokens_d, attn_d))
+        old_logp, entropy = sharding.to_host(logprobs(state["params"], tokens_d, attn_d))
         old_logp, entropy = old_logp[:, width_p:], entropy[:, width_p:]
         rollout_batch = dict(tokens=tokens, attn=attn, mask=mask, old_logp=old_logp, adv=adv_B)
         if rl.beta > 0:
-            rollout_batch["ref_logp"] = np.asarray(
-                _to_host(logprobs(state["ref_params"], tokens_d, attn_d)[0]))[:, width_p:]
+            rollout_batch["ref_logp"] = sharding.to_host(
+                logprobs(state["ref_params"], tokens_d, attn_d)[0])[:, width_p:]
 
         # num_epochs × num_minibatches updates
         update_metrics = []
@@ -453,7 +442,7 @@ def _run(config, workdir, devices, stop):
                 minibatch_d = _shard_np({k: v[rows] for k, v in rollout_batch.items()}, batch_sh)
                 state, m = update(state, minibatch_d)
                 update_metrics.append(m)
-        update_metrics = _mean_metrics(_to_host(update_metrics))
+        update_metrics = _mean_metrics(sharding.to_host(update_metrics))
         state = dict(state, rng=new_rng, step=state["step"] + 1)
         step += 1
         t3 = time.time()

@@ -27,6 +27,7 @@ from safetensors.numpy import save_file
 
 from cfpo_jax.models.config import ModelConfig, from_hf_config, to_hf_config
 from cfpo_jax.models.transformer import Transformer
+from cfpo_jax.sharding import param_shardings, to_host
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -200,11 +201,7 @@ def from_pretrained(path: str, *, mesh=None, param_dtype=None, dtype=None, remat
     ckpt = _Checkpoint(directory)
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
-    shardings = None
-    if mesh is not None:
-        from cfpo_jax.sharding import param_shardings
-
-        shardings = param_shardings(mesh, abstract_state)
+    shardings = None if mesh is None else param_shardings(mesh, abstract_state)
 
     def load(path, leaf, sharding=None):
         host = _load_array(ckpt, _path_key(path), config, leaf.shape, jnp.dtype(leaf.dtype))
@@ -228,14 +225,6 @@ def load_tokenizer(path: str):
     return AutoTokenizer.from_pretrained(_resolve(path))
 
 
-def _to_host(x) -> np.ndarray:
-    if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
-
-
 def _hf_tensors(model: Transformer, gather: bool):
     """Yields (HF name, nbytes, host array or None) one parameter (one layer of a stacked one) at a
     time; without `gather`, only names and sizes (to plan the shards before writing)."""
@@ -245,7 +234,7 @@ def _hf_tensors(model: Transformer, gather: bool):
         name, (_, to_hf) = _PARAM_MAP[key]
         stacked = key[0] == "blocks"
         nbytes = value.nbytes // config.num_layers if stacked else value.nbytes
-        host = _to_host(value) if gather else None
+        host = to_host(value) if gather else None
         for i in range(config.num_layers) if stacked else [None]:
             array = None
             if gather:
