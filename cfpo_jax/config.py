@@ -81,6 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
     # are killed) can, so configs scoring model output with `math` use workers.
     c.rewards.num_workers = 0
     c.rewards.timeout_s = 5.0
+    # Reward models ("rm:<path>" in fns, issue 14): scored on device with their own chat template.
+    c.rewards.rm_max_len = 2048  # tokens of templated prompt + completion; longer keeps the end
+    c.rewards.rm_batch_size = 0  # sequences per reward-model forward; 0 = the whole rollout
+    c.rewards.rm_dtype = ""  # params and compute, e.g. "bfloat16"; "" = the checkpoint's
 
     c.eval = ml_collections.ConfigDict()
     c.eval.sources = ()  # data specs, e.g. ("tfds:math500", "hf:openai/gsm8k:test")
@@ -139,6 +143,7 @@ _CHOICES = {
     "model.dtype": ("float32", "bfloat16"),
     "model.remat_policy": REMAT_POLICIES,
     "model.attention": ATTENTION_IMPLEMENTATIONS,
+    "rewards.rm_dtype": ("", "float32", "bfloat16"),
     "data.template": ("chat", "plain"),
     "data.preset": (None, "gsm8k", "math", "math500"),
     "rl.objective": tuple(losses.REGISTRY["objective"]),
