@@ -5,8 +5,8 @@ Configs in `configs/` start from `base_config()` and override values; they never
 unknown field, a wrong type, or a value outside its registry (objective, agg, estimator, ...).
 
 Sections: seed, workdir, model, mesh, data, sampling, rewards, eval, rl, optim,
-train, warmstart. Optional values are typed placeholders (`placeholder(float)` is None until set,
-and then only takes a float), so `--config.rl.eps_high=0.28` works and `=abc` fails at parse time.
+train, warmstart, lora. Optional values are typed placeholders (`placeholder(float)` is None until
+set, and then only takes a float), so `--config.rl.eps_high=0.28` works and `=abc` fails at parse time.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from cfpo_jax import advantages, losses
-from cfpo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from cfpo_jax.models.config import ATTENTION_IMPLEMENTATIONS, LORA_TARGETS, REMAT_POLICIES
 
 OPTIONAL = config_dict.placeholder
 
@@ -133,6 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 50
     c.train.keep_checkpoints = 3
     c.train.export_hf = False  # write the final policy to <workdir>/hf as a HF directory
+    c.train.export_peft = False  # with lora.rank > 0: the adapters to <workdir>/peft (PEFT LoRA)
     c.train.tensorboard = True
     c.train.wandb_project = ""  # "" disables Weights & Biases
 
@@ -141,6 +142,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.warmstart.steps = 0
     c.warmstart.lr = 1e-3
     c.warmstart.batch_size = 32
+
+    # LoRA (cfpo_jax.lora): rank > 0 trains low-rank adapters only, on a frozen base whose
+    # weights are `base_dtype`; the reference policy (β > 0) is then the base, adapters off.
+    c.lora = ml_collections.ConfigDict()
+    c.lora.rank = 0  # 0: no adapters, the whole model trains
+    c.lora.alpha = 16.0  # adapters add (alpha / rank)·x·A·B
+    c.lora.targets = LORA_TARGETS
+    c.lora.dropout = 0.0  # only 0 is supported (see cfpo_jax.lora)
+    c.lora.base_dtype = OPTIONAL(str)  # the frozen weights' dtype; None: model.param_dtype
+    # Sample from merged kernels (one merge per rollout, one more copy of the adapted kernels)
+    # instead of applying the adapters on the fly in every decode step.
+    c.lora.merge_for_sampling = False
     return c
 
 
@@ -159,6 +172,7 @@ _CHOICES = {
     "rl.kl_estimator": tuple(losses.REGISTRY["kl"]),
     "rl.estimator": tuple(advantages.ESTIMATORS),
     "optim.schedule": ("constant", "cosine", "linear"),
+    "lora.base_dtype": (None, "float32", "bfloat16"),
 }
 
 
@@ -231,6 +245,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in ("num_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
         if config.train[name] < 1:
             errors.append(f"train.{name} must be >= 1; got {config.train[name]}")
+    errors.extend(_lora_errors(config))
     if config.sampling.temperature <= 0:
         errors.append(
             f"sampling.temperature must be > 0 for RL (the ratio needs the sampling "
@@ -238,3 +253,20 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if errors:
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _lora_errors(config) -> list[str]:
+    lora, errors = config.lora, []
+    if lora.rank < 0:
+        errors.append(f"lora.rank must be >= 0 (0: no adapters); got {lora.rank}")
+    unknown = [t for t in lora.targets if t not in LORA_TARGETS]
+    if unknown or not lora.targets:
+        errors.append(f"lora.targets={lora.targets}: need a non-empty subset of {list(LORA_TARGETS)}")
+    if lora.rank and lora.alpha <= 0:
+        errors.append(f"lora.alpha must be > 0; got {lora.alpha}")
+    if lora.dropout != 0:
+        errors.append(f"lora.dropout={lora.dropout}: only 0 is supported (dropout would make the "
+                      "trainer's log-probabilities random, so the on-policy ratio would not be 1)")
+    if not lora.rank and (config.train.export_peft or lora.base_dtype is not None):
+        errors.append("train.export_peft and lora.base_dtype need lora.rank > 0")
+    return errors

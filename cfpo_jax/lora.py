@@ -20,10 +20,13 @@ Decisions:
     the optimiser state is built from the adapters alone, and the frozen base (any dtype, e.g.
     bfloat16 via `config.lora.base_dtype`) is never differentiated or updated. Adapters are
     float32 whatever the base dtype; they are cast to the compute dtype in the forward pass.
-  * The reference policy for β > 0 is the base itself, adapters off: `base(model)` (or
-    `nnx.merge(base_graphdef(config), frozen)` inside jit) reuses the frozen arrays, so no reference
-    copy exists. With a warm start, the warm start lives in the adapters, so the reference stays
-    the base model (not the warm-started policy as in full fine-tuning).
+  * The reference policy for β > 0 is the base itself, adapters off: the trainer scores it with
+    `disabled(adapters)` (all zero inside the jitted function: the adapted projections then add
+    exactly 0), so it reuses the frozen arrays and no reference copy exists. With a warm start,
+    the warm start lives in the adapters, so the reference stays the base model (not the
+    warm-started policy as in full fine-tuning).
+  * The frozen base is passed to every jitted function as an argument, never closed over: jit
+    would embed a closed-over array in the program as a constant.
   * Dropout on the adapter input is not supported (`config.lora.dropout` must be 0): in RL it
     would make the trainer's log-probabilities random, so the ratio of a policy to itself would not
     be 1 and CFPO's penalty would act on noise.
@@ -91,6 +94,12 @@ def adapt(model: Transformer, *, rank: int, alpha: float, targets, seed: int = 0
 def split(model: Transformer):
     """(graphdef, adapters, frozen): the trainable adapters and everything else (the base)."""
     return nnx.split(model, nnx.LoRAParam, ...)
+
+
+def disabled(adapters):
+    """Adapters that add exactly nothing (zeros of the same tree): with them the adapted model
+    computes its base, the reference policy. Inside jit these are broadcasts, not a copy."""
+    return jax.tree.map(jnp.zeros_like, adapters)
 
 
 def base_graphdef(config):

@@ -196,3 +196,127 @@ def test_base_fingerprint_follows_the_weights_and_trusts_hub_cache_blob_names(tm
         shutil.copy(os.path.join(directory, name), blobs / digest)
         os.symlink(blobs / digest, snapshot / name)
     assert lora.base_fingerprint(str(snapshot))["sha256"] == first["sha256"]
+
+
+# ---------------------------------------------------------------- training with LoRA (train.py)
+
+LORA = dict(lora__rank=4, lora__alpha=8.0)
+
+
+def _leaf_names(tree):
+    return ["/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+            for path, _ in jax.tree_util.tree_leaves_with_path(tree)]
+
+
+def test_training_moves_only_the_adapters_and_the_reference_is_the_base(tmp_path):
+    """Two off-policy RL steps with β > 0 on a bfloat16 base: the state holds the adapters and
+    their Adam moments only (no reference copy), the base is bit-identical afterwards, and the
+    reference log-probabilities are those of the base model loaded on its own."""
+    from test_train import _stages, tiny
+
+    from cfpo_jax import models, train
+
+    config = tiny(**LORA, lora__base_dtype="bfloat16", rl__beta=0.1, rl__num_epochs=2)
+    setup, state, prompts = _stages(tmp_path, config, jax.devices()[:1])
+    assert "ref_params" not in state
+    names = _leaf_names(state["params"])
+    assert names and all("_lora_" in name for name in names)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
+    assert {x.dtype for x in jax.tree.leaves(setup.rest)} == {jnp.dtype(jnp.bfloat16)}
+    adapter_size = sum(x.size for x in jax.tree.leaves(state["params"]))
+    moments_size = sum(x.size for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0)
+    assert moments_size == 2 * adapter_size  # Adam's mu and nu, of the adapters alone
+    base_before = jax.device_get(setup.rest)
+    adapters_before = jax.device_get(state["params"])
+    for _ in range(2):
+        next_rng, sample_key = setup.split_rng(state["rng"])
+        batch, _, _, _ = train.rollout(setup, state, prompts, sample_key)
+        state, _ = train.learn(setup, state, batch)
+        state = setup.finish_step(state, next_rng)
+    for before, after in zip(jax.tree.leaves(base_before), jax.tree.leaves(jax.device_get(setup.rest))):
+        np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+                zip(jax.tree.leaves(jax.device_get(state["params"])), jax.tree.leaves(adapters_before)))
+    assert moved > 0
+
+    _, sample_key = setup.split_rng(state["rng"])
+    batch, _, _, _ = train.rollout(setup, state, prompts, sample_key)
+    tokens, attn, mask = (np.asarray(batch[k]) for k in ("tokens", "attn", "mask"))
+    base = models.from_pretrained(str(tmp_path / "tiny_model"), param_dtype="bfloat16")
+    expected, _ = models.sequence_logprobs(base, jnp.asarray(tokens), jnp.asarray(attn),
+                                           temperature=config.sampling.temperature)
+    expected = np.asarray(expected)[:, -mask.shape[1]:] * mask
+    np.testing.assert_allclose(np.asarray(batch["ref_logp"]) * mask, expected, rtol=0, atol=1e-5)
+    # ... while the policy (adapters on) has moved away from it.
+    assert np.abs(np.asarray(batch["old_logp"]) * mask - expected).max() > 1e-4
+
+
+def test_resumed_lora_run_equals_an_uninterrupted_one_and_exports(tmp_path):
+    """A run stopped at its step-2 checkpoint and resumed to step 4 ends where an uninterrupted
+    4-step run does; checkpoints hold adapters and optimiser state, not the base, plus the base's
+    fingerprint, which a resume checks. The uninterrupted run exports a merged HF model and a PEFT
+    adapter directory, which peft loads onto the base with the merged model's logits."""
+    import peft
+
+    from test_train import read_metrics, tiny
+
+    from cfpo_jax import train
+
+    one = jax.devices()[:1]
+    run = lambda workdir, steps, **extra: train.run(
+        tiny(**LORA, train__num_steps=steps, train__checkpoint_every=2, **extra),
+        str(tmp_path / workdir), devices=one)
+    full = run("full", 4, train__export_hf=True, train__export_peft=True)
+    run("resumed", 2)
+    resumed = run("resumed", 4)
+    for a, b in zip(jax.tree.leaves(jax.device_get(resumed["state"])),
+                    jax.tree.leaves(jax.device_get(full["state"]))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [m["loss"] for m in read_metrics(str(tmp_path / "resumed"))][-2:] == \
+        [m["loss"] for m in read_metrics(str(tmp_path / "full"))][-2:]
+
+    checkpoint_dir = tmp_path / "resumed" / "checkpoints" / "4"
+    with open(checkpoint_dir / "meta" / "metadata") as f:
+        meta = json.load(f)
+    assert meta["base_model"] == lora.base_fingerprint(str(tmp_path / "resumed" / "tiny_model"))
+    state_bytes = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in
+                      os.walk(checkpoint_dir / "state") for f in files)
+    base_bytes = os.path.getsize(tmp_path / "resumed" / "tiny_model" / "model.safetensors")
+    assert state_bytes < base_bytes / 2, (state_bytes, base_bytes)
+    # Another base under the same path is refused on resume.
+    from cfpo_jax import tiny as tiny_lib
+
+    other = tiny_lib.build(str(tmp_path / "other"), seed=1, **tiny().model.tiny.to_dict())
+    shutil.copy(os.path.join(other, "model.safetensors"), tmp_path / "resumed" / "tiny_model")
+    with pytest.raises(ValueError, match="base model"):
+        run("resumed", 6)
+
+    tokens, mask = batch()
+    tokens = np.where(mask == 1, tokens % 90 + 3, 0)  # inside the tiny model's vocabulary
+    base_path = str(tmp_path / "full" / "tiny_model")
+    with_adapters = peft.PeftModel.from_pretrained(hf_fixtures.reference_model(base_path),
+                                                   str(tmp_path / "full" / "peft")).eval()
+    expected = hf_fixtures.reference_logits(hf_fixtures.reference_model(tmp_path / "full" / "hf"),
+                                            tokens, mask)
+    got = hf_fixtures.reference_logits(with_adapters, tokens, mask)
+    base = hf_fixtures.reference_logits(hf_fixtures.reference_model(base_path), tokens, mask)
+    sel = mask.astype(bool)
+    scale = np.abs(expected[sel]).max()
+    assert np.abs(base - expected)[sel].max() > 1e-4 * scale  # training moved the policy
+    assert np.abs(got - expected)[sel].max() <= 1e-5 * scale
+
+
+def test_lora_runs_agree_on_one_and_eight_devices(tmp_path):
+    from test_train import read_metrics, tiny
+
+    from cfpo_jax import train
+
+    results = {}
+    for devices in (jax.devices()[:1], jax.devices()):
+        workdir = str(tmp_path / str(len(devices)))
+        train.run(tiny(**LORA, rl__beta=0.1, rl__num_minibatches=2, train__num_steps=2), workdir,
+                  devices=devices)
+        results[len(devices)] = [(m["loss"], m["grad_norm"], m["kl_ref"], m["reward_mean"])
+                                 for m in read_metrics(workdir)]
+    assert results[1][1][2] > 0  # the second step's policy differs from the base
+    np.testing.assert_allclose(results[8], results[1], rtol=1e-4, atol=1e-6)

@@ -1,0 +1,99 @@
+r"""GSM8K with Qwen2.5-7B-Instruct, CFPO and LoRA (rank 64 on every projection): one 80 GB GPU.
+
+Launch:
+  XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 python -m cfpo_jax.train --config=configs/gsm8k_qwen_lora.py \
+      --workdir=runs/gsm8k_qwen_lora
+  ... --config.rl.beta=0.04   # a KL penalty: the reference is the base, adapters off (no copy)
+
+Expected run time on one H100 (an estimate, not measured: no GPU was available when this was
+written): ≈ 100 s per RL step, ≈ 6 h for the 200 steps. Basis: sampling 64 × 8 completions of up
+to 512 tokens reads the 15.2 GB of weights and the valid cache once per decode step (≈ 12 ms at
+the H100's 2.4 TB/s; the sampler reached 20-25% of that roofline on the 0.5B/1.5B shapes in
+benchmarks/README.md) ≈ 25 s; learning is one logprob forward plus a rematted forward/backward
+over 512 × 768 tokens, ≈ 2.4e16 FLOPs (a frozen base needs no weight gradients) ≈ 60-80 s at
+300-400 TFLOP/s. benchmarks/train_step.py's LoRA row (7B, rank 64) is still to be taken.
+
+Memory on one H100 (80 GB, 79 GiB usable), from the shapes (`jax.eval_shape` of this model):
+  persistent
+    frozen base, bfloat16 (7.62e9 parameters)                              14.2 GiB
+    adapters, float32 (1.61e8 parameters: rank 64 on q k v o gate up down)    0.6 GiB
+    their gradients (float32) and Adam moments (2 × float32)                  1.8 GiB
+  while sampling (freed before learning)
+    KV cache: 512 rows × 767 slots × 28 layers × 2 × 4 kv heads × 128 × 2 B  21.0 GiB
+    (lora.merge_for_sampling would add the merged kernels, 12.2 GiB)
+  while learning, per micro-batch of 16 sequences × 768 tokens, remat on
+    layer inputs kept for the backward pass: 28 × 16 × 768 × 3584 × 2 B       2.3 GiB
+    one layer recomputed (MLP 3 × 16 × 768 × 18944 × 2 B; attention)       ≈ 2.5 GiB
+    one logprob chunk of float32 logits [16, 256, 152064] and its gradient    4.6 GiB
+  peak ≈ 16.6 + max(21.0, 9.4) ≈ 38 GiB. Full fine-tuning would need float32 weights, gradients and
+  two Adam moments (113 GiB) before any activation, plus a reference copy when β > 0.
+
+Numbers: as configs/gsm8k_qwen.py (CFPO ε = 0.2, β = 0, GRPO advantages, 64 prompts × 8 samples,
+prompt 256 / response 512 tokens, 2 minibatches) except: LoRA rank 64 on all seven projections,
+like verl's LoRA GRPO examples (rank 64, alpha 32, all linear layers), with alpha 64 (a scale of 1,
+so the learning rate alone sets the step); learning rate 1e-5, ten times the full fine-tuning rate
+(LoRA's best learning rate is about 10× full fine-tuning's in Thinking Machines' "LoRA Without
+Regret"); micro-batches of 16; the base and the compute in bfloat16.
+The export is a PEFT adapter directory (<workdir>/peft, 0.65 GB) next to a merged HF model
+(<workdir>/hf, 15 GB) that `cfpo_jax.evaluate` and vLLM load.
+"""
+
+from cfpo_jax.config import base_config
+
+MODEL = "Qwen/Qwen2.5-7B-Instruct"
+
+
+def get_config(arg: str = ""):
+    if arg:
+        raise ValueError(f"configs/gsm8k_qwen_lora.py takes no argument; got {arg!r}")
+    c = base_config()
+    c.workdir = "runs/gsm8k_qwen_lora"
+    c.model.path = MODEL
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+
+    c.lora.rank = 64
+    c.lora.alpha = 64.0
+    c.lora.targets = ("q", "k", "v", "o", "gate", "up", "down")
+    c.lora.base_dtype = "bfloat16"
+
+    c.data.source = "hf:openai/gsm8k:main:train"
+    c.data.preset = "gsm8k"
+    c.data.template = "chat"
+    c.data.system_prompt = "Please reason step by step, and put your final answer within \\boxed{}."
+    c.data.batch_size = 64
+
+    c.sampling.max_prompt_len = 256
+    c.sampling.max_new_tokens = 512
+    c.sampling.temperature = 1.0
+
+    c.rewards.fns = ("gsm8k",)
+    c.rewards.weights = (1.0,)
+    c.rewards.num_workers = 4
+
+    c.eval.sources = ("hf:openai/gsm8k:main:test",)
+    c.eval.num_samples = 1
+    c.eval.greedy = True
+    c.eval.every_steps = 25
+    c.eval.max_examples = 500
+
+    c.rl.objective = "cfpo"
+    c.rl.eps = 0.2
+    c.rl.estimator = "grpo"
+    c.rl.group_size = 8
+    c.rl.num_epochs = 1
+    c.rl.num_minibatches = 2
+    c.rl.micro_batch_size = 16
+    c.rl.beta = 0.0
+
+    c.optim.lr = 1e-5
+    c.optim.warmup_steps = 5
+    c.optim.weight_decay = 0.0
+    c.optim.max_grad_norm = 1.0
+
+    c.train.num_steps = 200
+    c.train.checkpoint_every = 20
+    c.train.keep_checkpoints = 2
+    c.train.export_hf = True
+    c.train.export_peft = True
+    return c
