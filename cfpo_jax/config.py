@@ -15,6 +15,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from cfpo_jax import advantages, losses
+from cfpo_jax.rewards import workers as reward_workers
 
 OPTIONAL = config_dict.placeholder
 
@@ -68,11 +69,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.rewards = ml_collections.ConfigDict()
     c.rewards.fns = ("math",)  # registered names or "package.module:function"
     c.rewards.weights = (1.0,)
-    # 0: score in the main thread under a SIGALRM deadline. That cannot interrupt one long C call
-    # (sympy expanding 9^9^9^9 inside math-verify); only a worker pool (>= 1, whose stuck workers
-    # are killed) can, so configs scoring model output with `math` use workers.
-    c.rewards.num_workers = 0
-    c.rewards.timeout_s = 5.0
+    # Rewards run in worker processes (>= 1), each item under timeout_s (killed at timeout_s +
+    # 0.5 s) and each worker under an address-space limit of max_memory_gb (cfpo_jax.rewards.workers).
+    c.rewards.num_workers = reward_workers.DEFAULT_NUM_WORKERS
+    c.rewards.timeout_s = reward_workers.DEFAULT_TIMEOUT_S
+    c.rewards.max_memory_gb = reward_workers.DEFAULT_MAX_MEMORY_GB
 
     c.eval = ml_collections.ConfigDict()
     c.eval.sources = ()  # data specs, e.g. ("tfds:math500", "hf:openai/gsm8k:test")
@@ -204,6 +205,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"rewards.fns {config.rewards.fns} and rewards.weights {config.rewards.weights} "
             "must be non-empty and of the same length"
         )
+    if config.rewards.num_workers < 1:
+        errors.append(f"rewards.num_workers must be >= 1 (rewards are scored in bounded worker "
+                      f"processes only); got {config.rewards.num_workers}")
+    if not config.rewards.timeout_s > 0 or not config.rewards.max_memory_gb > 0:
+        errors.append(f"rewards.timeout_s and rewards.max_memory_gb must be > 0; got "
+                      f"{config.rewards.timeout_s}, {config.rewards.max_memory_gb}")
     if not config.model.path:
         errors.append("model.path is empty; give a HF directory, a hub id, or 'tiny'")
     for name in ("num_steps", "checkpoint_every", "keep_checkpoints", "log_every"):

@@ -162,8 +162,8 @@ def get_config():
         synthetic=ml_collections.ConfigDict(dict(digits=1, ops="+", terms=2))))
     c.sampling = ml_collections.ConfigDict(dict(max_prompt_len=64, max_new_tokens=6,
                                                 temperature=1.0, top_p=1.0, top_k=0))
-    c.rewards = ml_collections.ConfigDict(dict(fns=("math",), weights=(1.0,), num_workers=0,
-                                               timeout_s=5.0))
+    c.rewards = ml_collections.ConfigDict(dict(fns=("math",), weights=(1.0,), num_workers=1,
+                                               timeout_s=5.0, max_memory_gb=2.0))
     c.eval = ml_collections.ConfigDict(dict(
         sources=("synthetic:arithmetic", "jsonl:{gsm8k}"), num_samples=2, ks=(1, 2),
         greedy=True, every_steps=0, max_examples=3, checkpoint="", output_dir=""))
