@@ -74,6 +74,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.rewards.num_workers = reward_workers.DEFAULT_NUM_WORKERS
     c.rewards.timeout_s = reward_workers.DEFAULT_TIMEOUT_S
     c.rewards.max_memory_gb = reward_workers.DEFAULT_MAX_MEMORY_GB
+    # Reward models ("rm:<path>" in fns, issue 14): scored on device with their own chat template.
+    c.rewards.rm_max_len = 2048  # tokens of templated prompt + completion; longer keeps the end
+    c.rewards.rm_batch_size = 0  # sequences per reward-model forward; 0 = the whole rollout
+    c.rewards.rm_dtype = ""  # params and compute, e.g. "bfloat16"; "" = the checkpoint's
 
     c.eval = ml_collections.ConfigDict()
     c.eval.sources = ()  # data specs, e.g. ("tfds:math500", "hf:openai/gsm8k:test")
@@ -130,6 +134,7 @@ def base_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
+    "rewards.rm_dtype": ("", "float32", "bfloat16"),
     "data.template": ("chat", "plain"),
     "data.preset": (None, "gsm8k", "math", "math500"),
     "rl.objective": tuple(losses.REGISTRY["objective"]),

@@ -5,6 +5,9 @@ reward worker) they score each item in the process-wide worker pool (`workers.sh
 default deadline, address-space limit), so a hostile completion costs at most the deadline and
 scores 0. A gold answer the function cannot read still raises ValueError. Inside a worker they
 run in-process (`implementation`).
+
+"rm:<path or hub id>" names a learned reward model instead; it is not a host function and only
+`Scorer` runs it (on device, see `cfpo_jax.rewards.reward_model`).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 from cfpo_jax.rewards import functions, workers
 
 RewardFn = Callable[..., np.ndarray]
+REWARD_MODEL_PREFIX = "rm:"
 
 _IMPLEMENTATIONS: dict[str, RewardFn] = {
     "math": functions.math_reward,
@@ -64,6 +68,9 @@ def get(name: str) -> RewardFn:
     """The reward function registered as `name`, or the user function "package.module:function"."""
     if name in REGISTRY:
         return REGISTRY[name]
+    if name.startswith(REWARD_MODEL_PREFIX):
+        raise ValueError(f"{name!r} is a reward model, scored on device by rewards.Scorer; it has "
+                         "no host function")
     if ":" not in name:
         raise ValueError(
             f"unknown reward function {name!r}; valid: {sorted(REGISTRY)} or 'package.module:function'"

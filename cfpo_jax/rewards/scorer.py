@@ -8,6 +8,11 @@ finite number, runs past its deadline or out of memory gives 0 for that item; th
 counted per function and the first one of each function is logged with its input. Nothing stops
 the run, nothing fails silently. There is no in-process mode: a model's text reaches sympy only
 inside a worker.
+
+A name "rm:<path or hub id>" is a learned reward model (`cfpo_jax.rewards.reward_model`): it is
+loaded once on the device mesh in this process and scores the whole batch on device from the
+prompts' chat messages (`prompt_messages`) and the completions, outside the item deadlines (its
+shapes, not model output, bound its time and memory). A non-finite score counts as a failure.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Sequence
 import numpy as np
 
 from cfpo_jax.rewards import workers
-from cfpo_jax.rewards.registry import get
+from cfpo_jax.rewards.registry import REWARD_MODEL_PREFIX, get
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +67,8 @@ class Scorer:
     def __init__(self, fns: Sequence[str], weights: Sequence[float] | None = None, *,
                  num_workers: int = workers.DEFAULT_NUM_WORKERS,
                  timeout_s: float = workers.DEFAULT_TIMEOUT_S,
-                 max_memory_gb: float = workers.DEFAULT_MAX_MEMORY_GB):
+                 max_memory_gb: float = workers.DEFAULT_MAX_MEMORY_GB, mesh=None,
+                 reward_model_kwargs: dict | None = None):
         fns = tuple(fns)
         weights = tuple(float(w) for w in weights) if weights else (1.0,) * len(fns)
         if not fns or len(set(fns)) != len(fns):
@@ -70,33 +76,62 @@ class Scorer:
         if len(weights) != len(fns) or not all(math.isfinite(w) for w in weights):
             raise ValueError(f"reward weights {weights} must be {len(fns)} finite numbers, "
                              f"one per function {fns}")
-        for name in fns:
-            get(name)  # fails here, with the valid names, if one is bad
         self.names, self.weights, self.timeout_s = fns, weights, float(timeout_s)
-        self._pool = workers.WorkerPool(num_workers, timeout_s=timeout_s,
-                                        max_memory_gb=max_memory_gb, preload=fns)
+        self._host_names = tuple(name for name in fns if not name.startswith(REWARD_MODEL_PREFIX))
+        for name in self._host_names:
+            get(name)  # fails here, with the valid names, if one is bad
+        self._reward_models = {}
+        if len(self._host_names) < len(fns):
+            from cfpo_jax.rewards import reward_model  # jax and the model code only when used
+
+            self._reward_models = {
+                name: reward_model.RewardModel(name[len(REWARD_MODEL_PREFIX):], mesh=mesh,
+                                               **(reward_model_kwargs or {}))
+                for name in fns if name not in self._host_names}
+        self._pool = (workers.WorkerPool(num_workers, timeout_s=timeout_s,
+                                         max_memory_gb=max_memory_gb, preload=self._host_names)
+                      if self._host_names else None)
         self.failure_totals = {name: 0 for name in fns}
 
     @classmethod
-    def from_config(cls, rewards_config) -> "Scorer":
-        """From `config.rewards` (fns, weights, num_workers, timeout_s, max_memory_gb)."""
+    def from_config(cls, rewards_config, *, mesh=None) -> "Scorer":
+        """From `config.rewards` (fns, weights, num_workers, timeout_s, max_memory_gb, rm_*);
+        reward models on `mesh`."""
+        dtype = rewards_config.rm_dtype or None
         return cls(tuple(rewards_config.fns), tuple(rewards_config.weights),
                    num_workers=rewards_config.num_workers, timeout_s=rewards_config.timeout_s,
-                   max_memory_gb=rewards_config.max_memory_gb)
+                   max_memory_gb=rewards_config.max_memory_gb, mesh=mesh,
+                   reward_model_kwargs=dict(
+                       param_dtype=dtype, dtype=dtype, max_len=rewards_config.rm_max_len,
+                       batch_size=rewards_config.rm_batch_size))
 
-    def __call__(self, completions: Sequence[str], answers: Sequence[str],
+    def __call__(self, completions: Sequence[str], answers: Sequence[str], *,
+                 prompt_messages: Sequence[Sequence[dict]] | None = None,
                  **example_fields) -> Scores:
-        """Scores B completions against their B gold answers; other fields are lists of B."""
+        """Scores B completions against their B gold answers; other fields are lists of B.
+        `prompt_messages` (B chat-message lists, the conversation each completion answers) is
+        needed by reward models only."""
         batch = len(completions)
-        for name, values in {"answers": answers, **example_fields}.items():
+        inputs = {"answers": answers, **example_fields}
+        if self._reward_models:
+            if prompt_messages is None:
+                raise ValueError(f"reward models {sorted(self._reward_models)} need prompt_messages")
+            inputs["prompt_messages"] = prompt_messages
+        for name, values in inputs.items():
             if len(values) != batch:
                 raise ValueError(f"{name} has {len(values)} entries for {batch} completions")
         tasks = [(name, completions[i], answers[i], {f: v[i] for f, v in example_fields.items()})
-                 for name in self.names for i in range(batch)]
-        results = self._pool.run(tasks)
+                 for name in self._host_names for i in range(batch)]
+        results = self._pool.run(tasks) if self._pool is not None else []
+        by_name = {name: results[k * batch:(k + 1) * batch]
+                   for k, name in enumerate(self._host_names)}
+        for name, model in self._reward_models.items():
+            values = model(prompt_messages, completions)
+            by_name[name] = [(float(v), None, None) if np.isfinite(v) else
+                             (0.0, "raised", f"reward model scored {v}") for v in values]
         per_fn, failures = {}, {}
-        for k, name in enumerate(self.names):
-            chunk = results[k * batch:(k + 1) * batch]
+        for name in self.names:
+            chunk = by_name[name]
             per_fn[name] = np.asarray([score for score, _, _ in chunk], np.float32)
             failed = [i for i, (_, kind, _) in enumerate(chunk) if kind is not None]
             failures[name] = len(failed)
@@ -112,7 +147,8 @@ class Scorer:
         return Scores(np.asarray(total_B, np.float32), per_fn, failures)
 
     def close(self):
-        self._pool.close()
+        if self._pool is not None:
+            self._pool.close()
 
     def __enter__(self):
         return self
