@@ -92,7 +92,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl = ml_collections.ConfigDict()
     c.rl.objective = "cfpo"  # "cfpo" | "ppo" (GRPO = ppo objective + grpo estimator)
     c.rl.eps = 0.2
-    c.rl.eps_high = OPTIONAL(float)  # clip-higher; None = eps
+    # clip-higher; None = eps. Under cfpo it sets ε for A > 0 (our choice: the paper's reference
+    # patches use one ε; see cfpo_jax.losses).
+    c.rl.eps_high = OPTIONAL(float)
     c.rl.dual_clip = OPTIONAL(float)  # ppo only, > 1
     c.rl.level = "token"  # "token" | "sequence" (GSPO-style ratio)
     c.rl.agg = "token-mean"
