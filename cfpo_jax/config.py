@@ -1,8 +1,11 @@
 """The one config schema: every field a run can set, its type and default, and its validation.
 
 Configs in `configs/` start from `base_config()` and override values; they never add fields.
-`validate(config)` runs once at load (train.py, evaluate.py) and fails with the valid names on an
-unknown field, a wrong type, or a value outside its registry (objective, agg, estimator, ...).
+`validate(config)` runs once at load (train.py, evaluate.py), before any model is built or
+compiled, and fails with the valid names on an unknown field, a wrong type, a value outside its
+registry (objective, agg, estimator, ...), a malformed or missing data source, a reward function
+that does not resolve (user "package.module:function" imported here), or eval.ks outside
+1..eval.num_samples.
 
 Sections: seed, workdir, model, mesh, data, sampling, rewards, eval, rl, optim,
 train, warmstart. Optional values are typed placeholders (`placeholder(float)` is None until set,
@@ -14,7 +17,7 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from cfpo_jax import advantages, losses
+from cfpo_jax import advantages, data, losses, rewards
 from cfpo_jax.rewards import workers as reward_workers
 
 OPTIONAL = config_dict.placeholder
@@ -223,6 +226,55 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in ("num_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
         if config.train[name] < 1:
             errors.append(f"train.{name} must be >= 1; got {config.train[name]}")
+    # Data, rewards and evaluation: checked here too, before any model is built or compiled.
+    for name, source in [("data.source", config.data.source)] + [
+            ("eval.sources", s) for s in config.eval.sources]:
+        try:
+            data.check_source(source, synthetic=config.data.synthetic.to_dict())
+        except ValueError as e:
+            errors.append(f"{name}: {e}")
+    if "{question}" not in config.data.user_template:
+        errors.append(f"data.user_template must contain '{{question}}'; got "
+                      f"{config.data.user_template!r}")
+    for fn in config.rewards.fns:
+        if fn.startswith(rewards.registry.REWARD_MODEL_PREFIX):
+            if fn == rewards.registry.REWARD_MODEL_PREFIX:
+                errors.append("rewards.fns: 'rm:' needs a reward model path or hub id")
+            continue
+        try:
+            rewards.get(fn)  # imports a "package.module:function" now, not mid-run
+        except ValueError as e:
+            errors.append(f"rewards.fns: {e}")
+    ev = config.eval
+    if ev.num_samples < 1 or not ev.ks or any(not 1 <= k <= ev.num_samples for k in ev.ks):
+        errors.append(f"eval.ks {tuple(ev.ks)}: each k must be in 1..eval.num_samples="
+                      f"{ev.num_samples} (and num_samples >= 1)")
+    for name in ("every_steps", "max_examples"):
+        if ev[name] < 0:
+            errors.append(f"eval.{name} must be >= 0; got {ev[name]}")
+    for name, minimum in (("batch_size", 1),):
+        if config.data[name] < minimum:
+            errors.append(f"data.{name} must be >= {minimum}; got {config.data[name]}")
+    sampling = config.sampling
+    if sampling.max_prompt_len < 1 or sampling.max_new_tokens < 1:
+        errors.append(f"sampling.max_prompt_len and max_new_tokens must be >= 1; got "
+                      f"{sampling.max_prompt_len}, {sampling.max_new_tokens}")
+    if not 0 < sampling.top_p <= 1 or sampling.top_k < 0:
+        errors.append(f"sampling.top_p must be in (0, 1] and top_k >= 0; got {sampling.top_p}, "
+                      f"{sampling.top_k}")
+    for axis in ("data", "fsdp", "tensor"):
+        if config.mesh[axis] < 1 and config.mesh[axis] != -1:
+            errors.append(f"mesh.{axis} must be >= 1 or -1 (all remaining devices); got "
+                          f"{config.mesh[axis]}")
+    optim = config.optim
+    if optim.lr < 0 or optim.warmup_steps < 0 or optim.weight_decay < 0 or \
+            optim.max_grad_norm < 0 or not (0 <= optim.b1 < 1 and 0 <= optim.b2 < 1):
+        errors.append(f"optim: need lr, warmup_steps, weight_decay, max_grad_norm >= 0 and b1, b2 "
+                      f"in [0, 1); got {optim.lr}, {optim.warmup_steps}, {optim.weight_decay}, "
+                      f"{optim.max_grad_norm}, {optim.b1}, {optim.b2}")
+    if config.warmstart.steps < 0 or config.warmstart.batch_size < 1:
+        errors.append(f"warmstart.steps must be >= 0 and batch_size >= 1; got "
+                      f"{config.warmstart.steps}, {config.warmstart.batch_size}")
     if config.sampling.temperature <= 0:
         errors.append(
             f"sampling.temperature must be > 0 for RL (the ratio needs the sampling "

@@ -265,7 +265,10 @@ def main(argv):
     del argv
     from cfpo_jax import models
 
+    from cfpo_jax import config as config_lib
+
     config = _CONFIG.value
+    config_lib.validate(config)  # everything, before any model is loaded or compiled
     if not config.eval.sources:
         raise ValueError("config.eval.sources is empty: name the data sets to evaluate on")
     path = config.eval.checkpoint or config.model.path
