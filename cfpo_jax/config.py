@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from cfpo_jax import advantages, data, losses, rewards
+from cfpo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from cfpo_jax.rewards import workers as reward_workers
 
 OPTIONAL = config_dict.placeholder
@@ -33,7 +34,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.path = ""  # HF directory or hub id; "tiny" builds `model.tiny` locally (quickstart)
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"  # compute dtype
-    c.model.remat = False
+    c.model.remat = False  # rematerialise each layer in the backward pass (less memory)
+    # What a rematted layer keeps: "full" (only its input; least memory, reruns the layer
+    # forward), "dots_with_no_batch_dims" (also the weight-matmul outputs; little recompute, the
+    # usual choice when it fits), "dots" (also [T, T] scores on the einsum path; for comparison).
+    c.model.remat_policy = "full"
+    # Full-sequence attention kernel: "auto" = cuDNN flash on GPU (bf16), Pallas splash on TPU,
+    # einsum on CPU; see cfpo_jax/models/attention.py.
+    c.model.attention = "auto"
     # Only read when path == "tiny": a random-init decoder with a character-level tokenizer,
     # written to <workdir>/tiny_model in Hugging Face format so the normal loader is used.
     c.model.tiny = ml_collections.ConfigDict()
@@ -139,6 +147,8 @@ def base_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.remat_policy": REMAT_POLICIES,
+    "model.attention": ATTENTION_IMPLEMENTATIONS,
     "rewards.rm_dtype": ("", "float32", "bfloat16"),
     "data.template": ("chat", "plain"),
     "data.preset": (None, "gsm8k", "math", "math500"),
