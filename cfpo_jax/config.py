@@ -56,6 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = -1  # -1: all remaining devices
     c.mesh.tensor = 1
     c.mesh.distributed = False  # jax.distributed.initialize() (TPU pods, SLURM)
+    # Multi-process by hand (sharding.initialize_distributed); empty: jax's cluster auto-detection.
+    c.mesh.coordinator_address = ""  # "host:port" of process 0
+    c.mesh.num_processes = 0
+    c.mesh.process_id = -1
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic:arithmetic"
@@ -276,6 +280,17 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if config.mesh[axis] < 1 and config.mesh[axis] != -1:
             errors.append(f"mesh.{axis} must be >= 1 or -1 (all remaining devices); got "
                           f"{config.mesh[axis]}")
+    mesh = config.mesh
+    manual = (mesh.coordinator_address, mesh.num_processes, mesh.process_id)
+    if manual != ("", 0, -1):
+        if not mesh.distributed:
+            errors.append("mesh.coordinator_address / num_processes / process_id need "
+                          "mesh.distributed=True")
+        if not mesh.coordinator_address or mesh.num_processes < 1 or \
+                not 0 <= mesh.process_id < max(mesh.num_processes, 1):
+            errors.append(f"by hand, give all of mesh.coordinator_address (host:port), "
+                          f"num_processes >= 1 and 0 <= process_id < num_processes; got "
+                          f"{mesh.coordinator_address!r}, {mesh.num_processes}, {mesh.process_id}")
     optim = config.optim
     if optim.lr < 0 or optim.warmup_steps < 0 or optim.weight_decay < 0 or \
             optim.max_grad_norm < 0 or not (0 <= optim.b1 < 1 and 0 <= optim.b2 < 1):

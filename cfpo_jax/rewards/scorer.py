@@ -9,6 +9,12 @@ counted per function and the first one of each function is logged with its input
 the run, nothing fails silently. There is no in-process mode: a model's text reaches sympy only
 inside a worker.
 
+Across processes (`jax.distributed` initialised, more than one process), the host tasks are
+split — process p scores tasks p, p + P, p + 2P, ... (hostile items spread out) — and the
+(score, outcome) pairs are all-gathered, so every process ends with the same scores and so the
+same advantages, each item scored once under one deadline. Every process must then call the
+scorer with the same batch, as the trainer and the evaluation do.
+
 A name "rm:<path or hub id>" is a learned reward model (`cfpo_jax.rewards.reward_model`): it is
 loaded once on the device mesh in this process and scores the whole batch on device from the
 prompts' chat messages (`prompt_messages`) and the completions, outside the item deadlines (its
@@ -20,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sys
 from typing import Sequence
 
 import numpy as np
@@ -30,6 +37,38 @@ from cfpo_jax.rewards.registry import REWARD_MODEL_PREFIX, get
 log = logging.getLogger(__name__)
 
 _LOGGED_INPUT_CHARS = 2000
+_OUTCOMES = (None, "raised", "timeout", "killed")  # a task's kind, as gathered across processes
+
+
+def _processes() -> tuple[int, int]:
+    """(this process, number of processes) of an initialised jax.distributed run, else (0, 1)."""
+    jax = sys.modules.get("jax")  # rewards never import JAX themselves
+    if jax is None or not jax.distributed.is_initialized():
+        return 0, 1
+    return jax.process_index(), jax.process_count()
+
+
+def _run_split(pool, tasks: list) -> list:
+    """`pool.run` over this process's share of `tasks`, all-gathered into every task's result."""
+    process, count = _processes()
+    if count == 1:
+        return pool.run(tasks)
+    from jax.experimental import multihost_utils
+
+    local = pool.run(tasks[process::count])
+    width = -(-len(tasks) // count)
+    packed = np.zeros((width, 2), np.float32)
+    for j, (score, kind, _) in enumerate(local):
+        packed[j] = (score, _OUTCOMES.index(kind))
+    gathered = np.asarray(multihost_utils.process_allgather(packed))  # [count, width, 2]
+    results = []
+    for t in range(len(tasks)):
+        p, j = t % count, t // count
+        score, code = gathered[p, j]
+        kind = _OUTCOMES[int(code)]
+        message = local[j][2] if p == process else (f"{kind} on process {p}" if kind else None)
+        results.append((float(score), kind, message))
+    return results
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +161,7 @@ class Scorer:
                 raise ValueError(f"{name} has {len(values)} entries for {batch} completions")
         tasks = [(name, completions[i], answers[i], {f: v[i] for f, v in example_fields.items()})
                  for name in self._host_names for i in range(batch)]
-        results = self._pool.run(tasks) if self._pool is not None else []
+        results = _run_split(self._pool, tasks) if self._pool is not None else []
         by_name = {name: results[k * batch:(k + 1) * batch]
                    for k, name in enumerate(self._host_names)}
         for name, model in self._reward_models.items():
