@@ -242,7 +242,8 @@ def test_training_moves_only_the_adapters_and_the_reference_is_the_base(tmp_path
     _, sample_key = setup.split_rng(state["rng"])
     batch, _, _, _ = train.rollout(setup, state, prompts, sample_key)
     tokens, attn, mask = (np.asarray(batch[k]) for k in ("tokens", "attn", "mask"))
-    base = models.from_pretrained(str(tmp_path / "tiny_model"), param_dtype="bfloat16")
+    base = models.from_pretrained(str(tmp_path / "tiny_model"), param_dtype="bfloat16",
+                                  dtype=config.model.dtype)
     expected, _ = models.sequence_logprobs(base, jnp.asarray(tokens), jnp.asarray(attn),
                                            temperature=config.sampling.temperature)
     expected = np.asarray(expected)[:, -mask.shape[1]:] * mask
