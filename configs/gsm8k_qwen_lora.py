@@ -18,16 +18,20 @@ Memory on one H100 (80 GB, 79 GiB usable), from the shapes (`jax.eval_shape` of 
   persistent
     frozen base, bfloat16 (7.62e9 parameters)                              14.2 GiB
     adapters, float32 (1.61e8 parameters: rank 64 on q k v o gate up down)    0.6 GiB
-    their gradients (float32) and Adam moments (2 × float32)                  1.8 GiB
+    their Adam moments (2 × float32); gradients (float32) while learning      1.8 GiB
   while sampling (freed before learning)
     KV cache: 512 rows × 767 slots × 28 layers × 2 × 4 kv heads × 128 × 2 B  21.0 GiB
     (lora.merge_for_sampling would add the merged kernels, 12.2 GiB)
-  while learning, per micro-batch of 16 sequences × 768 tokens, remat on
-    layer inputs kept for the backward pass: 28 × 16 × 768 × 3584 × 2 B       2.3 GiB
-    one layer recomputed (MLP 3 × 16 × 768 × 18944 × 2 B; attention)       ≈ 2.5 GiB
-    one logprob chunk of float32 logits [16, 256, 152064] and its gradient    4.6 GiB
-  peak ≈ 16.6 + max(21.0, 9.4) ≈ 38 GiB. Full fine-tuning would need float32 weights, gradients and
-  two Adam moments (113 GiB) before any activation, plus a reference copy when β > 0.
+  while learning, a minibatch of 256 sequences × 768 tokens in micro-batches of 16, remat on:
+    XLA's compiled memory analysis of this update (abstract inputs, CPU, 2026-11-23) gives
+    46.4 GiB of temporaries at micro-batch 16 and 38.0 GiB at 8, of which about 28.4 GiB are
+    float32 copies of the frozen kernels that XLA:CPU makes because it has no bfloat16 matmul
+    (they are in the CPU program; a GPU multiplies bfloat16 directly): ≈ 18 GiB of activations
+    at micro-batch 16 (1.1 GiB per sequence, CPU's einsum attention included).
+  peak ≈ 16.6 + max(21.0 sampling, ≈ 18 learning) ≈ 38 GiB, an estimate until
+  benchmarks/train_step.py's LoRA row is measured on a GPU. Full fine-tuning would need float32
+  weights, gradients and two Adam moments (113 GiB) before any activation, plus a reference
+  copy when β > 0.
 
 Numbers: as configs/gsm8k_qwen.py (CFPO ε = 0.2, β = 0, GRPO advantages, 64 prompts × 8 samples,
 prompt 256 / response 512 tokens, 2 minibatches) except: LoRA rank 64 on all seven projections,

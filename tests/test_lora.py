@@ -174,6 +174,15 @@ def test_bad_adapter_settings_name_the_valid_ones():
         ModelConfig(**base, lora_rank=4, lora_targets=("q", "qkv"))
     with pytest.raises(ValueError, match="at least one of lora_targets"):
         ModelConfig(**base, lora_rank=4, lora_targets=())
+    from cfpo_jax import config as config_lib
+
+    config = config_lib.base_config()
+    config.model.path = "tiny"
+    config.lora.rank, config.lora.dropout, config.lora.targets = 4, 0.1, ("q", "qkv")
+    with pytest.raises(ValueError) as error:
+        config_lib.validate(config)
+    assert "lora.dropout=0.1: only 0 is supported" in str(error.value)
+    assert "lora.targets=('q', 'qkv'): need a non-empty subset of ['q', 'k', 'v'" in str(error.value)
 
 
 def test_base_fingerprint_follows_the_weights_and_trusts_hub_cache_blob_names(tmp_path):
