@@ -42,7 +42,7 @@ print(json.dumps({{name: values.tolist() for name, values in scores.per_fn.items
 
 
 def test_rewards_are_scored_once_across_processes_and_shared():
-    script = _SCORE.format(port=free_port(), data=shared_file("math500_test.jsonl"))
+    script = _SCORE.format(port=free_port(), data=str(shared_file("math500_test.jsonl")))
     procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=process_env(4),
                               cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for i in range(2)]
