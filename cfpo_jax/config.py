@@ -15,6 +15,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from cfpo_jax import advantages, losses
+from cfpo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 OPTIONAL = config_dict.placeholder
 
@@ -29,7 +30,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.path = ""  # HF directory or hub id; "tiny" builds `model.tiny` locally (quickstart)
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"  # compute dtype
-    c.model.remat = False
+    c.model.remat = False  # rematerialise each layer in the backward pass (less memory)
+    # What a rematted layer keeps: "full" (only its input; least memory, reruns the layer
+    # forward), "dots_with_no_batch_dims" (also the weight-matmul outputs; little recompute, the
+    # usual choice when it fits), "dots" (also [T, T] scores on the einsum path; for comparison).
+    c.model.remat_policy = "full"
+    # Full-sequence attention kernel: "auto" = cuDNN flash on GPU (bf16), Pallas splash on TPU,
+    # einsum on CPU; see cfpo_jax/models/attention.py.
+    c.model.attention = "auto"
     # Only read when path == "tiny": a random-init decoder with a character-level tokenizer,
     # written to <workdir>/tiny_model in Hugging Face format so the normal loader is used.
     c.model.tiny = ml_collections.ConfigDict()
@@ -87,6 +95,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.max_examples = 0  # 0: all
     c.eval.checkpoint = ""  # for `python -m cfpo_jax.evaluate`: a HF directory (e.g. <workdir>/hf)
     c.eval.output_dir = ""  # default <workdir>/eval
+    # lm-evaluation-harness tasks (the [eval] extra, issue 14) for `python -m cfpo_jax.evaluate`:
+    # run on model.path (before) and eval.checkpoint (after); the relative change is the
+    # alignment tax. e.g. ("arc_easy", "hellaswag", "winogrande").
+    c.eval.lm_eval_tasks = ()
+    c.eval.lm_eval_limit = 0  # examples per task; 0 = all
+    c.eval.lm_eval_batch_size = 16
+    c.eval.lm_eval_include_path = ""  # a directory of extra task YAMLs
 
     c.rl = ml_collections.ConfigDict()
     c.rl.objective = "cfpo"  # "cfpo" | "ppo" (GRPO = ppo objective + grpo estimator)
@@ -133,6 +148,8 @@ def base_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.remat_policy": REMAT_POLICIES,
+    "model.attention": ATTENTION_IMPLEMENTATIONS,
     "rewards.rm_dtype": ("", "float32", "bfloat16"),
     "data.template": ("chat", "plain"),
     "data.preset": (None, "gsm8k", "math", "math500"),

@@ -8,13 +8,36 @@ that `cfpo_jax.sharding` keys its one rule table on: `embedding [V, D]`, `lm_hea
 every RMSNorm, and for a reward model (`config.num_labels > 0`) `score [D, num_labels]` in place of
 the unembedding. Everything under `blocks` carries a leading layer axis [L, ...].
 
+Low-rank adapters (`config.lora_rank` > 0, see `cfpo_jax.lora`) are `nnx.LoRAParam`s beside the
+projection they adapt, `<target>_lora_a [*in, R]` and `<target>_lora_b [R, *out]` (e.g.
+`q_lora_a [D, R]`, `q_lora_b [R, N, H]`, `o_lora_a [N, H, R]`), stacked like every block parameter,
+so the scan is unchanged. They are float32 whatever the base dtype and add scale·(x·A)·B to the
+projection's output, computed on the fly in the compute dtype.
+
 The layer loop is a `jax.lax.scan` over the stacked block state (`nnx.merge` of one layer's slice
-inside the body), so the compiled program holds one layer however deep the model is. With
-`config.remat` the body is rematerialised in the backward pass.
+inside the body), so the compiled program holds one layer however deep the model is.
+
+With `config.remat` the body is rematerialised in the backward pass; `config.remat_policy` says
+what each layer keeps (`REMAT_POLICY`):
+* "full": only the layer's input. Least memory (one [B, T, D] per layer), the backward pass reruns
+  the whole layer forward (≈ +33% FLOPs of a training step). For long sequences or large
+  micro-batches, when anything more does not fit.
+* "dots_with_no_batch_dims": also the outputs of the weight matmuls (q/k/v/o projections, MLP
+  gate/up/down: ≈ (2D + (N + 2K)·H + 2F) values per token per layer); only norms, RoPE,
+  activations and attention are recomputed, so the extra FLOPs are small. The usual choice when
+  it fits (MaxText's "minimal").
+* "dots": every matmul output, including the einsum path's [T, S] attention scores (on CPU): more
+  memory than the above for almost no compute saved; there for comparison and for short
+  sequences. (A fused attention kernel is not a dot: its output is recomputed either way.)
+
+Attention over full sequences (`hidden`, `__call__`, and a `forward_cached` call that fills the
+whole cache, i.e. the sampler's prefill) runs `attention.causal_attention` with the kernel chosen
+by `config.attention` (fused on GPU/TPU); the decode step reads the cache with
+`attention.masked_attention`.
 
 Numerics follow transformers: RMSNorm and softmax in float32, RoPE angles in float32, matmuls in
-the compute dtype with float32 accumulation for the logits. A query that may attend to no slot at
-all (a left-padding position) gets a uniform average instead of NaN; its output is never used.
+the compute dtype with float32 accumulation for the logits. A left-padding query reads only the
+padding keys before it, which keeps it finite; its output is never used.
 """
 
 from __future__ import annotations
@@ -26,9 +49,41 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cfpo_jax.models import attention
 from cfpo_jax.models.config import ModelConfig
 
 _INIT = nnx.initializers.normal(stddev=0.02)
+LORA_DTYPE = jnp.float32
+
+
+def lora_a_init(key, shape):
+    """An adapter's A [*in, R]: uniform in ±1/sqrt(fan_in), PEFT's default (kaiming-uniform with
+    a = √5). B starts at zero, so a freshly adapted model computes exactly what its base does."""
+    bound = 1.0 / math.sqrt(math.prod(shape[:-1]))
+    return jax.random.uniform(key, shape, LORA_DTYPE, -bound, bound)
+
+
+def _add_adapter(module, target, in_shape, out_shape, config, rngs):
+    if config.adapted(target):
+        rank = config.lora_rank
+        setattr(module, f"{target}_lora_a", nnx.LoRAParam(lora_a_init(rngs.params(), (*in_shape, rank))))
+        setattr(module, f"{target}_lora_b", nnx.LoRAParam(jnp.zeros((rank, *out_shape), LORA_DTYPE)))
+
+
+def _adapt(module, target, x, out):
+    """`out` + scale·(x·A)·B when `target` carries an adapter; x [..., *in], out [..., *out]."""
+    if not module.config.adapted(target):
+        return out
+    lora_a = getattr(module, f"{target}_lora_a")[...].astype(x.dtype)
+    lora_b = getattr(module, f"{target}_lora_b")[...].astype(x.dtype)
+    xa = jnp.tensordot(x, lora_a, axes=lora_a.ndim - 1) * module.config.lora_scale
+    return out + jnp.tensordot(xa, lora_b, axes=1)
+
+REMAT_POLICY = {
+    "full": None,  # jax.checkpoint saves nothing but the inputs
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+}
 
 
 def default_positions(mask_BxT):
@@ -114,6 +169,10 @@ class Attention(nnx.Module):
         self.k_kernel = nnx.Param(_INIT(rngs.params(), (D, K, H), pdt))
         self.v_kernel = nnx.Param(_INIT(rngs.params(), (D, K, H), pdt))
         self.o_kernel = nnx.Param(_INIT(rngs.params(), (N, H, D), pdt))
+        for target, in_shape, out_shape in (
+            ("q", (D,), (N, H)), ("k", (D,), (K, H)), ("v", (D,), (K, H)), ("o", (N, H), (D,))
+        ):
+            _add_adapter(self, target, in_shape, out_shape, config, rngs)
         if config.qkv_bias:
             self.q_bias = nnx.Param(jnp.zeros((N, H), pdt))
             self.k_bias = nnx.Param(jnp.zeros((K, H), pdt))
@@ -125,13 +184,15 @@ class Attention(nnx.Module):
     def _project(self, x_BxTxD, name):
         dtype = x_BxTxD.dtype
         out = jnp.einsum("btd,dnh->btnh", x_BxTxD, getattr(self, f"{name}_kernel")[...].astype(dtype))
+        out = _adapt(self, name, x_BxTxD, out)
         if self.config.qkv_bias:
             out = out + getattr(self, f"{name}_bias")[...].astype(dtype)
         return out
 
-    def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxTxS, cache=None, layer=None, write_index=None):
-        """Self-attention over this call's keys, or (with `cache`) over the cache after writing
-        this call's keys at slots [write_index, write_index + T) of `layer`. Returns (out, cache)."""
+    def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxS, cache=None, layer=None, write_index=None):
+        """Causal self-attention over this call's keys, or (with `cache`) over the cache after
+        writing this call's keys at slots [write_index, write_index + T) of `layer`: query t reads
+        slot s iff s <= write_index + t and mask_BxS[b, s] != 0. Returns (out, cache)."""
         q_BxTxNxH = self._project(x_BxTxD, "q")
         k_BxTxKxH = self._project(x_BxTxD, "k")
         v_BxTxKxH = self._project(x_BxTxD, "v")
@@ -139,47 +200,49 @@ class Attention(nnx.Module):
             q_BxTxNxH, k_BxTxKxH = self.q_norm(q_BxTxNxH), self.k_norm(k_BxTxKxH)
         q_BxTxNxH = apply_rope(q_BxTxNxH, sin_BxTxH, cos_BxTxH)
         k_BxTxKxH = apply_rope(k_BxTxKxH, sin_BxTxH, cos_BxTxH)
-        if cache is None:
-            k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
-        else:
+        T = q_BxTxNxH.shape[1]
+        if cache is not None:
             start = (layer, 0, write_index, 0, 0)
             cache = Cache(
                 k=jax.lax.dynamic_update_slice(cache.k, k_BxTxKxH[None].astype(cache.k.dtype), start),
                 v=jax.lax.dynamic_update_slice(cache.v, v_BxTxKxH[None].astype(cache.v.dtype), start),
             )
+        if cache is None or cache.k.shape[2] == T:
+            # A call that fills the whole cache starts at slot 0: full-sequence attention over its
+            # own keys (rounded through the cache dtype, as a later read would see them).
+            if cache is not None:
+                k_BxTxKxH = k_BxTxKxH.astype(cache.k.dtype).astype(x_BxTxD.dtype)
+                v_BxTxKxH = v_BxTxKxH.astype(cache.v.dtype).astype(x_BxTxD.dtype)
+            out_BxTxNxH = attention.causal_attention(
+                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxS, implementation=self.config.attention
+            )
+        else:
+            S = cache.k.shape[2]
+            causal_TxS = jnp.arange(S)[None, :] <= write_index + jnp.arange(T)[:, None]
+            mask_BxTxS = causal_TxS[None] & (mask_BxS[:, None, :] != 0)
             k_BxSxKxH = cache.k[layer].astype(x_BxTxD.dtype)
             v_BxSxKxH = cache.v[layer].astype(x_BxTxD.dtype)
-        out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS)
+            out_BxTxNxH = attention.masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS)
         out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_kernel[...].astype(x_BxTxD.dtype))
-        return out_BxTxD, cache
-
-
-def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
-    """Grouped-query attention: query head n reads kv head n // (N / K). Softmax in float32."""
-    B, T, N, H = q_BxTxNxH.shape
-    K = k_BxSxKxH.shape[2]
-    q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
-    scores_BxKxGxTxS = jnp.einsum(
-        "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
-    ) * (H**-0.5)
-    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
-    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
-    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, v_BxSxKxH)
-    return out_BxTxKxGxH.reshape(B, T, N, H)
+        return _adapt(self, "o", out_BxTxNxH, out_BxTxD), cache
 
 
 class MLP(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         D, F, pdt = config.hidden_size, config.intermediate_size, config.param_dtype
+        self.config = config
         self.gate_kernel = nnx.Param(_INIT(rngs.params(), (D, F), pdt))
         self.up_kernel = nnx.Param(_INIT(rngs.params(), (D, F), pdt))
         self.down_kernel = nnx.Param(_INIT(rngs.params(), (F, D), pdt))
+        for target, in_shape, out_shape in (("gate", (D,), (F,)), ("up", (D,), (F,)), ("down", (F,), (D,))):
+            _add_adapter(self, target, in_shape, out_shape, config, rngs)
 
     def __call__(self, x_BxTxD):
         dtype = x_BxTxD.dtype
-        gate_BxTxF = x_BxTxD @ self.gate_kernel[...].astype(dtype)
-        up_BxTxF = x_BxTxD @ self.up_kernel[...].astype(dtype)
-        return (jax.nn.silu(gate_BxTxF) * up_BxTxF) @ self.down_kernel[...].astype(dtype)
+        gate_BxTxF = _adapt(self, "gate", x_BxTxD, x_BxTxD @ self.gate_kernel[...].astype(dtype))
+        up_BxTxF = _adapt(self, "up", x_BxTxD, x_BxTxD @ self.up_kernel[...].astype(dtype))
+        hidden_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
+        return _adapt(self, "down", hidden_BxTxF, hidden_BxTxF @ self.down_kernel[...].astype(dtype))
 
 
 class Block(nnx.Module):
@@ -189,9 +252,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxTxS, cache=None, layer=None, write_index=None):
+    def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxS, cache=None, layer=None, write_index=None):
         attn_BxTxD, cache = self.attn(
-            self.attn_norm(x_BxTxD), sin_BxTxH, cos_BxTxH, mask_BxTxS, cache, layer, write_index
+            self.attn_norm(x_BxTxD), sin_BxTxH, cos_BxTxH, mask_BxS, cache, layer, write_index
         )
         x_BxTxD = x_BxTxD + attn_BxTxD
         return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache
@@ -220,7 +283,7 @@ class Transformer(nnx.Module):
         self.blocks = stacked_blocks(rngs)
         self.final_norm = RMSNorm(D, config)
 
-    def _run_blocks(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, write_index=None):
+    def _run_blocks(self, x_BxTxD, positions_BxT, mask_BxS, cache=None, write_index=None):
         sin_BxTxH, cos_BxTxH = rope_angles(self.config, positions_BxT)
         graphdef, state = nnx.split(self.blocks)
 
@@ -228,10 +291,10 @@ class Transformer(nnx.Module):
             x_BxTxD, cache = carry
             layer_state, layer = xs
             block = nnx.merge(graphdef, layer_state)
-            return block(x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxTxS, cache, layer, write_index), None
+            return block(x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxS, cache, layer, write_index), None
 
         if self.config.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
+            body = jax.checkpoint(body, prevent_cse=False, policy=REMAT_POLICY[self.config.remat_policy])
         layers = jnp.arange(self.config.num_layers, dtype=jnp.int32)
         (x_BxTxD, cache), _ = jax.lax.scan(body, (x_BxTxD, cache), (state, layers))
         return self.final_norm(x_BxTxD), cache
@@ -241,15 +304,13 @@ class Transformer(nnx.Module):
 
     def hidden(self, tokens_BxT, *, positions_BxT=None, mask_BxT=None):
         """Final-norm hidden states [B, T, D] (compute dtype), causal over real tokens only."""
-        T = tokens_BxT.shape[1]
-        mask_BxTxS = jnp.tril(jnp.ones((T, T), bool))[None]
-        if mask_BxT is not None:
-            mask_BxTxS = mask_BxTxS & (mask_BxT[:, None, :] != 0)
+        if mask_BxT is None:
+            mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
             if positions_BxT is None:
-                positions_BxT = default_positions(mask_BxT)
+                positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32), tokens_BxT.shape)
         if positions_BxT is None:
-            positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens_BxT.shape)
-        hidden_BxTxD, _ = self._run_blocks(self._embed(tokens_BxT), positions_BxT, mask_BxTxS)
+            positions_BxT = default_positions(mask_BxT)
+        hidden_BxTxD, _ = self._run_blocks(self._embed(tokens_BxT), positions_BxT, mask_BxT)
         return hidden_BxTxD
 
     def unembed(self, hidden_BxTxD):
@@ -294,11 +355,8 @@ class Transformer(nnx.Module):
         """Writes this call's keys/values at cache slots [write_index, write_index + T) in place and
         lets query t attend to slot s iff kv_mask_BxS[b, s] == 1 and s <= write_index + t.
         Returns (logits_BxTxV float32, cache). `write_index` is an int32 scalar, possibly traced."""
-        T, S = tokens_BxT.shape[1], cache.k.shape[2]
         write_index = jnp.asarray(write_index, jnp.int32)
-        causal_TxS = jnp.arange(S)[None, :] <= write_index + jnp.arange(T)[:, None]
-        mask_BxTxS = causal_TxS[None] & (kv_mask_BxS[:, None, :] != 0)
         hidden_BxTxD, cache = self._run_blocks(
-            self._embed(tokens_BxT), positions_BxT, mask_BxTxS, cache, write_index
+            self._embed(tokens_BxT), positions_BxT, kv_mask_BxS, cache, write_index
         )
         return self.unembed(hidden_BxTxD), cache
