@@ -101,10 +101,10 @@ def _micro_batches(tree, micro_size: int):
 
 
 def completion_logprobs(model, tokens_BxL, attn_BxL, num_new: int, temperature: float):
-    """(logp_BxN, entropy_BxN), float32, of the last N = `num_new` columns (the completion)."""
-    logp_BxL, entropy_BxL = models.sequence_logprobs(model, tokens_BxL, attn_BxL,
-                                                     temperature=temperature)
-    return logp_BxL[:, -num_new:], entropy_BxL[:, -num_new:]
+    """(logp_BxN, entropy_BxN), float32, of the last N = `num_new` columns (the completion); the
+    prompt columns cost no vocabulary work."""
+    return models.sequence_logprobs(model, tokens_BxL, attn_BxL, temperature=temperature,
+                                    num_completion=num_new)
 
 
 def _rollout_policy_terms(logp_BxN, entropy_BxN, sampler_logp_BxN, mask_BxN):
@@ -271,7 +271,9 @@ def _load_policy(config, workdir, mesh):
         model_path = tiny.build(os.path.join(workdir, "tiny_model"), seed=config.seed,
                                 **config.model.tiny.to_dict())
     model = models.from_pretrained(model_path, mesh=mesh, param_dtype=config.model.param_dtype,
-                                   dtype=config.model.dtype, remat=config.model.remat)
+                                   dtype=config.model.dtype, remat=config.model.remat,
+                                   remat_policy=config.model.remat_policy,
+                                   attention=config.model.attention)
     tokenizer = models.load_tokenizer(model_path)
     eos_ids = models.eos_token_ids(model_path, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
