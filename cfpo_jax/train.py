@@ -33,6 +33,12 @@ Decisions written down here:
     (seed, step, epoch), so a resumed run draws the same ones.
   * The sampler gets a key split off the state's rng each step: same seed and same data iterator
     state → same samples, which is what makes a resumed run equal an uninterrupted one.
+  * LoRA (`config.lora.rank` > 0, `cfpo_jax.lora`): `params` are the adapters alone, so the
+    optimiser state and the checkpoints hold adapters only; the frozen base is `Setup.rest`, an
+    argument of every jitted function (a closed-over array would be compiled in as a constant),
+    never differentiated or donated. The reference policy for β > 0 is the base, i.e. the policy
+    with its adapters disabled (`lora.disabled`): no `ref_params` copy. Checkpoints carry the
+    base's `lora.base_fingerprint`; a resume with another base is refused.
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ from jax.sharding import PartitionSpec as PS
 from ml_collections import config_flags
 
 from cfpo_jax import advantages, checkpoint, data, evaluate, losses, models, rewards, sampling
-from cfpo_jax import sharding, tiny, warmstart
+from cfpo_jax import lora, sharding, tiny, warmstart
 from cfpo_jax import config as config_lib
 from cfpo_jax import logging as metrics_lib
 
@@ -132,9 +138,10 @@ def make_logprobs(graphdef, rest, *, temperature: float, micro_batch_size: int, 
 # ============================================================================ update step
 
 
-def make_update(graphdef, rest, tx, schedule, rl: ml_collections.ConfigDict, *,
+def make_update(graphdef, tx, schedule, rl: ml_collections.ConfigDict, *,
                 temperature: float, max_len: int, micro_batch_size: int):
-    """The pure `update(state, batch) -> (state, metrics)` for one minibatch.
+    """The pure `update(state, rest, batch) -> (state, metrics)` for one minibatch; `rest` is the
+    model state that is not trained (empty, or the frozen base with LoRA).
 
     batch: tokens [B, L] (prompt then completion), attn [B, L] (1 on real tokens), mask [B, N]
     (completion tokens incl. EOS), adv [B], ref_logp [B, N] when β > 0, and either old_logp
@@ -145,7 +152,7 @@ def make_update(graphdef, rest, tx, schedule, rl: ml_collections.ConfigDict, *,
                        dual_clip=rl.dual_clip, level=rl.level, agg=rl.agg, max_len=max_len)
     beta = rl.beta
 
-    def micro_loss(params, mb, denom, num_tokens):
+    def micro_loss(params, rest, mb, denom, num_tokens):
         model = nnx.merge(graphdef, params, rest)
         logp_BxN, entropy_BxN = completion_logprobs(model, mb["tokens"], mb["attn"],
                                                     mb["mask"].shape[1], temperature)
@@ -163,7 +170,7 @@ def make_update(graphdef, rest, tx, schedule, rl: ml_collections.ConfigDict, *,
             loss = loss + beta * terms["kl_sum"] / num_tokens
         return loss, terms
 
-    def update(state, batch):
+    def update(state, rest, batch):
         params = state["params"]
         mask = batch["mask"].astype(jnp.float32)
         # Denominators depend on masks only: compute them once for the whole minibatch.
@@ -174,7 +181,7 @@ def make_update(graphdef, rest, tx, schedule, rl: ml_collections.ConfigDict, *,
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
         def body(grads_acc, mb):
-            (loss, terms), grads = grad_fn(params, mb, denom, num_tokens)
+            (loss, terms), grads = grad_fn(params, rest, mb, denom, num_tokens)
             return jax.tree.map(jnp.add, grads_acc, grads), (loss, terms)
 
         zero_grads = jax.tree.map(jnp.zeros_like, params)
@@ -212,11 +219,12 @@ def make_update(graphdef, rest, tx, schedule, rl: ml_collections.ConfigDict, *,
 # ============================================================================ 1. build state
 
 
-def init_state(params, tx, *, seed: int, beta: float):
-    """The step-0 training state around `params` (pure; `create_state` jits it with shardings)."""
+def init_state(params, tx, *, seed: int, beta: float, adapters: bool = False):
+    """The step-0 training state around `params` (pure; `create_state` jits it with shardings).
+    With `adapters` (LoRA) the reference policy is the base, so no reference copy is made."""
     state = dict(params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(seed),
                  step=jnp.int32(0), updates=jnp.int32(0), skipped_updates=jnp.int32(0))
-    if beta > 0:
+    if beta > 0 and not adapters:
         # The frozen reference is the policy RL starts from (after any warm start). It lives in the
         # state so a resumed run gets it back from the checkpoint; β = 0 holds no reference.
         state["ref_params"] = jax.tree.map(jnp.copy, params)
@@ -238,11 +246,11 @@ def state_shardings(abstract_state, tx, param_sh, mesh):
     return shardings
 
 
-def create_state(params, tx, mesh, *, seed: int, beta: float):
+def create_state(params, tx, mesh, *, seed: int, beta: float, adapters: bool = False):
     """(init, abstract_state): `init(params)` builds the step-0 state with every leaf born in its
     sharding (params donated); `abstract_state` holds ShapeDtypeStructs with those shardings, the
     target a checkpoint is restored into."""
-    pure = functools.partial(init_state, tx=tx, seed=seed, beta=beta)
+    pure = functools.partial(init_state, tx=tx, seed=seed, beta=beta, adapters=adapters)
     abstract = jax.eval_shape(pure, params)
     param_sh = jax.tree.map(lambda x: x.sharding, params)
     shardings = state_shardings(abstract, tx, param_sh, mesh)
@@ -265,19 +273,25 @@ def _make_mesh(config, devices):
 
 
 def _load_policy(config, workdir, mesh):
-    """(model, tokenizer, eos_ids, pad_id) with the parameters placed in their shardings."""
+    """(model, tokenizer, eos_ids, pad_id, model_path) with the parameters placed in their
+    shardings; with `config.lora.rank` > 0 the model carries fresh adapters on a base of
+    `config.lora.base_dtype`."""
     model_path = config.model.path
     if model_path == "tiny":
         model_path = tiny.build(os.path.join(workdir, "tiny_model"), seed=config.seed,
                                 **config.model.tiny.to_dict())
-    model = models.from_pretrained(model_path, mesh=mesh, param_dtype=config.model.param_dtype,
+    model = models.from_pretrained(model_path, mesh=mesh,
+                                   param_dtype=config.lora.base_dtype or config.model.param_dtype,
                                    dtype=config.model.dtype, remat=config.model.remat,
                                    remat_policy=config.model.remat_policy,
                                    attention=config.model.attention)
     tokenizer = models.load_tokenizer(model_path)
     eos_ids = models.eos_token_ids(model_path, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    return model, tokenizer, eos_ids, pad_id
+    if config.lora.rank:
+        model = lora.adapt(model, rank=config.lora.rank, alpha=config.lora.alpha,
+                           targets=config.lora.targets, seed=config.seed, mesh=mesh)
+    return model, tokenizer, eos_ids, pad_id, model_path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -288,36 +302,40 @@ class Setup:
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh
     graphdef: nnx.GraphDef
-    rest: nnx.State  # the model's non-parameter state (empty for our decoder)
+    rest: nnx.State  # the model state not trained: empty, or the frozen base with LoRA
+    model_path: str  # the (base) model's checkpoint directory or hub id
+    base_model: dict | None  # `lora.base_fingerprint` of the base with LoRA, else None
     tokenizer: object
     eos_ids: tuple[int, ...]
     pad_id: int
     scorer: rewards.Scorer
     split_rng: object  # rng → (next rng, sampler key)
-    prepare: object  # (params, ref_params, samples, rewards) → (rollout batch, metrics)
+    prepare: object  # (params, ref_params, rest, samples, rewards) → (rollout batch, metrics)
     shuffle: object  # (rollout batch, step, epoch) → num_minibatches minibatches
-    update: object  # (state, minibatch) → (state, metrics); state donated
+    update: object  # (state, rest, minibatch) → (state, metrics); state donated
     finish_step: object  # (state, rng) → state of the next step; state donated
 
 
 def make_setup(config, mesh, graphdef, rest, tokenizer, eos_ids, pad_id, *, tx, schedule,
-               state_sh) -> Setup:
+               state_sh, model_path: str = "", base_model: dict | None = None) -> Setup:
     """The jitted stage functions with their shardings (`state_sh`: the state's shardings)."""
     rl, smp = config.rl, config.sampling
     batch_sh = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, PS())
     on_policy = rl.num_epochs == 1 and rl.num_minibatches == 1
-    update = make_update(graphdef, rest, tx, schedule, rl, temperature=smp.temperature,
+    rest_sh = jax.tree.map(lambda x: x.sharding, rest)
+    update = make_update(graphdef, tx, schedule, rl, temperature=smp.temperature,
                          max_len=smp.max_new_tokens, micro_batch_size=rl.micro_batch_size)
-    prepare = make_prepare(graphdef, rest, rl, temperature=smp.temperature, pad_id=pad_id,
-                           on_policy=on_policy, batch_sh=batch_sh)
+    prepare = make_prepare(graphdef, rl, temperature=smp.temperature, pad_id=pad_id,
+                           on_policy=on_policy, batch_sh=batch_sh, adapters=config.lora.rank > 0)
     return Setup(
-        config=config, mesh=mesh, graphdef=graphdef, rest=rest, tokenizer=tokenizer,
+        config=config, mesh=mesh, graphdef=graphdef, rest=rest, model_path=model_path,
+        base_model=base_model, tokenizer=tokenizer,
         eos_ids=tuple(eos_ids), pad_id=pad_id, scorer=rewards.Scorer.from_config(config.rewards),
         split_rng=jax.jit(lambda key: tuple(jax.random.split(key)), out_shardings=replicated),
         prepare=jax.jit(prepare, out_shardings=(batch_sh, replicated)),
         shuffle=jax.jit(make_shuffle(config.seed, rl.num_minibatches), out_shardings=batch_sh),
-        update=jax.jit(update, in_shardings=(state_sh, batch_sh),
+        update=jax.jit(update, in_shardings=(state_sh, rest_sh, batch_sh),
                        out_shardings=(state_sh, replicated), donate_argnums=0),
         finish_step=jax.jit(lambda state, rng: dict(state, rng=rng, step=state["step"] + 1),
                             out_shardings=state_sh, donate_argnums=0),
@@ -329,8 +347,11 @@ def build(config, workdir: str, *, devices, ckpt: checkpoint.Checkpointer, progr
     checkpoint when there is one, else fresh (after the warm start when configured)."""
     sharding.initialize_distributed(config.mesh)
     mesh = _make_mesh(config, devices)
-    model, tokenizer, eos_ids, pad_id = _load_policy(config, workdir, mesh)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    model, tokenizer, eos_ids, pad_id, model_path = _load_policy(config, workdir, mesh)
+    adapters = config.lora.rank > 0
+    # With LoRA the adapters train and the base is `rest`; otherwise every parameter trains.
+    graphdef, params, rest = lora.split(model) if adapters else nnx.split(model, nnx.Param, ...)
+    base_model = lora.base_fingerprint(model_path) if adapters else None
     del model  # `params` is donated to the state below
     iterator = data.iterator_from_config(config, tokenizer)
     iterator.dataset[0]  # a row without the preset's fields fails now, not after compilation
@@ -338,10 +359,15 @@ def build(config, workdir: str, *, devices, ckpt: checkpoint.Checkpointer, progr
     rl = config.rl
     tx, schedule = make_optimizer(config.optim,
                                   config.train.num_steps * rl.num_epochs * rl.num_minibatches)
-    init, abstract_state = create_state(params, tx, mesh, seed=config.seed, beta=rl.beta)
+    init, abstract_state = create_state(params, tx, mesh, seed=config.seed, beta=rl.beta,
+                                        adapters=adapters)
     latest = ckpt.latest_step()
     if latest is not None:
         state, meta = ckpt.restore(latest, abstract_state)
+        if meta.get("base_model") != base_model:
+            raise ValueError(
+                f"checkpoint {ckpt.directory}/{latest} holds adapters trained on the base model "
+                f"{meta.get('base_model')}, but this run's base model is {base_model}")
         iterator.restore(meta["data"])
         progress.message(f"resumed from step {latest} ({ckpt.directory}/{latest})")
     else:
@@ -352,7 +378,8 @@ def build(config, workdir: str, *, devices, ckpt: checkpoint.Checkpointer, progr
         state = init(params)
     state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
     setup = make_setup(config, mesh, graphdef, rest, tokenizer, eos_ids, pad_id, tx=tx,
-                       schedule=schedule, state_sh=state_sh)
+                       schedule=schedule, state_sh=state_sh, model_path=model_path,
+                       base_model=base_model)
     return setup, state, iterator
 
 
@@ -367,13 +394,15 @@ def _upload(x, sharding_):
         return jax.make_array_from_callback(x.shape, sharding_, lambda index: x[index])
 
 
-def make_prepare(graphdef, rest, rl, *, temperature: float, pad_id: int, on_policy: bool,
-                 batch_sh):
-    """Jittable (params, ref_params, samples, reward_B) → (rollout batch, metrics): the device
-    half of a rollout. The prompt columns are left-padded to a `data.bucket_width` so that the
-    learner compiles for few prompt widths; advantages come from the rewards on device."""
+def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, on_policy: bool,
+                 batch_sh, adapters: bool = False):
+    """Jittable (params, ref_params, rest, samples, reward_B) → (rollout batch, metrics): the
+    device half of a rollout. With `adapters` (LoRA) the reference is the policy with its
+    adapters disabled, i.e. the base, and `ref_params` is unused. The prompt columns are
+    left-padded to a `data.bucket_width` so that the learner compiles for few prompt widths;
+    advantages come from the rewards on device."""
 
-    def prepare(params, ref_params, samples, reward_B):
+    def prepare(params, ref_params, rest, samples, reward_B):
         width_p = data.bucket_width(samples.prompt_tokens.shape[1])
         pad = ((0, 0), (width_p - samples.prompt_tokens.shape[1], 0))
         tokens_BxL = jnp.concatenate(
@@ -397,7 +426,8 @@ def make_prepare(graphdef, rest, rl, *, temperature: float, pad_id: int, on_poli
             metrics.update(entropy=terms["entropy_sum"] / num_tokens,
                            sampler_logprob_gap=terms["sampler_gap_sum"] / num_tokens)
         if rl.beta > 0:
-            batch["ref_logp"] = logprobs(ref_params, tokens_BxL, attn_BxL)[0]
+            reference = lora.disabled(params) if adapters else ref_params
+            batch["ref_logp"] = logprobs(reference, tokens_BxL, attn_BxL)[0]
         return batch, metrics
 
     return prepare
@@ -412,8 +442,11 @@ def rollout(setup: Setup, state, prompts: data.Batch, sample_key):
     config = setup.config
     rl, smp = config.rl, config.sampling
     t0 = time.time()
+    policy = nnx.merge(setup.graphdef, state["params"], setup.rest)
+    if config.lora.rank and config.lora.merge_for_sampling:
+        policy = lora.merge(policy)
     samples = sampling.generate(
-        nnx.merge(setup.graphdef, state["params"], setup.rest), prompts.prompts,
+        policy, prompts.prompts,
         max_new_tokens=smp.max_new_tokens, temperature=smp.temperature, top_p=smp.top_p,
         top_k=smp.top_k, eos_token_ids=setup.eos_ids, seed=sample_key, n=rl.group_size,
         pad_id=setup.pad_id, mesh=setup.mesh)
@@ -429,8 +462,8 @@ def rollout(setup: Setup, state, prompts: data.Batch, sample_key):
 
     with jax.transfer_guard("disallow"):
         reward_B = _upload(scores.total_B.astype(np.float32), NamedSharding(setup.mesh, PS()))
-        batch, device_metrics = setup.prepare(state["params"], state.get("ref_params"), samples,
-                                              reward_B)
+        batch, device_metrics = setup.prepare(state["params"], state.get("ref_params"),
+                                              setup.rest, samples, reward_B)
     groups = scores.total_B.reshape(-1, rl.group_size)
     host_metrics = dict(
         **scores.metrics("reward"),
@@ -472,7 +505,7 @@ def learn(setup: Setup, state, batch):
             epoch_index = _upload(np.int32(epoch), NamedSharding(setup.mesh, PS()))
             minibatches = setup.shuffle(batch, state["step"], epoch_index)
         for minibatch in minibatches:
-            state, metrics = setup.update(state, minibatch)
+            state, metrics = setup.update(state, setup.rest, minibatch)
             update_metrics.append(metrics)
     return state, update_metrics
 
@@ -563,6 +596,7 @@ def _run(config, workdir, devices, stop):
     setup, state, iterator = build(config, workdir, devices=devices, ckpt=ckpt,
                                    progress=progress)
     policy = lambda: nnx.merge(setup.graphdef, state["params"], setup.rest)
+    meta = lambda: {"data": iterator.state, "base_model": setup.base_model}
 
     history = []
     step = int(jax.device_get(state["step"]))
@@ -582,7 +616,7 @@ def _run(config, workdir, devices, stop):
         progress.update(step, metrics)
         history.append(dict(step=step, **metrics))
 
-        if ckpt.save(step, state, {"data": iterator.state},
+        if ckpt.save(step, state, meta(),
                      force=stop.signal is not None or step == num_steps):
             progress.message(f"checkpoint {step} -> {ckpt.directory}/{step}")
         every = config.eval.every_steps
@@ -595,13 +629,18 @@ def _run(config, workdir, devices, stop):
         # checkpoint of what was done.
         ckpt.wait()
         if ckpt.latest_step() != step:
-            ckpt.save(step, state, {"data": iterator.state}, force=True)
+            ckpt.save(step, state, meta(), force=True)
         progress.message(f"{stop.signal}: saved step {step} and stopped")
     ckpt.close()
     if config.train.export_hf and step == num_steps and stop.signal is None:
         path = os.path.join(workdir, "hf")
-        models.save_pretrained(policy(), path, tokenizer=setup.tokenizer)
+        models.save_pretrained(lora.merge(policy()) if config.lora.rank else policy(), path,
+                               tokenizer=setup.tokenizer)
         progress.message(f"exported the policy to {path}")
+    if config.train.export_peft and step == num_steps and stop.signal is None:
+        path = os.path.join(workdir, "peft")
+        lora.save_peft(policy(), path, base_model_path=setup.model_path)
+        progress.message(f"exported the adapters (PEFT) to {path}")
     writer.close()
     setup.scorer.close()
     return dict(state=state, history=history, stopped_by=stop.signal)

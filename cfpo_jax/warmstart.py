@@ -46,8 +46,10 @@ def run(params, graphdef, rest, *, config, train_iterator, tokenizer, batch_shar
     tx = optax.adam(settings.lr)
     eos = tokenizer.eos_token_id
 
+    # `rest` is an argument, not a closure: with LoRA it is the frozen base, which jit would
+    # otherwise compile in as a constant.
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def sft_step(params, opt_state, tokens, attn, mask):
+    def sft_step(params, opt_state, rest, tokens, attn, mask):
         def loss_fn(p):
             logp, _ = models.sequence_logprobs(nnx.merge(graphdef, p, rest), tokens, attn,
                                                num_completion=mask.shape[1])
@@ -63,7 +65,7 @@ def run(params, graphdef, rest, *, config, train_iterator, tokenizer, batch_shar
                    + [eos] for ex in batch.examples]
         arrays = teacher_forced_batch(batch.prompts, answers, tokenizer.pad_token_id, max_new_tokens)
         tokens, attn, mask = (jax.device_put(x, batch_sharding) for x in arrays)
-        params, opt_state, loss = sft_step(params, opt_state, tokens, attn, mask)
+        params, opt_state, loss = sft_step(params, opt_state, rest, tokens, attn, mask)
         if (i + 1) % max(settings.steps // 5, 1) == 0 or i + 1 == settings.steps:
             progress.message(f"warm start {i + 1}/{settings.steps}  cross-entropy {float(loss):.3f}")
     return params

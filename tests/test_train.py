@@ -151,7 +151,7 @@ def test_non_finite_update_is_skipped_and_never_checkpointed(tmp_path):
     tx, schedule = train.make_optimizer(config.optim, 10)
     state = dict(params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0),
                  step=np.int32(0), updates=np.int32(0), skipped_updates=np.int32(0))
-    update = jax.jit(train.make_update(graphdef, rest, tx, schedule, config.rl, temperature=1.0,
+    update = jax.jit(train.make_update(graphdef, tx, schedule, config.rl, temperature=1.0,
                                        max_len=3, micro_batch_size=0))
     rng = np.random.default_rng(0)
     batch = dict(tokens=rng.integers(3, 50, (4, 8)).astype(np.int32),
@@ -159,12 +159,12 @@ def test_non_finite_update_is_skipped_and_never_checkpointed(tmp_path):
                  old_logp=np.full((4, 3), -3.0, np.float32),
                  adv=np.array([1.0, np.nan, -1.0, 0.5], np.float32))
     before = jax.tree.leaves(jax.device_get(params))
-    new_state, metrics = update(state, batch)
+    new_state, metrics = update(state, rest, batch)
     assert int(new_state["skipped_updates"]) == 1 and int(new_state["updates"]) == 0
     assert float(metrics["update_skipped"]) == 1.0
     assert max_diff(jax.tree.leaves(jax.device_get(new_state["params"])), before) == 0.0
     batch["adv"][1] = 0.25
-    new_state, _ = update(new_state, batch)
+    new_state, _ = update(new_state, rest, batch)
     assert int(new_state["skipped_updates"]) == 1 and int(new_state["updates"]) == 1
 
     manager = checkpoint.Checkpointer(str(tmp_path / "ckpt"), every=1, keep=2)
@@ -354,7 +354,7 @@ def test_on_policy_update_reuses_its_own_logprobs_with_unchanged_losses(tmp_path
         prompt_tokens=spec((rows, width - 3)), prompt_mask=spec((rows, width - 3)),
         tokens=spec((rows, 3)), mask=spec((rows, 3)), logprobs=spec((rows, 3), jnp.float32),
         lengths=spec((rows,)), eos=spec((rows,), bool))
-    prepare_jaxpr = jax.make_jaxpr(setup.prepare)(state["params"], None, samples,
+    prepare_jaxpr = jax.make_jaxpr(setup.prepare)(state["params"], None, setup.rest, samples,
                                                   spec((rows,), jnp.float32))
     assert "dot_general" not in str(prepare_jaxpr)
 
@@ -364,8 +364,8 @@ def test_on_policy_update_reuses_its_own_logprobs_with_unchanged_losses(tmp_path
     recomputed = {k: v for k, v in batch.items() if k != "sampler_logp"}
     recomputed["old_logp"] = old_logp
     state_copy = jax.tree.map(jnp.copy, state)
-    on_policy_state, on_policy = jax.device_get(setup.update(state, batch))
-    recomputed_state, reference = jax.device_get(setup.update(state_copy, recomputed))
+    on_policy_state, on_policy = jax.device_get(setup.update(state, setup.rest, batch))
+    recomputed_state, reference = jax.device_get(setup.update(state_copy, setup.rest, recomputed))
     for key in ("loss", "grad_norm", "clip_frac", "ratio_dev"):
         np.testing.assert_allclose(on_policy[key], reference[key], rtol=1e-5, atol=1e-7, err_msg=key)
     assert on_policy["grad_norm"] > 0
