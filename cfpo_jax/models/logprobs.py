@@ -111,17 +111,20 @@ def _unembed_logprobs_bwd(temperature, chunk_size, residuals, cotangents):
     def chunk(g_weight_VxD, xs):
         hidden_BxCxD, targets_BxC, lse_BxC, mean_z_BxC, g_logp_BxC, g_entropy_BxC = xs
         z_BxCxV = _scaled_logits(hidden_BxCxD, weight_VxD, temperature)
-        p_BxCxV = jnp.exp(z_BxCxV - lse_BxC[..., None])
-        is_target_BxCxV = jnp.arange(z_BxCxV.shape[-1]) == targets_BxC[..., None]
-        # d logp / dz = onehot(target) − p;  d entropy / dz = −p · (z − E_p[z]).
-        g_z_BxCxV = jnp.where(is_target_BxCxV, g_logp_BxC[..., None], 0.0) - p_BxCxV * (
+        # d logp / dz = onehot(target) − p;  d entropy / dz = −p · (z − E_p[z]). The dense −p·(…)
+        # part goes through the matmuls; the one-hot part only touches the target rows of the
+        # weight, so it is a gather (hidden) and a segment sum (weight) of B·C rows.
+        g_dense_BxCxV = -jnp.exp(z_BxCxV - lse_BxC[..., None]) * (
             g_logp_BxC[..., None] + g_entropy_BxC[..., None] * (z_BxCxV - mean_z_BxC[..., None]))
-        g_z_BxCxV = (g_z_BxCxV / temperature).astype(dtype)
-        g_hidden_BxCxD = jnp.einsum("bcv,vd->bcd", g_z_BxCxV, weight,
-                                    preferred_element_type=jnp.float32).astype(dtype)
-        g_weight_VxD = g_weight_VxD + jnp.einsum("bcv,bcd->vd", g_z_BxCxV, hidden_BxCxD,
+        g_dense_BxCxV = (g_dense_BxCxV / temperature).astype(dtype)
+        g_target_BxC = g_logp_BxC / temperature
+        g_hidden_BxCxD = (jnp.einsum("bcv,vd->bcd", g_dense_BxCxV, weight, preferred_element_type=jnp.float32)
+                          + g_target_BxC[..., None] * jnp.take(weight, targets_BxC, axis=0).astype(jnp.float32))
+        g_weight_VxD = g_weight_VxD + jnp.einsum("bcv,bcd->vd", g_dense_BxCxV, hidden_BxCxD,
                                                  preferred_element_type=jnp.float32)
-        return g_weight_VxD, g_hidden_BxCxD
+        g_weight_VxD = g_weight_VxD.at[targets_BxC.reshape(-1)].add(
+            (g_target_BxC[..., None] * hidden_BxCxD.astype(jnp.float32)).reshape(-1, hidden_BxCxD.shape[-1]))
+        return g_weight_VxD, g_hidden_BxCxD.astype(dtype)
 
     xs = tuple(_to_chunks(x, chunk_size) for x in (hidden_BxNxD, targets_BxN, lse_BxN, mean_z_BxN,
                                                    g_logp_BxN, g_entropy_BxN))
