@@ -321,6 +321,15 @@ def test_program_size_does_not_grow_with_depth():
     assert num_equations(2) == num_equations(8)
 
 
+def test_unrolled_layers_match_transformers(checkpoint):
+    """`unroll_layers` (a config option for shallow models) computes the same model."""
+    _, directory, ref = checkpoint
+    model = from_pretrained(directory, unroll_layers=True)
+    tokens, mask = batch(pad=(0, 7))
+    ours = nnx.jit(lambda m, t, k: m(t, mask_BxT=k))(model, jnp.asarray(tokens), jnp.asarray(mask))
+    assert_close_logits(ours, hf_fixtures.reference_logits(ref, tokens, mask), mask)
+
+
 def test_bad_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="remat_policy='some'.*full, dots_with_no_batch_dims, dots"):
         ModelConfig(model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,

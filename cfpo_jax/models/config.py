@@ -11,12 +11,17 @@ One dataclass covers Qwen2/2.5, Qwen3 and Llama 3 (SmolLM2 is a Llama) through f
   (`LlamaForSequenceClassification`, `Qwen2ForSequenceClassification`, Qwen3's). The
   architecture name in config.json says which; its label count is `id2label`'s length, else
   `num_labels`, else transformers' default of 2.
+* `lora_rank`, `lora_alpha`, `lora_targets`: low-rank adapters (`cfpo_jax.lora`) on the named
+  projections, each adding (alpha / rank) · x·A·B to it; rank 0 (the default) means none. They are
+  not part of a Hugging Face config (`to_hf_config` describes the base model).
 
 and, for how the model runs rather than what it is (never written to config.json):
 
 * `remat` / `remat_policy`: rematerialise each layer in the backward pass, and what to keep
   (`REMAT_POLICIES`, see `cfpo_jax.models.transformer`).
 * `attention`: the full-sequence attention kernel (`cfpo_jax.models.attention.IMPLEMENTATIONS`).
+* `unroll_layers`: unroll the layer scan (one copy of the layer per layer in the program: longer
+  compiles, no loop overhead; faster for shallow models on CPU, see benchmarks/README.md).
 
 Both spellings of the RoPE settings in config.json are read: `rope_theta` + `rope_scaling` (what
 published checkpoints carry) and `rope_parameters` (what transformers >= 5 writes). We write the
@@ -31,6 +36,7 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an adapter can sit on
 # What a rematerialised layer keeps for the backward pass; cfpo_jax.models.transformer maps each
 # name to its jax.checkpoint policy and says when to use which.
 REMAT_POLICIES = ("full", "dots_with_no_batch_dims", "dots")
@@ -64,10 +70,14 @@ class ModelConfig:
     remat: bool = False
     remat_policy: str = "full"
     attention: str = "auto"
+    unroll_layers: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     num_labels: int = 0
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -93,6 +103,24 @@ class ModelConfig:
         if self.num_labels < 0:
             raise ValueError(f"num_labels must be >= 0 (0: causal LM); got {self.num_labels}")
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"unknown lora_targets {unknown}; valid: {', '.join(LORA_TARGETS)}")
+        if self.lora_rank < 0 or (self.lora_rank > 0 and not self.lora_targets):
+            raise ValueError(
+                f"lora_rank={self.lora_rank} must be 0 (no adapters) or > 0 with at least one of "
+                f"lora_targets ({', '.join(LORA_TARGETS)}); got targets {self.lora_targets}"
+            )
+
+    def adapted(self, target: str) -> bool:
+        """Whether projection `target` (one of LORA_TARGETS) carries a low-rank adapter."""
+        return self.lora_rank > 0 and target in self.lora_targets
+
+    @property
+    def lora_scale(self) -> float:
+        """The factor on x·A·B (PEFT's `scaling`, alpha / rank)."""
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     # The config is static metadata of the NNX module, so jit needs it hashable; the dict field
     # is not, hence the explicit hash over a frozen view of it.
