@@ -133,7 +133,6 @@ def probe_tokens(shape: dict) -> np.ndarray:
 
 
 def run_cfpo(args, shape: dict) -> dict:
-    sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
     import jax.numpy as jnp
 
     from cfpo_jax import models, train
@@ -147,6 +146,7 @@ def run_cfpo(args, shape: dict) -> dict:
     c = base_config()
     c.seed = SEED
     c.model.path = args.checkpoint
+    c.model.unroll_layers = True  # our CPU setting for shallow models (Tunix's layer loop is unrolled too)
     c.data.source = f"jsonl:{args.prompts}"
     c.data.template = "plain"
     c.data.batch_size = shape["prompts"]
@@ -155,7 +155,7 @@ def run_cfpo(args, shape: dict) -> dict:
     c.sampling.temperature = 1.0
     c.rewards.fns = ("vs_tunix:cfpo_reward",)
     c.rewards.weights = (1.0,)
-    c.rewards.num_workers = 0
+    c.rewards.num_workers = 1
     c.rl.objective = "ppo"
     c.rl.estimator = "grpo"
     c.rl.agg = "token-mean"
@@ -262,8 +262,10 @@ def child(library: str, python: str, shape_name: str, checkpoint: str, prompts: 
         command = [python, os.path.abspath(__file__), "--child", library, "--shapes", shape_name,
                    "--checkpoint", checkpoint, "--prompts", prompts, "--steps", str(steps),
                    "--out", out.name]
-        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
-                   JAX_PLATFORMS=os.environ.get("JAX_PLATFORMS", ""))
+        # The reward function is imported by name ("vs_tunix:cfpo_reward") in reward workers too.
+        path = os.pathsep.join(filter(None, [REPO, os.path.dirname(os.path.abspath(__file__)),
+                                             os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=path)
         subprocess.run(command, check=True, env=env)
         with open(out.name) as f:
             return json.load(f)
@@ -298,6 +300,9 @@ def main() -> None:
     for name in names:
         if name not in SHAPES:
             sys.exit(f"error: unknown shape {name!r}; valid: {list(SHAPES)}")
+    header = ("| shape | cfpo_jax step | Tunix step | step ratio | cfpo_jax sample | Tunix sample "
+              "| sample ratio | cfpo_jax learn | Tunix learn | learn ratio | max logit diff |\n"
+              + "|---" * 11 + "|")
     rows = []
     for name in names:
         shape = SHAPES[name]
@@ -320,17 +325,13 @@ def main() -> None:
                      f"{args.logit_tol}: the two libraries do not run the same model")
         median = {lib: {k: statistics.median(t for r in results[lib] for t in r[k][1:])
                         for k in ("step", "sample", "learn")} for lib in results}
-        rows.append((name, shape, logit_diff, median))
-
-    print("\n| shape | cfpo_jax step | Tunix step | step ratio | cfpo_jax sample | Tunix sample "
-          "| sample ratio | cfpo_jax learn | Tunix learn | learn ratio | max logit diff |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name, shape, logit_diff, median in rows:
-        ours, theirs = median["cfpo"], median["tunix"]
         cells = []
         for k in ("step", "sample", "learn"):
-            cells += [f"{ours[k]:.3f} s", f"{theirs[k]:.3f} s", f"{ours[k] / theirs[k]:.2f}×"]
-        print(f"| {describe(shape)} | " + " | ".join(cells) + f" | {logit_diff:.1e} |")
+            ours, theirs = median["cfpo"][k], median["tunix"][k]
+            cells += [f"{ours:.3f} s", f"{theirs:.3f} s", f"{ours / theirs:.2f}×"]
+        rows.append(f"| {describe(shape)} | " + " | ".join(cells) + f" | {logit_diff:.1e} |")
+        print(f"\n{header}\n{rows[-1]}\n", flush=True)  # each shape as soon as it is done
+    print(f"\n{header}\n" + "\n".join(rows))
     print("\nMedians of steps 2..N over all runs; ratio = cfpo_jax / Tunix (below 1: cfpo_jax faster).")
 
 
