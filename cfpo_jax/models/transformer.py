@@ -27,7 +27,7 @@ what each layer keeps (`REMAT_POLICY`):
   gate/up/down: ≈ (2D + (N + 2K)·H + 2F) values per token per layer); only norms, RoPE,
   activations and attention are recomputed, so the extra FLOPs are small. The usual choice when
   it fits (MaxText's "minimal").
-* "dots": every matmul output, including the einsum path's [T, S] attention scores (on CPU): more
+* "dots": every matmul output, including the einsum path's [T, S] attention scores: more
   memory than the above for almost no compute saved; there for comparison and for short
   sequences. (A fused attention kernel is not a dot: its output is recomputed either way.)
 
@@ -79,6 +79,7 @@ def _adapt(module, target, x, out):
     lora_b = getattr(module, f"{target}_lora_b")[...].astype(x.dtype)
     xa = jnp.tensordot(x, lora_a, axes=lora_a.ndim - 1) * module.config.lora_scale
     return out + jnp.tensordot(xa, lora_b, axes=1)
+
 
 REMAT_POLICY = {
     "full": None,  # jax.checkpoint saves nothing but the inputs
