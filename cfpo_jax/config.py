@@ -73,6 +73,10 @@ def base_config() -> ml_collections.ConfigDict:
     # are killed) can, so configs scoring model output with `math` use workers.
     c.rewards.num_workers = 0
     c.rewards.timeout_s = 5.0
+    # Reward models ("rm:<path>" in fns, issue 14): scored on device with their own chat template.
+    c.rewards.rm_max_len = 2048  # tokens of templated prompt + completion; longer keeps the end
+    c.rewards.rm_batch_size = 0  # sequences per reward-model forward; 0 = the whole rollout
+    c.rewards.rm_dtype = ""  # params and compute, e.g. "bfloat16"; "" = the checkpoint's
 
     c.eval = ml_collections.ConfigDict()
     c.eval.sources = ()  # data specs, e.g. ("tfds:math500", "hf:openai/gsm8k:test")
@@ -129,6 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
+    "rewards.rm_dtype": ("", "float32", "bfloat16"),
     "data.template": ("chat", "plain"),
     "data.preset": (None, "gsm8k", "math", "math500"),
     "rl.objective": tuple(losses.REGISTRY["objective"]),

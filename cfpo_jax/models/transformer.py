@@ -5,7 +5,8 @@ embeddings, RoPE scaling), never by copies of this code. Parameter names are the
 that `cfpo_jax.sharding` keys its one rule table on: `embedding [V, D]`, `lm_head [D, V]`,
 `q_kernel [D, N, H]`, `k_kernel`/`v_kernel [D, K, H]`, `o_kernel [N, H, D]`, `q_bias [N, H]`,
 `k_bias`/`v_bias [K, H]`, `gate_kernel`/`up_kernel [D, F]`, `down_kernel [F, D]` and `scale` for
-every RMSNorm. Everything under `blocks` carries a leading layer axis [L, ...].
+every RMSNorm, and for a reward model (`config.num_labels > 0`) `score [D, num_labels]` in place of
+the unembedding. Everything under `blocks` carries a leading layer axis [L, ...].
 
 The layer loop is a `jax.lax.scan` over the stacked block state (`nnx.merge` of one layer's slice
 inside the body), so the compiled program holds one layer however deep the model is. With
@@ -212,7 +213,9 @@ class Transformer(nnx.Module):
         self.config = config
         D, V, pdt = config.hidden_size, config.vocab_size, config.param_dtype
         self.embedding = nnx.Param(_INIT(rngs.params(), (V, D), pdt))
-        if not config.tie_embeddings:
+        if config.num_labels:
+            self.score = nnx.Param(_INIT(rngs.params(), (D, config.num_labels), pdt))
+        elif not config.tie_embeddings:
             self.lm_head = nnx.Param(_INIT(rngs.params(), (D, V), pdt))
 
         @nnx.split_rngs(splits=config.num_layers)
@@ -257,6 +260,8 @@ class Transformer(nnx.Module):
 
     def unembed(self, hidden_BxTxD):
         """Logits [B, T, V] in float32 (float32 accumulation whatever the compute dtype)."""
+        if self.config.num_labels:
+            raise ValueError("a reward model (sequence classification) has no unembedding; use reward()")
         dtype = hidden_BxTxD.dtype
         if self.config.tie_embeddings:
             return jnp.einsum(
@@ -265,6 +270,27 @@ class Transformer(nnx.Module):
         return jnp.einsum(
             "btd,dv->btv", hidden_BxTxD, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32
         )
+
+    def reward(self, tokens_BxT, mask_BxT):
+        """Scalar reward per row, float32 [B]: the score head's first label at the last real token.
+
+        The last real token is the rightmost position with mask 1, so padding may sit on either
+        side. transformers picks the rightmost token that is not `pad_token_id`; the two agree
+        whenever padding is exactly the pad-token positions (a pad id that also occurs as a real
+        token, e.g. pad = EOS, is where the mask is the one to trust).
+        """
+        if not self.config.num_labels:
+            raise ValueError("reward() needs a sequence-classification checkpoint (a score head); "
+                             "this model is a causal LM")
+        T = tokens_BxT.shape[1]
+        mask_BxT = mask_BxT.astype(jnp.int32)
+        hidden_BxTxD = self.hidden(tokens_BxT, mask_BxT=mask_BxT)
+        last_B = jnp.argmax(jnp.arange(T, dtype=jnp.int32) * mask_BxT, axis=-1)
+        last_BxD = jnp.take_along_axis(hidden_BxTxD, last_B[:, None, None], axis=1)[:, 0]
+        scores_BxL = jnp.einsum(
+            "bd,dl->bl", last_BxD, self.score[...].astype(last_BxD.dtype), preferred_element_type=jnp.float32
+        )
+        return scores_BxL[:, 0]
 
     def __call__(self, tokens_BxT, *, positions_BxT=None, mask_BxT=None):
         """Logits [B, T, V] float32. Positions default to `default_positions(mask)` (arange without)."""
