@@ -14,7 +14,8 @@ Layout (R = prompts × n rows, P padded prompt length, N = max_new_tokens, V voc
   (`models.decode_attention`), in place. The KV cache is therefore O(K × (P + N)) whatever R is.
 * Continuous batching, host-driven: a jitted `_insert` prefills waiting rows (each distinct prompt
   of the batch once; a batch of a power-of-two size, so few shapes compile) and writes them into
-  free slots; a jitted `_decode_chunk` runs decode steps over all K slots in a `lax.while_loop`
+  free slots (at most ~16k prompt tokens per batch shard per call, to bound the prefill's
+  activations); a jitted `_decode_chunk` runs decode steps over all K slots in a `lax.while_loop`
   until a sixteenth of the slots (at least one) are free again while rows wait, or until every
   slot is free when none wait; then the host refills the free slots and calls it again. Only the
   K slot flags come to the host between chunks. A finished row's slot is recomputed (and its
@@ -63,6 +64,7 @@ from cfpo_jax.sharding import BATCH_AXES, to_host
 
 DEFAULT_KV_CACHE_GB = 8.0
 _REFILL_FRACTION = 16  # a chunk returns to the host when K / 16 slots (at least 1) are free
+_PREFILL_TOKENS = 16384  # prompt tokens per prefill call and batch shard (a power of two of rows)
 
 
 @flax.struct.dataclass
@@ -357,6 +359,13 @@ def slots_for_budget(config, num_cache_slots: int, kv_cache_gb: float, mesh=None
     return max(per_device, 1) * shards
 
 
+def engine_settings(sampling_config) -> dict:
+    """`generate`'s engine arguments from `config.sampling` (max_concurrent 0 and attention ""
+    mean the defaults)."""
+    return dict(max_concurrent=sampling_config.max_concurrent or None,
+                kv_cache_gb=sampling_config.kv_cache_gb, attention=sampling_config.attention or None)
+
+
 @functools.lru_cache(maxsize=None)
 def _announce(message: str) -> None:
     print(message, flush=True)
@@ -451,12 +460,16 @@ def generate(
     weights = decoding.gather_weights(model, mesh)
     slots, outputs = _init_jit(settings, config, num_slots, num_cache_slots, num_rows)
 
+    # Distinct prompts prefilled per insert, per batch shard: a power of two near 16k prompt
+    # tokens, which bounds the prefill's activations (its [M, heads, P, P] attention scores).
+    max_prefill = shards * (1 << (max(_PREFILL_TOKENS // prompt_len, 1).bit_length() - 1))
     next_row = 0
     active_K = np.zeros(num_slots, bool)
     while True:
         free = np.flatnonzero(~active_K)
-        take = min(len(free), num_rows - next_row)
-        if take:
+        while len(free) and next_row < num_rows:
+            first_prompt = next_row // n
+            take = min(len(free), num_rows - next_row, (first_prompt + max_prefill) * n - next_row)
             rows = np.arange(next_row, next_row + take)
             next_row += take
             # Each distinct prompt of these rows is prefilled once; the batch size is a power of
@@ -471,6 +484,7 @@ def generate(
             slots = _insert_jit(settings, weights, slots, prompt_tokens_BxP[prompt_ids],
                                 prompt_mask_BxP[prompt_ids], source_K, row_K)
             active_K[free[:take]] = True
+            free = free[take:]
         if not active_K.any():
             break
         refill_at = max(num_slots // _REFILL_FRACTION, 1) if next_row < num_rows else num_slots + 1

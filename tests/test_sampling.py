@@ -329,6 +329,23 @@ def test_n_samples_prefill_each_prompt_once(monkeypatch):
     np.testing.assert_array_equal(s.prompt_mask, np.repeat([[0, 0, 1, 1], [1, 1, 1, 1]], 3, axis=0))
 
 
+def test_prefill_batches_are_capped_and_rows_stay_in_order(checkpoint, monkeypatch):
+    from cfpo_jax.models import decoding
+
+    _, model, _ = checkpoint
+    prompts = make_prompts((3, 4, 2), seed=6)
+    kwargs = dict(max_new_tokens=7, temperature=1.0, n=2, seed=3)
+    whole = sampling.generate(model, prompts, **kwargs)
+    traced = []
+    prefill = decoding.prefill
+    monkeypatch.setattr(decoding, "prefill", lambda w, t, m: traced.append(t.shape) or prefill(w, t, m))
+    monkeypatch.setattr(sampling, "_PREFILL_TOKENS", 4)  # one prompt of the 4-token bucket per call
+    capped = sampling.generate(model, prompts, **kwargs)
+    assert traced == [(1, 3)]  # one prompt per prefill (traced once, called three times)
+    np.testing.assert_array_equal(capped.tokens, whole.tokens)
+    np.testing.assert_allclose(capped.logprobs, whole.logprobs, atol=1e-5)
+
+
 @pytest.mark.parametrize(
     "kwargs,message",
     [
