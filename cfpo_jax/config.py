@@ -15,6 +15,8 @@ import ml_collections
 from ml_collections import config_dict
 
 from cfpo_jax import advantages, losses
+from cfpo_jax.models.attention import DECODE_IMPLEMENTATIONS
+from cfpo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 OPTIONAL = config_dict.placeholder
 
@@ -29,7 +31,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.path = ""  # HF directory or hub id; "tiny" builds `model.tiny` locally (quickstart)
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"  # compute dtype
-    c.model.remat = False
+    c.model.remat = False  # rematerialise each layer in the backward pass (less memory)
+    # What a rematted layer keeps: "full" (only its input; least memory, reruns the layer
+    # forward), "dots_with_no_batch_dims" (also the weight-matmul outputs; little recompute, the
+    # usual choice when it fits), "dots" (also [T, T] scores on the einsum path; for comparison).
+    c.model.remat_policy = "full"
+    # Full-sequence attention kernel: "auto" = cuDNN flash on GPU (bf16), Pallas splash on TPU,
+    # einsum on CPU; see cfpo_jax/models/attention.py.
+    c.model.attention = "auto"
     # Only read when path == "tiny": a random-init decoder with a character-level tokenizer,
     # written to <workdir>/tiny_model in Hugging Face format so the normal loader is used.
     c.model.tiny = ml_collections.ConfigDict()
@@ -69,7 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     # rollout). Results do not depend on it; memory does.
     c.sampling.max_concurrent = 0
     c.sampling.kv_cache_gb = 8.0
-    c.sampling.attention = ""  # decode attention: "" = the platform's (Pallas on GPU), "xla", "pallas"
+    c.sampling.attention = "auto"  # decode attention: auto (Pallas on GPU, else einsum), einsum, pallas
 
     c.rewards = ml_collections.ConfigDict()
     c.rewards.fns = ("math",)  # registered names or "package.module:function"
@@ -139,6 +148,8 @@ def base_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.remat_policy": REMAT_POLICIES,
+    "model.attention": ATTENTION_IMPLEMENTATIONS,
     "rewards.rm_dtype": ("", "float32", "bfloat16"),
     "data.template": ("chat", "plain"),
     "data.preset": (None, "gsm8k", "math", "math500"),
@@ -148,7 +159,7 @@ _CHOICES = {
     "rl.kl_estimator": tuple(losses.REGISTRY["kl"]),
     "rl.estimator": tuple(advantages.ESTIMATORS),
     "optim.schedule": ("constant", "cosine", "linear"),
-    "sampling.attention": ("", "xla", "pallas"),
+    "sampling.attention": DECODE_IMPLEMENTATIONS,
 }
 
 

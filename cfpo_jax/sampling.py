@@ -11,7 +11,7 @@ Layout (R = prompts × n rows, P padded prompt length, N = max_new_tokens, V voc
   columns [0, P - 1) (written by its prefill), decode step t writes column P - 1 + t (the last
   prompt token at t = 0, the previous sample after) and samples from its logits. The row's valid
   columns are [P - prompt length, P + t); decode attention reads only those
-  (`models.decode_attention`), in place. The KV cache is therefore O(K × (P + N)) whatever R is.
+  (`models.attention.decode_attention`), in place. The KV cache is therefore O(K × (P + N)) whatever R is.
 * Continuous batching, host-driven: a jitted `_insert` prefills waiting rows (each distinct prompt
   of the batch once; a batch of a power-of-two size, so few shapes compile) and writes them into
   free slots (at most ~16k prompt tokens per batch shard per call, to bound the prefill's
@@ -41,8 +41,9 @@ Layout (R = prompts × n rows, P padded prompt length, N = max_new_tokens, V voc
   compute dtype, one buffer per layer, replicated over the batch axes and split over 'tensor'),
   never per decode step; the memory this costs is stated there.
 * Decode attention runs jax's Pallas flash-decoding kernel on GPU and the plain-XLA masked
-  einsum on CPU and TPU (`models.decode_attention`; `attention=` overrides). On GPU the cache's
-  slot count is rounded up to a multiple of 128 for the kernel's blocks.
+  einsum on CPU and TPU (`models.attention.decode_attention`; `attention=` overrides). With the
+  Pallas kernel the cache's slot count is rounded up to a multiple of 128 for its blocks. The
+  prefill runs the trainer's full-sequence kernel (`config.attention`: cuDNN / splash / einsum).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 from cfpo_jax.models import decoding
-from cfpo_jax.models.decode_attention import IMPLEMENTATIONS, SLOT_ALIGN, default_implementation
+from cfpo_jax.models.attention import DECODE_SLOT_ALIGN, resolve_decode
 from cfpo_jax.sharding import BATCH_AXES, to_host
 
 DEFAULT_KV_CACHE_GB = 8.0
@@ -360,10 +361,9 @@ def slots_for_budget(config, num_cache_slots: int, kv_cache_gb: float, mesh=None
 
 
 def engine_settings(sampling_config) -> dict:
-    """`generate`'s engine arguments from `config.sampling` (max_concurrent 0 and attention ""
-    mean the defaults)."""
+    """`generate`'s engine arguments from `config.sampling` (max_concurrent 0: from the budget)."""
     return dict(max_concurrent=sampling_config.max_concurrent or None,
-                kv_cache_gb=sampling_config.kv_cache_gb, attention=sampling_config.attention or None)
+                kv_cache_gb=sampling_config.kv_cache_gb, attention=sampling_config.attention)
 
 
 @functools.lru_cache(maxsize=None)
@@ -387,7 +387,7 @@ def generate(
     mesh: jax.sharding.Mesh | None = None,
     max_concurrent: int | None = None,
     kv_cache_gb: float = DEFAULT_KV_CACHE_GB,
-    attention: str | None = None,
+    attention: str = "auto",
 ) -> Samples:
     """Samples `n` completions of up to `max_new_tokens` tokens per prompt (see the module doc).
 
@@ -404,7 +404,7 @@ def generate(
       mesh: split the slots over its ('data', 'fsdp') axes (weights: see `models.decoding`).
       max_concurrent: K, the rows decoded at once (rounded up to a multiple of the batch shards;
         more than the rows is the rows); None: as many as fit `kv_cache_gb` per device.
-      attention: decode attention implementation ("xla", "pallas"); None: the platform's default.
+      attention: decode attention kernel ("auto", "einsum", "pallas"; see `models.attention`).
 
     Returns:
       `Samples` with R = len(prompts) * n rows (arrays on device).
@@ -418,8 +418,7 @@ def generate(
         raise ValueError(f"max_concurrent must be >= 1 (or None for the kv_cache_gb budget); got {max_concurrent}")
     if kv_cache_gb <= 0:
         raise ValueError(f"kv_cache_gb must be > 0; got {kv_cache_gb}")
-    if attention is not None and attention not in IMPLEMENTATIONS:
-        raise ValueError(f"decode attention implementation {attention!r}; valid: {', '.join(IMPLEMENTATIONS)}")
+    attention = resolve_decode(attention)
 
     token_lists = _as_token_lists(prompts)
     if not token_lists:
@@ -433,10 +432,9 @@ def generate(
     prompt_len = _bucket(max(len(ids) for ids in token_lists), prompt_bucket)
     prompt_tokens_BxP, prompt_mask_BxP = _left_pad(token_lists, prompt_len, pad_id)
 
-    attention = attention or default_implementation()
     num_cache_slots = prompt_len - 1 + max_new_tokens
-    if attention.startswith("pallas"):
-        num_cache_slots = -(-num_cache_slots // SLOT_ALIGN) * SLOT_ALIGN
+    if attention == "pallas":
+        num_cache_slots = -(-num_cache_slots // DECODE_SLOT_ALIGN) * DECODE_SLOT_ALIGN
     shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     num_rows = len(token_lists) * n
     if max_concurrent is None:

@@ -358,7 +358,7 @@ def test_prefill_batches_are_capped_and_rows_stay_in_order(checkpoint, monkeypat
         (dict(prompt_bucket=1), "prompt_bucket"),
         (dict(max_concurrent=0), "max_concurrent"),
         (dict(kv_cache_gb=0.0), "kv_cache_gb"),
-        (dict(attention="flash"), "implementation"),
+        (dict(attention="flash"), "decode attention"),
     ],
 )
 def test_bad_arguments_name_the_value(kwargs, message):
@@ -386,7 +386,7 @@ def test_decode_step_neither_copies_a_layer_cache_nor_gathers_weights():
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     model = shard_model(Transformer(config, rngs=nnx.Rngs(0)), mesh)
     settings = sampling._Settings(max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(1,),
-                                  pad_id=0, prompt_len=8, mesh=mesh, attention="xla")
+                                  pad_id=0, prompt_len=8, mesh=mesh, attention="einsum")
     weights = decoding.gather_weights(model, mesh)
     slots, outputs = sampling._init_jit(settings, config, 8, 27, 16)
     hlo = sampling._decode_chunk_jit.lower(

@@ -12,6 +12,12 @@ One dataclass covers Qwen2/2.5, Qwen3 and Llama 3 (SmolLM2 is a Llama) through f
   architecture name in config.json says which; its label count is `id2label`'s length, else
   `num_labels`, else transformers' default of 2.
 
+and, for how the model runs rather than what it is (never written to config.json):
+
+* `remat` / `remat_policy`: rematerialise each layer in the backward pass, and what to keep
+  (`REMAT_POLICIES`, see `cfpo_jax.models.transformer`).
+* `attention`: the full-sequence attention kernel (`cfpo_jax.models.attention.IMPLEMENTATIONS`).
+
 Both spellings of the RoPE settings in config.json are read: `rope_theta` + `rope_scaling` (what
 published checkpoints carry) and `rope_parameters` (what transformers >= 5 writes). We write the
 first, which every transformers version and vLLM read.
@@ -25,6 +31,10 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# What a rematerialised layer keeps for the backward pass; cfpo_jax.models.transformer maps each
+# name to its jax.checkpoint policy and says when to use which.
+REMAT_POLICIES = ("full", "dots_with_no_batch_dims", "dots")
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "cudnn", "splash")
 
 _FAMILY_NAMES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "llama": "Llama"}
 CAUSAL_LM, SEQUENCE_CLASSIFICATION = "ForCausalLM", "ForSequenceClassification"
@@ -52,6 +62,8 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: bool = False
+    remat_policy: str = "full"
+    attention: str = "auto"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -69,6 +81,10 @@ class ModelConfig:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}; valid: {', '.join(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r}; valid: {', '.join(ATTENTION_IMPLEMENTATIONS)}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(

@@ -12,11 +12,12 @@ new rows, and one decode step over a fixed number of cache slots.
 * `SlotCache`: one key and one value buffer per layer, `[slots, kv_heads, S, head_dim]`. The
   layer loop is unrolled (a Python loop, not the trainer's `lax.scan`) so each layer's buffer is
   its own array: a decode step writes one column per slot in place and decode attention reads the
-  buffer where it lies (`cfpo_jax.models.decode_attention`) — no per-layer slice of a stacked
+  buffer where it lies (`cfpo_jax.models.attention.decode_attention`) — no per-layer slice of a stacked
   cache, which copied the whole layer's cache every step (benchmarks/README.md). The price is a
   compiled program that grows with depth (one copy of a layer per layer), as in Tunix and vLLM.
 * The maths is the trainer's: the same `Block` modules (`Attention.qkv` / `Attention.out`, MLP,
-  RMSNorm), RoPE and embedding/unembedding of `cfpo_jax.models.transformer`; only the attention
+  RMSNorm), RoPE and embedding/unembedding of `cfpo_jax.models.transformer`, and the prefill's
+  full-sequence attention is the trainer's kernel (`config.attention`); only the decode attention
   differs in what it reads. tests/test_sampling.py checks the sampler against transformers.
 """
 
@@ -29,8 +30,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from cfpo_jax.models.decode_attention import decode_attention
-from cfpo_jax.models.transformer import default_positions, dot_product_attention, rope_angles
+from cfpo_jax.models.attention import causal_attention, decode_attention
+from cfpo_jax.models.transformer import default_positions, rope_angles
 
 
 @flax.struct.dataclass
@@ -105,15 +106,14 @@ def prefill(weights: SamplingWeights, tokens_MxT, mask_MxT):
     """Keys and values of M left-padded prompts, per layer [M, kv_heads, T, head_dim] (compute
     dtype), causal over real tokens; positions from the mask as in the trainer."""
     model = weights.model()
-    T = tokens_MxT.shape[1]
     sin_MxTxH, cos_MxTxH = rope_angles(model.config, default_positions(mask_MxT))
-    mask_MxTxT = jnp.tril(jnp.ones((T, T), bool))[None] & (mask_MxT[:, None, :] != 0)
     x_MxTxD = model._embed(tokens_MxT)
     keys, values = [], []
     for layer in range(len(weights.layers)):
         block = weights.block(layer)
         q_MxTxNxH, k_MxTxKxH, v_MxTxKxH = block.attn.qkv(block.attn_norm(x_MxTxD), sin_MxTxH, cos_MxTxH)
-        attn_MxTxNxH = dot_product_attention(q_MxTxNxH, k_MxTxKxH, v_MxTxKxH, mask_MxTxT)
+        attn_MxTxNxH = causal_attention(q_MxTxNxH, k_MxTxKxH, v_MxTxKxH, mask_MxT,
+                                        implementation=model.config.attention)
         x_MxTxD = x_MxTxD + block.attn.out(attn_MxTxNxH)
         x_MxTxD = x_MxTxD + block.mlp(block.mlp_norm(x_MxTxD))
         keys.append(k_MxTxKxH.swapaxes(1, 2))
@@ -122,7 +122,7 @@ def prefill(weights: SamplingWeights, tokens_MxT, mask_MxT):
 
 
 def decode_step(weights: SamplingWeights, token_K, position_K, cache: SlotCache, write_K, start_K,
-                *, implementation=None):
+                *, implementation: str = "auto"):
     """Feeds one token per slot: writes its key/value at cache column write_K[k] of slot k (in
     place) and attends over columns [start_K[k], write_K[k]]. Returns (logits [K, V] float32,
     cache)."""
