@@ -241,9 +241,9 @@ def _insert(settings: _Settings, weights, slots: _Slots, prompt_tokens_MxP, prom
     return _constrain_slots(new, settings.mesh)
 
 
-def _decode_chunk(settings: _Settings, weights, slots: _Slots, outputs: _Outputs, key, refill_at):
-    """Decode steps over all slots until `refill_at` slots are free or none is active."""
-    num_new = settings.max_new_tokens
+def _decode_chunk(settings: _Settings, weights, slots: _Slots, outputs: _Outputs, key, budget_R, refill_at):
+    """Decode steps over all slots until `refill_at` slots are free or none is active; row r
+    ends at an EOS or after budget_R[r] tokens."""
     num_rows = outputs.lengths_R.shape[0]
     num_cache_slots = slots.cache.k[0].shape[2]
     eos_ids = jnp.asarray(settings.eos_token_ids, jnp.int32)
@@ -263,7 +263,8 @@ def _decode_chunk(settings: _Settings, weights, slots: _Slots, outputs: _Outputs
         key_K = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(slots.row_K, slots.step_K)
         token_K, logprob_K = _sample(logits_KxV, key_K, settings)
         hit_eos_K = jnp.isin(token_K, eos_ids)
-        finished_K = live_K & (hit_eos_K | (slots.step_K + 1 >= num_new))
+        budget_K = jnp.take(budget_R, slots.row_K, mode="clip")  # (empty slots: not live)
+        finished_K = live_K & (hit_eos_K | (slots.step_K + 1 >= budget_K))
         row_K = jnp.where(live_K, slots.row_K, num_rows)  # out of range: dropped
         done_row_K = jnp.where(finished_K, slots.row_K, num_rows)
         outputs = _Outputs(
@@ -375,7 +376,7 @@ def generate(
     model,
     prompts,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
@@ -395,6 +396,9 @@ def generate(
       model: a `cfpo_jax.models.Transformer`.
       prompts: a list of token-id lists (lengths may differ, none empty), or a pair
         (tokens [B, L], lengths [B]) of right-padded prompts.
+      max_new_tokens: the budget N of every row, or one budget per prompt (as lm-eval requests
+        carry); N = the largest sizes the outputs and the cache. A row cut by its budget has
+        eos False.
       temperature: 0 is greedy; otherwise sample from softmax(logits / temperature).
       top_p, top_k: nucleus / top-k restriction of the sampled distribution (1.0 / 0 = off).
       eos_token_ids: a row stops after the first of these (the EOS is kept, mask 1).
@@ -413,6 +417,13 @@ def generate(
         eos_token_ids = (eos_token_ids,)
     eos_token_ids = tuple(int(i) for i in eos_token_ids)
     config = model.config
+    if isinstance(max_new_tokens, (int, np.integer)):
+        budgets = None
+    else:
+        budgets = np.asarray(max_new_tokens, np.int64)
+        if budgets.ndim != 1 or budgets.size == 0 or budgets.min() < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, or one such budget per prompt; got {max_new_tokens}")
+        max_new_tokens = int(budgets.max())
     _check_settings(config.vocab_size, max_new_tokens, temperature, top_p, top_k, eos_token_ids, n, pad_id)
     if max_concurrent is not None and max_concurrent < 1:
         raise ValueError(f"max_concurrent must be >= 1 (or None for the kv_cache_gb budget); got {max_concurrent}")
@@ -429,6 +440,8 @@ def generate(
     bad = sorted({t for ids in token_lists for t in ids if not 0 <= t < config.vocab_size})
     if bad:
         raise ValueError(f"prompt token ids {bad[:10]} are outside the vocabulary [0, {config.vocab_size})")
+    if budgets is not None and len(budgets) != len(token_lists):
+        raise ValueError(f"max_new_tokens has {len(budgets)} budgets for {len(token_lists)} prompts")
     prompt_len = _bucket(max(len(ids) for ids in token_lists), prompt_bucket)
     prompt_tokens_BxP, prompt_mask_BxP = _left_pad(token_lists, prompt_len, pad_id)
 
@@ -455,6 +468,7 @@ def generate(
         max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
         top_p=float(top_p), eos_token_ids=eos_token_ids, pad_id=int(pad_id), prompt_len=prompt_len,
         mesh=mesh, attention=attention)
+    budget_R = (np.full(num_rows, max_new_tokens) if budgets is None else np.repeat(budgets, n)).astype(np.int32)
     weights = decoding.gather_weights(model, mesh)
     slots, outputs = _init_jit(settings, config, num_slots, num_cache_slots, num_rows)
 
@@ -486,7 +500,7 @@ def generate(
         if not active_K.any():
             break
         refill_at = max(num_slots // _REFILL_FRACTION, 1) if next_row < num_rows else num_slots + 1
-        slots, outputs = _decode_chunk_jit(settings, weights, slots, outputs, key, np.int32(refill_at))
+        slots, outputs = _decode_chunk_jit(settings, weights, slots, outputs, key, budget_R, np.int32(refill_at))
         active_K = np.array(to_host(slots.active_K))
 
     lengths_R = outputs.lengths_R

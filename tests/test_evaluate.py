@@ -161,7 +161,8 @@ def get_config():
         user_template="{{question}}", batch_size=4, seed=0,
         synthetic=ml_collections.ConfigDict(dict(digits=1, ops="+", terms=2))))
     c.sampling = ml_collections.ConfigDict(dict(max_prompt_len=64, max_new_tokens=6,
-                                                temperature=1.0, top_p=1.0, top_k=0))
+                                                temperature=1.0, top_p=1.0, top_k=0,
+                                                max_concurrent=3, kv_cache_gb=1.0, attention="auto"))
     c.rewards = ml_collections.ConfigDict(dict(fns=("math",), weights=(1.0,), num_workers=0,
                                                timeout_s=5.0))
     c.eval = ml_collections.ConfigDict(dict(

@@ -209,6 +209,24 @@ def test_greedy_matches_transformers_through_refilled_slots(checkpoint):
     assert s.lengths[0] <= 3 and s.lengths[3] <= 7
 
 
+def test_per_prompt_budgets_cut_each_row(checkpoint):
+    _, model, _ = checkpoint
+    prompts = make_prompts()
+    kwargs = dict(temperature=1.0, eos_token_ids=MANY_EOS, n=2, seed=4, max_concurrent=3)
+    full = sampling.generate(model, prompts, max_new_tokens=20, **kwargs)
+    budgets = np.array([3, 20, 9])
+    cut = sampling.generate(model, prompts, max_new_tokens=budgets, **kwargs)
+    assert cut.tokens.shape == (6, 20)
+    full_len, budget_R = np.asarray(full.lengths), np.repeat(budgets, 2)
+    np.testing.assert_array_equal(cut.lengths, np.minimum(full_len, budget_R))
+    np.testing.assert_array_equal(cut.eos, np.asarray(full.eos) & (full_len <= budget_R))
+    keep = np.arange(20)[None] < np.asarray(cut.lengths)[:, None]
+    np.testing.assert_array_equal(np.where(keep, cut.tokens, -1), np.where(keep, full.tokens, -1))
+    assert np.all(np.asarray(cut.tokens)[~keep] == 0) and np.all(np.asarray(cut.logprobs)[~keep] == 0)
+    with pytest.raises(ValueError, match="2 budgets for 3 prompts"):
+        sampling.generate(model, prompts, max_new_tokens=[4, 5])
+
+
 def test_default_concurrency_comes_from_the_cache_budget(capsys):
     config = ModelConfig(model_type="qwen2", vocab_size=32, hidden_size=32, intermediate_size=32,
                          num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, dtype="float32")
