@@ -405,7 +405,7 @@ def _run(config, workdir, devices, stop):
             nnx.merge(graphdef, state["params"], rest), batch.prompts,
             max_new_tokens=smp.max_new_tokens, temperature=temperature, top_p=smp.top_p,
             top_k=smp.top_k, eos_token_ids=tuple(eos_ids), seed=sample_key, n=rl.group_size,
-            pad_id=pad_id, mesh=mesh)
+            pad_id=pad_id, mesh=mesh, **sampling.engine_settings(smp))
         samples = sharding.to_host(samples)
         t1 = time.time()
 

@@ -408,7 +408,8 @@ def test_decode_step_neither_copies_a_layer_cache_nor_gathers_weights():
     weights = decoding.gather_weights(model, mesh)
     slots, outputs = sampling._init_jit(settings, config, 8, 27, 16)
     hlo = sampling._decode_chunk_jit.lower(
-        settings, weights, slots, outputs, jax.random.key(0), np.int32(3)).compile().as_text()
+        settings, weights, slots, outputs, jax.random.key(0), np.full(16, 20, np.int32), np.int32(3)
+    ).compile().as_text()
     smallest_weight = 64 * 4 * 16 // 2 // 2  # q_kernel [D, N, H] split over fsdp and tensor
     gathered, cache_copies = [], []
     for dims, op in re.findall(r"= [a-z0-9]+\[([0-9,]*)\]\S* (all-gather|copy|dynamic-slice)\(", hlo):
@@ -420,3 +421,25 @@ def test_decode_step_neither_copies_a_layer_cache_nor_gathers_weights():
     assert gathered, "the mesh run gathers the per-step token columns, so the pattern must match"
     assert max(gathered) < smallest_weight, gathered
     assert not cache_copies, cache_copies
+
+
+def test_decode_chunk_writes_the_cache_in_place():
+    """With the slots donated, the compiled decode loop aliases every layer's cache to its output,
+    and its scratch memory stays below one layer's keys (no copy of a layer's cache)."""
+    from cfpo_jax.models import decoding
+
+    config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
+                         num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32")
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    block_graphdef, _ = nnx.split(model.blocks)
+    weights = jax.eval_shape(functools.partial(decoding._gather, graphdef, block_graphdef, None, "float32"), state)
+    settings = sampling._Settings(max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(1,),
+                                  pad_id=0, prompt_len=8, mesh=None, attention="einsum")
+    slots, outputs = jax.eval_shape(functools.partial(sampling._init, settings, config, 2, 4096, 8))
+    budget = jax.ShapeDtypeStruct((8,), jnp.int32)
+    memory = sampling._decode_chunk_jit.lower(
+        settings, weights, slots, outputs, jax.random.key(0), budget, np.int32(1)).compile().memory_analysis()
+    layer_keys = 2 * 2 * 4096 * 8 * 4  # slots x kv heads x columns x head dim x float32
+    assert memory.alias_size_in_bytes >= 2 * 4 * layer_keys  # keys and values of the 4 layers
+    assert memory.temp_size_in_bytes < layer_keys, memory.temp_size_in_bytes
