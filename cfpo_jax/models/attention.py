@@ -153,7 +153,10 @@ def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
     causal = splash_mask.MultiHeadMask([splash_mask.CausalMask((seq_len, seq_len))] * num_heads)
-    return splash.make_splash_mha_single_device(causal, interpret=interpret)
+    # The kernel holds its block-mask tables as arrays: make them concrete even when first built
+    # inside a trace, since the kernel is cached across traces.
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha_single_device(causal, interpret=interpret)
 
 
 def _splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxT):
