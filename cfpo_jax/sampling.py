@@ -11,7 +11,7 @@ Layout (R = prompts × n rows, P padded prompt length, N = max_new_tokens, V voc
   columns [0, P - 1) (written by its prefill), decode step t writes column P - 1 + t (the last
   prompt token at t = 0, the previous sample after) and samples from its logits. The row's valid
   columns are [P - prompt length, P + t); decode attention reads only those
-  (`models.attention.decode_attention`), in place. The KV cache is therefore O(K × (P + N)) whatever R is.
+  (`models.attention.decode_attention`), in place. The KV cache is O(K × (P + N)), whatever R.
 * Continuous batching, host-driven: a jitted `_insert` prefills waiting rows (each distinct prompt
   of the batch once; a batch of a power-of-two size, so few shapes compile) and writes them into
   free slots (at most ~16k prompt tokens per batch shard per call, to bound the prefill's
@@ -35,8 +35,8 @@ Layout (R = prompts × n rows, P padded prompt length, N = max_new_tokens, V voc
   the distribution renormalised over the top-k, as in transformers), by Gumbel-argmax
   (`jax.random.categorical`). The reported logprob is under the *unrestricted*
   softmax(logits / temperature), the distribution the trainer recomputes.
-* A row ends after one of `eos_token_ids` (kept: mask 1) or N tokens; later columns hold
-  `pad_id`, mask 0 and logprob 0.
+* A row ends after one of `eos_token_ids` (kept: mask 1) or its budget (N, or its prompt's own
+  `max_new_tokens`); later columns hold `pad_id`, mask 0 and logprob 0.
 * Weights are gathered once per call into the sampling layout (`models.decoding.gather_weights`:
   compute dtype, one buffer per layer, replicated over the batch axes and split over 'tensor'),
   never per decode step; the memory this costs is stated there.
@@ -504,7 +504,7 @@ def generate(
         active_K = np.array(to_host(slots.active_K))
 
     lengths_R = outputs.lengths_R
-    return Samples(
+    samples = Samples(
         prompt_tokens=jnp.repeat(jnp.asarray(prompt_tokens_BxP), n, axis=0),
         prompt_mask=jnp.repeat(jnp.asarray(prompt_mask_BxP), n, axis=0),
         tokens=outputs.tokens_RxN,
@@ -513,3 +513,9 @@ def generate(
         lengths=lengths_R,
         eos=outputs.eos_R,
     )
+    if mesh is not None:
+        # Every output on the mesh, rows over the batch axes when they divide (as the trainer's
+        # batches are), so later jitted steps need no implicit transfer.
+        rows = NamedSharding(mesh, PS(BATCH_AXES) if num_rows % shards == 0 else PS())
+        samples = jax.device_put(samples, rows)
+    return samples
