@@ -339,7 +339,8 @@ def main(argv):
             return
     tokenizer = models.load_tokenizer(path)
     model = models.from_pretrained(path, param_dtype=config.model.param_dtype,
-                                   dtype=config.model.dtype)
+                                   dtype=config.model.dtype, attention=config.model.attention,
+                                   unroll_layers=config.model.unroll_layers)
     metrics = evaluate_model(model, tokenizer, config, output_dir=output_dir,
                              eos_token_ids=models.eos_token_ids(path, tokenizer))
     for key, value in metrics.items():

@@ -273,7 +273,8 @@ def _load_policy(config, workdir, mesh):
     model = models.from_pretrained(model_path, mesh=mesh, param_dtype=config.model.param_dtype,
                                    dtype=config.model.dtype, remat=config.model.remat,
                                    remat_policy=config.model.remat_policy,
-                                   attention=config.model.attention)
+                                   attention=config.model.attention,
+                                   unroll_layers=config.model.unroll_layers)
     tokenizer = models.load_tokenizer(model_path)
     eos_ids = models.eos_token_ids(model_path, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
