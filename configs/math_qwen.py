@@ -18,6 +18,15 @@ for the longer cache, so ≈ 65 s over 8 GPUs) and then runs one logprob forward
 forward/backward over 10.5M tokens (≈ 1.6e17 FLOPs at ~300 TFLOP/s per GPU ≈ 65 s); the
 evaluation every 10 steps adds ≈ 1.5 min (1.5b).
 
+Memory per device of the learner, measured from XLA's compiled program (benchmarks/memory.py:
+the trainer's update and old-logprob pass AOT-compiled with abstract inputs on 8 fake CPU devices,
+8-way FSDP; GB = 1e9 bytes; see benchmarks/README.md, 2026-11-23): update peak 1.5b 40.8 GB
+(micro-batch 64), 3b 32.4 GB (32), 7b 41.2 GB (16: 11.4 GB params + Adam moments, 29.8 GB
+temporaries); old-logprob pass 20.9 / 13.4 / 14.0 GB. All fit 80 GB. Upper bounds for attention:
+the CPU compile materialises [T, T] scores that the GPU/TPU kernels do not. The rollout's own
+memory (the sampler's KV cache, next to the resident params and Adam moments) is not in these
+figures.
+
 Sampling memory per GPU (8-way FSDP, tensor = 1; sampling.max_concurrent rows over the 8 GPUs,
 so max_concurrent / 8 slots each; cfpo_jax.sampling): every slot holds keys and values for
 2,048 cache columns (1,024-token prompt bucket + 1,024 new, rounded up to the Pallas kernel's 128)

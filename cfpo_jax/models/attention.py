@@ -48,7 +48,7 @@ Notes on the fused paths:
   layer, not B·N·T·S float32 scores. Its custom partitioning shards over batch and heads.
 * splash runs per sequence (vmapped over the batch) with the default 128 × 128 blocks; sequences
   are padded to a multiple of 128 (the pad is its own segment). With a mesh in context
-  (`jax.sharding.use_mesh`), the kernel runs per batch shard under `shard_map`; without one, XLA
+  (`jax.set_mesh`), the kernel runs per batch shard under `shard_map`; without one, XLA
   sees one opaque call over the global arrays. Block sizes are untuned: no TPU was available when
   this was written.
 """
