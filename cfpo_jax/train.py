@@ -417,7 +417,7 @@ def rollout(setup: Setup, state, prompts: data.Batch, sample_key):
         nnx.merge(setup.graphdef, state["params"], setup.rest), prompts.prompts,
         max_new_tokens=smp.max_new_tokens, temperature=smp.temperature, top_p=smp.top_p,
         top_k=smp.top_k, eos_token_ids=setup.eos_ids, seed=sample_key, n=rl.group_size,
-        pad_id=setup.pad_id, mesh=setup.mesh)
+        pad_id=setup.pad_id, mesh=setup.mesh, **sampling.engine_settings(smp))
     # The completion text is all the host needs from the samples.
     tokens_BxN, lengths_B = sharding.to_host((samples.tokens, samples.lengths))
     t1 = time.time()
