@@ -100,9 +100,11 @@ def abstract_learner(config, mesh):
                      old_logp=column((rows, N), jnp.float32))
     if rl.beta > 0:
         minibatch["ref_logp"] = column((rows, N), jnp.float32)
+    pure_update = train.make_update(graphdef, tx, schedule, rl, temperature=smp.temperature,
+                                    max_len=N, micro_batch_size=rl.micro_batch_size)
+    # `rest` (the non-trained model state) is empty without LoRA: closing over it costs nothing.
     update = jax.jit(
-        train.make_update(graphdef, rest, tx, schedule, rl, temperature=smp.temperature, max_len=N,
-                          micro_batch_size=rl.micro_batch_size),
+        lambda state, batch: pure_update(state, rest, batch),
         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, NamedSharding(mesh, PS())),
         donate_argnums=0)
     rollout = rows * rl.num_minibatches
