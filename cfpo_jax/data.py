@@ -15,7 +15,8 @@ Sources (`config.data.source`, `config.eval.sources`):
 Split defaults to "train". Every example is a dict with `question` and `answer` (strings) plus the
 row's other fields, which reach reward functions as `example_fields`. Presets say where question
 and answer come from: `gsm8k` (question; the number after `####` of answer, commas removed),
-`math` / `math500` (problem; answer, else the last `\\boxed{}` of solution); no preset: the row
+`math` / `math500` (problem; answer, else the last `\\boxed{}` of solution), `prompt_collection`
+(OpenRLHF's prompt collections: the last user turn of context_messages; no answer); no preset: the row
 already has `question` and `answer`. A row without a needed field is an error naming the field,
 the row index and the source — raised when the row is read, so a large source is not scanned up
 front.
@@ -75,13 +76,28 @@ def _math(row, index, source):
     return {**row, "question": question, "answer": answer}
 
 
+def _prompt_collection(row, index, source):
+    """OpenRLHF's prompt collections: the prompt is the last user turn of `context_messages` (a
+    chat-message list), else `context`; there is no gold answer (a reward model judges)."""
+    messages = row.get("context_messages")
+    if messages:
+        users = [m["content"] for m in messages if m.get("role") == "user"]
+        if not users:
+            raise ValueError(f"{source} row {index}: context_messages has no user turn")
+        question = users[-1]
+    else:
+        question = str(_field(row, "context", index, source, "prompt_collection"))
+    return {**row, "question": question, "answer": ""}
+
+
 def _plain(row, index, source):
     return {**row, "question": str(_field(row, "question", index, source, None)),
             "answer": str(_field(row, "answer", index, source, None))}
 
 
 PRESETS: dict[str | None, Callable[[dict, int, str], dict]] = {
-    None: _plain, "gsm8k": _gsm8k, "math": _math, "math500": _math}
+    None: _plain, "gsm8k": _gsm8k, "math": _math, "math500": _math,
+    "prompt_collection": _prompt_collection}
 
 
 def preset_for(source: str) -> str | None:
