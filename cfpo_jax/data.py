@@ -257,6 +257,15 @@ def load(source: str, *, preset: str | None = None, synthetic: dict | None = Non
 
 # ---------------------------------------------------------------- prompts
 
+def chat_messages(question: str, system_prompt: str | None, user_template: str) -> list[dict]:
+    """The conversation the policy answers, as chat messages (system if set, then user); a reward
+    model re-writes it with its own chat template."""
+    # str.replace, not str.format: templates hold LaTeX braces like "\boxed{}".
+    user = user_template.replace("{question}", question)
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": user}]
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptBuilder:
     """Question → prompt text and token ids.
@@ -281,16 +290,8 @@ class PromptBuilder:
             raise ValueError("template 'chat' but the tokenizer has no chat_template; use "
                              "template 'plain' for a base model")
 
-    def messages(self, question: str) -> list[dict]:
-        """The conversation the policy answers, as chat messages (system if set, then user); a
-        reward model re-writes it with its own chat template."""
-        # str.replace, not str.format: templates hold LaTeX braces like "\boxed{}".
-        user = self.user_template.replace("{question}", question)
-        return ([{"role": "system", "content": self.system_prompt}] if self.system_prompt
-                else []) + [{"role": "user", "content": user}]
-
     def text(self, question: str) -> str:
-        messages = self.messages(question)
+        messages = chat_messages(question, self.system_prompt, self.user_template)
         if self.template == "plain":
             return "\n\n".join(m["content"] for m in messages)
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
