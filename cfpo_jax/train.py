@@ -101,10 +101,10 @@ def _micro_batches(tree, micro_size: int):
 
 
 def completion_logprobs(model, tokens_BxL, attn_BxL, num_new: int, temperature: float):
-    """(logp_BxN, entropy_BxN), float32, of the last N = `num_new` columns (the completion)."""
-    logp_BxL, entropy_BxL = models.sequence_logprobs(model, tokens_BxL, attn_BxL,
-                                                     temperature=temperature)
-    return logp_BxL[:, -num_new:], entropy_BxL[:, -num_new:]
+    """(logp_BxN, entropy_BxN), float32, of the last N = `num_new` columns (the completion); the
+    prompt columns cost no vocabulary work."""
+    return models.sequence_logprobs(model, tokens_BxL, attn_BxL, temperature=temperature,
+                                    num_completion=num_new)
 
 
 def _rollout_policy_terms(logp_BxN, entropy_BxN, sampler_logp_BxN, mask_BxN):
@@ -272,7 +272,9 @@ def _load_policy(config, workdir, mesh):
         model_path = tiny.build(os.path.join(workdir, "tiny_model"), seed=config.seed,
                                 **config.model.tiny.to_dict())
     model = models.from_pretrained(model_path, mesh=mesh, param_dtype=config.model.param_dtype,
-                                   dtype=config.model.dtype, remat=config.model.remat)
+                                   dtype=config.model.dtype, remat=config.model.remat,
+                                   remat_policy=config.model.remat_policy,
+                                   attention=config.model.attention)
     tokenizer = models.load_tokenizer(model_path)
     eos_ids = models.eos_token_ids(model_path, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
@@ -297,6 +299,66 @@ class Setup:
     shuffle: object  # (rollout batch, step, epoch) → num_minibatches minibatches
     update: object  # (state, minibatch) → (state, metrics); state donated
     finish_step: object  # (state, rng) → state of the next step; state donated
+
+
+def make_setup(config, mesh, graphdef, rest, tokenizer, eos_ids, pad_id, *, tx, schedule,
+               state_sh) -> Setup:
+    """The jitted stage functions with their shardings (`state_sh`: the state's shardings)."""
+    rl, smp = config.rl, config.sampling
+    batch_sh = sharding.batch_sharding(mesh)
+    replicated = NamedSharding(mesh, PS())
+    on_policy = rl.num_epochs == 1 and rl.num_minibatches == 1
+    update = make_update(graphdef, rest, tx, schedule, rl, temperature=smp.temperature,
+                         max_len=smp.max_new_tokens, micro_batch_size=rl.micro_batch_size)
+    prepare = make_prepare(graphdef, rest, rl, temperature=smp.temperature, pad_id=pad_id,
+                           on_policy=on_policy, batch_sh=batch_sh)
+    return Setup(
+        config=config, mesh=mesh, graphdef=graphdef, rest=rest, tokenizer=tokenizer,
+        eos_ids=tuple(eos_ids), pad_id=pad_id,
+        scorer=rewards.Scorer.from_config(config.rewards, mesh=mesh),
+        split_rng=jax.jit(lambda key: tuple(jax.random.split(key)), out_shardings=replicated),
+        prepare=jax.jit(prepare, out_shardings=(batch_sh, replicated)),
+        shuffle=jax.jit(make_shuffle(config.seed, rl.num_minibatches), out_shardings=batch_sh),
+        update=jax.jit(update, in_shardings=(state_sh, batch_sh),
+                       out_shardings=(state_sh, replicated), donate_argnums=0),
+        finish_step=jax.jit(lambda state, rng: dict(state, rng=rng, step=state["step"] + 1),
+                            out_shardings=state_sh, donate_argnums=0),
+    )
+
+
+def build(config, workdir: str, *, devices, ckpt: checkpoint.Checkpointer, progress):
+    """Stage 1: (setup, state, data iterator) — the state restored from `ckpt`'s latest
+    checkpoint when there is one, else fresh (after the warm start when configured)."""
+    sharding.initialize_distributed(config.mesh.distributed)
+    mesh = _make_mesh(config, devices)
+    model, tokenizer, eos_ids, pad_id = _load_policy(config, workdir, mesh)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    del model  # `params` is donated to the state below
+    iterator = data.iterator_from_config(config, tokenizer)
+    iterator.dataset[0]  # a row without the preset's fields fails now, not after compilation
+
+    rl = config.rl
+    tx, schedule = make_optimizer(config.optim,
+                                  config.train.num_steps * rl.num_epochs * rl.num_minibatches)
+    init, abstract_state = create_state(params, tx, mesh, seed=config.seed, beta=rl.beta)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, meta = ckpt.restore(latest, abstract_state)
+        iterator.restore(meta["data"])
+        progress.message(f"resumed from step {latest} ({ckpt.directory}/{latest})")
+    else:
+        if config.warmstart.steps:
+            params = warmstart.run(params, graphdef, rest, config=config, train_iterator=iterator,
+                                   tokenizer=tokenizer, batch_sharding=sharding.batch_sharding(mesh),
+                                   progress=progress)
+        state = init(params)
+    state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
+    setup = make_setup(config, mesh, graphdef, rest, tokenizer, eos_ids, pad_id, tx=tx,
+                       schedule=schedule, state_sh=state_sh)
+    return setup, state, iterator
+
+
+# ============================================================================ 2. rollout
 
 
 def _upload(x, sharding_):
@@ -357,49 +419,6 @@ def make_prepare(graphdef, rest, rl, *, temperature: float, pad_id: int, on_poli
     return prepare
 
 
-def make_shuffle(seed: int, num_minibatches: int):
-    """Jittable (batch, step, epoch) → `num_minibatches` minibatches of a permutation of the rows
-    drawn from (seed, step, epoch)."""
-
-    def shuffle(batch, step, epoch):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), step), epoch)
-        rows = batch["mask"].shape[0]
-        order = jax.random.permutation(key, rows)
-        size = rows // num_minibatches
-        return [jax.tree.map(lambda x: x[order[i * size:(i + 1) * size]], batch)
-                for i in range(num_minibatches)]
-
-    return shuffle
-
-
-def make_setup(config, mesh, graphdef, rest, tokenizer, eos_ids, pad_id, *, tx, schedule,
-               state_sh) -> Setup:
-    """The jitted stage functions with their shardings (`state_sh`: the state's shardings)."""
-    rl, smp = config.rl, config.sampling
-    batch_sh = sharding.batch_sharding(mesh)
-    replicated = NamedSharding(mesh, PS())
-    on_policy = rl.num_epochs == 1 and rl.num_minibatches == 1
-    update = make_update(graphdef, rest, tx, schedule, rl, temperature=smp.temperature,
-                         max_len=smp.max_new_tokens, micro_batch_size=rl.micro_batch_size)
-    prepare = make_prepare(graphdef, rest, rl, temperature=smp.temperature, pad_id=pad_id,
-                           on_policy=on_policy, batch_sh=batch_sh)
-    return Setup(
-        config=config, mesh=mesh, graphdef=graphdef, rest=rest, tokenizer=tokenizer,
-        eos_ids=tuple(eos_ids), pad_id=pad_id,
-        scorer=rewards.Scorer.from_config(config.rewards, mesh=mesh),
-        split_rng=jax.jit(lambda key: tuple(jax.random.split(key)), out_shardings=replicated),
-        prepare=jax.jit(prepare, out_shardings=(batch_sh, replicated)),
-        shuffle=jax.jit(make_shuffle(config.seed, rl.num_minibatches), out_shardings=batch_sh),
-        update=jax.jit(update, in_shardings=(state_sh, batch_sh),
-                       out_shardings=(state_sh, replicated), donate_argnums=0),
-        finish_step=jax.jit(lambda state, rng: dict(state, rng=rng, step=state["step"] + 1),
-                            out_shardings=state_sh, donate_argnums=0),
-    )
-
-
-# ============================================================================ 2. rollout
-
-
 def rollout(setup: Setup, state, prompts: data.Batch, sample_key):
     """sample → completion text → rewards → advantages, old / reference logprobs.
 
@@ -445,6 +464,21 @@ def rollout(setup: Setup, state, prompts: data.Batch, sample_key):
 
 
 # ============================================================================ 3. learn
+
+
+def make_shuffle(seed: int, num_minibatches: int):
+    """Jittable (batch, step, epoch) → `num_minibatches` minibatches of a permutation of the rows
+    drawn from (seed, step, epoch)."""
+
+    def shuffle(batch, step, epoch):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), step), epoch)
+        rows = batch["mask"].shape[0]
+        order = jax.random.permutation(key, rows)
+        size = rows // num_minibatches
+        return [jax.tree.map(lambda x: x[order[i * size:(i + 1) * size]], batch)
+                for i in range(num_minibatches)]
+
+    return shuffle
 
 
 def learn(setup: Setup, state, batch):
@@ -556,38 +590,6 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
         return _run(config, workdir, devices, stop)
     finally:
         stop.restore()
-
-
-def build(config, workdir: str, *, devices, ckpt: checkpoint.Checkpointer, progress):
-    """Stage 1: (setup, state, data iterator) — the state restored from `ckpt`'s latest
-    checkpoint when there is one, else fresh (after the warm start when configured)."""
-    sharding.initialize_distributed(config.mesh.distributed)
-    mesh = _make_mesh(config, devices)
-    model, tokenizer, eos_ids, pad_id = _load_policy(config, workdir, mesh)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    del model  # `params` is donated to the state below
-    iterator = data.iterator_from_config(config, tokenizer)
-    iterator.dataset[0]  # a row without the preset's fields fails now, not after compilation
-
-    rl = config.rl
-    tx, schedule = make_optimizer(config.optim,
-                                  config.train.num_steps * rl.num_epochs * rl.num_minibatches)
-    init, abstract_state = create_state(params, tx, mesh, seed=config.seed, beta=rl.beta)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, meta = ckpt.restore(latest, abstract_state)
-        iterator.restore(meta["data"])
-        progress.message(f"resumed from step {latest} ({ckpt.directory}/{latest})")
-    else:
-        if config.warmstart.steps:
-            params = warmstart.run(params, graphdef, rest, config=config, train_iterator=iterator,
-                                   tokenizer=tokenizer, batch_sharding=sharding.batch_sharding(mesh),
-                                   progress=progress)
-        state = init(params)
-    state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
-    setup = make_setup(config, mesh, graphdef, rest, tokenizer, eos_ids, pad_id, tx=tx,
-                       schedule=schedule, state_sh=state_sh)
-    return setup, state, iterator
 
 
 def _run(config, workdir, devices, stop):

@@ -49,8 +49,8 @@ def run(params, graphdef, rest, *, config, train_iterator, tokenizer, batch_shar
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def sft_step(params, opt_state, tokens, attn, mask):
         def loss_fn(p):
-            logp, _ = models.sequence_logprobs(nnx.merge(graphdef, p, rest), tokens, attn)
-            logp = logp[:, -mask.shape[1]:]
+            logp, _ = models.sequence_logprobs(nnx.merge(graphdef, p, rest), tokens, attn,
+                                               num_completion=mask.shape[1])
             return -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1.0)
         loss, grads = jax.value_and_grad(loss_fn)(params)
         updates, opt_state = tx.update(grads, opt_state, params)

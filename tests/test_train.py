@@ -191,7 +191,7 @@ def _launch(workdir, *overrides):
                             text=True)
 
 
-def _wait_for(predicate, process, timeout=240):
+def _wait_for(predicate, process, timeout=600):
     deadline = time.time() + timeout
     while time.time() < deadline:
         if predicate():
@@ -213,6 +213,8 @@ def test_resume_after_sigkill_and_sigterm_matches_an_uninterrupted_run(tmp_path)
     first.send_signal(signal.SIGKILL)
     first.wait()
     killed_at = max(int(d) for d in os.listdir(ckpts) if d.isdigit())
+    # The killed run may have logged steps after its checkpoint: wait for a record of the restart.
+    records_before_restart = len(read_metrics(str(workdir)))
 
     # 2. Restart: it resumes from that checkpoint; SIGTERM while it runs → checkpoint, exit 0.
     # (A constant learning rate does not depend on num_steps, so a longer run is the same run.)
@@ -221,7 +223,7 @@ def test_resume_after_sigkill_and_sigterm_matches_an_uninterrupted_run(tmp_path)
     _wait_for(lambda: lines.append(second.stdout.readline()) or "resumed from step" in lines[-1],
               second)
     assert f"resumed from step {killed_at}" in lines[-1]
-    _wait_for(lambda: read_metrics(str(workdir))[-1]["step"] > killed_at, second)
+    _wait_for(lambda: len(read_metrics(str(workdir))) > records_before_restart, second)
     second.send_signal(signal.SIGTERM)
     output = second.communicate(timeout=240)[0]
     assert second.returncode == 0, output
@@ -367,8 +369,11 @@ def test_on_policy_update_reuses_its_own_logprobs_with_unchanged_losses(tmp_path
     for key in ("loss", "grad_norm", "clip_frac", "ratio_dev"):
         np.testing.assert_allclose(on_policy[key], reference[key], rtol=1e-5, atol=1e-7, err_msg=key)
     assert on_policy["grad_norm"] > 0
+    # Adam's first step moves each parameter by about ±lr whatever the gradient's size, so a
+    # rounding-level gradient difference shows up at most as a sliver of that step.
+    step_size = config.optim.lr
     assert max_diff(jax.tree.leaves(on_policy_state["params"]),
-                    jax.tree.leaves(recomputed_state["params"])) < 1e-6
+                    jax.tree.leaves(recomputed_state["params"])) < 0.01 * step_size
 
 
 @pytest.mark.parametrize("name, overrides, rtol", [
