@@ -235,7 +235,7 @@ def eos_token_ids(path: str, tokenizer=None) -> tuple[int, ...]:
     """Every token id that ends a completion, sorted: the tokenizer's EOS and the `eos_token_id`
     of config.json and generation_config.json (chat models end a turn with a token that is not
     the tokenizer's EOS, and name it only in generation_config.json)."""
-    directory = _resolve(path)
+    directory = resolve(path)
     ids = [tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else []
     for name in ("config.json", "generation_config.json"):
         file = os.path.join(directory, name)
