@@ -329,7 +329,7 @@ def make_setup(config, mesh, graphdef, rest, tokenizer, eos_ids, pad_id, *, tx, 
 def build(config, workdir: str, *, devices, ckpt: checkpoint.Checkpointer, progress):
     """Stage 1: (setup, state, data iterator) — the state restored from `ckpt`'s latest
     checkpoint when there is one, else fresh (after the warm start when configured)."""
-    sharding.initialize_distributed(config.mesh.distributed)
+    sharding.initialize_distributed(config.mesh)
     mesh = _make_mesh(config, devices)
     model, tokenizer, eos_ids, pad_id = _load_policy(config, workdir, mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
