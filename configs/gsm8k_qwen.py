@@ -20,6 +20,16 @@ benchmarks/README.md, 2026-11-23): update peak 0.5b 18.8 GB, 1.5b 41.0 GB at the
 kernels do not. The rollout's own memory (the sampler's KV cache, next to the resident params and
 Adam moments) is not in these figures.
 
+Sampling memory (one GPU; cfpo_jax.sampling): the 64 × 8 = 512 rows of a step decode at once
+(sampling.max_concurrent = 512, the whole rollout) for 0.5b; each slot holds keys and values for
+768 cache columns (256-token prompt bucket + 512 new, rounded up to 128) = 2 × layers × 2 kv
+heads × 768 × head dim × 2 bytes (bf16). Weights: fp32 master + Adam = params × 12 bytes, and the
+bf16 copy gathered once per rollout = params × 2 bytes:
+  size  params  master+Adam  bf16 copy  KV per slot  slots  KV cache  total
+  0.5b  0.49B     5.9 GB      1.0 GB      9.4 MB      512    4.8 GB   ~12 GB (+ 0.3 GB logits) of 24
+  1.5b  1.54B    18.5 GB      3.1 GB     22.0 MB      256    5.6 GB   ~27 GB (+ 0.2 GB logits) of 40
+Figures computed from the shapes (cfpo_jax.sampling.kv_bytes_per_slot), not measured on a GPU yet.
+
 Numbers: CFPO ε = 0.2, β = 0, GRPO advantages as in the paper; GSM8K train / test with the
 `#### <answer>` preset; prompt 256 and response 512 tokens (GSM8K questions are short and
 solutions rarely exceed 300 tokens); learning rate 1e-6 as verl's GSM8K GRPO examples; 64 prompts
@@ -30,6 +40,7 @@ accelerator (memory above).
 from cfpo_jax.config import base_config
 
 MODELS = {"0.5b": "Qwen/Qwen2.5-0.5B-Instruct", "1.5b": "Qwen/Qwen2.5-1.5B-Instruct"}
+MAX_CONCURRENT = {"0.5b": 512, "1.5b": 256}  # rows decoded at once: memory in the docstring
 
 
 def get_config(arg: str = "0.5b"):
@@ -51,6 +62,7 @@ def get_config(arg: str = "0.5b"):
     c.sampling.max_prompt_len = 256
     c.sampling.max_new_tokens = 512
     c.sampling.temperature = 1.0
+    c.sampling.max_concurrent = MAX_CONCURRENT[arg]
 
     c.rewards.fns = ("gsm8k",)
     c.rewards.weights = (1.0,)
