@@ -431,9 +431,10 @@ def test_model_remat_reaches_the_update_and_cuts_its_compiled_memory(tmp_path):
                      attn=jax.ShapeDtypeStruct((B, P + N), jnp.int32),
                      mask=jax.ShapeDtypeStruct((B, N), jnp.float32), adv=jax.ShapeDtypeStruct((B,), jnp.float32),
                      old_logp=jax.ShapeDtypeStruct((B, N), jnp.float32))
-        update = jax.jit(train.make_update(graphdef, rest, tx, schedule, config.rl, temperature=1.0,
+        update = jax.jit(train.make_update(graphdef, tx, schedule, config.rl, temperature=1.0,
                                            max_len=N, micro_batch_size=0))
-        return update.lower(state, batch).compile().memory_analysis().temp_size_in_bytes, policy.config
+        compiled = update.lower(state, rest, batch).compile()
+        return compiled.memory_analysis().temp_size_in_bytes, policy.config
 
     off, model_config = temp_bytes(model__remat=False)
     full, _ = temp_bytes(model__remat=True, model__remat_policy="full")
