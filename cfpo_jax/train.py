@@ -53,6 +53,7 @@ import optax
 from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 from ml_collections import config_flags
@@ -264,12 +265,24 @@ def _make_mesh(config, devices):
     return mesh
 
 
+def _build_tiny(config, workdir):
+    """Process 0 writes the tiny model; the others wait for it, and write their own copy only
+    where they do not see the workdir's (no shared file system)."""
+    path = os.path.join(workdir, "tiny_model")
+    build = lambda: tiny.build(path, seed=config.seed, **config.model.tiny.to_dict())
+    if jax.process_index() == 0:
+        build()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("tiny_model written")
+        build()  # returns at once where process 0's copy is visible
+    return path
+
+
 def _load_policy(config, workdir, mesh):
     """(model, tokenizer, eos_ids, pad_id) with the parameters placed in their shardings."""
     model_path = config.model.path
     if model_path == "tiny":
-        model_path = tiny.build(os.path.join(workdir, "tiny_model"), seed=config.seed,
-                                **config.model.tiny.to_dict())
+        model_path = _build_tiny(config, workdir)
     model = models.from_pretrained(model_path, mesh=mesh, param_dtype=config.model.param_dtype,
                                    dtype=config.model.dtype, remat=config.model.remat,
                                    remat_policy=config.model.remat_policy,
@@ -327,7 +340,6 @@ def make_setup(config, mesh, graphdef, rest, tokenizer, eos_ids, pad_id, *, tx, 
 def build(config, workdir: str, *, devices, ckpt: checkpoint.Checkpointer, progress):
     """Stage 1: (setup, state, data iterator) — the state restored from `ckpt`'s latest
     checkpoint when there is one, else fresh (after the warm start when configured)."""
-    sharding.initialize_distributed(config.mesh)
     mesh = _make_mesh(config, devices)
     model, tokenizer, eos_ids, pad_id = _load_policy(config, workdir, mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -339,9 +351,10 @@ def build(config, workdir: str, *, devices, ckpt: checkpoint.Checkpointer, progr
     tx, schedule = make_optimizer(config.optim,
                                   config.train.num_steps * rl.num_epochs * rl.num_minibatches)
     init, abstract_state = create_state(params, tx, mesh, seed=config.seed, beta=rl.beta)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, meta = ckpt.restore(latest, abstract_state)
+    # The newest checkpoint that restores intact (damaged ones are set aside with a warning).
+    restored = ckpt.restore_latest(abstract_state)
+    if restored is not None:
+        latest, state, meta = restored
         iterator.restore(meta["data"])
         progress.message(f"resumed from step {latest} ({ckpt.directory}/{latest})")
     else:
@@ -383,7 +396,8 @@ def make_prepare(graphdef, rest, rl, *, temperature: float, pad_id: int, on_poli
                                 for x in (tokens_BxL, attn_BxL))
         mask_BxN = samples.mask.astype(jnp.float32)
         batch = dict(tokens=tokens_BxL, attn=attn_BxL, mask=mask_BxN,
-                     adv=advantages.compute(reward_B, rl.group_size, rl.estimator))
+                     adv=advantages.compute(reward_B, rl.group_size, rl.estimator,
+                                            lengths=jnp.sum(mask_BxN, axis=1)))
         metrics = dict(truncated_frac=1.0 - jnp.mean(samples.eos.astype(jnp.float32)))
         logprobs = make_logprobs(graphdef, rest, temperature=temperature,
                                  micro_batch_size=rl.micro_batch_size,
@@ -542,6 +556,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
     `devices` restricts the mesh (tests compare 1 device with 8); default all devices.
     """
     config_lib.validate(config)
+    sharding.initialize_distributed(config.mesh)  # before any other JAX call
     stop = _StopFlag().install()
     try:
         return _run(config, workdir, devices, stop)
@@ -566,7 +581,10 @@ def _run(config, workdir, devices, stop):
 
     history = []
     step = int(jax.device_get(state["step"]))
-    while step < num_steps and stop.signal is None:
+    # Stopping changes the collective program (a checkpoint now, no next step), so the processes
+    # decide together: after each step, a stop signal to any process stops all of them.
+    stopping = sharding.any_process(stop.signal is not None)
+    while step < num_steps and not stopping:
         t0 = time.time()
         next_rng, sample_key = setup.split_rng(state["rng"])
         batch, host_metrics, device_metrics, times = rollout(setup, state, next(iterator),
@@ -582,29 +600,31 @@ def _run(config, workdir, devices, stop):
         progress.update(step, metrics)
         history.append(dict(step=step, **metrics))
 
+        stopping = sharding.any_process(stop.signal is not None)
         if ckpt.save(step, state, {"data": iterator.state},
-                     force=stop.signal is not None or step == num_steps):
+                     force=stopping or step == num_steps):
             progress.message(f"checkpoint {step} -> {ckpt.directory}/{step}")
         every = config.eval.every_steps
         if config.eval.sources and ((every and step % every == 0) or step == num_steps):
             _evaluate(config, workdir, policy(), setup.tokenizer, setup.mesh, setup.eos_ids, step,
                       writer, progress)
 
-    if stop.signal is not None:
+    stopped_by = stop.signal or ("a stop signal to another process" if stopping else None)
+    if stopped_by is not None:
         # A signal before the first RL step (during compilation or the warm start) still leaves a
         # checkpoint of what was done.
         ckpt.wait()
         if ckpt.latest_step() != step:
             ckpt.save(step, state, {"data": iterator.state}, force=True)
-        progress.message(f"{stop.signal}: saved step {step} and stopped")
+        progress.message(f"{stopped_by}: saved step {step} and stopped")
     ckpt.close()
-    if config.train.export_hf and step == num_steps and stop.signal is None:
+    if config.train.export_hf and step == num_steps and stopped_by is None:
         path = os.path.join(workdir, "hf")
         models.save_pretrained(policy(), path, tokenizer=setup.tokenizer)
         progress.message(f"exported the policy to {path}")
     writer.close()
     setup.scorer.close()
-    return dict(state=state, history=history, stopped_by=stop.signal)
+    return dict(state=state, history=history, stopped_by=stopped_by)
 
 
 # ============================================================================ command line
