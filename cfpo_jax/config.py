@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from cfpo_jax import advantages, data, losses, rewards
+from cfpo_jax.models.attention import DECODE_IMPLEMENTATIONS
 from cfpo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from cfpo_jax.rewards import workers as reward_workers
 
@@ -66,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic:arithmetic"
-    c.data.preset = OPTIONAL(str)  # "gsm8k" | "math" | "math500"
+    c.data.preset = OPTIONAL(str)  # "gsm8k" | "math" | "math500" | "prompt_collection"
     c.data.template = "chat"  # "chat" | "plain"
     c.data.system_prompt = ""
     c.data.user_template = "{question}"
@@ -83,6 +84,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.temperature = 1.0
     c.sampling.top_p = 1.0
     c.sampling.top_k = 0
+    # The rollout engine (cfpo_jax.sampling): rows decoded at once, over the whole mesh; 0 = as
+    # many as fit kv_cache_gb GB of keys/values per device (the K chosen is printed at the first
+    # rollout). Results do not depend on it; memory does.
+    c.sampling.max_concurrent = 0
+    c.sampling.kv_cache_gb = 8.0
+    c.sampling.attention = "auto"  # decode attention: auto (Pallas on GPU, else einsum), einsum, pallas
 
     c.rewards = ml_collections.ConfigDict()
     c.rewards.fns = ("math",)  # registered names or "package.module:function"
@@ -130,6 +137,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.micro_batch_size = 0  # sequences per gradient-accumulation micro-batch; 0 = minibatch
     c.rl.beta = 0.0  # KL-to-reference coefficient; 0 loads no reference model
     c.rl.kl_estimator = "k3"
+    # True: β·Σ_t KL_t is subtracted from each response's reward before advantages (RLOO in
+    # OpenRLHF/verl, the paper's alignment runs), and there is no KL loss term. False: the KL is a
+    # loss term aggregated with rl.agg (issue 14).
+    c.rl.kl_in_reward = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-6
@@ -165,13 +176,14 @@ _CHOICES = {
     "model.attention": ATTENTION_IMPLEMENTATIONS,
     "rewards.rm_dtype": ("", "float32", "bfloat16"),
     "data.template": ("chat", "plain"),
-    "data.preset": (None, "gsm8k", "math", "math500"),
+    "data.preset": (None, "gsm8k", "math", "math500", "prompt_collection"),
     "rl.objective": tuple(losses.REGISTRY["objective"]),
     "rl.level": tuple(losses.REGISTRY["level"]),
     "rl.agg": tuple(losses.REGISTRY["agg"]),
     "rl.kl_estimator": tuple(losses.REGISTRY["kl"]),
     "rl.estimator": tuple(advantages.ESTIMATORS),
     "optim.schedule": ("constant", "cosine", "linear"),
+    "sampling.attention": DECODE_IMPLEMENTATIONS,
 }
 
 
@@ -223,6 +235,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             errors.append(f"rl.{name} must be >= 1; got {rl[name]}")
     if rl.beta < 0:
         errors.append(f"rl.beta must be >= 0; got {rl.beta}")
+    if rl.kl_in_reward and rl.beta == 0:
+        errors.append("rl.kl_in_reward=True subtracts β·KL from rewards; it needs rl.beta > 0")
     rollout = config.data.batch_size * rl.group_size
     if rollout % rl.num_minibatches:
         errors.append(
@@ -314,6 +328,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         errors.append(
             f"sampling.temperature must be > 0 for RL (the ratio needs the sampling "
             f"distribution); got {config.sampling.temperature}"
+        )
+    if config.sampling.max_concurrent < 0 or config.sampling.kv_cache_gb <= 0:
+        errors.append(
+            f"sampling.max_concurrent must be >= 0 (0 = from the budget) and sampling.kv_cache_gb "
+            f"> 0; got {config.sampling.max_concurrent}, {config.sampling.kv_cache_gb}"
         )
     if errors:
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))

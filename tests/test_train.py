@@ -386,6 +386,9 @@ def test_on_policy_update_reuses_its_own_logprobs_with_unchanged_losses(tmp_path
     # micro-batches of 8. bf16 sums in another order on 8 devices: a bf16 tolerance.
     ("bf16-cfpo-epochs", dict(model__dtype="bfloat16", rl__num_epochs=3, rl__micro_batch_size=8,
                               rl__agg="seq-mean-token-sum-norm", rl__estimator="drgrpo"), 3e-2),
+    # The alignment setting: KL folded into RLOO rewards (issue 14), two epochs.
+    ("kl-in-reward-rloo", dict(rl__beta=0.1, rl__kl_in_reward=True, rl__estimator="rloo",
+                               rl__num_epochs=2), 1e-4),
 ])
 def test_trainer_variants_agree_on_one_and_eight_devices(tmp_path, name, overrides, rtol):
     """Short runs of less common settings end to end: finite, every update applied, and the
@@ -403,3 +406,38 @@ def test_trainer_variants_agree_on_one_and_eight_devices(tmp_path, name, overrid
         assert int(result["state"]["skipped_updates"]) == 0
     assert np.all(np.isfinite(results[1]))
     np.testing.assert_allclose(results[8], results[1], rtol=rtol, atol=1e-5)
+
+
+def test_model_remat_reaches_the_update_and_cuts_its_compiled_memory(tmp_path):
+    """`config.model.remat` / `remat_policy` reach the trainer's model: XLA's compiled temporary
+    memory of the trainer's update (abstract state and batch, one device) drops with remat by at
+    least the float32 [B, heads, T, T] attention probabilities every layer keeps without it."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from cfpo_jax import sharding
+
+    B, P, N = 8, 128, 128
+
+    def temp_bytes(**model):
+        config = tiny(model__tiny__num_layers=4, **model)
+        mesh = sharding.make_mesh(devices=jax.devices()[:1])
+        policy, *_ = train._load_policy(config, str(tmp_path), mesh)
+        assert (policy.config.remat, policy.config.remat_policy) == (config.model.remat, config.model.remat_policy)
+        graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
+        tx, schedule = train.make_optimizer(config.optim, 10)
+        _, state = train.create_state(params, tx, mesh, seed=0, beta=0.0)
+        batch = dict(tokens=jax.ShapeDtypeStruct((B, P + N), jnp.int32),
+                     attn=jax.ShapeDtypeStruct((B, P + N), jnp.int32),
+                     mask=jax.ShapeDtypeStruct((B, N), jnp.float32), adv=jax.ShapeDtypeStruct((B,), jnp.float32),
+                     old_logp=jax.ShapeDtypeStruct((B, N), jnp.float32))
+        update = jax.jit(train.make_update(graphdef, rest, tx, schedule, config.rl, temperature=1.0,
+                                           max_len=N, micro_batch_size=0))
+        return update.lower(state, batch).compile().memory_analysis().temp_size_in_bytes, policy.config
+
+    off, model_config = temp_bytes(model__remat=False)
+    full, _ = temp_bytes(model__remat=True, model__remat_policy="full")
+    dots, _ = temp_bytes(model__remat=True, model__remat_policy="dots_with_no_batch_dims")
+    probs_bytes = model_config.num_layers * B * model_config.num_heads * (P + N) ** 2 * 4
+    assert off - full >= probs_bytes, (off, full)
+    assert full < dots < off, (full, dots, off)
