@@ -59,6 +59,7 @@ import optax
 from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 from ml_collections import config_flags
@@ -273,14 +274,26 @@ def _make_mesh(config, devices):
     return mesh
 
 
+def _build_tiny(config, workdir):
+    """Process 0 writes the tiny model; the others wait for it, and write their own copy only
+    where they do not see the workdir's (no shared file system)."""
+    path = os.path.join(workdir, "tiny_model")
+    build = lambda: tiny.build(path, seed=config.seed, **config.model.tiny.to_dict())
+    if jax.process_index() == 0:
+        build()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("tiny_model written")
+        build()  # returns at once where process 0's copy is visible
+    return path
+
+
 def _load_policy(config, workdir, mesh):
     """(model, tokenizer, eos_ids, pad_id, model_path) with the parameters placed in their
     shardings; with `config.lora.rank` > 0 the model carries fresh adapters on a base of
     `config.lora.base_dtype`."""
     model_path = config.model.path
     if model_path == "tiny":
-        model_path = tiny.build(os.path.join(workdir, "tiny_model"), seed=config.seed,
-                                **config.model.tiny.to_dict())
+        model_path = _build_tiny(config, workdir)
     model = models.from_pretrained(model_path, mesh=mesh,
                                    param_dtype=config.lora.base_dtype or config.model.param_dtype,
                                    dtype=config.model.dtype, remat=config.model.remat,
@@ -347,7 +360,6 @@ def make_setup(config, mesh, graphdef, rest, tokenizer, eos_ids, pad_id, *, tx, 
 def build(config, workdir: str, *, devices, ckpt: checkpoint.Checkpointer, progress):
     """Stage 1: (setup, state, data iterator) — the state restored from `ckpt`'s latest
     checkpoint when there is one, else fresh (after the warm start when configured)."""
-    sharding.initialize_distributed(config.mesh)
     mesh = _make_mesh(config, devices)
     model, tokenizer, eos_ids, pad_id, model_path = _load_policy(config, workdir, mesh)
     adapters = config.lora.rank > 0
@@ -363,9 +375,10 @@ def build(config, workdir: str, *, devices, ckpt: checkpoint.Checkpointer, progr
                                   config.train.num_steps * rl.num_epochs * rl.num_minibatches)
     init, abstract_state = create_state(params, tx, mesh, seed=config.seed, beta=rl.beta,
                                         adapters=adapters)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, meta = ckpt.restore(latest, abstract_state)
+    # The newest checkpoint that restores intact (damaged ones are set aside with a warning).
+    restored = ckpt.restore_latest(abstract_state)
+    if restored is not None:
+        latest, state, meta = restored
         if meta.get("base_model") != base_model:
             raise ValueError(
                 f"checkpoint {ckpt.directory}/{latest} holds adapters trained on the base model "
@@ -442,7 +455,8 @@ def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, on_policy: bo
             metrics.update(kl_ref=jnp.sum(kl_B) / num_tokens, kl_penalty=rl.beta * jnp.mean(kl_B))
         elif rl.beta > 0:
             batch["ref_logp"] = ref_logp_BxN
-        batch["adv"] = advantages.compute(reward_B, rl.group_size, rl.estimator)
+        batch["adv"] = advantages.compute(reward_B, rl.group_size, rl.estimator,
+                                          lengths=jnp.sum(mask_BxN, axis=1))
         return batch, metrics
 
     return prepare
@@ -617,6 +631,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
     `devices` restricts the mesh (tests compare 1 device with 8); default all devices.
     """
     config_lib.validate(config)
+    sharding.initialize_distributed(config.mesh)  # before any other JAX call
     stop = _StopFlag().install()
     try:
         return _run(config, workdir, devices, stop)
@@ -642,7 +657,10 @@ def _run(config, workdir, devices, stop):
 
     history = []
     step = int(jax.device_get(state["step"]))
-    while step < num_steps and stop.signal is None:
+    # Stopping changes the collective program (a checkpoint now, no next step), so the processes
+    # decide together: after each step, a stop signal to any process stops all of them.
+    stopping = sharding.any_process(stop.signal is not None)
+    while step < num_steps and not stopping:
         t0 = time.time()
         next_rng, sample_key = setup.split_rng(state["rng"])
         batch, host_metrics, device_metrics, times = rollout(setup, state, next(iterator),
@@ -658,34 +676,35 @@ def _run(config, workdir, devices, stop):
         progress.update(step, metrics)
         history.append(dict(step=step, **metrics))
 
-        if ckpt.save(step, state, meta(),
-                     force=stop.signal is not None or step == num_steps):
+        stopping = sharding.any_process(stop.signal is not None)
+        if ckpt.save(step, state, meta(), force=stopping or step == num_steps):
             progress.message(f"checkpoint {step} -> {ckpt.directory}/{step}")
         every = config.eval.every_steps
         if config.eval.sources and ((every and step % every == 0) or step == num_steps):
             _evaluate(config, workdir, policy(), setup.tokenizer, setup.mesh, setup.eos_ids, step,
                       writer, progress)
 
-    if stop.signal is not None:
+    stopped_by = stop.signal or ("a stop signal to another process" if stopping else None)
+    if stopped_by is not None:
         # A signal before the first RL step (during compilation or the warm start) still leaves a
         # checkpoint of what was done.
         ckpt.wait()
         if ckpt.latest_step() != step:
             ckpt.save(step, state, meta(), force=True)
-        progress.message(f"{stop.signal}: saved step {step} and stopped")
+        progress.message(f"{stopped_by}: saved step {step} and stopped")
     ckpt.close()
-    if config.train.export_hf and step == num_steps and stop.signal is None:
+    if config.train.export_hf and step == num_steps and stopped_by is None:
         path = os.path.join(workdir, "hf")
         models.save_pretrained(lora.merge(policy()) if config.lora.rank else policy(), path,
                                tokenizer=setup.tokenizer)
         progress.message(f"exported the policy to {path}")
-    if config.train.export_peft and step == num_steps and stop.signal is None:
+    if config.train.export_peft and step == num_steps and stopped_by is None:
         path = os.path.join(workdir, "peft")
         lora.save_peft(policy(), path, base_model_path=setup.model_path)
         progress.message(f"exported the adapters (PEFT) to {path}")
     writer.close()
     setup.scorer.close()
-    return dict(state=state, history=history, stopped_by=stop.signal)
+    return dict(state=state, history=history, stopped_by=stopped_by)
 
 
 # ============================================================================ command line
