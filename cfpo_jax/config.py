@@ -15,6 +15,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from cfpo_jax import advantages, losses
+from cfpo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 
 OPTIONAL = config_dict.placeholder
 
@@ -29,7 +30,14 @@ def base_config() -> ml_collections.ConfigDict:
     c.model.path = ""  # HF directory or hub id; "tiny" builds `model.tiny` locally (quickstart)
     c.model.param_dtype = "float32"
     c.model.dtype = "float32"  # compute dtype
-    c.model.remat = False
+    c.model.remat = False  # rematerialise each layer in the backward pass (less memory)
+    # What a rematted layer keeps: "full" (only its input; least memory, reruns the layer
+    # forward), "dots_with_no_batch_dims" (also the weight-matmul outputs; little recompute, the
+    # usual choice when it fits), "dots" (also [T, T] scores on the einsum path; for comparison).
+    c.model.remat_policy = "full"
+    # Full-sequence attention kernel: "auto" = cuDNN flash on GPU (bf16), Pallas splash on TPU,
+    # einsum on CPU; see cfpo_jax/models/attention.py.
+    c.model.attention = "auto"
     # Only read when path == "tiny": a random-init decoder with a character-level tokenizer,
     # written to <workdir>/tiny_model in Hugging Face format so the normal loader is used.
     c.model.tiny = ml_collections.ConfigDict()
@@ -73,6 +81,10 @@ def base_config() -> ml_collections.ConfigDict:
     # are killed) can, so configs scoring model output with `math` use workers.
     c.rewards.num_workers = 0
     c.rewards.timeout_s = 5.0
+    # Reward models ("rm:<path>" in fns, issue 14): scored on device with their own chat template.
+    c.rewards.rm_max_len = 2048  # tokens of templated prompt + completion; longer keeps the end
+    c.rewards.rm_batch_size = 0  # sequences per reward-model forward; 0 = the whole rollout
+    c.rewards.rm_dtype = ""  # params and compute, e.g. "bfloat16"; "" = the checkpoint's
 
     c.eval = ml_collections.ConfigDict()
     c.eval.sources = ()  # data specs, e.g. ("tfds:math500", "hf:openai/gsm8k:test")
@@ -129,6 +141,9 @@ def base_config() -> ml_collections.ConfigDict:
 _CHOICES = {
     "model.param_dtype": ("float32", "bfloat16"),
     "model.dtype": ("float32", "bfloat16"),
+    "model.remat_policy": REMAT_POLICIES,
+    "model.attention": ATTENTION_IMPLEMENTATIONS,
+    "rewards.rm_dtype": ("", "float32", "bfloat16"),
     "data.template": ("chat", "plain"),
     "data.preset": (None, "gsm8k", "math", "math500"),
     "rl.objective": tuple(losses.REGISTRY["objective"]),

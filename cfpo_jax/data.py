@@ -265,13 +265,18 @@ class PromptBuilder:
             raise ValueError("template 'chat' but the tokenizer has no chat_template; use "
                              "template 'plain' for a base model")
 
-    def text(self, question: str) -> str:
+    def messages(self, question: str) -> list[dict]:
+        """The conversation the policy answers, as chat messages (system if set, then user); a
+        reward model re-writes it with its own chat template."""
         # str.replace, not str.format: templates hold LaTeX braces like "\boxed{}".
         user = self.user_template.replace("{question}", question)
+        return ([{"role": "system", "content": self.system_prompt}] if self.system_prompt
+                else []) + [{"role": "user", "content": user}]
+
+    def text(self, question: str) -> str:
+        messages = self.messages(question)
         if self.template == "plain":
-            return f"{self.system_prompt}\n\n{user}" if self.system_prompt else user
-        messages = ([{"role": "system", "content": self.system_prompt}] if self.system_prompt
-                    else []) + [{"role": "user", "content": user}]
+            return "\n\n".join(m["content"] for m in messages)
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=True)
 

@@ -30,6 +30,7 @@ BATCH_AXES = ("data", "fsdp")
 RULES: dict[str, P] = {
     "embedding": P("tensor", "fsdp"),  # [V, D]
     "lm_head": P("fsdp", "tensor"),  # [D, V]
+    "score": P("fsdp", None),  # [D, num_labels]: a reward model's head
     "q_kernel": P("fsdp", "tensor", None),  # [D, N, H]
     "k_kernel": P("fsdp", "tensor", None),  # [D, K, H]
     "v_kernel": P("fsdp", "tensor", None),  # [D, K, H]

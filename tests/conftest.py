@@ -6,7 +6,8 @@ time and not in a fixture. Single-device tests are unaffected: unsharded arrays 
 
 import os
 
-os.environ["JAX_PLATFORMS"] = "cpu"
+# setdefault: a GPU machine can run the GPU-only tests with JAX_PLATFORMS=cuda,cpu.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()

@@ -3,7 +3,8 @@
 `build_checkpoint(family, directory)` saves a transformers model (PyTorch, float32) with
 `save_pretrained`, next to a character-level tokenizer with a ChatML chat template
 (`build_tokenizer`; ids 0 <pad>, 1 <s>, 2 <|im_end|> = EOS, 3 <|im_start|>, then printable ASCII),
-and returns the directory. Every parameter is re-drawn (norm weights around 1,
+and returns the directory; with `num_labels` > 0 it is a reward model
+(`*ForSequenceClassification`, a `score` head). Every parameter is re-drawn (norm weights around 1,
 non-zero biases), so a transposed or misnamed tensor cannot hide behind transformers' default
 init of ones and zeros. `reference_model(directory)` loads it back as the PyTorch reference.
 
@@ -114,14 +115,20 @@ def build_tokenizer(directory) -> str:
 
 
 def build_checkpoint(
-    family: str, directory, *, seed: int = 0, max_shard_size=None, tokenizer: bool = True, **overrides
+    family: str, directory, *, seed: int = 0, max_shard_size=None, tokenizer: bool = True,
+    num_labels: int = 0, **overrides
 ) -> str:
     """Saves a tiny random `family` checkpoint (float32 safetensors) and, unless `tokenizer` is
     False, the character tokenizer in `directory`; returns it. `max_shard_size` (e.g. "50KB")
-    makes transformers write a sharded checkpoint with an index."""
+    makes transformers write a sharded checkpoint with an index; `num_labels` > 0 a
+    sequence-classification (reward) model with that many labels."""
     directory = os.fspath(directory)
     torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(hf_config(family, **overrides), dtype=torch.float32)
+    if num_labels:
+        model = transformers.AutoModelForSequenceClassification.from_config(
+            hf_config(family, num_labels=num_labels, **overrides), dtype=torch.float32)
+    else:
+        model = transformers.AutoModelForCausalLM.from_config(hf_config(family, **overrides), dtype=torch.float32)
     _randomize(model, seed)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(directory, **kwargs)
@@ -133,6 +140,14 @@ def build_checkpoint(
 def reference_model(directory):
     """The transformers float32 model for `directory`, eager attention, eval mode."""
     model = transformers.AutoModelForCausalLM.from_pretrained(
+        os.fspath(directory), dtype=torch.float32, attn_implementation="eager"
+    )
+    return model.eval()
+
+
+def reference_reward_model(directory):
+    """The transformers float32 sequence-classification model for `directory`, eager, eval mode."""
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
         os.fspath(directory), dtype=torch.float32, attn_implementation="eager"
     )
     return model.eval()

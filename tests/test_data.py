@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -120,12 +121,10 @@ def test_tfds_source_reads_a_locally_built_dataset(tmp_path):
         data.load("tfds:no_such_set:test", tfds_data_dir=str(tmp_path))
 
 
-def test_hf_source_without_datasets_says_how_to_install():
-    try:
-        import datasets  # noqa: F401
-        pytest.skip("Hugging Face datasets is installed; the missing-extra error cannot happen")
-    except ImportError:
-        pass
+def test_hf_source_without_datasets_says_how_to_install(monkeypatch):
+    # A None entry makes `import datasets` fail as if the extra were not installed (lm-eval, in
+    # the test extra, installs it).
+    monkeypatch.setitem(sys.modules, "datasets", None)
     with pytest.raises(ImportError, match=r"pip install 'cfpo_jax\[hf\]'"):
         data.load("hf:openai/gsm8k:main:test")
 

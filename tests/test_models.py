@@ -135,6 +135,32 @@ def test_sequence_logprobs_match_transformers(checkpoint):
     assert logp.dtype == ent.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(logp), expected_logp, rtol=0, atol=1e-4)
     np.testing.assert_allclose(np.asarray(ent), expected_ent, rtol=0, atol=1e-4)
+    # Only the completion columns (the last 9; row 1's padding ends inside the prompt).
+    logp, ent = nnx.jit(lambda m, t, k: sequence_logprobs(
+        m, t, k, temperature=temperature, chunk_size=4, num_completion=9))(model, jnp.asarray(tokens), jnp.asarray(mask))
+    assert logp.shape == ent.shape == (2, 9)
+    np.testing.assert_allclose(np.asarray(logp), expected_logp[:, -9:], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(ent), expected_ent[:, -9:], rtol=0, atol=1e-4)
+
+
+def test_completion_logprobs_do_no_vocabulary_work_on_the_prompt():
+    """XLA's FLOP count (one chunk, so the scoring loop runs once): scoring only the last N of T
+    columns saves at least the unembedding matmul of the T - N prompt columns."""
+    B, T, N, D, V = 2, 64, 16, 32, 4096
+    config = ModelConfig(model_type="llama", vocab_size=V, hidden_size=D, intermediate_size=64, num_layers=1,
+                         num_heads=4, num_kv_heads=2, head_dim=8)
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+    tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
+
+    def flops(num_completion):
+        fn = jax.jit(lambda s, t: sequence_logprobs(
+            nnx.merge(graphdef, s), t, jnp.ones_like(t), chunk_size=T, num_completion=num_completion))
+        cost = fn.lower(state, tokens).compile().cost_analysis()
+        return (cost[0] if isinstance(cost, list) else cost)["flops"]
+
+    assert flops(None) - flops(N) >= 2 * B * (T - N) * D * V
+    with pytest.raises(ValueError, match=r"num_completion must be in \[1, 64\].*got 65"):
+        flops(T + 1)
 
 
 def test_export_round_trip_loads_in_transformers(checkpoint, tmp_path):
@@ -215,13 +241,39 @@ def test_bfloat16_compute_and_remat_stay_close_to_float32(tmp_path):
     def loss(model):
         return sequence_logprobs(model, tokens, mask)[0].sum()
 
-    remat = from_pretrained(directory, remat=True)
-    graphdef, state = nnx.split(remat)
-    assert "remat" in str(jax.make_jaxpr(lambda s: loss(nnx.merge(graphdef, s)))(state))
     grads = nnx.grad(loss)(exact)
-    grads_remat = nnx.grad(loss)(remat)
-    for g, h in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_remat)):
-        np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=0, atol=1e-5 * np.abs(np.asarray(g)).max())
+    for policy in ("full", "dots_with_no_batch_dims"):
+        remat = from_pretrained(directory, remat=True, remat_policy=policy)
+        graphdef, state = nnx.split(remat)
+        assert "remat" in str(jax.make_jaxpr(lambda s: loss(nnx.merge(graphdef, s)))(state))
+        grads_remat = nnx.grad(loss)(remat)
+        for g, h in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(grads_remat)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(h), rtol=0, atol=1e-5 * np.abs(np.asarray(g)).max())
+
+
+def test_remat_policies_set_the_compiled_memory_of_forward_backward():
+    """XLA's compiled memory of grad(sum of logprobs) (abstract inputs, nothing materialised):
+    without remat every layer keeps its float32 [B, N, T, T] attention probabilities; "full" keeps
+    only layer inputs; "dots_with_no_batch_dims" adds the weight-matmul outputs; "dots" adds the
+    [B, N, T, T] attention scores (a batched einsum) back."""
+    L, B, T, N = 6, 4, 256, 4
+
+    def temp_bytes(**remat):
+        config = ModelConfig(model_type="qwen2", vocab_size=128, hidden_size=64, intermediate_size=256,
+                             num_layers=L, num_heads=N, num_kv_heads=2, head_dim=16, qkv_bias=True, **remat)
+        graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
+        tokens = jax.ShapeDtypeStruct((B, T), jnp.int32)
+        loss = lambda s, t: sequence_logprobs(nnx.merge(graphdef, s), t, jnp.ones_like(t))[0].sum()
+        return jax.jit(jax.grad(loss)).lower(state, tokens).compile().memory_analysis().temp_size_in_bytes
+
+    probs_bytes = L * B * N * T * T * 4  # one float32 [B, N, T, T] per layer
+    none = temp_bytes(remat=False)
+    full = temp_bytes(remat=True, remat_policy="full")
+    dots_no_batch = temp_bytes(remat=True, remat_policy="dots_with_no_batch_dims")
+    dots = temp_bytes(remat=True, remat_policy="dots")
+    assert none - full >= probs_bytes, (none, full)
+    assert full < dots_no_batch < none, (full, dots_no_batch, none)
+    assert dots - dots_no_batch >= probs_bytes, (dots, dots_no_batch)
 
 
 def test_program_size_does_not_grow_with_depth():
@@ -241,6 +293,9 @@ def test_program_size_does_not_grow_with_depth():
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="remat_policy='some'.*full, dots_with_no_batch_dims, dots"):
+        ModelConfig(model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
+                    num_heads=2, num_kv_heads=1, head_dim=4, remat_policy="some")
     with pytest.raises(FileNotFoundError, match="config.json"):
         from_pretrained(str(tmp_path))
     directory = hf_fixtures.build_checkpoint("llama", tmp_path / "ok")

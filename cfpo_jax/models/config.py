@@ -6,6 +6,17 @@ One dataclass covers Qwen2/2.5, Qwen3 and Llama 3 (SmolLM2 is a Llama) through f
 * `qk_norm`: RMSNorm over head_dim on queries and keys before RoPE (Qwen3).
 * `head_dim`: explicit, because Qwen3 decouples it from hidden_size / num_heads.
 * `rope_scaling`: None, or a dict with `rope_type` "linear" or "llama3" (Llama 3.1+ frequencies).
+* `num_labels`: 0 for a causal LM; > 0 for a sequence-classification (reward) model, the same
+  decoder whose unembedding is replaced by a `score` head [hidden, num_labels] without bias
+  (`LlamaForSequenceClassification`, `Qwen2ForSequenceClassification`, Qwen3's). The
+  architecture name in config.json says which; its label count is `id2label`'s length, else
+  `num_labels`, else transformers' default of 2.
+
+and, for how the model runs rather than what it is (never written to config.json):
+
+* `remat` / `remat_policy`: rematerialise each layer in the backward pass, and what to keep
+  (`REMAT_POLICIES`, see `cfpo_jax.models.transformer`).
+* `attention`: the full-sequence attention kernel (`cfpo_jax.models.attention.IMPLEMENTATIONS`).
 
 Both spellings of the RoPE settings in config.json are read: `rope_theta` + `rope_scaling` (what
 published checkpoints carry) and `rope_parameters` (what transformers >= 5 writes). We write the
@@ -20,8 +31,15 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# What a rematerialised layer keeps for the backward pass; cfpo_jax.models.transformer maps each
+# name to its jax.checkpoint policy and says when to use which.
+REMAT_POLICIES = ("full", "dots_with_no_batch_dims", "dots")
+ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "cudnn", "splash")
 
-_ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "llama": "LlamaForCausalLM"}
+_FAMILY_NAMES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "llama": "Llama"}
+CAUSAL_LM, SEQUENCE_CLASSIFICATION = "ForCausalLM", "ForSequenceClassification"
+# transformers' PretrainedConfig default when a config.json names neither id2label nor num_labels.
+_DEFAULT_NUM_LABELS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +62,12 @@ class ModelConfig:
     param_dtype: str = "float32"
     dtype: str = "float32"
     remat: bool = False
+    remat_policy: str = "full"
+    attention: str = "auto"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    num_labels: int = 0
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -59,11 +81,17 @@ class ModelConfig:
             raise ValueError(
                 f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}"
             )
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(f"remat_policy={self.remat_policy!r}; valid: {', '.join(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"attention={self.attention!r}; valid: {', '.join(ATTENTION_IMPLEMENTATIONS)}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(
                 f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
+        if self.num_labels < 0:
+            raise ValueError(f"num_labels must be >= 0 (0: causal LM); got {self.num_labels}")
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
 
     # The config is static metadata of the NNX module, so jit needs it hashable; the dict field
@@ -114,6 +142,10 @@ def from_hf_config(cfg: dict, *, param_dtype: str | None = None, dtype: str | No
     if model_type in ("qwen3", "llama") and cfg.get("attention_bias"):
         raise _unsupported(model_type, "attention_bias", True)
     theta, scaling = _rope_from_hf(cfg)
+    num_labels = 0
+    architectures = cfg.get("architectures") or []
+    if any(a.endswith(SEQUENCE_CLASSIFICATION) for a in architectures):
+        num_labels = len(cfg["id2label"]) if cfg.get("id2label") else cfg.get("num_labels", _DEFAULT_NUM_LABELS)
     checkpoint_dtype = cfg.get("torch_dtype") or cfg.get("dtype") or "float32"
     if checkpoint_dtype not in SUPPORTED_DTYPES:
         checkpoint_dtype = "float32"
@@ -135,12 +167,15 @@ def from_hf_config(cfg: dict, *, param_dtype: str | None = None, dtype: str | No
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         qkv_bias=model_type == "qwen2",
         qk_norm=model_type == "qwen3",
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        # A score head replaces the unembedding, so a classifier ties nothing.
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) and not num_labels,
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
         param_dtype=param_dtype,
         dtype=dtype or param_dtype,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=eos_ids,
+        pad_token_id=cfg.get("pad_token_id"),
+        num_labels=num_labels,
     )
 
 
@@ -153,7 +188,9 @@ def to_hf_config(config: ModelConfig) -> dict:
             f"got qkv_bias={config.qkv_bias}, qk_norm={config.qk_norm}"
         )
     cfg = {
-        "architectures": [_ARCHITECTURES[config.model_type]],
+        "architectures": [
+            _FAMILY_NAMES[config.model_type] + (SEQUENCE_CLASSIFICATION if config.num_labels else CAUSAL_LM)
+        ],
         "model_type": config.model_type,
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
@@ -175,7 +212,11 @@ def to_hf_config(config: ModelConfig) -> dict:
             else config.eos_token_ids[0] if len(config.eos_token_ids) == 1
             else list(config.eos_token_ids)
         ),
+        "pad_token_id": config.pad_token_id,
     }
+    if config.num_labels:
+        cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
+        cfg["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
     if config.model_type in ("qwen2", "qwen3"):
         cfg["use_sliding_window"] = False
     if config.model_type in ("qwen3", "llama"):

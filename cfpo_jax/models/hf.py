@@ -74,6 +74,7 @@ _TRANSPOSE = (lambda w, c: w.T, lambda w, c: w.T)
 _PARAM_MAP: dict[tuple[str, ...], tuple[str, tuple[Callable, Callable]]] = {
     ("embedding",): ("model.embed_tokens.weight", _SAME),
     ("lm_head",): ("lm_head.weight", _TRANSPOSE),
+    ("score",): ("score.weight", _TRANSPOSE),
     ("final_norm", "scale"): ("model.norm.weight", _SAME),
     ("blocks", "attn_norm", "scale"): ("model.layers.{i}.input_layernorm.weight", _SAME),
     ("blocks", "mlp_norm", "scale"): ("model.layers.{i}.post_attention_layernorm.weight", _SAME),
@@ -194,15 +195,20 @@ def _load_array(ckpt: _Checkpoint, key, config: ModelConfig, shape, dtype) -> np
     return buffer
 
 
-def from_pretrained(path: str, *, mesh=None, param_dtype=None, dtype=None, remat: bool = False) -> Transformer:
+def from_pretrained(path: str, *, mesh=None, param_dtype=None, dtype=None, remat: bool = False,
+                    remat_policy: str = "full", attention: str = "auto") -> Transformer:
     """Transformer from a Hugging Face directory (or Hub repo id) with config.json + safetensors.
 
+    A `*ForSequenceClassification` checkpoint gives a reward model (a `score` head, `reward()`).
+
     param_dtype / dtype ("float32", "bfloat16") default to the checkpoint's dtype; `remat`
-    rematerialises each layer in the backward pass. With `mesh`, each parameter is created
-    directly with its `cfpo_jax.sharding.param_shardings` sharding.
+    rematerialises each layer in the backward pass, keeping what `remat_policy` says;
+    `attention` picks the full-sequence attention kernel (see `ModelConfig`). With `mesh`, each
+    parameter is created directly with its `cfpo_jax.sharding.param_shardings` sharding.
     """
     directory = _resolve(path)
-    config = from_hf_config(read_config(directory), param_dtype=param_dtype, dtype=dtype).replace(remat=remat)
+    config = from_hf_config(read_config(directory), param_dtype=param_dtype, dtype=dtype).replace(
+        remat=remat, remat_policy=remat_policy, attention=attention)
     ckpt = _Checkpoint(directory)
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
@@ -249,7 +255,8 @@ def _hf_tensors(model: Transformer, gather: bool):
 
 def save_pretrained(model: Transformer, path: str, tokenizer=None, *, max_shard_bytes: int = MAX_SHARD_BYTES):
     """Writes config.json + safetensors (sharded with an index above `max_shard_bytes`) that
-    transformers' AutoModelForCausalLM and vLLM load, and the tokenizer when given. Every process
+    transformers' AutoModelForCausalLM (AutoModelForSequenceClassification for a reward model) and
+    vLLM load, and the tokenizer when given. Every process
     must call it (sharded arrays are gathered collectively); only process 0 writes."""
     shard_of, num_shards, shard_bytes = {}, 1, 0
     for name, nbytes, _ in _hf_tensors(model, gather=False):

@@ -3,7 +3,9 @@
 The trainer scores rollouts with this (old, current and reference log-probs), so it must match
 what the sampler drew from: float32 log softmax(logits / temperature). The final hidden states are
 computed once; the unembedding, log-softmax and entropy then run chunk by chunk under `lax.map`,
-so the float32 [B, T, V] logits never exist at once (only [B, chunk, V]).
+so the float32 [B, T, V] logits never exist at once (only [B, chunk, V]). With `num_completion=N`
+only the last N columns (the completion of a prompt + completion row) are unembedded: the prompt
+columns cost no vocabulary work, which is half of it when prompt and response budgets are equal.
 """
 
 from __future__ import annotations
@@ -14,27 +16,31 @@ import jax.numpy as jnp
 from cfpo_jax.losses import entropy, token_logprobs
 
 
-def sequence_logprobs(model, tokens_BxT, mask_BxT, *, temperature: float = 1.0, chunk_size: int = 256):
-    """(logp_BxT, entropy_BxT), float32.
+def sequence_logprobs(model, tokens_BxT, mask_BxT, *, temperature: float = 1.0, chunk_size: int = 256,
+                      num_completion: int | None = None):
+    """(logp, entropy), float32, [B, T]; or [B, N] for the last N = `num_completion` columns.
 
     logp[:, t] = log softmax(logits[:, t-1] / temperature)[tokens[:, t]] and entropy[:, t] is the
     entropy (nats) of that same predicting distribution. Both are 0 where there is no real
     predicting token: t = 0, padding (mask 0), and the first real token of a left-padded row.
     """
+    B, T = tokens_BxT.shape
+    N = T if num_completion is None else num_completion
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
-    B, T = tokens_BxT.shape
+    if not 1 <= N <= T:
+        raise ValueError(f"num_completion must be in [1, {T}] (the sequence length); got {num_completion}")
     mask_BxT = mask_BxT.astype(jnp.int32)
     hidden_BxTxD = model.hidden(tokens_BxT, mask_BxT=mask_BxT)
-    # Row t is scored from the hidden state at t - 1; row 0 gets a dummy that is masked below.
-    pred_BxTxD = jnp.concatenate([hidden_BxTxD[:, :1], hidden_BxTxD[:, :-1]], axis=1)
-    chunk = min(chunk_size, T)
-    num_chunks = -(-T // chunk)
-    pad = num_chunks * chunk - T
-    pred_BxTxD = jnp.pad(pred_BxTxD, ((0, 0), (0, pad), (0, 0)))
-    targets_BxT = jnp.pad(tokens_BxT, ((0, 0), (0, pad)))
-    pred_NxBxCxD = pred_BxTxD.reshape(B, num_chunks, chunk, -1).swapaxes(0, 1)
-    targets_NxBxC = targets_BxT.reshape(B, num_chunks, chunk).swapaxes(0, 1)
+    # Column t is scored from the hidden state at t - 1; column 0 gets a dummy that is masked below.
+    pred_BxNxD = jnp.concatenate([hidden_BxTxD[:, :1], hidden_BxTxD[:, :-1]], axis=1)[:, T - N:]
+    chunk = min(chunk_size, N)
+    num_chunks = -(-N // chunk)
+    pad = num_chunks * chunk - N
+    pred_BxNxD = jnp.pad(pred_BxNxD, ((0, 0), (0, pad), (0, 0)))
+    targets_BxN = jnp.pad(tokens_BxT[:, T - N:], ((0, 0), (0, pad)))
+    pred_MxBxCxD = pred_BxNxD.reshape(B, num_chunks, chunk, -1).swapaxes(0, 1)
+    targets_MxBxC = targets_BxN.reshape(B, num_chunks, chunk).swapaxes(0, 1)
 
     def score(args):
         pred_BxCxD, targets_BxC = args
@@ -44,9 +50,9 @@ def sequence_logprobs(model, tokens_BxT, mask_BxT, *, temperature: float = 1.0, 
             entropy(logits_BxCxV / temperature),
         )
 
-    logp_NxBxC, entropy_NxBxC = jax.lax.map(score, (pred_NxBxCxD, targets_NxBxC))
-    logp_BxT = logp_NxBxC.swapaxes(0, 1).reshape(B, -1)[:, :T]
-    entropy_BxT = entropy_NxBxC.swapaxes(0, 1).reshape(B, -1)[:, :T]
+    logp_MxBxC, entropy_MxBxC = jax.lax.map(score, (pred_MxBxCxD, targets_MxBxC))
+    logp_BxN = logp_MxBxC.swapaxes(0, 1).reshape(B, -1)[:, :N]
+    entropy_BxN = entropy_MxBxC.swapaxes(0, 1).reshape(B, -1)[:, :N]
     prev_mask_BxT = jnp.pad(mask_BxT[:, :-1], ((0, 0), (1, 0)))
-    valid_BxT = (mask_BxT != 0) & (prev_mask_BxT != 0)
-    return jnp.where(valid_BxT, logp_BxT, 0.0), jnp.where(valid_BxT, entropy_BxT, 0.0)
+    valid_BxN = ((mask_BxT != 0) & (prev_mask_BxT != 0))[:, T - N:]
+    return jnp.where(valid_BxN, logp_BxN, 0.0), jnp.where(valid_BxN, entropy_BxN, 0.0)

@@ -5,15 +5,33 @@ embeddings, RoPE scaling), never by copies of this code. Parameter names are the
 that `cfpo_jax.sharding` keys its one rule table on: `embedding [V, D]`, `lm_head [D, V]`,
 `q_kernel [D, N, H]`, `k_kernel`/`v_kernel [D, K, H]`, `o_kernel [N, H, D]`, `q_bias [N, H]`,
 `k_bias`/`v_bias [K, H]`, `gate_kernel`/`up_kernel [D, F]`, `down_kernel [F, D]` and `scale` for
-every RMSNorm. Everything under `blocks` carries a leading layer axis [L, ...].
+every RMSNorm, and for a reward model (`config.num_labels > 0`) `score [D, num_labels]` in place of
+the unembedding. Everything under `blocks` carries a leading layer axis [L, ...].
 
 The layer loop is a `jax.lax.scan` over the stacked block state (`nnx.merge` of one layer's slice
-inside the body), so the compiled program holds one layer however deep the model is. With
-`config.remat` the body is rematerialised in the backward pass.
+inside the body), so the compiled program holds one layer however deep the model is.
+
+With `config.remat` the body is rematerialised in the backward pass; `config.remat_policy` says
+what each layer keeps (`REMAT_POLICY`):
+* "full": only the layer's input. Least memory (one [B, T, D] per layer), the backward pass reruns
+  the whole layer forward (≈ +33% FLOPs of a training step). For long sequences or large
+  micro-batches, when anything more does not fit.
+* "dots_with_no_batch_dims": also the outputs of the weight matmuls (q/k/v/o projections, MLP
+  gate/up/down: ≈ (2D + (N + 2K)·H + 2F) values per token per layer); only norms, RoPE,
+  activations and attention are recomputed, so the extra FLOPs are small. The usual choice when
+  it fits (MaxText's "minimal").
+* "dots": every matmul output, including the einsum path's [T, S] attention scores (on CPU): more
+  memory than the above for almost no compute saved; there for comparison and for short
+  sequences. (A fused attention kernel is not a dot: its output is recomputed either way.)
+
+Attention over full sequences (`hidden`, `__call__`, and a `forward_cached` call that fills the
+whole cache, i.e. the sampler's prefill) runs `attention.causal_attention` with the kernel chosen
+by `config.attention` (fused on GPU/TPU); the decode step reads the cache with
+`attention.masked_attention`.
 
 Numerics follow transformers: RMSNorm and softmax in float32, RoPE angles in float32, matmuls in
-the compute dtype with float32 accumulation for the logits. A query that may attend to no slot at
-all (a left-padding position) gets a uniform average instead of NaN; its output is never used.
+the compute dtype with float32 accumulation for the logits. A left-padding query reads only the
+padding keys before it, which keeps it finite; its output is never used.
 """
 
 from __future__ import annotations
@@ -25,9 +43,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from cfpo_jax.models import attention
 from cfpo_jax.models.config import ModelConfig
 
 _INIT = nnx.initializers.normal(stddev=0.02)
+
+REMAT_POLICY = {
+    "full": None,  # jax.checkpoint saves nothing but the inputs
+    "dots_with_no_batch_dims": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.dots_saveable,
+}
 
 
 def default_positions(mask_BxT):
@@ -128,9 +153,10 @@ class Attention(nnx.Module):
             out = out + getattr(self, f"{name}_bias")[...].astype(dtype)
         return out
 
-    def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxTxS, cache=None, layer=None, write_index=None):
-        """Self-attention over this call's keys, or (with `cache`) over the cache after writing
-        this call's keys at slots [write_index, write_index + T) of `layer`. Returns (out, cache)."""
+    def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxS, cache=None, layer=None, write_index=None):
+        """Causal self-attention over this call's keys, or (with `cache`) over the cache after
+        writing this call's keys at slots [write_index, write_index + T) of `layer`: query t reads
+        slot s iff s <= write_index + t and mask_BxS[b, s] != 0. Returns (out, cache)."""
         q_BxTxNxH = self._project(x_BxTxD, "q")
         k_BxTxKxH = self._project(x_BxTxD, "k")
         v_BxTxKxH = self._project(x_BxTxD, "v")
@@ -138,33 +164,31 @@ class Attention(nnx.Module):
             q_BxTxNxH, k_BxTxKxH = self.q_norm(q_BxTxNxH), self.k_norm(k_BxTxKxH)
         q_BxTxNxH = apply_rope(q_BxTxNxH, sin_BxTxH, cos_BxTxH)
         k_BxTxKxH = apply_rope(k_BxTxKxH, sin_BxTxH, cos_BxTxH)
-        if cache is None:
-            k_BxSxKxH, v_BxSxKxH = k_BxTxKxH, v_BxTxKxH
-        else:
+        T = q_BxTxNxH.shape[1]
+        if cache is not None:
             start = (layer, 0, write_index, 0, 0)
             cache = Cache(
                 k=jax.lax.dynamic_update_slice(cache.k, k_BxTxKxH[None].astype(cache.k.dtype), start),
                 v=jax.lax.dynamic_update_slice(cache.v, v_BxTxKxH[None].astype(cache.v.dtype), start),
             )
+        if cache is None or cache.k.shape[2] == T:
+            # A call that fills the whole cache starts at slot 0: full-sequence attention over its
+            # own keys (rounded through the cache dtype, as a later read would see them).
+            if cache is not None:
+                k_BxTxKxH = k_BxTxKxH.astype(cache.k.dtype).astype(x_BxTxD.dtype)
+                v_BxTxKxH = v_BxTxKxH.astype(cache.v.dtype).astype(x_BxTxD.dtype)
+            out_BxTxNxH = attention.causal_attention(
+                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxS, implementation=self.config.attention
+            )
+        else:
+            S = cache.k.shape[2]
+            causal_TxS = jnp.arange(S)[None, :] <= write_index + jnp.arange(T)[:, None]
+            mask_BxTxS = causal_TxS[None] & (mask_BxS[:, None, :] != 0)
             k_BxSxKxH = cache.k[layer].astype(x_BxTxD.dtype)
             v_BxSxKxH = cache.v[layer].astype(x_BxTxD.dtype)
-        out_BxTxNxH = dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS)
+            out_BxTxNxH = attention.masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS)
         out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_kernel[...].astype(x_BxTxD.dtype))
         return out_BxTxD, cache
-
-
-def dot_product_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
-    """Grouped-query attention: query head n reads kv head n // (N / K). Softmax in float32."""
-    B, T, N, H = q_BxTxNxH.shape
-    K = k_BxSxKxH.shape[2]
-    q_BxTxKxGxH = q_BxTxNxH.reshape(B, T, K, N // K, H)
-    scores_BxKxGxTxS = jnp.einsum(
-        "btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH, preferred_element_type=jnp.float32
-    ) * (H**-0.5)
-    scores_BxKxGxTxS = jnp.where(mask_BxTxS[:, None, None], scores_BxKxGxTxS, jnp.finfo(jnp.float32).min)
-    probs_BxKxGxTxS = jax.nn.softmax(scores_BxKxGxTxS, axis=-1).astype(v_BxSxKxH.dtype)
-    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs_BxKxGxTxS, v_BxSxKxH)
-    return out_BxTxKxGxH.reshape(B, T, N, H)
 
 
 class MLP(nnx.Module):
@@ -188,9 +212,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxTxS, cache=None, layer=None, write_index=None):
+    def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxS, cache=None, layer=None, write_index=None):
         attn_BxTxD, cache = self.attn(
-            self.attn_norm(x_BxTxD), sin_BxTxH, cos_BxTxH, mask_BxTxS, cache, layer, write_index
+            self.attn_norm(x_BxTxD), sin_BxTxH, cos_BxTxH, mask_BxS, cache, layer, write_index
         )
         x_BxTxD = x_BxTxD + attn_BxTxD
         return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache
@@ -206,7 +230,9 @@ class Transformer(nnx.Module):
         self.config = config
         D, V, pdt = config.hidden_size, config.vocab_size, config.param_dtype
         self.embedding = nnx.Param(_INIT(rngs.params(), (V, D), pdt))
-        if not config.tie_embeddings:
+        if config.num_labels:
+            self.score = nnx.Param(_INIT(rngs.params(), (D, config.num_labels), pdt))
+        elif not config.tie_embeddings:
             self.lm_head = nnx.Param(_INIT(rngs.params(), (D, V), pdt))
 
         @nnx.split_rngs(splits=config.num_layers)
@@ -217,7 +243,7 @@ class Transformer(nnx.Module):
         self.blocks = stacked_blocks(rngs)
         self.final_norm = RMSNorm(D, config)
 
-    def _run_blocks(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None, write_index=None):
+    def _run_blocks(self, x_BxTxD, positions_BxT, mask_BxS, cache=None, write_index=None):
         sin_BxTxH, cos_BxTxH = rope_angles(self.config, positions_BxT)
         graphdef, state = nnx.split(self.blocks)
 
@@ -225,10 +251,10 @@ class Transformer(nnx.Module):
             x_BxTxD, cache = carry
             layer_state, layer = xs
             block = nnx.merge(graphdef, layer_state)
-            return block(x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxTxS, cache, layer, write_index), None
+            return block(x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxS, cache, layer, write_index), None
 
         if self.config.remat:
-            body = jax.checkpoint(body, prevent_cse=False)
+            body = jax.checkpoint(body, prevent_cse=False, policy=REMAT_POLICY[self.config.remat_policy])
         layers = jnp.arange(self.config.num_layers, dtype=jnp.int32)
         (x_BxTxD, cache), _ = jax.lax.scan(body, (x_BxTxD, cache), (state, layers))
         return self.final_norm(x_BxTxD), cache
@@ -238,19 +264,19 @@ class Transformer(nnx.Module):
 
     def hidden(self, tokens_BxT, *, positions_BxT=None, mask_BxT=None):
         """Final-norm hidden states [B, T, D] (compute dtype), causal over real tokens only."""
-        T = tokens_BxT.shape[1]
-        mask_BxTxS = jnp.tril(jnp.ones((T, T), bool))[None]
-        if mask_BxT is not None:
-            mask_BxTxS = mask_BxTxS & (mask_BxT[:, None, :] != 0)
+        if mask_BxT is None:
+            mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
             if positions_BxT is None:
-                positions_BxT = default_positions(mask_BxT)
+                positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32), tokens_BxT.shape)
         if positions_BxT is None:
-            positions_BxT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), tokens_BxT.shape)
-        hidden_BxTxD, _ = self._run_blocks(self._embed(tokens_BxT), positions_BxT, mask_BxTxS)
+            positions_BxT = default_positions(mask_BxT)
+        hidden_BxTxD, _ = self._run_blocks(self._embed(tokens_BxT), positions_BxT, mask_BxT)
         return hidden_BxTxD
 
     def unembed(self, hidden_BxTxD):
         """Logits [B, T, V] in float32 (float32 accumulation whatever the compute dtype)."""
+        if self.config.num_labels:
+            raise ValueError("a reward model (sequence classification) has no unembedding; use reward()")
         dtype = hidden_BxTxD.dtype
         if self.config.tie_embeddings:
             return jnp.einsum(
@@ -260,6 +286,27 @@ class Transformer(nnx.Module):
             "btd,dv->btv", hidden_BxTxD, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32
         )
 
+    def reward(self, tokens_BxT, mask_BxT):
+        """Scalar reward per row, float32 [B]: the score head's first label at the last real token.
+
+        The last real token is the rightmost position with mask 1, so padding may sit on either
+        side. transformers picks the rightmost token that is not `pad_token_id`; the two agree
+        whenever padding is exactly the pad-token positions (a pad id that also occurs as a real
+        token, e.g. pad = EOS, is where the mask is the one to trust).
+        """
+        if not self.config.num_labels:
+            raise ValueError("reward() needs a sequence-classification checkpoint (a score head); "
+                             "this model is a causal LM")
+        T = tokens_BxT.shape[1]
+        mask_BxT = mask_BxT.astype(jnp.int32)
+        hidden_BxTxD = self.hidden(tokens_BxT, mask_BxT=mask_BxT)
+        last_B = jnp.argmax(jnp.arange(T, dtype=jnp.int32) * mask_BxT, axis=-1)
+        last_BxD = jnp.take_along_axis(hidden_BxTxD, last_B[:, None, None], axis=1)[:, 0]
+        scores_BxL = jnp.einsum(
+            "bd,dl->bl", last_BxD, self.score[...].astype(last_BxD.dtype), preferred_element_type=jnp.float32
+        )
+        return scores_BxL[:, 0]
+
     def __call__(self, tokens_BxT, *, positions_BxT=None, mask_BxT=None):
         """Logits [B, T, V] float32. Positions default to `default_positions(mask)` (arange without)."""
         return self.unembed(self.hidden(tokens_BxT, positions_BxT=positions_BxT, mask_BxT=mask_BxT))
@@ -268,11 +315,8 @@ class Transformer(nnx.Module):
         """Writes this call's keys/values at cache slots [write_index, write_index + T) in place and
         lets query t attend to slot s iff kv_mask_BxS[b, s] == 1 and s <= write_index + t.
         Returns (logits_BxTxV float32, cache). `write_index` is an int32 scalar, possibly traced."""
-        T, S = tokens_BxT.shape[1], cache.k.shape[2]
         write_index = jnp.asarray(write_index, jnp.int32)
-        causal_TxS = jnp.arange(S)[None, :] <= write_index + jnp.arange(T)[:, None]
-        mask_BxTxS = causal_TxS[None] & (kv_mask_BxS[:, None, :] != 0)
         hidden_BxTxD, cache = self._run_blocks(
-            self._embed(tokens_BxT), positions_BxT, mask_BxTxS, cache, write_index
+            self._embed(tokens_BxT), positions_BxT, kv_mask_BxS, cache, write_index
         )
         return self.unembed(hidden_BxTxD), cache

@@ -1,4 +1,7 @@
-"""Reward functions by name: the built-ins, or a user function named "package.module:function"."""
+"""Reward functions by name: the built-ins, or a user function named "package.module:function".
+
+"rm:<path or hub id>" names a learned reward model instead; it is not a host function and only
+`Scorer` runs it (on device, see `cfpo_jax.rewards.reward_model`)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import numpy as np
 from cfpo_jax.rewards import functions
 
 RewardFn = Callable[..., np.ndarray]
+REWARD_MODEL_PREFIX = "rm:"
 
 REGISTRY: dict[str, RewardFn] = {
     "math": functions.math_reward,
@@ -31,6 +35,9 @@ def get(name: str) -> RewardFn:
     """The reward function registered as `name`, or the user function "package.module:function"."""
     if name in REGISTRY:
         return REGISTRY[name]
+    if name.startswith(REWARD_MODEL_PREFIX):
+        raise ValueError(f"{name!r} is a reward model, scored on device by rewards.Scorer; it has "
+                         "no host function")
     if ":" not in name:
         raise ValueError(
             f"unknown reward function {name!r}; valid: {sorted(REGISTRY)} or 'package.module:function'"

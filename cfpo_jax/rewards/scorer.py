@@ -22,6 +22,11 @@ Two ways to run, `num_workers`:
 
 Workers resolve the functions by name (registry or "package.module:function"), so user reward
 functions must be importable, not closures.
+
+A name "rm:<path or hub id>" is a learned reward model (`cfpo_jax.rewards.reward_model`): it is
+loaded once on the device mesh in this process and scores the whole batch on device from the
+prompts' chat messages (`prompt_messages`) and the completions, outside the item deadlines (its
+shapes, not model output, bound its time and memory). A non-finite score counts as a failure.
 """
 
 from __future__ import annotations
@@ -40,7 +45,7 @@ from typing import Sequence
 
 import numpy as np
 
-from cfpo_jax.rewards.registry import get
+from cfpo_jax.rewards.registry import REWARD_MODEL_PREFIX, get
 
 log = logging.getLogger(__name__)
 
@@ -238,10 +243,13 @@ class Scorer:
     fns: names from the registry or "package.module:function"; weights: one per function
     (default 1.0 each); num_workers: 0 = main thread, else a process pool; timeout_s: deadline
     per (function, item), wall seconds. `failure_totals` counts failures over the Scorer's life.
+    "rm:<path>" names are reward models placed on `mesh`, built with `reward_model_kwargs`
+    (param_dtype, dtype, max_len, batch_size of `reward_model.RewardModel`).
     """
 
     def __init__(self, fns: Sequence[str], weights: Sequence[float] | None = None, *,
-                 num_workers: int = 0, timeout_s: float = 10.0):
+                 num_workers: int = 0, timeout_s: float = 10.0, mesh=None,
+                 reward_model_kwargs: dict | None = None):
         fns = tuple(fns)
         weights = tuple(float(w) for w in weights) if weights else (1.0,) * len(fns)
         if not fns or len(set(fns)) != len(fns):
@@ -253,21 +261,43 @@ class Scorer:
             raise ValueError(f"need num_workers >= 0 and timeout_s > 0; got {num_workers}, "
                              f"{timeout_s}")
         self.names, self.weights, self.timeout_s = fns, weights, float(timeout_s)
-        self._fns = [get(name) for name in fns]  # fails here, with the valid names, if one is bad
-        self._pool = _WorkerPool(fns, num_workers, self.timeout_s) if num_workers else None
+        self._host_names = tuple(name for name in fns if not name.startswith(REWARD_MODEL_PREFIX))
+        # fails here, with the valid names, if one is bad
+        self._fns = [get(name) for name in self._host_names]
+        self._reward_models = {}
+        if len(self._host_names) < len(fns):
+            from cfpo_jax.rewards import reward_model  # jax and the model code only when used
+
+            self._reward_models = {
+                name: reward_model.RewardModel(name[len(REWARD_MODEL_PREFIX):], mesh=mesh,
+                                               **(reward_model_kwargs or {}))
+                for name in fns if name not in self._host_names}
+        self._pool = (_WorkerPool(self._host_names, num_workers, self.timeout_s)
+                      if num_workers and self._host_names else None)
         self.failure_totals = {name: 0 for name in fns}
 
     @classmethod
-    def from_config(cls, rewards_config) -> "Scorer":
-        """From `config.rewards` (fns, weights, num_workers, timeout_s)."""
+    def from_config(cls, rewards_config, *, mesh=None) -> "Scorer":
+        """From `config.rewards` (fns, weights, num_workers, timeout_s, rm_*); reward models on `mesh`."""
+        dtype = rewards_config.rm_dtype or None
         return cls(tuple(rewards_config.fns), tuple(rewards_config.weights),
-                   num_workers=rewards_config.num_workers, timeout_s=rewards_config.timeout_s)
+                   num_workers=rewards_config.num_workers, timeout_s=rewards_config.timeout_s,
+                   mesh=mesh, reward_model_kwargs=dict(
+                       param_dtype=dtype, dtype=dtype, max_len=rewards_config.rm_max_len,
+                       batch_size=rewards_config.rm_batch_size))
 
-    def __call__(self, completions: Sequence[str], answers: Sequence[str],
-                 **example_fields) -> Scores:
-        """Scores B completions against their B gold answers; other fields are lists of B."""
+    def __call__(self, completions: Sequence[str], answers: Sequence[str], *,
+                 prompt_messages: Sequence[Sequence[dict]] | None = None, **example_fields) -> Scores:
+        """Scores B completions against their B gold answers; other fields are lists of B.
+        `prompt_messages` (B chat-message lists, the conversation each completion answers) is
+        needed by reward models only."""
         batch = len(completions)
-        for name, values in {"answers": answers, **example_fields}.items():
+        inputs = {"answers": answers, **example_fields}
+        if self._reward_models:
+            if prompt_messages is None:
+                raise ValueError(f"reward models {sorted(self._reward_models)} need prompt_messages")
+            inputs["prompt_messages"] = prompt_messages
+        for name, values in inputs.items():
             if len(values) != batch:
                 raise ValueError(f"{name} has {len(values)} entries for {batch} completions")
         tasks = [(k, completions[i], answers[i], {f: v[i] for f, v in example_fields.items()})
@@ -279,9 +309,14 @@ class Scorer:
                 raise RuntimeError("rewards with num_workers=0 must be scored in the main thread "
                                    "(their deadline is a SIGALRM timer); set num_workers > 0")
             results = [score_item(self._fns[k], c, a, f, self.timeout_s) for k, c, a, f in tasks]
+        by_name = {name: results[k * batch:(k + 1) * batch] for k, name in enumerate(self._host_names)}
+        for name, model in self._reward_models.items():
+            values = model(prompt_messages, completions)
+            by_name[name] = [(float(v), None) if np.isfinite(v) else (0.0, f"reward model scored {v}")
+                             for v in values]
         per_fn, failures = {}, {}
-        for k, name in enumerate(self.names):
-            chunk = results[k * batch:(k + 1) * batch]
+        for name in self.names:
+            chunk = by_name[name]
             per_fn[name] = np.asarray([score for score, _ in chunk], np.float32)
             failed = [i for i, (_, reason) in enumerate(chunk) if reason is not None]
             failures[name] = len(failed)
