@@ -95,6 +95,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.max_examples = 0  # 0: all
     c.eval.checkpoint = ""  # for `python -m cfpo_jax.evaluate`: a HF directory (e.g. <workdir>/hf)
     c.eval.output_dir = ""  # default <workdir>/eval
+    # lm-evaluation-harness tasks (the [eval] extra, issue 14) for `python -m cfpo_jax.evaluate`:
+    # run on model.path (before) and eval.checkpoint (after); the relative change is the
+    # alignment tax. e.g. ("arc_easy", "hellaswag", "winogrande").
+    c.eval.lm_eval_tasks = ()
+    c.eval.lm_eval_limit = 0  # examples per task; 0 = all
+    c.eval.lm_eval_batch_size = 16
+    c.eval.lm_eval_include_path = ""  # a directory of extra task YAMLs
 
     c.rl = ml_collections.ConfigDict()
     c.rl.objective = "cfpo"  # "cfpo" | "ppo" (GRPO = ppo objective + grpo estimator)

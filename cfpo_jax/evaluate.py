@@ -1,6 +1,9 @@
-"""Evaluation on held-out sets: mean@N, pass@k and maj@N (and greedy accuracy) per dataset.
+"""Evaluation on held-out sets: mean@N, pass@k and maj@N (and greedy accuracy) per dataset; and
+lm-evaluation-harness tasks before and after training (the alignment tax).
 
     python -m cfpo_jax.evaluate --config=configs/math_qwen.py:1.5b --config.eval.checkpoint=DIR
+    python -m cfpo_jax.evaluate --config=configs/align_llama.py --config.eval.checkpoint=DIR \
+        "--config.eval.lm_eval_tasks=('arc_easy', 'hellaswag', 'winogrande')"
 
 For each prompt, N = `eval.num_samples` completions are sampled and scored 0/1 by the dataset's
 correctness reward (`gsm8k` for the gsm8k preset, `math` otherwise):
@@ -15,6 +18,10 @@ correctness reward (`gsm8k` for the gsm8k preset, `math` otherwise):
 Generations with their scores go to `<output_dir>/<dataset>[_step<S>].jsonl`, metrics to
 `summary[_step<S>].json`. `evaluate` takes the sampler as a function, so its logic runs without
 a model; `evaluate_model` wires the policy and `cfpo_jax.sampling.generate`.
+
+With `eval.lm_eval_tasks`, the tasks run through `cfpo_jax.lm_eval` on `model.path` (before) and
+`eval.checkpoint` (after); `<output_dir>/lm_eval.json` holds both and the relative change per
+metric, (after − before) / |before|.
 """
 
 from __future__ import annotations
@@ -253,6 +260,55 @@ def evaluate_model(model, tokenizer, config, *, output_dir: str, step: int | Non
             for metric, value in metrics.items()}
 
 
+# ---------------------------------------------------------------- lm-eval tasks, alignment tax
+
+
+def lm_eval_tasks(path: str, tasks: Sequence[str], *, limit: int = 0, batch_size: int = 16,
+                  include_path: str = "", dtype: str | None = None) -> dict[str, dict[str, float]]:
+    """lm-evaluation-harness `tasks` on the checkpoint at `path` through our model class
+    (`cfpo_jax.lm_eval`): {task: {metric: value}}, standard errors left out. Needs the [eval]
+    extra."""
+    try:
+        import lm_eval as harness
+        from lm_eval.tasks import TaskManager
+    except ImportError as e:
+        raise ImportError("eval.lm_eval_tasks needs lm-evaluation-harness: pip install 'cfpo_jax[eval]'") from e
+    from cfpo_jax import lm_eval as cfpo_lm_eval
+
+    model = cfpo_lm_eval.CfpoJaxLM(pretrained=path, batch_size=batch_size, dtype=dtype)
+    output = harness.simple_evaluate(
+        model=model, tasks=list(tasks), limit=limit or None,
+        task_manager=TaskManager(include_path=include_path or None))
+    return {task: {metric: float(value) for metric, value in metrics.items()
+                   if isinstance(value, (int, float)) and "stderr" not in metric}
+            for task, metrics in output["results"].items()}
+
+
+def alignment_tax(before: dict[str, dict[str, float]],
+                  after: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """{task: {metric: relative change (after − before) / |before|}} over the metrics both have
+    (NaN where before is 0). A drop in accuracy after training is a negative change: the tax."""
+    return {task: {metric: (after[task][metric] - value) / abs(value) if value else math.nan
+                   for metric, value in metrics.items() if metric in after.get(task, {})}
+            for task, metrics in before.items() if task in after}
+
+
+def alignment_tax_report(config, before_path: str, after_path: str, output_dir: str) -> dict:
+    """`config.eval.lm_eval_tasks` before (`before_path`) and after (`after_path`) training, their
+    relative change, written to `<output_dir>/lm_eval.json` and returned."""
+    kwargs = dict(limit=config.eval.lm_eval_limit, batch_size=config.eval.lm_eval_batch_size,
+                  include_path=config.eval.lm_eval_include_path, dtype=config.model.dtype)
+    before = lm_eval_tasks(before_path, config.eval.lm_eval_tasks, **kwargs)
+    after = lm_eval_tasks(after_path, config.eval.lm_eval_tasks, **kwargs)
+    report = {"before": {"path": before_path, "results": before},
+              "after": {"path": after_path, "results": after},
+              "relative_change": alignment_tax(before, after)}
+    os.makedirs(output_dir, exist_ok=True)
+    with open(os.path.join(output_dir, "lm_eval.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    return report
+
+
 # ---------------------------------------------------------------- command line
 
 
@@ -261,11 +317,25 @@ def main(argv):
     from cfpo_jax import models
 
     config = _CONFIG.value
-    if not config.eval.sources:
-        raise ValueError("config.eval.sources is empty: name the data sets to evaluate on")
+    if not config.eval.sources and not config.eval.lm_eval_tasks:
+        raise ValueError("config.eval.sources and config.eval.lm_eval_tasks are empty: name the "
+                         "data sets or lm-eval tasks to evaluate on")
     path = config.eval.checkpoint or config.model.path
     workdir = _WORKDIR.value or config.workdir
     output_dir = config.eval.output_dir or os.path.join(workdir or ".", "eval")
+    if config.eval.lm_eval_tasks:
+        if not config.eval.checkpoint:
+            raise ValueError("eval.lm_eval_tasks compares model.path (before training) with "
+                             "eval.checkpoint (after); set eval.checkpoint")
+        report = alignment_tax_report(config, config.model.path, config.eval.checkpoint, output_dir)
+        print(f"{'task/metric':<32} {'before':>9} {'after':>9} {'change':>9}")
+        for task, changes in report["relative_change"].items():
+            for metric, change in changes.items():
+                print(f"{task + '/' + metric:<32} {report['before']['results'][task][metric]:>9.4f} "
+                      f"{report['after']['results'][task][metric]:>9.4f} {change:>+9.2%}")
+        print(f"lm-eval results in {os.path.join(output_dir, 'lm_eval.json')}")
+        if not config.eval.sources:
+            return
     tokenizer = models.load_tokenizer(path)
     model = models.from_pretrained(path, param_dtype=config.model.param_dtype,
                                    dtype=config.model.dtype)
