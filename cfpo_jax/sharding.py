@@ -9,9 +9,11 @@ Mesh axes:
 
 `RULES` maps a parameter *kind* (its leaf name, see `cfpo_jax.models.transformer`) to the
 PartitionSpec of one layer's parameter; parameters under `blocks` carry a leading layer axis,
-which is never sharded. The table is the same for every model family. A dimension that a mesh
-axis does not divide (e.g. 2 kv heads on tensor=4) is left unsharded rather than failing, so any
-checkpoint runs on any mesh (logged at INFO).
+which is never sharded. The table is the same for every model family. A low-rank adapter
+(`q_lora_a [D, R]`, `q_lora_b [R, N, H]`, ...) follows its projection's rule: A takes the rule of
+the kernel's input axes, B that of its output axes; the rank axis is never sharded. A dimension
+that a mesh axis does not divide (e.g. 2 kv heads on tensor=4) is left unsharded rather than
+failing, so any checkpoint runs on any mesh (logged at INFO).
 """
 
 from __future__ import annotations
@@ -72,16 +74,33 @@ def _leaf_names(path) -> list[str]:
     return [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
 
 
+def _rule(kind: str, ndim: int) -> tuple:
+    """The spec of one layer's parameter of `kind` with `ndim` axes; adapters derive theirs."""
+    target, lora, factor = kind.rpartition("_lora_")
+    if not lora:
+        return tuple(RULES[kind])
+    kernel = tuple(RULES[f"{target}_kernel"])
+    if factor == "a":  # [*in, R]
+        return kernel[:ndim - 1] + (None,)
+    if factor == "b":  # [R, *out]
+        return (None,) + kernel[len(kernel) - ndim + 1:]
+    raise KeyError(kind)
+
+
 def partition_spec(mesh: Mesh, names: list[str], shape: tuple[int, ...]) -> P:
     """The rule for a parameter at state path `names`, with undividable dimensions unsharded."""
     kind = names[-1]
-    if kind not in RULES:
-        raise KeyError(f"no partition rule for parameter {'/'.join(names)!r}; kinds: {', '.join(RULES)}")
-    spec = tuple(RULES[kind])
-    if names[0] == "blocks":
+    stacked = names[0] == "blocks"
+    try:
+        spec = _rule(kind, len(shape) - stacked)
+    except KeyError:
+        raise KeyError(
+            f"no partition rule for parameter {'/'.join(names)!r}; kinds: {', '.join(RULES)}"
+        ) from None
+    if stacked:
         spec = (None,) + spec
     if len(spec) != len(shape):
-        raise ValueError(f"rule {RULES[kind]} for {'/'.join(names)} does not fit shape {shape}")
+        raise ValueError(f"rule {P(*spec)} for {'/'.join(names)} does not fit shape {shape}")
     fitted = []
     for axis, dim in zip(spec, shape):
         if axis is not None and dim % mesh.shape[axis]:

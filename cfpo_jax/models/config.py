@@ -11,6 +11,9 @@ One dataclass covers Qwen2/2.5, Qwen3 and Llama 3 (SmolLM2 is a Llama) through f
   (`LlamaForSequenceClassification`, `Qwen2ForSequenceClassification`, Qwen3's). The
   architecture name in config.json says which; its label count is `id2label`'s length, else
   `num_labels`, else transformers' default of 2.
+* `lora_rank`, `lora_alpha`, `lora_targets`: low-rank adapters (`cfpo_jax.lora`) on the named
+  projections, each adding (alpha / rank) · x·A·B to it; rank 0 (the default) means none. They are
+  not part of a Hugging Face config (`to_hf_config` describes the base model).
 
 and, for how the model runs rather than what it is (never written to config.json):
 
@@ -31,6 +34,7 @@ from typing import Any
 SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an adapter can sit on
 # What a rematerialised layer keeps for the backward pass; cfpo_jax.models.transformer maps each
 # name to its jax.checkpoint policy and says when to use which.
 REMAT_POLICIES = ("full", "dots_with_no_batch_dims", "dots")
@@ -68,6 +72,9 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
     num_labels: int = 0
+    lora_rank: int = 0
+    lora_alpha: float = 0.0
+    lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -93,6 +100,24 @@ class ModelConfig:
         if self.num_labels < 0:
             raise ValueError(f"num_labels must be >= 0 (0: causal LM); got {self.num_labels}")
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
+        if unknown:
+            raise ValueError(f"unknown lora_targets {unknown}; valid: {', '.join(LORA_TARGETS)}")
+        if self.lora_rank < 0 or (self.lora_rank > 0 and not self.lora_targets):
+            raise ValueError(
+                f"lora_rank={self.lora_rank} must be 0 (no adapters) or > 0 with at least one of "
+                f"lora_targets ({', '.join(LORA_TARGETS)}); got targets {self.lora_targets}"
+            )
+
+    def adapted(self, target: str) -> bool:
+        """Whether projection `target` (one of LORA_TARGETS) carries a low-rank adapter."""
+        return self.lora_rank > 0 and target in self.lora_targets
+
+    @property
+    def lora_scale(self) -> float:
+        """The factor on x·A·B (PEFT's `scaling`, alpha / rank)."""
+        return self.lora_alpha / self.lora_rank if self.lora_rank else 0.0
 
     # The config is static metadata of the NNX module, so jit needs it hashable; the dict field
     # is not, hence the explicit hash over a frozen view of it.

@@ -93,7 +93,14 @@ _PARAM_MAP: dict[tuple[str, ...], tuple[str, tuple[Callable, Callable]]] = {
 }
 
 
-def _resolve(path) -> str:
+def hf_module_name(target: str) -> str:
+    """The Hugging Face module (with `{i}` for the layer) of projection `target` ("q" ... "down"),
+    e.g. "model.layers.{i}.self_attn.q_proj": where PEFT puts that projection's adapter."""
+    module = "attn" if target in ("q", "k", "v", "o") else "mlp"
+    return _PARAM_MAP[("blocks", module, f"{target}_kernel")][0].removesuffix(".weight")
+
+
+def resolve(path) -> str:
     """A local directory as is; a GGUF file converted once (models/gguf.py); anything else is a Hub
     repo id, downloaded (config, weights, tokenizer)."""
     path = os.fspath(path)
@@ -206,7 +213,7 @@ def from_pretrained(path: str, *, mesh=None, param_dtype=None, dtype=None, remat
     `attention` picks the full-sequence attention kernel (see `ModelConfig`). With `mesh`, each
     parameter is created directly with its `cfpo_jax.sharding.param_shardings` sharding.
     """
-    directory = _resolve(path)
+    directory = resolve(path)
     config = from_hf_config(read_config(directory), param_dtype=param_dtype, dtype=dtype).replace(
         remat=remat, remat_policy=remat_policy, attention=attention)
     ckpt = _Checkpoint(directory)
@@ -233,7 +240,7 @@ def load_tokenizer(path: str):
     """The transformers tokenizer stored next to the checkpoint (local directory or Hub repo id)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_resolve(path))
+    return AutoTokenizer.from_pretrained(resolve(path))
 
 
 def _hf_tensors(model: Transformer, gather: bool):
@@ -258,6 +265,12 @@ def save_pretrained(model: Transformer, path: str, tokenizer=None, *, max_shard_
     transformers' AutoModelForCausalLM (AutoModelForSequenceClassification for a reward model) and
     vLLM load, and the tokenizer when given. Every process
     must call it (sharded arrays are gathered collectively); only process 0 writes."""
+    if model.config.lora_rank:
+        raise ValueError(
+            "this model carries low-rank adapters, which a Hugging Face model directory cannot hold: "
+            "save cfpo_jax.lora.merge(model) (adapters folded in), or the adapters alone with "
+            "cfpo_jax.lora.save_peft"
+        )
     shard_of, num_shards, shard_bytes = {}, 1, 0
     for name, nbytes, _ in _hf_tensors(model, gather=False):
         if shard_bytes and shard_bytes + nbytes > max_shard_bytes:

@@ -8,6 +8,12 @@ that `cfpo_jax.sharding` keys its one rule table on: `embedding [V, D]`, `lm_hea
 every RMSNorm, and for a reward model (`config.num_labels > 0`) `score [D, num_labels]` in place of
 the unembedding. Everything under `blocks` carries a leading layer axis [L, ...].
 
+Low-rank adapters (`config.lora_rank` > 0, see `cfpo_jax.lora`) are `nnx.LoRAParam`s beside the
+projection they adapt, `<target>_lora_a [*in, R]` and `<target>_lora_b [R, *out]` (e.g.
+`q_lora_a [D, R]`, `q_lora_b [R, N, H]`, `o_lora_a [N, H, R]`), stacked like every block parameter,
+so the scan is unchanged. They are float32 whatever the base dtype and add scale·(x·A)·B to the
+projection's output, computed on the fly in the compute dtype.
+
 The layer loop is a `jax.lax.scan` over the stacked block state (`nnx.merge` of one layer's slice
 inside the body), so the compiled program holds one layer however deep the model is.
 
@@ -47,6 +53,31 @@ from cfpo_jax.models import attention
 from cfpo_jax.models.config import ModelConfig
 
 _INIT = nnx.initializers.normal(stddev=0.02)
+LORA_DTYPE = jnp.float32
+
+
+def lora_a_init(key, shape):
+    """An adapter's A [*in, R]: uniform in ±1/sqrt(fan_in), PEFT's default (kaiming-uniform with
+    a = √5). B starts at zero, so a freshly adapted model computes exactly what its base does."""
+    bound = 1.0 / math.sqrt(math.prod(shape[:-1]))
+    return jax.random.uniform(key, shape, LORA_DTYPE, -bound, bound)
+
+
+def _add_adapter(module, target, in_shape, out_shape, config, rngs):
+    if config.adapted(target):
+        rank = config.lora_rank
+        setattr(module, f"{target}_lora_a", nnx.LoRAParam(lora_a_init(rngs.params(), (*in_shape, rank))))
+        setattr(module, f"{target}_lora_b", nnx.LoRAParam(jnp.zeros((rank, *out_shape), LORA_DTYPE)))
+
+
+def _adapt(module, target, x, out):
+    """`out` + scale·(x·A)·B when `target` carries an adapter; x [..., *in], out [..., *out]."""
+    if not module.config.adapted(target):
+        return out
+    lora_a = getattr(module, f"{target}_lora_a")[...].astype(x.dtype)
+    lora_b = getattr(module, f"{target}_lora_b")[...].astype(x.dtype)
+    xa = jnp.tensordot(x, lora_a, axes=lora_a.ndim - 1) * module.config.lora_scale
+    return out + jnp.tensordot(xa, lora_b, axes=1)
 
 REMAT_POLICY = {
     "full": None,  # jax.checkpoint saves nothing but the inputs
@@ -138,6 +169,10 @@ class Attention(nnx.Module):
         self.k_kernel = nnx.Param(_INIT(rngs.params(), (D, K, H), pdt))
         self.v_kernel = nnx.Param(_INIT(rngs.params(), (D, K, H), pdt))
         self.o_kernel = nnx.Param(_INIT(rngs.params(), (N, H, D), pdt))
+        for target, in_shape, out_shape in (
+            ("q", (D,), (N, H)), ("k", (D,), (K, H)), ("v", (D,), (K, H)), ("o", (N, H), (D,))
+        ):
+            _add_adapter(self, target, in_shape, out_shape, config, rngs)
         if config.qkv_bias:
             self.q_bias = nnx.Param(jnp.zeros((N, H), pdt))
             self.k_bias = nnx.Param(jnp.zeros((K, H), pdt))
@@ -149,6 +184,7 @@ class Attention(nnx.Module):
     def _project(self, x_BxTxD, name):
         dtype = x_BxTxD.dtype
         out = jnp.einsum("btd,dnh->btnh", x_BxTxD, getattr(self, f"{name}_kernel")[...].astype(dtype))
+        out = _adapt(self, name, x_BxTxD, out)
         if self.config.qkv_bias:
             out = out + getattr(self, f"{name}_bias")[...].astype(dtype)
         return out
@@ -188,21 +224,25 @@ class Attention(nnx.Module):
             v_BxSxKxH = cache.v[layer].astype(x_BxTxD.dtype)
             out_BxTxNxH = attention.masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS)
         out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_kernel[...].astype(x_BxTxD.dtype))
-        return out_BxTxD, cache
+        return _adapt(self, "o", out_BxTxNxH, out_BxTxD), cache
 
 
 class MLP(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         D, F, pdt = config.hidden_size, config.intermediate_size, config.param_dtype
+        self.config = config
         self.gate_kernel = nnx.Param(_INIT(rngs.params(), (D, F), pdt))
         self.up_kernel = nnx.Param(_INIT(rngs.params(), (D, F), pdt))
         self.down_kernel = nnx.Param(_INIT(rngs.params(), (F, D), pdt))
+        for target, in_shape, out_shape in (("gate", (D,), (F,)), ("up", (D,), (F,)), ("down", (F,), (D,))):
+            _add_adapter(self, target, in_shape, out_shape, config, rngs)
 
     def __call__(self, x_BxTxD):
         dtype = x_BxTxD.dtype
-        gate_BxTxF = x_BxTxD @ self.gate_kernel[...].astype(dtype)
-        up_BxTxF = x_BxTxD @ self.up_kernel[...].astype(dtype)
-        return (jax.nn.silu(gate_BxTxF) * up_BxTxF) @ self.down_kernel[...].astype(dtype)
+        gate_BxTxF = _adapt(self, "gate", x_BxTxD, x_BxTxD @ self.gate_kernel[...].astype(dtype))
+        up_BxTxF = _adapt(self, "up", x_BxTxD, x_BxTxD @ self.up_kernel[...].astype(dtype))
+        hidden_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
+        return _adapt(self, "down", hidden_BxTxF, hidden_BxTxF @ self.down_kernel[...].astype(dtype))
 
 
 class Block(nnx.Module):
