@@ -53,7 +53,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _STUDY = config_flags.DEFINE_config_file("study", None, "Study file (configs/studies/*.py).",
                                          lock_config=True)
 _PARALLEL = flags.DEFINE_integer("parallel", 1, "Training runs at a time.")
-_PLOT_ONLY = flags.DEFINE_bool("plot_only", False, "Only rebuild report.md and plots from the runs on disk.")
+_PLOT_ONLY = flags.DEFINE_bool("plot-only", False, "Only rebuild report.md and plots from the runs on disk.")
 
 PLOTTED = ("reward_mean", "entropy", "ratio_dev", "clip_frac")
 LATE_METRICS = ("clip_frac", "ratio_dev", "ppo_kl", "entropy", "grad_norm", "response_len_mean")
@@ -489,7 +489,7 @@ def plot_curves(study: Study, curves: dict) -> list[str]:
                     y = np.stack([v[:n] for _, v in smoothed])
                     label = Cell(objective, mu, ratio).label(estimator)
                     color = colors.get(objective)
-                    ax.plot(x, y.mean(0), color=color, label=f"{label} ({len(smoothed)} seeds)")
+                    ax.plot(x, y.mean(0), color=color, label=f"{label} ({len(smoothed)} seed{'s' * (len(smoothed) > 1)})")
                     ax.fill_between(x, y.min(0), y.max(0), color=color, alpha=0.2, linewidth=0)
                 ax.set_title(f"μ = {mu}" + (f", batch ratio {ratio}" if len(ratios) > 1 else ""))
                 ax.set_xlabel("RL step")

@@ -177,24 +177,25 @@ def _study_command(output_dir):
             "--study=configs/studies/stability_quickstart.py", f"--study.output_dir={output_dir}",
             "--study.num_epochs=(1, 4)", "--study.seeds=(0,)", "--parallel=2",
             "--config.train.num_steps=6", "--config.train.checkpoint_every=2",
-            "--config.warmstart.steps=2", "--config.eval.max_examples=4"]
+            # No warm start and no final evaluation: two compilations fewer per run.
+            "--config.warmstart.steps=0", "--config.eval.sources=()"]
 
 
 def test_reduced_study_end_to_end_resumes_after_a_kill(tmp_path):
     """2 μ × 2 objectives × 1 seed, 6 steps each. The study is killed (SIGKILL: its runs get
-    SIGTERM from the kernel and checkpoint) once two runs have passed a checkpoint; run again, it
-    keeps finished runs, resumes the killed ones from their checkpoints, and writes the report."""
+    SIGTERM from the kernel and checkpoint) once a run has passed its step-2 checkpoint; run again,
+    it keeps finished runs, resumes the killed ones from their checkpoints, and writes the report."""
     out = tmp_path / "study"
     env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(_study_command(out), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    deadline = time.time() + 300
+    deadline = time.time() + 1800  # generous: a shared machine can be many times slower
     runs_dir = out / "runs"
     checkpointed = lambda: [d for d in (runs_dir.iterdir() if runs_dir.exists() else ())
                             if (d / "checkpoints" / "2").exists()]
-    while len(checkpointed()) < 2 and proc.poll() is None and time.time() < deadline:
+    while not checkpointed() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
-    assert proc.poll() is None, proc.stdout.read()
+    assert checkpointed() and proc.poll() is None, proc.stdout.read() if proc.poll() else "too slow"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     time.sleep(3)  # the runs' SIGTERM handlers save and exit
@@ -202,7 +203,7 @@ def test_reduced_study_end_to_end_resumes_after_a_kill(tmp_path):
     assert len(finished_before) < 4
 
     out_text = subprocess.run(_study_command(out), cwd=ROOT, env=env, capture_output=True, text=True,
-                              timeout=600)
+                              timeout=1800)
     assert out_text.returncode == 0, out_text.stdout + out_text.stderr
     assert f"{len(finished_before)} already finished" in out_text.stdout
     resumed = [d for d in runs_dir.iterdir() if "resumed from step" in (d / "train.log").read_text()]
