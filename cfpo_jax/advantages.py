@@ -2,13 +2,18 @@
 
 `rewards` is a float vector [B] laid out group by group: B = num_prompts × group_size, and the
 responses to one prompt are contiguous. Every estimator returns one advantage per response [B]
-(float32). A group whose rewards are all equal gets zero advantage, never NaN.
+(float32), never NaN. A group whose rewards are all equal gets zero advantage, except under
+`reinforce_pp` with ragged lengths (see there).
 
 * `grpo`: (r − mean_g) / (std_g + 1e-6), std unbiased (Shao et al. 2024, as in TRL/verl).
 * `drgrpo`: r − mean_g; no std normalisation (Liu et al. 2025, "Dr. GRPO").
 * `rloo`: r − mean of the other G − 1 rewards of the group (Ahmadian et al. 2024).
-* `reinforce_pp`: r − mean_g, then whitened over the whole batch with the unbiased variance
-  ((x − mean) / sqrt(var + 1e-8)), as verl's REINFORCE++ with baseline.
+* `reinforce_pp`: verl's REINFORCE++ with baseline (`compute_reinforce_plus_plus_baseline_outcome_
+  advantage`): c = r − mean_g (c = r for groups of one), broadcast to every completion token, then
+  whitened over all tokens of the batch (verl's `masked_whiten`): (c − μ) / sqrt(σ² + 1e-8) with
+  μ and σ² (unbiased, over the token count) weighted by each response's token count `lengths`.
+  So long responses weigh more, and on ragged batches μ ≠ 0: a flat group gets −μ/σ, as in verl.
+  Without `lengths` every response counts once (then μ = 0 exactly and flat groups stay 0).
 """
 
 from __future__ import annotations
@@ -43,12 +48,17 @@ def _rloo(rewards_NxG):
     return _centred(rewards_NxG) * (g / (g - 1))
 
 
-def _reinforce_pp(rewards_NxG):
-    # Group-centred values already have batch mean zero, so whitening only rescales; skipping the
-    # (rounding-only) shift keeps flat groups at exactly zero.
-    centred = _centred(rewards_NxG)
-    var = jnp.sum(jnp.square(centred)) / max(centred.size - 1, 1)
-    return centred * jax.lax.rsqrt(var + WHITEN_VAR_EPS)
+def _reinforce_pp(rewards_NxG, lengths_NxG=None):
+    centred = rewards_NxG if rewards_NxG.shape[1] == 1 else _centred(rewards_NxG)
+    if lengths_NxG is None:
+        # Equal weights: group-centred values have batch mean zero, so whitening only rescales;
+        # skipping the (rounding-only) shift keeps flat groups at exactly zero.
+        var = jnp.sum(jnp.square(centred)) / max(centred.size - 1, 1)
+        return centred * jax.lax.rsqrt(var + WHITEN_VAR_EPS)
+    tokens = jnp.sum(lengths_NxG)
+    mean = jnp.sum(lengths_NxG * centred) / tokens
+    var = jnp.sum(lengths_NxG * jnp.square(centred - mean)) / jnp.maximum(tokens - 1, 1)
+    return (centred - mean) * jax.lax.rsqrt(var + WHITEN_VAR_EPS)
 
 
 ESTIMATORS: dict[str, Callable] = {
@@ -61,8 +71,12 @@ ESTIMATORS: dict[str, Callable] = {
 _MIN_GROUP_SIZE = {"grpo": 2, "rloo": 2}
 
 
-def compute(rewards, group_size: int, estimator: str = "grpo") -> jax.Array:
-    """Advantages [B] for `rewards` [B] in groups of `group_size` (static) by `estimator`."""
+def compute(rewards, group_size: int, estimator: str = "grpo", lengths=None) -> jax.Array:
+    """Advantages [B] for `rewards` [B] in groups of `group_size` (static) by `estimator`.
+
+    lengths: [B] completion token counts (the loss mask's row sums); `reinforce_pp` weighs each
+    response by them, as verl does; the other estimators ignore them.
+    """
     if estimator not in ESTIMATORS:
         raise ValueError(f"unknown advantage estimator {estimator!r}; valid: {sorted(ESTIMATORS)}")
     rewards_B = jnp.asarray(rewards, jnp.float32)
@@ -78,4 +92,9 @@ def compute(rewards, group_size: int, estimator: str = "grpo") -> jax.Array:
             f"group_size {group_size} does not divide the batch of {rewards_B.shape[0]} rewards"
         )
     rewards_NxG = rewards_B.reshape(-1, group_size)
+    if estimator == "reinforce_pp" and lengths is not None:
+        lengths_B = jnp.asarray(lengths, jnp.float32)
+        if lengths_B.shape != rewards_B.shape:
+            raise ValueError(f"lengths must be [B] = {rewards_B.shape}; got {lengths_B.shape}")
+        return _reinforce_pp(rewards_NxG, lengths_B.reshape(-1, group_size)).reshape(-1)
     return ESTIMATORS[estimator](rewards_NxG).reshape(-1)

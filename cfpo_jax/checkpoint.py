@@ -8,16 +8,71 @@ Orbax writes into a temporary directory and renames it when complete, so a run k
 leaves a half-written directory that `latest_step` never reports (and that the next start removes).
 
 A checkpoint never holds non-finite values: `save` refuses a state with NaN/inf and returns False.
+
+Faults:
+* a complete-looking checkpoint can still be damaged later (a truncated file, a flipped byte; orbax
+  restores a flipped byte of array data without complaint). `meta` therefore carries an integrity
+  record: per state leaf an order-independent checksum of its bits (wrapping uint32 sums, so any
+  sharding gives the same value), and a SHA-256 of the rest of `meta`. `restore_latest` restores
+  the newest checkpoint that loads and matches its record; a bad one is renamed
+  `<step>.corrupt` (kept for inspection, no longer a step) with a warning naming it, and the
+  previous one is used. Never a silent restart from step 0: if checkpoints exist but none is
+  good, it raises.
+* a failing write (disk full, permissions) raises `CheckpointError` naming the step and the
+  directory, from `save` or from the next `wait`/`save` for an asynchronous one; orbax writes into
+  a temporary directory, so the previous checkpoints stay intact.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+log = logging.getLogger(__name__)
+
+_INTEGRITY = "integrity"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written (the previous ones are intact) or none can be restored."""
+
+
+def _leaf_checksum(x):
+    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    if x.dtype == jnp.bool_:
+        bits = x.astype(jnp.uint32)
+    else:
+        bits = jax.lax.bitcast_convert_type(x, jnp.dtype(f"uint{x.dtype.itemsize * 8}"))
+        bits = bits.astype(jnp.uint32)  # 64-bit leaves: their low words (enough to detect)
+    positions = jax.lax.broadcasted_iota(jnp.uint32, bits.shape, 0) if bits.ndim else 0
+    for axis in range(1, bits.ndim):  # the flat position, from iotas (fused, never stored)
+        positions = positions * jnp.uint32(bits.shape[axis]) + jax.lax.broadcasted_iota(
+            jnp.uint32, bits.shape, axis)
+    return jnp.sum(bits * (positions % 65536 + 1), dtype=jnp.uint32)
+
+
+_checksums = jax.jit(lambda leaves: jnp.stack([_leaf_checksum(x) for x in leaves]))
+
+
+def fingerprint(tree) -> list[int]:
+    """Per leaf, the wrapping uint32 sum of its bits × (1 + flat position mod 2^16), so a flipped
+    byte or two swapped values change it; exact whatever the sharding (integer sums commute)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return []
+    return [int(v) for v in np.asarray(jax.device_get(_checksums(leaves)))]
+
+
+def _meta_digest(meta: dict) -> str:
+    return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
 
 
 def all_finite(tree) -> bool:
@@ -48,37 +103,105 @@ class Checkpointer:
         return self._manager.latest_step()
 
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
-        """Starts an async save when `step` is due (or `force`); False if skipped or non-finite."""
+        """Starts an async save when `step` is due (or `force`); False if skipped or non-finite.
+        Raises CheckpointError when this write (or the previous asynchronous one) fails."""
         if not force and not self._manager.should_save(step):
             return False
         if not all_finite(state):
             print(f"checkpoint: step {step} holds non-finite values; not saved", flush=True)
             return False
-        return self._manager.save(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
-            ),
-            force=force,
-        )
+        meta = dict(meta)
+        meta[_INTEGRITY] = {"state": fingerprint(state), "meta_sha256": _meta_digest(meta)}
+        try:
+            return self._manager.save(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+                ),
+                force=force,
+            )
+        except Exception as e:
+            raise CheckpointError(self._write_failure(step, e)) from e
+
+    def _write_failure(self, step, error) -> str:
+        return (f"checkpoint write failed in {self.directory} (step {step} or the asynchronous "
+                f"save before it): {type(error).__name__}: {error}. The previous checkpoints "
+                f"are intact (latest complete: {self._manager.latest_step()}).")
 
     def restore(self, step: int, abstract_state):
         """(state, meta) of checkpoint `step`, placed like `abstract_state` (ShapeDtypeStructs
-        with shardings, e.g. from `jax.eval_shape` + the training shardings)."""
+        with shardings, e.g. from `jax.eval_shape` + the training shardings). Raises
+        CheckpointError when it does not match its integrity record."""
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
             ),
         )
-        return restored["state"], dict(restored["meta"])
+        state, meta = restored["state"], dict(restored["meta"])
+        record = meta.pop(_INTEGRITY, None)
+        if record is None:  # written before integrity records existed
+            log.warning("checkpoint %s/%s has no integrity record; restored unverified",
+                        self.directory, step)
+            return state, meta
+        if record["meta_sha256"] != _meta_digest(meta):
+            raise CheckpointError(f"checkpoint {self.directory}/{step}: meta does not match its "
+                                  "checksum")
+        if record["state"] != fingerprint(state):
+            raise CheckpointError(f"checkpoint {self.directory}/{step}: state arrays do not match "
+                                  "their checksums")
+        return state, meta
+
+    def restore_latest(self, abstract_state):
+        """(step, state, meta) of the newest checkpoint that restores intact, or None when there
+        are none. Damaged ones are renamed `<step>.corrupt` with a warning naming each; raises
+        CheckpointError if checkpoints exist and none restores."""
+        steps = sorted(self._manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                state, meta = self.restore(step, abstract_state)
+            except Exception as e:  # noqa: BLE001  (orbax/tensorstore raise many kinds)
+                bad = os.path.join(self.directory, str(step))
+                log.warning("checkpoint %s cannot be restored (%s: %s); moving it to %s.corrupt "
+                            "and trying the previous one", bad, type(e).__name__,
+                            str(e).splitlines()[0][:300] if str(e) else "", bad)
+                print(f"checkpoint: {bad} is damaged ({type(e).__name__}); moved to "
+                      f"{bad}.corrupt, trying the previous one", flush=True)
+                self._quarantine(step)
+                continue
+            return step, state, meta
+        if steps:
+            raise CheckpointError(f"none of the checkpoints {steps} in {self.directory} can be "
+                                  "restored (each moved to <step>.corrupt); refusing to restart "
+                                  "from step 0 over them")
+        return None
+
+    def _quarantine(self, step: int):
+        if jax.process_index() == 0:
+            bad = os.path.join(self.directory, str(step))
+            target = bad + ".corrupt"
+            suffix = 1
+            while os.path.exists(target):
+                target, suffix = f"{bad}.corrupt{suffix}", suffix + 1
+            os.replace(bad, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"checkpoint_quarantine_{step}")
+        self._manager.reload()
 
     def wait(self) -> None:
-        self._manager.wait_until_finished()
+        """Until the asynchronous save is written; CheckpointError if it failed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(self._write_failure("pending", e)) from e
 
     def close(self) -> None:
-        self._manager.wait_until_finished()
-        self._manager.close()
+        try:
+            self.wait()
+        finally:
+            self._manager.close()
 
 
 def abstract_like(state, shardings):

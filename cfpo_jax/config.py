@@ -1,8 +1,11 @@
 """The one config schema: every field a run can set, its type and default, and its validation.
 
 Configs in `configs/` start from `base_config()` and override values; they never add fields.
-`validate(config)` runs once at load (train.py, evaluate.py) and fails with the valid names on an
-unknown field, a wrong type, or a value outside its registry (objective, agg, estimator, ...).
+`validate(config)` runs once at load (train.py, evaluate.py), before any model is built or
+compiled, and fails with the valid names on an unknown field, a wrong type, a value outside its
+registry (objective, agg, estimator, ...), a malformed or missing data source, a reward function
+that does not resolve (user "package.module:function" imported here), or eval.ks outside
+1..eval.num_samples.
 
 Sections: seed, workdir, model, mesh, data, sampling, rewards, eval, rl, optim,
 train, warmstart. Optional values are typed placeholders (`placeholder(float)` is None until set,
@@ -14,8 +17,9 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from cfpo_jax import advantages, losses
+from cfpo_jax import advantages, data, losses, rewards
 from cfpo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
+from cfpo_jax.rewards import workers as reward_workers
 
 OPTIONAL = config_dict.placeholder
 
@@ -52,6 +56,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = -1  # -1: all remaining devices
     c.mesh.tensor = 1
     c.mesh.distributed = False  # jax.distributed.initialize() (TPU pods, SLURM)
+    # Multi-process by hand (sharding.initialize_distributed); empty: jax's cluster auto-detection.
+    c.mesh.coordinator_address = ""  # "host:port" of process 0
+    c.mesh.num_processes = 0
+    c.mesh.process_id = -1
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic:arithmetic"
@@ -76,11 +84,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.rewards = ml_collections.ConfigDict()
     c.rewards.fns = ("math",)  # registered names or "package.module:function"
     c.rewards.weights = (1.0,)
-    # 0: score in the main thread under a SIGALRM deadline. That cannot interrupt one long C call
-    # (sympy expanding 9^9^9^9 inside math-verify); only a worker pool (>= 1, whose stuck workers
-    # are killed) can, so configs scoring model output with `math` use workers.
-    c.rewards.num_workers = 0
-    c.rewards.timeout_s = 5.0
+    # Rewards run in worker processes (>= 1), each item under timeout_s (killed at timeout_s +
+    # 0.5 s) and each worker under an address-space limit of max_memory_gb (cfpo_jax.rewards.workers).
+    c.rewards.num_workers = reward_workers.DEFAULT_NUM_WORKERS
+    c.rewards.timeout_s = reward_workers.DEFAULT_TIMEOUT_S
+    c.rewards.max_memory_gb = reward_workers.DEFAULT_MAX_MEMORY_GB
     # Reward models ("rm:<path>" in fns, issue 14): scored on device with their own chat template.
     c.rewards.rm_max_len = 2048  # tokens of templated prompt + completion; longer keeps the end
     c.rewards.rm_batch_size = 0  # sequences per reward-model forward; 0 = the whole rollout
@@ -106,7 +114,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl = ml_collections.ConfigDict()
     c.rl.objective = "cfpo"  # "cfpo" | "ppo" (GRPO = ppo objective + grpo estimator)
     c.rl.eps = 0.2
-    c.rl.eps_high = OPTIONAL(float)  # clip-higher; None = eps
+    # clip-higher; None = eps. Under cfpo it sets ε for A > 0 (our choice: the paper's reference
+    # patches use one ε; see cfpo_jax.losses).
+    c.rl.eps_high = OPTIONAL(float)
     c.rl.dual_clip = OPTIONAL(float)  # ppo only, > 1
     c.rl.level = "token"  # "token" | "sequence" (GSPO-style ratio)
     c.rl.agg = "token-mean"
@@ -226,11 +236,77 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"rewards.fns {config.rewards.fns} and rewards.weights {config.rewards.weights} "
             "must be non-empty and of the same length"
         )
+    if config.rewards.num_workers < 1:
+        errors.append(f"rewards.num_workers must be >= 1 (rewards are scored in bounded worker "
+                      f"processes only); got {config.rewards.num_workers}")
+    if not config.rewards.timeout_s > 0 or not config.rewards.max_memory_gb > 0:
+        errors.append(f"rewards.timeout_s and rewards.max_memory_gb must be > 0; got "
+                      f"{config.rewards.timeout_s}, {config.rewards.max_memory_gb}")
     if not config.model.path:
         errors.append("model.path is empty; give a HF directory, a hub id, or 'tiny'")
     for name in ("num_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
         if config.train[name] < 1:
             errors.append(f"train.{name} must be >= 1; got {config.train[name]}")
+    # Data, rewards and evaluation: checked here too, before any model is built or compiled.
+    for name, source in [("data.source", config.data.source)] + [
+            ("eval.sources", s) for s in config.eval.sources]:
+        try:
+            data.check_source(source, synthetic=config.data.synthetic.to_dict())
+        except ValueError as e:
+            errors.append(f"{name}: {e}")
+    if "{question}" not in config.data.user_template:
+        errors.append(f"data.user_template must contain '{{question}}'; got "
+                      f"{config.data.user_template!r}")
+    for fn in config.rewards.fns:
+        if fn.startswith(rewards.registry.REWARD_MODEL_PREFIX):
+            if fn == rewards.registry.REWARD_MODEL_PREFIX:
+                errors.append("rewards.fns: 'rm:' needs a reward model path or hub id")
+            continue
+        try:
+            rewards.get(fn)  # imports a "package.module:function" now, not mid-run
+        except ValueError as e:
+            errors.append(f"rewards.fns: {e}")
+    ev = config.eval
+    if ev.num_samples < 1 or not ev.ks or any(not 1 <= k <= ev.num_samples for k in ev.ks):
+        errors.append(f"eval.ks {tuple(ev.ks)}: each k must be in 1..eval.num_samples="
+                      f"{ev.num_samples} (and num_samples >= 1)")
+    for name in ("every_steps", "max_examples"):
+        if ev[name] < 0:
+            errors.append(f"eval.{name} must be >= 0; got {ev[name]}")
+    for name, minimum in (("batch_size", 1),):
+        if config.data[name] < minimum:
+            errors.append(f"data.{name} must be >= {minimum}; got {config.data[name]}")
+    sampling = config.sampling
+    if sampling.max_prompt_len < 1 or sampling.max_new_tokens < 1:
+        errors.append(f"sampling.max_prompt_len and max_new_tokens must be >= 1; got "
+                      f"{sampling.max_prompt_len}, {sampling.max_new_tokens}")
+    if not 0 < sampling.top_p <= 1 or sampling.top_k < 0:
+        errors.append(f"sampling.top_p must be in (0, 1] and top_k >= 0; got {sampling.top_p}, "
+                      f"{sampling.top_k}")
+    for axis in ("data", "fsdp", "tensor"):
+        if config.mesh[axis] < 1 and config.mesh[axis] != -1:
+            errors.append(f"mesh.{axis} must be >= 1 or -1 (all remaining devices); got "
+                          f"{config.mesh[axis]}")
+    mesh = config.mesh
+    manual = (mesh.coordinator_address, mesh.num_processes, mesh.process_id)
+    if manual != ("", 0, -1):
+        if not mesh.distributed:
+            errors.append("mesh.coordinator_address / num_processes / process_id need "
+                          "mesh.distributed=True")
+        if not mesh.coordinator_address or mesh.num_processes < 1 or \
+                not 0 <= mesh.process_id < max(mesh.num_processes, 1):
+            errors.append(f"by hand, give all of mesh.coordinator_address (host:port), "
+                          f"num_processes >= 1 and 0 <= process_id < num_processes; got "
+                          f"{mesh.coordinator_address!r}, {mesh.num_processes}, {mesh.process_id}")
+    optim = config.optim
+    if optim.lr < 0 or optim.warmup_steps < 0 or optim.weight_decay < 0 or \
+            optim.max_grad_norm < 0 or not (0 <= optim.b1 < 1 and 0 <= optim.b2 < 1):
+        errors.append(f"optim: need lr, warmup_steps, weight_decay, max_grad_norm >= 0 and b1, b2 "
+                      f"in [0, 1); got {optim.lr}, {optim.warmup_steps}, {optim.weight_decay}, "
+                      f"{optim.max_grad_norm}, {optim.b1}, {optim.b2}")
+    if config.warmstart.steps < 0 or config.warmstart.batch_size < 1:
+        errors.append(f"warmstart.steps must be >= 0 and batch_size >= 1; got "
+                      f"{config.warmstart.steps}, {config.warmstart.batch_size}")
     if config.sampling.temperature <= 0:
         errors.append(
             f"sampling.temperature must be > 0 for RL (the ratio needs the sampling "

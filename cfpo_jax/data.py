@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 from typing import Any, Callable
 
 import numpy as np
@@ -184,6 +185,30 @@ def _decode_bytes(row: dict) -> dict:
     return {k: v.decode("utf-8") if isinstance(v, bytes) else v for k, v in row.items()}
 
 
+def check_source(source: str, *, synthetic: dict | None = None) -> None:
+    """Raises ValueError naming what is wrong with the spec `source`, without loading anything
+    large or touching the network: its kind and form, a jsonl file's existence, a synthetic
+    task and its settings. (Whether a tfds/hf set is prepared is known only when loading.)"""
+    kind, sep, rest = source.partition(":")
+    if not sep or kind not in SOURCE_KINDS or not rest:
+        raise ValueError(f"data source {source!r} must be one of tfds:<name>[:split], "
+                         f"hf:<repo>[:split], jsonl:<path>, synthetic:arithmetic")
+    if kind == "jsonl" and not os.path.isfile(rest):
+        raise ValueError(f"data source {source!r}: no file {rest!r}")
+    if kind == "synthetic":
+        if rest not in SYNTHETIC_TASKS:
+            raise ValueError(f"unknown synthetic task {rest!r}; valid: {SYNTHETIC_TASKS}")
+        try:
+            SyntheticArithmetic(**dict(synthetic or {}))
+        except TypeError as e:
+            raise ValueError(f"config.data.synthetic: {e}; valid fields: "
+                             f"{[f.name for f in dataclasses.fields(SyntheticArithmetic)]}") from e
+    if kind == "hf" and len(rest.split(":")) > 3:
+        raise ValueError(f"data source {source!r}: use hf:<repo>[:split] or hf:<repo>:<config>:<split>")
+    if kind == "tfds" and len(rest.removeprefix("huggingface:").split(":")) > 2:
+        raise ValueError(f"data source {source!r}: use tfds:<name>[:split]")
+
+
 def load(source: str, *, preset: str | None = None, synthetic: dict | None = None, seed: int = 0,
          tfds_data_dir: str | None = None) -> Dataset:
     """The dataset named by `source` (see module doc), its rows mapped by `preset`.
@@ -192,10 +217,9 @@ def load(source: str, *, preset: str | None = None, synthetic: dict | None = Non
     synthetic generator's seed; tfds_data_dir: where prepared tfds datasets live (tfds' default
     when None).
     """
-    kind, sep, rest = source.partition(":")
-    if not sep or kind not in SOURCE_KINDS or not rest:
-        raise ValueError(f"data source {source!r} must be one of tfds:<name>[:split], "
-                         f"hf:<repo>[:split], jsonl:<path>, synthetic:arithmetic")
+    if not source.startswith("jsonl:"):  # a jsonl file's errors are reported by the reading
+        check_source(source, synthetic=synthetic)
+    kind, _, rest = source.partition(":")
     if kind == "jsonl":
         try:
             with open(rest) as f:
@@ -204,13 +228,7 @@ def load(source: str, *, preset: str | None = None, synthetic: dict | None = Non
             raise ValueError(f"data source {source!r}: {e}") from e
         return Dataset(source, rows, preset)
     if kind == "synthetic":
-        if rest not in SYNTHETIC_TASKS:
-            raise ValueError(f"unknown synthetic task {rest!r}; valid: {SYNTHETIC_TASKS}")
-        try:
-            task = SyntheticArithmetic(**dict(synthetic or {}))
-        except TypeError as e:
-            raise ValueError(f"config.data.synthetic: {e}; valid fields: "
-                             f"{[f.name for f in dataclasses.fields(SyntheticArithmetic)]}") from e
+        task = SyntheticArithmetic(**dict(synthetic or {}))
         return Dataset(source, _SyntheticRows(task, seed), preset)
     if kind == "tfds":
         import tensorflow_datasets as tfds
@@ -232,8 +250,6 @@ def load(source: str, *, preset: str | None = None, synthetic: dict | None = Non
         raise ImportError(f"data source {source!r} needs Hugging Face datasets: "
                           "pip install 'cfpo_jax[hf]'") from e
     parts = rest.split(":")
-    if len(parts) > 3:
-        raise ValueError(f"data source {source!r}: use hf:<repo>[:split] or hf:<repo>:<config>:<split>")
     repo, config_name, split = parts[0], parts[1] if len(parts) == 3 else None, (
         parts[-1] if len(parts) > 1 else "train")
     return Dataset(source, datasets.load_dataset(repo, config_name, split=split), preset)

@@ -104,7 +104,10 @@ class _Progress:
 def evaluate(sample_fn: SampleFn, datasets: Sequence[data_lib.Dataset],
              builder: data_lib.PromptBuilder, *, num_samples: int, ks: Sequence[int] = (1,),
              greedy: bool = False, batch_size: int = 32, max_examples: int = 0,
-             max_prompt_len: int | None = None, num_workers: int = 0, timeout_s: float = 10.0,
+             max_prompt_len: int | None = None,
+             num_workers: int = rewards.workers.DEFAULT_NUM_WORKERS,
+             timeout_s: float = rewards.workers.DEFAULT_TIMEOUT_S,
+             max_memory_gb: float = rewards.workers.DEFAULT_MAX_MEMORY_GB,
              output_dir: str | None = None, step: int | None = None,
              progress: bool = True) -> dict[str, dict[str, float]]:
     """Metrics per dataset name: {"mean@N", "pass@k"..., "maj@N", ["greedy"], "num_examples",
@@ -112,8 +115,8 @@ def evaluate(sample_fn: SampleFn, datasets: Sequence[data_lib.Dataset],
 
     sample_fn(prompts, n, greedy) → for each prompt its n completion texts (greedy: n = 1 at
     temperature 0). max_examples: the first rows of each dataset only (0: all). Prompts longer
-    than max_prompt_len tokens are skipped and counted. num_workers, timeout_s: the reward
-    scorer's (see `cfpo_jax.rewards.Scorer`).
+    than max_prompt_len tokens are skipped and counted. num_workers, timeout_s, max_memory_gb:
+    the reward scorer's (see `cfpo_jax.rewards.Scorer`).
     """
     bad_ks = [k for k in ks if not 1 <= k <= num_samples]
     if bad_ks:
@@ -131,7 +134,8 @@ def evaluate(sample_fn: SampleFn, datasets: Sequence[data_lib.Dataset],
         writer = open(os.path.join(output_dir, f"{dataset.name}{suffix}.jsonl"), "w") \
             if output_dir else None
         bar = _Progress(count, dataset.name, progress)
-        with rewards.Scorer([reward_name], num_workers=num_workers, timeout_s=timeout_s) as scorer:
+        with rewards.Scorer([reward_name], num_workers=num_workers, timeout_s=timeout_s,
+                            max_memory_gb=max_memory_gb) as scorer:
             for start in range(0, count, batch_size):
                 examples, prompts = [], []
                 for index in range(start, min(start + batch_size, count)):
@@ -255,7 +259,8 @@ def evaluate_model(model, tokenizer, config, *, output_dir: str, step: int | Non
         num_samples=config.eval.num_samples, ks=tuple(config.eval.ks), greedy=config.eval.greedy,
         batch_size=config.data.batch_size, max_examples=config.eval.max_examples,
         max_prompt_len=config.sampling.max_prompt_len, num_workers=config.rewards.num_workers,
-        timeout_s=config.rewards.timeout_s, output_dir=output_dir, step=step, progress=progress)
+        timeout_s=config.rewards.timeout_s, max_memory_gb=config.rewards.max_memory_gb,
+        output_dir=output_dir, step=step, progress=progress)
     return {f"{name}/{metric}": value for name, metrics in results.items()
             for metric, value in metrics.items()}
 
@@ -314,9 +319,11 @@ def alignment_tax_report(config, before_path: str, after_path: str, output_dir: 
 
 def main(argv):
     del argv
+    from cfpo_jax import config as config_lib
     from cfpo_jax import models
 
     config = _CONFIG.value
+    config_lib.validate(config)  # everything, before any model is loaded or compiled
     if not config.eval.sources and not config.eval.lm_eval_tasks:
         raise ValueError("config.eval.sources and config.eval.lm_eval_tasks are empty: name the "
                          "data sets or lm-eval tasks to evaluate on")

@@ -10,6 +10,8 @@ Conventions (shapes in names: B responses, T completion tokens, V vocabulary):
     - `cfpo`: r·A − |A|/(2ε)·(r − 1)². Its gradient in r, A − (|A|/ε)(r − 1), is zero at
       r* = 1 + ε·sign(A) and restores r toward r* from both sides. With `eps_high` set, ε_high is
       used for A > 0, so r* sits at the same boundary that clip-higher (DAPO) would clip at.
+      That asymmetric CFPO is our choice, not the paper's: its reference patches for verl,
+      OpenRLHF and TRL each use a single ε for both signs (leave `eps_high` unset to match them).
     - `ppo`: min(r·A, clip(r, 1 − ε, 1 + ε_high)·A), and with `dual_clip` c > 1 the objective of
       A < 0 units is floored at c·A (dual-clip PPO).
   Both have gradient A in r at r = 1, so they give identical on-policy updates.

@@ -151,8 +151,25 @@ def to_host(tree):
     return jax.tree.map(get, tree)
 
 
-def initialize_distributed(enabled: bool) -> None:
-    """`jax.distributed.initialize()` (multi-host: TPU pods, SLURM) only when `enabled`; the
-    cluster is auto-detected from the environment the launcher sets."""
-    if enabled:
-        jax.distributed.initialize()
+def initialize_distributed(mesh_config) -> None:
+    """`jax.distributed.initialize` when `mesh_config.distributed` (before any other JAX call).
+
+    `coordinator_address` ("host:port" of process 0), `num_processes` and `process_id` name the
+    cluster by hand (e.g. several processes on one machine); left empty (""/0/-1) jax detects it
+    from the launcher's environment (TPU pods, SLURM, Open MPI, Kubernetes). A second call is a
+    no-op.
+    """
+    if not mesh_config.distributed or jax.distributed.is_initialized():
+        return
+    jax.distributed.initialize(
+        coordinator_address=mesh_config.coordinator_address or None,
+        num_processes=mesh_config.num_processes or None,
+        process_id=None if mesh_config.process_id < 0 else mesh_config.process_id)
+
+
+def any_process(flag: bool) -> bool:
+    """True on every process when `flag` is true on any (one all-gather; no-op on one process):
+    decisions that change the collective program (stop here, checkpoint now) must agree."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))

@@ -7,7 +7,12 @@ path as a real checkpoint.
 
 The tokenizer has one token per printable ASCII character plus `<pad>` (id 0), `<eos>` and
 `<unk>`; its chat template concatenates the message contents, so `data.template="chat"` and
-`"plain"` both work with short arithmetic prompts.
+`"plain"` both work with short arithmetic prompts. It is a transformers `Qwen2Tokenizer` (byte-level
+BPE) whose vocabulary is those characters in byte-level spelling (" " is "Ġ") and which has no
+merges: `AutoTokenizer` rebuilds a `model_type: qwen2` directory's tokenizer as a Qwen2Tokenizer
+with Qwen2's own pre-tokenizer whatever tokenizer.json says, so only a tokenizer that already is
+one loads back identically (a plain character-level tokenizer lost every space that way).
+Characters outside the vocabulary are dropped, as Qwen2's BPE does.
 """
 
 from __future__ import annotations
@@ -22,17 +27,15 @@ CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
 
 
 def build_tokenizer():
-    """A transformers fast tokenizer: one token per character, `<eos>` as EOS, `<pad>` id 0."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """A transformers Qwen2Tokenizer: one token per character, `<eos>` as EOS, `<pad>` id 0."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+    from transformers.models.qwen2.tokenization_qwen2 import Qwen2Tokenizer
 
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + CHARACTERS)}
-    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(".|\n"), behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
-    )
+    byte_level = bytes_to_unicode()
+    characters = tuple(byte_level[ord(c)] for c in CHARACTERS)
+    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + characters)}
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], pad_token="<pad>", eos_token="<eos>",
+                               unk_token="<unk>")
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 

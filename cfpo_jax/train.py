@@ -301,7 +301,7 @@ def _run(config, workdir, devices, stop):
     rl, smp = config.rl, config.sampling
 
     # ------------------------------------------------------------------ mesh
-    sharding.initialize_distributed(config.mesh.distributed)
+    sharding.initialize_distributed(config.mesh)
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
     batch_sh = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, PS())

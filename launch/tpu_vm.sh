@@ -5,7 +5,10 @@
 #   launch/tpu_vm.sh TPU_NAME ZONE "--config=configs/math_qwen.py:7b --config.mesh.distributed=True \
 #       --workdir=gs://BUCKET/runs/math_qwen_7b"
 # Use a gs:// workdir on a pod so that every host writes its checkpoint shards to one place.
-# Preemption: Cloud TPU sends SIGTERM; the trainer checkpoints and exits; rerun to resume.
+# The coordinator is found by jax itself on a pod (the TPU metadata server names worker 0 and the
+# slice's hosts), so mesh.coordinator_address / num_processes / process_id stay empty here.
+# Preemption: Cloud TPU sends SIGTERM (to some or all hosts); the hosts agree to stop after the
+# current step, checkpoint together and exit; rerun to resume.
 set -euo pipefail
 TPU_NAME="$1"; ZONE="$2"; ARGS="$3"
 cd "$(dirname "$0")/.."

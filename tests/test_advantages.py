@@ -38,6 +38,36 @@ def test_all_flat_batch_gives_zeros_not_nan(estimator):
     assert np.all(np.asarray(out) == 0.0)
 
 
+def _verl_reinforce_pp(rewards, group_size, lengths):
+    """verl's REINFORCE++-baseline written out in numpy over a token mask: group mean removed
+    (a group of one keeps its score), tiled over each response's tokens, masked_whiten with the
+    unbiased masked variance and the mean shifted."""
+    rewards = np.asarray(rewards, np.float64)
+    scores = rewards.copy()
+    for start in range(0, len(rewards), group_size):
+        group = rewards[start:start + group_size]
+        scores[start:start + group_size] = group - (group.mean() if group_size > 1 else 0.0)
+    mask = np.arange(max(lengths))[None, :] < np.asarray(lengths)[:, None]
+    values = scores[:, None] * mask
+    mean = (values * mask).sum() / mask.sum()
+    var = (((values - mean) ** 2) * mask).sum() / mask.sum() * mask.sum() / (mask.sum() - 1)
+    whitened = (values - mean) / np.sqrt(var + 1e-8) * mask
+    return np.asarray([row[0] for row in whitened])  # constant over each response's tokens
+
+
+@pytest.mark.parametrize("group_size", [1, 4])
+def test_reinforce_pp_matches_verl_token_weighted_whitening_on_ragged_batches(group_size):
+    rng = np.random.default_rng(0)
+    rewards = rng.integers(0, 2, size=16).astype(np.float64)
+    rewards[4:8] = 1.0  # a flat group: non-zero advantage under verl's shift on ragged lengths
+    lengths = rng.integers(1, 60, size=16)
+    out = np.asarray(advantages.compute(rewards, group_size, "reinforce_pp", lengths=lengths))
+    expected = _verl_reinforce_pp(rewards, group_size, lengths)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    unweighted = np.asarray(advantages.compute(rewards, group_size, "reinforce_pp"))
+    assert np.abs(unweighted - expected).max() > 0.05  # the lengths matter on this batch
+
+
 def test_rloo_is_leave_one_out_on_random_groups():
     rng = np.random.default_rng(0)
     rewards = rng.normal(size=15)

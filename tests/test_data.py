@@ -129,6 +129,23 @@ def test_hf_source_without_datasets_says_how_to_install(monkeypatch):
         data.load("hf:openai/gsm8k:main:test")
 
 
+def test_hf_source_reads_a_local_dataset_repository(tmp_path, monkeypatch):
+    """`hf:<repo>:<split>` through `datasets.load_dataset`, offline, on a local repository
+    directory whose data files name their splits."""
+    pytest.importorskip("datasets", reason="the hf extra is not installed")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    repo = tmp_path / "tiny_gsm"
+    repo.mkdir()
+    for split, count in (("train", 5), ("test", 3)):
+        _write_jsonl(repo / f"{split}.jsonl",
+                     [{"question": f"{split} {i}", "answer": f"so #### {i}"} for i in range(count)])
+    ds = data.load(f"hf:{repo}:test", preset="gsm8k")
+    assert len(ds) == 3
+    assert [ds[i] for i in range(3)] == [
+        {"question": f"test {i}", "answer": str(i), "solution": f"so #### {i}"} for i in range(3)]
+    assert len(data.load(f"hf:{repo}")) == 5  # the default split is train
+
+
 # ---------------------------------------------------------------- prompts
 
 def test_chat_prompt_uses_the_tokenizer_template():
@@ -196,10 +213,22 @@ def test_iterator_state_round_trips_across_epoch_boundaries():
         _iterator(seed=6).restore(state)
 
 
-def test_iterator_skips_long_prompts_and_fails_if_all_are():
-    it = _iterator(size=10, batch_size=10, max_prompt_len=15)
-    lengths = [len(p) for p in next(it).prompts]
-    assert max(lengths) <= 15 and it.skipped_long == 0
+def test_iterator_skips_long_prompts_and_fails_if_all_are(tmp_path):
+    # Ten questions, four of them far longer than the rest (whitespace tokens, chat template).
+    questions = [f"what is {i} ?" if i % 3 else "what is " + " + ".join(["1"] * 20) + " ?"
+                 for i in range(10)]
+    source = _write_jsonl(tmp_path / "mixed.jsonl",
+                          [{"question": q, "answer": str(i)} for i, q in enumerate(questions)])
+    builder = data.PromptBuilder(tiny_tokenizer(), "chat")
+    limit = 15
+    short = sorted(q for q in questions if len(builder.build(q)[1]) <= limit)
+    assert len(short) == 6  # the test's premise: long prompts exist and so do short ones
+    it = data.PromptIterator(data.load(source), builder, batch_size=6, seed=0,
+                             max_prompt_len=limit)
+    batch = next(it)
+    assert sorted(_questions(batch)) == short  # one pass over the data: every short one, once
+    assert max(len(p) for p in batch.prompts) <= limit
+    assert it.skipped_long == 4
     with pytest.raises(ValueError, match="every prompt .* longer than max_prompt_len=3"):
         next(_iterator(max_prompt_len=3))
 
@@ -211,4 +240,3 @@ def test_batch_reward_inputs_group_by_group():
     answers, fields = batch.reward_inputs(3)
     assert answers == ["1", "1", "1", "2", "2", "2"]
     assert fields == {"level": [2, 2, 2, 5, 5, 5]}
-    assert isinstance(np.asarray(answers), np.ndarray)

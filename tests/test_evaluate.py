@@ -1,6 +1,7 @@
 """Evaluation: pass@k against brute force, metrics and files from a scripted sampler, and the
 command line end to end on a tiny checkpoint (when the model and sampler modules are present)."""
 
+import collections
 import itertools
 import json
 import os
@@ -8,7 +9,6 @@ import subprocess
 import sys
 import textwrap
 
-import numpy as np
 import pytest
 
 from _tiny_tokenizer import tiny_tokenizer
@@ -148,27 +148,39 @@ def test_synthetic_answers_without_a_box_are_scored_and_voted_numerically():
 
 
 CONFIG_FILE = '''
-import ml_collections
+from cfpo_jax.config import base_config
 
 def get_config():
-    c = ml_collections.ConfigDict()
-    c.seed = 0
+    c = base_config()
     c.workdir = {workdir!r}
-    c.model = ml_collections.ConfigDict(dict(path={model!r}, param_dtype="float32",
-                                             dtype="float32", remat=False))
-    c.data = ml_collections.ConfigDict(dict(
-        source="synthetic:arithmetic", preset=None, template="chat", system_prompt="",
-        user_template="{{question}}", batch_size=4, seed=0,
-        synthetic=ml_collections.ConfigDict(dict(digits=1, ops="+", terms=2))))
-    c.sampling = ml_collections.ConfigDict(dict(max_prompt_len=64, max_new_tokens=6,
-                                                temperature=1.0, top_p=1.0, top_k=0))
-    c.rewards = ml_collections.ConfigDict(dict(fns=("math",), weights=(1.0,), num_workers=0,
-                                               timeout_s=5.0))
-    c.eval = ml_collections.ConfigDict(dict(
-        sources=("synthetic:arithmetic", "jsonl:{gsm8k}"), num_samples=2, ks=(1, 2),
-        greedy=True, every_steps=0, max_examples=3, checkpoint="", output_dir=""))
+    c.model.path = {model!r}
+    c.data.batch_size = 4
+    c.sampling.max_prompt_len = 64
+    c.sampling.max_new_tokens = 6
+    c.rewards.num_workers = 1
+    c.eval.sources = ("synthetic:arithmetic", "jsonl:{gsm8k}")
+    c.eval.num_samples = 2
+    c.eval.ks = (1, 2)
+    c.eval.max_examples = 3
     return c
 '''
+
+
+def test_command_line_validates_the_config_before_loading_a_model(tmp_path):
+    config_path = tmp_path / "eval_config.py"
+    config_path.write_text(CONFIG_FILE.format(workdir=str(tmp_path / "work"),
+                                              model=str(tmp_path / "no_model"),
+                                              gsm8k=str(tmp_path / "missing.jsonl")))
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT, JAX_PLATFORMS="cpu")
+    result = subprocess.run(
+        [sys.executable, "-m", "cfpo_jax.evaluate", f"--config={config_path}",
+         "--config.eval.ks=(1,4)", "--config.rewards.fns=('no_such_module:fn',)"],
+        capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert result.returncode != 0
+    for problem in ["eval.ks (1, 4): each k must be in 1..eval.num_samples=2",
+                    f"no file '{tmp_path}/missing.jsonl'", "cannot import module 'no_such_module'"]:
+        assert problem in result.stderr, result.stderr[-3000:]
+    assert not (tmp_path / "work").exists()
 
 
 def test_command_line_end_to_end_on_a_tiny_checkpoint(tmp_path):
@@ -201,10 +213,26 @@ def test_command_line_end_to_end_on_a_tiny_checkpoint(tmp_path):
     out = tmp_path / "work" / "eval"
     summary = json.loads((out / "summary.json").read_text())["datasets"]
     assert set(summary) == {"arithmetic", "gsm8k_mini"}
-    for metrics in summary.values():
-        assert metrics["num_examples"] == 3 and 0 <= metrics["pass@3"] <= 1
-        assert set(metrics) >= {"mean@3", "pass@1", "pass@3", "maj@3", "greedy"}
-    rows = (out / "gsm8k_mini.jsonl").read_text().splitlines()
-    assert len(rows) == 3 * (3 + 1)
-    assert "gsm8k_mini/mean@3" in result.stdout
-    assert np.isfinite(summary["arithmetic"]["mean@3"])
+    for name, metrics in summary.items():
+        rows = [json.loads(line) for line in (out / f"{name}.jsonl").read_text().splitlines()]
+        assert len(rows) == 3 * (3 + 1)  # 3 prompts × (3 samples + 1 greedy)
+        assert metrics["num_examples"] == 3
+        # The summary recomputed from the written generations with the formulas written here.
+        expected = collections.defaultdict(float)
+        for index in sorted({r["index"] for r in rows}):
+            samples = [r for r in rows if r["index"] == index and r["kind"] == "sample"]
+            [greedy] = [r for r in rows if r["index"] == index and r["kind"] == "greedy"]
+            assert [r["sample"] for r in samples] == [0, 1, 2]
+            correct = sum(r["score"] == 1.0 for r in samples)
+            expected["mean@3"] += correct / 3 / 3
+            expected["pass@1"] += correct / 3 / 3
+            expected["pass@3"] += float(correct > 0) / 3
+            expected["greedy"] += greedy["score"] / 3
+            votes = collections.Counter(r["extracted"] for r in samples if r["extracted"])
+            if votes:
+                top = max(votes.values())
+                winner = next(r for r in samples if votes.get(r["extracted"]) == top)
+                expected["maj@3"] += winner["score"] / 3
+        for key in ("mean@3", "pass@1", "pass@3", "maj@3", "greedy"):
+            assert metrics[key] == pytest.approx(expected[key]), (name, key)
+            assert f"{name}/{key}: {metrics[key]:.4f}" in result.stdout

@@ -1,9 +1,12 @@
-"""Reward functions and the scorer: real reference solutions, mutated answers, hostile text,
-main thread vs process pool, failures counted and logged."""
+"""Reward functions and the scorer: real reference solutions, mutated answers, a zoo of hostile
+text scored in bounded workers (time, memory, side effects), failures counted and logged."""
 
 import json
 import logging
 import math
+import os
+import subprocess
+import sys
 import threading
 import time
 from fractions import Fraction
@@ -14,7 +17,7 @@ import pytest
 from _shared_data import shared_file
 from cfpo_jax import rewards
 from cfpo_jax.rewards import answers as answers_lib
-from cfpo_jax.rewards.scorer import KILL_GRACE_S
+from cfpo_jax.rewards import guards, workers
 
 
 # User reward functions, importable by workers as "test_rewards:<name>".
@@ -35,6 +38,22 @@ def nan_reward(completions, answers, **fields):
 
 def level_reward(completions, answers, *, level, **fields):
     return np.asarray(level, np.float32)
+
+
+def memory_hog(completions, answers, **fields):
+    blocks = []
+    while True:  # 64 MiB at a time, touched, until the address-space limit stops it
+        blocks.append(np.ones(8 << 20))
+
+
+def address_space_hog(completions, answers, **fields):
+    blocks = []
+    while True:  # 1 GiB at a time, untouched: the address-space limit stops it at once
+        blocks.append(np.empty(1 << 27))
+
+
+def big_power(completions, answers, **fields):
+    return np.asarray([float(9 ** (9 ** 9) % 7)], np.float32)  # one long C-level computation
 
 
 def _read_jsonl(path):
@@ -67,7 +86,7 @@ def test_math_reward_on_math500_reference_solutions():
     assert len(rows) == 500
     solutions = [r["solution"] for r in rows]
     golds = [r["answer"] for r in rows]
-    with rewards.Scorer(["math"], num_workers=0, timeout_s=10) as scorer:
+    with rewards.Scorer(["math"], num_workers=2, timeout_s=10) as scorer:
         right = scorer(solutions, golds)
         wrong = scorer([_replace_last_box(s, _different_value(a)) for s, a in zip(solutions, golds)],
                        golds)
@@ -82,7 +101,7 @@ def test_gsm8k_reward_on_gsm8k_test_solutions():
     solutions = [r["answer"] for r in rows]
     golds = [s.split("####")[-1].strip().replace(",", "") for s in solutions]
     changed = [s.rsplit("####", 1)[0] + "#### " + str(int(g) + 1) for s, g in zip(solutions, golds)]
-    with rewards.Scorer(["gsm8k"], num_workers=0, timeout_s=10) as scorer:
+    with rewards.Scorer(["gsm8k"], num_workers=2, timeout_s=10) as scorer:
         assert scorer(solutions, golds).per_fn["gsm8k"].sum() >= 1318
         assert scorer(changed, golds).per_fn["gsm8k"].sum() == 0
 
@@ -152,12 +171,11 @@ def test_weighted_combination_reported_per_function():
     assert metrics["reward_mean"] == pytest.approx(np.mean([1.6, 1.1, 2.5]))
 
 
-@pytest.mark.parametrize("num_workers", [0, 1])
-def test_failures_score_zero_are_counted_and_first_is_logged(num_workers, caplog):
+def test_failures_score_zero_are_counted_and_first_is_logged(caplog):
     completions = ["fine", "boom 1", "fine", "boom 2"]
     with rewards.Scorer(["test_rewards:raising_reward", "test_rewards:nan_reward",
                          "test_rewards:spinning_reward"],
-                        num_workers=num_workers, timeout_s=0.3) as scorer:
+                        num_workers=1, timeout_s=0.3) as scorer:
         with caplog.at_level(logging.WARNING):
             scores = scorer(completions, ["a"] * 4)
     np.testing.assert_array_equal(scores.per_fn["test_rewards:raising_reward"], [1, 0, 1, 0])
@@ -170,78 +188,160 @@ def test_failures_score_zero_are_counted_and_first_is_logged(num_workers, caplog
     assert "timed out after 0.3 s" in logged[2]
 
 
-def test_main_thread_mode_refuses_other_threads():
-    errors = []
+def test_direct_calls_from_threads_agree_with_the_scorer():
+    """The registered functions called directly (the shared pool) from several threads at once
+    give what a Scorer gives; gold answers are real MATH-500 solutions, half of them mutated."""
+    rows = _read_jsonl(shared_file("math500_test.jsonl"))[:24]
+    completions = [r["solution"] for r in rows[:12]] + [
+        _replace_last_box(r["solution"], _different_value(r["answer"])) for r in rows[12:]]
+    golds = [r["answer"] for r in rows]
+    with rewards.Scorer(["math", "format"], num_workers=2) as scorer:
+        expected = scorer(completions, golds)
+    direct = {}
 
-    def score():
-        try:
-            rewards.Scorer(["format"])(["x"], ["y"])
-        except RuntimeError as e:
-            errors.append(str(e))
+    def score(name):
+        direct[name] = rewards.get(name)(completions, golds)
 
-    thread = threading.Thread(target=score)
-    thread.start()
-    thread.join()
-    assert errors and "num_workers > 0" in errors[0]
-
-
-def test_main_thread_and_process_pool_agree():
-    rows = _read_jsonl(shared_file("math500_test.jsonl"))[:60]
-    completions = [r["solution"] for r in rows] + [
-        _replace_last_box(r["solution"], _different_value(r["answer"])) for r in rows[:30]
-    ] + [r"\boxed{" + r["answer"] + "}" for r in rows[30:]] + ["#### 3", "nothing"]
-    golds = [r["answer"] for r in rows] + [r["answer"] for r in rows] + ["3", "3"]
-    names = ["math", "format", "gsm8k"]
-    with rewards.Scorer(names, [1.0, 0.2, 0.5], num_workers=0) as scorer:
-        main = scorer(completions, golds)
-    with rewards.Scorer(names, [1.0, 0.2, 0.5], num_workers=2) as scorer:
-        pool = scorer(completions, golds)
-    for name in names:
-        np.testing.assert_array_equal(main.per_fn[name], pool.per_fn[name])
-    np.testing.assert_array_equal(main.total_B, pool.total_B)
-    assert 0 < main.per_fn["math"].mean() < 1
+    threads = [threading.Thread(target=score, args=(name,)) for name in ("math", "format")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    np.testing.assert_array_equal(direct["math"], expected.per_fn["math"])
+    np.testing.assert_array_equal(direct["format"], expected.per_fn["format"])
+    assert direct["math"].tolist() == [1.0] * 12 + [0.0] * 12
 
 
+# Each scores 0. Measured on the 2-core box without guards, every "blow-up" entry ran past 20 s
+# (or 7-16 s for the nested fractions and the long product) inside math-verify.
 HOSTILE = {
     "nested braces": r"\boxed{" + "{" * 20000 + "1" + "}" * 20000 + "}",
+    "nested fractions": r"\boxed{" + r"\frac{1}{" * 200 + "2" + "}" * 200 + "}",
+    "nested parentheses": r"\boxed{" + "(" * 3000 + "1" + ")" * 3000 + "}",
     "unclosed boxes": r"\boxed{" * 30000,
     "100k characters": "1+" * 50000,
     "100k digits": r"\boxed{" + "9" * 100000 + "}",
+    "long product": r"\boxed{" + "*".join(["99999999999999999999"] * 5000) + "}",
     "python code": r"\boxed{__import__('os').system('touch {tmp}/pwned_system')}",
     "open call": r"The answer is \boxed{open('{tmp}/pwned_open', 'w').write('x')}",
     "eval call": "#### eval(\"__import__('pathlib').Path('{tmp}/pwned_eval').touch()\")",
     "malformed latex": r"\boxed{\frac{1}{\left( \sqrt[}{\begin{matrix} 1 & \end{cases}}",
     "power tower": r"\boxed{9^{9^{9^{9}}}}",
+    "power tower, 3": r"\boxed{2^{3^{4^{5}}}}",
+    "power tower, python": r"\boxed{9**9**9}",
+    "power tower, unboxed": r"so $x^{9^{9^{9}}}$",
+    "huge exponent": r"\boxed{9^{999999999}}",
+    "power of a power": r"\boxed{(10^{100000})^{100000}}",
+    "polynomial power": r"\boxed{(x+y)^{1000}}",
+    "factorial": r"\boxed{1000000!}",
+    "double factorial": r"\boxed{1000000!!}",
+    "factorial of a power": r"\boxed{(10^{10})!}",
+    "binomial": r"\boxed{\binom{10^{9}}{10^{5}}}",
+    "product": r"\boxed{\prod_{k=1}^{10^{6}} k}",
 }
+# Functions whose blow-ups no guard sees: the workers' deadline and memory limit catch them.
+UNGUARDED = ("test_rewards:address_space_hog", "test_rewards:big_power",
+             "test_rewards:spinning_reward")
+
+
+def _hostile(tmp_path):
+    return {name: text.replace("{tmp}", str(tmp_path)) for name, text in HOSTILE.items()}
+
+
+def test_guards_reject_the_blow_ups_at_once_and_no_gold_answer():
+    for name, text in HOSTILE.items():
+        candidate = answers_lib.last_boxed(text)
+        candidate = candidate if candidate is not None else text[-guards.MAX_ANSWER_CHARS:]
+        start = time.perf_counter()
+        reason = guards.too_costly(candidate)
+        assert time.perf_counter() - start < 0.05, name
+        if name not in ("python code", "open call", "eval call", "malformed latex",
+                        "unclosed boxes", "100k characters"):  # cheap to parse (its tail)
+            assert reason is not None, name
+    for row in _read_jsonl(shared_file("math500_test.jsonl")):
+        assert guards.too_costly(row["answer"]) is None, row["answer"]
+        boxed = answers_lib.last_boxed(row["solution"])
+        assert guards.too_costly(boxed) is None, boxed
+    for fine in [r"2^{2010}", "(n+1)!", r"\binom{10}{3}", r"\binom52", r"x^{100}",
+                 r"\cos^2 20^\circ", r"10,\!080", r"e^{i\pi}", "5!"]:
+        assert guards.too_costly(fine) is None, fine
 
 
 def test_hostile_completions_score_zero_in_time_without_side_effects(tmp_path):
     timeout_s = 2.0
-    completions = [text.replace("{tmp}", str(tmp_path)) for text in HOSTILE.values()]
-    with rewards.Scorer(["math", "gsm8k"], num_workers=2, timeout_s=timeout_s) as scorer:
+    hostile = _hostile(tmp_path)
+    with rewards.Scorer(["math", "gsm8k", "format"], num_workers=2, timeout_s=timeout_s,
+                        max_memory_gb=1.0) as scorer:
         scorer(["warm up"], ["3"])
-        for name, completion in zip(HOSTILE, completions):
+        for name, completion in hostile.items():
             start = time.monotonic()
             scores = scorer([completion], ["3"])
             elapsed = time.monotonic() - start
-            assert elapsed < timeout_s + KILL_GRACE_S + 1.5, (name, elapsed)
-            assert scores.total_B[0] == 0, name
-            if name == "power tower":  # killed in its worker: a counted failure, not a silent 0
-                assert scores.failures["math"] == 1
+            assert elapsed < timeout_s + 1, (name, elapsed)
+            assert scores.per_fn["math"][0] == scores.per_fn["gsm8k"][0] == 0, name
+            assert scores.failures == {"math": 0, "gsm8k": 0, "format": 0}, name
     assert list(tmp_path.iterdir()) == []
 
 
-# A deadline can land in JAX's gc callback, which prints and drops it; the timer's refire raises
-# it again in the reward code (that is what the scorer's refire is for).
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
-def test_hostile_python_level_completions_in_main_thread(tmp_path):
-    """Everything but the uninterruptible power tower also returns in time in the main thread."""
-    completions = [text.replace("{tmp}", str(tmp_path))
-                   for name, text in HOSTILE.items() if name != "power tower"]
-    start = time.monotonic()
-    with rewards.Scorer(["math", "gsm8k", "format"], [1, 1, 0], timeout_s=2.0) as scorer:
-        scores = scorer(completions, ["3"] * len(completions))
-    assert time.monotonic() - start < 2.0 * 2 * len(completions)
-    np.testing.assert_array_equal(scores.total_B, 0)
+@pytest.mark.parametrize("fn", UNGUARDED)
+def test_unguarded_blow_ups_are_stopped_by_the_worker_limits(fn):
+    """Out of memory (MemoryError at the address-space limit), a C call past the deadline
+    (killed), a Python loop (the timer): each a counted 0 within timeout_s + 1 s of reaching a
+    worker, which is then replaced so that the next item scores normally."""
+    timeout_s = 2.0
+    pool = workers.WorkerPool(1, timeout_s=timeout_s, max_memory_gb=1.0, preload=[fn, "format"])
+    try:
+        pool.wait_ready()
+        start = time.monotonic()
+        [(score, kind, message)] = pool.run([(fn, "x", "3", {})])
+        assert time.monotonic() - start < timeout_s + 1, message
+        assert score == 0.0 and kind in ("timeout", "killed"), message
+        assert pool.run([("format", r"\boxed{3}", "3", {})]) == [(1.0, None, None)]
+    finally:
+        pool.close()
+
+
+def test_registered_functions_called_directly_are_bounded(tmp_path):
+    """`rewards.get(name)(...)` in the caller's thread: each hostile item within the default
+    deadline + 1 s, 0, nothing written; the caller's memory does not grow."""
+    import resource
+
+    hostile = _hostile(tmp_path)
+    rewards.get("math")(["warm up"], ["3"])
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for name in ("math", "gsm8k", "gsm8k_strict", "format"):
+        fn = rewards.get(name)
+        for case, completion in hostile.items():
+            start = time.monotonic()
+            value = fn([completion], ["3"])
+            elapsed = time.monotonic() - start
+            assert elapsed < workers.DEFAULT_TIMEOUT_S + 1, (name, case, elapsed)
+            if name != "format":  # a closed box around nested braces is well-formed
+                assert value.tolist() == [0.0], (name, case)
     assert list(tmp_path.iterdir()) == []
-    assert math.isfinite(scores.metrics()["reward_mean"])
+    growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) / 1024
+    assert growth_mb < 200, growth_mb
+
+
+_MEMORY_PROBE = """
+import resource
+from cfpo_jax.rewards import workers
+pool = workers.WorkerPool(1, timeout_s=300, max_memory_gb=0.75, preload=["test_rewards:memory_hog"])
+results = pool.run([("test_rewards:memory_hog", "x", "3", {})] * 2)
+pool.close()
+print(*[kind + ":" + message.split(" (")[0].replace(" ", "_") for _, kind, message in results],
+      resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss // 1024)
+"""
+
+
+def test_workers_stay_under_the_memory_limit():
+    """A function that allocates (and touches) memory without end hits the 0.75 GiB address-space
+    limit — a MemoryError, not the machine's memory — and its worker is replaced; no worker's
+    peak RSS passed the limit."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        [os.path.dirname(__file__), os.path.dirname(os.path.dirname(__file__))]))
+    out = subprocess.run([sys.executable, "-c", _MEMORY_PROBE], env=env, capture_output=True,
+                         text=True, timeout=900, check=True).stdout.split()
+    assert out[:2] == ["killed:out_of_memory"] * 2, out  # not a timeout: the limit stopped it
+    peak_mb = int(out[2])
+    assert 300 < peak_mb <= 768, peak_mb  # it did grow, up to the limit and no further

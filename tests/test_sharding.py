@@ -91,10 +91,18 @@ def test_unknown_parameter_kind_names_the_valid_ones():
         sharding.partition_spec(mesh, ["blocks", "attn", "rotary"], (2, 4))
 
 
-def test_distributed_init_only_when_enabled(monkeypatch):
+def test_distributed_init_only_when_enabled_with_the_given_cluster(monkeypatch):
+    from cfpo_jax import config as config_lib
+
     calls = []
-    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append(1))
-    sharding.initialize_distributed(False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    mesh = config_lib.base_config().mesh
+    sharding.initialize_distributed(mesh)
     assert calls == []
-    sharding.initialize_distributed(True)
-    assert calls == [1]
+    mesh.distributed = True
+    sharding.initialize_distributed(mesh)  # auto-detection: nothing given
+    mesh.coordinator_address, mesh.num_processes, mesh.process_id = "127.0.0.1:1234", 2, 1
+    sharding.initialize_distributed(mesh)
+    assert calls == [dict(coordinator_address=None, num_processes=None, process_id=None),
+                     dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=1)]

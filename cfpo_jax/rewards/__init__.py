@@ -13,12 +13,15 @@ where `example_fields` are the dataset's other columns (lists of length B). Buil
 * `format`: 1.0 for a well-formed final answer (closed non-empty `\\boxed{}` or `#### n`); give it
   a small weight in `config.rewards.weights`.
 
-Score through `Scorer` (weighted sum, per-function values, failure counts, real timeouts).
+Score through `Scorer` (weighted sum, per-function values, failure counts). Every function runs
+in worker processes under a deadline and an address-space limit (`workers`), the built-ins also
+when called directly; `guards` rejects the known blow-ups of symbolic maths before any parsing.
 """
 
 from __future__ import annotations
 
+from cfpo_jax.rewards import workers
 from cfpo_jax.rewards.registry import REGISTRY, VOTE_KEYS, get
 from cfpo_jax.rewards.scorer import Scorer, Scores
 
-__all__ = ["REGISTRY", "Scorer", "Scores", "VOTE_KEYS", "get"]
+__all__ = ["REGISTRY", "Scorer", "Scores", "VOTE_KEYS", "get", "workers"]

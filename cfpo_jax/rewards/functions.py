@@ -1,11 +1,13 @@
-"""The built-in reward functions. Each has the batch signature of the registry:
+"""The built-in reward functions, as they run inside a reward worker. Each has the batch
+signature of the registry:
 
     fn(completions: list[str], answers: list[str], **example_fields) -> np.ndarray [B] float32
 
 They carry no timeout of their own (math-verify's `signal.alarm` timeouts are switched off here
-because they would cancel the scorer's timer): call them through `cfpo_jax.rewards.Scorer`, which
-scores each item under a deadline that really applies. A malformed gold answer raises (the scorer
-counts and logs it); a malformed or hostile completion scores 0.
+because they would cancel the worker's timer) and are reached only through the registry, whose
+functions run them in bounded workers (`cfpo_jax.rewards.workers`). A malformed gold answer
+raises (the scorer counts and logs it); a malformed or hostile completion scores 0, at once when
+`guards.too_costly` says so.
 """
 
 from __future__ import annotations
@@ -15,6 +17,10 @@ import logging
 import numpy as np
 
 from cfpo_jax.rewards import answers as answers_lib
+from cfpo_jax.rewards import guards
+
+# Without a box, math-verify's extraction looks for the last expression: it gets the tail only.
+FALLBACK_TAIL_CHARS = guards.MAX_ANSWER_CHARS
 
 
 class _DropTimeoutDisabledWarning(logging.Filter):
@@ -41,16 +47,25 @@ def _parse_gold(answer: str):
 def math_correct(completion: str, answer: str) -> float:
     """1.0 if the completion's final answer equals `answer` under math-verify (gold first).
 
-    The final answer is the last `\\boxed{}`; without one, math-verify's own extraction of the
-    whole completion (last LaTeX expression, then plain expression) is the fallback.
+    The final answer is the last `\\boxed{}`; without one, math-verify's own extraction (last
+    LaTeX expression, then plain expression) on the completion's last FALLBACK_TAIL_CHARS
+    characters is the fallback. Text that `guards.too_costly` rejects scores 0 unparsed.
     """
     from math_verify import parse, verify
 
     gold = _parse_gold(answer)
     boxed = answers_lib.last_boxed(completion)
-    text = f"$\\boxed{{{boxed}}}$" if boxed is not None else completion
-    pred = parse(text, parsing_timeout=None)
-    return float(bool(pred) and verify(gold, pred, timeout_seconds=None))
+    candidate = boxed if boxed is not None else completion[-FALLBACK_TAIL_CHARS:]
+    if guards.too_costly(candidate):
+        return 0.0
+    text = f"$\\boxed{{{boxed}}}$" if boxed is not None else candidate
+    try:
+        pred = parse(text, parsing_timeout=None)
+        return float(bool(pred) and verify(gold, pred, timeout_seconds=None))
+    except MemoryError:
+        raise  # the worker must be replaced
+    except Exception:  # noqa: BLE001  (sympy on malformed text: a wrong answer, not a bug)
+        return 0.0
 
 
 def gsm8k_correct(completion: str, answer: str, *, flexible: bool = True) -> float:

@@ -1,7 +1,14 @@
 """Reward functions by name: the built-ins, or a user function named "package.module:function".
 
+The built-ins in `REGISTRY` are bounded wherever they are called: called directly (outside a
+reward worker) they score each item in the process-wide worker pool (`workers.shared_pool`:
+default deadline, address-space limit), so a hostile completion costs at most the deadline and
+scores 0. A gold answer the function cannot read still raises ValueError. Inside a worker they
+run in-process (`implementation`).
+
 "rm:<path or hub id>" names a learned reward model instead; it is not a host function and only
-`Scorer` runs it (on device, see `cfpo_jax.rewards.reward_model`)."""
+`Scorer` runs it (on device, see `cfpo_jax.rewards.reward_model`).
+"""
 
 from __future__ import annotations
 
@@ -10,20 +17,46 @@ from typing import Callable
 
 import numpy as np
 
-from cfpo_jax.rewards import functions
+from cfpo_jax.rewards import functions, workers
 
 RewardFn = Callable[..., np.ndarray]
 REWARD_MODEL_PREFIX = "rm:"
 
-REGISTRY: dict[str, RewardFn] = {
+_IMPLEMENTATIONS: dict[str, RewardFn] = {
     "math": functions.math_reward,
     "gsm8k": functions.gsm8k_reward,
     "gsm8k_strict": functions.gsm8k_strict_reward,
     "format": functions.format_reward,
 }
 
+
+def _bounded(name: str) -> RewardFn:
+    implementation = _IMPLEMENTATIONS[name]
+
+    def fn(completions: list[str], answers: list[str], **example_fields) -> np.ndarray:
+        if workers.in_worker():
+            return implementation(completions, answers, **example_fields)
+        for field, values in {"answers": answers, **example_fields}.items():
+            if len(values) != len(completions):
+                raise ValueError(f"got {len(completions)} completions but {len(values)} "
+                                 f"{field}; they pair up")
+        results = workers.shared_pool().run(
+            [(name, completion, answer, {f: v[i] for f, v in example_fields.items()})
+             for i, (completion, answer) in enumerate(zip(completions, answers))])
+        raised = [message for _, kind, message in results if kind == "raised"]
+        if raised:  # the function's own error (a gold answer it cannot read), not the text's
+            raise ValueError(f"reward {name!r}: {raised[0]}")
+        return np.asarray([score for score, _, _ in results], np.float32)
+
+    fn.__name__ = name
+    fn.__doc__ = implementation.__doc__
+    return fn
+
+
+REGISTRY: dict[str, RewardFn] = {name: _bounded(name) for name in _IMPLEMENTATIONS}
+
 # The answer each built-in compares, for majority voting (evaluate's maj@N); two completions
-# with the same key get the same score from that function.
+# with the same key get the same score from that function. Linear scans: safe in-process.
 VOTE_KEYS: dict[str, Callable[[str], str | None]] = {
     "math": functions.math_vote_key,
     "gsm8k": functions.gsm8k_vote_key,
@@ -51,3 +84,8 @@ def get(name: str) -> RewardFn:
     if not callable(fn):
         raise ValueError(f"reward function {name!r}: module {module_name!r} has no function {attr!r}")
     return fn
+
+
+def implementation(name: str) -> RewardFn:
+    """What runs inside a worker: a built-in's in-process implementation, or the user function."""
+    return _IMPLEMENTATIONS[name] if name in _IMPLEMENTATIONS else get(name)
