@@ -411,13 +411,17 @@ def write_report(study: Study, plot: bool = True) -> str:
                 wall = json.load(f)["wall_s"]
         summaries.append(summarize(run, records, spec, wall))
         curves[run] = records
-    finished = sum(s.wall_s is not None for s in summaries)
+    # Means over seeds and curves take finished runs only: a run cut short would mix its early
+    # steps into "final". Unfinished runs are listed with their step count below.
+    finished = [s for s in summaries if s.wall_s is not None]
+    curves = {run: records for run, records in curves.items()
+              if any(s.run == run for s in finished)}
     lines = [
         f"# Stability study: {spec.name}",
         "",
-        f"Base config `{study.base_file}`; {len(study.runs())} runs, {finished} finished"
-        + (f", {len(summaries) - finished} unfinished (shown as far as they got)"
-           if len(summaries) > finished else "") + ". Command:",
+        f"Base config `{study.base_file}`; {len(study.runs())} runs, {len(finished)} finished"
+        + (f", {len(summaries) - len(finished)} unfinished (in the runs list only)"
+           if len(summaries) > len(finished) else "") + ". Command:",
         "",
         "```",
         f"python -m cfpo_jax.study --config={study.base_file} --study={study.study_file}"
@@ -434,16 +438,17 @@ def write_report(study: Study, plot: bool = True) -> str:
         + f" The last six columns are means over the last {spec.late_fraction:.0%} of steps; for "
         "CFPO, clip_frac is the fraction PPO *would* clip.",
         "",
-        report_table(summaries, study.estimator, with_eval=bool(spec.eval_metric)),
+        report_table(finished, study.estimator, with_eval=bool(spec.eval_metric)),
         "",
     ]
-    if plot and summaries:
+    if plot and finished:
         names = plot_curves(study, curves)
         lines += ["## Curves", "",
                   f"Mean over seeds with a band from the lowest to the highest seed, each seed "
                   f"smoothed over {c.window} steps.", ""]
         lines += [f"![{n}]({n}.png)" for n in names] + [""]
-    lines += ["## Runs", "", "Wall time: of the study invocation that finished the run.", "",
+    lines += ["## Runs", "", "Wall time: of the study invocation that finished the run (— : "
+              "unfinished).", "",
               runs_table(summaries, study.estimator), ""]
     text = "\n".join(lines)
     os.makedirs(study.output_dir, exist_ok=True)

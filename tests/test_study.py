@@ -125,11 +125,16 @@ def test_report_table_from_fixed_metrics(tmp_path):
     _write_run(runs / "ppo_mu1_mb1_seed0", [0.9, 0.9, 0.1, 0.1], late(0.2), 0.20,
                early_rewards=[0.0, 0.0, 0.0])
     _write_run(runs / "ppo_mu1_mb1_seed1", [0.5, 0.5, 0.5, 0.5], late(0.6), 0.40)
-    (runs / "cfpo_mu1_mb1_seed0" / "finished.json").write_text('{"wall_s": 12.4}')
+    for name, wall in [("cfpo_mu1_mb1_seed0", 12.4), ("cfpo_mu1_mb1_seed1", 20.0),
+                       ("ppo_mu1_mb1_seed0", 31.0), ("ppo_mu1_mb1_seed1", 9.6)]:
+        (runs / name / "finished.json").write_text(json.dumps({"wall_s": wall}))
+    # A third seed cut short: listed, but kept out of the means.
+    _write_run(runs / "cfpo_mu1_mb1_seed2", [0.0, 0.0], late(5.0), 0.0)
 
-    study = study_lib.Study(spec=_spec(tmp_path), base=_quickstart(), base_file="configs/quickstart.py",
-                            study_file="fixed.py")
+    study = study_lib.Study(spec=_spec(tmp_path, seeds=(0, 1, 2)), base=_quickstart(),
+                            base_file="configs/quickstart.py", study_file="fixed.py")
     text = study_lib.write_report(study, plot=False)
+    assert "6 runs, 4 finished, 1 unfinished" in text
     # mean ± sample std by hand: (0.6, 0.8) → 0.700 ± 0.141; (0.1, 0.5) → 0.300 ± 0.283; etc.
     expected = "\n".join([
         "| objective | μ | batch ratio | seeds | final reward | best reward | held-out | collapse step "
@@ -142,7 +147,8 @@ def test_report_table_from_fixed_metrics(tmp_path):
     ])
     assert expected in text, text
     assert "| cfpo_mu1_mb1_seed0 | CFPO | 1 | 1 | 0 | 4 | 0.600 | 0.600 | none | 12 s |" in text
-    assert "| ppo_mu1_mb1_seed0 | GRPO | 1 | 1 | 0 | 4 | 0.100 | 0.900 | 4 (reward) | — |" in text
+    assert "| ppo_mu1_mb1_seed0 | GRPO | 1 | 1 | 0 | 4 | 0.100 | 0.900 | 4 (reward) | 31 s |" in text
+    assert "| cfpo_mu1_mb1_seed2 | CFPO | 1 | 1 | 2 | 2 | 0.000 | 0.000 | none | — |" in text
     assert (tmp_path / "report.md").read_text() == text
 
 
@@ -152,6 +158,7 @@ def test_plots_are_written(tmp_path):
     for name, rewards in [("cfpo_mu1_mb1_seed0", [0.1, 0.2, 0.4, 0.5]),
                           ("ppo_mu1_mb1_seed0", [0.1, 0.3, 0.2, 0.1])]:
         _write_run(runs / name, rewards, late, 0.5)
+        (runs / name / "finished.json").write_text('{"wall_s": 1.0}')
     study = study_lib.Study(spec=_spec(tmp_path, seeds=(0,)), base=_quickstart(),
                             base_file="configs/quickstart.py", study_file="fixed.py")
     text = study_lib.write_report(study)

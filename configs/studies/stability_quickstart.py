@@ -4,7 +4,11 @@ Launch:
   python -m cfpo_jax.study --config=configs/quickstart.py --study=configs/studies/stability_quickstart.py --parallel=2
 
 Run time: 18 training runs of 60 RL steps (16 prompts × 8 samples per step), each with the
-quickstart's warm start, compilation and final 200-problem greedy evaluation. RUN_TIME_PLACEHOLDER
+quickstart's warm start, compilation and final 200-problem greedy evaluation. Measured
+2026-11-23 on the 2-core box while 7 other jobs shared it (load average 14–26): the 6 runs of
+seed 0 took 85 minutes with --parallel=2 (per run 750 s at μ = 1, about 1470 s at μ = 8, 2500–2850
+s at μ = 16), so the whole study did not fit that session; its time on an idle 2-core machine is
+still to be measured (docs/studies/README.md).
 
 What it asks (arXiv 2601.22801, Fig. 2 in miniature): with μ epochs over each rollout batch the
 update goes off-policy; GRPO's clipped surrogate has a zero-gradient wall there, CFPO a restoring
