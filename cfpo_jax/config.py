@@ -42,6 +42,9 @@ def base_config() -> ml_collections.ConfigDict:
     # Full-sequence attention kernel: "auto" = cuDNN flash on GPU (bf16), Pallas splash on TPU,
     # einsum on CPU; see cfpo_jax/models/attention.py.
     c.model.attention = "auto"
+    # Unroll the layer scan: faster for shallow models on CPU (benchmarks/README.md), compile time
+    # grows with depth. Keep False for real models.
+    c.model.unroll_layers = False
     # Only read when path == "tiny": a random-init decoder with a character-level tokenizer,
     # written to <workdir>/tiny_model in Hugging Face format so the normal loader is used.
     c.model.tiny = ml_collections.ConfigDict()

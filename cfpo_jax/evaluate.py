@@ -251,7 +251,13 @@ def evaluate_model(model, tokenizer, config, *, output_dir: str, step: int | Non
                    mesh=None, eos_token_ids: Sequence[int] = (),
                    progress: bool = True) -> dict[str, float]:
     """`evaluate` of a policy on `config.eval.sources` with config.sampling / eval / rewards
-    settings; flat metrics {"<dataset>/<metric>": value} for the trainer's metrics file."""
+    settings; flat metrics {"<dataset>/<metric>": value} for the trainer's metrics file.
+
+    Every process of a multi-process run calls it (sampling and scoring are collective, so all
+    get the same metrics); only process 0 writes the files to `output_dir`."""
+    import jax
+
+    output_dir = output_dir if jax.process_index() == 0 else None
     sample_fn = make_sample_fn(model, tokenizer, config.sampling, seed=config.seed + 1,
                                mesh=mesh, eos_token_ids=eos_token_ids)
     results = evaluate(

@@ -292,6 +292,32 @@ def test_program_size_does_not_grow_with_depth():
     assert num_equations(2) == num_equations(8)
 
 
+def test_unrolled_layers_match_transformers(checkpoint):
+    """`unroll_layers` (a config option for shallow models) computes the same model."""
+    _, directory, ref = checkpoint
+    model = from_pretrained(directory, unroll_layers=True)
+    tokens, mask = batch(pad=(0, 7))
+    ours = nnx.jit(lambda m, t, k: m(t, mask_BxT=k))(model, jnp.asarray(tokens), jnp.asarray(mask))
+    assert_close_logits(ours, hf_fixtures.reference_logits(ref, tokens, mask), mask)
+
+
+def test_fused_attention_kernel_runs_the_forward_and_the_prefill(checkpoint):
+    """With attention='splash' (the TPU kernel, in Pallas interpret mode on CPU) the teacher-forced
+    forward and a prefill that fills the whole cache run the kernel and match transformers."""
+    _, directory, ref = checkpoint
+    model = from_pretrained(directory, attention="splash")
+    tokens, mask = batch(pad=(0, 7))
+    expected = hf_fixtures.reference_logits(ref, tokens, mask)
+    graphdef, state = nnx.split(model)
+    forward = lambda s, t, k: nnx.merge(graphdef, s)(t, mask_BxT=k)
+    assert "pallas_call" in str(jax.make_jaxpr(forward)(state, tokens, mask))
+    assert_close_logits(jax.jit(forward)(state, jnp.asarray(tokens), jnp.asarray(mask)), expected, mask)
+    positions = default_positions(jnp.asarray(mask))
+    cache = init_cache(model.config, 2, tokens.shape[1])
+    logits, _ = nnx.jit(lambda m, t, p, c, k: m.forward_cached(t, p, c, k, 0))(model, tokens, positions, cache, mask)
+    assert_close_logits(logits, expected, mask)
+
+
 def test_bad_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="remat_policy='some'.*full, dots_with_no_batch_dims, dots"):
         ModelConfig(model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,

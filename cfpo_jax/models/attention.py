@@ -30,7 +30,7 @@ Notes on the fused paths:
   layer, not B·N·T·S float32 scores. Its custom partitioning shards over batch and heads.
 * splash runs per sequence (vmapped over the batch) with the default 128 × 128 blocks; sequences
   are padded to a multiple of 128 (the pad is its own segment). With a mesh in context
-  (`jax.sharding.use_mesh`), the kernel runs per batch shard under `shard_map`; without one, XLA
+  (`jax.set_mesh`), the kernel runs per batch shard under `shard_map`; without one, XLA
   sees one opaque call over the global arrays. Block sizes are untuned: no TPU was available when
   this was written.
 """
@@ -133,7 +133,10 @@ def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 
     causal = splash_mask.MultiHeadMask([splash_mask.CausalMask((seq_len, seq_len))] * num_heads)
-    return splash.make_splash_mha_single_device(causal, interpret=interpret)
+    # The kernel holds its block-mask tables as arrays: make them concrete even when first built
+    # inside a trace, since the kernel is cached across traces.
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha_single_device(causal, interpret=interpret)
 
 
 def _splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxT):

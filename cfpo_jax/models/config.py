@@ -20,6 +20,8 @@ and, for how the model runs rather than what it is (never written to config.json
 * `remat` / `remat_policy`: rematerialise each layer in the backward pass, and what to keep
   (`REMAT_POLICIES`, see `cfpo_jax.models.transformer`).
 * `attention`: the full-sequence attention kernel (`cfpo_jax.models.attention.IMPLEMENTATIONS`).
+* `unroll_layers`: unroll the layer scan (one copy of the layer per layer in the program: longer
+  compiles, no loop overhead; faster for shallow models on CPU, see benchmarks/README.md).
 
 Both spellings of the RoPE settings in config.json are read: `rope_theta` + `rope_scaling` (what
 published checkpoints carry) and `rope_parameters` (what transformers >= 5 writes). We write the
@@ -68,6 +70,7 @@ class ModelConfig:
     remat: bool = False
     remat_policy: str = "full"
     attention: str = "auto"
+    unroll_layers: bool = False
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None

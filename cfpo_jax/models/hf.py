@@ -203,19 +203,21 @@ def _load_array(ckpt: _Checkpoint, key, config: ModelConfig, shape, dtype) -> np
 
 
 def from_pretrained(path: str, *, mesh=None, param_dtype=None, dtype=None, remat: bool = False,
-                    remat_policy: str = "full", attention: str = "auto") -> Transformer:
+                    remat_policy: str = "full", attention: str = "auto",
+                    unroll_layers: bool = False) -> Transformer:
     """Transformer from a Hugging Face directory (or Hub repo id) with config.json + safetensors.
 
     A `*ForSequenceClassification` checkpoint gives a reward model (a `score` head, `reward()`).
 
     param_dtype / dtype ("float32", "bfloat16") default to the checkpoint's dtype; `remat`
     rematerialises each layer in the backward pass, keeping what `remat_policy` says;
-    `attention` picks the full-sequence attention kernel (see `ModelConfig`). With `mesh`, each
+    `attention` picks the full-sequence attention kernel, `unroll_layers` unrolls the layer scan
+    (see `ModelConfig`). With `mesh`, each
     parameter is created directly with its `cfpo_jax.sharding.param_shardings` sharding.
     """
     directory = resolve(path)
     config = from_hf_config(read_config(directory), param_dtype=param_dtype, dtype=dtype).replace(
-        remat=remat, remat_policy=remat_policy, attention=attention)
+        remat=remat, remat_policy=remat_policy, attention=attention, unroll_layers=unroll_layers)
     ckpt = _Checkpoint(directory)
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)

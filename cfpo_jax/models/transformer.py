@@ -15,7 +15,8 @@ so the scan is unchanged. They are float32 whatever the base dtype and add scale
 projection's output, computed on the fly in the compute dtype.
 
 The layer loop is a `jax.lax.scan` over the stacked block state (`nnx.merge` of one layer's slice
-inside the body), so the compiled program holds one layer however deep the model is.
+inside the body), so the compiled program holds one layer however deep the model is;
+`config.unroll_layers` unrolls it (faster for a few layers on CPU, compile time grows with depth).
 
 With `config.remat` the body is rematerialised in the backward pass; `config.remat_policy` says
 what each layer keeps (`REMAT_POLICY`):
@@ -26,7 +27,7 @@ what each layer keeps (`REMAT_POLICY`):
   gate/up/down: ≈ (2D + (N + 2K)·H + 2F) values per token per layer); only norms, RoPE,
   activations and attention are recomputed, so the extra FLOPs are small. The usual choice when
   it fits (MaxText's "minimal").
-* "dots": every matmul output, including the einsum path's [T, S] attention scores (on CPU): more
+* "dots": every matmul output, including the einsum path's [T, S] attention scores: more
   memory than the above for almost no compute saved; there for comparison and for short
   sequences. (A fused attention kernel is not a dot: its output is recomputed either way.)
 
@@ -78,6 +79,7 @@ def _adapt(module, target, x, out):
     lora_b = getattr(module, f"{target}_lora_b")[...].astype(x.dtype)
     xa = jnp.tensordot(x, lora_a, axes=lora_a.ndim - 1) * module.config.lora_scale
     return out + jnp.tensordot(xa, lora_b, axes=1)
+
 
 REMAT_POLICY = {
     "full": None,  # jax.checkpoint saves nothing but the inputs
@@ -296,7 +298,8 @@ class Transformer(nnx.Module):
         if self.config.remat:
             body = jax.checkpoint(body, prevent_cse=False, policy=REMAT_POLICY[self.config.remat_policy])
         layers = jnp.arange(self.config.num_layers, dtype=jnp.int32)
-        (x_BxTxD, cache), _ = jax.lax.scan(body, (x_BxTxD, cache), (state, layers))
+        unroll = self.config.num_layers if self.config.unroll_layers else 1
+        (x_BxTxD, cache), _ = jax.lax.scan(body, (x_BxTxD, cache), (state, layers), unroll=unroll)
         return self.final_norm(x_BxTxD), cache
 
     def _embed(self, tokens_BxT):
