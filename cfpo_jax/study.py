@@ -20,7 +20,8 @@ Decisions written down here:
     ones (the last record of a step wins).
   * "final" reward is the mean reward of the last `collapse.window` steps, "best" the highest such
     window mean anywhere in the run; the late-run means are over the last `late_fraction` of steps.
-    Spreads are the sample standard deviation over seeds.
+    Spreads are the sample standard deviation over seeds. Only finished runs enter the means and
+    the curves; unfinished ones are listed with their step count.
 
 Outputs: `<dir>/report.md` (the table, per-run rows, the collapse rule, the plots) and
 `<dir>/{reward,entropy,ratio_dev,clip_frac}.png` — one panel per μ (a row per batch ratio), each
