@@ -312,6 +312,13 @@ class PromptBuilder:
 
 # ---------------------------------------------------------------- iterator
 
+
+def bucket_width(length: int, minimum: int = 8) -> int:
+    """The padded width for `length` tokens: the next power of two, at least `minimum`, so that
+    batches of varying prompt lengths compile the trainer's functions only a few times."""
+    return max(minimum, 1 << (max(length, 1) - 1).bit_length())
+
+
 @dataclasses.dataclass(frozen=True)
 class Batch:
     """`batch_size` examples with their prompts: token ids (unpadded) and text."""
@@ -404,4 +411,4 @@ def iterator_from_config(config, tokenizer) -> PromptIterator:
 
 
 __all__ = ["Batch", "Dataset", "PRESETS", "PromptBuilder", "PromptIterator", "SyntheticArithmetic",
-            "iterator_from_config", "load", "preset_for"]
+           "bucket_width", "iterator_from_config", "load", "preset_for"]

@@ -227,18 +227,6 @@ def make_sample_fn(model, tokenizer, sampling_config, *, seed: int = 0, mesh=Non
     return sample_fn
 
 
-def eos_ids(tokenizer, path: str) -> tuple[int, ...]:
-    """The tokenizer's EOS plus those of the model's generation_config.json (chat models end
-    turns with a token that is not the tokenizer's EOS)."""
-    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    generation_config = os.path.join(path, "generation_config.json")
-    if os.path.isfile(generation_config):
-        with open(generation_config) as f:
-            extra = json.load(f).get("eos_token_id", [])
-        ids += extra if isinstance(extra, list) else [extra]
-    return tuple(dict.fromkeys(ids))
-
-
 def eval_datasets(config) -> list[data_lib.Dataset]:
     """`config.eval.sources`, each with the preset its name implies; a synthetic source uses
     config.data.seed + 1, so its problems are not the training ones."""
@@ -353,7 +341,7 @@ def main(argv):
     model = models.from_pretrained(path, param_dtype=config.model.param_dtype,
                                    dtype=config.model.dtype)
     metrics = evaluate_model(model, tokenizer, config, output_dir=output_dir,
-                             eos_token_ids=eos_ids(tokenizer, path))
+                             eos_token_ids=models.eos_token_ids(path, tokenizer))
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     print(f"generations and summary.json in {output_dir}")

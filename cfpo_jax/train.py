@@ -1,29 +1,43 @@
 """`python -m cfpo_jax.train --config=configs/<name>.py[:arg] [--workdir=DIR] [--config.x.y=v]`.
 
-One RL step (ARCHITECTURE.md, "Data flow"):
-  prompts → sample (device) → decode → rewards (host) → advantages → old logprobs recomputed by the
-  trainer (the sampler's own logprobs only feed the `sampler_logprob_gap` metric) → reference
-  logprobs when β > 0 → num_epochs × num_minibatches calls of the jitted pure `update(state, batch)`
-  → metrics → checkpoint → periodic evaluation.
+The file reads top to bottom in the order a run happens (ARCHITECTURE.md, "Data flow"):
+
+  1. build state  mesh, policy, tokenizer, data, rewards; the training state created with its
+                  shardings, big_vision style (`jax.eval_shape` → `state_shardings` →
+                  `jit(init_state, out_shardings=...)`), or restored from the latest checkpoint;
+                  on a fresh start the supervised warm start (`cfpo_jax.warmstart`) runs first.
+  2. rollout      sample (device) → completion text → rewards (host) → advantages, old and
+                  reference logprobs (device).
+  3. learn        num_epochs × num_minibatches calls of the jitted pure `update(state, batch)`.
+  4. log, checkpoint, evaluate.
 
 Decisions written down here:
   * The training state is a dict pytree {params, opt_state, rng, step, updates, skipped_updates,
-    and ref_params only when β > 0};
-    `step` counts RL steps, `updates` optimiser updates actually applied (it drives the learning-
-    rate schedule), `skipped_updates` those refused because the loss or a gradient was not finite.
+    and ref_params only when β > 0}; `step` counts RL steps, `updates` optimiser updates actually
+    applied (it drives the learning-rate schedule), `skipped_updates` those refused because the
+    loss or a gradient was not finite. Every leaf is created with its final sharding (params and
+    the optimiser moments FSDP-sharded alike, scalars replicated), so `update` returns the state
+    in the shardings it was given and compiles once per batch shape.
+  * One RL step's tensors stay on device. The host fetches the completion tokens (for reward
+    text) and, once per step, the scalar metrics; the rewards go up once. Stages 2 after scoring
+    and 3 run under `jax.transfer_guard("disallow")`: an implicit transfer there is an error.
+  * Old logprobs are recomputed by the trainer (the sampler's own logprobs only feed the
+    `sampler_logprob_gap` metric) — except on policy: with num_epochs = num_minibatches = 1 the
+    one update sees the rollout policy itself, so old = current logprobs with a stopped gradient
+    (ratio exactly 1, gradient A·∇logp, as CFPO's and PPO's maths allow) and no separate forward
+    runs; the entropy and sampler-gap metrics then come from the update's forward.
   * Gradient accumulation is exact: the loss denominators (token or sequence counts) depend only on
     the masks, so they are computed for the whole minibatch first and each micro-batch contributes
     grad(loss_sum_i / denominator); the sum over micro-batches is the full-minibatch gradient.
-  * Minibatches are a fresh permutation of the rollout per epoch, drawn from (seed, step, epoch) so
-    a resumed run draws the same ones.
+  * Minibatches are a fresh permutation of the rollout per epoch, drawn on device from
+    (seed, step, epoch), so a resumed run draws the same ones.
   * The sampler gets a key split off the state's rng each step: same seed and same data iterator
     state → same samples, which is what makes a resumed run equal an uninterrupted one.
-  * The supervised warm start (config.warmstart) runs only on a fresh start; its result is part of
-    every checkpoint's params, and it is the reference policy when β > 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
@@ -44,10 +58,9 @@ from jax.sharding import PartitionSpec as PS
 from ml_collections import config_flags
 
 from cfpo_jax import advantages, checkpoint, data, evaluate, losses, models, rewards, sampling
-from cfpo_jax import sharding
+from cfpo_jax import sharding, tiny, warmstart
 from cfpo_jax import config as config_lib
 from cfpo_jax import logging as metrics_lib
-from cfpo_jax import tiny
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs", "quickstart.py")
 # No default here: ml_collections would parse the default and its overrides at import time, out of
@@ -76,7 +89,7 @@ def make_optimizer(optim: ml_collections.ConfigDict, total_updates: int):
     return optax.chain(*chain), schedule
 
 
-# ============================================================================ update step
+# ============================================================================ scoring completions
 
 
 def _micro_batches(tree, micro_size: int):
@@ -87,12 +100,46 @@ def _micro_batches(tree, micro_size: int):
     return jax.tree.map(split, tree)
 
 
+def completion_logprobs(model, tokens_BxL, attn_BxL, num_new: int, temperature: float):
+    """(logp_BxN, entropy_BxN), float32, of the last N = `num_new` columns (the completion); the
+    prompt columns cost no vocabulary work."""
+    return models.sequence_logprobs(model, tokens_BxL, attn_BxL, temperature=temperature,
+                                    num_completion=num_new)
+
+
+def _rollout_policy_terms(logp_BxN, entropy_BxN, sampler_logp_BxN, mask_BxN):
+    """Sums behind the rollout policy's `entropy` and `sampler_logprob_gap` (token means)."""
+    return dict(entropy_sum=jnp.sum(entropy_BxN * mask_BxN),
+                sampler_gap_sum=jnp.sum(jnp.abs(sampler_logp_BxN - logp_BxN) * mask_BxN))
+
+
+def make_logprobs(graphdef, rest, *, temperature: float, micro_batch_size: int, num_new: int):
+    """Jittable (params, tokens [B, L], attn [B, L]) -> (logp [B, N], entropy [B, N]) of the
+    completion columns, in micro-batches."""
+
+    def logprobs(params, tokens_BxL, attn_BxL):
+        model = nnx.merge(graphdef, params, rest)
+        size = micro_batch_size or tokens_BxL.shape[0]
+        micro = _micro_batches((tokens_BxL, attn_BxL), size)
+        fn = lambda mb: completion_logprobs(model, mb[0], mb[1], num_new, temperature)
+        logp_MxbxN, entropy_MxbxN = jax.lax.map(fn, micro)
+        unsplit = lambda x: jnp.swapaxes(x, 0, 1).reshape(tokens_BxL.shape[0], num_new)
+        return unsplit(logp_MxbxN), unsplit(entropy_MxbxN)
+
+    return logprobs
+
+
+# ============================================================================ update step
+
+
 def make_update(graphdef, rest, tx, schedule, rl: ml_collections.ConfigDict, *,
                 temperature: float, max_len: int, micro_batch_size: int):
     """The pure `update(state, batch) -> (state, metrics)` for one minibatch.
 
     batch: tokens [B, L] (prompt then completion), attn [B, L] (1 on real tokens), mask [B, N]
-    (completion tokens incl. EOS), old_logp [B, N], adv [B], and ref_logp [B, N] when β > 0.
+    (completion tokens incl. EOS), adv [B], ref_logp [B, N] when β > 0, and either old_logp
+    [B, N] or — on policy, the one update of a rollout — sampler_logp [B, N], in which case the
+    old logprobs are the current ones with a stopped gradient.
     """
     loss_kwargs = dict(objective=rl.objective, eps=rl.eps, eps_high=rl.eps_high,
                        dual_clip=rl.dual_clip, level=rl.level, agg=rl.agg, max_len=max_len)
@@ -100,11 +147,15 @@ def make_update(graphdef, rest, tx, schedule, rl: ml_collections.ConfigDict, *,
 
     def micro_loss(params, mb, denom, num_tokens):
         model = nnx.merge(graphdef, params, rest)
-        logp_BxL, _ = models.sequence_logprobs(model, mb["tokens"], mb["attn"],
-                                               temperature=temperature)
-        logp_BxN = logp_BxL[:, -mb["mask"].shape[1]:]
-        terms = losses.policy_loss_terms(logp_BxN, mb["old_logp"], mb["adv"], mb["mask"],
+        logp_BxN, entropy_BxN = completion_logprobs(model, mb["tokens"], mb["attn"],
+                                                    mb["mask"].shape[1], temperature)
+        on_policy = "old_logp" not in mb
+        old_logp_BxN = jax.lax.stop_gradient(logp_BxN) if on_policy else mb["old_logp"]
+        terms = losses.policy_loss_terms(logp_BxN, old_logp_BxN, mb["adv"], mb["mask"],
                                          **loss_kwargs)
+        if on_policy:
+            terms.update(_rollout_policy_terms(old_logp_BxN, jax.lax.stop_gradient(entropy_BxN),
+                                               mb["sampler_logp"], mb["mask"]))
         loss = terms["loss_sum"] / denom
         if beta > 0:
             kl_BxN = losses.kl(logp_BxN, mb["ref_logp"], rl.kl_estimator) * mb["mask"]
@@ -119,9 +170,7 @@ def make_update(graphdef, rest, tx, schedule, rl: ml_collections.ConfigDict, *,
         _, denom = losses.lookup("agg", rl.agg)(mask, mask, max_len)
         denom = jnp.maximum(denom, 1e-9)
         num_tokens = jnp.maximum(jnp.sum(mask), 1.0)
-        size = micro_batch_size or mask.shape[0]
-        micro = _micro_batches(batch, size)
-
+        micro = _micro_batches(batch, micro_batch_size or mask.shape[0])
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
         def body(grads_acc, mb):
@@ -150,6 +199,9 @@ def make_update(graphdef, rest, tx, schedule, rl: ml_collections.ConfigDict, *,
         )
         metrics.update(loss=loss, grad_norm=grad_norm, lr=schedule(state["updates"]),
                        update_skipped=(~finite).astype(jnp.float32))
+        if "entropy_sum" in terms:
+            metrics["entropy"] = terms["entropy_sum"] / num_tokens
+            metrics["sampler_logprob_gap"] = terms["sampler_gap_sum"] / num_tokens
         if beta > 0:
             metrics["kl_ref"] = terms["kl_sum"] / num_tokens
         return new_state, metrics
@@ -157,99 +209,301 @@ def make_update(graphdef, rest, tx, schedule, rl: ml_collections.ConfigDict, *,
     return update
 
 
-def make_logprobs(graphdef, rest, *, temperature: float, micro_batch_size: int):
-    """Jittable (params, tokens [B, L], attn [B, L]) -> (logp [B, L], entropy [B, L]) in micro-batches."""
-
-    def logprobs(params, tokens, attn):
-        model = nnx.merge(graphdef, params, rest)
-        size = micro_batch_size or tokens.shape[0]
-        micro = _micro_batches((tokens, attn), size)
-        fn = lambda mb: models.sequence_logprobs(model, mb[0], mb[1], temperature=temperature)
-        logp_MxbxL, ent_MxbxL = jax.lax.map(fn, micro)
-        unsplit = lambda x: jnp.swapaxes(x, 0, 1).reshape(tokens.shape)
-        return unsplit(logp_MxbxL), unsplit(ent_MxbxL)
-
-    return logprobs
+# ============================================================================ 1. build state
 
 
-# ============================================================================ warm start
+def init_state(params, tx, *, seed: int, beta: float):
+    """The step-0 training state around `params` (pure; `create_state` jits it with shardings)."""
+    state = dict(params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(seed),
+                 step=jnp.int32(0), updates=jnp.int32(0), skipped_updates=jnp.int32(0))
+    if beta > 0:
+        # The frozen reference is the policy RL starts from (after any warm start). It lives in the
+        # state so a resumed run gets it back from the checkpoint; β = 0 holds no reference.
+        state["ref_params"] = jax.tree.map(jnp.copy, params)
+    return state
 
 
-def warm_start(params, graphdef, rest, *, iterator, tokenizer, wcfg, max_new_tokens, batch_sh,
-               progress):
-    """Supervised steps before RL: teacher-forced cross-entropy on the gold `answer` text + EOS.
+def state_shardings(abstract_state, tx, param_sh, mesh):
+    """Shardings of the state: params, reference and optimiser moments as the params; the rest
+    (rng, counters, the optimiser's step counts) replicated."""
+    replicated = NamedSharding(mesh, PS())
+    is_sharding = lambda x: isinstance(x, NamedSharding)
+    shardings = jax.tree.map(lambda _: replicated, abstract_state)
+    shardings["params"] = param_sh
+    shardings["opt_state"] = optax.tree_map_params(
+        tx, lambda _, sh: sh, abstract_state["opt_state"], param_sh,
+        transform_non_params=lambda _: replicated, is_leaf=is_sharding)
+    if "ref_params" in abstract_state:
+        shardings["ref_params"] = param_sh
+    return shardings
 
-    Meant for models that do not yet know the answer format (the quickstart's random init); the
-    target is the bare answer, not a worked solution.
+
+def create_state(params, tx, mesh, *, seed: int, beta: float):
+    """(init, abstract_state): `init(params)` builds the step-0 state with every leaf born in its
+    sharding (params donated); `abstract_state` holds ShapeDtypeStructs with those shardings, the
+    target a checkpoint is restored into."""
+    pure = functools.partial(init_state, tx=tx, seed=seed, beta=beta)
+    abstract = jax.eval_shape(pure, params)
+    param_sh = jax.tree.map(lambda x: x.sharding, params)
+    shardings = state_shardings(abstract, tx, param_sh, mesh)
+    init = jax.jit(pure, out_shardings=shardings, donate_argnums=0)
+    return init, checkpoint.abstract_like(abstract, shardings)
+
+
+def _make_mesh(config, devices):
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    rl = config.rl
+    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    micro = rl.micro_batch_size or config.data.batch_size * rl.group_size // rl.num_minibatches
+    if micro % batch_shards:
+        raise ValueError(
+            f"the micro-batch of {micro} sequences (rl.micro_batch_size, or data.batch_size × "
+            f"rl.group_size / rl.num_minibatches) must divide over the {batch_shards} "
+            f"data × fsdp shards of the mesh {dict(mesh.shape)}"
+        )
+    return mesh
+
+
+def _load_policy(config, workdir, mesh):
+    """(model, tokenizer, eos_ids, pad_id) with the parameters placed in their shardings."""
+    model_path = config.model.path
+    if model_path == "tiny":
+        model_path = tiny.build(os.path.join(workdir, "tiny_model"), seed=config.seed,
+                                **config.model.tiny.to_dict())
+    model = models.from_pretrained(model_path, mesh=mesh, param_dtype=config.model.param_dtype,
+                                   dtype=config.model.dtype, remat=config.model.remat,
+                                   remat_policy=config.model.remat_policy,
+                                   attention=config.model.attention)
+    tokenizer = models.load_tokenizer(model_path)
+    eos_ids = models.eos_token_ids(model_path, tokenizer)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    return model, tokenizer, eos_ids, pad_id
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What the stages need that stays fixed for the whole run: the mesh, the policy's graph,
+    tokenizer and reward scorer, and the jitted functions (compiled on first use)."""
+
+    config: ml_collections.ConfigDict
+    mesh: jax.sharding.Mesh
+    graphdef: nnx.GraphDef
+    rest: nnx.State  # the model's non-parameter state (empty for our decoder)
+    tokenizer: object
+    eos_ids: tuple[int, ...]
+    pad_id: int
+    scorer: rewards.Scorer
+    split_rng: object  # rng → (next rng, sampler key)
+    prepare: object  # (params, ref_params, samples, rewards) → (rollout batch, metrics)
+    shuffle: object  # (rollout batch, step, epoch) → num_minibatches minibatches
+    update: object  # (state, minibatch) → (state, metrics); state donated
+    finish_step: object  # (state, rng) → state of the next step; state donated
+
+
+def make_setup(config, mesh, graphdef, rest, tokenizer, eos_ids, pad_id, *, tx, schedule,
+               state_sh) -> Setup:
+    """The jitted stage functions with their shardings (`state_sh`: the state's shardings)."""
+    rl, smp = config.rl, config.sampling
+    batch_sh = sharding.batch_sharding(mesh)
+    replicated = NamedSharding(mesh, PS())
+    on_policy = rl.num_epochs == 1 and rl.num_minibatches == 1
+    update = make_update(graphdef, rest, tx, schedule, rl, temperature=smp.temperature,
+                         max_len=smp.max_new_tokens, micro_batch_size=rl.micro_batch_size)
+    prepare = make_prepare(graphdef, rest, rl, temperature=smp.temperature, pad_id=pad_id,
+                           on_policy=on_policy, batch_sh=batch_sh)
+    return Setup(
+        config=config, mesh=mesh, graphdef=graphdef, rest=rest, tokenizer=tokenizer,
+        eos_ids=tuple(eos_ids), pad_id=pad_id, scorer=rewards.Scorer.from_config(config.rewards),
+        split_rng=jax.jit(lambda key: tuple(jax.random.split(key)), out_shardings=replicated),
+        prepare=jax.jit(prepare, out_shardings=(batch_sh, replicated)),
+        shuffle=jax.jit(make_shuffle(config.seed, rl.num_minibatches), out_shardings=batch_sh),
+        update=jax.jit(update, in_shardings=(state_sh, batch_sh),
+                       out_shardings=(state_sh, replicated), donate_argnums=0),
+        finish_step=jax.jit(lambda state, rng: dict(state, rng=rng, step=state["step"] + 1),
+                            out_shardings=state_sh, donate_argnums=0),
+    )
+
+
+def build(config, workdir: str, *, devices, ckpt: checkpoint.Checkpointer, progress):
+    """Stage 1: (setup, state, data iterator) — the state restored from `ckpt`'s latest
+    checkpoint when there is one, else fresh (after the warm start when configured)."""
+    sharding.initialize_distributed(config.mesh)
+    mesh = _make_mesh(config, devices)
+    model, tokenizer, eos_ids, pad_id = _load_policy(config, workdir, mesh)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    del model  # `params` is donated to the state below
+    iterator = data.iterator_from_config(config, tokenizer)
+    iterator.dataset[0]  # a row without the preset's fields fails now, not after compilation
+
+    rl = config.rl
+    tx, schedule = make_optimizer(config.optim,
+                                  config.train.num_steps * rl.num_epochs * rl.num_minibatches)
+    init, abstract_state = create_state(params, tx, mesh, seed=config.seed, beta=rl.beta)
+    latest = ckpt.latest_step()
+    if latest is not None:
+        state, meta = ckpt.restore(latest, abstract_state)
+        iterator.restore(meta["data"])
+        progress.message(f"resumed from step {latest} ({ckpt.directory}/{latest})")
+    else:
+        if config.warmstart.steps:
+            params = warmstart.run(params, graphdef, rest, config=config, train_iterator=iterator,
+                                   tokenizer=tokenizer, batch_sharding=sharding.batch_sharding(mesh),
+                                   progress=progress)
+        state = init(params)
+    state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
+    setup = make_setup(config, mesh, graphdef, rest, tokenizer, eos_ids, pad_id, tx=tx,
+                       schedule=schedule, state_sh=state_sh)
+    return setup, state, iterator
+
+
+# ============================================================================ 2. rollout
+
+
+def _upload(x, sharding_):
+    """Host numpy → a global array with `sharding_` (every host holds the full value): an
+    explicit transfer, allowed under the trainer's transfer guard."""
+    x = np.asarray(x)
+    with jax.transfer_guard_host_to_device("allow"):
+        return jax.make_array_from_callback(x.shape, sharding_, lambda index: x[index])
+
+
+def make_prepare(graphdef, rest, rl, *, temperature: float, pad_id: int, on_policy: bool,
+                 batch_sh):
+    """Jittable (params, ref_params, samples, reward_B) → (rollout batch, metrics): the device
+    half of a rollout. The prompt columns are left-padded to a `data.bucket_width` so that the
+    learner compiles for few prompt widths; advantages come from the rewards on device."""
+
+    def prepare(params, ref_params, samples, reward_B):
+        width_p = data.bucket_width(samples.prompt_tokens.shape[1])
+        pad = ((0, 0), (width_p - samples.prompt_tokens.shape[1], 0))
+        tokens_BxL = jnp.concatenate(
+            [jnp.pad(samples.prompt_tokens, pad, constant_values=pad_id), samples.tokens], axis=1)
+        attn_BxL = jnp.concatenate([jnp.pad(samples.prompt_mask, pad), samples.mask], axis=1)
+        tokens_BxL, attn_BxL = (jax.lax.with_sharding_constraint(x, batch_sh)
+                                for x in (tokens_BxL, attn_BxL))
+        mask_BxN = samples.mask.astype(jnp.float32)
+        batch = dict(tokens=tokens_BxL, attn=attn_BxL, mask=mask_BxN,
+                     adv=advantages.compute(reward_B, rl.group_size, rl.estimator))
+        metrics = dict(truncated_frac=1.0 - jnp.mean(samples.eos.astype(jnp.float32)))
+        logprobs = make_logprobs(graphdef, rest, temperature=temperature,
+                                 micro_batch_size=rl.micro_batch_size,
+                                 num_new=samples.tokens.shape[1])
+        if on_policy:
+            batch["sampler_logp"] = samples.logprobs
+        else:
+            num_tokens = jnp.maximum(jnp.sum(mask_BxN), 1.0)
+            batch["old_logp"], entropy_BxN = logprobs(params, tokens_BxL, attn_BxL)
+            terms = _rollout_policy_terms(batch["old_logp"], entropy_BxN, samples.logprobs, mask_BxN)
+            metrics.update(entropy=terms["entropy_sum"] / num_tokens,
+                           sampler_logprob_gap=terms["sampler_gap_sum"] / num_tokens)
+        if rl.beta > 0:
+            batch["ref_logp"] = logprobs(ref_params, tokens_BxL, attn_BxL)[0]
+        return batch, metrics
+
+    return prepare
+
+
+def rollout(setup: Setup, state, prompts: data.Batch, sample_key):
+    """sample → completion text → rewards → advantages, old / reference logprobs.
+
+    Returns (batch, host_metrics, device_metrics, times): `batch` the rollout on device (see
+    `make_update`), `device_metrics` scalars still on device (fetched once per step).
     """
-    tx = optax.adam(wcfg.lr)
-    eos = tokenizer.eos_token_id
+    config = setup.config
+    rl, smp = config.rl, config.sampling
+    t0 = time.time()
+    samples = sampling.generate(
+        nnx.merge(setup.graphdef, state["params"], setup.rest), prompts.prompts,
+        max_new_tokens=smp.max_new_tokens, temperature=smp.temperature, top_p=smp.top_p,
+        top_k=smp.top_k, eos_token_ids=setup.eos_ids, seed=sample_key, n=rl.group_size,
+        pad_id=setup.pad_id, mesh=setup.mesh)
+    # The completion text is all the host needs from the samples.
+    tokens_BxN, lengths_B = sharding.to_host((samples.tokens, samples.lengths))
+    t1 = time.time()
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def sft_step(params, opt_state, tokens, attn, mask):
-        def loss_fn(p):
-            logp, _ = models.sequence_logprobs(nnx.merge(graphdef, p, rest), tokens, attn)
-            logp = logp[:, -mask.shape[1]:]
-            return -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
+    completions = setup.tokenizer.batch_decode(
+        [row[:n] for row, n in zip(tokens_BxN, lengths_B)], skip_special_tokens=True)
+    answers, fields = prompts.reward_inputs(rl.group_size)
+    scores = setup.scorer(completions, answers, **fields)
+    t2 = time.time()
 
-    opt_state = jax.jit(tx.init)(params)
-    for i in range(wcfg.steps):
-        batch = next(iterator)
-        answers = [tokenizer(ex["answer"], add_special_tokens=False)["input_ids"][:max_new_tokens - 1]
-                   + [eos] for ex in batch.examples]
-        tokens, attn, mask = _teacher_forced_batch(batch.prompts, answers, tokenizer.pad_token_id,
-                                                   max_new_tokens)
-        put = lambda x: jax.device_put(x, batch_sh)
-        params, opt_state, loss = sft_step(params, opt_state, put(tokens), put(attn), put(mask))
-        if (i + 1) % max(wcfg.steps // 5, 1) == 0 or i + 1 == wcfg.steps:
-            progress.message(f"warm start {i + 1}/{wcfg.steps}  cross-entropy {float(loss):.3f}")
-    return params
-
-
-def _teacher_forced_batch(prompts, answers, pad_id, width_n):
-    width_p = _bucket(max(len(p) for p in prompts))
-    tokens = np.full((len(prompts), width_p + width_n), pad_id, np.int32)
-    attn = np.zeros_like(tokens)
-    mask = np.zeros((len(prompts), width_n), np.float32)
-    for i, (p, a) in enumerate(zip(prompts, answers)):
-        tokens[i, width_p - len(p):width_p] = p
-        attn[i, width_p - len(p):width_p + len(a)] = 1
-        tokens[i, width_p:width_p + len(a)] = a
-        mask[i, :len(a)] = 1
-    return tokens, attn, mask
+    with jax.transfer_guard("disallow"):
+        reward_B = _upload(scores.total_B.astype(np.float32), NamedSharding(setup.mesh, PS()))
+        batch, device_metrics = setup.prepare(state["params"], state.get("ref_params"), samples,
+                                              reward_B)
+    groups = scores.total_B.reshape(-1, rl.group_size)
+    host_metrics = dict(
+        **scores.metrics("reward"),
+        response_len_mean=float(lengths_B.mean()),
+        response_len_max=int(lengths_B.max()),
+        zero_std_groups=int((np.ptp(groups, axis=1) == 0).sum()),
+        tokens_per_s=float(lengths_B.sum()) / max(t1 - t0, 1e-9),
+    )
+    return batch, host_metrics, device_metrics, dict(time_sample_s=t1 - t0, time_score_s=t2 - t1)
 
 
-# ============================================================================ rollout helpers
+# ============================================================================ 3. learn
 
 
-def _bucket(length: int) -> int:
-    """Next power of two (at least 8): prompt widths that keep the number of compiles small."""
-    return max(8, 1 << (max(length, 1) - 1).bit_length())
+def make_shuffle(seed: int, num_minibatches: int):
+    """Jittable (batch, step, epoch) → `num_minibatches` minibatches of a permutation of the rows
+    drawn from (seed, step, epoch)."""
+
+    def shuffle(batch, step, epoch):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), step), epoch)
+        rows = batch["mask"].shape[0]
+        order = jax.random.permutation(key, rows)
+        size = rows // num_minibatches
+        return [jax.tree.map(lambda x: x[order[i * size:(i + 1) * size]], batch)
+                for i in range(num_minibatches)]
+
+    return shuffle
 
 
-def _left_pad_to(x, width, value):
-    pad = width - x.shape[1]
-    return jnp.pad(x, ((0, 0), (pad, 0)), constant_values=value) if pad > 0 else x
+def learn(setup: Setup, state, batch):
+    """num_epochs passes over the rollout, each in num_minibatches updates (a fresh permutation
+    of the rows per epoch). Returns (state, [metrics of each update], on device)."""
+    rl = setup.config.rl
+    update_metrics = []
+    for epoch in range(rl.num_epochs):
+        if rl.num_minibatches == 1:
+            minibatches = [batch]
+        else:
+            epoch_index = _upload(np.int32(epoch), NamedSharding(setup.mesh, PS()))
+            minibatches = setup.shuffle(batch, state["step"], epoch_index)
+        for minibatch in minibatches:
+            state, metrics = setup.update(state, minibatch)
+            update_metrics.append(metrics)
+    return state, update_metrics
 
 
-def _shard_np(tree, sharding_):
-    """Host numpy pytree → global arrays with `sharding_` (every host holds the full batch)."""
-    def put(x):
-        x = np.asarray(x)
-        return jax.make_array_from_callback(x.shape, sharding_, lambda idx: x[idx])
-    return jax.tree.map(put, tree)
+# ============================================================================ 4. log, checkpoint, evaluate
 
 
 def _mean_metrics(metrics_list):
     out = {}
     for key in metrics_list[0]:
-        values = np.array([float(m[key]) for m in metrics_list])
+        values = np.array([m[key] for m in metrics_list], np.float64)
         out[key] = values.max() if key == "ratio_max" else values.min() if key == "ratio_min" \
             else values.mean()
-    return out
+    return {k: float(v) for k, v in out.items()}
+
+
+def step_metrics(host_metrics, device_metrics, update_metrics, state):
+    """All of one step's metrics on the host: one fetch of the device scalars."""
+    device_metrics, update_metrics, skipped = jax.device_get(
+        (device_metrics, update_metrics, state["skipped_updates"]))
+    return dict(**host_metrics, **_mean_metrics(update_metrics),
+                **{k: float(v) for k, v in device_metrics.items()}, skipped_updates=int(skipped))
+
+
+def _evaluate(config, workdir, model, tokenizer, mesh, eos_ids, step, writer, progress):
+    results = evaluate.evaluate_model(
+        model, tokenizer, config, output_dir=config.eval.output_dir or os.path.join(workdir, "eval"),
+        step=step, mesh=mesh, eos_token_ids=eos_ids, progress=progress.tty)
+    writer.write(step, {f"eval/{k}": v for k, v in results.items()})
+    shown = (f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items())
+    progress.message(f"eval @ {step}: " + "  ".join(shown))
 
 
 # ============================================================================ signals
@@ -279,7 +533,7 @@ class _StopFlag:
             signal.signal(sig, previous)
 
 
-# ============================================================================ main loop
+# ============================================================================ the run
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dict:
@@ -298,185 +552,43 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
 def _run(config, workdir, devices, stop):
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
-    rl, smp = config.rl, config.sampling
-
-    # ------------------------------------------------------------------ mesh
-    sharding.initialize_distributed(config.mesh)
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
-    batch_sh = sharding.batch_sharding(mesh)
-    replicated = NamedSharding(mesh, PS())
-    rollout = config.data.batch_size * rl.group_size
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    minibatch = rollout // rl.num_minibatches
-    micro = rl.micro_batch_size or minibatch
-    if micro % batch_shards:
-        raise ValueError(
-            f"the micro-batch of {micro} sequences (rl.micro_batch_size, or data.batch_size × "
-            f"rl.group_size / rl.num_minibatches) must divide over the {batch_shards} "
-            f"data × fsdp shards of the mesh {dict(mesh.shape)}"
-        )
-
-    # ------------------------------------------------------------------ model and tokenizer
-    model_path = config.model.path
-    if model_path == "tiny":
-        model_path = tiny.build(os.path.join(workdir, "tiny_model"), seed=config.seed,
-                                **config.model.tiny.to_dict())
-    model = models.from_pretrained(model_path, mesh=mesh, param_dtype=config.model.param_dtype,
-                                   dtype=config.model.dtype)
-    tokenizer = models.load_tokenizer(model_path)
-    eos_ids = sorted({*evaluate.eos_ids(tokenizer, model_path), *model.config.eos_token_ids})
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    param_sh = jax.tree.map(lambda x: x.sharding, params)
-
-    # ------------------------------------------------------------------ data and rewards
-    iterator = data.iterator_from_config(config, tokenizer)
-    iterator.dataset[0]  # a row without the preset's fields fails now, not after compilation
-    scorer = rewards.Scorer.from_config(config.rewards)
-
-    # ------------------------------------------------------------------ train state
-    updates_per_step = rl.num_epochs * rl.num_minibatches
-    tx, schedule = make_optimizer(config.optim, config.train.num_steps * updates_per_step)
-    # Moments inherit the params' shardings; leaves made from nothing (step counts) would land on
-    # one device, so they are replicated over the mesh.
-    opt_state = jax.tree.map(
-        lambda x: x if len(x.sharding.device_set) == mesh.size else jax.device_put(x, replicated),
-        jax.jit(tx.init)(params))
-    scalar = lambda v: jax.device_put(jnp.int32(v), replicated)
-    state = dict(params=params, opt_state=opt_state,
-                 rng=jax.device_put(jax.random.PRNGKey(config.seed), replicated),
-                 step=scalar(0), updates=scalar(0), skipped_updates=scalar(0))
-    if rl.beta > 0:
-        # The frozen reference is the policy RL starts from (after any warm start). It lives in the
-        # state so a resumed run gets it back from the checkpoint; β = 0 holds no reference.
-        state["ref_params"] = jax.tree.map(jnp.copy, params)
-    state_sh = jax.tree.map(lambda x: x.sharding, state)
-
-    # ------------------------------------------------------------------ checkpoint / resume
+    num_steps = config.train.num_steps
     ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
                                    every=config.train.checkpoint_every,
                                    keep=config.train.keep_checkpoints)
     writer = metrics_lib.MetricsWriter(workdir, tensorboard=config.train.tensorboard,
                                        wandb_project=config.train.wandb_project,
                                        config=config.to_dict(), enabled=is_main)
-    progress = metrics_lib.Progress(config.train.num_steps, every=config.train.log_every,
-                                    enabled=is_main)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, meta = ckpt.restore(latest, checkpoint.abstract_like(state, state_sh))
-        iterator.restore(meta["data"])
-        progress.message(f"resumed from step {latest} ({ckpt.directory}/{latest})")
-    elif config.warmstart.steps:
-        # Its own shuffle of the training set (seed + 1), so RL's data order is unchanged.
-        warm_iter = data.PromptIterator(iterator.dataset, iterator.builder,
-                                        config.warmstart.batch_size, seed=config.data.seed + 1,
-                                        max_prompt_len=smp.max_prompt_len)
-        state["params"] = warm_start(
-            state["params"], graphdef, rest, iterator=warm_iter, tokenizer=tokenizer,
-            wcfg=config.warmstart, max_new_tokens=smp.max_new_tokens, batch_sh=batch_sh,
-            progress=progress)
-        state["params"] = jax.device_put(state["params"], param_sh)
-        if rl.beta > 0:
-            state["ref_params"] = jax.tree.map(jnp.copy, state["params"])
-    start = int(state["step"])
+    progress = metrics_lib.Progress(num_steps, every=config.train.log_every, enabled=is_main)
+    setup, state, iterator = build(config, workdir, devices=devices, ckpt=ckpt,
+                                   progress=progress)
+    policy = lambda: nnx.merge(setup.graphdef, state["params"], setup.rest)
 
-    # ------------------------------------------------------------------ jitted functions
-    temperature = smp.temperature
-    update = jax.jit(
-        make_update(graphdef, rest, tx, schedule, rl, temperature=temperature,
-                    max_len=smp.max_new_tokens, micro_batch_size=rl.micro_batch_size),
-        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, replicated),
-        donate_argnums=0)
-    logprobs = jax.jit(
-        make_logprobs(graphdef, rest, temperature=temperature,
-                      micro_batch_size=rl.micro_batch_size),
-        in_shardings=(param_sh, batch_sh, batch_sh), out_shardings=(batch_sh, batch_sh))
-    split_rng = jax.jit(lambda key: tuple(jax.random.split(key)), out_shardings=replicated)
-
-    # ------------------------------------------------------------------ loop
     history = []
-    step = start
-    while step < config.train.num_steps and stop.signal is None:
+    step = int(jax.device_get(state["step"]))
+    while step < num_steps and stop.signal is None:
         t0 = time.time()
-        # sample
-        batch = next(iterator)  # prompts longer than max_prompt_len are skipped by the iterator
-        new_rng, sample_key = split_rng(state["rng"])
-        samples = sampling.generate(
-            nnx.merge(graphdef, state["params"], rest), batch.prompts,
-            max_new_tokens=smp.max_new_tokens, temperature=temperature, top_p=smp.top_p,
-            top_k=smp.top_k, eos_token_ids=tuple(eos_ids), seed=sample_key, n=rl.group_size,
-            pad_id=pad_id, mesh=mesh)
-        samples = sharding.to_host(samples)
-        t1 = time.time()
-
-        # rewards and advantages
-        completions = tokenizer.batch_decode(
-            [row[:n] for row, n in zip(samples.tokens, samples.lengths)], skip_special_tokens=True)
-        answers, fields = batch.reward_inputs(rl.group_size)
-        scores = scorer(completions, answers, **fields)
-        reward_B = scores.total_B
-        adv_B = np.asarray(advantages.compute(reward_B, rl.group_size, rl.estimator))
-        t2 = time.time()
-
-        # old (and reference) logprobs, recomputed by the trainer
-        width_p = _bucket(samples.prompt_tokens.shape[1])
-        prompt_tok = np.asarray(_left_pad_to(samples.prompt_tokens, width_p, pad_id))
-        prompt_mask = np.asarray(_left_pad_to(samples.prompt_mask, width_p, 0))
-        tokens = np.concatenate([prompt_tok, samples.tokens], axis=1)
-        attn = np.concatenate([prompt_mask, samples.mask], axis=1)
-        mask = samples.mask.astype(np.float32)
-        tokens_d, attn_d = _shard_np((tokens, attn), batch_sh)
-        old_logp, entropy = sharding.to_host(logprobs(state["params"], tokens_d, attn_d))
-        old_logp, entropy = old_logp[:, width_p:], entropy[:, width_p:]
-        rollout_batch = dict(tokens=tokens, attn=attn, mask=mask, old_logp=old_logp, adv=adv_B)
-        if rl.beta > 0:
-            rollout_batch["ref_logp"] = sharding.to_host(
-                logprobs(state["ref_params"], tokens_d, attn_d)[0])[:, width_p:]
-
-        # num_epochs × num_minibatches updates
-        update_metrics = []
-        for epoch in range(rl.num_epochs):
-            order = np.random.default_rng((config.seed, step, epoch)).permutation(rollout) \
-                if rl.num_minibatches > 1 else np.arange(rollout)
-            for rows in np.split(order, rl.num_minibatches):
-                minibatch_d = _shard_np({k: v[rows] for k, v in rollout_batch.items()}, batch_sh)
-                state, m = update(state, minibatch_d)
-                update_metrics.append(m)
-        update_metrics = _mean_metrics(sharding.to_host(update_metrics))
-        state = dict(state, rng=new_rng, step=state["step"] + 1)
+        next_rng, sample_key = setup.split_rng(state["rng"])
+        batch, host_metrics, device_metrics, times = rollout(setup, state, next(iterator),
+                                                             sample_key)
+        t_learn = time.time()
+        with jax.transfer_guard("disallow"):
+            state, update_metrics = learn(setup, state, batch)
+            state = setup.finish_step(state, next_rng)
+        metrics = step_metrics(host_metrics, device_metrics, update_metrics, state)
         step += 1
-        t3 = time.time()
-
-        # metrics
-        num_tokens = float(mask.sum())
-        groups = reward_B.reshape(-1, rl.group_size)
-        metrics = dict(
-            **scores.metrics("reward"),
-            **update_metrics,
-            entropy=float((entropy * mask).sum() / max(num_tokens, 1)),
-            response_len_mean=float(samples.lengths.mean()),
-            response_len_max=int(samples.lengths.max()),
-            truncated_frac=float(1.0 - samples.eos.mean()),
-            zero_std_groups=int((np.ptp(groups, axis=1) == 0).sum()),
-            sampler_logprob_gap=float(
-                (np.abs(samples.logprobs - old_logp) * mask).sum() / max(num_tokens, 1)),
-            skipped_updates=int(state["skipped_updates"]),
-            tokens_per_s=num_tokens / max(t1 - t0, 1e-9),
-            time_sample_s=t1 - t0, time_score_s=t2 - t1, time_learn_s=t3 - t2,
-            time_step_s=t3 - t0,
-        )
+        metrics.update(times, time_learn_s=time.time() - t_learn, time_step_s=time.time() - t0)
         writer.write(step, metrics)
         progress.update(step, metrics)
         history.append(dict(step=step, **metrics))
 
-        # checkpoint, evaluation
         if ckpt.save(step, state, {"data": iterator.state},
-                     force=stop.signal is not None or step == config.train.num_steps):
+                     force=stop.signal is not None or step == num_steps):
             progress.message(f"checkpoint {step} -> {ckpt.directory}/{step}")
         every = config.eval.every_steps
-        if config.eval.sources and ((every and step % every == 0) or step == config.train.num_steps):
-            _evaluate(config, workdir, nnx.merge(graphdef, state["params"], rest), tokenizer,
-                      mesh, tuple(eos_ids), step, writer, progress)
+        if config.eval.sources and ((every and step % every == 0) or step == num_steps):
+            _evaluate(config, workdir, policy(), setup.tokenizer, setup.mesh, setup.eos_ids, step,
+                      writer, progress)
 
     if stop.signal is not None:
         # A signal before the first RL step (during compilation or the warm start) still leaves a
@@ -486,21 +598,13 @@ def _run(config, workdir, devices, stop):
             ckpt.save(step, state, {"data": iterator.state}, force=True)
         progress.message(f"{stop.signal}: saved step {step} and stopped")
     ckpt.close()
-    if config.train.export_hf and step == config.train.num_steps and stop.signal is None:
+    if config.train.export_hf and step == num_steps and stop.signal is None:
         path = os.path.join(workdir, "hf")
-        models.save_pretrained(nnx.merge(graphdef, state["params"], rest), path, tokenizer=tokenizer)
+        models.save_pretrained(policy(), path, tokenizer=setup.tokenizer)
         progress.message(f"exported the policy to {path}")
     writer.close()
+    setup.scorer.close()
     return dict(state=state, history=history, stopped_by=stop.signal)
-
-
-def _evaluate(config, workdir, model, tokenizer, mesh, eos_ids, step, writer, progress):
-    results = evaluate.evaluate_model(
-        model, tokenizer, config, output_dir=config.eval.output_dir or os.path.join(workdir, "eval"),
-        step=step, mesh=mesh, eos_token_ids=eos_ids, progress=progress.tty)
-    writer.write(step, {f"eval/{k}": v for k, v in results.items()})
-    shown = (f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in results.items())
-    progress.message(f"eval @ {step}: " + "  ".join(shown))
 
 
 # ============================================================================ command line

@@ -3,7 +3,7 @@
 Face checkpoint import/export and the chunked log-probabilities the trainer scores with."""
 
 from cfpo_jax.models.config import ModelConfig
-from cfpo_jax.models.hf import from_pretrained, load_tokenizer, save_pretrained
+from cfpo_jax.models.hf import eos_token_ids, from_pretrained, load_tokenizer, save_pretrained
 from cfpo_jax.models.logprobs import sequence_logprobs
 from cfpo_jax.models.transformer import Cache, Transformer, default_positions, init_cache
 
@@ -12,6 +12,7 @@ __all__ = [
     "ModelConfig",
     "Transformer",
     "default_positions",
+    "eos_token_ids",
     "from_pretrained",
     "init_cache",
     "load_tokenizer",

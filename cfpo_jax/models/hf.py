@@ -238,6 +238,21 @@ def from_pretrained(path: str, *, mesh=None, param_dtype=None, dtype=None, remat
     return nnx.merge(graphdef, state)
 
 
+def eos_token_ids(path: str, tokenizer=None) -> tuple[int, ...]:
+    """Every token id that ends a completion, sorted: the tokenizer's EOS and the `eos_token_id`
+    of config.json and generation_config.json (chat models end a turn with a token that is not
+    the tokenizer's EOS, and name it only in generation_config.json)."""
+    directory = resolve(path)
+    ids = [tokenizer.eos_token_id] if tokenizer is not None and tokenizer.eos_token_id is not None else []
+    for name in ("config.json", "generation_config.json"):
+        file = os.path.join(directory, name)
+        if os.path.isfile(file):
+            with open(file) as f:
+                value = json.load(f).get("eos_token_id")
+            ids += [] if value is None else value if isinstance(value, list) else [value]
+    return tuple(sorted(set(ids)))
+
+
 def load_tokenizer(path: str):
     """The transformers tokenizer stored next to the checkpoint (local directory or Hub repo id)."""
     from transformers import AutoTokenizer
