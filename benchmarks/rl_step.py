@@ -69,7 +69,7 @@ def make_config(args):
     c.data.batch_size = args.prompts
     c.sampling.max_prompt_len = args.prompt_len
     c.sampling.max_new_tokens = args.new_tokens
-    c.rewards.fns = ("__main__:even_fraction",)
+    c.rewards.fns = ("benchmarks.rl_step:even_fraction",)
     c.rl.group_size = args.samples
     c.rl.num_epochs, c.rl.num_minibatches = args.epochs, args.minibatches
     c.rl.micro_batch_size = args.micro_batch

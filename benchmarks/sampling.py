@@ -1,8 +1,15 @@
-"""Sampler throughput: cfpo_jax.sampling.generate against transformers' generate and the roofline.
+"""Sampler throughput: cfpo_jax.sampling.generate against transformers' generate and the roofline,
+continuous batching against static batches on long-tailed lengths, and peak memory against rows.
 
     python benchmarks/sampling.py                  # GPU: Qwen2.5-0.5B and 1.5B shapes, batch 64, 256
     python benchmarks/sampling.py --small          # CPU smoke run at a tiny size (seconds)
     python benchmarks/sampling.py --shapes 0.5b --batches 256 --no-hf --profile   # top GPU kernels
+    python benchmarks/sampling.py --long-tail      # GPU: 1,024 rows, log-normal lengths, K = 256
+    python benchmarks/sampling.py --memory         # GPU: peak memory at 256, 1,024, 4,096 rows, K = 256
+    python benchmarks/sampling.py --shapes 7b --batches 640 --prompt-len 1024 --new-tokens 1024 \
+        --max-concurrent 256 --no-hf --repeats 1   # math_qwen:7b's per-GPU share on one 80 GB GPU
+    python benchmarks/sampling.py --small --long-tail   # CPU versions (tiny shapes)
+    python benchmarks/sampling.py --small --memory --new-tokens 128
 
 Random bf16 weights, every prompt `--prompt-len` tokens, `--new-tokens` tokens drawn with
 temperature 1 and no EOS, so every row runs the full budget. For each shape and batch it prints:
@@ -15,6 +22,17 @@ temperature 1 and no EOS, so every row runs the full budget. For each shape and 
   on this card (a large device copy, bytes read + written), is the fastest the decode could run.
   `roof` is that time over our measured decode time (call time minus a 1-token call's time),
   both over steps 1 .. N-1. Results and the profile's reading: benchmarks/README.md.
+
+`--long-tail`: R rows whose completion lengths are drawn from a log-normal (median
+`--median-len`, sigma 1, capped at `--new-tokens`), each forced to end at its drawn length (a
+per-prompt `max_new_tokens` budget), with K = `--max-concurrent` slots. The continuous-batching
+engine runs all R rows through the K slots in one call; the static sampler, with the same K slots
+of cache, runs R / K calls of K rows, each until its longest row ends (what `generate` did
+before continuous batching). Useful tokens/s = the sum of the drawn lengths over the wall time.
+
+`--memory`: one subprocess per row count (so peaks do not mix) runs a `generate` call at fixed K
+and reports its peak memory (GPU: the device's peak_bytes_in_use; CPU: the process's VmHWM),
+next to one call with K = the largest row count (every row at once: the static sampler).
 
 Run the PyTorch baseline first and release its memory, because JAX preallocates most of the card.
 """
@@ -44,6 +62,11 @@ SHAPES = {
                  num_kv_heads=2, head_dim=64, vocab_size=151936, tie_embeddings=True),
     "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
                  num_kv_heads=2, head_dim=128, vocab_size=151936, tie_embeddings=True),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+               num_kv_heads=4, head_dim=128, vocab_size=152064, tie_embeddings=False),
+    # CPU memory runs: tiny weights, a large per-row cache (8 kv heads x 128 dims).
+    "tiny-kv": dict(hidden_size=64, intermediate_size=64, num_layers=2, num_heads=8,
+                    num_kv_heads=8, head_dim=128, vocab_size=512, tie_embeddings=True),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                  num_kv_heads=2, head_dim=16, vocab_size=512, tie_embeddings=True),
 }
@@ -136,7 +159,7 @@ def print_kernel_profile(run, steps, top=20):
         print(f"  {ns / 1e6 / steps:8.3f} ms/step {count[name] / steps:6.1f}x  {name[:80]}")
 
 
-def time_jax(config, batch, prompt_len, new_tokens, repeats, profile=False):
+def time_jax(config, batch, prompt_len, new_tokens, repeats, profile=False, max_concurrent=None):
     import jax
     from flax import nnx
 
@@ -149,7 +172,8 @@ def time_jax(config, batch, prompt_len, new_tokens, repeats, profile=False):
     prompts = rng.integers(0, config.vocab_size, (batch, prompt_len)).tolist()
 
     def run(num_new, seed):
-        samples = generate(model, prompts, max_new_tokens=num_new, temperature=1.0, seed=seed)
+        samples = generate(model, prompts, max_new_tokens=num_new, temperature=1.0, seed=seed,
+                           max_concurrent=max_concurrent)
         samples.tokens.block_until_ready()
         assert int(samples.lengths.min()) == num_new
 
@@ -199,6 +223,84 @@ def time_transformers(shape, batch, prompt_len, new_tokens, device):
     return seconds
 
 
+def long_tail(config, rows, prompt_len, cap, median, max_concurrent, repeats):
+    """Useful tokens/s of one continuous-batching call against static batches of K rows."""
+    import jax
+    from flax import nnx
+
+    from cfpo_jax.models import Transformer
+    from cfpo_jax.sampling import generate
+
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(np.maximum(np.round(rng.lognormal(np.log(median), 1.0, rows)), 1), cap).astype(int)
+    prompts = rng.integers(0, config.vocab_size, (rows, prompt_len)).tolist()
+
+    def engine():
+        s = generate(model, prompts, max_new_tokens=lengths.tolist(), max_concurrent=max_concurrent, seed=1)
+        jax.block_until_ready(s.tokens)
+        assert np.array_equal(np.asarray(s.lengths), lengths)
+
+    def static():
+        for start in range(0, rows, max_concurrent):
+            part = slice(start, start + max_concurrent)
+            # One call per K rows, all in flight at once: each runs until its longest row ends.
+            s = generate(model, prompts[part], max_new_tokens=lengths[part].tolist(),
+                         max_concurrent=max_concurrent, seed=1)
+            jax.block_until_ready(s.tokens)
+
+    engine()
+    static()  # compile both
+    engine_s, static_s = _time(engine, repeats), _time(static, repeats)
+    useful = int(lengths.sum())
+    static_steps = sum(int(lengths[i:i + max_concurrent].max()) for i in range(0, rows, max_concurrent))
+    print(f"\nlong-tailed lengths: {rows} rows, log-normal median {median} (sigma 1) capped at {cap}: "
+          f"mean {lengths.mean():.0f}, max {lengths.max()}; prompt {prompt_len}; K = {max_concurrent} slots")
+    print(f"{'sampler':>22} {'wall s':>8} {'useful tok/s':>13} {'decode steps':>13}")
+    print(f"{'continuous batching':>22} {engine_s:>8.2f} {useful / engine_s:>13,.0f} {'>= ' + str(-(-useful // max_concurrent)):>13}")
+    print(f"{'static batches of K':>22} {static_s:>8.2f} {useful / static_s:>13,.0f} {static_steps:>13}")
+    print(f"speed-up: {static_s / engine_s:.2f}x")
+
+
+MEMORY_CHILD = """
+import os, sys, json
+sys.path.insert(0, {root!r})
+import numpy as np, jax
+from flax import nnx
+from benchmarks.sampling import model_config
+from cfpo_jax.models import Transformer
+from cfpo_jax.sampling import generate
+shape, rows, k, prompt_len, new_tokens = sys.argv[1], *map(int, sys.argv[2:6])
+model = Transformer(model_config(shape), rngs=nnx.Rngs(0))
+prompts = np.random.default_rng(0).integers(0, model.config.vocab_size, (rows, prompt_len)).tolist()
+s = generate(model, prompts, max_new_tokens=new_tokens, max_concurrent=k, seed=1)
+jax.block_until_ready(s.tokens)
+stats = jax.devices()[0].memory_stats() or {{}}
+peak = stats.get("peak_bytes_in_use") or next(
+    int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps(dict(peak=peak, source="device peak_bytes_in_use" if stats else "process VmHWM")))
+"""
+
+
+def memory_against_rows(shape, rows_list, max_concurrent, prompt_len, new_tokens):
+    import json
+    import subprocess
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    script = MEMORY_CHILD.format(root=root)
+    runs = [(r, max_concurrent) for r in rows_list] + [(rows_list[-1], rows_list[-1])]
+    print(f"\npeak memory, {shape} shape, prompt {prompt_len} + {new_tokens} new tokens (no EOS):")
+    print(f"{'rows':>6} {'K':>6} {'peak MB':>10}")
+    for rows, k in runs:
+        run = subprocess.run([sys.executable, "-c", script, shape, str(rows), str(k), str(prompt_len),
+                              str(new_tokens)], capture_output=True, text=True)
+        if run.returncode:  # e.g. the static reference running out of device memory
+            print(f"{rows:>6} {k:>6} {'failed':>10}   ({run.stderr.strip().splitlines()[-1][:100]})", flush=True)
+            continue
+        result = json.loads(run.stdout.strip().splitlines()[-1])
+        print(f"{rows:>6} {k:>6} {result['peak'] / 1e6:>10,.1f}   ({result['source']})", flush=True)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--small", action="store_true", help="tiny model and sizes, runs on CPU")
@@ -209,6 +311,12 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-hf", action="store_true", help="skip the transformers baseline")
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one call")
+    parser.add_argument("--max-concurrent", type=int, default=None, help="K slots (default: all rows for "
+                        "the fixed-length table, 256 (small: 16) for --long-tail and --memory)")
+    parser.add_argument("--long-tail", action="store_true", help="continuous vs static batching, long-tailed lengths")
+    parser.add_argument("--rows", type=int, default=None, help="rows for --long-tail (1024; small: 128)")
+    parser.add_argument("--median-len", type=int, default=None, help="median length for --long-tail (400; small: 24)")
+    parser.add_argument("--memory", action="store_true", help="peak memory against rows at a fixed K")
     args = parser.parse_args(argv)
     shapes = (args.shapes or ("tiny" if args.small else "0.5b,1.5b")).split(",")
     batches = [int(b) for b in (args.batches or ("4,8" if args.small else "64,256")).split(",")]
@@ -217,6 +325,16 @@ def main(argv=None):
     for s in shapes:
         if s not in SHAPES:
             parser.error(f"unknown shape {s!r}; valid: {', '.join(SHAPES)}")
+    if args.long_tail or args.memory:
+        k = args.max_concurrent or (16 if args.small else 256)
+        if args.long_tail:
+            long_tail(model_config(shapes[0]), args.rows or (128 if args.small else 1024), prompt_len,
+                      args.new_tokens or (128 if args.small else 4096),
+                      args.median_len or (24 if args.small else 400), k, args.repeats)
+        if args.memory:
+            memory_against_rows("tiny-kv" if args.small else shapes[0], [64, 256, 1024] if args.small else [256, 1024, 4096], k,
+                                prompt_len, args.new_tokens or (32 if args.small else 512))
+        return None
 
     hf = {}
     if not args.no_hf:
@@ -239,7 +357,7 @@ def main(argv=None):
         config = model_config(shape)
         for batch in batches:
             call_s, prefill_s, num_params = time_jax(
-                config, batch, prompt_len, new_tokens, args.repeats, args.profile
+                config, batch, prompt_len, new_tokens, args.repeats, args.profile, args.max_concurrent
             )
             # The 1-token call holds the prefill and step 0: the rest is steps 1 .. N-1.
             roof_s = roofline_seconds(config, num_params, batch, prompt_len, range(1, new_tokens), bandwidth)

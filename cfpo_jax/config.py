@@ -18,6 +18,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from cfpo_jax import advantages, data, losses, rewards
+from cfpo_jax.models.attention import DECODE_IMPLEMENTATIONS
 from cfpo_jax.models.config import ATTENTION_IMPLEMENTATIONS, REMAT_POLICIES
 from cfpo_jax.rewards import workers as reward_workers
 
@@ -83,6 +84,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.temperature = 1.0
     c.sampling.top_p = 1.0
     c.sampling.top_k = 0
+    # The rollout engine (cfpo_jax.sampling): rows decoded at once, over the whole mesh; 0 = as
+    # many as fit kv_cache_gb GB of keys/values per device (the K chosen is printed at the first
+    # rollout). Results do not depend on it; memory does.
+    c.sampling.max_concurrent = 0
+    c.sampling.kv_cache_gb = 8.0
+    c.sampling.attention = "auto"  # decode attention: auto (Pallas on GPU, else einsum), einsum, pallas
 
     c.rewards = ml_collections.ConfigDict()
     c.rewards.fns = ("math",)  # registered names or "package.module:function"
@@ -172,6 +179,7 @@ _CHOICES = {
     "rl.kl_estimator": tuple(losses.REGISTRY["kl"]),
     "rl.estimator": tuple(advantages.ESTIMATORS),
     "optim.schedule": ("constant", "cosine", "linear"),
+    "sampling.attention": DECODE_IMPLEMENTATIONS,
 }
 
 
@@ -314,6 +322,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         errors.append(
             f"sampling.temperature must be > 0 for RL (the ratio needs the sampling "
             f"distribution); got {config.sampling.temperature}"
+        )
+    if config.sampling.max_concurrent < 0 or config.sampling.kv_cache_gb <= 0:
+        errors.append(
+            f"sampling.max_concurrent must be >= 0 (0 = from the budget) and sampling.kv_cache_gb "
+            f"> 0; got {config.sampling.max_concurrent}, {config.sampling.kv_cache_gb}"
         )
     if errors:
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))

@@ -218,7 +218,8 @@ def make_sample_fn(model, tokenizer, sampling_config, *, seed: int = 0, mesh=Non
             model, prompts, max_new_tokens=sampling_config.max_new_tokens,
             temperature=0.0 if greedy else sampling_config.temperature,
             top_p=sampling_config.top_p, top_k=sampling_config.top_k, eos_token_ids=eos,
-            seed=next(calls), n=n, pad_id=pad_id, mesh=mesh)
+            seed=next(calls), n=n, pad_id=pad_id, mesh=mesh,
+            **sampling.engine_settings(sampling_config))
         tokens_BxN, lengths_B = to_host((samples.tokens, samples.lengths))
         texts = tokenizer.batch_decode([row[:length] for row, length in zip(tokens_BxN, lengths_B)],
                                        skip_special_tokens=True)
@@ -339,7 +340,8 @@ def main(argv):
             return
     tokenizer = models.load_tokenizer(path)
     model = models.from_pretrained(path, param_dtype=config.model.param_dtype,
-                                   dtype=config.model.dtype)
+                                   dtype=config.model.dtype, attention=config.model.attention,
+                                   unroll_layers=config.model.unroll_layers)
     metrics = evaluate_model(model, tokenizer, config, output_dir=output_dir,
                              eos_token_ids=models.eos_token_ids(path, tokenizer))
     for key, value in metrics.items():

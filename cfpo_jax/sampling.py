@@ -1,57 +1,71 @@
-"""In-JAX batched sampling: one jitted prefill, then a `lax.while_loop` decode over a KV cache.
+"""The rollout engine: a fixed number of cache slots, continuous batching, per-row randomness.
 
-Layout (B prompts, n samples each, P padded prompt length, N = max_new_tokens, V vocabulary):
+Layout (R = prompts × n rows, P padded prompt length, N = max_new_tokens, V vocabulary, K slots):
 
 * Prompts are left-padded to a bucket P (the next power of two of the longest prompt, or the
-  given `prompt_bucket`), so every prompt ends in column P - 1 and a new prompt length does not
-  recompile. Positions come from the mask through `models.default_positions`, as in the
-  trainer's teacher-forced forward, so both see the same numbers.
-* One shared write index for all rows. The cache has S = P - 1 + N slots: the prefill writes the
-  first P - 1 prompt columns; decode step s feeds one token (the last prompt token at s = 0, the
-  previous sample after) into slot P - 1 + s and samples from its logits. The prefill's logits are
-  never used, so XLA drops its [B, P, V] unembedding. The attention mask over slots is the prompt
-  mask followed by ones and never changes: the model's causal rule (slot <= write index) hides the
-  slots not written yet.
-* `n` samples per prompt: the B prompts are prefilled once and the prompt part of the cache is
-  repeated n times along the batch; rows are group by group (row i * n + j is sample j of
-  prompt i), the layout `advantages.compute` expects.
+  given `prompt_bucket`), so a new prompt length does not recompile. Positions come from the mask
+  (`models.default_positions`), as in the trainer's teacher-forced forward.
+* At most K = `max_concurrent` rows are decoded at a time (split over the mesh's ('data',
+  'fsdp') shards). Each slot owns S = P - 1 + N cache columns per layer
+  (`models.decoding.SlotCache`, `[K, kv_heads, S, head_dim]`): a row's prompt sits left-padded in
+  columns [0, P - 1) (written by its prefill), decode step t writes column P - 1 + t (the last
+  prompt token at t = 0, the previous sample after) and samples from its logits. The row's valid
+  columns are [P - prompt length, P + t); decode attention reads only those
+  (`models.attention.decode_attention`), in place. The KV cache is O(K × (P + N)), whatever R.
+* Continuous batching, host-driven: a jitted `_insert` prefills waiting rows (each distinct prompt
+  of the batch once; a batch of a power-of-two size, so few shapes compile) and writes them into
+  free slots (at most ~16k prompt tokens per batch shard per call, to bound the prefill's
+  activations); a jitted `_decode_chunk` runs decode steps over all K slots in a `lax.while_loop`
+  until a sixteenth of the slots (at least one) are free again while rows wait, or until every
+  slot is free when none wait; then the host refills the free slots and calls it again. Only the
+  K slot flags come to the host between chunks. A finished row's slot is recomputed (and its
+  output dropped) only until the end of the current chunk. Chosen over a single on-device loop
+  that inserts: the prefill of a variable number of rows needs a static shape, and the host loop
+  keeps both jitted functions small, with no prefill compiled inside the decode loop.
+  With K ≥ R every row is inserted at once and one chunk runs to the end: the static sampler.
+* K: `max_concurrent`, or by default as many slots as fit `kv_cache_gb` of keys/values per device
+  (`slots_for_budget`); printed once per setting. Settings pass through `config.sampling`.
+* Results do not depend on K: row r's token t is drawn with the key fold_in(fold_in(seed, r), t),
+  and each row's arithmetic reads only its own slot. The same call with K = 1, 3 or R gives the
+  same tokens (float32 on CPU; tests/test_sampling.py).
+* Rows are group by group: row i * n + j is sample j of prompt i (the layout `advantages.compute`
+  expects); the n rows of a prompt inserted together share one prefill.
 * Sampling: `temperature=0` is greedy (argmax) and reports temperature-1 logprobs. Otherwise the
   token is drawn from softmax(logits / temperature) restricted by `top_k` then `top_p` (top-p on
-  the distribution renormalised over the top-k, as in transformers), with one Gumbel-argmax
+  the distribution renormalised over the top-k, as in transformers), by Gumbel-argmax
   (`jax.random.categorical`). The reported logprob is under the *unrestricted*
-  softmax(logits / temperature), the distribution the trainer recomputes. `top_p == 1` with
-  `top_k == 0` samples straight from the [B, V] logits: no sort.
-* A row is finished after it emits one of `eos_token_ids`; the EOS is part of the completion
-  (mask 1), later columns hold `pad_id`, mask 0 and logprob 0. The loop stops when every row has
-  finished or N tokens were drawn. Rows that finished keep being decoded (the batch is static) but
-  their output is discarded.
-* Randomness is explicit: `seed` (an int or a PRNG key) is split once per step with `fold_in`, so
-  the same seed gives the same samples. Pass a fresh seed per call in training.
-* Everything static (sampling settings, shapes, mesh) keys the jit cache; params are an argument,
-  so new weights after an update step reuse the compiled sampler. Prefill, cache and decode live
-  in one jitted call: the cache is born inside it and rides in the `while_loop` carry, where the
-  model's `dynamic_update_slice` writes it in place (no buffer to donate, no host round trip).
-* With a `mesh`, the prompt batch is split over ('data', 'fsdp') (rows are padded with copies of
-  the first prompt up to a multiple of that size and dropped again) and the cache follows
-  `cfpo_jax.sharding.cache_sharding`; parameters keep the sharding they were placed with
-  (`shard_model` / `from_pretrained(mesh=...)`).
+  softmax(logits / temperature), the distribution the trainer recomputes.
+* A row ends after one of `eos_token_ids` (kept: mask 1) or its budget (N, or its prompt's own
+  `max_new_tokens`); later columns hold `pad_id`, mask 0 and logprob 0.
+* Weights are gathered once per call into the sampling layout (`models.decoding.gather_weights`:
+  compute dtype, one buffer per layer, replicated over the batch axes and split over 'tensor'),
+  never per decode step; the memory this costs is stated there.
+* Decode attention runs jax's Pallas flash-decoding kernel on GPU and the plain-XLA masked
+  einsum on CPU and TPU (`models.attention.decode_attention`; `attention=` overrides). With the
+  Pallas kernel the cache's slot count is rounded up to a multiple of 128 for its blocks. The
+  prefill runs the trainer's full-sequence kernel (`config.attention`: cuDNN / splash / einsum).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from cfpo_jax.models import default_positions, init_cache
-from cfpo_jax.sharding import BATCH_AXES, batch_sharding, cache_sharding
+from cfpo_jax.models import decoding
+from cfpo_jax.models.attention import DECODE_SLOT_ALIGN, resolve_decode
+from cfpo_jax.sharding import BATCH_AXES, to_host
+
+DEFAULT_KV_CACHE_GB = 8.0
+_REFILL_FRACTION = 16  # a chunk returns to the host when K / 16 slots (at least 1) are free
+_PREFILL_TOKENS = 16384  # prompt tokens per prefill call and batch shard (a power of two of rows)
 
 
 @flax.struct.dataclass
@@ -79,59 +93,74 @@ class Samples:
 
 @dataclasses.dataclass(frozen=True)
 class _Settings:
-    """Everything that shapes the compiled sampler (hashable: it keys the jit cache)."""
+    """Everything static that shapes the compiled functions (hashable: it keys the jit cache)."""
 
     max_new_tokens: int
     temperature: float
     top_k: int
     top_p: float
     eos_token_ids: tuple[int, ...]
-    n: int
     pad_id: int
+    prompt_len: int
     mesh: jax.sharding.Mesh | None
+    attention: str
 
 
 @flax.struct.dataclass
-class _DecodeState:
-    """The `while_loop` carry.
+class _Slots:
+    """The K decoding slots (device arrays; R, the number of rows, marks an empty slot).
 
-    step: int32 [] samples drawn so far; the column the next sample goes to. The token fed at this
-      step is written to cache slot P - 1 + step (the shared write index).
-    token_B: int32 [B] the token fed at this step: the last prompt token, then the previous sample.
-    position_B: int32 [B] its position id.
-    cache: the model's KV cache, slots [0, P - 1 + step) filled.
-    done_B: bool [B] the row has emitted an EOS; what it samples from now on is discarded.
-    tokens_BxN, mask_BxN, logprobs_BxN: the outputs, filled one column per step.
+    cache: the slots' keys/values (`models.decoding.SlotCache`).
+    row_K: int32, the row a slot decodes (R: none).
+    token_K: int32, the token to feed at the next step.
+    step_K: int32, tokens the row has sampled so far: its next output column, and cache column
+      P - 1 + step_K is where the fed token goes.
+    start_K: int32, the row's first valid cache column (P - prompt length).
+    active_K: bool, the slot holds a row that has not finished.
     """
 
-    step: jax.Array
-    token_B: jax.Array
-    position_B: jax.Array
-    cache: object
-    done_B: jax.Array
-    tokens_BxN: jax.Array
-    mask_BxN: jax.Array
-    logprobs_BxN: jax.Array
+    cache: decoding.SlotCache
+    row_K: jax.Array
+    token_K: jax.Array
+    step_K: jax.Array
+    start_K: jax.Array
+    active_K: jax.Array
 
 
-def _constrain_batch(x, mesh, axis):
-    """Pins the batch dimension `axis` of `x` to ('data', 'fsdp'); the other dims are left free."""
-    if mesh is None:
+@flax.struct.dataclass
+class _Outputs:
+    tokens_RxN: jax.Array
+    logprobs_RxN: jax.Array
+    lengths_R: jax.Array
+    eos_R: jax.Array
+
+
+def _constrain_batch(x, mesh, axis=0):
+    """Pins dimension `axis` of `x` to ('data', 'fsdp') when it divides; the rest left free."""
+    if mesh is None or x.shape[axis] % int(np.prod([mesh.shape[a] for a in BATCH_AXES])):
         return x
     spec = [PS.UNCONSTRAINED] * x.ndim
     spec[axis] = BATCH_AXES
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PS(*spec)))
 
 
-def _constrain_cache(cache, mesh):
-    """The cache layout of `cfpo_jax.sharding` (batch over data x fsdp, kv heads over tensor)."""
+def _constrain_slots(slots: _Slots, mesh) -> _Slots:
+    """Slots over ('data', 'fsdp'); cache kv heads over 'tensor' when they divide."""
     if mesh is None:
-        return cache
-    return jax.lax.with_sharding_constraint(cache, cache_sharding(mesh, cache))
+        return slots
+
+    def cache_leaf(x):
+        heads = "tensor" if x.shape[1] % mesh.shape["tensor"] == 0 else None
+        return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PS(BATCH_AXES, heads, None, None)))
+
+    cache = decoding.SlotCache(k=tuple(map(cache_leaf, slots.cache.k)), v=tuple(map(cache_leaf, slots.cache.v)))
+    fields = {f: _constrain_batch(getattr(slots, f), mesh) for f in ("row_K", "token_K", "step_K", "start_K", "active_K")}
+    return _Slots(cache=cache, **fields)
 
 
-def _sample(logits_BxV, key, settings: _Settings):
-    """One token per row and its logprob under softmax(logits / temperature); float32 math."""
+def _sample(logits_BxV, key_B, settings: _Settings):
+    """One token per row (row b drawn with its own key_B[b]) and its logprob under
+    softmax(logits / temperature); float32 math."""
     logits_BxV = logits_BxV.astype(jnp.float32)
     if settings.temperature == 0.0:
         token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
@@ -139,8 +168,9 @@ def _sample(logits_BxV, key, settings: _Settings):
     else:
         scaled_BxV = logits_BxV / settings.temperature
         vocab = scaled_BxV.shape[-1]
+        categorical = jax.vmap(jax.random.categorical)
         if settings.top_k == 0 and settings.top_p == 1.0:
-            token_B = jax.random.categorical(key, scaled_BxV, axis=-1).astype(jnp.int32)
+            token_B = categorical(key_B, scaled_BxV).astype(jnp.int32)
         else:
             # Sorted candidates (the top k, or the whole vocabulary for top-p alone); sampling an
             # index among them keeps the allowed set exact even when logits tie at the cutoff.
@@ -152,7 +182,7 @@ def _sample(logits_BxV, key, settings: _Settings):
                 # before it is still short of top_p (so the most likely one always stays).
                 keep_BxK = (jnp.cumsum(probs_BxK, axis=-1) - probs_BxK) < settings.top_p
                 top_BxK = jnp.where(keep_BxK, top_BxK, -jnp.inf)
-            choice_B = jax.random.categorical(key, top_BxK, axis=-1)
+            choice_B = categorical(key_B, top_BxK)
             token_B = jnp.take_along_axis(index_BxK, choice_B[:, None], axis=-1)[:, 0]
             token_B = token_B.astype(jnp.int32)
     picked_B = jnp.take_along_axis(scaled_BxV, token_B[:, None], axis=-1)[:, 0]
@@ -160,99 +190,105 @@ def _sample(logits_BxV, key, settings: _Settings):
     return token_B, logprob_B
 
 
-def _generate_impl(graphdef, settings: _Settings, state, prompt_tokens_BxP, prompt_mask_BxP, key):
-    model = nnx.merge(graphdef, state)
-    config = model.config
-    n, num_new = settings.n, settings.max_new_tokens
-    batch, prompt_len = prompt_tokens_BxP.shape
-    rows = batch * n
-    cache_len = prompt_len - 1 + num_new
-    positions_BxP = default_positions(prompt_mask_BxP)
+# ----------------------------------------------------------------------------- jitted pieces
 
-    # ---- prefill: every prompt column but the last, once per prompt.
-    if prompt_len > 1:
-        prefill_cache = init_cache(config, batch, prompt_len - 1)
-        prefill_cache = _constrain_cache(prefill_cache, settings.mesh)
-        _, prefill_cache = model.forward_cached(
-            prompt_tokens_BxP[:, :-1],
-            positions_BxP[:, :-1],
-            prefill_cache,
-            prompt_mask_BxP[:, :-1],
-            jnp.int32(0),
-        )
-        # n copies of each prompt's keys/values, group by group, then room for the completion.
-        cache = jax.tree.map(
-            lambda x: jnp.pad(
-                jnp.repeat(x, n, axis=1),
-                [(0, 0), (0, 0), (0, cache_len - (prompt_len - 1))] + [(0, 0)] * (x.ndim - 3),
-            ),
-            prefill_cache,
-        )
-    else:
-        cache = init_cache(config, rows, cache_len)
-    cache = _constrain_cache(cache, settings.mesh)
 
-    def per_row(x_B):
-        return _constrain_batch(jnp.repeat(x_B, n, axis=0), settings.mesh, 0)
-
-    kv_mask_BxS = per_row(
-        jnp.concatenate([prompt_mask_BxP, jnp.ones((batch, num_new - 1), jnp.int32)], axis=1)
+def _init(settings: _Settings, config, num_slots, num_cache_slots, num_rows):
+    slots = _Slots(
+        cache=decoding.init_slot_cache(config, num_slots, num_cache_slots),
+        row_K=jnp.full((num_slots,), num_rows, jnp.int32),
+        token_K=jnp.zeros((num_slots,), jnp.int32),
+        step_K=jnp.zeros((num_slots,), jnp.int32),
+        start_K=jnp.zeros((num_slots,), jnp.int32),
+        active_K=jnp.zeros((num_slots,), bool),
     )
+    outputs = _Outputs(
+        tokens_RxN=jnp.full((num_rows, settings.max_new_tokens), settings.pad_id, jnp.int32),
+        logprobs_RxN=jnp.zeros((num_rows, settings.max_new_tokens), jnp.float32),
+        lengths_R=jnp.zeros((num_rows,), jnp.int32),
+        eos_R=jnp.zeros((num_rows,), bool),
+    )
+    return _constrain_slots(slots, settings.mesh), outputs
+
+
+def _insert(settings: _Settings, weights, slots: _Slots, prompt_tokens_MxP, prompt_mask_MxP, source_K, row_K):
+    """Prefills the M prompts and starts slot k on prompt source_K[k] as row row_K[k] (source -1:
+    the slot keeps what it has). Only the prompt columns [0, P - 1) of the new slots change."""
+    prompt_len = prompt_tokens_MxP.shape[1]
+    insert_K = source_K >= 0
+    source_K = jnp.maximum(source_K, 0)
+    cache = slots.cache
+    if prompt_len > 1:
+        keys, values = decoding.prefill(
+            weights, _constrain_batch(prompt_tokens_MxP[:, :-1], settings.mesh),
+            _constrain_batch(prompt_mask_MxP[:, :-1], settings.mesh))
+
+        def write(old_KxGxSxH, new_MxGxTxH):
+            prefix_KxGxTxH = jnp.where(insert_K[:, None, None, None], new_MxGxTxH[source_K],
+                                       old_KxGxSxH[:, :, : prompt_len - 1])
+            return old_KxGxSxH.at[:, :, : prompt_len - 1].set(prefix_KxGxTxH)
+
+        cache = decoding.SlotCache(k=tuple(map(write, cache.k, keys)), v=tuple(map(write, cache.v, values)))
+    length_K = jnp.sum(prompt_mask_MxP, axis=1, dtype=jnp.int32)[source_K]
+    new = _Slots(
+        cache=cache,
+        row_K=jnp.where(insert_K, row_K, slots.row_K),
+        token_K=jnp.where(insert_K, prompt_tokens_MxP[source_K, -1], slots.token_K),
+        step_K=jnp.where(insert_K, 0, slots.step_K),
+        start_K=jnp.where(insert_K, prompt_len - length_K, slots.start_K),
+        active_K=slots.active_K | insert_K,
+    )
+    return _constrain_slots(new, settings.mesh)
+
+
+def _decode_chunk(settings: _Settings, weights, slots: _Slots, outputs: _Outputs, key, budget_R, refill_at):
+    """Decode steps over all slots until `refill_at` slots are free or none is active; row r
+    ends at an EOS or after budget_R[r] tokens."""
+    num_rows = outputs.lengths_R.shape[0]
+    num_cache_slots = slots.cache.k[0].shape[2]
     eos_ids = jnp.asarray(settings.eos_token_ids, jnp.int32)
 
-    # ---- decode: one token per step for every row until all rows hit EOS or N are drawn.
-    def cond_fn(s: _DecodeState):
-        return (s.step < num_new) & ~jnp.all(s.done_B)
+    def cond_fn(carry):
+        slots, _ = carry
+        return jnp.any(slots.active_K) & (jnp.sum(~slots.active_K) < refill_at)
 
-    def body_fn(s: _DecodeState):
-        step_model = nnx.merge(graphdef, state)
-        logits_Bx1xV, cache = step_model.forward_cached(
-            s.token_B[:, None], s.position_B[:, None], s.cache, kv_mask_BxS, prompt_len - 1 + s.step
+    def body_fn(carry):
+        slots, outputs = carry
+        live_K = slots.active_K
+        # Finished and empty slots still run (static shapes); keep their writes inside the cache.
+        write_K = jnp.minimum(settings.prompt_len - 1 + slots.step_K, num_cache_slots - 1)
+        logits_KxV, cache = decoding.decode_step(
+            weights, slots.token_K, write_K - slots.start_K, slots.cache, write_K, slots.start_K,
+            implementation=settings.attention)
+        key_K = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(slots.row_K, slots.step_K)
+        token_K, logprob_K = _sample(logits_KxV, key_K, settings)
+        hit_eos_K = jnp.isin(token_K, eos_ids)
+        budget_K = jnp.take(budget_R, slots.row_K, mode="clip")  # (empty slots: not live)
+        finished_K = live_K & (hit_eos_K | (slots.step_K + 1 >= budget_K))
+        row_K = jnp.where(live_K, slots.row_K, num_rows)  # out of range: dropped
+        done_row_K = jnp.where(finished_K, slots.row_K, num_rows)
+        outputs = _Outputs(
+            tokens_RxN=outputs.tokens_RxN.at[row_K, slots.step_K].set(token_K, mode="drop"),
+            logprobs_RxN=outputs.logprobs_RxN.at[row_K, slots.step_K].set(logprob_K, mode="drop"),
+            lengths_R=outputs.lengths_R.at[done_row_K].set(slots.step_K + 1, mode="drop"),
+            eos_R=outputs.eos_R.at[done_row_K].set(hit_eos_K, mode="drop"),
         )
-        token_B, logprob_B = _sample(logits_Bx1xV[:, 0], jax.random.fold_in(key, s.step), settings)
-        live_B = ~s.done_B
-        done_B = s.done_B | jnp.isin(token_B, eos_ids)
-        column = (jnp.int32(0), s.step)
-        return _DecodeState(
-            step=s.step + 1,
-            token_B=token_B,
-            position_B=s.position_B + 1,
-            cache=cache,
-            done_B=done_B,
-            tokens_BxN=jax.lax.dynamic_update_slice(
-                s.tokens_BxN, jnp.where(live_B, token_B, settings.pad_id)[:, None], column
-            ),
-            mask_BxN=jax.lax.dynamic_update_slice(
-                s.mask_BxN, live_B.astype(jnp.int32)[:, None], column
-            ),
-            logprobs_BxN=jax.lax.dynamic_update_slice(
-                s.logprobs_BxN, jnp.where(live_B, logprob_B, 0.0)[:, None], column
-            ),
+        slots = _Slots(
+            cache=cache, row_K=slots.row_K, token_K=token_K,
+            step_K=jnp.where(live_K, slots.step_K + 1, slots.step_K), start_K=slots.start_K,
+            active_K=live_K & ~finished_K,
         )
+        return _constrain_slots(slots, settings.mesh), outputs
 
-    init = _DecodeState(
-        step=jnp.int32(0),
-        token_B=per_row(prompt_tokens_BxP[:, -1]),
-        position_B=per_row(positions_BxP[:, -1]),
-        cache=cache,
-        done_B=jnp.zeros((rows,), bool),
-        tokens_BxN=jnp.full((rows, num_new), settings.pad_id, jnp.int32),
-        mask_BxN=jnp.zeros((rows, num_new), jnp.int32),
-        logprobs_BxN=jnp.zeros((rows, num_new), jnp.float32),
-    )
-    final = jax.lax.while_loop(cond_fn, body_fn, init)
-    return Samples(
-        prompt_tokens=jnp.repeat(prompt_tokens_BxP, n, axis=0),
-        prompt_mask=jnp.repeat(prompt_mask_BxP, n, axis=0),
-        tokens=final.tokens_BxN,
-        mask=final.mask_BxN,
-        logprobs=final.logprobs_BxN,
-        lengths=jnp.sum(final.mask_BxN, axis=-1, dtype=jnp.int32),
-        eos=final.done_B,
-    )
+    return jax.lax.while_loop(cond_fn, body_fn, (slots, outputs))
 
 
-_generate_jit = jax.jit(_generate_impl, static_argnums=(0, 1))
+_init_jit = jax.jit(_init, static_argnums=(0, 1, 2, 3, 4))
+_insert_jit = jax.jit(_insert, static_argnums=(0,), donate_argnums=(2,))
+_decode_chunk_jit = jax.jit(_decode_chunk, static_argnums=(0,), donate_argnums=(2, 3))
+
+
+# ----------------------------------------------------------------------------- host side
 
 
 def _bucket(longest: int, prompt_bucket: int | None) -> int:
@@ -308,11 +344,39 @@ def _check_settings(vocab, max_new_tokens, temperature, top_p, top_k, eos_token_
             raise ValueError(f"{name} {bad} are outside the vocabulary [0, {vocab})")
 
 
+def kv_bytes_per_slot(config, num_cache_slots: int, tensor: int = 1) -> int:
+    """Bytes of keys and values one slot holds on one device (kv heads split over `tensor` when
+    it divides them)."""
+    heads = config.num_kv_heads // tensor if config.num_kv_heads % tensor == 0 else config.num_kv_heads
+    itemsize = jnp.dtype(config.dtype).itemsize
+    return 2 * config.num_layers * heads * num_cache_slots * config.head_dim * itemsize
+
+
+def slots_for_budget(config, num_cache_slots: int, kv_cache_gb: float, mesh=None) -> int:
+    """The default K: as many slots per batch shard as fit `kv_cache_gb` GB (1e9 bytes) of keys
+    and values per device, times the number of batch shards; at least one per shard."""
+    shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    tensor = 1 if mesh is None else mesh.shape["tensor"]
+    per_device = int(kv_cache_gb * 1e9) // kv_bytes_per_slot(config, num_cache_slots, tensor)
+    return max(per_device, 1) * shards
+
+
+def engine_settings(sampling_config) -> dict:
+    """`generate`'s engine arguments from `config.sampling` (max_concurrent 0: from the budget)."""
+    return dict(max_concurrent=sampling_config.max_concurrent or None,
+                kv_cache_gb=sampling_config.kv_cache_gb, attention=sampling_config.attention)
+
+
+@functools.lru_cache(maxsize=None)
+def _announce(message: str) -> None:
+    print(message, flush=True)
+
+
 def generate(
     model,
     prompts,
     *,
-    max_new_tokens: int,
+    max_new_tokens: int | Sequence[int],
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
@@ -322,29 +386,50 @@ def generate(
     pad_id: int = 0,
     prompt_bucket: int | None = None,
     mesh: jax.sharding.Mesh | None = None,
+    max_concurrent: int | None = None,
+    kv_cache_gb: float = DEFAULT_KV_CACHE_GB,
+    attention: str = "auto",
 ) -> Samples:
-    """Samples `n` completions of `max_new_tokens` tokens for each prompt (see the module doc).
+    """Samples `n` completions of up to `max_new_tokens` tokens per prompt (see the module doc).
 
     Args:
-      model: a `cfpo_jax.models.Transformer` (anything with `.config` and `forward_cached`).
+      model: a `cfpo_jax.models.Transformer`.
       prompts: a list of token-id lists (lengths may differ, none empty), or a pair
         (tokens [B, L], lengths [B]) of right-padded prompts.
+      max_new_tokens: the budget N of every row, or one budget per prompt (as lm-eval requests
+        carry); N = the largest sizes the outputs and the cache. A row cut by its budget has
+        eos False.
       temperature: 0 is greedy; otherwise sample from softmax(logits / temperature).
       top_p, top_k: nucleus / top-k restriction of the sampled distribution (1.0 / 0 = off).
       eos_token_ids: a row stops after the first of these (the EOS is kept, mask 1).
-      seed: an int or a `jax.random.key`; the same seed gives the same samples.
+      seed: an int or a `jax.random.key`; the same seed gives the same samples, whatever K.
       n: samples per prompt; rows are group by group (row i * n + j: sample j of prompt i).
       prompt_bucket: padded prompt length; None rounds the longest prompt up to a power of two.
-      mesh: split the batch over its ('data', 'fsdp') axes.
+      mesh: split the slots over its ('data', 'fsdp') axes (weights: see `models.decoding`).
+      max_concurrent: K, the rows decoded at once (rounded up to a multiple of the batch shards;
+        more than the rows is the rows); None: as many as fit `kv_cache_gb` per device.
+      attention: decode attention kernel ("auto", "einsum", "pallas"; see `models.attention`).
 
     Returns:
-      `Samples` with B = len(prompts) * n rows (arrays on device).
+      `Samples` with R = len(prompts) * n rows (arrays on device).
     """
     if isinstance(eos_token_ids, (int, np.integer)):
         eos_token_ids = (eos_token_ids,)
     eos_token_ids = tuple(int(i) for i in eos_token_ids)
-    vocab = model.config.vocab_size
-    _check_settings(vocab, max_new_tokens, temperature, top_p, top_k, eos_token_ids, n, pad_id)
+    config = model.config
+    if isinstance(max_new_tokens, (int, np.integer)):
+        budgets = None
+    else:
+        budgets = np.asarray(max_new_tokens, np.int64)
+        if budgets.ndim != 1 or budgets.size == 0 or budgets.min() < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, or one such budget per prompt; got {max_new_tokens}")
+        max_new_tokens = int(budgets.max())
+    _check_settings(config.vocab_size, max_new_tokens, temperature, top_p, top_k, eos_token_ids, n, pad_id)
+    if max_concurrent is not None and max_concurrent < 1:
+        raise ValueError(f"max_concurrent must be >= 1 (or None for the kv_cache_gb budget); got {max_concurrent}")
+    if kv_cache_gb <= 0:
+        raise ValueError(f"kv_cache_gb must be > 0; got {kv_cache_gb}")
+    attention = resolve_decode(attention)
 
     token_lists = _as_token_lists(prompts)
     if not token_lists:
@@ -352,35 +437,85 @@ def generate(
     empty = [i for i, ids in enumerate(token_lists) if not ids]
     if empty:
         raise ValueError(f"prompts {empty} are empty; every prompt needs at least one token")
-    bad = sorted({t for ids in token_lists for t in ids if not 0 <= t < vocab})
+    bad = sorted({t for ids in token_lists for t in ids if not 0 <= t < config.vocab_size})
     if bad:
-        raise ValueError(f"prompt token ids {bad[:10]} are outside the vocabulary [0, {vocab})")
-    num_prompts = len(token_lists)
-    if mesh is not None:
-        # The batch split needs a multiple of the ('data', 'fsdp') size: fill with copies of the
-        # first prompt, whose rows are dropped after sampling.
-        shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-        token_lists = token_lists + [token_lists[0]] * (-num_prompts % shards)
-    width = _bucket(max(len(ids) for ids in token_lists), prompt_bucket)
-    prompt_tokens_BxP, prompt_mask_BxP = _left_pad(token_lists, width, pad_id)
-    if mesh is not None:
-        prompt_tokens_BxP = jax.device_put(prompt_tokens_BxP, batch_sharding(mesh))
-        prompt_mask_BxP = jax.device_put(prompt_mask_BxP, batch_sharding(mesh))
+        raise ValueError(f"prompt token ids {bad[:10]} are outside the vocabulary [0, {config.vocab_size})")
+    if budgets is not None and len(budgets) != len(token_lists):
+        raise ValueError(f"max_new_tokens has {len(budgets)} budgets for {len(token_lists)} prompts")
+    prompt_len = _bucket(max(len(ids) for ids in token_lists), prompt_bucket)
+    prompt_tokens_BxP, prompt_mask_BxP = _left_pad(token_lists, prompt_len, pad_id)
+
+    num_cache_slots = prompt_len - 1 + max_new_tokens
+    if attention == "pallas":
+        num_cache_slots = -(-num_cache_slots // DECODE_SLOT_ALIGN) * DECODE_SLOT_ALIGN
+    shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    num_rows = len(token_lists) * n
+    if max_concurrent is None:
+        max_concurrent = slots_for_budget(config, num_cache_slots, kv_cache_gb, mesh)
+        source = f"kv_cache_gb={kv_cache_gb:g}"
+    else:
+        source = "max_concurrent"
+    num_slots = min(-(-max_concurrent // shards), -(-num_rows // shards)) * shards
+    tensor = 1 if mesh is None else mesh.shape["tensor"]
+    _announce(
+        f"sampling: {min(max_concurrent, num_rows)} rows at a time ({source}; {num_slots} slots of "
+        f"{num_cache_slots} cache columns, "
+        f"{num_slots // shards * kv_bytes_per_slot(config, num_cache_slots, tensor) / 1e6:,.1f} MB "
+        f"of keys/values per device; {attention} decode attention)")
 
     key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
     settings = _Settings(
-        max_new_tokens=int(max_new_tokens),
-        temperature=float(temperature),
-        top_k=int(top_k),
-        top_p=float(top_p),
-        eos_token_ids=eos_token_ids,
-        n=int(n),
-        pad_id=int(pad_id),
-        mesh=mesh,
+        max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
+        top_p=float(top_p), eos_token_ids=eos_token_ids, pad_id=int(pad_id), prompt_len=prompt_len,
+        mesh=mesh, attention=attention)
+    budget_R = (np.full(num_rows, max_new_tokens) if budgets is None else np.repeat(budgets, n)).astype(np.int32)
+    weights = decoding.gather_weights(model, mesh)
+    slots, outputs = _init_jit(settings, config, num_slots, num_cache_slots, num_rows)
+
+    # Distinct prompts prefilled per insert, per batch shard: a power of two near 16k prompt
+    # tokens, which bounds the prefill's activations (its [M, heads, P, P] attention scores).
+    max_prefill = shards * (1 << (max(_PREFILL_TOKENS // prompt_len, 1).bit_length() - 1))
+    next_row = 0
+    active_K = np.zeros(num_slots, bool)
+    while True:
+        free = np.flatnonzero(~active_K)
+        while len(free) and next_row < num_rows:
+            first_prompt = next_row // n
+            take = min(len(free), num_rows - next_row, (first_prompt + max_prefill) * n - next_row)
+            rows = np.arange(next_row, next_row + take)
+            next_row += take
+            # Each distinct prompt of these rows is prefilled once; the batch size is a power of
+            # two (times the batch shards) so that few shapes compile.
+            prompt_ids, source = np.unique(rows // n, return_inverse=True)
+            batch = -(-(1 << (len(prompt_ids) - 1).bit_length()) // shards) * shards
+            prompt_ids = np.concatenate([prompt_ids, np.full(batch - len(prompt_ids), prompt_ids[0])])
+            source_K = np.full(num_slots, -1, np.int32)
+            source_K[free[:take]] = source
+            row_K = np.full(num_slots, num_rows, np.int32)
+            row_K[free[:take]] = rows
+            slots = _insert_jit(settings, weights, slots, prompt_tokens_BxP[prompt_ids],
+                                prompt_mask_BxP[prompt_ids], source_K, row_K)
+            active_K[free[:take]] = True
+            free = free[take:]
+        if not active_K.any():
+            break
+        refill_at = max(num_slots // _REFILL_FRACTION, 1) if next_row < num_rows else num_slots + 1
+        slots, outputs = _decode_chunk_jit(settings, weights, slots, outputs, key, budget_R, np.int32(refill_at))
+        active_K = np.array(to_host(slots.active_K))
+
+    lengths_R = outputs.lengths_R
+    samples = Samples(
+        prompt_tokens=jnp.repeat(jnp.asarray(prompt_tokens_BxP), n, axis=0),
+        prompt_mask=jnp.repeat(jnp.asarray(prompt_mask_BxP), n, axis=0),
+        tokens=outputs.tokens_RxN,
+        mask=(jnp.arange(max_new_tokens)[None] < lengths_R[:, None]).astype(jnp.int32),
+        logprobs=outputs.logprobs_RxN,
+        lengths=lengths_R,
+        eos=outputs.eos_R,
     )
-    graphdef, state = nnx.split(model)
-    samples = _generate_jit(graphdef, settings, state, prompt_tokens_BxP, prompt_mask_BxP, key)
-    rows = num_prompts * n
-    if samples.tokens.shape[0] != rows:
-        samples = jax.tree.map(lambda x: x[:rows], samples)
+    if mesh is not None:
+        # Every output on the mesh, rows over the batch axes when they divide (as the trainer's
+        # batches are), so later jitted steps need no implicit transfer.
+        rows = NamedSharding(mesh, PS(BATCH_AXES) if num_rows % shards == 0 else PS())
+        samples = jax.device_put(samples, rows)
     return samples

@@ -273,7 +273,8 @@ def _load_policy(config, workdir, mesh):
     model = models.from_pretrained(model_path, mesh=mesh, param_dtype=config.model.param_dtype,
                                    dtype=config.model.dtype, remat=config.model.remat,
                                    remat_policy=config.model.remat_policy,
-                                   attention=config.model.attention)
+                                   attention=config.model.attention,
+                                   unroll_layers=config.model.unroll_layers)
     tokenizer = models.load_tokenizer(model_path)
     eos_ids = models.eos_token_ids(model_path, tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
@@ -416,7 +417,7 @@ def rollout(setup: Setup, state, prompts: data.Batch, sample_key):
         nnx.merge(setup.graphdef, state["params"], setup.rest), prompts.prompts,
         max_new_tokens=smp.max_new_tokens, temperature=smp.temperature, top_p=smp.top_p,
         top_k=smp.top_k, eos_token_ids=setup.eos_ids, seed=sample_key, n=rl.group_size,
-        pad_id=setup.pad_id, mesh=setup.mesh)
+        pad_id=setup.pad_id, mesh=setup.mesh, **sampling.engine_settings(smp))
     # The completion text is all the host needs from the samples.
     tokens_BxN, lengths_B = sharding.to_host((samples.tokens, samples.lengths))
     t1 = time.time()

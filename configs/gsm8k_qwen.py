@@ -2,7 +2,7 @@ r"""GSM8K with Qwen2.5-0.5B-Instruct and CFPO: one GPU (24 GB+) or a Colab TPU (
 
 Launch:
   python -m cfpo_jax.train --config=configs/gsm8k_qwen.py --workdir=runs/gsm8k_qwen
-  python -m cfpo_jax.train --config=configs/gsm8k_qwen.py:1.5b   # Qwen2.5-1.5B-Instruct, 40 GB+
+  python -m cfpo_jax.train --config=configs/gsm8k_qwen.py:1.5b   # Qwen2.5-1.5B-Instruct, 48 GB+
 Colab TPU: see launch/colab.md (install, then the same command).
 
 Expected run time on one H100 (an estimate, not yet measured end to end): ≈ 15 s per RL step,
@@ -12,15 +12,35 @@ tokens (262k tokens at the 37.8k tokens/s benchmarks/README.md measured for this
 (≈ 2e15 FLOPs, ≈ 7 s at ~300 TFLOP/s); a greedy evaluation of 500 problems every 25 steps ≈ 10 s.
 A Colab TPU is slower: count several times that.
 
+Memory of the learner on one device, measured from XLA's compiled program (benchmarks/memory.py:
+the trainer's update and old-logprob pass AOT-compiled with abstract inputs; GB = 1e9 bytes; see
+benchmarks/README.md, 2026-11-23): update peak 0.5b 18.8 GB, 1.5b 41.0 GB at the micro-batch of 8
+(at 32, the earlier setting, 43.1 and 67.1 GB: too much for a 24 GB card); old-logprob pass 5.0 and
+9.6 GB. Upper bounds for attention: the CPU compile materialises [T, T] scores that the GPU/TPU
+kernels do not. The rollout's own memory (the sampler's KV cache, next to the resident params and
+Adam moments) is not in these figures.
+
+Sampling memory (one GPU; cfpo_jax.sampling): the 64 × 8 = 512 rows of a step decode at once
+(sampling.max_concurrent = 512, the whole rollout) for 0.5b; each slot holds keys and values for
+768 cache columns (256-token prompt bucket + 512 new, rounded up to 128) = 2 × layers × 2 kv
+heads × 768 × head dim × 2 bytes (bf16). Weights: fp32 master + Adam = params × 12 bytes, and the
+bf16 copy gathered once per rollout = params × 2 bytes:
+  size  params  master+Adam  bf16 copy  KV per slot  slots  KV cache  total
+  0.5b  0.49B     5.9 GB      1.0 GB      9.4 MB      512    4.8 GB   ~12 GB (+ 0.3 GB logits) of 24
+  1.5b  1.54B    18.5 GB      3.1 GB     22.0 MB      256    5.6 GB   ~27 GB (+ 0.2 GB logits) of 40
+Figures computed from the shapes (cfpo_jax.sampling.kv_bytes_per_slot), not measured on a GPU yet.
+
 Numbers: CFPO ε = 0.2, β = 0, GRPO advantages as in the paper; GSM8K train / test with the
 `#### <answer>` preset; prompt 256 and response 512 tokens (GSM8K questions are short and
 solutions rarely exceed 300 tokens); learning rate 1e-6 as verl's GSM8K GRPO examples; 64 prompts
-× 8 samples per step, 2 minibatches (batch ratio 2) to fit one accelerator.
+× 8 samples per step, 2 minibatches (batch ratio 2) and micro-batches of 8 sequences to fit one
+accelerator (memory above).
 """
 
 from cfpo_jax.config import base_config
 
 MODELS = {"0.5b": "Qwen/Qwen2.5-0.5B-Instruct", "1.5b": "Qwen/Qwen2.5-1.5B-Instruct"}
+MAX_CONCURRENT = {"0.5b": 512, "1.5b": 256}  # rows decoded at once: memory in the docstring
 
 
 def get_config(arg: str = "0.5b"):
@@ -42,6 +62,7 @@ def get_config(arg: str = "0.5b"):
     c.sampling.max_prompt_len = 256
     c.sampling.max_new_tokens = 512
     c.sampling.temperature = 1.0
+    c.sampling.max_concurrent = MAX_CONCURRENT[arg]
 
     c.rewards.fns = ("gsm8k",)
     c.rewards.weights = (1.0,)
@@ -59,7 +80,7 @@ def get_config(arg: str = "0.5b"):
     c.rl.group_size = 8
     c.rl.num_epochs = 1
     c.rl.num_minibatches = 2
-    c.rl.micro_batch_size = 32
+    c.rl.micro_batch_size = 8
     c.rl.beta = 0.0
 
     c.optim.lr = 1e-6

@@ -18,6 +18,30 @@ for the longer cache, so ≈ 65 s over 8 GPUs) and then runs one logprob forward
 forward/backward over 10.5M tokens (≈ 1.6e17 FLOPs at ~300 TFLOP/s per GPU ≈ 65 s); the
 evaluation every 10 steps adds ≈ 1.5 min (1.5b).
 
+Memory per device of the learner, measured from XLA's compiled program (benchmarks/memory.py:
+the trainer's update and old-logprob pass AOT-compiled with abstract inputs on 8 fake CPU devices,
+8-way FSDP; GB = 1e9 bytes; see benchmarks/README.md, 2026-11-23): update peak 1.5b 40.8 GB
+(micro-batch 64), 3b 32.4 GB (32), 7b 41.2 GB (16: 11.4 GB params + Adam moments, 29.8 GB
+temporaries); old-logprob pass 20.9 / 13.4 / 14.0 GB. All fit 80 GB. Upper bounds for attention:
+the CPU compile materialises [T, T] scores that the GPU/TPU kernels do not. The rollout's own
+memory (the sampler's KV cache, next to the resident params and Adam moments) is not in these
+figures.
+
+Sampling memory per GPU (8-way FSDP, tensor = 1; sampling.max_concurrent rows over the 8 GPUs,
+so max_concurrent / 8 slots each; cfpo_jax.sampling): every slot holds keys and values for
+2,048 cache columns (1,024-token prompt bucket + 1,024 new, rounded up to the Pallas kernel's 128)
+= 2 × layers × kv heads × 2,048 × 128 × 2 bytes (bf16); the weights are gathered once per rollout
+into a bf16 copy (params × 2 bytes) beside the fp32 master shard and Adam moments (params × 12 / 8):
+  size  params  master+Adam  bf16 copy  KV per slot  slots/GPU  KV cache  prefill*  total
+  1.5b  1.54B     2.3 GB      3.1 GB     58.7 MB       512     30.1 GB   ~2 GB    ~38 GB of 80
+  3b    3.09B     4.6 GB      6.2 GB     75.5 MB       512     38.7 GB   ~3 GB    ~53 GB of 80
+  7b    7.62B    11.4 GB     15.2 GB    117.4 MB       256     30.1 GB   ~5 GB    ~62 GB of 80
+  (* the prefill of ≤ 16 prompts of 1,024 tokens at a time: one layer's float32 attention scores,
+  16 × heads × 1,023² × 4 bytes, plus its MLP activations; decode logits are 0.6 MB per slot.)
+The rollout of 640 rows per GPU runs through those slots (continuous batching); with the slots of
+all 640 rows at once the 7b KV cache alone would be 75 GB. Figures computed from the shapes
+(cfpo_jax.sampling.kv_bytes_per_slot), not measured on a GPU yet.
+
 Where the numbers come from:
   * CFPO with ε = 0.2, β = 0 (no reference model), group-relative (GRPO) advantages, token-mean
     aggregation: the paper (arXiv 2601.22801, reasoning setting).
@@ -33,9 +57,9 @@ Where the numbers come from:
 from cfpo_jax.config import base_config
 
 SIZES = {
-    "1.5b": dict(path="Qwen/Qwen2.5-1.5B-Instruct", micro_batch_size=64),
-    "3b": dict(path="Qwen/Qwen2.5-3B-Instruct", micro_batch_size=32),
-    "7b": dict(path="Qwen/Qwen2.5-7B-Instruct", micro_batch_size=16),
+    "1.5b": dict(path="Qwen/Qwen2.5-1.5B-Instruct", micro_batch_size=64, max_concurrent=4096),
+    "3b": dict(path="Qwen/Qwen2.5-3B-Instruct", micro_batch_size=32, max_concurrent=4096),
+    "7b": dict(path="Qwen/Qwen2.5-7B-Instruct", micro_batch_size=16, max_concurrent=2048),
 }
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -69,6 +93,7 @@ def get_config(arg: str = "1.5b"):
     c.sampling.temperature = 1.0
     c.sampling.top_p = 1.0
     c.sampling.top_k = 0
+    c.sampling.max_concurrent = size["max_concurrent"]  # over 8 GPUs; memory above
 
     c.rewards.fns = ("math",)
     c.rewards.weights = (1.0,)

@@ -157,6 +157,7 @@ def get_config():
     c.data.batch_size = 4
     c.sampling.max_prompt_len = 64
     c.sampling.max_new_tokens = 6
+    c.sampling.max_concurrent = 3  # 4 prompts x up to 2 samples through 3 slots
     c.rewards.num_workers = 1
     c.eval.sources = ("synthetic:arithmetic", "jsonl:{gsm8k}")
     c.eval.num_samples = 2

@@ -3,6 +3,9 @@ against numpy (top-k / top-p allowed sets on a fixed distribution), and against 
 invariances (seeds, batching, sharding, compile cache)."""
 
 import functools
+import os
+import subprocess
+import sys
 
 import hf_fixtures
 import jax
@@ -13,7 +16,7 @@ import torch
 from flax import nnx
 
 from cfpo_jax import sampling
-from cfpo_jax.models import ModelConfig, from_pretrained, sequence_logprobs
+from cfpo_jax.models import ModelConfig, Transformer, from_pretrained, sequence_logprobs
 from cfpo_jax.sharding import make_mesh
 
 EOS = 2  # the fixtures' <|im_end|>
@@ -32,7 +35,7 @@ def make_prompts(lengths=LENGTHS, seed=0):
     return [rng.integers(3, hf_fixtures.VOCAB_SIZE, n).tolist() for n in lengths]
 
 
-def transformers_greedy(ref, prompts, max_new_tokens):
+def transformers_greedy(ref, prompts, max_new_tokens, eos_token_id=EOS):
     """transformers' greedy generate on the left-padded batch, padded to max_new_tokens columns."""
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
@@ -40,7 +43,7 @@ def transformers_greedy(ref, prompts, max_new_tokens):
     with torch.no_grad():
         out = ref.generate(
             ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
-            eos_token_id=EOS, pad_token_id=0,
+            eos_token_id=eos_token_id, pad_token_id=0,
         )
     new = out[:, width:].numpy()
     return np.pad(new, ((0, 0), (0, max_new_tokens - new.shape[1])))
@@ -142,10 +145,10 @@ def test_new_prompt_lengths_in_the_bucket_reuse_the_compiled_sampler(checkpoint)
     _, model, _ = checkpoint
     run = functools.partial(sampling.generate, model, max_new_tokens=NEW, temperature=0, eos_token_ids=EOS)
     run(make_prompts((9, 16, 10)))
-    compiled = sampling._generate_jit._cache_size()
+    compiled = sampling._insert_jit._cache_size(), sampling._decode_chunk_jit._cache_size()
     samples = run(make_prompts((12, 10, 15)))
     assert samples.prompt_tokens.shape == (3, 16)
-    assert sampling._generate_jit._cache_size() == compiled
+    assert (sampling._insert_jit._cache_size(), sampling._decode_chunk_jit._cache_size()) == compiled
 
 
 def test_sharded_params_and_batch_give_the_unsharded_samples(checkpoint):
@@ -153,36 +156,149 @@ def test_sharded_params_and_batch_give_the_unsharded_samples(checkpoint):
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     sharded = from_pretrained(directory, mesh=mesh)
     assert len(sharded.blocks.mlp.up_kernel[...].sharding.device_set) == 8
-    prompts = make_prompts()  # 3 prompts: padded to 4 rows for the 4-way batch split
+    prompts = make_prompts()
     plain = sampling.generate(model, prompts, max_new_tokens=NEW, temperature=0, eos_token_ids=EOS)
     split = sampling.generate(sharded, prompts, max_new_tokens=NEW, temperature=0, eos_token_ids=EOS, mesh=mesh)
     np.testing.assert_array_equal(split.tokens, plain.tokens)
     np.testing.assert_allclose(split.logprobs, plain.logprobs, atol=1e-5)
     assert split.tokens.shape == (3, NEW)
+    # Continuous batching on the mesh: 4 slots (one per batch shard) for 9 rows, rows of
+    # different lengths (many EOS ids), against one device decoding every row at once.
+    kwargs = dict(max_new_tokens=24, temperature=1.0, eos_token_ids=MANY_EOS, n=3, seed=5)
+    plain = sampling.generate(model, prompts, **kwargs)
+    split = sampling.generate(sharded, prompts, **kwargs, mesh=mesh, max_concurrent=4)
+    assert len(set(np.asarray(plain.lengths).tolist())) > 2
+    np.testing.assert_array_equal(split.tokens, plain.tokens)
+    np.testing.assert_array_equal(split.lengths, plain.lengths)
+    np.testing.assert_allclose(split.logprobs, plain.logprobs, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- continuous batching
+
+MANY_EOS = tuple(range(2, 12))  # ~4% of the vocabulary: rows end at very different steps
+
+
+def test_results_do_not_depend_on_max_concurrent(checkpoint):
+    _, model, _ = checkpoint
+    prompts = make_prompts((5, 11, 3, 7, 1), seed=2)
+    kwargs = dict(max_new_tokens=32, temperature=1.0, eos_token_ids=MANY_EOS, n=2, seed=9)
+    runs = {k: sampling.generate(model, prompts, **kwargs, max_concurrent=k) for k in (1, 3, 8, None)}
+    reference = runs.pop(None)  # the budget's default: every row at once
+    lengths = np.asarray(reference.lengths)
+    assert lengths.min() < 10 and lengths.max() > 25, lengths  # very different lengths in one call
+    for k, s in runs.items():
+        np.testing.assert_array_equal(s.tokens, reference.tokens, err_msg=f"max_concurrent={k}")
+        np.testing.assert_array_equal(s.mask, reference.mask, err_msg=f"max_concurrent={k}")
+        np.testing.assert_array_equal(s.eos, reference.eos, err_msg=f"max_concurrent={k}")
+        np.testing.assert_allclose(s.logprobs, reference.logprobs, atol=1e-5, err_msg=f"max_concurrent={k}")
+
+
+def test_greedy_matches_transformers_through_refilled_slots(checkpoint):
+    """Two slots for five prompts of different lengths whose rows stop at different steps: every
+    row after the first two goes into a slot another row has used."""
+    _, model, ref = checkpoint
+    prompts = make_prompts((5, 11, 3, 9, 2), seed=4)
+    free = transformers_greedy(ref, prompts, 16)
+    # EOS ids that end row 0 after 3 tokens and row 3 after 7 (rows stop at their first hit).
+    eos_ids = (EOS, int(free[0, 2]), int(free[3, 6]))
+    expected = transformers_greedy(ref, prompts, 16, eos_token_id=list(eos_ids))
+    s = sampling.generate(model, prompts, max_new_tokens=16, temperature=0, eos_token_ids=eos_ids,
+                          max_concurrent=2)
+    np.testing.assert_array_equal(np.asarray(s.tokens), expected)
+    assert len(set(np.asarray(s.lengths).tolist())) >= 2
+    assert s.lengths[0] <= 3 and s.lengths[3] <= 7
+
+
+def test_per_prompt_budgets_cut_each_row(checkpoint):
+    _, model, _ = checkpoint
+    prompts = make_prompts()
+    kwargs = dict(temperature=1.0, eos_token_ids=MANY_EOS, n=2, seed=4, max_concurrent=3)
+    full = sampling.generate(model, prompts, max_new_tokens=20, **kwargs)
+    budgets = np.array([3, 20, 9])
+    cut = sampling.generate(model, prompts, max_new_tokens=budgets, **kwargs)
+    assert cut.tokens.shape == (6, 20)
+    full_len, budget_R = np.asarray(full.lengths), np.repeat(budgets, 2)
+    np.testing.assert_array_equal(cut.lengths, np.minimum(full_len, budget_R))
+    np.testing.assert_array_equal(cut.eos, np.asarray(full.eos) & (full_len <= budget_R))
+    keep = np.arange(20)[None] < np.asarray(cut.lengths)[:, None]
+    np.testing.assert_array_equal(np.where(keep, cut.tokens, -1), np.where(keep, full.tokens, -1))
+    assert np.all(np.asarray(cut.tokens)[~keep] == 0) and np.all(np.asarray(cut.logprobs)[~keep] == 0)
+    with pytest.raises(ValueError, match="2 budgets for 3 prompts"):
+        sampling.generate(model, prompts, max_new_tokens=[4, 5])
+
+
+def test_default_concurrency_comes_from_the_cache_budget(capsys):
+    config = ModelConfig(model_type="qwen2", vocab_size=32, hidden_size=32, intermediate_size=32,
+                         num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16, dtype="float32")
+    per_slot = 2 * 2 * 2 * 100 * 16 * 4  # k and v, layers, kv heads, slots, head dim, float32
+    assert sampling.kv_bytes_per_slot(config, 100) == per_slot
+    assert sampling.slots_for_budget(config, 100, 1e-3) == 10**6 // per_slot
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)  # kv heads split in two, 4 batch shards
+    assert sampling.slots_for_budget(config, 100, 1e-3, mesh) == 4 * (10**6 // (per_slot // 2))
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    prompts = [[1, 2, 3]] * 7
+    s = sampling.generate(model, prompts, max_new_tokens=61, kv_cache_gb=3 * 2 * 2 * 2 * 64 * 16 * 4 / 1e9)
+    assert "sampling: 3 rows at a time (kv_cache_gb=" in capsys.readouterr().out
+    assert s.tokens.shape == (7, 61)
+
+
+MEMORY_SCRIPT = """
+import sys
+import numpy as np
+from flax import nnx
+from cfpo_jax import sampling
+from cfpo_jax.models import ModelConfig, Transformer
+rows, k = int(sys.argv[1]), int(sys.argv[2])
+# A small model with a large per-row cache: 8 kv heads x 128 dims, float32.
+config = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=64,
+                     num_layers=2, num_heads=8, num_kv_heads=8, head_dim=128, dtype="float32")
+model = Transformer(config, rngs=nnx.Rngs(0))
+prompts = np.random.default_rng(0).integers(0, 64, (rows, 8)).tolist()
+# Half the vocabulary ends a row: rows are ~2 tokens long, so 512 of them decode in seconds, while
+# each slot still holds 128 cache columns.
+s = sampling.generate(model, prompts, max_new_tokens=121, max_concurrent=k, seed=1, eos_token_ids=range(32))
+assert int(s.lengths.max()) > 4
+# VmHWM: this process's peak resident memory (ru_maxrss would carry the forking parent's peak).
+print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads peak memory from Linux /proc")
+def test_peak_memory_is_bounded_by_the_slots_not_the_rows():
+    def peak_bytes(rows, k):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, str(rows), str(k)], env=env,
+                             capture_output=True, text=True, check=True).stdout
+        return int(out.strip().splitlines()[-1])
+
+    few, many = peak_bytes(32, 32), peak_bytes(512, 32)
+    # The test can fail: 512 rows' caches would add 16x the 32 rows' (k and v x 2 layers x 8 heads
+    # x 128 cache columns x 128 dims x 4 bytes = 2.1 MB per row: 67 MB for 32 rows, 1.07 GB for
+    # 512), more than the whole 32-row process.
+    per_row = 2 * 2 * 8 * 128 * 128 * 4
+    assert 480 * per_row > 1.0 * few
+    assert many <= 1.3 * few, (many / 2**20, few / 2**20)
 
 
 # ----------------------------------------------------------------------------- a fixed distribution
 
 PROBS = np.array([0.3, 0.2, 0.15, 0.1, 0.08, 0.06, 0.04, 0.03, 0.02, 0.01, 0.006, 0.004])
-TRACED_SHAPES = []
 
 
-class FixedLogits(nnx.Module):
-    """Test double: the same next-token logits at every position; records the token shapes that
-    `forward_cached` is traced with."""
-
-    def __init__(self, logits_V):
-        vocab = len(logits_V)
-        self.config = ModelConfig(
-            model_type="qwen2", vocab_size=vocab, hidden_size=8, intermediate_size=8, num_layers=1,
-            num_heads=1, num_kv_heads=1, head_dim=4,
-        )
-        self.logits_V = nnx.Variable(jnp.asarray(logits_V, jnp.float32))
-
-    def forward_cached(self, tokens_BxT, positions_BxT, cache, kv_mask_BxS, write_index):
-        TRACED_SHAPES.append(tokens_BxT.shape)
-        B, T = tokens_BxT.shape
-        return jnp.broadcast_to(self.logits_V[...], (B, T, self.config.vocab_size)), cache
+def fixed_logits_model(logits_V):
+    """A real Transformer whose next-token logits are `logits_V` at every position: every token
+    embeds to the same vector (ones), the blocks add nothing (zero output projections), and the
+    head's column v is logits_V[v] / D, so that final-norm(ones) @ head = logits_V."""
+    vocab, width = len(logits_V), 8
+    config = ModelConfig(model_type="qwen2", vocab_size=vocab, hidden_size=width, intermediate_size=8,
+                         num_layers=1, num_heads=1, num_kv_heads=1, head_dim=4, dtype="float32",
+                         tie_embeddings=False, rms_norm_eps=0.0)
+    model = Transformer(config, rngs=nnx.Rngs(0))
+    model.embedding[...] = jnp.ones((vocab, width))
+    model.blocks.attn.o_kernel[...] = jnp.zeros_like(model.blocks.attn.o_kernel[...])
+    model.blocks.mlp.down_kernel[...] = jnp.zeros_like(model.blocks.mlp.down_kernel[...])
+    model.lm_head[...] = jnp.broadcast_to(jnp.asarray(logits_V, jnp.float32) / width, (width, vocab))
+    return model
 
 
 def allowed_distribution(temperature, top_k, top_p):
@@ -204,7 +320,7 @@ def allowed_distribution(temperature, top_k, top_p):
 )
 def test_top_k_top_p_sample_only_the_allowed_set(temperature, top_k, top_p):
     expected, log_probs = allowed_distribution(temperature, top_k, top_p)
-    model = FixedLogits(np.log(PROBS))
+    model = fixed_logits_model(np.log(PROBS))
     s = sampling.generate(
         model, [[0]] * 512, max_new_tokens=8, temperature=temperature, top_k=top_k, top_p=top_p, seed=11
     )
@@ -216,14 +332,36 @@ def test_top_k_top_p_sample_only_the_allowed_set(temperature, top_k, top_p):
     np.testing.assert_allclose(np.asarray(s.logprobs).ravel(), log_probs[tokens], atol=1e-5)
 
 
-def test_n_samples_prefill_each_prompt_once():
-    TRACED_SHAPES.clear()
-    model = FixedLogits(np.log(PROBS))
+def test_n_samples_prefill_each_prompt_once(monkeypatch):
+    from cfpo_jax.models import decoding
+
+    traced = []
+    prefill = decoding.prefill
+    monkeypatch.setattr(decoding, "prefill", lambda w, t, m: traced.append(t.shape) or prefill(w, t, m))
+    model = fixed_logits_model(np.log(PROBS))
     s = sampling.generate(model, [[3, 4], [5, 6, 7, 8]], max_new_tokens=5, n=3, seed=1)
-    # Two prompts padded to 4: one prefill of 2 rows x 3 columns, then 6-row decode steps.
-    assert set(TRACED_SHAPES) == {(2, 3), (6, 1)}
+    # Two prompts padded to 4, six rows in six slots: one prefill of 2 rows x 3 columns.
+    assert traced == [(2, 3)]
     assert s.tokens.shape == (6, 5)
     np.testing.assert_array_equal(s.prompt_tokens, np.repeat([[0, 0, 3, 4], [5, 6, 7, 8]], 3, axis=0))
+    np.testing.assert_array_equal(s.prompt_mask, np.repeat([[0, 0, 1, 1], [1, 1, 1, 1]], 3, axis=0))
+
+
+def test_prefill_batches_are_capped_and_rows_stay_in_order(checkpoint, monkeypatch):
+    from cfpo_jax.models import decoding
+
+    _, model, _ = checkpoint
+    prompts = make_prompts((3, 4, 2), seed=6)
+    kwargs = dict(max_new_tokens=7, temperature=1.0, n=2, seed=3)
+    whole = sampling.generate(model, prompts, **kwargs)
+    traced = []
+    prefill = decoding.prefill
+    monkeypatch.setattr(decoding, "prefill", lambda w, t, m: traced.append(t.shape) or prefill(w, t, m))
+    monkeypatch.setattr(sampling, "_PREFILL_TOKENS", 4)  # one prompt of the 4-token bucket per call
+    capped = sampling.generate(model, prompts, **kwargs)
+    assert traced == [(1, 3)]  # one prompt per prefill (traced once, called three times)
+    np.testing.assert_array_equal(capped.tokens, whole.tokens)
+    np.testing.assert_allclose(capped.logprobs, whole.logprobs, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -236,13 +374,72 @@ def test_n_samples_prefill_each_prompt_once():
         (dict(n=0), "samples per prompt"),
         (dict(eos_token_ids=(12,)), "eos_token_ids"),
         (dict(prompt_bucket=1), "prompt_bucket"),
+        (dict(max_concurrent=0), "max_concurrent"),
+        (dict(kv_cache_gb=0.0), "kv_cache_gb"),
+        (dict(attention="flash"), "decode attention"),
     ],
 )
 def test_bad_arguments_name_the_value(kwargs, message):
-    model = FixedLogits(np.log(PROBS))
+    model = fixed_logits_model(np.log(PROBS))
     with pytest.raises(ValueError, match=message):
         sampling.generate(model, [[1, 2]], **{"max_new_tokens": 4, **kwargs})
     with pytest.raises(ValueError, match="empty"):
         sampling.generate(model, [[1], []], max_new_tokens=4)
     with pytest.raises(ValueError, match="outside the vocabulary"):
         sampling.generate(model, [[1, 99]], max_new_tokens=4)
+
+
+def test_decode_step_neither_copies_a_layer_cache_nor_gathers_weights():
+    """The compiled decode chunk on a data x fsdp x tensor mesh, with FSDP-sharded parameters:
+    no copy or slice of a layer's cache (the old stacked cache was sliced per layer per step),
+    and no all-gather as large as a layer's smallest weight (the weights were gathered once,
+    before the loop)."""
+    import re
+
+    from cfpo_jax.models import decoding
+    from cfpo_jax.sharding import shard_model
+
+    config = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=64, intermediate_size=64,
+                         num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, dtype="float32")
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    model = shard_model(Transformer(config, rngs=nnx.Rngs(0)), mesh)
+    settings = sampling._Settings(max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(1,),
+                                  pad_id=0, prompt_len=8, mesh=mesh, attention="einsum")
+    weights = decoding.gather_weights(model, mesh)
+    slots, outputs = sampling._init_jit(settings, config, 8, 27, 16)
+    hlo = sampling._decode_chunk_jit.lower(
+        settings, weights, slots, outputs, jax.random.key(0), np.full(16, 20, np.int32), np.int32(3)
+    ).compile().as_text()
+    smallest_weight = 64 * 4 * 16 // 2 // 2  # q_kernel [D, N, H] split over fsdp and tensor
+    gathered, cache_copies = [], []
+    for dims, op in re.findall(r"= [a-z0-9]+\[([0-9,]*)\]\S* (all-gather|copy|dynamic-slice)\(", hlo):
+        shape = [int(d) for d in dims.split(",") if d]
+        if op == "all-gather":
+            gathered.append(int(np.prod(shape or [1])))
+        elif 27 in shape:  # 27 cache columns: a layer's cache, or a slice over its columns
+            cache_copies.append((op, shape))
+    assert gathered, "the mesh run gathers the per-step token columns, so the pattern must match"
+    assert max(gathered) < smallest_weight, gathered
+    assert not cache_copies, cache_copies
+
+
+def test_decode_chunk_writes_the_cache_in_place():
+    """With the slots donated, the compiled decode loop aliases every layer's cache to its output,
+    and its scratch memory stays below one layer's keys (no copy of a layer's cache)."""
+    from cfpo_jax.models import decoding
+
+    config = ModelConfig(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
+                         num_heads=4, num_kv_heads=2, head_dim=8, dtype="float32")
+    model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    block_graphdef, _ = nnx.split(model.blocks)
+    weights = jax.eval_shape(functools.partial(decoding._gather, graphdef, block_graphdef, None, "float32"), state)
+    settings = sampling._Settings(max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(1,),
+                                  pad_id=0, prompt_len=8, mesh=None, attention="einsum")
+    slots, outputs = jax.eval_shape(functools.partial(sampling._init, settings, config, 2, 4096, 8))
+    budget = jax.ShapeDtypeStruct((8,), jnp.int32)
+    memory = sampling._decode_chunk_jit.lower(
+        settings, weights, slots, outputs, jax.random.key(0), budget, np.int32(1)).compile().memory_analysis()
+    layer_keys = 2 * 2 * 4096 * 8 * 4  # slots x kv heads x columns x head dim x float32
+    assert memory.alias_size_in_bytes >= 2 * 4 * layer_keys  # keys and values of the 4 layers
+    assert memory.temp_size_in_bytes < layer_keys, memory.temp_size_in_bytes

@@ -403,3 +403,38 @@ def test_trainer_variants_agree_on_one_and_eight_devices(tmp_path, name, overrid
         assert int(result["state"]["skipped_updates"]) == 0
     assert np.all(np.isfinite(results[1]))
     np.testing.assert_allclose(results[8], results[1], rtol=rtol, atol=1e-5)
+
+
+def test_model_remat_reaches_the_update_and_cuts_its_compiled_memory(tmp_path):
+    """`config.model.remat` / `remat_policy` reach the trainer's model: XLA's compiled temporary
+    memory of the trainer's update (abstract state and batch, one device) drops with remat by at
+    least the float32 [B, heads, T, T] attention probabilities every layer keeps without it."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from cfpo_jax import sharding
+
+    B, P, N = 8, 128, 128
+
+    def temp_bytes(**model):
+        config = tiny(model__tiny__num_layers=4, **model)
+        mesh = sharding.make_mesh(devices=jax.devices()[:1])
+        policy, *_ = train._load_policy(config, str(tmp_path), mesh)
+        assert (policy.config.remat, policy.config.remat_policy) == (config.model.remat, config.model.remat_policy)
+        graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
+        tx, schedule = train.make_optimizer(config.optim, 10)
+        _, state = train.create_state(params, tx, mesh, seed=0, beta=0.0)
+        batch = dict(tokens=jax.ShapeDtypeStruct((B, P + N), jnp.int32),
+                     attn=jax.ShapeDtypeStruct((B, P + N), jnp.int32),
+                     mask=jax.ShapeDtypeStruct((B, N), jnp.float32), adv=jax.ShapeDtypeStruct((B,), jnp.float32),
+                     old_logp=jax.ShapeDtypeStruct((B, N), jnp.float32))
+        update = jax.jit(train.make_update(graphdef, rest, tx, schedule, config.rl, temperature=1.0,
+                                           max_len=N, micro_batch_size=0))
+        return update.lower(state, batch).compile().memory_analysis().temp_size_in_bytes, policy.config
+
+    off, model_config = temp_bytes(model__remat=False)
+    full, _ = temp_bytes(model__remat=True, model__remat_policy="full")
+    dots, _ = temp_bytes(model__remat=True, model__remat_policy="dots_with_no_batch_dims")
+    probs_bytes = model_config.num_layers * B * model_config.num_heads * (P + N) ** 2 * 4
+    assert off - full >= probs_bytes, (off, full)
+    assert full < dots < off, (full, dots, off)

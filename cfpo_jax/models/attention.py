@@ -21,8 +21,26 @@ without special cases: cuDNN gets `is_causal` plus a key-padding bias, splash ge
 (padding 0, real 1), einsum a boolean mask. GQA (num_heads a multiple of num_kv_heads) is native in
 all three; the fused kernels never repeat keys/values per query head.
 
-`masked_attention` is the einsum reference for any [B, T, S] mask; the decode step reads the KV
-cache with it.
+`masked_attention` is the einsum reference for any [B, T, S] mask; `Transformer.forward_cached`
+reads its stacked KV cache with it.
+
+Decode attention (`decode_attention`) is what the sampler's decode step runs: one new query per
+row over that row's valid cache slots. The sampler keeps one KV buffer per layer, `[B, K, S, H]`
+(rows, kv heads, slots, head dim; `models.decoding.SlotCache`); row b's valid keys are the slots
+`[start_B[b], end_B[b])` (its left-padded prompt, then the tokens decoded so far):
+
+| implementation | where               | kernel                                                          |
+|----------------|---------------------|-----------------------------------------------------------------|
+| "einsum"       | CPU, TPU; reference | masked einsum over all S slots of the layer's buffer, read in place (no copy) |
+| "pallas"       | GPU (CPU: interpret)| jax's Pallas/Triton flash-decoding kernel (`pallas.ops.gpu.decode_attention`), reading only the 64-slot blocks that overlap a row's valid range |
+| "auto"         | everywhere (default)| "pallas" on GPU, else "einsum"                                  |
+
+The Pallas kernel is vmapped over rows and kv heads on the buffer as it lies. jax's own `gqa`
+wrapper takes `[B, S, K, H]` and transposes it to heads-first, a whole-layer copy per step; hence
+the heads-first layout and the direct call of its unbatched kernel here. It needs S to be a
+multiple of `DECODE_SLOT_ALIGN` (the sampler rounds its cache up). TPU has ragged/paged kernels in
+jax (`pallas.ops.tpu.ragged_paged_attention`) but they want a paged `[K, pages, page, H]` layout
+of the whole cache; wiring them waits for a TPU to test on, so TPU runs "einsum" today.
 
 Notes on the fused paths:
 * cuDNN takes the key-padding mask as a [B, 1, T, S] bias in the compute dtype (it has no
@@ -45,6 +63,8 @@ import jax.numpy as jnp
 from cfpo_jax.models.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 
 _SPLASH_BLOCK = 128
+DECODE_IMPLEMENTATIONS = ("auto", "einsum", "pallas")
+DECODE_SLOT_ALIGN = 128  # the Pallas decode kernel splits the slots into blocks of 128
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 
 
@@ -165,3 +185,59 @@ def _splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxT):
     out_BxNxTxH = per_shard(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_BxT)
     return out_BxNxTxH.transpose(0, 2, 1, 3)[:, :T]
 
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+def resolve_decode(implementation: str, platform: str | None = None) -> str:
+    """The decode kernel that runs: `implementation`, or for "auto" "pallas" on GPU else "einsum"."""
+    if implementation not in DECODE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"decode attention implementation {implementation!r}; valid: {', '.join(DECODE_IMPLEMENTATIONS)}")
+    platform = platform or jax.default_backend()
+    if implementation == "auto":
+        return "pallas" if platform == "gpu" else "einsum"
+    if implementation == "pallas" and platform not in ("gpu", "cpu"):
+        raise ValueError(f"decode attention 'pallas' needs a GPU (or CPU interpret mode); got platform {platform!r}")
+    return implementation
+
+
+def decode_attention(q_BxNxH, k_BxKxSxH, v_BxKxSxH, start_B, end_B, *, implementation: str = "auto"):
+    """softmax(q·k / sqrt(H)) · v over slots [start_B[b], end_B[b]) of row b, grouped-query
+    (query head n reads kv head n // (N / K)), float32 softmax. q [B, N, H]; k/v [B, K, S, H] in
+    the cache dtype, read in place. Returns [B, N, H] in q's dtype. Needs end > start per row."""
+    if resolve_decode(implementation) == "pallas":
+        return _pallas_decode(q_BxNxH, k_BxKxSxH, v_BxKxSxH, start_B, end_B)
+    B, N, H = q_BxNxH.shape
+    K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
+    q_BxKxGxH = q_BxNxH.reshape(B, K, N // K, H)
+    scores_BxKxGxS = jnp.einsum(
+        "bkgh,bksh->bkgs", q_BxKxGxH, k_BxKxSxH.astype(q_BxNxH.dtype), preferred_element_type=jnp.float32
+    ) * (H**-0.5)
+    slot_S = jnp.arange(S)
+    valid_BxS = (slot_S[None] >= start_B[:, None]) & (slot_S[None] < end_B[:, None])
+    scores_BxKxGxS = jnp.where(valid_BxS[:, None, None], scores_BxKxGxS, -jnp.inf)
+    probs_BxKxGxS = jax.nn.softmax(scores_BxKxGxS, axis=-1).astype(q_BxNxH.dtype)
+    out_BxKxGxH = jnp.einsum("bkgs,bksh->bkgh", probs_BxKxGxS, v_BxKxSxH.astype(q_BxNxH.dtype))
+    return out_BxKxGxH.reshape(B, N, H)
+
+
+def _pallas_decode(q_BxNxH, k_BxKxSxH, v_BxKxSxH, start_B, end_B):
+    from jax.experimental.pallas.ops.gpu.decode_attention import decode_attn_unbatched
+
+    B, N, H = q_BxNxH.shape
+    K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
+    if S % DECODE_SLOT_ALIGN:
+        raise ValueError(f"the Pallas decode kernel needs a slot count divisible by {DECODE_SLOT_ALIGN}; got {S}")
+    # One split per 128 slots, run in parallel; a split past a row's end returns at once.
+    unbatched = functools.partial(
+        decode_attn_unbatched, sm_scale=H**-0.5, block_h=16, block_k=64, k_splits=S // DECODE_SLOT_ALIGN,
+        num_warps=None, num_stages=2, grid=None, interpret=jax.default_backend() != "gpu", debug=False,
+        return_residuals=False, normalize_output=True)
+    start_BxK = jnp.broadcast_to(start_B[:, None], (B, K)).astype(jnp.int32)
+    end_BxK = jnp.broadcast_to(end_B[:, None], (B, K)).astype(jnp.int32)
+    q_BxKxGxH = q_BxNxH.reshape(B, K, N // K, H)
+    out_BxKxGxH = jax.vmap(jax.vmap(unbatched))(
+        q_BxKxGxH, k_BxKxSxH.astype(q_BxNxH.dtype), v_BxKxSxH.astype(q_BxNxH.dtype), start_BxK, end_BxK)
+    return out_BxKxGxH.reshape(B, N, H)

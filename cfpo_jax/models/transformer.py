@@ -191,17 +191,25 @@ class Attention(nnx.Module):
             out = out + getattr(self, f"{name}_bias")[...].astype(dtype)
         return out
 
-    def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxS, cache=None, layer=None, write_index=None):
-        """Causal self-attention over this call's keys, or (with `cache`) over the cache after
-        writing this call's keys at slots [write_index, write_index + T) of `layer`: query t reads
-        slot s iff s <= write_index + t and mask_BxS[b, s] != 0. Returns (out, cache)."""
+    def qkv(self, x_BxTxD, sin_BxTxH, cos_BxTxH):
+        """Queries [B, T, N, H], keys and values [B, T, K, H], with q/k norm and RoPE applied."""
         q_BxTxNxH = self._project(x_BxTxD, "q")
         k_BxTxKxH = self._project(x_BxTxD, "k")
         v_BxTxKxH = self._project(x_BxTxD, "v")
         if self.config.qk_norm:
             q_BxTxNxH, k_BxTxKxH = self.q_norm(q_BxTxNxH), self.k_norm(k_BxTxKxH)
-        q_BxTxNxH = apply_rope(q_BxTxNxH, sin_BxTxH, cos_BxTxH)
-        k_BxTxKxH = apply_rope(k_BxTxKxH, sin_BxTxH, cos_BxTxH)
+        return apply_rope(q_BxTxNxH, sin_BxTxH, cos_BxTxH), apply_rope(k_BxTxKxH, sin_BxTxH, cos_BxTxH), v_BxTxKxH
+
+    def out(self, out_BxTxNxH):
+        """The output projection [B, T, N, H] -> [B, T, D] (with its adapter, if any)."""
+        out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_kernel[...].astype(out_BxTxNxH.dtype))
+        return _adapt(self, "o", out_BxTxNxH, out_BxTxD)
+
+    def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxS, cache=None, layer=None, write_index=None):
+        """Causal self-attention over this call's keys, or (with `cache`) over the cache after
+        writing this call's keys at slots [write_index, write_index + T) of `layer`: query t reads
+        slot s iff s <= write_index + t and mask_BxS[b, s] != 0. Returns (out, cache)."""
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = self.qkv(x_BxTxD, sin_BxTxH, cos_BxTxH)
         T = q_BxTxNxH.shape[1]
         if cache is not None:
             start = (layer, 0, write_index, 0, 0)
@@ -225,8 +233,7 @@ class Attention(nnx.Module):
             k_BxSxKxH = cache.k[layer].astype(x_BxTxD.dtype)
             v_BxSxKxH = cache.v[layer].astype(x_BxTxD.dtype)
             out_BxTxNxH = attention.masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS)
-        out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_kernel[...].astype(x_BxTxD.dtype))
-        return _adapt(self, "o", out_BxTxNxH, out_BxTxD), cache
+        return self.out(out_BxTxNxH), cache
 
 
 class MLP(nnx.Module):

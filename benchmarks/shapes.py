@@ -1,0 +1,33 @@
+"""Model shapes the benchmarks run at: Qwen2.5 sizes (config.json of the published checkpoints)
+and a tiny one for CPU smoke runs. `model_config` makes the `ModelConfig` of a shape."""
+
+from __future__ import annotations
+
+QWEN25 = dict(model_type="qwen2", qkv_bias=True, rope_theta=1e6, max_position_embeddings=32768)
+
+SHAPES = {
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
+                 num_kv_heads=2, head_dim=64, vocab_size=151936, tie_embeddings=True),
+    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
+                 num_kv_heads=2, head_dim=128, vocab_size=151936, tie_embeddings=True),
+    "3b": dict(hidden_size=2048, intermediate_size=11008, num_layers=36, num_heads=16,
+               num_kv_heads=2, head_dim=128, vocab_size=151936, tie_embeddings=True),
+    "7b": dict(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
+               num_kv_heads=4, head_dim=128, vocab_size=152064, tie_embeddings=False),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
+                 num_kv_heads=2, head_dim=16, vocab_size=512, tie_embeddings=True),
+}
+
+
+def shape_of_hub_id(path: str) -> str:
+    """'Qwen/Qwen2.5-7B-Instruct' -> '7b' (the shape of a Qwen2.5 hub id)."""
+    for name in SHAPES:
+        if f"Qwen2.5-{name.upper()}" in path:
+            return name
+    raise ValueError(f"no benchmark shape for model {path!r}; known: Qwen2.5-{{{', '.join(SHAPES)}}}")
+
+
+def model_config(shape: str, **overrides):
+    from cfpo_jax.models import ModelConfig
+
+    return ModelConfig(**QWEN25, **SHAPES[shape], **overrides)

@@ -1,0 +1,146 @@
+"""The decoder as the sampler runs it: weights gathered once into a sampling layout, a prefill of
+new rows, and one decode step over a fixed number of cache slots.
+
+* `SamplingWeights` (from `gather_weights`, once per `generate` call): every floating weight cast
+  to the compute dtype, the stacked layers split into one state per layer, and, on a mesh, laid
+  out as decoding wants them — the 'fsdp' split of `cfpo_jax.sharding.RULES` dropped (so every
+  batch shard holds whole weights and no decode step all-gathers), the 'tensor' split kept. Cost:
+  one more copy of the weights, `num_params × itemsize(dtype) / tensor` bytes per device (a 7B
+  model in bfloat16 with tensor = 1: 15.2 GB), alive for the call; the FSDP-sharded originals are
+  untouched. Separate per-layer buffers let the unrolled layer loop below read each layer's
+  weights where they lie, instead of slicing (copying) them out of the stacked arrays every step.
+* `SlotCache`: one key and one value buffer per layer, `[slots, kv_heads, S, head_dim]`. The
+  layer loop is unrolled (a Python loop, not the trainer's `lax.scan`) so each layer's buffer is
+  its own array: a decode step writes one column per slot in place and decode attention reads the
+  buffer where it lies (`cfpo_jax.models.attention.decode_attention`) — no per-layer slice of a stacked
+  cache, which copied the whole layer's cache every step (benchmarks/README.md). The price is a
+  compiled program that grows with depth (one copy of a layer per layer), as in Tunix and vLLM.
+* The maths is the trainer's: the same `Block` modules (`Attention.qkv` / `Attention.out`, MLP,
+  RMSNorm), RoPE and embedding/unembedding of `cfpo_jax.models.transformer`, and the prefill's
+  full-sequence attention is the trainer's kernel (`config.attention`); only the decode attention
+  differs in what it reads. tests/test_sampling.py checks the sampler against transformers.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as PS
+
+from cfpo_jax.models.attention import causal_attention, decode_attention
+from cfpo_jax.models.transformer import default_positions, rope_angles
+
+
+@flax.struct.dataclass
+class SamplingWeights:
+    """top: the model's state with each stacked-layer leaf replaced by a 0-d placeholder (only the
+    embedding, final norm and head are read from it); layers: one Block state per layer."""
+
+    top: nnx.State
+    layers: tuple
+    graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
+    block_graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
+
+    def model(self):
+        """The Transformer for its embedding, final norm and unembedding (its blocks are empty)."""
+        return nnx.merge(self.graphdef, self.top)
+
+    def block(self, layer: int):
+        return nnx.merge(self.block_graphdef, self.layers[layer])
+
+
+@flax.struct.dataclass
+class SlotCache:
+    """Keys and values per layer, each [slots, kv_heads, S, head_dim]."""
+
+    k: tuple
+    v: tuple
+
+
+def _sampling_spec(mesh, names, shape):
+    """The parameter's rule with 'fsdp' dropped: whole weights on every batch shard."""
+    from cfpo_jax.sharding import partition_spec
+
+    spec = partition_spec(mesh, names, shape)
+    return PS(*(None if axis == "fsdp" else axis for axis in spec))
+
+
+def _gather(graphdef, block_graphdef, mesh, dtype, state):
+    def cast(path, x):
+        x = x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        if mesh is not None:
+            names = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+            x = jax.lax.with_sharding_constraint(x, NamedSharding(mesh, _sampling_spec(mesh, names, x.shape)))
+        return x
+
+    state = jax.tree_util.tree_map_with_path(cast, state)
+    blocks = state["blocks"]
+    num_layers = jax.tree.leaves(blocks)[0].shape[0]
+    layers = tuple(jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(num_layers))
+    top = nnx.State({**{k: v for k, v in state.items() if k != "blocks"},
+                     "blocks": jax.tree.map(lambda x: jnp.zeros((), x.dtype), blocks)})
+    return SamplingWeights(top=top, layers=layers, graphdef=graphdef, block_graphdef=block_graphdef)
+
+
+_gather_jit = jax.jit(_gather, static_argnums=(0, 1, 2, 3))
+
+
+def gather_weights(model, mesh=None) -> SamplingWeights:
+    """The sampling layout of `model`'s weights (see the module doc); one jitted gather."""
+    graphdef, state = nnx.split(model)
+    block_graphdef, _ = nnx.split(model.blocks)
+    return _gather_jit(graphdef, block_graphdef, mesh, str(jnp.dtype(model.config.dtype)), state)
+
+
+def init_slot_cache(config, num_slots: int, num_cache_slots: int) -> SlotCache:
+    shape = (num_slots, config.num_kv_heads, num_cache_slots, config.head_dim)
+    dtype = jnp.dtype(config.dtype)
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))  # noqa: E731
+    return SlotCache(k=zeros(), v=zeros())
+
+
+def prefill(weights: SamplingWeights, tokens_MxT, mask_MxT):
+    """Keys and values of M left-padded prompts, per layer [M, kv_heads, T, head_dim] (compute
+    dtype), causal over real tokens; positions from the mask as in the trainer."""
+    model = weights.model()
+    sin_MxTxH, cos_MxTxH = rope_angles(model.config, default_positions(mask_MxT))
+    x_MxTxD = model._embed(tokens_MxT)
+    keys, values = [], []
+    for layer in range(len(weights.layers)):
+        block = weights.block(layer)
+        q_MxTxNxH, k_MxTxKxH, v_MxTxKxH = block.attn.qkv(block.attn_norm(x_MxTxD), sin_MxTxH, cos_MxTxH)
+        attn_MxTxNxH = causal_attention(q_MxTxNxH, k_MxTxKxH, v_MxTxKxH, mask_MxT,
+                                        implementation=model.config.attention)
+        x_MxTxD = x_MxTxD + block.attn.out(attn_MxTxNxH)
+        x_MxTxD = x_MxTxD + block.mlp(block.mlp_norm(x_MxTxD))
+        keys.append(k_MxTxKxH.swapaxes(1, 2))
+        values.append(v_MxTxKxH.swapaxes(1, 2))
+    return keys, values
+
+
+def decode_step(weights: SamplingWeights, token_K, position_K, cache: SlotCache, write_K, start_K,
+                *, implementation: str = "auto"):
+    """Feeds one token per slot: writes its key/value at cache column write_K[k] of slot k (in
+    place) and attends over columns [start_K[k], write_K[k]]. Returns (logits [K, V] float32,
+    cache)."""
+    model = weights.model()
+    num_slots = token_K.shape[0]
+    sin_Kx1xH, cos_Kx1xH = rope_angles(model.config, position_K[:, None])
+    x_Kx1xD = model._embed(token_K[:, None])
+    slot_K = jnp.arange(num_slots)
+    keys, values = list(cache.k), list(cache.v)
+    for layer in range(len(weights.layers)):
+        block = weights.block(layer)
+        q_Kx1xNxH, k_Kx1xGxH, v_Kx1xGxH = block.attn.qkv(block.attn_norm(x_Kx1xD), sin_Kx1xH, cos_Kx1xH)
+        # Advanced indices on dims 0 and 2: one [kv_heads, head_dim] column per slot.
+        keys[layer] = keys[layer].at[slot_K, :, write_K].set(k_Kx1xGxH[:, 0].astype(keys[layer].dtype))
+        values[layer] = values[layer].at[slot_K, :, write_K].set(v_Kx1xGxH[:, 0].astype(values[layer].dtype))
+        attn_KxNxH = decode_attention(q_Kx1xNxH[:, 0], keys[layer], values[layer], start_K, write_K + 1,
+                                      implementation=implementation)
+        x_Kx1xD = x_Kx1xD + block.attn.out(attn_KxNxH[:, None])
+        x_Kx1xD = x_Kx1xD + block.mlp(block.mlp_norm(x_Kx1xD))
+    logits_Kx1xV = model.unembed(model.final_norm(x_Kx1xD))
+    return logits_Kx1xV[:, 0], SlotCache(k=tuple(keys), v=tuple(values))
