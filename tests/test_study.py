@@ -193,7 +193,11 @@ def test_reduced_study_end_to_end_resumes_after_a_kill(tmp_path):
     SIGTERM from the kernel and checkpoint) once a run has passed its step-2 checkpoint; run again,
     it keeps finished runs, resumes the killed ones from their checkpoints, and writes the report."""
     out = tmp_path / "study"
-    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
+    # The runs use one CPU device, as a user's would: not the 8 fake devices of this test session,
+    # whose cross-device rendezvous can time out (and abort) on a loaded machine.
+    xla_flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                         if not f.startswith("--xla_force_host_platform_device_count"))
+    env = {**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1", "XLA_FLAGS": xla_flags}
     proc = subprocess.Popen(_study_command(out), cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 1800  # generous: a shared machine can be many times slower
