@@ -67,7 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic:arithmetic"
-    c.data.preset = OPTIONAL(str)  # "gsm8k" | "math" | "math500"
+    c.data.preset = OPTIONAL(str)  # "gsm8k" | "math" | "math500" | "prompt_collection"
     c.data.template = "chat"  # "chat" | "plain"
     c.data.system_prompt = ""
     c.data.user_template = "{question}"
@@ -137,6 +137,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.micro_batch_size = 0  # sequences per gradient-accumulation micro-batch; 0 = minibatch
     c.rl.beta = 0.0  # KL-to-reference coefficient; 0 loads no reference model
     c.rl.kl_estimator = "k3"
+    # True: β·Σ_t KL_t is subtracted from each response's reward before advantages (RLOO in
+    # OpenRLHF/verl, the paper's alignment runs), and there is no KL loss term. False: the KL is a
+    # loss term aggregated with rl.agg (issue 14).
+    c.rl.kl_in_reward = False
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-6
@@ -172,7 +176,7 @@ _CHOICES = {
     "model.attention": ATTENTION_IMPLEMENTATIONS,
     "rewards.rm_dtype": ("", "float32", "bfloat16"),
     "data.template": ("chat", "plain"),
-    "data.preset": (None, "gsm8k", "math", "math500"),
+    "data.preset": (None, "gsm8k", "math", "math500", "prompt_collection"),
     "rl.objective": tuple(losses.REGISTRY["objective"]),
     "rl.level": tuple(losses.REGISTRY["level"]),
     "rl.agg": tuple(losses.REGISTRY["agg"]),
@@ -231,6 +235,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             errors.append(f"rl.{name} must be >= 1; got {rl[name]}")
     if rl.beta < 0:
         errors.append(f"rl.beta must be >= 0; got {rl.beta}")
+    if rl.kl_in_reward and rl.beta == 0:
+        errors.append("rl.kl_in_reward=True subtracts β·KL from rewards; it needs rl.beta > 0")
     rollout = config.data.batch_size * rl.group_size
     if rollout % rl.num_minibatches:
         errors.append(

@@ -15,7 +15,8 @@ Sources (`config.data.source`, `config.eval.sources`):
 Split defaults to "train". Every example is a dict with `question` and `answer` (strings) plus the
 row's other fields, which reach reward functions as `example_fields`. Presets say where question
 and answer come from: `gsm8k` (question; the number after `####` of answer, commas removed),
-`math` / `math500` (problem; answer, else the last `\\boxed{}` of solution); no preset: the row
+`math` / `math500` (problem; answer, else the last `\\boxed{}` of solution), `prompt_collection`
+(OpenRLHF's prompt collections: the last user turn of context_messages; no answer); no preset: the row
 already has `question` and `answer`. A row without a needed field is an error naming the field,
 the row index and the source — raised when the row is read, so a large source is not scanned up
 front.
@@ -76,13 +77,28 @@ def _math(row, index, source):
     return {**row, "question": question, "answer": answer}
 
 
+def _prompt_collection(row, index, source):
+    """OpenRLHF's prompt collections: the prompt is the last user turn of `context_messages` (a
+    chat-message list), else `context`; there is no gold answer (a reward model judges)."""
+    messages = row.get("context_messages")
+    if messages:
+        users = [m["content"] for m in messages if m.get("role") == "user"]
+        if not users:
+            raise ValueError(f"{source} row {index}: context_messages has no user turn")
+        question = users[-1]
+    else:
+        question = str(_field(row, "context", index, source, "prompt_collection"))
+    return {**row, "question": question, "answer": ""}
+
+
 def _plain(row, index, source):
     return {**row, "question": str(_field(row, "question", index, source, None)),
             "answer": str(_field(row, "answer", index, source, None))}
 
 
 PRESETS: dict[str | None, Callable[[dict, int, str], dict]] = {
-    None: _plain, "gsm8k": _gsm8k, "math": _math, "math500": _math}
+    None: _plain, "gsm8k": _gsm8k, "math": _math, "math500": _math,
+    "prompt_collection": _prompt_collection}
 
 
 def preset_for(source: str) -> str | None:
@@ -257,6 +273,15 @@ def load(source: str, *, preset: str | None = None, synthetic: dict | None = Non
 
 # ---------------------------------------------------------------- prompts
 
+def chat_messages(question: str, system_prompt: str | None, user_template: str) -> list[dict]:
+    """The conversation the policy answers, as chat messages (system if set, then user); a reward
+    model re-writes it with its own chat template."""
+    # str.replace, not str.format: templates hold LaTeX braces like "\boxed{}".
+    user = user_template.replace("{question}", question)
+    return ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+        {"role": "user", "content": user}]
+
+
 @dataclasses.dataclass(frozen=True)
 class PromptBuilder:
     """Question → prompt text and token ids.
@@ -281,16 +306,8 @@ class PromptBuilder:
             raise ValueError("template 'chat' but the tokenizer has no chat_template; use "
                              "template 'plain' for a base model")
 
-    def messages(self, question: str) -> list[dict]:
-        """The conversation the policy answers, as chat messages (system if set, then user); a
-        reward model re-writes it with its own chat template."""
-        # str.replace, not str.format: templates hold LaTeX braces like "\boxed{}".
-        user = self.user_template.replace("{question}", question)
-        return ([{"role": "system", "content": self.system_prompt}] if self.system_prompt
-                else []) + [{"role": "user", "content": user}]
-
     def text(self, question: str) -> str:
-        messages = self.messages(question)
+        messages = chat_messages(question, self.system_prompt, self.user_template)
         if self.template == "plain":
             return "\n\n".join(m["content"] for m in messages)
         return self.tokenizer.apply_chat_template(messages, tokenize=False,

@@ -19,6 +19,8 @@ Conventions (shapes in names: B responses, T completion tokens, V vocabulary):
   response's objective is assigned to each of its tokens before aggregation, so the aggregations
   below keep their meaning (`token-mean` weights responses by length, `seq-mean-*` does not).
 * The log-ratio is clamped to ±20 before `exp` so that a stale token cannot overflow.
+* KL to a reference policy is either a loss term (`kl_terms`, aggregated by the same `agg` as the
+  policy loss) or, summed per response (`sequence_kl`), a penalty on the reward.
 * Aggregations return a (sum, denominator) pair. Adding pairs over micro-batches or data shards and
   dividing once gives exactly the full-batch value (the denominators do not depend on parameters):
     - `token-mean`: Σ_it l / Σ_it m.
@@ -268,6 +270,28 @@ def kl(logp, ref_logp, estimator: str = "k3"):
         LOG_RATIO_CLAMP,
     )
     return fn(log_ratio)
+
+
+def kl_terms(logp, ref_logp, mask, *, estimator: str = "k3", agg: str = "token-mean",
+             max_len: float | None = None) -> dict[str, jax.Array]:
+    """The KL-to-reference loss term of one (micro-)batch, aggregated like the policy loss.
+
+    Returns scalars `kl_loss_sum` — the per-token estimate aggregated by `agg` (the numerator of
+    the pair `agg` returns; its denominator is the policy loss's, as both use the same masks), so
+    the loss with a KL term is (loss_sum + β·kl_loss_sum) / loss_denom — and `kl_sum`, the plain
+    token sum (divided by `token_count` it is the `kl_ref` metric). Both add over micro-batches.
+    """
+    mask_BxT = jnp.asarray(mask, jnp.float32)
+    max_len = mask_BxT.shape[1] if max_len is None else max_len
+    kl_BxT = kl(logp, ref_logp, estimator) * mask_BxT
+    kl_loss_sum, _ = lookup("agg", agg)(kl_BxT, mask_BxT, max_len)
+    return {"kl_loss_sum": kl_loss_sum, "kl_sum": jnp.sum(kl_BxT)}
+
+
+def sequence_kl(logp, ref_logp, mask, estimator: str = "k3"):
+    """Σ_t KL_t of each response, float32 [B]: with `rl.kl_in_reward`, β times this is subtracted
+    from the response's reward before advantages (as RLOO in OpenRLHF and verl do)."""
+    return jnp.sum(kl(logp, ref_logp, estimator) * jnp.asarray(mask, jnp.float32), axis=-1)
 
 
 def entropy(logits_xV):

@@ -53,6 +53,7 @@ import optax
 from absl import app, flags
 from absl import logging as absl_logging
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 from ml_collections import config_flags
@@ -137,13 +138,14 @@ def make_update(graphdef, rest, tx, schedule, rl: ml_collections.ConfigDict, *,
     """The pure `update(state, batch) -> (state, metrics)` for one minibatch.
 
     batch: tokens [B, L] (prompt then completion), attn [B, L] (1 on real tokens), mask [B, N]
-    (completion tokens incl. EOS), adv [B], ref_logp [B, N] when β > 0, and either old_logp
+    (completion tokens incl. EOS), adv [B], ref_logp [B, N] when β > 0 and the KL is a loss term
+    (not `rl.kl_in_reward`; the term is aggregated with `rl.agg`), and either old_logp
     [B, N] or — on policy, the one update of a rollout — sampler_logp [B, N], in which case the
     old logprobs are the current ones with a stopped gradient.
     """
     loss_kwargs = dict(objective=rl.objective, eps=rl.eps, eps_high=rl.eps_high,
                        dual_clip=rl.dual_clip, level=rl.level, agg=rl.agg, max_len=max_len)
-    beta = rl.beta
+    kl_loss = rl.beta > 0 and not rl.kl_in_reward
 
     def micro_loss(params, mb, denom, num_tokens):
         model = nnx.merge(graphdef, params, rest)
@@ -157,10 +159,10 @@ def make_update(graphdef, rest, tx, schedule, rl: ml_collections.ConfigDict, *,
             terms.update(_rollout_policy_terms(old_logp_BxN, jax.lax.stop_gradient(entropy_BxN),
                                                mb["sampler_logp"], mb["mask"]))
         loss = terms["loss_sum"] / denom
-        if beta > 0:
-            kl_BxN = losses.kl(logp_BxN, mb["ref_logp"], rl.kl_estimator) * mb["mask"]
-            terms["kl_sum"] = jnp.sum(kl_BxN)
-            loss = loss + beta * terms["kl_sum"] / num_tokens
+        if kl_loss:  # aggregated like the policy loss, so it shares its denominator
+            terms.update(losses.kl_terms(logp_BxN, mb["ref_logp"], mb["mask"],
+                                         estimator=rl.kl_estimator, agg=rl.agg, max_len=max_len))
+            loss = loss + rl.beta * terms["kl_loss_sum"] / denom
         return loss, terms
 
     def update(state, batch):
@@ -202,7 +204,7 @@ def make_update(graphdef, rest, tx, schedule, rl: ml_collections.ConfigDict, *,
         if "entropy_sum" in terms:
             metrics["entropy"] = terms["entropy_sum"] / num_tokens
             metrics["sampler_logprob_gap"] = terms["sampler_gap_sum"] / num_tokens
-        if beta > 0:
+        if kl_loss:
             metrics["kl_ref"] = terms["kl_sum"] / num_tokens
         return new_state, metrics
 
@@ -264,12 +266,24 @@ def _make_mesh(config, devices):
     return mesh
 
 
+def _build_tiny(config, workdir):
+    """Process 0 writes the tiny model; the others wait for it, and write their own copy only
+    where they do not see the workdir's (no shared file system)."""
+    path = os.path.join(workdir, "tiny_model")
+    build = lambda: tiny.build(path, seed=config.seed, **config.model.tiny.to_dict())
+    if jax.process_index() == 0:
+        build()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("tiny_model written")
+        build()  # returns at once where process 0's copy is visible
+    return path
+
+
 def _load_policy(config, workdir, mesh):
     """(model, tokenizer, eos_ids, pad_id) with the parameters placed in their shardings."""
     model_path = config.model.path
     if model_path == "tiny":
-        model_path = tiny.build(os.path.join(workdir, "tiny_model"), seed=config.seed,
-                                **config.model.tiny.to_dict())
+        model_path = _build_tiny(config, workdir)
     model = models.from_pretrained(model_path, mesh=mesh, param_dtype=config.model.param_dtype,
                                    dtype=config.model.dtype, remat=config.model.remat,
                                    remat_policy=config.model.remat_policy,
@@ -314,7 +328,8 @@ def make_setup(config, mesh, graphdef, rest, tokenizer, eos_ids, pad_id, *, tx, 
                            on_policy=on_policy, batch_sh=batch_sh)
     return Setup(
         config=config, mesh=mesh, graphdef=graphdef, rest=rest, tokenizer=tokenizer,
-        eos_ids=tuple(eos_ids), pad_id=pad_id, scorer=rewards.Scorer.from_config(config.rewards),
+        eos_ids=tuple(eos_ids), pad_id=pad_id,
+        scorer=rewards.Scorer.from_config(config.rewards, mesh=mesh),
         split_rng=jax.jit(lambda key: tuple(jax.random.split(key)), out_shardings=replicated),
         prepare=jax.jit(prepare, out_shardings=(batch_sh, replicated)),
         shuffle=jax.jit(make_shuffle(config.seed, rl.num_minibatches), out_shardings=batch_sh),
@@ -328,7 +343,6 @@ def make_setup(config, mesh, graphdef, rest, tokenizer, eos_ids, pad_id, *, tx, 
 def build(config, workdir: str, *, devices, ckpt: checkpoint.Checkpointer, progress):
     """Stage 1: (setup, state, data iterator) — the state restored from `ckpt`'s latest
     checkpoint when there is one, else fresh (after the warm start when configured)."""
-    sharding.initialize_distributed(config.mesh)
     mesh = _make_mesh(config, devices)
     model, tokenizer, eos_ids, pad_id = _load_policy(config, workdir, mesh)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -340,9 +354,10 @@ def build(config, workdir: str, *, devices, ckpt: checkpoint.Checkpointer, progr
     tx, schedule = make_optimizer(config.optim,
                                   config.train.num_steps * rl.num_epochs * rl.num_minibatches)
     init, abstract_state = create_state(params, tx, mesh, seed=config.seed, beta=rl.beta)
-    latest = ckpt.latest_step()
-    if latest is not None:
-        state, meta = ckpt.restore(latest, abstract_state)
+    # The newest checkpoint that restores intact (damaged ones are set aside with a warning).
+    restored = ckpt.restore_latest(abstract_state)
+    if restored is not None:
+        latest, state, meta = restored
         iterator.restore(meta["data"])
         progress.message(f"resumed from step {latest} ({ckpt.directory}/{latest})")
     else:
@@ -372,7 +387,9 @@ def make_prepare(graphdef, rest, rl, *, temperature: float, pad_id: int, on_poli
                  batch_sh):
     """Jittable (params, ref_params, samples, reward_B) → (rollout batch, metrics): the device
     half of a rollout. The prompt columns are left-padded to a `data.bucket_width` so that the
-    learner compiles for few prompt widths; advantages come from the rewards on device."""
+    learner compiles for few prompt widths; advantages come from the rewards on device, after
+    β·Σ_t KL_t is subtracted from each response's reward when `rl.kl_in_reward` (then the batch
+    carries no reference logprobs: the update has no KL term)."""
 
     def prepare(params, ref_params, samples, reward_B):
         width_p = data.bucket_width(samples.prompt_tokens.shape[1])
@@ -383,22 +400,35 @@ def make_prepare(graphdef, rest, rl, *, temperature: float, pad_id: int, on_poli
         tokens_BxL, attn_BxL = (jax.lax.with_sharding_constraint(x, batch_sh)
                                 for x in (tokens_BxL, attn_BxL))
         mask_BxN = samples.mask.astype(jnp.float32)
-        batch = dict(tokens=tokens_BxL, attn=attn_BxL, mask=mask_BxN,
-                     adv=advantages.compute(reward_B, rl.group_size, rl.estimator))
+        num_tokens = jnp.maximum(jnp.sum(mask_BxN), 1.0)
+        batch = dict(tokens=tokens_BxL, attn=attn_BxL, mask=mask_BxN)
         metrics = dict(truncated_frac=1.0 - jnp.mean(samples.eos.astype(jnp.float32)))
         logprobs = make_logprobs(graphdef, rest, temperature=temperature,
                                  micro_batch_size=rl.micro_batch_size,
                                  num_new=samples.tokens.shape[1])
+        policy_logp_BxN = None
         if on_policy:
             batch["sampler_logp"] = samples.logprobs
         else:
-            num_tokens = jnp.maximum(jnp.sum(mask_BxN), 1.0)
             batch["old_logp"], entropy_BxN = logprobs(params, tokens_BxL, attn_BxL)
+            policy_logp_BxN = batch["old_logp"]
             terms = _rollout_policy_terms(batch["old_logp"], entropy_BxN, samples.logprobs, mask_BxN)
             metrics.update(entropy=terms["entropy_sum"] / num_tokens,
                            sampler_logprob_gap=terms["sampler_gap_sum"] / num_tokens)
         if rl.beta > 0:
-            batch["ref_logp"] = logprobs(ref_params, tokens_BxL, attn_BxL)[0]
+            ref_logp_BxN = logprobs(ref_params, tokens_BxL, attn_BxL)[0]
+        if rl.beta > 0 and rl.kl_in_reward:
+            # The KL of the policy that sampled (the trainer's logprobs; on policy the update
+            # needs none, so this is the one forward it costs) becomes part of the reward.
+            if policy_logp_BxN is None:
+                policy_logp_BxN = logprobs(params, tokens_BxL, attn_BxL)[0]
+            kl_B = losses.sequence_kl(policy_logp_BxN, ref_logp_BxN, mask_BxN, rl.kl_estimator)
+            reward_B = reward_B - rl.beta * kl_B
+            metrics.update(kl_ref=jnp.sum(kl_B) / num_tokens, kl_penalty=rl.beta * jnp.mean(kl_B))
+        elif rl.beta > 0:
+            batch["ref_logp"] = ref_logp_BxN
+        batch["adv"] = advantages.compute(reward_B, rl.group_size, rl.estimator,
+                                          lengths=jnp.sum(mask_BxN, axis=1))
         return batch, metrics
 
     return prepare
@@ -425,7 +455,11 @@ def rollout(setup: Setup, state, prompts: data.Batch, sample_key):
     completions = setup.tokenizer.batch_decode(
         [row[:n] for row, n in zip(tokens_BxN, lengths_B)], skip_special_tokens=True)
     answers, fields = prompts.reward_inputs(rl.group_size)
-    scores = setup.scorer(completions, answers, **fields)
+    # The conversation each completion answers, for reward models to write in their own template.
+    messages = [data.chat_messages(e["question"], config.data.system_prompt or None,
+                                   config.data.user_template)
+                for e in prompts.examples for _ in range(rl.group_size)]
+    scores = setup.scorer(completions, answers, prompt_messages=messages, **fields)
     t2 = time.time()
 
     with jax.transfer_guard("disallow"):
@@ -437,6 +471,7 @@ def rollout(setup: Setup, state, prompts: data.Batch, sample_key):
         **scores.metrics("reward"),
         response_len_mean=float(lengths_B.mean()),
         response_len_max=int(lengths_B.max()),
+        **verbosity_metrics(scores.total_B, lengths_B, rl.group_size),
         zero_std_groups=int((np.ptp(groups, axis=1) == 0).sum()),
         tokens_per_s=float(lengths_B.sum()) / max(t1 - t0, 1e-9),
     )
@@ -488,6 +523,28 @@ def _mean_metrics(metrics_list):
         out[key] = values.max() if key == "ratio_max" else values.min() if key == "ratio_min" \
             else values.mean()
     return {k: float(v) for k, v in out.items()}
+
+
+def verbosity_metrics(reward_B, lengths_B, group_size: int) -> dict[str, float]:
+    """Length diagnostics of one rollout (the paper's verbosity exploitation: responses that grow
+    with the reward). `reward_B` is the reward functions' total, before any KL penalty.
+
+    response_len_p90: 90th percentile of response lengths (tokens, linear interpolation).
+    reward_len_corr: Pearson correlation of reward and length within groups: both centred on
+      their group's mean, then pooled over the batch, so that prompts with longer answers and
+      higher rewards do not make a correlation of their own; 0 when either has no spread.
+    reward_per_token: Σ reward / Σ length over the batch.
+    """
+    reward_NxG = np.asarray(reward_B, np.float64).reshape(-1, group_size)
+    length_NxG = np.asarray(lengths_B, np.float64).reshape(-1, group_size)
+    reward_dev = reward_NxG - reward_NxG.mean(axis=1, keepdims=True)
+    length_dev = length_NxG - length_NxG.mean(axis=1, keepdims=True)
+    scale = np.sqrt(np.sum(reward_dev**2) * np.sum(length_dev**2))
+    return dict(
+        response_len_p90=float(np.percentile(length_NxG, 90)),
+        reward_len_corr=float(np.sum(reward_dev * length_dev) / scale) if scale > 0 else 0.0,
+        reward_per_token=float(np.sum(reward_NxG) / max(np.sum(length_NxG), 1.0)),
+    )
 
 
 def step_metrics(host_metrics, device_metrics, update_metrics, state):
@@ -543,6 +600,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
     `devices` restricts the mesh (tests compare 1 device with 8); default all devices.
     """
     config_lib.validate(config)
+    sharding.initialize_distributed(config.mesh)  # before any other JAX call
     stop = _StopFlag().install()
     try:
         return _run(config, workdir, devices, stop)
@@ -567,7 +625,10 @@ def _run(config, workdir, devices, stop):
 
     history = []
     step = int(jax.device_get(state["step"]))
-    while step < num_steps and stop.signal is None:
+    # Stopping changes the collective program (a checkpoint now, no next step), so the processes
+    # decide together: after each step, a stop signal to any process stops all of them.
+    stopping = sharding.any_process(stop.signal is not None)
+    while step < num_steps and not stopping:
         t0 = time.time()
         next_rng, sample_key = setup.split_rng(state["rng"])
         batch, host_metrics, device_metrics, times = rollout(setup, state, next(iterator),
@@ -583,29 +644,31 @@ def _run(config, workdir, devices, stop):
         progress.update(step, metrics)
         history.append(dict(step=step, **metrics))
 
+        stopping = sharding.any_process(stop.signal is not None)
         if ckpt.save(step, state, {"data": iterator.state},
-                     force=stop.signal is not None or step == num_steps):
+                     force=stopping or step == num_steps):
             progress.message(f"checkpoint {step} -> {ckpt.directory}/{step}")
         every = config.eval.every_steps
         if config.eval.sources and ((every and step % every == 0) or step == num_steps):
             _evaluate(config, workdir, policy(), setup.tokenizer, setup.mesh, setup.eos_ids, step,
                       writer, progress)
 
-    if stop.signal is not None:
+    stopped_by = stop.signal or ("a stop signal to another process" if stopping else None)
+    if stopped_by is not None:
         # A signal before the first RL step (during compilation or the warm start) still leaves a
         # checkpoint of what was done.
         ckpt.wait()
         if ckpt.latest_step() != step:
             ckpt.save(step, state, {"data": iterator.state}, force=True)
-        progress.message(f"{stop.signal}: saved step {step} and stopped")
+        progress.message(f"{stopped_by}: saved step {step} and stopped")
     ckpt.close()
-    if config.train.export_hf and step == num_steps and stop.signal is None:
+    if config.train.export_hf and step == num_steps and stopped_by is None:
         path = os.path.join(workdir, "hf")
         models.save_pretrained(policy(), path, tokenizer=setup.tokenizer)
         progress.message(f"exported the policy to {path}")
     writer.close()
     setup.scorer.close()
-    return dict(state=state, history=history, stopped_by=stop.signal)
+    return dict(state=state, history=history, stopped_by=stopped_by)
 
 
 # ============================================================================ command line

@@ -240,3 +240,17 @@ def test_batch_reward_inputs_group_by_group():
     answers, fields = batch.reward_inputs(3)
     assert answers == ["1", "1", "1", "2", "2", "2"]
     assert fields == {"level": [2, 2, 2, 5, 5, 5]}
+
+
+def test_prompt_collection_preset_takes_the_last_user_turn(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    rows = [{"context_messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                                  {"role": "user", "content": "Write a haiku."}], "dataset": "x"},
+            {"context": "Plain prompt"},
+            {"context_messages": [{"role": "system", "content": "sys"}]}]
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    dataset = data.load(f"jsonl:{path}", preset="prompt_collection")
+    assert (dataset[0]["question"], dataset[0]["answer"], dataset[0]["dataset"]) == ("Write a haiku.", "", "x")
+    assert dataset[1]["question"] == "Plain prompt"
+    with pytest.raises(ValueError, match="row 2: context_messages has no user turn"):
+        dataset[2]

@@ -313,3 +313,53 @@ def test_entropy_and_token_logprobs_match_numpy():
         expected = np.take_along_axis(logq, tokens[..., None], -1)[..., 0]
         np.testing.assert_allclose(losses.token_logprobs(logits, tokens, temperature), expected,
                                    rtol=1e-5, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- KL as loss / in reward
+
+
+def np_kl(logp, ref_logp, estimator):
+    x = np.clip(ref_logp - logp, -20, 20)  # log(π_ref / π)
+    return {"k1": -x, "k2": 0.5 * x**2, "k3": np.minimum(np.exp(x) - x - 1, 10.0)}[estimator]
+
+
+def np_agg(values, mask, agg, max_len):
+    rows = [i for i in range(values.shape[0]) if mask[i].sum() > 0]
+    if agg == "token-mean":
+        return (values * mask).sum() / mask.sum()
+    if agg == "seq-mean-token-mean":
+        return np.mean([values[i][mask[i] > 0].mean() for i in rows])
+    if agg == "seq-mean-token-sum":
+        return np.mean([values[i][mask[i] > 0].sum() for i in rows])
+    return np.mean([values[i][mask[i] > 0].sum() / max_len for i in rows])
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("estimator", ("k1", "k2", "k3"))
+def test_kl_loss_term_is_aggregated_like_the_policy_loss(agg, estimator):
+    logp, _, _, mask = _batch(seed=4)
+    ref_logp = logp + np.random.default_rng(5).normal(0.0, 0.5, logp.shape)
+    policy = losses.policy_loss_terms(logp, logp, np.ones(logp.shape[0]), mask, agg=agg, max_len=9)
+    terms = losses.kl_terms(logp, ref_logp, mask, estimator=estimator, agg=agg, max_len=9)
+    np.testing.assert_allclose(terms["kl_loss_sum"] / policy["loss_denom"],
+                               np_agg(np_kl(logp, ref_logp, estimator), mask, agg, 9), rtol=1e-5)
+    np.testing.assert_allclose(terms["kl_sum"] / mask.sum(),
+                               (np_kl(logp, ref_logp, estimator) * mask).sum() / mask.sum(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("estimator", ("k1", "k2", "k3"))
+def test_kl_in_reward_shapes_rewards_before_rloo(estimator):
+    """β·Σ_t KL_t is subtracted from each response's reward; RLOO then compares each shaped reward
+    with the mean of the other shaped rewards of its group."""
+    from cfpo_jax import advantages
+
+    logp, _, _, mask = _batch(seed=6, B=8)
+    ref_logp = logp + np.random.default_rng(7).normal(0.0, 0.5, logp.shape)
+    reward = np.random.default_rng(8).normal(0.0, 1.0, 8)
+    beta, group = 0.1, 4
+    shaped = reward - beta * np.sum(np_kl(logp, ref_logp, estimator) * mask, axis=1)
+    expected = np.array([shaped[i] - np.mean(np.delete(shaped[(i // group) * group:(i // group + 1) * group],
+                                                       i % group)) for i in range(8)])
+    ours_shaped = reward - beta * np.asarray(losses.sequence_kl(logp, ref_logp, mask, estimator))
+    np.testing.assert_allclose(ours_shaped, shaped, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(advantages.compute(ours_shaped, group, "rloo"), expected, rtol=1e-5, atol=1e-5)

@@ -386,6 +386,9 @@ def test_on_policy_update_reuses_its_own_logprobs_with_unchanged_losses(tmp_path
     # micro-batches of 8. bf16 sums in another order on 8 devices: a bf16 tolerance.
     ("bf16-cfpo-epochs", dict(model__dtype="bfloat16", rl__num_epochs=3, rl__micro_batch_size=8,
                               rl__agg="seq-mean-token-sum-norm", rl__estimator="drgrpo"), 3e-2),
+    # The alignment setting: KL folded into RLOO rewards (issue 14), two epochs.
+    ("kl-in-reward-rloo", dict(rl__beta=0.1, rl__kl_in_reward=True, rl__estimator="rloo",
+                               rl__num_epochs=2), 1e-4),
 ])
 def test_trainer_variants_agree_on_one_and_eight_devices(tmp_path, name, overrides, rtol):
     """Short runs of less common settings end to end: finite, every update applied, and the
