@@ -15,6 +15,15 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# GGUF conversions (cfpo_jax.models.gguf) go to a per-session cache, shared with the subprocesses
+# tests start, instead of the user's ~/.cache.
+if "CFPO_JAX_CACHE" not in os.environ:
+    import atexit
+    import shutil
+    import tempfile
+
+    os.environ["CFPO_JAX_CACHE"] = tempfile.mkdtemp(prefix="cfpo-jax-cache-")
+    atexit.register(shutil.rmtree, os.environ["CFPO_JAX_CACHE"], ignore_errors=True)
 
 import jax  # noqa: E402
 

