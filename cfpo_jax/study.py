@@ -48,14 +48,6 @@ from ml_collections import config_flags
 
 from cfpo_jax import config as config_lib
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Base training config file[:arg]; --config.a.b=v overrides reach every run.",
-    lock_config=True)
-_STUDY = config_flags.DEFINE_config_file("study", None, "Study file (configs/studies/*.py).",
-                                         lock_config=True)
-_PARALLEL = flags.DEFINE_integer("parallel", 1, "Training runs at a time.")
-_PLOT_ONLY = flags.DEFINE_bool("plot-only", False, "Only rebuild report.md and plots from the runs on disk.")
-
 PLOTTED = ("reward_mean", "entropy", "ratio_dev", "clip_frac")
 LATE_METRICS = ("clip_frac", "ratio_dev", "ppo_kl", "entropy", "grad_norm", "response_len_mean")
 
@@ -514,25 +506,39 @@ def plot_curves(study: Study, curves: dict) -> list[str]:
 # ============================================================================ command line
 
 
+def _define_flags():
+    """The command's flags, defined only when run as a program: the trainer defines its own
+    --config, and tests import both modules into one process."""
+    config_flags.DEFINE_config_file(
+        "config", None, "Base training config file[:arg]; --config.a.b=v overrides reach every run.",
+        lock_config=True)
+    config_flags.DEFINE_config_file("study", None, "Study file (configs/studies/*.py).",
+                                    lock_config=True)
+    flags.DEFINE_integer("parallel", 1, "Training runs at a time.")
+    flags.DEFINE_bool("plot-only", False, "Only rebuild report.md and plots from the runs on disk.")
+
+
 def main(argv):
     del argv
-    if _CONFIG.value is None or _STUDY.value is None:
+    args = flags.FLAGS
+    base, spec, parallel = args.config, args.study, args.parallel
+    if base is None or spec is None:
         sys.exit("error: give --config=<base training config> and --study=<study file> "
                  "(see configs/studies/)")
-    study = Study(spec=_STUDY.value, base=_CONFIG.value,
+    study = Study(spec=spec, base=base,
                   base_file=config_flags.get_config_filename(flags.FLAGS["config"]),
                   study_file=config_flags.get_config_filename(flags.FLAGS["study"]),
                   cli_overrides=config_flags.get_override_values(flags.FLAGS["config"]))
     try:
-        if _PARALLEL.value < 1:
-            raise ValueError(f"--parallel must be >= 1; got {_PARALLEL.value}")
+        if parallel < 1:
+            raise ValueError(f"--parallel must be >= 1; got {parallel}")
         for run in study.runs():
             study.config(run)
     except ValueError as e:
         sys.exit(f"error: {e}")
-    if not _PLOT_ONLY.value:
+    if not args["plot-only"].value:
         started = time.time()
-        run_all(study, _PARALLEL.value, log=lambda m: print(m, flush=True))
+        run_all(study, parallel, log=lambda m: print(m, flush=True))
         print(f"study: every run finished ({time.time() - started:.0f} s in this invocation)",
               flush=True)
     write_report(study)
@@ -540,4 +546,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    _define_flags()
     app.run(main)
