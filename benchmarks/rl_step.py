@@ -35,13 +35,7 @@ import numpy as np
 # Run as a script from a checkout: the package is the directory above this file.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-SHAPES = {
-    # Qwen2.5-0.5B (config.json of the published checkpoint).
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
-                 num_kv_heads=2, head_dim=64, vocab_size=151936, tie_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                 num_kv_heads=2, head_dim=16, vocab_size=512, tie_embeddings=True),
-}
+from shapes import SHAPES  # noqa: E402  (the one table of benchmark shapes)
 
 
 class NumberTokenizer:

@@ -56,19 +56,13 @@ import numpy as np  # noqa: E402
 # Run as a script from a checkout: the package is the directory above this file.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import shapes  # noqa: E402
+
 SHAPES = {
-    # Qwen2.5-0.5B / 1.5B (config.json of the published checkpoints).
-    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
-                 num_kv_heads=2, head_dim=64, vocab_size=151936, tie_embeddings=True),
-    "1.5b": dict(hidden_size=1536, intermediate_size=8960, num_layers=28, num_heads=12,
-                 num_kv_heads=2, head_dim=128, vocab_size=151936, tie_embeddings=True),
-    "7b": dict(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
-               num_kv_heads=4, head_dim=128, vocab_size=152064, tie_embeddings=False),
+    **shapes.SHAPES,
     # CPU memory runs: tiny weights, a large per-row cache (8 kv heads x 128 dims).
     "tiny-kv": dict(hidden_size=64, intermediate_size=64, num_layers=2, num_heads=8,
                     num_kv_heads=8, head_dim=128, vocab_size=512, tie_embeddings=True),
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
-                 num_kv_heads=2, head_dim=16, vocab_size=512, tie_embeddings=True),
 }
 
 
