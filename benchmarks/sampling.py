@@ -153,7 +153,7 @@ def print_kernel_profile(run, steps, top=20):
         print(f"  {ns / 1e6 / steps:8.3f} ms/step {count[name] / steps:6.1f}x  {name[:80]}")
 
 
-def time_jax(config, batch, prompt_len, new_tokens, repeats, profile=False, max_concurrent=None):
+def time_jax(config, batch, prompt_len, new_tokens, repeats, profile=False, max_concurrent=None, attention="auto"):
     import jax
     from flax import nnx
 
@@ -167,7 +167,7 @@ def time_jax(config, batch, prompt_len, new_tokens, repeats, profile=False, max_
 
     def run(num_new, seed):
         samples = generate(model, prompts, max_new_tokens=num_new, temperature=1.0, seed=seed,
-                           max_concurrent=max_concurrent)
+                           max_concurrent=max_concurrent, attention=attention)
         samples.tokens.block_until_ready()
         assert int(samples.lengths.min()) == num_new
 
@@ -307,6 +307,8 @@ def main(argv=None):
     parser.add_argument("--profile", action="store_true", help="print the top GPU kernels of one call")
     parser.add_argument("--max-concurrent", type=int, default=None, help="K slots (default: all rows for "
                         "the fixed-length table, 256 (small: 16) for --long-tail and --memory)")
+    parser.add_argument("--attention", default="auto", help="decode attention of the fixed-length table "
+                        "(auto, einsum, pallas, paged): e.g. a TPU's paged kernel against einsum")
     parser.add_argument("--long-tail", action="store_true", help="continuous vs static batching, long-tailed lengths")
     parser.add_argument("--rows", type=int, default=None, help="rows for --long-tail (1024; small: 128)")
     parser.add_argument("--median-len", type=int, default=None, help="median length for --long-tail (400; small: 24)")
@@ -351,8 +353,8 @@ def main(argv=None):
         config = model_config(shape)
         for batch in batches:
             call_s, prefill_s, num_params = time_jax(
-                config, batch, prompt_len, new_tokens, args.repeats, args.profile, args.max_concurrent
-            )
+                config, batch, prompt_len, new_tokens, args.repeats, args.profile, args.max_concurrent,
+                args.attention)
             # The 1-token call holds the prefill and step 0: the rest is steps 1 .. N-1.
             roof_s = roofline_seconds(config, num_params, batch, prompt_len, range(1, new_tokens), bandwidth)
             rows.append(Row(shape, batch, call_s, prefill_s, hf.get((shape, batch)), roof_s, new_tokens))

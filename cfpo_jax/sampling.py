@@ -7,11 +7,12 @@ Layout (R = prompts × n rows, P padded prompt length, N = max_new_tokens, V voc
   (`models.default_positions`), as in the trainer's teacher-forced forward.
 * At most K = `max_concurrent` rows are decoded at a time (split over the mesh's ('data',
   'fsdp') shards). Each slot owns S = P - 1 + N cache columns per layer
-  (`models.decoding.SlotCache`, `[K, kv_heads, S, head_dim]`): a row's prompt sits left-padded in
-  columns [0, P - 1) (written by its prefill), decode step t writes column P - 1 + t (the last
-  prompt token at t = 0, the previous sample after) and samples from its logits. The row's valid
-  columns are [P - prompt length, P + t); decode attention reads only those
-  (`models.attention.decode_attention`), in place. The KV cache is O(K × (P + N)), whatever R.
+  (`models.decoding.SlotCache`, `[K, kv_heads, S, head_dim]`), the row's tokens left-aligned in
+  them: a row with an L-token prompt has its first L - 1 tokens in columns [0, L - 1) (written by
+  its prefill); decode step t writes column L - 1 + t (the last prompt token at t = 0, the previous
+  sample after), which is also its position, and samples from its logits. The row's valid columns
+  are [0, L + t); decode attention reads only those (`models.attention.decode_attention`), in
+  place. The KV cache is O(K × (P + N)), whatever R.
 * Continuous batching, host-driven: a jitted `_insert` prefills waiting rows (each distinct prompt
   of the batch once; a batch of a power-of-two size, so few shapes compile) and writes them into
   free slots (at most ~16k prompt tokens per batch shard per call, to bound the prefill's
@@ -40,10 +41,11 @@ Layout (R = prompts × n rows, P padded prompt length, N = max_new_tokens, V voc
 * Weights are gathered once per call into the sampling layout (`models.decoding.gather_weights`:
   compute dtype, one buffer per layer, replicated over the batch axes and split over 'tensor'),
   never per decode step; the memory this costs is stated there.
-* Decode attention runs jax's Pallas flash-decoding kernel on GPU and the plain-XLA masked
-  einsum on CPU and TPU (`models.attention.decode_attention`; `attention=` overrides). With the
-  Pallas kernel the cache's slot count is rounded up to a multiple of 128 for its blocks. The
-  prefill runs the trainer's full-sequence kernel (`config.attention`: cuDNN / splash / einsum).
+* Decode attention runs jax's Pallas flash-decoding kernel on GPU, jax's Pallas paged-attention
+  kernel on TPU (bfloat16, head_dim a multiple of 128) and the plain-XLA masked einsum otherwise
+  (`models.attention.decode_attention`; `attention=` overrides). With a Pallas kernel the cache's
+  slot count is rounded up to a multiple of 128 for its blocks/pages. The prefill runs the
+  trainer's full-sequence kernel (`config.attention`: cuDNN / splash / einsum).
 """
 
 from __future__ import annotations
@@ -101,7 +103,6 @@ class _Settings:
     top_p: float
     eos_token_ids: tuple[int, ...]
     pad_id: int
-    prompt_len: int
     mesh: jax.sharding.Mesh | None
     attention: str
 
@@ -114,8 +115,8 @@ class _Slots:
     row_K: int32, the row a slot decodes (R: none).
     token_K: int32, the token to feed at the next step.
     step_K: int32, tokens the row has sampled so far: its next output column, and cache column
-      P - 1 + step_K is where the fed token goes.
-    start_K: int32, the row's first valid cache column (P - prompt length).
+      length_K - 1 + step_K is where the fed token goes.
+    length_K: int32, the row's prompt length.
     active_K: bool, the slot holds a row that has not finished.
     """
 
@@ -123,7 +124,7 @@ class _Slots:
     row_K: jax.Array
     token_K: jax.Array
     step_K: jax.Array
-    start_K: jax.Array
+    length_K: jax.Array
     active_K: jax.Array
 
 
@@ -154,7 +155,7 @@ def _constrain_slots(slots: _Slots, mesh) -> _Slots:
         return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, PS(BATCH_AXES, heads, None, None)))
 
     cache = decoding.SlotCache(k=tuple(map(cache_leaf, slots.cache.k)), v=tuple(map(cache_leaf, slots.cache.v)))
-    fields = {f: _constrain_batch(getattr(slots, f), mesh) for f in ("row_K", "token_K", "step_K", "start_K", "active_K")}
+    fields = {f: _constrain_batch(getattr(slots, f), mesh) for f in ("row_K", "token_K", "step_K", "length_K", "active_K")}
     return _Slots(cache=cache, **fields)
 
 
@@ -199,7 +200,7 @@ def _init(settings: _Settings, config, num_slots, num_cache_slots, num_rows):
         row_K=jnp.full((num_slots,), num_rows, jnp.int32),
         token_K=jnp.zeros((num_slots,), jnp.int32),
         step_K=jnp.zeros((num_slots,), jnp.int32),
-        start_K=jnp.zeros((num_slots,), jnp.int32),
+        length_K=jnp.zeros((num_slots,), jnp.int32),
         active_K=jnp.zeros((num_slots,), bool),
     )
     outputs = _Outputs(
@@ -235,7 +236,7 @@ def _insert(settings: _Settings, weights, slots: _Slots, prompt_tokens_MxP, prom
         row_K=jnp.where(insert_K, row_K, slots.row_K),
         token_K=jnp.where(insert_K, prompt_tokens_MxP[source_K, -1], slots.token_K),
         step_K=jnp.where(insert_K, 0, slots.step_K),
-        start_K=jnp.where(insert_K, prompt_len - length_K, slots.start_K),
+        length_K=jnp.where(insert_K, length_K, slots.length_K),
         active_K=slots.active_K | insert_K,
     )
     return _constrain_slots(new, settings.mesh)
@@ -256,10 +257,9 @@ def _decode_chunk(settings: _Settings, weights, slots: _Slots, outputs: _Outputs
         slots, outputs = carry
         live_K = slots.active_K
         # Finished and empty slots still run (static shapes); keep their writes inside the cache.
-        write_K = jnp.minimum(settings.prompt_len - 1 + slots.step_K, num_cache_slots - 1)
+        column_K = jnp.clip(slots.length_K - 1 + slots.step_K, 0, num_cache_slots - 1)
         logits_KxV, cache = decoding.decode_step(
-            weights, slots.token_K, write_K - slots.start_K, slots.cache, write_K, slots.start_K,
-            implementation=settings.attention)
+            weights, slots.token_K, slots.cache, column_K, implementation=settings.attention, mesh=settings.mesh)
         key_K = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(slots.row_K, slots.step_K)
         token_K, logprob_K = _sample(logits_KxV, key_K, settings)
         hit_eos_K = jnp.isin(token_K, eos_ids)
@@ -275,7 +275,7 @@ def _decode_chunk(settings: _Settings, weights, slots: _Slots, outputs: _Outputs
         )
         slots = _Slots(
             cache=cache, row_K=slots.row_K, token_K=token_K,
-            step_K=jnp.where(live_K, slots.step_K + 1, slots.step_K), start_K=slots.start_K,
+            step_K=jnp.where(live_K, slots.step_K + 1, slots.step_K), length_K=slots.length_K,
             active_K=live_K & ~finished_K,
         )
         return _constrain_slots(slots, settings.mesh), outputs
@@ -408,7 +408,7 @@ def generate(
       mesh: split the slots over its ('data', 'fsdp') axes (weights: see `models.decoding`).
       max_concurrent: K, the rows decoded at once (rounded up to a multiple of the batch shards;
         more than the rows is the rows); None: as many as fit `kv_cache_gb` per device.
-      attention: decode attention kernel ("auto", "einsum", "pallas"; see `models.attention`).
+      attention: decode attention kernel ("auto", "einsum", "pallas", "paged"; see `models.attention`).
 
     Returns:
       `Samples` with R = len(prompts) * n rows (arrays on device).
@@ -429,7 +429,7 @@ def generate(
         raise ValueError(f"max_concurrent must be >= 1 (or None for the kv_cache_gb budget); got {max_concurrent}")
     if kv_cache_gb <= 0:
         raise ValueError(f"kv_cache_gb must be > 0; got {kv_cache_gb}")
-    attention = resolve_decode(attention)
+    attention = resolve_decode(attention, config.dtype, config.head_dim)
 
     token_lists = _as_token_lists(prompts)
     if not token_lists:
@@ -446,7 +446,7 @@ def generate(
     prompt_tokens_BxP, prompt_mask_BxP = _left_pad(token_lists, prompt_len, pad_id)
 
     num_cache_slots = prompt_len - 1 + max_new_tokens
-    if attention == "pallas":
+    if attention in ("pallas", "paged"):
         num_cache_slots = -(-num_cache_slots // DECODE_SLOT_ALIGN) * DECODE_SLOT_ALIGN
     shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     num_rows = len(token_lists) * n
@@ -466,7 +466,7 @@ def generate(
     key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
     settings = _Settings(
         max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
-        top_p=float(top_p), eos_token_ids=eos_token_ids, pad_id=int(pad_id), prompt_len=prompt_len,
+        top_p=float(top_p), eos_token_ids=eos_token_ids, pad_id=int(pad_id),
         mesh=mesh, attention=attention)
     budget_R = (np.full(num_rows, max_new_tokens) if budgets is None else np.repeat(budgets, n)).astype(np.int32)
     weights = decoding.gather_weights(model, mesh)

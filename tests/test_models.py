@@ -73,28 +73,28 @@ def test_left_padded_batch_matches_transformers(checkpoint):
 def sampler_decode(model, tokens, mask, prompt_len, num_columns, implementation="einsum"):
     """The sampler's model path on a left-padded batch: `decoding.prefill` of tokens[:, :P - 1]
     into a slot cache of `num_columns` columns, then one `decoding.decode_step` per token from
-    column P - 1 on. Returns the steps' logits [B, T - P + 1, V] and the cache."""
+    column P - 1 on, each at its position (the cache holds rows left-aligned). Returns the steps'
+    logits [B, T - P + 1, V] and the cache."""
     B, T = tokens.shape
     weights = decoding.gather_weights(model)
     keys, values = jax.jit(decoding.prefill)(weights, tokens[:, : prompt_len - 1], mask[:, : prompt_len - 1])
     cache = decoding.init_slot_cache(model.config, B, num_columns)
     write = lambda old, new: old.at[:, :, : prompt_len - 1].set(new)  # noqa: E731
     cache = decoding.SlotCache(k=tuple(map(write, cache.k, keys)), v=tuple(map(write, cache.v, values)))
-    start = jnp.asarray(prompt_len - mask[:, :prompt_len].sum(1), jnp.int32)  # the first real column
     positions = np.asarray(default_positions(jnp.asarray(mask)))
     step = jax.jit(functools.partial(decoding.decode_step, implementation=implementation))
     logits = []
-    for column in range(prompt_len - 1, T):
-        step_logits, cache = step(weights, tokens[:, column], positions[:, column], cache,
-                                  jnp.full((B,), column, jnp.int32), start)
+    for t in range(prompt_len - 1, T):
+        step_logits, cache = step(weights, jnp.asarray(tokens[:, t]), cache, jnp.asarray(positions[:, t]))
         logits.append(step_logits)
     return np.stack(logits, axis=1), cache
 
 
 def test_sampler_prefill_then_decode_matches_transformers(checkpoint):
-    """The sampler's prefill of left-padded prompts (rows start at different cache columns), then
-    one decode step at a time into a slot cache with spare columns: every step's logits equal the
-    reference full forward over the whole sequence, and no column past the last write changes."""
+    """The sampler's prefill of left-padded prompts of different lengths, then one decode step at
+    a time into a slot cache with spare columns: every step's logits equal the reference full
+    forward over the whole sequence, and each row's keys/values sit left-aligned (no column past
+    its last token is written)."""
     _, directory, ref = checkpoint
     model = from_pretrained(directory)
     P, N, spare = 8, 5, 3
@@ -105,9 +105,11 @@ def test_sampler_prefill_then_decode_matches_transformers(checkpoint):
     config = model.config
     assert len(cache.k) == config.num_layers
     assert cache.k[0].shape == (2, config.num_kv_heads, P + N + spare, config.head_dim)
-    for keys, values in zip(cache.k, cache.v):
-        np.testing.assert_array_equal(np.asarray(keys[:, :, P + N :]), 0.0)
-        np.testing.assert_array_equal(np.asarray(values[:, :, P + N :]), 0.0)
+    for row, length in enumerate(mask.sum(1)):
+        for keys, values in zip(cache.k, cache.v):
+            assert np.all(np.abs(np.asarray(keys[row, :, length - 1])) > 0)
+            np.testing.assert_array_equal(np.asarray(keys[row, :, length:]), 0.0)
+            np.testing.assert_array_equal(np.asarray(values[row, :, length:]), 0.0)
 
 
 def test_sequence_logprobs_match_transformers(checkpoint):

@@ -193,9 +193,12 @@ def test_results_do_not_depend_on_max_concurrent(checkpoint):
         np.testing.assert_allclose(s.logprobs, reference.logprobs, atol=1e-5, err_msg=f"max_concurrent={k}")
 
 
-def test_greedy_matches_transformers_through_refilled_slots(checkpoint):
+@pytest.mark.parametrize("attention", ["auto", "paged"])
+def test_greedy_matches_transformers_through_refilled_slots(checkpoint, attention):
     """Two slots for five prompts of different lengths whose rows stop at different steps: every
-    row after the first two goes into a slot another row has used."""
+    row after the first two goes into a slot another row has used. "paged" is the TPU decode
+    kernel (jax's Pallas paged attention) in TPU interpret mode; it reads keys/values as bfloat16,
+    which leaves these greedy tokens unchanged."""
     _, model, ref = checkpoint
     prompts = make_prompts((5, 11, 3, 9, 2), seed=4)
     free = transformers_greedy(ref, prompts, 16)
@@ -203,10 +206,21 @@ def test_greedy_matches_transformers_through_refilled_slots(checkpoint):
     eos_ids = (EOS, int(free[0, 2]), int(free[3, 6]))
     expected = transformers_greedy(ref, prompts, 16, eos_token_id=list(eos_ids))
     s = sampling.generate(model, prompts, max_new_tokens=16, temperature=0, eos_token_ids=eos_ids,
-                          max_concurrent=2)
+                          max_concurrent=2, attention=attention)
     np.testing.assert_array_equal(np.asarray(s.tokens), expected)
     assert len(set(np.asarray(s.lengths).tolist())) >= 2
     assert s.lengths[0] <= 3 and s.lengths[3] <= 7
+
+
+def test_paged_decode_kernel_on_a_mesh_matches_transformers(checkpoint):
+    """The TPU decode kernel per batch shard (shard_map over data x fsdp, kv heads over tensor),
+    FSDP-sharded weights, 4 slots for 5 rows: transformers' greedy tokens."""
+    directory, _, ref = checkpoint
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    prompts = make_prompts((5, 11, 3, 9, 2), seed=4)
+    s = sampling.generate(from_pretrained(directory, mesh=mesh), prompts, max_new_tokens=NEW, temperature=0,
+                          eos_token_ids=EOS, max_concurrent=4, attention="paged", mesh=mesh)
+    np.testing.assert_array_equal(np.asarray(s.tokens), transformers_greedy(ref, prompts, NEW))
 
 
 def test_per_prompt_budgets_cut_each_row(checkpoint):
@@ -404,7 +418,7 @@ def test_decode_step_neither_copies_a_layer_cache_nor_gathers_weights():
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     model = shard_model(Transformer(config, rngs=nnx.Rngs(0)), mesh)
     settings = sampling._Settings(max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(1,),
-                                  pad_id=0, prompt_len=8, mesh=mesh, attention="einsum")
+                                  pad_id=0, mesh=mesh, attention="einsum")
     weights = decoding.gather_weights(model, mesh)
     slots, outputs = sampling._init_jit(settings, config, 8, 27, 16)
     hlo = sampling._decode_chunk_jit.lower(
@@ -435,7 +449,7 @@ def test_decode_chunk_writes_the_cache_in_place():
     block_graphdef, _ = nnx.split(model.blocks)
     weights = jax.eval_shape(functools.partial(decoding._gather, graphdef, block_graphdef, None, "float32"), state)
     settings = sampling._Settings(max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(1,),
-                                  pad_id=0, prompt_len=8, mesh=None, attention="einsum")
+                                  pad_id=0, mesh=None, attention="einsum")
     slots, outputs = jax.eval_shape(functools.partial(sampling._init, settings, config, 2, 4096, 8))
     budget = jax.ShapeDtypeStruct((8,), jnp.int32)
     memory = sampling._decode_chunk_jit.lower(

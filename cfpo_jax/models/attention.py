@@ -25,21 +25,35 @@ all three; the fused kernels never repeat keys/values per query head.
 
 Decode attention (`decode_attention`) is what the sampler's decode step runs: one new query per
 row over that row's valid cache slots. The sampler keeps one KV buffer per layer, `[B, K, S, H]`
-(rows, kv heads, slots, head dim; `models.decoding.SlotCache`); row b's valid keys are the slots
-`[start_B[b], end_B[b])` (its left-padded prompt, then the tokens decoded so far):
+(rows, kv heads, slots, head dim; `models.decoding.SlotCache`), each row left-aligned in it: row
+b's valid keys are the slots `[0, length_B[b])` (its prompt, then the tokens decoded so far):
 
-| implementation | where               | kernel                                                          |
-|----------------|---------------------|-----------------------------------------------------------------|
-| "einsum"       | CPU, TPU; reference | masked einsum over all S slots of the layer's buffer, read in place (no copy) |
-| "pallas"       | GPU (CPU: interpret)| jax's Pallas/Triton flash-decoding kernel (`pallas.ops.gpu.decode_attention`), reading only the 64-slot blocks that overlap a row's valid range |
-| "auto"         | everywhere (default)| "pallas" on GPU, else "einsum"                                  |
+| implementation | where                       | kernel                                                  |
+|----------------|-----------------------------|---------------------------------------------------------|
+| "einsum"       | CPU; TPU/GPU fallback; reference | masked einsum over all S slots of the layer's buffer, read in place (no copy) |
+| "pallas"       | GPU (CPU: interpret)        | jax's Pallas/Triton flash-decoding kernel (`pallas.ops.gpu.decode_attention`), reading only the 64-slot blocks below a row's length |
+| "paged"        | TPU (CPU: TPU interpret mode) | jax's Pallas TPU paged-attention kernel (`pallas.ops.tpu.paged_attention`), DMA-ing only the blocks of pages that start below a row's length |
+| "auto"         | everywhere (default)        | "pallas" on GPU; "paged" on TPU for a bfloat16 cache with head_dim % 128 = 0; else "einsum" |
 
-The Pallas kernel is vmapped over rows and kv heads on the buffer as it lies. jax's own `gqa`
-wrapper takes `[B, S, K, H]` and transposes it to heads-first, a whole-layer copy per step; hence
-the heads-first layout and the direct call of its unbatched kernel here. It needs S to be a
-multiple of `DECODE_SLOT_ALIGN` (the sampler rounds its cache up). TPU has ragged/paged kernels in
-jax (`pallas.ops.tpu.ragged_paged_attention`) but they want a paged `[K, pages, page, H]` layout
-of the whole cache; wiring them waits for a TPU to test on, so TPU runs "einsum" today.
+Both Pallas kernels need S to be a multiple of `DECODE_SLOT_ALIGN` = 128 (the sampler rounds its
+cache up) and read the buffer as it lies:
+* "pallas" is vmapped over rows and kv heads. jax's own `gqa` wrapper takes `[B, S, K, H]` and
+  transposes it to heads-first, a whole-layer copy per step; hence the heads-first layout and the
+  direct call of its unbatched kernel here.
+* "paged" sees the buffer as B·K kernel sequences of one kv head each (the G = N / K query
+  heads of that kv head), each sequence S / 128 consecutive pages of 128 slots (`page_indices` an
+  arange). That is a reshape keeping the minor (slot, head_dim) dims, which XLA can lower to a
+  bitcast, not a copy (not yet checked on a TPU). The kernel reads a row in blocks of up to 4
+  pages, double-buffered by DMA, only the blocks that start below the row's length. It has no start offset, which is why rows sit
+  left-aligned in the cache. It reads keys/values as bfloat16 (its own cast), hence "auto" only
+  for a bfloat16 cache; head_dim % 128 = 0 because jax tests it upstream for 128 and 256 only;
+  megacore off (upstream skips its kernel test for data races in the megacore modes; one core
+  runs race-free under the interpreter's detector, tests/test_decode_attention.py). With the
+  sampler's mesh it runs per shard under `shard_map` (rows over ('data', 'fsdp'), kv heads over
+  'tensor' when they divide). jax's `ragged_paged_attention` was not used: it wants keys and
+  values interleaved in one `[pages, page, 2K, H]` buffer, a layout the GPU kernel could not
+  read without a copy per step. Page and block sizes are untuned and the kernel's speed on a
+  TPU is unmeasured: no TPU was available when this was written.
 
 Notes on the fused paths:
 * cuDNN takes the key-padding mask as a [B, 1, T, S] bias in the compute dtype (it has no
@@ -58,13 +72,15 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from cfpo_jax.models.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 
 _SPLASH_BLOCK = 128
-DECODE_IMPLEMENTATIONS = ("auto", "einsum", "pallas")
-DECODE_SLOT_ALIGN = 128  # the Pallas decode kernel splits the slots into blocks of 128
+DECODE_IMPLEMENTATIONS = ("auto", "einsum", "pallas", "paged")
+DECODE_SLOT_ALIGN = 128  # the Pallas decode kernels' unit of slots: a split (GPU), a page (TPU)
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
+_tpu_interpret_params = None  # "paged" off TPU: TPU interpret mode's settings (None: defaults; a test adds race detection)
 
 
 def resolve(implementation: str, dtype, head_dim: int, platform: str | None = None) -> str:
@@ -189,54 +205,100 @@ def _splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxT):
 # ----------------------------------------------------------------------------- decode
 
 
-def resolve_decode(implementation: str, platform: str | None = None) -> str:
-    """The decode kernel that runs: `implementation`, or for "auto" "pallas" on GPU else "einsum"."""
+def resolve_decode(implementation: str, dtype, head_dim: int, platform: str | None = None) -> str:
+    """The decode kernel that runs: `implementation`, or for "auto" "pallas" on GPU, "paged" on a
+    TPU for a bfloat16 cache with head_dim a multiple of 128, else "einsum"."""
     if implementation not in DECODE_IMPLEMENTATIONS:
         raise ValueError(
             f"decode attention implementation {implementation!r}; valid: {', '.join(DECODE_IMPLEMENTATIONS)}")
     platform = platform or jax.default_backend()
     if implementation == "auto":
-        return "pallas" if platform == "gpu" else "einsum"
+        paged_fits = platform == "tpu" and jnp.dtype(dtype) == jnp.bfloat16 and head_dim % 128 == 0
+        return "pallas" if platform == "gpu" else "paged" if paged_fits else "einsum"
     if implementation == "pallas" and platform not in ("gpu", "cpu"):
         raise ValueError(f"decode attention 'pallas' needs a GPU (or CPU interpret mode); got platform {platform!r}")
+    if implementation == "paged" and platform not in ("tpu", "cpu"):
+        raise ValueError(f"decode attention 'paged' needs a TPU (or CPU interpret mode); got platform {platform!r}")
     return implementation
 
 
-def decode_attention(q_BxNxH, k_BxKxSxH, v_BxKxSxH, start_B, end_B, *, implementation: str = "auto"):
-    """softmax(q·k / sqrt(H)) · v over slots [start_B[b], end_B[b]) of row b, grouped-query
-    (query head n reads kv head n // (N / K)), float32 softmax. q [B, N, H]; k/v [B, K, S, H] in
-    the cache dtype, read in place. Returns [B, N, H] in q's dtype. Needs end > start per row."""
-    if resolve_decode(implementation) == "pallas":
-        return _pallas_decode(q_BxNxH, k_BxKxSxH, v_BxKxSxH, start_B, end_B)
+def decode_attention(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B, *, implementation: str = "auto", mesh=None):
+    """softmax(q·k / sqrt(H)) · v over slots [0, length_B[b]) of row b, grouped-query (query head
+    n reads kv head n // (N / K)), float32 softmax. q [B, N, H]; k/v [B, K, S, H] in the cache
+    dtype, read in place. Returns [B, N, H] in q's dtype. Needs length >= 1 per row. `mesh`: the
+    sampler's mesh, over whose ('data', 'fsdp') axes rows are split ("paged" runs per shard)."""
+    kernel = resolve_decode(implementation, k_BxKxSxH.dtype, q_BxNxH.shape[-1])
+    if kernel == "pallas":
+        return _pallas_decode(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B)
+    if kernel == "paged":
+        return _paged_decode(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B, mesh)
     B, N, H = q_BxNxH.shape
     K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
     q_BxKxGxH = q_BxNxH.reshape(B, K, N // K, H)
     scores_BxKxGxS = jnp.einsum(
         "bkgh,bksh->bkgs", q_BxKxGxH, k_BxKxSxH.astype(q_BxNxH.dtype), preferred_element_type=jnp.float32
     ) * (H**-0.5)
-    slot_S = jnp.arange(S)
-    valid_BxS = (slot_S[None] >= start_B[:, None]) & (slot_S[None] < end_B[:, None])
+    valid_BxS = jnp.arange(S)[None] < length_B[:, None]
     scores_BxKxGxS = jnp.where(valid_BxS[:, None, None], scores_BxKxGxS, -jnp.inf)
     probs_BxKxGxS = jax.nn.softmax(scores_BxKxGxS, axis=-1).astype(q_BxNxH.dtype)
     out_BxKxGxH = jnp.einsum("bkgs,bksh->bkgh", probs_BxKxGxS, v_BxKxSxH.astype(q_BxNxH.dtype))
     return out_BxKxGxH.reshape(B, N, H)
 
 
-def _pallas_decode(q_BxNxH, k_BxKxSxH, v_BxKxSxH, start_B, end_B):
+def _check_slot_align(kernel: str, S: int):
+    if S % DECODE_SLOT_ALIGN:
+        raise ValueError(f"the {kernel} decode kernel needs a slot count divisible by {DECODE_SLOT_ALIGN}; got {S}")
+
+
+def _pallas_decode(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B):
     from jax.experimental.pallas.ops.gpu.decode_attention import decode_attn_unbatched
 
     B, N, H = q_BxNxH.shape
     K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
-    if S % DECODE_SLOT_ALIGN:
-        raise ValueError(f"the Pallas decode kernel needs a slot count divisible by {DECODE_SLOT_ALIGN}; got {S}")
+    _check_slot_align("Pallas", S)
     # One split per 128 slots, run in parallel; a split past a row's end returns at once.
     unbatched = functools.partial(
         decode_attn_unbatched, sm_scale=H**-0.5, block_h=16, block_k=64, k_splits=S // DECODE_SLOT_ALIGN,
         num_warps=None, num_stages=2, grid=None, interpret=jax.default_backend() != "gpu", debug=False,
         return_residuals=False, normalize_output=True)
-    start_BxK = jnp.broadcast_to(start_B[:, None], (B, K)).astype(jnp.int32)
-    end_BxK = jnp.broadcast_to(end_B[:, None], (B, K)).astype(jnp.int32)
+    start_BxK = jnp.zeros((B, K), jnp.int32)
+    end_BxK = jnp.broadcast_to(length_B[:, None], (B, K)).astype(jnp.int32)
     q_BxKxGxH = q_BxNxH.reshape(B, K, N // K, H)
     out_BxKxGxH = jax.vmap(jax.vmap(unbatched))(
         q_BxKxGxH, k_BxKxSxH.astype(q_BxNxH.dtype), v_BxKxSxH.astype(q_BxNxH.dtype), start_BxK, end_BxK)
     return out_BxKxGxH.reshape(B, N, H)
+
+
+def _paged_decode(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B, mesh):
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
+
+    _check_slot_align("paged", k_BxKxSxH.shape[2])
+
+    def per_shard(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B):
+        B, N, H = q_BxNxH.shape
+        K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
+        pages = S // DECODE_SLOT_ALIGN
+        # Each (row, kv head) is one kernel sequence with one kv head and its G query heads; its
+        # S slots are `pages` consecutive pages of the buffer (a reshape, no copy).
+        k_1xPxAxH = k_BxKxSxH.reshape(1, B * K * pages, DECODE_SLOT_ALIGN, H)
+        v_1xPxAxH = v_BxKxSxH.reshape(1, B * K * pages, DECODE_SLOT_ALIGN, H)
+        page_indices_RxQ = jnp.arange(B * K * pages, dtype=jnp.int32).reshape(B * K, pages)
+        q_RxGxH = (q_BxNxH * jnp.asarray(H**-0.5, q_BxNxH.dtype)).reshape(B * K, N // K, H)  # unscaled kernel
+        length_R = jnp.repeat(length_B.astype(jnp.int32), K)
+        out_RxGxH = paged_attention(
+            q_RxGxH, k_1xPxAxH, v_1xPxAxH, length_R, page_indices_RxQ,
+            pages_per_compute_block=next(n for n in (4, 2, 1) if pages % n == 0))
+        return out_RxGxH.reshape(B, N, H)
+
+    if mesh is not None:
+        heads = "tensor" if k_BxKxSxH.shape[1] % mesh.shape["tensor"] == 0 else None
+        rows = ("data", "fsdp")
+        per_shard = jax.shard_map(
+            per_shard, mesh=mesh, in_specs=(P(rows, heads), P(rows, heads), P(rows, heads), P(rows)),
+            out_specs=P(rows, heads), check_vma=False)
+    if jax.default_backend() == "tpu":
+        return per_shard(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B)
+    # Read when the kernel is traced: elsewhere (CPU tests) jax's TPU interpreter runs it.
+    with pltpu.force_tpu_interpret_mode(_tpu_interpret_params or pltpu.InterpretParams()):
+        return per_shard(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B)

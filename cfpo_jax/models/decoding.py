@@ -15,6 +15,10 @@ new rows, and one decode step over a fixed number of cache slots.
   buffer where it lies (`cfpo_jax.models.attention.decode_attention`) — no per-layer slice of a stacked
   cache, which copied the whole layer's cache every step (benchmarks/README.md). The price is a
   compiled program that grows with depth (one copy of a layer per layer), as in Tunix and vLLM.
+* A row's tokens sit left-aligned in its slot: cache column c holds the token at position c, so
+  its valid columns are [0, length) — the convention of paged decode kernels (jax's TPU
+  `paged_attention` has no start offset). `prefill` takes left-padded prompts (the prefill
+  batch's layout) and returns their keys shifted to column 0.
 * The maths is the trainer's: the same `Block` modules (`Attention.qkv` / `Attention.out`, MLP,
   RMSNorm), RoPE and embedding/unembedding of `cfpo_jax.models.transformer`, and the prefill's
   full-sequence attention is the trainer's kernel (`config.attention`); only the decode attention
@@ -104,10 +108,16 @@ def init_slot_cache(config, num_slots: int, num_cache_slots: int) -> SlotCache:
 
 def prefill(weights: SamplingWeights, tokens_MxT, mask_MxT):
     """Keys and values of M left-padded prompts, per layer [M, kv_heads, T, head_dim] (compute
-    dtype), causal over real tokens; positions from the mask as in the trainer."""
+    dtype), causal over real tokens; positions from the mask as in the trainer. Returned
+    left-aligned: row m's real tokens in columns [0, sum(mask_MxT[m])), the columns after them
+    unspecified."""
     model = weights.model()
+    T = tokens_MxT.shape[1]
     sin_MxTxH, cos_MxTxH = rope_angles(model.config, default_positions(mask_MxT))
     x_MxTxD = model._embed(tokens_MxT)
+    # Column c of the output reads input column c + (row's padding), clipped.
+    padding_M = T - jnp.sum(mask_MxT != 0, axis=1, dtype=jnp.int32)
+    source_Mx1xTx1 = jnp.minimum(jnp.arange(T)[None] + padding_M[:, None], T - 1)[:, None, :, None]
     keys, values = [], []
     for layer in range(len(weights.layers)):
         block = weights.block(layer)
@@ -116,19 +126,19 @@ def prefill(weights: SamplingWeights, tokens_MxT, mask_MxT):
                                         implementation=model.config.attention)
         x_MxTxD = x_MxTxD + block.attn.out(attn_MxTxNxH)
         x_MxTxD = x_MxTxD + block.mlp(block.mlp_norm(x_MxTxD))
-        keys.append(k_MxTxKxH.swapaxes(1, 2))
-        values.append(v_MxTxKxH.swapaxes(1, 2))
+        keys.append(jnp.take_along_axis(k_MxTxKxH.swapaxes(1, 2), source_Mx1xTx1, axis=2))
+        values.append(jnp.take_along_axis(v_MxTxKxH.swapaxes(1, 2), source_Mx1xTx1, axis=2))
     return keys, values
 
 
-def decode_step(weights: SamplingWeights, token_K, position_K, cache: SlotCache, write_K, start_K,
-                *, implementation: str = "auto"):
-    """Feeds one token per slot: writes its key/value at cache column write_K[k] of slot k (in
-    place) and attends over columns [start_K[k], write_K[k]]. Returns (logits [K, V] float32,
-    cache)."""
+def decode_step(weights: SamplingWeights, token_K, cache: SlotCache, column_K, *, implementation: str = "auto",
+                mesh=None):
+    """Feeds one token per slot at position column_K[k]: writes its key/value at that cache column
+    of slot k (in place) and attends over columns [0, column_K[k]] (`attention.decode_attention`
+    with `implementation` and `mesh`). Returns (logits [K, V] float32, cache)."""
     model = weights.model()
     num_slots = token_K.shape[0]
-    sin_Kx1xH, cos_Kx1xH = rope_angles(model.config, position_K[:, None])
+    sin_Kx1xH, cos_Kx1xH = rope_angles(model.config, column_K[:, None])
     x_Kx1xD = model._embed(token_K[:, None])
     slot_K = jnp.arange(num_slots)
     keys, values = list(cache.k), list(cache.v)
@@ -136,10 +146,10 @@ def decode_step(weights: SamplingWeights, token_K, position_K, cache: SlotCache,
         block = weights.block(layer)
         q_Kx1xNxH, k_Kx1xGxH, v_Kx1xGxH = block.attn.qkv(block.attn_norm(x_Kx1xD), sin_Kx1xH, cos_Kx1xH)
         # Advanced indices on dims 0 and 2: one [kv_heads, head_dim] column per slot.
-        keys[layer] = keys[layer].at[slot_K, :, write_K].set(k_Kx1xGxH[:, 0].astype(keys[layer].dtype))
-        values[layer] = values[layer].at[slot_K, :, write_K].set(v_Kx1xGxH[:, 0].astype(values[layer].dtype))
-        attn_KxNxH = decode_attention(q_Kx1xNxH[:, 0], keys[layer], values[layer], start_K, write_K + 1,
-                                      implementation=implementation)
+        keys[layer] = keys[layer].at[slot_K, :, column_K].set(k_Kx1xGxH[:, 0].astype(keys[layer].dtype))
+        values[layer] = values[layer].at[slot_K, :, column_K].set(v_Kx1xGxH[:, 0].astype(values[layer].dtype))
+        attn_KxNxH = decode_attention(q_Kx1xNxH[:, 0], keys[layer], values[layer], column_K + 1,
+                                      implementation=implementation, mesh=mesh)
         x_Kx1xD = x_Kx1xD + block.attn.out(attn_KxNxH[:, None])
         x_Kx1xD = x_Kx1xD + block.mlp(block.mlp_norm(x_Kx1xD))
     logits_Kx1xV = model.unembed(model.final_norm(x_Kx1xD))
