@@ -44,9 +44,9 @@ cache up) and read the buffer as it lies:
   heads of that kv head), each sequence S / 128 consecutive pages of 128 slots (`page_indices` an
   arange). That is a reshape keeping the minor (slot, head_dim) dims, which XLA can lower to a
   bitcast, not a copy (not yet checked on a TPU). The kernel reads a row in blocks of up to 4
-  pages, double-buffered by DMA, only the blocks that start below the row's length. It has no start offset, which is why rows sit
-  left-aligned in the cache. It reads keys/values as bfloat16 (its own cast), hence "auto" only
-  for a bfloat16 cache; head_dim % 128 = 0 because jax tests it upstream for 128 and 256 only;
+  pages, double-buffered by DMA, only the blocks that start below the row's length. It has no
+  start offset, which is why rows sit left-aligned in the cache. It reads keys/values as bfloat16
+  (its own cast), hence "auto" only for a bfloat16 cache; head_dim % 128 = 0 because jax tests it upstream for 128 and 256 only;
   megacore off (upstream skips its kernel test for data races in the megacore modes; one core
   runs race-free under the interpreter's detector, tests/test_decode_attention.py). With the
   sampler's mesh it runs per shard under `shard_map` (rows over ('data', 'fsdp'), kv heads over
@@ -279,15 +279,16 @@ def _paged_decode(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B, mesh):
         B, N, H = q_BxNxH.shape
         K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
         pages = S // DECODE_SLOT_ALIGN
-        # Each (row, kv head) is one kernel sequence with one kv head and its G query heads; its
-        # S slots are `pages` consecutive pages of the buffer (a reshape, no copy).
-        k_1xPxAxH = k_BxKxSxH.reshape(1, B * K * pages, DECODE_SLOT_ALIGN, H)
-        v_1xPxAxH = v_BxKxSxH.reshape(1, B * K * pages, DECODE_SLOT_ALIGN, H)
+        # R = B·K kernel sequences, one per (row, kv head), each with that kv head's G query
+        # heads and Q = S / C consecutive pages of C = 128 slots: the buffer itself, as
+        # [1 kv head, R·Q pages, C, H] (a reshape of the leading dims).
+        k_1xPxCxH = k_BxKxSxH.reshape(1, B * K * pages, DECODE_SLOT_ALIGN, H)
+        v_1xPxCxH = v_BxKxSxH.reshape(1, B * K * pages, DECODE_SLOT_ALIGN, H)
         page_indices_RxQ = jnp.arange(B * K * pages, dtype=jnp.int32).reshape(B * K, pages)
         q_RxGxH = (q_BxNxH * jnp.asarray(H**-0.5, q_BxNxH.dtype)).reshape(B * K, N // K, H)  # unscaled kernel
         length_R = jnp.repeat(length_B.astype(jnp.int32), K)
         out_RxGxH = paged_attention(
-            q_RxGxH, k_1xPxAxH, v_1xPxAxH, length_R, page_indices_RxQ,
+            q_RxGxH, k_1xPxCxH, v_1xPxCxH, length_R, page_indices_RxQ,
             pages_per_compute_block=next(n for n in (4, 2, 1) if pages % n == 0))
         return out_RxGxH.reshape(B, N, H)
 
