@@ -132,15 +132,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def cache_sharding(mesh: Mesh, cache):
-    """KV cache [L, B, S, K, H]: batch over data x fsdp, kv heads over tensor when divisible."""
-    num_kv_heads, batch = cache.k.shape[3], cache.k.shape[1]
-    batch_axes = BATCH_AXES if batch % (mesh.shape["data"] * mesh.shape["fsdp"]) == 0 else None
-    heads_axis = "tensor" if num_kv_heads % mesh.shape["tensor"] == 0 else None
-    spec = NamedSharding(mesh, P(None, batch_axes, None, heads_axis, None))
-    return type(cache)(k=spec, v=spec)
-
-
 def to_host(tree):
     """Device pytree → numpy on every host; arrays spanning hosts are all-gathered (every process
     must call it then)."""

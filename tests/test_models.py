@@ -1,5 +1,6 @@
 """The decoder against transformers' PyTorch implementation (the independent reference)."""
 
+import functools
 import json
 import os
 
@@ -10,12 +11,13 @@ import pytest
 from flax import nnx
 
 import hf_fixtures
+from cfpo_jax import sampling
+from cfpo_jax.models import decoding
 from cfpo_jax.models import (
     ModelConfig,
     Transformer,
     default_positions,
     from_pretrained,
-    init_cache,
     load_tokenizer,
     save_pretrained,
     sequence_logprobs,
@@ -68,48 +70,44 @@ def test_left_padded_batch_matches_transformers(checkpoint):
     assert_close_logits(ours, hf_fixtures.reference_logits(ref, tokens, mask), mask)
 
 
-def test_kv_cache_prefill_then_decode_matches_transformers(checkpoint):
-    """Prefill a left-padded prompt, then decode one token at a time into a cache with spare slots;
-    every step's logits equal the reference full forward over the whole sequence."""
+def sampler_decode(model, tokens, mask, prompt_len, num_columns, implementation="einsum"):
+    """The sampler's model path on a left-padded batch: `decoding.prefill` of tokens[:, :P - 1]
+    into a slot cache of `num_columns` columns, then one `decoding.decode_step` per token from
+    column P - 1 on. Returns the steps' logits [B, T - P + 1, V] and the cache."""
+    B, T = tokens.shape
+    weights = decoding.gather_weights(model)
+    keys, values = jax.jit(decoding.prefill)(weights, tokens[:, : prompt_len - 1], mask[:, : prompt_len - 1])
+    cache = decoding.init_slot_cache(model.config, B, num_columns)
+    write = lambda old, new: old.at[:, :, : prompt_len - 1].set(new)  # noqa: E731
+    cache = decoding.SlotCache(k=tuple(map(write, cache.k, keys)), v=tuple(map(write, cache.v, values)))
+    start = jnp.asarray(prompt_len - mask[:, :prompt_len].sum(1), jnp.int32)  # the first real column
+    positions = np.asarray(default_positions(jnp.asarray(mask)))
+    step = jax.jit(functools.partial(decoding.decode_step, implementation=implementation))
+    logits = []
+    for column in range(prompt_len - 1, T):
+        step_logits, cache = step(weights, tokens[:, column], positions[:, column], cache,
+                                  jnp.full((B,), column, jnp.int32), start)
+        logits.append(step_logits)
+    return np.stack(logits, axis=1), cache
+
+
+def test_sampler_prefill_then_decode_matches_transformers(checkpoint):
+    """The sampler's prefill of left-padded prompts (rows start at different cache columns), then
+    one decode step at a time into a slot cache with spare columns: every step's logits equal the
+    reference full forward over the whole sequence, and no column past the last write changes."""
     _, directory, ref = checkpoint
     model = from_pretrained(directory)
     P, N, spare = 8, 5, 3
     tokens, mask = batch(T=P + N, pad=(0, 3))
     expected = hf_fixtures.reference_logits(ref, tokens, mask)
-    positions = np.asarray(default_positions(jnp.asarray(mask)))
-    kv_mask = np.zeros((2, P + N + spare), np.int32)
-    kv_mask[:, :P] = mask[:, :P]
-    cache = init_cache(model.config, 2, P + N + spare)
-    step = nnx.jit(lambda m, t, p, c, k, i: m.forward_cached(t, p, c, k, i))
-    logits, cache = step(model, tokens[:, :P], positions[:, :P], cache, kv_mask, jnp.int32(0))
-    assert_close_logits(logits, expected[:, :P], mask[:, :P])
-    for i in range(P, P + N):
-        kv_mask[:, i] = 1
-        logits, cache = step(model, tokens[:, i : i + 1], positions[:, i : i + 1], cache, kv_mask, jnp.int32(i))
-        assert_close_logits(logits, expected[:, i : i + 1])
-    assert cache.k.shape == (model.config.num_layers, 2, P + N + spare, model.config.num_kv_heads, model.config.head_dim)
-    np.testing.assert_array_equal(np.asarray(cache.k[:, :, P + N :]), 0.0)
-
-
-def test_decode_step_writes_the_cache_in_place():
-    """With the cache donated, a decode step aliases it to the output and its scratch memory stays
-    below the size of one whole-cache copy (it holds at most one layer's keys and values)."""
-    config = ModelConfig(
-        model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_layers=4,
-        num_heads=4, num_kv_heads=2, head_dim=8,
-    )
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0))))
-    cache = jax.eval_shape(lambda: init_cache(config, 2, 4096))
-    step = jax.jit(
-        lambda s, t, p, c, k, i: nnx.merge(graphdef, s).forward_cached(t, p, c, k, i), donate_argnums=(3,)
-    )
-    tokens = jax.ShapeDtypeStruct((2, 1), jnp.int32)
-    kv_mask = jax.ShapeDtypeStruct((2, 4096), jnp.int32)
-    index = jax.ShapeDtypeStruct((), jnp.int32)
-    memory = step.lower(state, tokens, tokens, cache, kv_mask, index).compile().memory_analysis()
-    cache_bytes = cache.k.size * cache.k.dtype.itemsize
-    assert memory.alias_size_in_bytes >= 2 * cache_bytes
-    assert memory.temp_size_in_bytes < cache_bytes
+    logits, cache = sampler_decode(model, tokens, mask, P, P + N + spare)
+    assert_close_logits(logits, expected[:, P - 1 :])
+    config = model.config
+    assert len(cache.k) == config.num_layers
+    assert cache.k[0].shape == (2, config.num_kv_heads, P + N + spare, config.head_dim)
+    for keys, values in zip(cache.k, cache.v):
+        np.testing.assert_array_equal(np.asarray(keys[:, :, P + N :]), 0.0)
+        np.testing.assert_array_equal(np.asarray(values[:, :, P + N :]), 0.0)
 
 
 def test_sequence_logprobs_match_transformers(checkpoint):
@@ -303,7 +301,7 @@ def test_unrolled_layers_match_transformers(checkpoint):
 
 def test_fused_attention_kernel_runs_the_forward_and_the_prefill(checkpoint):
     """With attention='splash' (the TPU kernel, in Pallas interpret mode on CPU) the teacher-forced
-    forward and a prefill that fills the whole cache run the kernel and match transformers."""
+    forward and the sampler's prefill run the kernel and match transformers."""
     _, directory, ref = checkpoint
     model = from_pretrained(directory, attention="splash")
     tokens, mask = batch(pad=(0, 7))
@@ -312,10 +310,12 @@ def test_fused_attention_kernel_runs_the_forward_and_the_prefill(checkpoint):
     forward = lambda s, t, k: nnx.merge(graphdef, s)(t, mask_BxT=k)
     assert "pallas_call" in str(jax.make_jaxpr(forward)(state, tokens, mask))
     assert_close_logits(jax.jit(forward)(state, jnp.asarray(tokens), jnp.asarray(mask)), expected, mask)
-    positions = default_positions(jnp.asarray(mask))
-    cache = init_cache(model.config, 2, tokens.shape[1])
-    logits, _ = nnx.jit(lambda m, t, p, c, k: m.forward_cached(t, p, c, k, 0))(model, tokens, positions, cache, mask)
-    assert_close_logits(logits, expected, mask)
+    # The sampler's prefill runs the same kernel: its keys feed the decode step's logits.
+    weights = decoding.gather_weights(model)
+    assert "pallas_call" in str(jax.make_jaxpr(decoding.prefill)(weights, tokens, mask))
+    T = tokens.shape[1]
+    logits, _ = sampler_decode(model, tokens, mask, T - 1, T)
+    assert_close_logits(logits, expected[:, T - 2 :])
 
 
 def test_bad_checkpoints_give_clear_errors(tmp_path):
@@ -368,7 +368,7 @@ def smollm2():
 
 def test_smollm2_chat_prompt_matches_transformers(smollm2):
     """A real chat-templated prompt: same logits as transformers, then the same greedy tokens
-    from our KV-cache decode as from transformers' generate."""
+    from the sampler as from transformers' generate."""
     import torch
 
     directory, ref = smollm2
@@ -389,17 +389,9 @@ def test_smollm2_chat_prompt_matches_transformers(smollm2):
     N = 8
     with torch.no_grad():
         expected = ref.generate(torch.as_tensor(tokens), max_new_tokens=N, do_sample=False)[0, len(prompt):].numpy()
-    P = len(prompt)
-    cache = init_cache(model.config, 1, P + N)
-    kv_mask = np.zeros((1, P + N), np.int32)
-    kv_mask[:, :P] = 1
-    step = nnx.jit(lambda m, t, p, c, k, i: m.forward_cached(t, p, c, k, i))
-    logits, cache = step(model, tokens, np.arange(P)[None], cache, kv_mask, jnp.int32(0))
-    generated = []
-    for i in range(len(expected)):
-        generated.append(int(jnp.argmax(logits[0, -1])))
-        kv_mask[:, P + i] = 1
-        logits, cache = step(model, np.asarray([[generated[-1]]]), np.asarray([[P + i]]), cache, kv_mask, jnp.int32(P + i))
+    samples = sampling.generate(model, [prompt], max_new_tokens=N, temperature=0,
+                                eos_token_ids=model.config.eos_token_ids)
+    generated = np.asarray(samples.tokens)[0, : int(samples.lengths[0])].tolist()
     assert generated == expected.tolist(), tokenizer.decode(generated)
 
 

@@ -1,5 +1,7 @@
 """Mesh construction, the partition rule table, and sharded forwards on 8 fake CPU devices."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,8 +10,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import hf_fixtures
-from cfpo_jax import sharding
-from cfpo_jax.models import default_positions, from_pretrained, init_cache
+from cfpo_jax import sampling, sharding
+from cfpo_jax.models import decoding, default_positions, from_pretrained
 
 MESHES = [(8, 1), (4, 2), (2, 4)]  # (fsdp, tensor)
 
@@ -66,23 +68,28 @@ def test_shard_model_places_every_parameter_by_the_rule_table(checkpoint):
     assert model.blocks.attn.q_kernel[...].sharding.spec == P(None, "fsdp", "tensor", None)
 
 
-def test_sharded_cached_decode_equals_unsharded(checkpoint):
+def test_sharded_sampler_decode_equals_unsharded(checkpoint):
+    """The sampler's slot cache on a fsdp x tensor mesh: slots over the batch axes, kv heads over
+    'tensor'; its prefill (13-token prompts, half left-padded) and first decode step give the
+    unsharded forward's logits."""
     directory, tokens, mask, expected = checkpoint
     mesh = sharding.make_mesh(fsdp=4, tensor=2)
     model = from_pretrained(directory, mesh=mesh)
-    positions = default_positions(jnp.asarray(mask))
-    cache = init_cache(model.config, 8, 16)
-    cache = jax.device_put(cache, sharding.cache_sharding(mesh, cache))
-    assert cache.k.sharding.spec == P(None, ("data", "fsdp"), None, "tensor", None)
-    step = nnx.jit(lambda m, t, p, c, k, i: m.forward_cached(t, p, c, k, i))
-    kv_mask = np.concatenate([mask[:, :12], np.zeros((8, 4), np.int32)], axis=1)
-    logits, cache = step(model, tokens[:, :12], positions[:, :12], cache, kv_mask, jnp.int32(0))
-    kv_mask[:, 12] = 1
-    last, cache = step(model, tokens[:, 12:13], positions[:, 12:13], cache, kv_mask, jnp.int32(12))
-    scale = np.abs(expected).max()
-    sel = mask[:, :12].astype(bool)
-    np.testing.assert_allclose(np.asarray(logits)[sel], expected[:, :12][sel], rtol=0, atol=1e-5 * scale)
-    np.testing.assert_allclose(np.asarray(last)[:, 0], expected[:, 12], rtol=0, atol=1e-5 * scale)
+    prompt_len = 13
+    settings = sampling._Settings(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, eos_token_ids=(2,),
+                                  pad_id=0, prompt_len=prompt_len, mesh=mesh, attention="einsum")
+    weights = decoding.gather_weights(model, mesh)
+    slots, _ = sampling._init_jit(settings, model.config, 8, 16, 8)
+    slot_sharding = jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), "tensor", None, None))
+    assert all(c.sharding.is_equivalent_to(slot_sharding, 4) for c in slots.cache.k + slots.cache.v)
+    rows = np.arange(8, dtype=np.int32)
+    slots = sampling._insert_jit(settings, weights, slots, tokens[:, :prompt_len], mask[:, :prompt_len], rows, rows)
+    positions = np.asarray(default_positions(jnp.asarray(mask)))
+    write = jnp.full((8,), prompt_len - 1, jnp.int32)
+    step = jax.jit(functools.partial(decoding.decode_step, implementation="einsum"))
+    logits, cache = step(weights, slots.token_K, positions[:, prompt_len - 1], slots.cache, write, slots.start_K)
+    assert all(c.sharding.is_equivalent_to(slot_sharding, 4) for c in cache.k + cache.v)
+    np.testing.assert_allclose(np.asarray(logits), expected[:, prompt_len - 1], rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
 def test_unknown_parameter_kind_names_the_valid_ones():

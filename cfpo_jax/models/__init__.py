@@ -5,16 +5,14 @@ Face checkpoint import/export and the chunked log-probabilities the trainer scor
 from cfpo_jax.models.config import ModelConfig
 from cfpo_jax.models.hf import eos_token_ids, from_pretrained, load_tokenizer, save_pretrained
 from cfpo_jax.models.logprobs import sequence_logprobs
-from cfpo_jax.models.transformer import Cache, Transformer, default_positions, init_cache
+from cfpo_jax.models.transformer import Transformer, default_positions
 
 __all__ = [
-    "Cache",
     "ModelConfig",
     "Transformer",
     "default_positions",
     "eos_token_ids",
     "from_pretrained",
-    "init_cache",
     "load_tokenizer",
     "save_pretrained",
     "sequence_logprobs",

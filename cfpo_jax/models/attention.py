@@ -21,8 +21,7 @@ without special cases: cuDNN gets `is_causal` plus a key-padding bias, splash ge
 (padding 0, real 1), einsum a boolean mask. GQA (num_heads a multiple of num_kv_heads) is native in
 all three; the fused kernels never repeat keys/values per query head.
 
-`masked_attention` is the einsum reference for any [B, T, S] mask; `Transformer.forward_cached`
-reads its stacked KV cache with it.
+`masked_attention` is the einsum reference for any [B, T, S] mask (the "einsum" causal path).
 
 Decode attention (`decode_attention`) is what the sampler's decode step runs: one new query per
 row over that row's valid cache slots. The sampler keeps one KV buffer per layer, `[B, K, S, H]`

@@ -31,10 +31,9 @@ what each layer keeps (`REMAT_POLICY`):
   memory than the above for almost no compute saved; there for comparison and for short
   sequences. (A fused attention kernel is not a dot: its output is recomputed either way.)
 
-Attention over full sequences (`hidden`, `__call__`, and a `forward_cached` call that fills the
-whole cache, i.e. the sampler's prefill) runs `attention.causal_attention` with the kernel chosen
-by `config.attention` (fused on GPU/TPU); the decode step reads the cache with
-`attention.masked_attention`.
+Attention (`hidden`, `__call__`) runs `attention.causal_attention` over the full sequence with
+the kernel chosen by `config.attention` (fused on GPU/TPU). The sampler runs these same blocks
+with its own KV cache and decode attention (`cfpo_jax.models.decoding`).
 
 Numerics follow transformers: RMSNorm and softmax in float32, RoPE angles in float32, matmuls in
 the compute dtype with float32 accumulation for the logits. A left-padding query reads only the
@@ -45,7 +44,6 @@ from __future__ import annotations
 
 import math
 
-import flax.struct
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -146,22 +144,6 @@ class RMSNorm(nnx.Module):
         return self.scale[...].astype(self.dtype) * normed.astype(self.dtype)
 
 
-@flax.struct.dataclass
-class Cache:
-    """Per-layer keys and values, [layers, B, S, kv_heads, head_dim]; slot s of row b holds the
-    token the caller wrote there (see `Transformer.forward_cached`)."""
-
-    k: jax.Array
-    v: jax.Array
-
-
-def init_cache(config: ModelConfig, batch_size: int, cache_len: int, dtype=None) -> Cache:
-    """A zero cache for `batch_size` rows of `cache_len` slots, in the compute dtype by default."""
-    shape = (config.num_layers, batch_size, cache_len, config.num_kv_heads, config.head_dim)
-    dtype = jnp.dtype(dtype or config.dtype)
-    return Cache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype))
-
-
 class Attention(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         D, N, K, H = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
@@ -205,35 +187,13 @@ class Attention(nnx.Module):
         out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_kernel[...].astype(out_BxTxNxH.dtype))
         return _adapt(self, "o", out_BxTxNxH, out_BxTxD)
 
-    def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxS, cache=None, layer=None, write_index=None):
-        """Causal self-attention over this call's keys, or (with `cache`) over the cache after
-        writing this call's keys at slots [write_index, write_index + T) of `layer`: query t reads
-        slot s iff s <= write_index + t and mask_BxS[b, s] != 0. Returns (out, cache)."""
+    def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxT):
+        """Causal self-attention over this call's tokens (padding keys masked): [B, T, D]."""
         q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = self.qkv(x_BxTxD, sin_BxTxH, cos_BxTxH)
-        T = q_BxTxNxH.shape[1]
-        if cache is not None:
-            start = (layer, 0, write_index, 0, 0)
-            cache = Cache(
-                k=jax.lax.dynamic_update_slice(cache.k, k_BxTxKxH[None].astype(cache.k.dtype), start),
-                v=jax.lax.dynamic_update_slice(cache.v, v_BxTxKxH[None].astype(cache.v.dtype), start),
-            )
-        if cache is None or cache.k.shape[2] == T:
-            # A call that fills the whole cache starts at slot 0: full-sequence attention over its
-            # own keys (rounded through the cache dtype, as a later read would see them).
-            if cache is not None:
-                k_BxTxKxH = k_BxTxKxH.astype(cache.k.dtype).astype(x_BxTxD.dtype)
-                v_BxTxKxH = v_BxTxKxH.astype(cache.v.dtype).astype(x_BxTxD.dtype)
-            out_BxTxNxH = attention.causal_attention(
-                q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxS, implementation=self.config.attention
-            )
-        else:
-            S = cache.k.shape[2]
-            causal_TxS = jnp.arange(S)[None, :] <= write_index + jnp.arange(T)[:, None]
-            mask_BxTxS = causal_TxS[None] & (mask_BxS[:, None, :] != 0)
-            k_BxSxKxH = cache.k[layer].astype(x_BxTxD.dtype)
-            v_BxSxKxH = cache.v[layer].astype(x_BxTxD.dtype)
-            out_BxTxNxH = attention.masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS)
-        return self.out(out_BxTxNxH), cache
+        out_BxTxNxH = attention.causal_attention(
+            q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxT, implementation=self.config.attention
+        )
+        return self.out(out_BxTxNxH)
 
 
 class MLP(nnx.Module):
@@ -261,12 +221,9 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.hidden_size, config)
         self.mlp = MLP(config, rngs=rngs)
 
-    def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxS, cache=None, layer=None, write_index=None):
-        attn_BxTxD, cache = self.attn(
-            self.attn_norm(x_BxTxD), sin_BxTxH, cos_BxTxH, mask_BxS, cache, layer, write_index
-        )
-        x_BxTxD = x_BxTxD + attn_BxTxD
-        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD)), cache
+    def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxT):
+        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), sin_BxTxH, cos_BxTxH, mask_BxT)
+        return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
 
 
 # ----------------------------------------------------------------------------- the model
@@ -292,22 +249,19 @@ class Transformer(nnx.Module):
         self.blocks = stacked_blocks(rngs)
         self.final_norm = RMSNorm(D, config)
 
-    def _run_blocks(self, x_BxTxD, positions_BxT, mask_BxS, cache=None, write_index=None):
+    def _run_blocks(self, x_BxTxD, positions_BxT, mask_BxT):
         sin_BxTxH, cos_BxTxH = rope_angles(self.config, positions_BxT)
         graphdef, state = nnx.split(self.blocks)
 
-        def body(carry, xs):
-            x_BxTxD, cache = carry
-            layer_state, layer = xs
+        def body(x_BxTxD, layer_state):
             block = nnx.merge(graphdef, layer_state)
-            return block(x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxS, cache, layer, write_index), None
+            return block(x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxT), None
 
         if self.config.remat:
             body = jax.checkpoint(body, prevent_cse=False, policy=REMAT_POLICY[self.config.remat_policy])
-        layers = jnp.arange(self.config.num_layers, dtype=jnp.int32)
         unroll = self.config.num_layers if self.config.unroll_layers else 1
-        (x_BxTxD, cache), _ = jax.lax.scan(body, (x_BxTxD, cache), (state, layers), unroll=unroll)
-        return self.final_norm(x_BxTxD), cache
+        x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, state, unroll=unroll)
+        return self.final_norm(x_BxTxD)
 
     def _embed(self, tokens_BxT):
         return jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(self.config.dtype)
@@ -320,8 +274,7 @@ class Transformer(nnx.Module):
                 positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32), tokens_BxT.shape)
         if positions_BxT is None:
             positions_BxT = default_positions(mask_BxT)
-        hidden_BxTxD, _ = self._run_blocks(self._embed(tokens_BxT), positions_BxT, mask_BxT)
-        return hidden_BxTxD
+        return self._run_blocks(self._embed(tokens_BxT), positions_BxT, mask_BxT)
 
     def unembed(self, hidden_BxTxD):
         """Logits [B, T, V] in float32 (float32 accumulation whatever the compute dtype)."""
@@ -360,13 +313,3 @@ class Transformer(nnx.Module):
     def __call__(self, tokens_BxT, *, positions_BxT=None, mask_BxT=None):
         """Logits [B, T, V] float32. Positions default to `default_positions(mask)` (arange without)."""
         return self.unembed(self.hidden(tokens_BxT, positions_BxT=positions_BxT, mask_BxT=mask_BxT))
-
-    def forward_cached(self, tokens_BxT, positions_BxT, cache: Cache, kv_mask_BxS, write_index):
-        """Writes this call's keys/values at cache slots [write_index, write_index + T) in place and
-        lets query t attend to slot s iff kv_mask_BxS[b, s] == 1 and s <= write_index + t.
-        Returns (logits_BxTxV float32, cache). `write_index` is an int32 scalar, possibly traced."""
-        write_index = jnp.asarray(write_index, jnp.int32)
-        hidden_BxTxD, cache = self._run_blocks(
-            self._embed(tokens_BxT), positions_BxT, kv_mask_BxS, cache, write_index
-        )
-        return self.unembed(hidden_BxTxD), cache
