@@ -59,28 +59,31 @@ def _leaf_checksum(x):
     return jnp.sum(bits * (positions % 65536 + 1), dtype=jnp.uint32)
 
 
-_checksums = jax.jit(lambda leaves: jnp.stack([_leaf_checksum(x) for x in leaves]))
+def _finite_and_checksums(leaves):
+    floats = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats])) if floats else True
+    return finite, jnp.stack([_leaf_checksum(x) for x in leaves])
 
 
-def fingerprint(tree) -> list[int]:
-    """Per leaf, the wrapping uint32 sum of its bits × (1 + flat position mod 2^16), so a flipped
-    byte or two swapped values change it; exact whatever the sharding (integer sums commute)."""
+# One compiled program for the whole state: one launch and one host sync per save. Eager
+# per-leaf reductions were one cross-device collective each, and on many (fake CPU) devices of
+# a loaded machine one of those hundreds of rendezvous could exceed XLA's timeout and abort.
+_integrity = jax.jit(_finite_and_checksums)
+
+
+def integrity(tree) -> tuple[bool, list[int]]:
+    """(every floating-point leaf is finite, per-leaf checksums): per leaf, the wrapping uint32
+    sum of its bits × (1 + flat position mod 2^16), so a flipped byte or two swapped values
+    change it; exact whatever the sharding (integer sums commute)."""
     leaves = jax.tree.leaves(tree)
     if not leaves:
-        return []
-    return [int(v) for v in np.asarray(jax.device_get(_checksums(leaves)))]
+        return True, []
+    finite, checksums = jax.device_get(_integrity(leaves))
+    return bool(finite), [int(v) for v in np.asarray(checksums)]
 
 
 def _meta_digest(meta: dict) -> str:
     return hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()
-
-
-def all_finite(tree) -> bool:
-    """True when every floating-point leaf of `tree` is finite (one device reduction, one sync)."""
-    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
-    if not leaves:
-        return True
-    return bool(jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])))
 
 
 class Checkpointer:
@@ -107,11 +110,12 @@ class Checkpointer:
         Raises CheckpointError when this write (or the previous asynchronous one) fails."""
         if not force and not self._manager.should_save(step):
             return False
-        if not all_finite(state):
+        finite, checksums = integrity(state)
+        if not finite:
             print(f"checkpoint: step {step} holds non-finite values; not saved", flush=True)
             return False
         meta = dict(meta)
-        meta[_INTEGRITY] = {"state": fingerprint(state), "meta_sha256": _meta_digest(meta)}
+        meta[_INTEGRITY] = {"state": checksums, "meta_sha256": _meta_digest(meta)}
         try:
             return self._manager.save(
                 step,
@@ -147,7 +151,7 @@ class Checkpointer:
         if record["meta_sha256"] != _meta_digest(meta):
             raise CheckpointError(f"checkpoint {self.directory}/{step}: meta does not match its "
                                   "checksum")
-        if record["state"] != fingerprint(state):
+        if record["state"] != integrity(state)[1]:
             raise CheckpointError(f"checkpoint {self.directory}/{step}: state arrays do not match "
                                   "their checksums")
         return state, meta

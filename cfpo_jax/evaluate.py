@@ -266,8 +266,8 @@ def evaluate_model(model, tokenizer, config, *, output_dir: str, step: int | Non
 def lm_eval_tasks(path: str, tasks: Sequence[str], *, limit: int = 0, batch_size: int = 16,
                   include_path: str = "", dtype: str | None = None) -> dict[str, dict[str, float]]:
     """lm-evaluation-harness `tasks` on the checkpoint at `path` through our model class
-    (`cfpo_jax.lm_eval`): {task: {metric: value}}, standard errors left out. Needs the [eval]
-    extra."""
+    (`cfpo_jax.lm_eval`): {task: {"metric,filter": value}}, standard errors and lm-eval's
+    bookkeeping (`alias`, `sample_len`) left out. Needs the [eval] extra."""
     try:
         import lm_eval as harness
         from lm_eval.tasks import TaskManager
@@ -279,8 +279,9 @@ def lm_eval_tasks(path: str, tasks: Sequence[str], *, limit: int = 0, batch_size
     output = harness.simple_evaluate(
         model=model, tasks=list(tasks), limit=limit or None,
         task_manager=TaskManager(include_path=include_path or None))
+    # lm-eval names every metric "metric,filter"; the other keys are not scores.
     return {task: {metric: float(value) for metric, value in metrics.items()
-                   if isinstance(value, (int, float)) and "stderr" not in metric}
+                   if "," in metric and "_stderr," not in metric and isinstance(value, (int, float))}
             for task, metrics in output["results"].items()}
 
 

@@ -1,17 +1,18 @@
 """The lm-evaluation-harness model class: our decoder and sampler behind lm-eval's `LM` API.
 
     pip install -e '.[eval]'
-    python -m cfpo_jax.lm_eval --model cfpo_jax --model_args pretrained=<dir> \
+    lm_eval --model cfpo_jax --model_args pretrained=<dir> \
         --tasks arc_easy,hellaswag,winogrande --batch_size 32
 
-`python -m cfpo_jax.lm_eval` is lm-eval's own command line (every flag of `lm_eval`) with the
-model "cfpo_jax" registered first: lm-eval 0.4 looks models up in its registry only, and nothing
-outside lm-eval can join that registry without being imported, so the bare `lm_eval` command
-cannot see it. In Python, `import cfpo_jax.lm_eval` registers it, then
+The installed package makes lm-eval's own `lm_eval` command know the model "cfpo_jax": lm-eval 0.4
+reads no entry points, so a start-up hook (`cfpo_jax_lm_eval.pth`, see `cfpo_jax.lm_eval_plugin`)
+adds it to lm-eval's registry, and this module is imported only when a run names it. From a
+checkout that is not installed (PYTHONPATH), `python -m cfpo_jax.lm_eval` is the same command line
+(every flag of `lm_eval`). In Python, `import cfpo_jax.lm_eval` registers it too, then
 `lm_eval.simple_evaluate(model="cfpo_jax", model_args={"pretrained": dir}, ...)`.
 
 model_args: `pretrained` (HF directory or hub id, as `models.from_pretrained`), `dtype`
-("float32", "bfloat16"; default the checkpoint's), `max_length` (context window; default the
+("float32", "bfloat16"; default or "auto", as for `hf`: the checkpoint's), `max_length` (context window; default the
 model's max_position_embeddings), `data`/`fsdp`/`tensor` (mesh sizes over the local devices,
 default all devices on fsdp), `seed` (sampling).
 
@@ -21,7 +22,10 @@ the same left truncation to `max_length + 1` tokens, the same rolling windows, g
 continuation token is the argmax. Requests are sorted by length and run in batches of
 `batch_size` rows padded to power-of-two widths, split over the mesh's batch axes; only the
 continuation positions are unembedded. `generate_until` runs `cfpo_jax.sampling.generate`
-(greedy unless the task asks to sample) and cuts each text at its first stop string.
+(greedy unless the task asks to sample), stops at every EOS id of the checkpoint
+(`models.eos_token_ids`: the tokenizer's, config.json's and generation_config.json's; `hf` stops
+at the generation config's through transformers' `generate` and at the tokenizer's as a stop
+string) and cuts each text at its first stop string.
 """
 
 from __future__ import annotations
@@ -35,10 +39,9 @@ import numpy as np
 from flax import nnx
 from lm_eval import utils as lm_eval_utils
 from lm_eval.api.model import TemplateLM
-from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
-from cfpo_jax import models, sampling, sharding
+from cfpo_jax import lm_eval_plugin, models, sampling, sharding
 
 MIN_WIDTH = 16
 DEFAULT_BATCH_SIZE = 16
@@ -63,7 +66,6 @@ def _continuation_scores(graphdef, state, tokens_BxT, mask_BxT, index_BxC, valid
             jnp.all(greedy_BxC | ~valid_BxC, axis=-1))
 
 
-@register_model("cfpo_jax")
 class CfpoJaxLM(TemplateLM):
     """lm-eval `LM` over a `cfpo_jax.models.Transformer` (see the module docstring)."""
 
@@ -74,6 +76,7 @@ class CfpoJaxLM(TemplateLM):
         # lm-eval passes its own settings (device, max_batch_size) to every model class.
         del unused
         self.mesh = sharding.make_mesh(int(data), int(fsdp), int(tensor))
+        dtype = None if dtype == "auto" else dtype
         self.model = models.from_pretrained(pretrained, mesh=self.mesh, param_dtype=dtype, dtype=dtype)
         self.tokenizer = models.load_tokenizer(pretrained)
         self._graphdef, self._state = nnx.split(self.model)
@@ -83,9 +86,7 @@ class CfpoJaxLM(TemplateLM):
         self._shards = int(np.prod([self.mesh.shape[a] for a in sharding.BATCH_AXES]))
         self._batch_sharding = sharding.batch_sharding(self.mesh)
         self._seed = int(seed)
-        self._eos_ids = tuple(dict.fromkeys(
-            ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
-            + list(self.model.config.eos_token_ids)))
+        self._eos_ids = models.eos_token_ids(pretrained, self.tokenizer)
         self._pad_id = (self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None
                         else self._eos_ids[0])
 
@@ -220,6 +221,12 @@ class CfpoJaxLM(TemplateLM):
                 bar.update(len(chunk))
         bar.close()
         return results
+
+
+# By name ("module:class") rather than with lm-eval's decorator: the installed start-up hook
+# registers that same name, which a class object would clash with when this module runs as
+# __main__ (`python -m cfpo_jax.lm_eval`; lm-eval then imports it under its own name).
+lm_eval_plugin.register()
 
 
 def main(argv: list[str] | None = None) -> None:

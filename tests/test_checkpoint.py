@@ -114,18 +114,24 @@ def test_no_restorable_checkpoint_is_an_error_not_a_restart(tmp_path):
         _abstract()) is None
 
 
-def test_fingerprint_is_sharding_independent_and_sensitive():
+def test_integrity_checksums_are_sharding_independent_and_sensitive_and_finiteness_is_checked():
     from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
     x = jnp.arange(64.0, dtype=jnp.float32).reshape(8, 8)
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("a", "b"))
     sharded = jax.device_put(x, NamedSharding(mesh, PartitionSpec("a", "b")))
-    assert checkpoint.fingerprint([x]) == checkpoint.fingerprint([sharded])
+    assert checkpoint.integrity([x])[1] == checkpoint.integrity([sharded])[1]
     bits = np.asarray(x).view(np.uint32).astype(np.uint64)
     weights = np.arange(64, dtype=np.uint64) % 65536 + 1
-    assert checkpoint.fingerprint([x]) == [int((bits.reshape(-1) * weights).sum() % 2**32)]
+    assert checkpoint.integrity([x])[1] == [int((bits.reshape(-1) * weights).sum() % 2**32)]
     swapped = x.at[0, 0].set(x[0, 1]).at[0, 1].set(x[0, 0])
-    assert checkpoint.fingerprint([swapped]) != checkpoint.fingerprint([x])
+    assert checkpoint.integrity([swapped])[1] != checkpoint.integrity([x])[1]
+    # Finiteness over every floating leaf, sharded or not; integer and key leaves are ignored.
+    key = jax.random.key(0)
+    assert checkpoint.integrity([sharded, jnp.int32(7), key])[0] is True
+    for bad in (jnp.nan, jnp.inf, -jnp.inf):
+        poisoned = jax.device_put(x.at[5, 6].set(bad), sharded.sharding)
+        assert checkpoint.integrity([x, poisoned, jnp.int32(7)])[0] is False
 
 
 _WRITER = """

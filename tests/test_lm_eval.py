@@ -1,6 +1,15 @@
 """The lm-evaluation-harness model class against lm-eval's own `hf` backend on the same checkpoint."""
 
+import glob
+import importlib.metadata
+import json
 import os
+import subprocess
+import sys
+import sysconfig
+import venv
+from urllib.parse import urlparse
+from urllib.request import url2pathname
 
 import numpy as np
 import pytest
@@ -13,6 +22,7 @@ from lm_eval.tasks import TaskManager  # noqa: E402
 
 from cfpo_jax import lm_eval as cfpo_lm_eval  # noqa: E402  (registers "cfpo_jax")
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TASK_DIR = os.path.join(os.path.dirname(__file__), "lm_eval_tasks")
 MAX_LENGTH = 64  # small, so that rolling windows and left truncation are exercised
 TOL = 1e-4
@@ -90,8 +100,6 @@ def test_greedy_generation_matches_the_hf_backend(models):
 
 
 def test_alignment_tax_report_compares_two_checkpoints(checkpoint, tmp_path):
-    import json
-
     from lm_eval.models.huggingface import HFLM
 
     from cfpo_jax import config as config_lib
@@ -110,6 +118,7 @@ def test_alignment_tax_report_compares_two_checkpoints(checkpoint, tmp_path):
         accuracies.append(expected["results"]["cfpo_tiny_mc"]["acc,none"])
         assert report[key]["results"]["cfpo_tiny_mc"]["acc,none"] == pytest.approx(accuracies[-1])
     before_acc, after_acc = accuracies
+    assert set(report["relative_change"]["cfpo_tiny_mc"]) == {"acc,none"}  # scores only, no sample_len
     change = report["relative_change"]["cfpo_tiny_mc"]["acc,none"]
     if before_acc:
         assert change == pytest.approx((after_acc - before_acc) / before_acc)
@@ -120,17 +129,88 @@ def test_alignment_tax_report_compares_two_checkpoints(checkpoint, tmp_path):
 
 
 def test_command_line_registers_the_model(checkpoint, tmp_path):
-    """`python -m cfpo_jax.lm_eval` is lm-eval's command line with "cfpo_jax" known."""
-    import subprocess
-    import sys
-
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    """`python -m cfpo_jax.lm_eval` (a checkout on PYTHONPATH) is lm-eval's command line with
+    "cfpo_jax" known."""
     result = subprocess.run(
         [sys.executable, "-m", "cfpo_jax.lm_eval", "--model", "cfpo_jax", "--model_args",
          f"pretrained={checkpoint},max_length={MAX_LENGTH}", "--tasks", "cfpo_tiny_mc",
          "--include_path", TASK_DIR, "--limit", "2", "--batch_size", "4",
          "--output_path", str(tmp_path)],
-        cwd=repo, capture_output=True, text=True, timeout=600,
-        env={**os.environ, "PYTHONPATH": repo, "JAX_PLATFORMS": "cpu"})
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "cfpo_tiny_mc" in result.stdout and "acc" in result.stdout
+
+
+def test_registering_the_model_keeps_lm_evals_own_models():
+    """lm-eval imports its own model table only while its registry is empty: registering
+    "cfpo_jax" first must not hide "hf" (a fresh interpreter, so nothing was imported before)."""
+    result = subprocess.run(
+        [sys.executable, "-c", "import cfpo_jax.lm_eval; from lm_eval.api.registry import get_model; "
+         "print(get_model('cfpo_jax').__qualname__, get_model('hf').__qualname__)"],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["CfpoJaxLM", "HFLM"]
+
+
+def _installed_from_this_checkout() -> bool:
+    """Whether the running environment holds a pip install of this checkout with its lm-eval
+    start-up hook (CI's `pip install -e '.[test]'`)."""
+    try:
+        dist = importlib.metadata.distribution("cfpo_jax")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    url = json.loads(dist.read_text("direct_url.json") or "{}").get("url", "")
+    return (url.startswith("file:")
+            and os.path.realpath(url2pathname(urlparse(url).path)) == os.path.realpath(REPO)
+            and any(file.name == "cfpo_jax_lm_eval.pth" for file in dist.files or ()))
+
+
+def _throwaway_install(directory) -> str:
+    """A virtual environment that sees every package of the running one and has this checkout
+    pip-installed (editable, no dependencies); its interpreter."""
+    venv.EnvBuilder(with_pip=False).create(directory)
+    python = os.path.join(directory, "bin", "python")
+    site_packages = subprocess.run([python, "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+                                   capture_output=True, text=True, check=True).stdout.strip()
+    with open(os.path.join(site_packages, "_running_env.pth"), "w") as f:
+        for kind in sorted({"purelib", "platlib"}):
+            f.write(f"import site; site.addsitedir({sysconfig.get_path(kind)!r})\n")
+    install = subprocess.run([python, "-m", "pip", "install", "--no-deps", "-e", REPO],
+                             capture_output=True, text=True, timeout=300)
+    assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-2000:]
+    return python
+
+
+def test_bare_lm_eval_command_knows_the_model(checkpoint, models, tmp_path):
+    """lm-eval's own `lm_eval` console script with `--model cfpo_jax`, once cfpo_jax is installed:
+    no import of ours on its command line, no PYTHONPATH. Its accuracy and per-choice
+    loglikelihoods are the hf backend's on the same checkpoint."""
+    console = os.path.join(sysconfig.get_path("scripts"), "lm_eval")
+    if not os.path.isfile(console):
+        pytest.skip(f"lm-eval's console script is not installed ({console} is missing): pip install -e '.[eval]'")
+    # CI installed this checkout already; elsewhere (a checkout on PYTHONPATH) install it into a
+    # throwaway environment and run the same console script with that environment's interpreter.
+    command = [] if _installed_from_this_checkout() else [_throwaway_install(tmp_path / "env")]
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    result = subprocess.run(  # dtype=auto as users pass it to `hf`: the checkpoint's float32
+        [*command, console, "--model", "cfpo_jax", "--model_args",
+         f"pretrained={checkpoint},max_length={MAX_LENGTH},dtype=auto", "--tasks", "cfpo_tiny_mc",
+         "--include_path", TASK_DIR, "--limit", "8", "--batch_size", "4", "--log_samples",
+         "--output_path", str(tmp_path / "out")],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "cfpo_jax (" in result.stdout and "cfpo_tiny_mc" in result.stdout
+    [results_file] = glob.glob(str(tmp_path / "out" / "*" / "results_*.json"))
+    [samples_file] = glob.glob(str(tmp_path / "out" / "*" / "samples_cfpo_tiny_mc_*.jsonl"))
+    with open(results_file) as f:
+        accuracy = json.load(f)["results"]["cfpo_tiny_mc"]["acc,none"]
+    with open(samples_file) as f:
+        samples = sorted((json.loads(line) for line in f), key=lambda sample: sample["doc_id"])
+    ref_out = evaluate(models[1], limit=8)
+    ref_samples = sorted(ref_out["samples"]["cfpo_tiny_mc"], key=lambda sample: sample["doc_id"])
+    assert len(samples) == len(ref_samples) == 8
+    np.testing.assert_allclose([float(r[0]) for s in samples for r in s["filtered_resps"]],
+                               [float(r[0]) for s in ref_samples for r in s["filtered_resps"]],
+                               atol=TOL, rtol=0)
+    assert accuracy == ref_out["results"]["cfpo_tiny_mc"]["acc,none"]
