@@ -205,8 +205,6 @@ def _wait_for(predicate, process, timeout=600):
     raise AssertionError("timed out")
 
 
-@pytest.mark.xfail(reason="failed in the fresh-clone CI check of 2026-11-23 after the day's merges; "
-                   "not yet diagnosed", strict=False)
 def test_resume_after_sigkill_and_sigterm_matches_an_uninterrupted_run(tmp_path):
     workdir = tmp_path / "preempted"
     ckpts = workdir / "checkpoints"
@@ -380,24 +378,23 @@ def test_on_policy_update_reuses_its_own_logprobs_with_unchanged_losses(tmp_path
                     jax.tree.leaves(recomputed_state["params"])) < 0.01 * step_size
 
 
-@pytest.mark.skip(reason="aborts the whole pytest process (XLA CPU collective in "
-                  "checkpoint.all_finite on 8 fake devices, 'Fatal Python error: Aborted') in the "
-                  "fresh-clone CI check of 2026-11-23; not yet diagnosed")
-@pytest.mark.parametrize("name, overrides, rtol", [
+@pytest.mark.parametrize("name, overrides, rtol, rows_off", [
     # GSPO-style sequence ratio under dual-clip PPO with clip-higher, RLOO advantages, two
     # epochs × two minibatches (off policy from the second update on).
     ("sequence-dualclip-rloo", dict(rl__objective="ppo", rl__level="sequence", rl__dual_clip=3.0,
                                     rl__eps_high=0.28, rl__estimator="rloo",
-                                    rl__num_minibatches=2), 1e-4),
+                                    rl__num_minibatches=2), 1e-4, 0),
     # bf16 compute over fp32 master weights, CFPO with three epochs, Dr.GRPO's aggregation,
-    # micro-batches of 8. bf16 sums in another order on 8 devices: a bf16 tolerance.
+    # micro-batches of 8. bf16 sums in another order on 8 devices: a bf16 tolerance, and after
+    # the first update one of the second rollout's 16 completions may come out otherwise.
     ("bf16-cfpo-epochs", dict(model__dtype="bfloat16", rl__num_epochs=3, rl__micro_batch_size=8,
-                              rl__agg="seq-mean-token-sum-norm", rl__estimator="drgrpo"), 3e-2),
+                              rl__agg="seq-mean-token-sum-norm", rl__estimator="drgrpo"), 3e-2, 1),
     # The alignment setting: KL folded into RLOO rewards (issue 14), two epochs.
     ("kl-in-reward-rloo", dict(rl__beta=0.1, rl__kl_in_reward=True, rl__estimator="rloo",
-                               rl__num_epochs=2), 1e-4),
+                               rl__num_epochs=2), 1e-4, 0),
 ])
-def test_trainer_variants_agree_on_one_and_eight_devices(tmp_path, name, overrides, rtol):
+def test_trainer_variants_agree_on_one_and_eight_devices(tmp_path, name, overrides, rtol,
+                                                         rows_off):
     """Short runs of less common settings end to end: finite, every update applied, and the
     8-device (fsdp 8) run gives the one-device run's numbers."""
     results = {}
@@ -412,7 +409,10 @@ def test_trainer_variants_agree_on_one_and_eight_devices(tmp_path, name, overrid
         assert int(result["state"]["updates"]) == 2 * updates_per_step
         assert int(result["state"]["skipped_updates"]) == 0
     assert np.all(np.isfinite(results[1]))
-    np.testing.assert_allclose(results[8], results[1], rtol=rtol, atol=1e-5)
+    one, eight = np.array(results[1]), np.array(results[8])
+    np.testing.assert_allclose(eight[:, [0, 1, 3]], one[:, [0, 1, 3]], rtol=rtol, atol=1e-5)
+    # The reward is the mean of 4 × 4 per-completion scores in [0, 1].
+    np.testing.assert_allclose(eight[:, 2], one[:, 2], rtol=0, atol=rows_off / 16 + 1e-6)
 
 
 def test_model_remat_reaches_the_update_and_cuts_its_compiled_memory(tmp_path):
