@@ -108,9 +108,6 @@ def read_steps(workdir):
 KEYS = ("loss", "grad_norm", "reward_mean", "clip_frac", "response_len_mean")
 
 
-@pytest.mark.skip(reason="passed once (2026-11-23, before the continuous-batching sampler and the "
-                  "staged trainer were merged); on today's main the 2-process run logs step 1 with "
-                  "the 1-process values and then hangs; not yet diagnosed (issue 12, point 2)")
 def test_two_processes_train_like_one_process(tmp_path):
     """2 processes × 4 devices and 1 process × 8 devices: the same first steps (losses, gradient
     norms, rewards); one metrics file, written once per step."""
@@ -126,9 +123,6 @@ def test_two_processes_train_like_one_process(tmp_path):
 
 
 @pytest.mark.slow  # three 2-process launches: minutes on 2 cores
-@pytest.mark.skip(reason="the stop-and-checkpoint phase passed (2026-11-23), but the resumed "
-                  "2-process run then did not exit within 900 s after its last step; not yet "
-                  "diagnosed (issue 12, point 2)")
 def test_sigterm_to_one_process_stops_all_at_the_same_step_and_resumes(tmp_path):
     """SIGTERM to process 1 only: both finish the step, agree to stop, checkpoint it together and
     exit 0; started again, both resume from that checkpoint and finish."""
