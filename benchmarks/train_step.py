@@ -3,13 +3,20 @@ measured matmul peak.
 
     python benchmarks/train_step.py                  # GPU: 0.5B, 1.5B, 7B shapes, remat off / full
     python benchmarks/train_step.py --small          # CPU smoke run, tiny shape (~2 min on 2 cores)
+    python benchmarks/train_step.py --shapes 7b --remat full --lora-rank 64   # issue 15's LoRA row
     python benchmarks/train_step.py --shapes 1.5b --remat full,dots_with_no_batch_dims --batch 16
 
 Per shape (Qwen2.5, benchmarks/shapes.py) and remat setting: random weights in float32 (the master
 copy AdamW updates), bfloat16 compute, `--batch` sequences of `--prompt-len` + `--new-tokens`
 tokens (default 1,024 + 1,024), one minibatch, no micro-batching, CFPO on random advantages. The
 function timed is `cfpo_jax.train.make_update` — the trainer's own update, state donated — jitted
-on a mesh of all local devices (one GPU: one device). It prints:
+on a mesh of all local devices (one GPU: one device).
+
+With `--lora-rank R` > 0 each (shape, remat) also gets a LoRA row beside its full fine-tuning row:
+the same shape, batch and update, with adapters of rank R (alpha = R) on all seven projections
+(q k v o gate up down) as configs/gsm8k_qwen_lora.py, a bfloat16 frozen base passed to the update
+as its `rest` argument (as the trainer does), and only the float32 adapters trained (the AdamW
+state holds adapters only). It prints:
 
 * step s: median wall time of `--steps` updates after a compile call, until the metrics are on
   the host;
@@ -18,7 +25,9 @@ on a mesh of all local devices (one GPU: one device). It prints:
   of the matmuls the model needs — q/k/v/o projections and the SwiGLU MLP for every token, causal
   attention (2 · 2 · N · H · T² / 2 per layer per sequence), the unembedding for the completion
   columns only (what `sequence_logprobs(num_completion=N)` computes) — without remat's recompute,
-  as MFU is usually counted (PaLM, MaxText);
+  as MFU is usually counted (PaLM, MaxText). A LoRA row counts what its update computes: the
+  frozen projections, MLP and unembedding need input gradients only (2 × forward), attention and
+  the adapter matmuls 3 × forward;
 * MFU: TFLOP/s over the bf16 matmul peak measured in the same run (`--peak-size`³ matmuls);
 * peak GB: XLA's compiled per-device peak (arguments + outputs − aliased + temporaries); on a GPU
   also the allocator's high-water mark (`memory_stats()['peak_bytes_in_use']`). A setting whose
@@ -28,6 +37,7 @@ on a mesh of all local devices (one GPU: one device). It prints:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -49,20 +59,26 @@ from jax.sharding import PartitionSpec as PS  # noqa: E402
 import shapes  # noqa: E402
 from cfpo_jax import config as config_lib  # noqa: E402
 from cfpo_jax import models, sharding, train  # noqa: E402
-from cfpo_jax.models.config import REMAT_POLICIES  # noqa: E402
+from cfpo_jax.models.config import LORA_TARGETS, REMAT_POLICIES  # noqa: E402
 
 GB = 1e9
 
 
 def model_flops_per_step(config, batch: int, prompt_len: int, new_tokens: int) -> float:
-    """3 × forward matmul FLOPs of one update (see the module docstring)."""
+    """Matmul FLOPs of one update (see the module docstring): 3 × forward, or with adapters
+    (`config.lora_rank` > 0) 2 × the frozen matmuls' forward + 3 × attention's and the adapters'."""
     D, F, L = config.hidden_size, config.intermediate_size, config.num_layers
     N, K, H, V = config.num_heads, config.num_kv_heads, config.head_dim, config.vocab_size
     T = prompt_len + new_tokens
     per_token_layer = 2 * D * (N + 2 * K) * H + 2 * N * H * D + 2 * 3 * D * F
     attention_per_sequence_layer = 2 * N * H * T * T  # q·k and p·v, causal half of 2 · 2 · N·H·T²
-    forward = batch * L * (T * per_token_layer + attention_per_sequence_layer) + batch * new_tokens * 2 * D * V
-    return 3.0 * forward
+    weights = batch * L * T * per_token_layer + batch * new_tokens * 2 * D * V
+    attention = batch * L * attention_per_sequence_layer
+    if not config.lora_rank:
+        return 3.0 * (weights + attention)
+    in_out = dict(q=(D, N * H), k=(D, K * H), v=(D, K * H), o=(N * H, D), gate=(D, F), up=(D, F), down=(F, D))
+    adapters = batch * L * T * sum(2 * config.lora_rank * sum(in_out[t]) for t in config.lora_targets)
+    return 2.0 * weights + 3.0 * (attention + adapters)
 
 
 def measure_peak_tflops(size: int, dtype=jnp.bfloat16, repeats: int = 10) -> float:
@@ -91,11 +107,16 @@ def rl_config(objective: str = "cfpo") -> ml_collections.ConfigDict:
     return rl
 
 
-def run_one(shape: str, remat: str, *, batch: int, prompt_len: int, new_tokens: int, steps: int,
-            device_bytes: float | None):
-    """One row of the table: compile, check the memory, time `steps` updates."""
-    model_config = shapes.model_config(shape, param_dtype="float32", dtype="bfloat16",
-                                       remat=remat != "off", remat_policy="full" if remat == "off" else remat)
+def run_one(shape: str, remat: str, lora_rank: int, *, batch: int, prompt_len: int, new_tokens: int,
+            steps: int, device_bytes: float | None):
+    """One row of the table: compile, check the memory, time `steps` updates. With `lora_rank` > 0
+    only adapters train, on a bfloat16 frozen base."""
+    lora = dict(lora_rank=lora_rank, lora_alpha=float(lora_rank), lora_targets=LORA_TARGETS) if lora_rank else {}
+    model_config = shapes.model_config(shape, param_dtype="bfloat16" if lora_rank else "float32",
+                                       dtype="bfloat16", remat=remat != "off",
+                                       remat_policy="full" if remat == "off" else remat, **lora)
+    # Trained / frozen split as the trainer's `build`: adapters / base with LoRA, else all / nothing.
+    trained = nnx.LoRAParam if lora_rank else nnx.Param
     mesh = sharding.make_mesh(1, -1, 1)
     optim = config_lib.base_config().optim
     optim.weight_decay = 0.01
@@ -103,21 +124,23 @@ def run_one(shape: str, remat: str, *, batch: int, prompt_len: int, new_tokens: 
     rl = rl_config()
 
     abstract_model = nnx.eval_shape(lambda: models.Transformer(model_config, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params, rest = nnx.split(abstract_model, nnx.Param, ...)
+    graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, trained, ...)
     param_sh = sharding.param_shardings(mesh, abstract_params)
-    abstract_params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                   abstract_params, param_sh)
-    init_state, abstract_state = train.create_state(abstract_params, tx, mesh, seed=0, beta=0.0)
+    rest_sh = sharding.param_shardings(mesh, abstract_rest)
+    with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+    abstract_params = jax.tree.map(with_sharding, abstract_params, param_sh)
+    abstract_rest = jax.tree.map(with_sharding, abstract_rest, rest_sh)
+    init_state, abstract_state = train.create_state(abstract_params, tx, mesh, seed=0, beta=0.0,
+                                                    adapters=bool(lora_rank))
     state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
     batch_sh = sharding.batch_sharding(mesh)
     T = prompt_len + new_tokens
     pure_update = train.make_update(graphdef, tx, schedule, rl, temperature=1.0,
                                     max_len=new_tokens, micro_batch_size=0)
-    # `rest` (the non-trained model state) is empty without LoRA: closing over it costs nothing.
-    update = jax.jit(
-        lambda state, batch: pure_update(state, rest, batch),
-        in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, NamedSharding(mesh, PS())),
-        donate_argnums=0)
+    # `rest` (the frozen base with LoRA, else empty) is an argument, as in the trainer: jit would
+    # embed a closed-over array in the program as a constant.
+    update = jax.jit(pure_update, in_shardings=(state_sh, rest_sh, batch_sh),
+                     out_shardings=(state_sh, NamedSharding(mesh, PS())), donate_argnums=0)
     rng = np.random.default_rng(0)
     host_batch = dict(
         tokens=rng.integers(0, model_config.vocab_size, (batch, T), dtype=np.int32),
@@ -129,28 +152,28 @@ def run_one(shape: str, remat: str, *, batch: int, prompt_len: int, new_tokens: 
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in host_batch.items()}
 
     start = time.time()
-    compiled = update.lower(abstract_state, abstract_batch).compile()
+    compiled = update.lower(abstract_state, abstract_rest, abstract_batch).compile()
     compile_s = time.time() - start
     memory = compiled.memory_analysis()
     compiled_peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                      - memory.alias_size_in_bytes + memory.temp_size_in_bytes)
-    row = dict(shape=shape, remat=remat, batch=batch, T=T, compile_s=compile_s, compiled_peak=compiled_peak,
+    row = dict(shape=shape, remat=remat, lora_rank=lora_rank, batch=batch, T=T, compile_s=compile_s, compiled_peak=compiled_peak,
                flops=model_flops_per_step(model_config, batch, prompt_len, new_tokens))
     if device_bytes is not None and compiled_peak > device_bytes:
         row["skipped"] = f"compiled peak {compiled_peak / GB:.1f} GB > {device_bytes / GB:.1f} GB"
         return row
 
     # Random weights made on device in their shardings (nothing on the host).
-    params = jax.jit(lambda: nnx.split(models.Transformer(model_config, rngs=nnx.Rngs(0)), nnx.Param, ...)[1],
-                     out_shardings=param_sh)()
+    params, rest = jax.jit(lambda: nnx.split(models.Transformer(model_config, rngs=nnx.Rngs(0)), trained, ...)[1:],
+                           out_shardings=(param_sh, rest_sh))()
     state = init_state(params)
     device_batch = {k: jax.device_put(v, batch_sh) for k, v in host_batch.items()}
-    state, metrics = compiled(state, device_batch)
+    state, metrics = compiled(state, rest, device_batch)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        state, metrics = compiled(state, device_batch)
+        state, metrics = compiled(state, rest, device_batch)
         float(metrics["loss"])
         times.append(time.perf_counter() - start)
     row["step_s"] = statistics.median(times)
@@ -162,23 +185,27 @@ def run_one(shape: str, remat: str, *, batch: int, prompt_len: int, new_tokens: 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--small", action="store_true", help="CPU smoke run: tiny shape, 4 × (64 + 64) tokens")
+    parser.add_argument("--small", action="store_true",
+                        help="CPU smoke run: tiny shape, 4 × (64 + 64) tokens, LoRA rank 8")
     parser.add_argument("--shapes", default="0.5b,1.5b,7b")
     parser.add_argument("--remat", default="off,full", help="comma list of off and remat policies")
     parser.add_argument("--batch", type=int, default=8, help="sequences per update")
     parser.add_argument("--prompt-len", type=int, default=1024)
     parser.add_argument("--new-tokens", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--lora-rank", type=int, default=64,
+                        help="adapter rank of the LoRA row beside each full fine-tuning row; 0: no LoRA rows")
     parser.add_argument("--peak-size", type=int, default=8192, help="matmul size for the peak measurement")
-    parser.add_argument("--row", help=argparse.SUPPRESS)  # SHAPE:REMAT, run in a child process
+    parser.add_argument("--row", help=argparse.SUPPRESS)  # SHAPE:REMAT:LORA_RANK, run in a child process
     args = parser.parse_args()
     if args.small:
         args.shapes, args.batch, args.prompt_len, args.new_tokens, args.peak_size = "tiny", 4, 64, 64, 1024
+        args.lora_rank = 8  # the tiny shape's hidden size is 64
     device = jax.devices()[0]
     device_bytes = (device.memory_stats() or {}).get("bytes_limit")
     if args.row:
-        shape, remat = args.row.split(":")
-        row = run_one(shape, remat, batch=args.batch, prompt_len=args.prompt_len,
+        shape, remat, lora_rank = args.row.split(":")
+        row = run_one(shape, remat, int(lora_rank), batch=args.batch, prompt_len=args.prompt_len,
                       new_tokens=args.new_tokens, steps=args.steps, device_bytes=device_bytes)
         print("ROW " + json.dumps(row))
         return
@@ -188,38 +215,41 @@ def main():
     for remat in args.remat.split(","):
         if remat != "off" and remat not in REMAT_POLICIES:
             parser.error(f"unknown remat {remat!r}; valid: off, {', '.join(REMAT_POLICIES)}")
+    if args.lora_rank < 0:
+        parser.error(f"--lora-rank must be ≥ 0 (0: no LoRA rows); got {args.lora_rank}")
 
     peak_tflops = measure_peak_tflops(args.peak_size)
     print(f"{device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)), jax {jax.__version__}; "
           f"bf16 matmul peak measured: {peak_tflops:.3g} TFLOP/s ({args.peak_size}³)")
-    header = ("shape", "remat", "batch × T", "step s", "tokens/s", "TFLOP/s", "MFU", "compiled peak GB",
+    header = ("shape", "remat", "trained", "batch × T", "step s", "tokens/s", "TFLOP/s", "MFU", "compiled peak GB",
               "allocator peak GB", "compile s")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
     # Each row in a fresh process: its own allocator high-water mark, nothing left by the last row.
     del device
-    for shape in args.shapes.split(","):
-        for remat in args.remat.split(","):
-            command = [sys.executable, os.path.abspath(__file__), f"--row={shape}:{remat}",
-                       f"--batch={args.batch}", f"--prompt-len={args.prompt_len}",
-                       f"--new-tokens={args.new_tokens}", f"--steps={args.steps}"]
-            child = subprocess.run(command, capture_output=True, text=True)
-            lines = [line for line in child.stdout.splitlines() if line.startswith("ROW ")]
-            if child.returncode or not lines:
-                print(f"| {shape} | {remat} | failed: {(child.stderr.strip().splitlines() or ['?'])[-1]} |")
-                continue
-            row = json.loads(lines[-1][4:])
-            if "skipped" in row:
-                cells = (shape, remat, f"{row['batch']} × {row['T']}", "—", "—", "—", "—",
-                         f"{row['compiled_peak'] / GB:.1f}", f"not run: {row['skipped']}",
-                         f"{row['compile_s']:.0f}")
-            else:
-                tflops = row["flops"] / row["step_s"] / 1e12
-                allocator = row["allocator_peak"]
-                cells = (shape, remat, f"{row['batch']} × {row['T']}", f"{row['step_s']:.3f}",
-                         f"{row['batch'] * row['T'] / row['step_s']:,.0f}", f"{tflops:.3g}",
-                         f"{tflops / peak_tflops:.1%}", f"{row['compiled_peak'] / GB:.2f}",
-                         "n/a (CPU)" if allocator is None else f"{allocator / GB:.2f}", f"{row['compile_s']:.0f}")
-            print("| " + " | ".join(cells) + " |", flush=True)
+    ranks = [0, args.lora_rank] if args.lora_rank else [0]
+    for shape, remat, lora_rank in itertools.product(args.shapes.split(","), args.remat.split(","), ranks):
+        trained = f"LoRA r{lora_rank}" if lora_rank else "all"
+        command = [sys.executable, os.path.abspath(__file__), f"--row={shape}:{remat}:{lora_rank}",
+                   f"--batch={args.batch}", f"--prompt-len={args.prompt_len}",
+                   f"--new-tokens={args.new_tokens}", f"--steps={args.steps}"]
+        child = subprocess.run(command, capture_output=True, text=True)
+        lines = [line for line in child.stdout.splitlines() if line.startswith("ROW ")]
+        if child.returncode or not lines:
+            print(f"| {shape} | {remat} | {trained} | failed: {(child.stderr.strip().splitlines() or ['?'])[-1]} |")
+            continue
+        row = json.loads(lines[-1][4:])
+        if "skipped" in row:
+            cells = (shape, remat, trained, f"{row['batch']} × {row['T']}", "—", "—", "—", "—",
+                     f"{row['compiled_peak'] / GB:.1f}", f"not run: {row['skipped']}",
+                     f"{row['compile_s']:.0f}")
+        else:
+            tflops = row["flops"] / row["step_s"] / 1e12
+            allocator = row["allocator_peak"]
+            cells = (shape, remat, trained, f"{row['batch']} × {row['T']}", f"{row['step_s']:.3f}",
+                     f"{row['batch'] * row['T'] / row['step_s']:,.0f}", f"{tflops:.3g}",
+                     f"{tflops / peak_tflops:.1%}", f"{row['compiled_peak'] / GB:.2f}",
+                     "n/a (CPU)" if allocator is None else f"{allocator / GB:.2f}", f"{row['compile_s']:.0f}")
+        print("| " + " | ".join(cells) + " |", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ loading our adapter directory onto the transformers base model.
 import json
 import os
 import shutil
+import signal
 
 import jax
 import jax.numpy as jnp
@@ -314,6 +315,45 @@ def test_resumed_lora_run_equals_an_uninterrupted_one_and_exports(tmp_path):
     scale = np.abs(expected[sel]).max()
     assert np.abs(base - expected)[sel].max() > 1e-4 * scale  # training moved the policy
     assert np.abs(got - expected)[sel].max() <= 1e-5 * scale
+
+
+@pytest.mark.slow  # 2 min 18 s on the 2-core box: three runs of the trainer, two of them processes
+def test_lora_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapters(tmp_path):
+    """A real preemption: `python -m cfpo_jax.train` with adapters, SIGKILLed once its first
+    checkpoint is complete, then restarted, ends with the adapters and Adam moments of the same
+    run done in one go (in this process, same 8 devices, same seed)."""
+    from test_train import _launch, _wait_for, tiny
+
+    from cfpo_jax import checkpoint, train
+
+    workdir = tmp_path / "preempted"
+    ckpts = workdir / "checkpoints"
+    lora_flags = ("--config.lora.rank=4", "--config.lora.alpha=8.0")
+    first = _launch(workdir, *lora_flags)  # 6 steps, a checkpoint every 2
+    _wait_for(lambda: ckpts.is_dir() and any(d.isdigit() for d in os.listdir(ckpts)), first)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = max(int(d) for d in os.listdir(ckpts) if d.isdigit())
+    assert killed_at < 6
+
+    second = _launch(workdir, *lora_flags)
+    output = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, output
+    assert f"resumed from step {killed_at}" in output, output
+
+    reference = train.run(tiny(**LORA, train__num_steps=6, train__checkpoint_every=2),
+                          str(tmp_path / "uninterrupted"))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            reference["state"])
+    manager = checkpoint.Checkpointer(str(ckpts), every=2, keep=3)
+    assert manager.latest_step() == 6
+    resumed, _ = manager.restore(6, abstract)
+    manager.close()
+    assert set(_leaf_names(resumed["params"])) == set(_leaf_names(reference["state"]["params"]))
+    assert all("lora" in name for name in _leaf_names(resumed["params"]))  # adapters only
+    for a, b in zip(jax.tree.leaves(jax.device_get(resumed)),
+                    jax.tree.leaves(jax.device_get(reference["state"]))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_lora_runs_agree_on_one_and_eight_devices(tmp_path):
