@@ -317,6 +317,33 @@ def test_resumed_lora_run_equals_an_uninterrupted_one_and_exports(tmp_path):
     assert np.abs(got - expected)[sel].max() <= 1e-5 * scale
 
 
+@pytest.mark.parametrize("merge", [False, True], ids=["on-the-fly", "merged"])
+def test_the_sampler_draws_from_the_adapted_policy(tmp_path, merge):
+    """With adapters far from zero, the sampler's log-probabilities of its own tokens are the
+    trainer's for the adapted policy (`sampler_logprob_gap` ≈ 0) and not the base's, whether the
+    adapters are applied on the fly or merged once per rollout (`lora.merge_for_sampling`)."""
+    from test_train import _stages, tiny
+
+    from cfpo_jax import models, train
+
+    config = tiny(**LORA, lora__merge_for_sampling=merge, rl__num_epochs=2)  # off policy: old_logp
+    setup, state, prompts = _stages(tmp_path, config, jax.devices()[:1])
+    leaves, treedef = jax.tree.flatten(state["params"])
+    keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+    moved = [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
+    state = dict(state, params=jax.tree.unflatten(treedef, moved))
+    _, sample_key = setup.split_rng(state["rng"])
+    batch, _, device_metrics, _ = train.rollout(setup, state, prompts, sample_key)
+    assert float(device_metrics["sampler_logprob_gap"]) < 1e-4
+
+    tokens, attn, mask = (np.asarray(batch[k]) for k in ("tokens", "attn", "mask"))
+    base = models.from_pretrained(str(tmp_path / "tiny_model"), dtype=config.model.dtype)
+    base_logp, _ = models.sequence_logprobs(base, jnp.asarray(tokens), jnp.asarray(attn),
+                                            temperature=config.sampling.temperature)
+    base_logp = np.asarray(base_logp)[:, -mask.shape[1]:]
+    assert np.abs((np.asarray(batch["old_logp"]) - base_logp) * mask).max() > 1e-2
+
+
 @pytest.mark.slow  # 2 min 18 s on the 2-core box: three runs of the trainer, two of them processes
 def test_lora_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapters(tmp_path):
     """A real preemption: `python -m cfpo_jax.train` with adapters, SIGKILLed once its first
