@@ -76,13 +76,13 @@ def load_config(spec: str, overrides=()):
 def abstract_learner(config, mesh):
     """(update, logprobs, abstract state, abstract minibatch, abstract rollout columns): the
     trainer's jitted functions and ShapeDtypeStruct inputs with the trainer's shardings."""
-    rl, smp = config.rl, config.sampling
+    rl, sampling_config = config.rl, config.sampling
     model_config = shapes.model_config(
         shapes.shape_of_hub_id(config.model.path), param_dtype=config.model.param_dtype,
         dtype=config.model.dtype, remat=config.model.remat, remat_policy=config.model.remat_policy,
         attention=config.model.attention)
     abstract_model = nnx.eval_shape(lambda: models.Transformer(model_config, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract_model, nnx.Param, ...)
+    graphdef, params, frozen = nnx.split(abstract_model, nnx.Param, ...)
     param_sh = sharding.param_shardings(mesh, params)
     params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, param_sh)
     updates_per_step = rl.num_epochs * rl.num_minibatches
@@ -92,24 +92,25 @@ def abstract_learner(config, mesh):
 
     batch_sh = sharding.batch_sharding(mesh)
     rows = config.data.batch_size * rl.group_size // rl.num_minibatches
-    N = smp.max_new_tokens
-    L = data.bucket_width(smp.max_prompt_len) + N
+    N = sampling_config.max_new_tokens
+    L = data.bucket_width(sampling_config.max_prompt_len) + N
     column = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
     minibatch = dict(tokens=column((rows, L), jnp.int32), attn=column((rows, L), jnp.int32),
                      mask=column((rows, N), jnp.float32), adv=column((rows,), jnp.float32),
                      old_logp=column((rows, N), jnp.float32))
     if rl.beta > 0:
         minibatch["ref_logp"] = column((rows, N), jnp.float32)
-    pure_update = train.make_update(graphdef, tx, schedule, rl, temperature=smp.temperature,
+    pure_update = train.make_update(graphdef, tx, schedule, rl,
+                                    temperature=sampling_config.temperature,
                                     max_len=N, micro_batch_size=rl.micro_batch_size)
-    # `rest` (the non-trained model state) is empty without LoRA: closing over it costs nothing.
+    # `frozen` (the non-trained model state) is empty without LoRA: closing over it costs nothing.
     update = jax.jit(
-        lambda state, batch: pure_update(state, rest, batch),
+        lambda state, batch: pure_update(state, frozen, batch),
         in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, NamedSharding(mesh, PS())),
         donate_argnums=0)
     rollout = rows * rl.num_minibatches
     logprobs = jax.jit(
-        train.make_logprobs(graphdef, rest, temperature=smp.temperature,
+        train.make_logprobs(graphdef, frozen, temperature=sampling_config.temperature,
                             micro_batch_size=rl.micro_batch_size, num_new=N),
         in_shardings=(param_sh, batch_sh, batch_sh), out_shardings=(batch_sh, batch_sh))
     columns = (column((rollout, L), jnp.int32), column((rollout, L), jnp.int32))

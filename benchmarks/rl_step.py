@@ -86,14 +86,14 @@ def build(config, shape):
                                dtype=config.model.dtype, remat=config.model.remat, **SHAPES[shape])
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     model = sharding.shard_model(Transformer(model_config, rngs=nnx.Rngs(config.seed)), mesh)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
     del model
     rl = config.rl
     tx, schedule = train.make_optimizer(config.optim,
                                         config.train.num_steps * rl.num_epochs * rl.num_minibatches)
     init, abstract_state = train.create_state(params, tx, mesh, seed=config.seed, beta=rl.beta)
     state = init(params)
-    setup = train.make_setup(config, mesh, graphdef, rest, NumberTokenizer(), eos_ids=(),
+    setup = train.make_setup(config, mesh, graphdef, frozen, NumberTokenizer(), eos_ids=(),
                              pad_id=0, tx=tx, schedule=schedule,
                              state_sh=jax.tree.map(lambda x: x.sharding, abstract_state))
     return setup, state

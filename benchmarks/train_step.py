@@ -15,7 +15,7 @@ on a mesh of all local devices (one GPU: one device).
 With `--lora-rank R` > 0 each (shape, remat) also gets a LoRA row beside its full fine-tuning row:
 the same shape, batch and update, with adapters of rank R (alpha = R) on all seven projections
 (q k v o gate up down) as configs/gsm8k_qwen_lora.py, a bfloat16 frozen base passed to the update
-as its `rest` argument (as the trainer does), and only the float32 adapters trained (the AdamW
+as its `frozen` argument (as the trainer does), and only the float32 adapters trained (the AdamW
 state holds adapters only). It prints:
 
 * step s: median wall time of `--steps` updates after a compile call, until the metrics are on
@@ -124,12 +124,12 @@ def run_one(shape: str, remat: str, lora_rank: int, *, batch: int, prompt_len: i
     rl = rl_config()
 
     abstract_model = nnx.eval_shape(lambda: models.Transformer(model_config, rngs=nnx.Rngs(0)))
-    graphdef, abstract_params, abstract_rest = nnx.split(abstract_model, trained, ...)
+    graphdef, abstract_params, abstract_frozen = nnx.split(abstract_model, trained, ...)
     param_sh = sharding.param_shardings(mesh, abstract_params)
-    rest_sh = sharding.param_shardings(mesh, abstract_rest)
+    frozen_sh = sharding.param_shardings(mesh, abstract_frozen)
     with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
     abstract_params = jax.tree.map(with_sharding, abstract_params, param_sh)
-    abstract_rest = jax.tree.map(with_sharding, abstract_rest, rest_sh)
+    abstract_frozen = jax.tree.map(with_sharding, abstract_frozen, frozen_sh)
     init_state, abstract_state = train.create_state(abstract_params, tx, mesh, seed=0, beta=0.0,
                                                     adapters=bool(lora_rank))
     state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
@@ -137,9 +137,9 @@ def run_one(shape: str, remat: str, lora_rank: int, *, batch: int, prompt_len: i
     T = prompt_len + new_tokens
     pure_update = train.make_update(graphdef, tx, schedule, rl, temperature=1.0,
                                     max_len=new_tokens, micro_batch_size=0)
-    # `rest` (the frozen base with LoRA, else empty) is an argument, as in the trainer: jit would
+    # `frozen` (the frozen base with LoRA, else empty) is an argument, as in the trainer: jit would
     # embed a closed-over array in the program as a constant.
-    update = jax.jit(pure_update, in_shardings=(state_sh, rest_sh, batch_sh),
+    update = jax.jit(pure_update, in_shardings=(state_sh, frozen_sh, batch_sh),
                      out_shardings=(state_sh, NamedSharding(mesh, PS())), donate_argnums=0)
     rng = np.random.default_rng(0)
     host_batch = dict(
@@ -152,7 +152,7 @@ def run_one(shape: str, remat: str, lora_rank: int, *, batch: int, prompt_len: i
     abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in host_batch.items()}
 
     start = time.time()
-    compiled = update.lower(abstract_state, abstract_rest, abstract_batch).compile()
+    compiled = update.lower(abstract_state, abstract_frozen, abstract_batch).compile()
     compile_s = time.time() - start
     memory = compiled.memory_analysis()
     compiled_peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes
@@ -164,16 +164,17 @@ def run_one(shape: str, remat: str, lora_rank: int, *, batch: int, prompt_len: i
         return row
 
     # Random weights made on device in their shardings (nothing on the host).
-    params, rest = jax.jit(lambda: nnx.split(models.Transformer(model_config, rngs=nnx.Rngs(0)), trained, ...)[1:],
-                           out_shardings=(param_sh, rest_sh))()
+    params, frozen = jax.jit(
+        lambda: nnx.split(models.Transformer(model_config, rngs=nnx.Rngs(0)), trained, ...)[1:],
+        out_shardings=(param_sh, frozen_sh))()
     state = init_state(params)
     device_batch = {k: jax.device_put(v, batch_sh) for k, v in host_batch.items()}
-    state, metrics = compiled(state, rest, device_batch)
+    state, metrics = compiled(state, frozen, device_batch)
     jax.block_until_ready(metrics)
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        state, metrics = compiled(state, rest, device_batch)
+        state, metrics = compiled(state, frozen, device_batch)
         float(metrics["loss"])
         times.append(time.perf_counter() - start)
     row["step_s"] = statistics.median(times)

@@ -34,7 +34,7 @@ Decisions written down here:
   * The sampler gets a key split off the state's rng each step: same seed and same data iterator
     state → same samples, which is what makes a resumed run equal an uninterrupted one.
   * LoRA (`config.lora.rank` > 0, `cfpo_jax.lora`): `params` are the adapters alone, so the
-    optimiser state and the checkpoints hold adapters only; the frozen base is `Setup.rest`, an
+    optimiser state and the checkpoints hold adapters only; the frozen base is `Setup.frozen`, an
     argument of every jitted function (a closed-over array would be compiled in as a constant),
     never differentiated or donated. The reference policy for β > 0 is the base, i.e. the policy
     with its adapters disabled (`lora.disabled`): no `ref_params` copy. Checkpoints carry the
@@ -120,12 +120,12 @@ def _rollout_policy_terms(logp_BxN, entropy_BxN, sampler_logp_BxN, mask_BxN):
                 sampler_gap_sum=jnp.sum(jnp.abs(sampler_logp_BxN - logp_BxN) * mask_BxN))
 
 
-def make_logprobs(graphdef, rest, *, temperature: float, micro_batch_size: int, num_new: int):
+def make_logprobs(graphdef, frozen, *, temperature: float, micro_batch_size: int, num_new: int):
     """Jittable (params, tokens [B, L], attn [B, L]) -> (logp [B, N], entropy [B, N]) of the
     completion columns, in micro-batches."""
 
     def logprobs(params, tokens_BxL, attn_BxL):
-        model = nnx.merge(graphdef, params, rest)
+        model = nnx.merge(graphdef, params, frozen)
         size = micro_batch_size or tokens_BxL.shape[0]
         micro = _micro_batches((tokens_BxL, attn_BxL), size)
         fn = lambda mb: completion_logprobs(model, mb[0], mb[1], num_new, temperature)
@@ -141,8 +141,8 @@ def make_logprobs(graphdef, rest, *, temperature: float, micro_batch_size: int, 
 
 def make_update(graphdef, tx, schedule, rl: ml_collections.ConfigDict, *,
                 temperature: float, max_len: int, micro_batch_size: int):
-    """The pure `update(state, rest, batch) -> (state, metrics)` for one minibatch; `rest` is the
-    model state that is not trained (empty, or the frozen base with LoRA).
+    """The pure `update(state, frozen, batch) -> (state, metrics)` for one minibatch; `frozen` is
+    the model state that is not trained (empty, or the frozen base with LoRA).
 
     batch: tokens [B, L] (prompt then completion), attn [B, L] (1 on real tokens), mask [B, N]
     (completion tokens incl. EOS), adv [B], ref_logp [B, N] when β > 0 and the KL is a loss term
@@ -154,8 +154,8 @@ def make_update(graphdef, tx, schedule, rl: ml_collections.ConfigDict, *,
                        dual_clip=rl.dual_clip, level=rl.level, agg=rl.agg, max_len=max_len)
     kl_loss = rl.beta > 0 and not rl.kl_in_reward
 
-    def micro_loss(params, rest, mb, denom, num_tokens):
-        model = nnx.merge(graphdef, params, rest)
+    def micro_loss(params, frozen, mb, denom, num_tokens):
+        model = nnx.merge(graphdef, params, frozen)
         logp_BxN, entropy_BxN = completion_logprobs(model, mb["tokens"], mb["attn"],
                                                     mb["mask"].shape[1], temperature)
         on_policy = "old_logp" not in mb
@@ -172,7 +172,7 @@ def make_update(graphdef, tx, schedule, rl: ml_collections.ConfigDict, *,
             loss = loss + rl.beta * terms["kl_loss_sum"] / denom
         return loss, terms
 
-    def update(state, rest, batch):
+    def update(state, frozen, batch):
         params = state["params"]
         mask = batch["mask"].astype(jnp.float32)
         # Denominators depend on masks only: compute them once for the whole minibatch.
@@ -183,7 +183,7 @@ def make_update(graphdef, tx, schedule, rl: ml_collections.ConfigDict, *,
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
         def body(grads_acc, mb):
-            (loss, terms), grads = grad_fn(params, rest, mb, denom, num_tokens)
+            (loss, terms), grads = grad_fn(params, frozen, mb, denom, num_tokens)
             return jax.tree.map(jnp.add, grads_acc, grads), (loss, terms)
 
         zero_grads = jax.tree.map(jnp.zeros_like, params)
@@ -317,7 +317,7 @@ class Setup:
     config: ml_collections.ConfigDict
     mesh: jax.sharding.Mesh
     graphdef: nnx.GraphDef
-    rest: nnx.State  # the model state not trained: empty, or the frozen base with LoRA
+    frozen: nnx.State  # the model state not trained: empty, or the frozen base with LoRA
     model_path: str  # the (base) model's checkpoint directory or hub id
     base_model: dict | None  # `lora.base_fingerprint` of the base with LoRA, else None
     tokenizer: object
@@ -325,32 +325,33 @@ class Setup:
     pad_id: int
     scorer: rewards.Scorer
     split_rng: object  # rng → (next rng, sampler key)
-    prepare: object  # (params, ref_params, rest, samples, rewards) → (rollout batch, metrics)
+    prepare: object  # (params, ref_params, frozen, samples, rewards) → (rollout batch, metrics)
     shuffle: object  # (rollout batch, step, epoch) → num_minibatches minibatches
-    update: object  # (state, rest, minibatch) → (state, metrics); state donated
+    update: object  # (state, frozen, minibatch) → (state, metrics); state donated
     finish_step: object  # (state, rng) → state of the next step; state donated
 
 
-def make_setup(config, mesh, graphdef, rest, tokenizer, eos_ids, pad_id, *, tx, schedule,
+def make_setup(config, mesh, graphdef, frozen, tokenizer, eos_ids, pad_id, *, tx, schedule,
                state_sh, model_path: str = "", base_model: dict | None = None) -> Setup:
     """The jitted stage functions with their shardings (`state_sh`: the state's shardings)."""
-    rl, smp = config.rl, config.sampling
+    rl, sampling_config = config.rl, config.sampling
     batch_sh = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, PS())
     on_policy = rl.num_epochs == 1 and rl.num_minibatches == 1
-    rest_sh = jax.tree.map(lambda x: x.sharding, rest)
-    update = make_update(graphdef, tx, schedule, rl, temperature=smp.temperature,
-                         max_len=smp.max_new_tokens, micro_batch_size=rl.micro_batch_size)
-    prepare = make_prepare(graphdef, rl, temperature=smp.temperature, pad_id=pad_id,
+    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
+    update = make_update(graphdef, tx, schedule, rl, temperature=sampling_config.temperature,
+                         max_len=sampling_config.max_new_tokens,
+                         micro_batch_size=rl.micro_batch_size)
+    prepare = make_prepare(graphdef, rl, temperature=sampling_config.temperature, pad_id=pad_id,
                            on_policy=on_policy, batch_sh=batch_sh, adapters=config.lora.rank > 0)
     return Setup(
-        config=config, mesh=mesh, graphdef=graphdef, rest=rest, model_path=model_path,
+        config=config, mesh=mesh, graphdef=graphdef, frozen=frozen, model_path=model_path,
         base_model=base_model, tokenizer=tokenizer, eos_ids=tuple(eos_ids), pad_id=pad_id,
         scorer=rewards.Scorer.from_config(config.rewards, mesh=mesh),
         split_rng=jax.jit(lambda key: tuple(jax.random.split(key)), out_shardings=replicated),
         prepare=jax.jit(prepare, out_shardings=(batch_sh, replicated)),
         shuffle=jax.jit(make_shuffle(config.seed, rl.num_minibatches), out_shardings=batch_sh),
-        update=jax.jit(update, in_shardings=(state_sh, rest_sh, batch_sh),
+        update=jax.jit(update, in_shardings=(state_sh, frozen_sh, batch_sh),
                        out_shardings=(state_sh, replicated), donate_argnums=0),
         finish_step=jax.jit(lambda state, rng: dict(state, rng=rng, step=state["step"] + 1),
                             out_shardings=state_sh, donate_argnums=0),
@@ -363,8 +364,8 @@ def build(config, workdir: str, *, devices, ckpt: checkpoint.Checkpointer, progr
     mesh = _make_mesh(config, devices)
     model, tokenizer, eos_ids, pad_id, model_path = _load_policy(config, workdir, mesh)
     adapters = config.lora.rank > 0
-    # With LoRA the adapters train and the base is `rest`; otherwise every parameter trains.
-    graphdef, params, rest = lora.split(model) if adapters else nnx.split(model, nnx.Param, ...)
+    # With LoRA the adapters train and the base is `frozen`; otherwise every parameter trains.
+    graphdef, params, frozen = lora.split(model) if adapters else nnx.split(model, nnx.Param, ...)
     base_model = lora.base_fingerprint(model_path) if adapters else None
     del model  # `params` is donated to the state below
     iterator = data.iterator_from_config(config, tokenizer)
@@ -387,12 +388,12 @@ def build(config, workdir: str, *, devices, ckpt: checkpoint.Checkpointer, progr
         progress.message(f"resumed from step {latest} ({ckpt.directory}/{latest})")
     else:
         if config.warmstart.steps:
-            params = warmstart.run(params, graphdef, rest, config=config, train_iterator=iterator,
+            params = warmstart.run(params, graphdef, frozen, config=config, train_iterator=iterator,
                                    tokenizer=tokenizer, batch_sharding=sharding.batch_sharding(mesh),
                                    progress=progress)
         state = init(params)
     state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
-    setup = make_setup(config, mesh, graphdef, rest, tokenizer, eos_ids, pad_id, tx=tx,
+    setup = make_setup(config, mesh, graphdef, frozen, tokenizer, eos_ids, pad_id, tx=tx,
                        schedule=schedule, state_sh=state_sh, model_path=model_path,
                        base_model=base_model)
     return setup, state, iterator
@@ -411,14 +412,14 @@ def _upload(x, sharding_):
 
 def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, on_policy: bool,
                  batch_sh, adapters: bool = False):
-    """Jittable (params, ref_params, rest, samples, reward_B) → (rollout batch, metrics): the
+    """Jittable (params, ref_params, frozen, samples, reward_B) → (rollout batch, metrics): the
     device half of a rollout. The prompt columns are left-padded to a `data.bucket_width` so that
     the learner compiles for few prompt widths; advantages come from the rewards on device, after
     β·Σ_t KL_t is subtracted from each response's reward when `rl.kl_in_reward` (then the batch
     carries no reference logprobs: the update has no KL term). With `adapters` (LoRA) the
     reference is the policy with its adapters disabled, i.e. the base, and `ref_params` is unused."""
 
-    def prepare(params, ref_params, rest, samples, reward_B):
+    def prepare(params, ref_params, frozen, samples, reward_B):
         width_p = data.bucket_width(samples.prompt_tokens.shape[1])
         pad = ((0, 0), (width_p - samples.prompt_tokens.shape[1], 0))
         tokens_BxL = jnp.concatenate(
@@ -430,7 +431,7 @@ def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, on_policy: bo
         num_tokens = jnp.maximum(jnp.sum(mask_BxN), 1.0)
         batch = dict(tokens=tokens_BxL, attn=attn_BxL, mask=mask_BxN)
         metrics = dict(truncated_frac=1.0 - jnp.mean(samples.eos.astype(jnp.float32)))
-        logprobs = make_logprobs(graphdef, rest, temperature=temperature,
+        logprobs = make_logprobs(graphdef, frozen, temperature=temperature,
                                  micro_batch_size=rl.micro_batch_size,
                                  num_new=samples.tokens.shape[1])
         policy_logp_BxN = None
@@ -469,16 +470,17 @@ def rollout(setup: Setup, state, prompts: data.Batch, sample_key):
     `make_update`), `device_metrics` scalars still on device (fetched once per step).
     """
     config = setup.config
-    rl, smp = config.rl, config.sampling
+    rl, sampling_config = config.rl, config.sampling
     t0 = time.time()
-    policy = nnx.merge(setup.graphdef, state["params"], setup.rest)
+    policy = nnx.merge(setup.graphdef, state["params"], setup.frozen)
     if config.lora.rank and config.lora.merge_for_sampling:
         policy = lora.merge(policy)
     samples = sampling.generate(
         policy, prompts.prompts,
-        max_new_tokens=smp.max_new_tokens, temperature=smp.temperature, top_p=smp.top_p,
-        top_k=smp.top_k, eos_token_ids=setup.eos_ids, seed=sample_key, n=rl.group_size,
-        pad_id=setup.pad_id, mesh=setup.mesh, **sampling.engine_settings(smp))
+        max_new_tokens=sampling_config.max_new_tokens, temperature=sampling_config.temperature,
+        top_p=sampling_config.top_p, top_k=sampling_config.top_k, eos_token_ids=setup.eos_ids,
+        seed=sample_key, n=rl.group_size, pad_id=setup.pad_id, mesh=setup.mesh,
+        **sampling.engine_settings(sampling_config))
     # The completion text is all the host needs from the samples.
     tokens_BxN, lengths_B = sharding.to_host((samples.tokens, samples.lengths))
     t1 = time.time()
@@ -496,7 +498,7 @@ def rollout(setup: Setup, state, prompts: data.Batch, sample_key):
     with jax.transfer_guard("disallow"):
         reward_B = _upload(scores.total_B.astype(np.float32), NamedSharding(setup.mesh, PS()))
         batch, device_metrics = setup.prepare(state["params"], state.get("ref_params"),
-                                              setup.rest, samples, reward_B)
+                                              setup.frozen, samples, reward_B)
     groups = scores.total_B.reshape(-1, rl.group_size)
     host_metrics = dict(
         **scores.metrics("reward"),
@@ -539,7 +541,7 @@ def learn(setup: Setup, state, batch):
             epoch_index = _upload(np.int32(epoch), NamedSharding(setup.mesh, PS()))
             minibatches = setup.shuffle(batch, state["step"], epoch_index)
         for minibatch in minibatches:
-            state, metrics = setup.update(state, setup.rest, minibatch)
+            state, metrics = setup.update(state, setup.frozen, minibatch)
             update_metrics.append(metrics)
     return state, update_metrics
 
@@ -652,7 +654,7 @@ def _run(config, workdir, devices, stop):
     progress = metrics_lib.Progress(num_steps, every=config.train.log_every, enabled=is_main)
     setup, state, iterator = build(config, workdir, devices=devices, ckpt=ckpt,
                                    progress=progress)
-    policy = lambda: nnx.merge(setup.graphdef, state["params"], setup.rest)
+    policy = lambda: nnx.merge(setup.graphdef, state["params"], setup.frozen)
     meta = lambda: {"data": iterator.state, "base_model": setup.base_model}
 
     history = []

@@ -35,7 +35,7 @@ def teacher_forced_batch(prompts, answers, pad_id: int, width_n: int):
     return tokens, attn, mask
 
 
-def run(params, graphdef, rest, *, config, train_iterator, tokenizer, batch_sharding, progress):
+def run(params, graphdef, frozen, *, config, train_iterator, tokenizer, batch_sharding, progress):
     """`config.warmstart.steps` Adam steps (lr `config.warmstart.lr`) on batches of
     `config.warmstart.batch_size` prompts drawn from `train_iterator`'s dataset in their own order;
     returns the new params. Answers are cut to `config.sampling.max_new_tokens` − 1 tokens + EOS."""
@@ -46,12 +46,12 @@ def run(params, graphdef, rest, *, config, train_iterator, tokenizer, batch_shar
     tx = optax.adam(settings.lr)
     eos = tokenizer.eos_token_id
 
-    # `rest` is an argument, not a closure: with LoRA it is the frozen base, which jit would
+    # `frozen` is an argument, not a closure: with LoRA it is the frozen base, which jit would
     # otherwise compile in as a constant.
     @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def sft_step(params, opt_state, rest, tokens, attn, mask):
+    def sft_step(params, opt_state, frozen, tokens, attn, mask):
         def loss_fn(p):
-            logp, _ = models.sequence_logprobs(nnx.merge(graphdef, p, rest), tokens, attn,
+            logp, _ = models.sequence_logprobs(nnx.merge(graphdef, p, frozen), tokens, attn,
                                                num_completion=mask.shape[1])
             return -jnp.sum(logp * mask) / jnp.maximum(jnp.sum(mask), 1.0)
         loss, grads = jax.value_and_grad(loss_fn)(params)
@@ -65,7 +65,7 @@ def run(params, graphdef, rest, *, config, train_iterator, tokenizer, batch_shar
                    + [eos] for ex in batch.examples]
         arrays = teacher_forced_batch(batch.prompts, answers, tokenizer.pad_token_id, max_new_tokens)
         tokens, attn, mask = (jax.device_put(x, batch_sharding) for x in arrays)
-        params, opt_state, loss = sft_step(params, opt_state, rest, tokens, attn, mask)
+        params, opt_state, loss = sft_step(params, opt_state, frozen, tokens, attn, mask)
         if (i + 1) % max(settings.steps // 5, 1) == 0 or i + 1 == settings.steps:
             progress.message(f"warm start {i + 1}/{settings.steps}  cross-entropy {float(loss):.3f}")
     return params

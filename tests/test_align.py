@@ -149,7 +149,7 @@ def test_kl_in_reward_shapes_the_rloo_advantages(digit_reward_model, tmp_path):
     import jax.numpy as jnp
     from flax import nnx
 
-    from cfpo_jax import checkpoint, data, models, train
+    from cfpo_jax import checkpoint, models, train
     from cfpo_jax import logging as metrics_lib
 
     beta = 0.5
@@ -175,7 +175,7 @@ def test_kl_in_reward_shapes_the_rloo_advantages(digit_reward_model, tmp_path):
     reward = np.array([1.0 if (t or "?")[-1] in DIGITS else -1.0 for t in texts])
     logp = {}
     for key in ("params", "ref_params"):
-        model = nnx.merge(setup.graphdef, state[key], setup.rest)
+        model = nnx.merge(setup.graphdef, state[key], setup.frozen)
         logp[key] = np.asarray(models.sequence_logprobs(model, batch["tokens"], batch["attn"])[0])[:, -num_new:]
     log_ratio = logp["ref_params"] - logp["params"]
     kl = np.sum((np.exp(log_ratio) - log_ratio - 1) * batch["mask"], axis=1)

@@ -232,18 +232,19 @@ def test_training_moves_only_the_adapters_and_the_reference_is_the_base(tmp_path
     names = _leaf_names(state["params"])
     assert names and all("_lora_" in name for name in names)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
-    assert {x.dtype for x in jax.tree.leaves(setup.rest)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(setup.frozen)} == {jnp.dtype(jnp.bfloat16)}
     adapter_size = sum(x.size for x in jax.tree.leaves(state["params"]))
     moments_size = sum(x.size for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0)
     assert moments_size == 2 * adapter_size  # Adam's mu and nu, of the adapters alone
-    base_before = jax.device_get(setup.rest)
+    base_before = jax.device_get(setup.frozen)
     adapters_before = jax.device_get(state["params"])
     for _ in range(2):
         next_rng, sample_key = setup.split_rng(state["rng"])
         batch, _, _, _ = train.rollout(setup, state, prompts, sample_key)
         state, _ = train.learn(setup, state, batch)
         state = setup.finish_step(state, next_rng)
-    for before, after in zip(jax.tree.leaves(base_before), jax.tree.leaves(jax.device_get(setup.rest))):
+    base_after = jax.device_get(setup.frozen)
+    for before, after in zip(jax.tree.leaves(base_before), jax.tree.leaves(base_after)):
         np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
     moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
                 zip(jax.tree.leaves(jax.device_get(state["params"])), jax.tree.leaves(adapters_before)))

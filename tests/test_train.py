@@ -149,7 +149,7 @@ def test_non_finite_update_is_skipped_and_never_checkpointed(tmp_path):
 
     config = tiny()
     path = tiny_lib.build(str(tmp_path / "model"), seed=0, **config.model.tiny.to_dict())
-    graphdef, params, rest = nnx.split(models.from_pretrained(path), nnx.Param, ...)
+    graphdef, params, frozen = nnx.split(models.from_pretrained(path), nnx.Param, ...)
     tx, schedule = train.make_optimizer(config.optim, 10)
     state = dict(params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0),
                  step=np.int32(0), updates=np.int32(0), skipped_updates=np.int32(0))
@@ -161,12 +161,12 @@ def test_non_finite_update_is_skipped_and_never_checkpointed(tmp_path):
                  old_logp=np.full((4, 3), -3.0, np.float32),
                  adv=np.array([1.0, np.nan, -1.0, 0.5], np.float32))
     before = jax.tree.leaves(jax.device_get(params))
-    new_state, metrics = update(state, rest, batch)
+    new_state, metrics = update(state, frozen, batch)
     assert int(new_state["skipped_updates"]) == 1 and int(new_state["updates"]) == 0
     assert float(metrics["update_skipped"]) == 1.0
     assert max_diff(jax.tree.leaves(jax.device_get(new_state["params"])), before) == 0.0
     batch["adv"][1] = 0.25
-    new_state, _ = update(new_state, rest, batch)
+    new_state, _ = update(new_state, frozen, batch)
     assert int(new_state["skipped_updates"]) == 1 and int(new_state["updates"]) == 1
 
     manager = checkpoint.Checkpointer(str(tmp_path / "ckpt"), every=1, keep=2)
@@ -356,18 +356,18 @@ def test_on_policy_update_reuses_its_own_logprobs_with_unchanged_losses(tmp_path
         prompt_tokens=spec((rows, width - 3)), prompt_mask=spec((rows, width - 3)),
         tokens=spec((rows, 3)), mask=spec((rows, 3)), logprobs=spec((rows, 3), jnp.float32),
         lengths=spec((rows,)), eos=spec((rows,), bool))
-    prepare_jaxpr = jax.make_jaxpr(setup.prepare)(state["params"], None, setup.rest, samples,
+    prepare_jaxpr = jax.make_jaxpr(setup.prepare)(state["params"], None, setup.frozen, samples,
                                                   spec((rows,), jnp.float32))
     assert "dot_general" not in str(prepare_jaxpr)
 
-    logprobs = jax.jit(train.make_logprobs(setup.graphdef, setup.rest, temperature=1.0,
+    logprobs = jax.jit(train.make_logprobs(setup.graphdef, setup.frozen, temperature=1.0,
                                            micro_batch_size=8, num_new=3))
     old_logp, _ = logprobs(state["params"], batch["tokens"], batch["attn"])
     recomputed = {k: v for k, v in batch.items() if k != "sampler_logp"}
     recomputed["old_logp"] = old_logp
     state_copy = jax.tree.map(jnp.copy, state)
-    on_policy_state, on_policy = jax.device_get(setup.update(state, setup.rest, batch))
-    recomputed_state, reference = jax.device_get(setup.update(state_copy, setup.rest, recomputed))
+    on_policy_state, on_policy = jax.device_get(setup.update(state, setup.frozen, batch))
+    recomputed_state, reference = jax.device_get(setup.update(state_copy, setup.frozen, recomputed))
     for key in ("loss", "grad_norm", "clip_frac", "ratio_dev"):
         np.testing.assert_allclose(on_policy[key], reference[key], rtol=1e-5, atol=1e-7, err_msg=key)
     assert on_policy["grad_norm"] > 0
@@ -431,7 +431,7 @@ def test_model_remat_reaches_the_update_and_cuts_its_compiled_memory(tmp_path):
         mesh = sharding.make_mesh(devices=jax.devices()[:1])
         policy, *_ = train._load_policy(config, str(tmp_path), mesh)
         assert (policy.config.remat, policy.config.remat_policy) == (config.model.remat, config.model.remat_policy)
-        graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
+        graphdef, params, frozen = nnx.split(policy, nnx.Param, ...)
         tx, schedule = train.make_optimizer(config.optim, 10)
         _, state = train.create_state(params, tx, mesh, seed=0, beta=0.0)
         batch = dict(tokens=jax.ShapeDtypeStruct((B, P + N), jnp.int32),
@@ -440,7 +440,7 @@ def test_model_remat_reaches_the_update_and_cuts_its_compiled_memory(tmp_path):
                      old_logp=jax.ShapeDtypeStruct((B, N), jnp.float32))
         update = jax.jit(train.make_update(graphdef, tx, schedule, config.rl, temperature=1.0,
                                            max_len=N, micro_batch_size=0))
-        compiled = update.lower(state, rest, batch).compile()
+        compiled = update.lower(state, frozen, batch).compile()
         return compiled.memory_analysis().temp_size_in_bytes, policy.config
 
     off, model_config = temp_bytes(model__remat=False)
