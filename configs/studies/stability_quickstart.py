@@ -5,10 +5,9 @@ Launch:
 
 Run time: 18 training runs of 60 RL steps (16 prompts × 8 samples per step), each with the
 quickstart's warm start, compilation and final 200-problem greedy evaluation. Measured
-2026-11-23 on the 2-core box while 7 other jobs shared it (load average 14–26): the 6 runs of
-seed 0 took 85 minutes with --parallel=2 (per run 750 s at μ = 1, about 1470 s at μ = 8, 2500–2850
-s at μ = 16), so the whole study did not fit that session; its time on an idle 2-core machine is
-still to be measured (docs/studies/README.md).
+2026-11-23 on the 2-core box: 32 min 27 s with --parallel=2 for all 18 runs, while a SmolLM2
+training run shared the box for the first 19 minutes; on the box nearly to itself (seed 2) a run
+took 67–76 s at μ = 1, 86 s at μ = 8 and 135 s at μ = 16 (docs/studies/README.md).
 
 What it asks (arXiv 2601.22801, Fig. 2 in miniature): with μ epochs over each rollout batch the
 update goes off-policy; GRPO's clipped surrogate has a zero-gradient wall there, CFPO a restoring
