@@ -350,9 +350,9 @@ def test_lora_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapter
     """A real preemption: `python -m cfpo_jax.train` with adapters, SIGKILLed once its first
     checkpoint is complete, then restarted, ends with the adapters and Adam moments of the same
     run done in one go (in this process, same 8 devices, same seed)."""
-    from test_train import _launch, _wait_for, tiny
+    from test_train import _launch, _wait_for, restore_like, tiny
 
-    from cfpo_jax import checkpoint, train
+    from cfpo_jax import train
 
     workdir = tmp_path / "preempted"
     ckpts = workdir / "checkpoints"
@@ -371,12 +371,7 @@ def test_lora_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapter
 
     reference = train.run(tiny(**LORA, train__num_steps=6, train__checkpoint_every=2),
                           str(tmp_path / "uninterrupted"))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            reference["state"])
-    manager = checkpoint.Checkpointer(str(ckpts), every=2, keep=3)
-    assert manager.latest_step() == 6
-    resumed, _ = manager.restore(6, abstract)
-    manager.close()
+    resumed = restore_like(ckpts, 6, reference["state"])
     assert set(_leaf_names(resumed["params"])) == set(_leaf_names(reference["state"]["params"]))
     assert all("lora" in name for name in _leaf_names(resumed["params"]))  # adapters only
     for a, b in zip(jax.tree.leaves(jax.device_get(resumed)),

@@ -193,6 +193,17 @@ def _launch(workdir, *overrides):
                             text=True)
 
 
+def restore_like(ckpts, step, reference_state):
+    """The state of checkpoint `step` in directory `ckpts`, placed like `reference_state`."""
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                            reference_state)
+    manager = checkpoint.Checkpointer(str(ckpts), every=2, keep=3)
+    assert manager.latest_step() == step
+    restored, _ = manager.restore(step, abstract)
+    manager.close()
+    return restored
+
+
 def _wait_for(predicate, process, timeout=600):
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -241,12 +252,7 @@ def test_resume_after_sigkill_and_sigterm_matches_an_uninterrupted_run(tmp_path)
 
     # The same run without interruptions, in this process (same 8 devices, same seed).
     reference = train.run(tiny(train__num_steps=6, train__checkpoint_every=2), str(tmp_path / "ref"))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                            reference["state"])
-    manager = checkpoint.Checkpointer(str(ckpts), every=2, keep=3)
-    assert manager.latest_step() == 6
-    resumed, _ = manager.restore(6, abstract)
-    manager.close()
+    resumed = restore_like(ckpts, 6, reference["state"])
     assert max_diff(params_of({"state": resumed}), params_of(reference)) <= 1e-6
     steps = [m["step"] for m in read_metrics(str(workdir))]
     assert steps[-1] == 6 and set(steps) == set(range(1, 7))
