@@ -1,5 +1,6 @@
 """Sampler throughput: cfpo_jax.sampling.generate against transformers' generate and the roofline,
-continuous batching against static batches on long-tailed lengths, and peak memory against rows.
+continuous batching against static batches on long-tailed lengths, peak memory against rows, and
+sampling from a LoRA-adapted model with the adapters on the fly against merged once per call.
 
     python benchmarks/sampling.py                  # GPU: Qwen2.5-0.5B and 1.5B shapes, batch 64, 256
     python benchmarks/sampling.py --small          # CPU smoke run at a tiny size (seconds)
@@ -10,6 +11,8 @@ continuous batching against static batches on long-tailed lengths, and peak memo
         --max-concurrent 256 --no-hf --repeats 1   # math_qwen:7b's per-GPU share on one 80 GB GPU
     python benchmarks/sampling.py --small --long-tail   # CPU versions (tiny shapes)
     python benchmarks/sampling.py --small --memory --new-tokens 128
+    python benchmarks/sampling.py --shapes 0.5b --lora-rank 64   # GPU: LoRA on the fly vs merged (issue 15)
+    python benchmarks/sampling.py --small --lora-rank 8 --repeats 10   # its CPU version
 
 Random bf16 weights, every prompt `--prompt-len` tokens, `--new-tokens` tokens drawn with
 temperature 1 and no EOS, so every row runs the full budget. For each shape and batch it prints:
@@ -33,6 +36,21 @@ before continuous batching). Useful tokens/s = the sum of the drawn lengths over
 `--memory`: one subprocess per row count (so peaks do not mix) runs a `generate` call at fixed K
 and reports its peak memory (GPU: the device's peak_bytes_in_use; CPU: the process's VmHWM),
 next to one call with K = the largest row count (every row at once: the static sampler).
+
+`--lora-rank R`: the model (bf16 base) gets adapters of rank R, alpha R, on q k v o gate up down
+as configs/gsm8k_qwen_lora.py, every A and B drawn from N(0, 0.02²) (B non-zero, as after
+training). Per shape and batch, tokens/s of a whole call three ways, each timed as above: on the
+base model (adapters off, `lora.base`); on the adapted model as is (adapters applied on the fly:
+two thin matmuls per projection per step); and `lora.merge` then a call on the merged model, the
+merge inside each timed call (`config.lora.merge_for_sampling`: the trainer merges once per
+rollout). Also the merge's own time (median of `--repeats`) and the bytes of the merged kernels
+it makes (one per adapted projection, base dtype), alive for the call — what merging costs in
+memory; the on-the-fly path carries the adapters in the compute dtype instead, R·(in + out)
+numbers per projection against the merged kernel's in·out. Before timing, a float32 copy at full
+matmul precision checks that the merged model is the adapted policy and that the adapters change
+it (teacher-forced log-probabilities of two random sequences; the run stops if not). Both paths
+do the same work: every row decodes its whole budget. tests/test_lora.py checks the equality of
+the two against independent references (numpy-merged kernels, the trainer's log-probabilities).
 
 Run the PyTorch baseline first and release its memory, because JAX preallocates most of the card.
 """
@@ -153,33 +171,30 @@ def print_kernel_profile(run, steps, top=20):
         print(f"  {ns / 1e6 / steps:8.3f} ms/step {count[name] / steps:6.1f}x  {name[:80]}")
 
 
-def time_jax(config, batch, prompt_len, new_tokens, repeats, profile=False, max_concurrent=None, attention="auto"):
-    import jax
-    from flax import nnx
-
-    from cfpo_jax.models import Transformer
+def time_generate(model, prompts, new_tokens, repeats, *, prepare=None, max_concurrent=None, attention="auto",
+                  profile=False):
+    """Median wall time (s) of `repeats` generate calls of `new_tokens` tokens per row, after a
+    compile call. With `prepare`, each call samples from `prepare(model)` and its time counts in the
+    call's (`lora.merge`: once per call, as the trainer merges once per rollout). `profile`: print
+    the top GPU kernels of one more call."""
     from cfpo_jax.sampling import generate
 
-    model = Transformer(config, rngs=nnx.Rngs(0))
-    num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    rng = np.random.default_rng(0)
-    prompts = rng.integers(0, config.vocab_size, (batch, prompt_len)).tolist()
-
-    def run(num_new, seed):
-        samples = generate(model, prompts, max_new_tokens=num_new, temperature=1.0, seed=seed,
+    def run(seed):
+        policy = model if prepare is None else prepare(model)
+        samples = generate(policy, prompts, max_new_tokens=new_tokens, temperature=1.0, seed=seed,
                            max_concurrent=max_concurrent, attention=attention)
         samples.tokens.block_until_ready()
-        assert int(samples.lengths.min()) == num_new
+        assert int(samples.lengths.min()) == new_tokens
 
-    run(new_tokens, 0)
-    run(1, 0)
-    call_s = _time(lambda: run(new_tokens, 1), repeats)
-    prefill_s = _time(lambda: run(1, 1), repeats)
+    run(0)
+    seconds = _time(lambda: run(1), repeats)
     if profile:
-        print_kernel_profile(lambda: run(new_tokens, 2), new_tokens)
-    del model
-    gc.collect()
-    return call_s, prefill_s, num_params
+        print_kernel_profile(lambda: run(2), new_tokens)
+    return seconds
+
+
+def random_prompts(config, batch, prompt_len):
+    return np.random.default_rng(0).integers(0, config.vocab_size, (batch, prompt_len)).tolist()
 
 
 def time_transformers(shape, batch, prompt_len, new_tokens, device):
@@ -256,17 +271,134 @@ def long_tail(config, rows, prompt_len, cap, median, max_concurrent, repeats):
     print(f"speed-up: {static_s / engine_s:.2f}x")
 
 
+@dataclasses.dataclass
+class LoraRow:
+    shape: str
+    batch: int
+    new_tokens: int
+    base_s: float  # a generate call on the base model
+    on_the_fly_s: float  # on the adapted model as is (adapter matmuls in every step)
+    merged_s: float  # lora.merge, then a generate call on the merged model
+    merge_s: float  # lora.merge alone
+    merged_bytes: int  # the kernels lora.merge makes, alive for the call
+
+    @property
+    def tokens(self):
+        return self.batch * self.new_tokens
+
+
+def adapted_model(config, rank):
+    """A model of `config` with adapters of `rank` (alpha = rank: a scale of 1) on q k v o gate up
+    down, as configs/gsm8k_qwen_lora.py, every A and B drawn from N(0, 0.02²) like the base
+    kernels: `lora.adapt`'s B is zero, and a trained adapter's is not."""
+    import jax
+    from flax import nnx
+
+    from cfpo_jax import lora
+    from cfpo_jax.models import Transformer
+    from cfpo_jax.models.config import LORA_TARGETS
+
+    adapted = lora.adapt(Transformer(config, rngs=nnx.Rngs(0)), rank=rank, alpha=rank, targets=LORA_TARGETS)
+    graphdef, adapters, frozen = lora.split(adapted)
+    leaves, treedef = jax.tree.flatten(adapters)
+    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    leaves = [0.02 * jax.random.normal(key, x.shape, x.dtype) for key, x in zip(keys, leaves)]
+    return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), frozen)
+
+
+def merged_kernel_bytes(model) -> int:
+    """Bytes of the kernels `lora.merge` makes: one per adapted projection, in the base dtype."""
+    return sum(getattr(model.blocks.attn if target in ("q", "k", "v", "o") else model.blocks.mlp,
+                       f"{target}_kernel")[...].nbytes
+               for target in model.config.lora_targets)
+
+
+def check_merged_policy(config, rank, length):
+    """Asserts that `lora.merge` of `adapted_model(config, rank)` is the adapted policy and that
+    its adapters move the policy away from the base: teacher-forced log-probabilities
+    (`models.sequence_logprobs`) of two random sequences of `length` tokens, in float32 at full
+    matmul precision, where merging is exact up to rounding (in bfloat16 the merged kernels'
+    rounding would blur the two). Returns the mean |Δ log p| of the merged model and of the base
+    against the adapted model on the fly."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from cfpo_jax import lora
+    from cfpo_jax.models import sequence_logprobs
+
+    adapted = adapted_model(config.replace(param_dtype="float32", dtype="float32"), rank)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (2, length)))
+    score = nnx.jit(lambda model, t: sequence_logprobs(model, t, jnp.ones_like(t))[0][:, 1:])
+    with jax.default_matmul_precision("highest"):  # no TF32 for float32 matmuls on a GPU
+        on_the_fly = np.asarray(score(adapted, tokens))
+        merged_gap, base_gap = (float(np.abs(np.asarray(score(model, tokens)) - on_the_fly).mean())
+                                for model in (lora.merge(adapted), lora.base(adapted)))
+    assert merged_gap < base_gap / 100, (
+        f"mean |Δ log p| against the adapted model: merged {merged_gap:.2e}, base {base_gap:.2e}: the merged "
+        "model is not the adapted policy, or the adapters hardly change it")
+    return merged_gap, base_gap
+
+
+def lora_sampling(shape, rank, batches, prompt_len, new_tokens, repeats, max_concurrent, attention):
+    """Per batch, `generate` on the base, on the adapted model as is, and on `lora.merge` of it
+    made inside each call; the merge's own time and bytes. Checks first (`check_merged_policy`)
+    that the merged model is the adapted policy and that the adapters matter."""
+    import jax
+    from flax import nnx
+
+    from cfpo_jax import lora
+
+    config = model_config(shape)
+    merged_gap, base_gap = check_merged_policy(config, rank, prompt_len + new_tokens)
+    print(f"{shape}, LoRA rank {rank}, float32: mean |Δ log p| from the adapted model on the fly: "
+          f"merged {merged_gap:.1e}, base {base_gap:.1e}", flush=True)
+    adapted = adapted_model(config, rank)
+    base = lora.base(adapted)
+
+    def merge():
+        jax.block_until_ready(nnx.state(lora.merge(adapted)))
+
+    merge()  # compile
+    merge_s = _time(merge, repeats)
+    rows = []
+    for batch in batches:
+        prompts = random_prompts(config, batch, prompt_len)
+        engine = dict(max_concurrent=max_concurrent, attention=attention)
+        base_s = time_generate(base, prompts, new_tokens, repeats, **engine)
+        on_the_fly_s = time_generate(adapted, prompts, new_tokens, repeats, **engine)
+        merged_s = time_generate(adapted, prompts, new_tokens, repeats, prepare=lora.merge, **engine)
+        rows.append(LoraRow(shape, batch, new_tokens, base_s, on_the_fly_s, merged_s, merge_s,
+                            merged_kernel_bytes(adapted)))
+        print(f"{shape} batch {batch}: base {base_s:.3f} s, on the fly {on_the_fly_s:.3f} s, "
+              f"merged {merged_s:.3f} s", flush=True)
+    return rows
+
+
+def print_lora_table(rows, rank, prompt_len, new_tokens):
+    print(f"\nLoRA rank {rank} (alpha {rank}) on q k v o gate up down, bf16 base; prompt {prompt_len} "
+          f"tokens, {new_tokens} new tokens, temperature 1, no EOS; merged = lora.merge + generate per call")
+    header = (f"{'shape':>6} {'batch':>5} {'base tok/s':>11} {'on-the-fly tok/s':>16} {'merged tok/s':>12} "
+              f"{'merged/on-the-fly':>17} {'merge ms':>9} {'merged kernels MB':>17}")
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        print(f"{r.shape:>6} {r.batch:>5} {r.tokens / r.base_s:>11,.0f} {r.tokens / r.on_the_fly_s:>16,.0f} "
+              f"{r.tokens / r.merged_s:>12,.0f} {r.on_the_fly_s / r.merged_s:>16.2f}x "
+              f"{1e3 * r.merge_s:>9.2f} {r.merged_bytes / 1e6:>17,.1f}")
+
+
 MEMORY_CHILD = """
 import os, sys, json
-sys.path.insert(0, {root!r})
+sys.path[:0] = [{root!r}, os.path.join({root!r}, "benchmarks")]  # the package; sampling.py's `import shapes`
 import numpy as np, jax
 from flax import nnx
-from benchmarks.sampling import model_config
+from benchmarks.sampling import model_config, random_prompts
 from cfpo_jax.models import Transformer
 from cfpo_jax.sampling import generate
 shape, rows, k, prompt_len, new_tokens = sys.argv[1], *map(int, sys.argv[2:6])
 model = Transformer(model_config(shape), rngs=nnx.Rngs(0))
-prompts = np.random.default_rng(0).integers(0, model.config.vocab_size, (rows, prompt_len)).tolist()
+prompts = random_prompts(model.config, rows, prompt_len)
 s = generate(model, prompts, max_new_tokens=new_tokens, max_concurrent=k, seed=1)
 jax.block_until_ready(s.tokens)
 stats = jax.devices()[0].memory_stats() or {{}}
@@ -313,6 +445,8 @@ def main(argv=None):
     parser.add_argument("--rows", type=int, default=None, help="rows for --long-tail (1024; small: 128)")
     parser.add_argument("--median-len", type=int, default=None, help="median length for --long-tail (400; small: 24)")
     parser.add_argument("--memory", action="store_true", help="peak memory against rows at a fixed K")
+    parser.add_argument("--lora-rank", type=int, default=0, help="sampling from a LoRA-adapted model of this "
+                        "rank: adapters on the fly against lora.merge per call, beside the base (0: off)")
     args = parser.parse_args(argv)
     shapes = (args.shapes or ("tiny" if args.small else "0.5b,1.5b")).split(",")
     batches = [int(b) for b in (args.batches or ("4,8" if args.small else "64,256")).split(",")]
@@ -321,6 +455,10 @@ def main(argv=None):
     for s in shapes:
         if s not in SHAPES:
             parser.error(f"unknown shape {s!r}; valid: {', '.join(SHAPES)}")
+    if args.lora_rank < 0:
+        parser.error(f"--lora-rank must be >= 0 (0: off); got {args.lora_rank}")
+    if args.lora_rank and (args.long_tail or args.memory):
+        parser.error("--lora-rank prints its own table; run it without --long-tail and --memory")
     if args.long_tail or args.memory:
         k = args.max_concurrent or (16 if args.small else 256)
         if args.long_tail:
@@ -331,6 +469,16 @@ def main(argv=None):
             memory_against_rows("tiny-kv" if args.small else shapes[0], [64, 256, 1024] if args.small else [256, 1024, 4096], k,
                                 prompt_len, args.new_tokens or (32 if args.small else 512))
         return None
+
+    if args.lora_rank:
+        import jax
+
+        print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+        rows = [row for shape in shapes
+                for row in lora_sampling(shape, args.lora_rank, batches, prompt_len, new_tokens, args.repeats,
+                                         args.max_concurrent, args.attention)]
+        print_lora_table(rows, args.lora_rank, prompt_len, new_tokens)
+        return rows
 
     hf = {}
     if not args.no_hf:
@@ -344,6 +492,9 @@ def main(argv=None):
                       f"({batch * new_tokens / hf[shape, batch]:,.0f} tokens/s)", flush=True)
 
     import jax
+    from flax import nnx
+
+    from cfpo_jax.models import Transformer
 
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
     bandwidth = copy_bandwidth(args.small)
@@ -352,9 +503,14 @@ def main(argv=None):
     for shape in shapes:
         config = model_config(shape)
         for batch in batches:
-            call_s, prefill_s, num_params = time_jax(
-                config, batch, prompt_len, new_tokens, args.repeats, args.profile, args.max_concurrent,
-                args.attention)
+            model = Transformer(config, rngs=nnx.Rngs(0))
+            num_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+            prompts = random_prompts(config, batch, prompt_len)
+            engine = dict(max_concurrent=args.max_concurrent, attention=args.attention)
+            call_s = time_generate(model, prompts, new_tokens, args.repeats, profile=args.profile, **engine)
+            prefill_s = time_generate(model, prompts, 1, args.repeats, **engine)
+            del model
+            gc.collect()
             # The 1-token call holds the prefill and step 0: the rest is steps 1 .. N-1.
             roof_s = roofline_seconds(config, num_params, batch, prompt_len, range(1, new_tokens), bandwidth)
             rows.append(Row(shape, batch, call_s, prefill_s, hf.get((shape, batch)), roof_s, new_tokens))

@@ -33,7 +33,9 @@ Decisions:
   * The sampler reads the adapted model either as is (adapters applied on the fly, exactly the
     trainer's function) or, with `config.lora.merge_for_sampling`, through `merge` once per
     generate call (one more copy of the adapted kernels in the base dtype, no adapter matmuls per
-    decode step). Which is faster on a GPU is still to be measured (none this session).
+    decode step). `benchmarks/sampling.py --lora-rank R` times the two (and the base) in one
+    run; its 0.5B GPU figures, which decide the default, are still to be taken (no GPU this
+    session; benchmarks/README.md).
   * Checkpoints hold the adapters and their optimiser state, plus `base_fingerprint` of the base
     checkpoint (its path and a sha256 over its files), which a resumed run checks.
   * Export: `merge` then `models.save_pretrained` (a full Hugging Face model), or `save_peft`, an
