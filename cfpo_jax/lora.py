@@ -44,6 +44,7 @@ Decisions:
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -104,9 +105,12 @@ def disabled(adapters):
     return jax.tree.map(jnp.zeros_like, adapters)
 
 
+@functools.lru_cache(maxsize=None)
 def base_graphdef(config):
     """The graph of the model without adapters, to `nnx.merge` with an adapted model's frozen
-    state: the base policy, sharing its arrays."""
+    state: the base policy, sharing its arrays. Cached per config: building it traces the model's
+    construction, 14 ms of host time on the tiny shape, which `merge` paid on every rollout
+    (benchmarks/sampling.py --lora-rank)."""
     base_config = config.replace(lora_rank=0, lora_alpha=0.0, lora_targets=())
     return nnx.graphdef(nnx.eval_shape(lambda: Transformer(base_config, rngs=nnx.Rngs(0))))
 
