@@ -294,17 +294,19 @@ def sequence_kl(logp, ref_logp, mask, estimator: str = "k3"):
     return jnp.sum(kl(logp, ref_logp, estimator) * jnp.asarray(mask, jnp.float32), axis=-1)
 
 
-def entropy(logits_xV):
-    """Entropy (nats, float32) of softmax(logits) over the last axis."""
-    logp_xV = jax.nn.log_softmax(jnp.asarray(logits_xV, jnp.float32), axis=-1)
-    return -jnp.sum(jnp.exp(logp_xV) * logp_xV, axis=-1)
+def token_logprobs_and_entropy(logits_xV, target_logit_x, temperature: float = 1.0):
+    """(log softmax(logits / temperature) at the target, entropy (nats) of that softmax), float32
+    [...], given the target's own logit `target_logit_x` (= logits_xV at the target index).
 
-
-def token_logprobs(logits_BxTxV, tokens_BxT, temperature: float = 1.0):
-    """log softmax(logits / temperature) at `tokens`, float32 [B, T]: the distribution sampled from."""
+    The target logit comes in apart, computed from the target's embedding row alone
+    (`Transformer.target_logits`): picking it out of [..., V] would make autodiff scatter its
+    cotangent into a [..., V] zero tensor. Here the gradient reaching the logits is the softmax
+    term only, which fuses into the unembedding's backward matmuls. Entropy = logsumexp − Σ p·z.
+    """
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0 for logprobs; got {temperature}")
-    logits = jnp.asarray(logits_BxTxV, jnp.float32) / temperature
-    logp_BxTxV = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(logp_BxTxV, tokens_BxT[..., None].astype(jnp.int32), axis=-1)[..., 0]
-
+    scaled_xV = jnp.asarray(logits_xV, jnp.float32) / temperature
+    logsumexp_x = jax.nn.logsumexp(scaled_xV, axis=-1)
+    probs_xV = jnp.exp(scaled_xV - logsumexp_x[..., None])
+    entropy_x = logsumexp_x - jnp.sum(probs_xV * scaled_xV, axis=-1)
+    return jnp.asarray(target_logit_x, jnp.float32) / temperature - logsumexp_x, entropy_x

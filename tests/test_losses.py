@@ -299,20 +299,38 @@ def test_unbiased_estimators_recover_categorical_kl(estimator):
     assert abs(estimate - true_kl) < 0.01 + 0.02 * true_kl, (estimate, true_kl)
 
 
-def test_entropy_and_token_logprobs_match_numpy():
+def test_token_logprobs_and_entropy_match_numpy():
     rng = np.random.default_rng(2)
-    logits = rng.normal(0, 3, (2, 5, 11))
+    logits = rng.normal(0, 3, (2, 5, 11)).astype(np.float32)
     tokens = rng.integers(0, 11, (2, 5))
-    p = np.exp(logits - logits.max(-1, keepdims=True))
-    p /= p.sum(-1, keepdims=True)
-    np.testing.assert_allclose(losses.entropy(logits), -(p * np.log(p)).sum(-1), rtol=1e-5)
+    target_logit = np.take_along_axis(logits, tokens[..., None], -1)[..., 0]
     for temperature in (1.0, 0.7):
-        z = logits / temperature
+        z = logits.astype(np.float64) / temperature
         logq = z - z.max(-1, keepdims=True)
         logq -= np.log(np.exp(logq).sum(-1, keepdims=True))
-        expected = np.take_along_axis(logq, tokens[..., None], -1)[..., 0]
-        np.testing.assert_allclose(losses.token_logprobs(logits, tokens, temperature), expected,
-                                   rtol=1e-5, atol=1e-6)
+        logp, entropy = losses.token_logprobs_and_entropy(logits, target_logit, temperature)
+        np.testing.assert_allclose(logp, np.take_along_axis(logq, tokens[..., None], -1)[..., 0],
+                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(entropy, -(np.exp(logq) * logq).sum(-1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        losses.token_logprobs_and_entropy(logits, target_logit, 0.0)
+
+
+def test_token_logprobs_gradient_matches_numpy():
+    """d log p(target) / d logits = onehot − softmax, reached through both arguments."""
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2, (3, 7)).astype(np.float32)
+    tokens = rng.integers(0, 7, 3)
+
+    def total_logp(logits_xV):
+        target = jnp.take_along_axis(logits_xV, jnp.asarray(tokens)[:, None], -1)[:, 0]
+        return jnp.sum(losses.token_logprobs_and_entropy(logits_xV, target, 0.7)[0])
+
+    z = logits.astype(np.float64) / 0.7
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    expected = (np.eye(7)[tokens] - p) / 0.7
+    np.testing.assert_allclose(jax.grad(total_logp)(logits), expected, rtol=1e-5, atol=1e-6)
 
 
 # ----------------------------------------------------------------------------- KL as loss / in reward

@@ -329,6 +329,21 @@ def allowed_distribution(temperature, top_k, top_p):
     return out, np.log(probs)
 
 
+def test_categorical_draws_what_jax_random_categorical_draws():
+    """Same keys, same tokens as jax.random.categorical, with -inf logits (a top-k / top-p cut)
+    never drawn; NaN logits still give a token inside the vocabulary."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 2, (4096, 37)).astype(np.float32)
+    logits[:, -4:] = -np.inf
+    keys = jax.random.split(jax.random.PRNGKey(3), logits.shape[0])
+    ours = np.asarray(jax.jit(sampling.categorical)(keys, logits))
+    expected = np.asarray(jax.vmap(jax.random.categorical)(keys, logits))
+    np.testing.assert_array_equal(ours, expected)
+    assert ours.max() < 33 and len(set(ours)) == 33
+    nan_rows = np.full((2, 37), np.nan, np.float32)
+    assert ((0 <= (drawn := np.asarray(sampling.categorical(keys[:2], nan_rows)))) & (drawn < 37)).all()
+
+
 @pytest.mark.parametrize(
     "temperature,top_k,top_p", [(1.0, 0, 1.0), (1.0, 3, 1.0), (1.0, 0, 0.55), (0.7, 5, 0.75)]
 )

@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from cfpo_jax.losses import entropy, token_logprobs
+from cfpo_jax.losses import token_logprobs_and_entropy
 
 
 def sequence_logprobs(model, tokens_BxT, mask_BxT, *, temperature: float = 1.0, chunk_size: int = 256,
@@ -44,11 +44,8 @@ def sequence_logprobs(model, tokens_BxT, mask_BxT, *, temperature: float = 1.0, 
 
     def score(args):
         pred_BxCxD, targets_BxC = args
-        logits_BxCxV = model.unembed(pred_BxCxD)
-        return (
-            token_logprobs(logits_BxCxV, targets_BxC, temperature),
-            entropy(logits_BxCxV / temperature),
-        )
+        return token_logprobs_and_entropy(model.unembed(pred_BxCxD),
+                                          model.target_logits(pred_BxCxD, targets_BxC), temperature)
 
     logp_MxBxC, entropy_MxBxC = jax.lax.map(score, (pred_MxBxCxD, targets_MxBxC))
     logp_BxN = logp_MxBxC.swapaxes(0, 1).reshape(B, -1)[:, :N]

@@ -69,14 +69,30 @@ def _add_adapter(module, target, in_shape, out_shape, config, rngs):
         setattr(module, f"{target}_lora_b", nnx.LoRAParam(jnp.zeros((rank, *out_shape), LORA_DTYPE)))
 
 
+def dense(x, kernel, *, num_in: int = 1, preferred_element_type=None):
+    """x [..., *in] · kernel [*in, *out] → [..., *out] (`num_in` = len(in)), as one 2-D matmul
+    over the flattened leading axes.
+
+    Why flattened: the weight gradient contracts over every leading (batch, time) axis. Given as
+    two axes, XLA's CPU backend first copies the cotangent into a transposed 3-D layout, which made
+    an MLP's forward + backward 2.3× slower at [256, 144] tokens (benchmarks/README.md, vs_tunix);
+    as rows, it is one matmul. The reshapes merge contiguous axes and cost nothing.
+    """
+    lead, in_shape, out_shape = x.shape[: x.ndim - num_in], kernel.shape[:num_in], kernel.shape[num_in:]
+    rows_RxI = x.reshape(-1, math.prod(in_shape))
+    out_RxO = jnp.matmul(rows_RxI, kernel.reshape(math.prod(in_shape), -1),
+                         preferred_element_type=preferred_element_type)
+    return out_RxO.reshape(*lead, *out_shape)
+
+
 def _adapt(module, target, x, out):
     """`out` + scale·(x·A)·B when `target` carries an adapter; x [..., *in], out [..., *out]."""
     if not module.config.adapted(target):
         return out
     lora_a = getattr(module, f"{target}_lora_a")[...].astype(x.dtype)
     lora_b = getattr(module, f"{target}_lora_b")[...].astype(x.dtype)
-    xa = jnp.tensordot(x, lora_a, axes=lora_a.ndim - 1) * module.config.lora_scale
-    return out + jnp.tensordot(xa, lora_b, axes=1)
+    xa = dense(x, lora_a, num_in=lora_a.ndim - 1) * module.config.lora_scale
+    return out + dense(xa, lora_b)
 
 
 REMAT_POLICY = {
@@ -167,7 +183,7 @@ class Attention(nnx.Module):
 
     def _project(self, x_BxTxD, name):
         dtype = x_BxTxD.dtype
-        out = jnp.einsum("btd,dnh->btnh", x_BxTxD, getattr(self, f"{name}_kernel")[...].astype(dtype))
+        out = dense(x_BxTxD, getattr(self, f"{name}_kernel")[...].astype(dtype))
         out = _adapt(self, name, x_BxTxD, out)
         if self.config.qkv_bias:
             out = out + getattr(self, f"{name}_bias")[...].astype(dtype)
@@ -184,7 +200,7 @@ class Attention(nnx.Module):
 
     def out(self, out_BxTxNxH):
         """The output projection [B, T, N, H] -> [B, T, D] (with its adapter, if any)."""
-        out_BxTxD = jnp.einsum("btnh,nhd->btd", out_BxTxNxH, self.o_kernel[...].astype(out_BxTxNxH.dtype))
+        out_BxTxD = dense(out_BxTxNxH, self.o_kernel[...].astype(out_BxTxNxH.dtype), num_in=2)
         return _adapt(self, "o", out_BxTxNxH, out_BxTxD)
 
     def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxT):
@@ -208,10 +224,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x_BxTxD):
         dtype = x_BxTxD.dtype
-        gate_BxTxF = _adapt(self, "gate", x_BxTxD, x_BxTxD @ self.gate_kernel[...].astype(dtype))
-        up_BxTxF = _adapt(self, "up", x_BxTxD, x_BxTxD @ self.up_kernel[...].astype(dtype))
+        gate_BxTxF = _adapt(self, "gate", x_BxTxD, dense(x_BxTxD, self.gate_kernel[...].astype(dtype)))
+        up_BxTxF = _adapt(self, "up", x_BxTxD, dense(x_BxTxD, self.up_kernel[...].astype(dtype)))
         hidden_BxTxF = jax.nn.silu(gate_BxTxF) * up_BxTxF
-        return _adapt(self, "down", hidden_BxTxF, hidden_BxTxF @ self.down_kernel[...].astype(dtype))
+        return _adapt(self, "down", hidden_BxTxF, dense(hidden_BxTxF, self.down_kernel[...].astype(dtype)))
 
 
 class Block(nnx.Module):
@@ -282,12 +298,20 @@ class Transformer(nnx.Module):
             raise ValueError("a reward model (sequence classification) has no unembedding; use reward()")
         dtype = hidden_BxTxD.dtype
         if self.config.tie_embeddings:
-            return jnp.einsum(
-                "btd,vd->btv", hidden_BxTxD, self.embedding[...].astype(dtype), preferred_element_type=jnp.float32
-            )
-        return jnp.einsum(
-            "btd,dv->btv", hidden_BxTxD, self.lm_head[...].astype(dtype), preferred_element_type=jnp.float32
-        )
+            kernel_DxV = self.embedding[...].astype(dtype).T
+        else:
+            kernel_DxV = self.lm_head[...].astype(dtype)
+        return dense(hidden_BxTxD, kernel_DxV, preferred_element_type=jnp.float32)
+
+    def target_logits(self, hidden_BxTxD, tokens_BxT):
+        """unembed(hidden)[b, t, tokens[b, t]], float32 [B, T], from the tokens' own unembedding
+        rows: its gradient is a gather / scatter of D-vectors instead of a [B, T, V] tensor."""
+        dtype = hidden_BxTxD.dtype
+        if self.config.tie_embeddings:
+            rows_BxTxD = jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(dtype)
+        else:
+            rows_BxTxD = jnp.moveaxis(jnp.take(self.lm_head[...], tokens_BxT, axis=1), 0, -1).astype(dtype)
+        return jnp.einsum("btd,btd->bt", hidden_BxTxD, rows_BxTxD, preferred_element_type=jnp.float32)
 
     def reward(self, tokens_BxT, mask_BxT):
         """Scalar reward per row, float32 [B]: the score head's first label at the last real token.
