@@ -143,6 +143,33 @@ def test_sequence_logprobs_match_transformers(checkpoint):
     np.testing.assert_allclose(np.asarray(ent), expected_ent[:, -9:], rtol=0, atol=1e-4)
 
 
+def test_logprob_gradient_of_the_unembedding_matches_torch(checkpoint):
+    """d Σ logp / d (unembedding) against PyTorch autograd on the transformers model: through the
+    target rows (`Transformer.target_logits`) and the softmax, tied (the embedding, input side
+    included) and untied (`lm_head`) alike."""
+    import torch
+
+    _, directory, ref = checkpoint
+    model = from_pretrained(directory)
+    tokens, _ = batch(T=12, pad=(0, 0))
+    temperature = 0.7
+
+    def total_logp(model):
+        logp, _ = sequence_logprobs(model, jnp.asarray(tokens), jnp.ones(tokens.shape, jnp.int32),
+                                    temperature=temperature, chunk_size=5, num_completion=8)
+        return jnp.sum(logp)
+
+    grads = nnx.grad(total_logp)(model)
+    ref.zero_grad()
+    logits = ref(input_ids=torch.as_tensor(tokens, dtype=torch.long)).logits.float() / temperature
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, torch.as_tensor(tokens[:, 1:, None]))
+    logp[:, -8:].sum().backward()
+    tied = model.config.tie_embeddings
+    ours = np.asarray(grads["embedding"][...] if tied else grads["lm_head"][...].T)
+    expected = (ref.get_output_embeddings().weight.grad).numpy()
+    np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4 * np.abs(expected).max())
+
+
 def test_completion_logprobs_do_no_vocabulary_work_on_the_prompt():
     """XLA's FLOP count (one chunk, so the scoring loop runs once): scoring only the last N of T
     columns saves at least the unembedding matmul of the T - N prompt columns."""
