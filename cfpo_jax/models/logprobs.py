@@ -2,8 +2,10 @@
 
 The trainer scores rollouts with this (old, current and reference log-probs), so it must match
 what the sampler drew from: float32 log softmax(logits / temperature). The final hidden states are
-computed once; the unembedding, log-softmax and entropy then run chunk by chunk under `lax.map`,
-so the float32 [B, T, V] logits never exist at once (only [B, chunk, V]). With `num_completion=N`
+computed once; the unembedding, logsumexp and entropy then run chunk by chunk under `lax.map`,
+so the float32 [B, T, V] logits never exist at once (only [B, chunk, V]); the target token's logit
+comes from its own unembedding row (`Transformer.target_logits`), so no gradient of shape
+[B, chunk, V] is scattered. With `num_completion=N`
 only the last N columns (the completion of a prompt + completion row) are unembedded: the prompt
 columns cost no vocabulary work, which is half of it when prompt and response budgets are equal.
 """
