@@ -34,8 +34,9 @@ Layout (R = prompts × n rows, P padded prompt length, N = max_new_tokens, V voc
 * Sampling: `temperature=0` is greedy (argmax) and reports temperature-1 logprobs. Otherwise the
   token is drawn from softmax(logits / temperature) restricted by `top_k` then `top_p` (top-p on
   the distribution renormalised over the top-k, as in transformers), by Gumbel-argmax
-  (`categorical`: the draws of `jax.random.categorical`, its argmax faster on CPU). The reported logprob is under the *unrestricted*
-  softmax(logits / temperature), the distribution the trainer recomputes.
+  (`categorical`: the draws of `jax.random.categorical`, its argmax faster on CPU). The reported
+  logprob is under the *unrestricted* softmax(logits / temperature), the distribution the trainer
+  recomputes.
 * A row ends after one of `eos_token_ids` (kept: mask 1) or its budget (N, or its prompt's own
   `max_new_tokens`); later columns hold `pad_id`, mask 0 and logprob 0.
 * Weights are gathered once per call into the sampling layout (`models.decoding.gather_weights`:
