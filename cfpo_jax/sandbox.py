@@ -38,9 +38,10 @@ a trial run:
     process the code started. The rest of the file system is readable as for any unprivileged
     user (world-readable files, e.g. the project's code and data).
 "plain" (anything else, e.g. not root): the limits above, its own process group and directory,
-    the clean environment; the caller's uid, so it can read and write what the caller can, and
-    as root RLIMIT_NPROC does not bind. An audit hook refuses sockets, process creation and
-    ctypes — it stops ordinary code, NOT a determined attacker (not a security boundary).
+    the clean environment, the launcher as its parent; the caller's uid, so it can read and write
+    what the caller can (its files, its /proc/<pid>/environ), and as root RLIMIT_NPROC does not
+    bind. An audit hook refuses sockets, process creation, signals and ctypes — it stops
+    ordinary code, NOT a determined attacker (not a security boundary).
 """
 
 from __future__ import annotations
@@ -293,16 +294,15 @@ def _supervise(cfg: dict, stdin, limits: Limits, started: float) -> Result:
         raise SandboxError(f"the sandbox could not start: {' '.join(status[1:])}")
     exit_code = None
     if killed_by is None:
-        if cfg["mode"] == "namespaces":
-            if len(status) != 4:
-                raise SandboxError(f"the sandbox's launcher ended without a status "
-                                   f"(exit code {proc.returncode})")
-            kind, number, cpu = status[0], int(status[1]), float(status[3])
-            exit_code = -number if kind == "signal" else number
-        else:
-            exit_code, cpu = proc.returncode, None
-        if exit_code in (-signal.SIGXCPU, -signal.SIGKILL) and \
-                (cpu is None or cpu >= math.ceil(limits.cpu_s) - 0.05):
+        if len(status) != 4:
+            raise SandboxError(f"the sandbox's launcher ended without a status "
+                               f"(exit code {proc.returncode})")
+        kind, number, cpu = status[0], int(status[1]), float(status[3])
+        exit_code = -number if kind == "signal" else number
+        # SIGXCPU: the soft limit; SIGKILL past the hard one (when SIGXCPU is ignored). rusage
+        # samples CPU time more coarsely than the limit's accounting, hence the 0.9.
+        if exit_code == -signal.SIGXCPU or (
+                exit_code == -signal.SIGKILL and cpu >= 0.9 * math.ceil(limits.cpu_s)):
             killed_by = "cpu"
         elif exit_code != 0 and outputs[1].rstrip().endswith(b"MemoryError"):
             killed_by = "memory"

@@ -12,8 +12,10 @@ Two modes (the JSON's "mode"):
   process sets its rlimits, no-new-privileges, drops to "uid"/"gid" with no supplementary groups
   and execs the interpreter. When pid 1 exits or is killed, the kernel kills every process of the
   namespace, so nothing the code started can outlive the run.
-* "plain" (anything else): rlimits, then the interpreter runs the code through `_PLAIN_RUNNER`,
-  an audit hook that refuses sockets, process creation and ctypes — not a security boundary.
+* "plain" (anything else): the launcher forks the user's process (so its parent is the
+  launcher, not the caller), which sets its rlimits and runs the code through `_PLAIN_RUNNER`,
+  an audit hook that refuses sockets, process creation, signals and ctypes — not a security
+  boundary.
 
 The outcome goes to the status file descriptor "status_fd" as one line: "exit N cpu S",
 "signal N cpu S" (S: the user process's CPU seconds) or "error MESSAGE" (the setup failed).
@@ -39,7 +41,8 @@ _PLAIN_RUNNER = """
 import sys
 def _refuse(event, args):
     if event.startswith(("socket.", "subprocess.", "os.fork", "os.exec", "os.posix_spawn",
-                         "os.spawn", "os.system", "ctypes.")):
+                         "os.spawn", "os.system", "os.kill", "os.killpg", "signal.pthread_kill",
+                         "ctypes.")):
         raise PermissionError(f"{event} is disabled in the sandbox")
 path = sys.argv[1]
 sys.argv = sys.argv[1:]
@@ -123,6 +126,13 @@ def _exec_user(cfg: dict, script: str):
 def _namespace_init(cfg: dict, status_fd: int, script: str) -> int:
     """pid 1 of the new PID namespace: /proc, the user's process, reaping; its status reported."""
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    _run_user(cfg, status_fd, script)
+    return 0
+
+
+def _run_user(cfg: dict, status_fd: int, script: str):
+    """Forks the user's process and reaps children (in a PID namespace: every orphan of it)
+    until that one ends; reports its status."""
     user = os.fork()
     if user == 0:
         try:
@@ -135,7 +145,7 @@ def _namespace_init(cfg: dict, status_fd: int, script: str) -> int:
         pid, status, rusage = os.wait4(-1, 0)
         if pid == user:
             _report(status_fd, _status_line(status, rusage))
-            return 0
+            return
 
 
 def main():
@@ -157,8 +167,8 @@ def main():
         _report(status_fd, f"error {type(e).__name__}: {e}")
         os._exit(1)
     if cfg["mode"] != "namespaces":
-        os.close(status_fd)  # the parent reads the outcome from the process's own exit status
-        _exec_user(cfg, script)
+        _run_user(cfg, status_fd, script)  # so that its parent is this launcher, not the caller
+        os._exit(0)
     init = os.fork()  # the first child after unshare(CLONE_NEWPID) is the namespace's pid 1
     if init == 0:
         try:

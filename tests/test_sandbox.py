@@ -25,7 +25,8 @@ SLACK_S = 1.0
 needs_namespaces = pytest.mark.skipif(
     sandbox.isolation() != "namespaces",
     reason="needs the namespace isolation (root and unshare allowed): without it the code runs "
-           "as the caller, where a fork bomb or kill(-1) would hit the whole machine")
+           "as the caller, who can write its files, read its /proc and whose fork bomb or "
+           "kill(-1) would hit the whole machine")
 
 
 def _sandbox_processes() -> list[int]:
@@ -107,8 +108,13 @@ def test_infinite_loop_is_killed_at_the_wall_clock():
 
 
 def test_cpu_limit():
-    result = _hostile("while True:\n    pass", Limits(wall_s=4.0, cpu_s=1))
+    # wall_s well above cpu_s: on a loaded box 1 CPU second can take several wall seconds
+    result = _hostile("while True:\n    pass", Limits(wall_s=10.0, cpu_s=1))
     assert result.killed_by == "cpu" and not result.timed_out, result
+    # SIGXCPU ignored: SIGKILL at the hard limit, a second later
+    code = "import signal\nsignal.signal(signal.SIGXCPU, signal.SIG_IGN)\nwhile True:\n    pass"
+    ignored = _hostile(code, Limits(wall_s=10.0, cpu_s=1))
+    assert ignored.killed_by == "cpu" and ignored.exit_code == -signal.SIGKILL, ignored
 
 
 def test_50gb_allocation_fails_fast():
@@ -147,12 +153,16 @@ def test_no_socket_reaches_a_listener_of_the_trainer():
 
 
 def test_trainer_environment_is_not_visible(monkeypatch):
+    """Its own environment is built from scratch in both modes; the trainer's /proc/<pid>/environ
+    is out of reach only with the namespaces (another uid, another PID namespace)."""
     secret = f"secret-{uuid.uuid4().hex}"
     monkeypatch.setenv("CFPO_TEST_SECRET", secret)
+    pids = f"({os.getpid()}, os.getppid(), 1, 'self')" if sandbox.isolation() == "namespaces" \
+        else "('self',)"
     code = (
         "import os\n"
         "print(dict(os.environ))\n"
-        f"for pid in ({os.getpid()}, os.getppid(), 1, 'self'):\n"
+        f"for pid in {pids}:\n"
         "    try:\n"
         "        print(pid, open(f'/proc/{pid}/environ', 'rb').read())\n"
         "    except OSError as e:\n"
@@ -163,6 +173,7 @@ def test_trainer_environment_is_not_visible(monkeypatch):
     assert "CFPO_TEST_SECRET" not in result.stdout + result.stderr
 
 
+@needs_namespaces
 def test_writing_outside_its_directory_leaves_nothing(tmp_path):
     name = f"cfpo-escape-{uuid.uuid4().hex}"
     targets = [tmp_path / name, os.path.join(tempfile.gettempdir(), name),
@@ -221,7 +232,7 @@ def test_killing_its_parent_or_the_trainer(attack):
 
 def test_plain_mode_limits_and_audit_hook(monkeypatch):
     """The fallback where namespaces are unavailable: limits hold; the audit hook (not a security
-    boundary) refuses ordinary socket and process creation."""
+    boundary) refuses ordinary sockets, process creation and signals."""
     monkeypatch.setattr(sandbox, "_isolation", "plain")
     ok = run_python("print(sum(range(10)))")
     assert ok.ok and ok.stdout == "45\n", ok
@@ -238,5 +249,8 @@ def test_plain_mode_limits_and_audit_hook(monkeypatch):
         listener.close()
     spawn = _hostile("import subprocess; subprocess.run(['true'])", Limits(wall_s=3.0))
     assert "PermissionError" in spawn.stderr
+    kill = _hostile(f"import os\nprint(os.getppid() != {os.getpid()})\nos.kill(os.getppid(), 9)",
+                    Limits(wall_s=3.0))
+    assert kill.stdout == "True\n" and "PermissionError" in kill.stderr  # parent: the launcher
     assert _hostile("while True: pass", Limits(wall_s=1.0, cpu_s=10)).killed_by == "wall"
     assert _hostile("bytearray(50 * 2**30)", Limits(wall_s=3.0)).killed_by == "memory"
