@@ -67,7 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic:arithmetic"
-    c.data.preset = OPTIONAL(str)  # "gsm8k" | "math" | "math500" | "prompt_collection"
+    # "gsm8k" | "math" | "math500" | "prompt_collection" | "humaneval" | "mbpp"
+    c.data.preset = OPTIONAL(str)
     c.data.template = "chat"  # "chat" | "plain"
     c.data.system_prompt = ""
     c.data.user_template = "{question}"
@@ -201,7 +202,7 @@ _CHOICES = {
     "model.attention": ATTENTION_IMPLEMENTATIONS,
     "rewards.rm_dtype": ("", "float32", "bfloat16"),
     "data.template": ("chat", "plain"),
-    "data.preset": (None, "gsm8k", "math", "math500", "prompt_collection"),
+    "data.preset": (None, "gsm8k", "math", "math500", "prompt_collection", "humaneval", "mbpp"),
     "rl.objective": tuple(losses.REGISTRY["objective"]),
     "rl.level": tuple(losses.REGISTRY["level"]),
     "rl.agg": tuple(losses.REGISTRY["agg"]),

@@ -6,13 +6,15 @@ lm-evaluation-harness tasks before and after training (the alignment tax).
         "--config.eval.lm_eval_tasks=('arc_easy', 'hellaswag', 'winogrande')"
 
 For each prompt, N = `eval.num_samples` completions are sampled and scored 0/1 by the dataset's
-correctness reward (`gsm8k` for the gsm8k preset, `math` otherwise):
+correctness reward (`gsm8k` for the gsm8k preset, `code` for humaneval and mbpp — the row's
+unit tests in the sandbox —, `math` otherwise), which gets the row's other fields too:
 
 * mean@N — the mean score over all N samples of all prompts;
 * pass@k — the unbiased estimator 1 − C(N−c, k)/C(N, k) per prompt with c correct of N (Chen
   et al. 2021), averaged; k ≤ N;
 * maj@N — the score of the most frequent extracted answer (the last `\\boxed{}` for math, the
-  number for gsm8k; ties: the answer seen first; completions without one do not vote);
+  number for gsm8k, the code without whitespace for code; ties: the answer seen first;
+  completions without one do not vote);
 * greedy — accuracy of one temperature-0 completion, when `eval.greedy`.
 
 Generations with their scores go to `<output_dir>/<dataset>[_step<S>].jsonl`, metrics to
@@ -42,9 +44,10 @@ from cfpo_jax import rewards
 
 log = logging.getLogger(__name__)
 
-# prompts (token-id lists), n, greedy → n completion texts per prompt
+# prompts (token-id lists), n, greedy, their examples → n completion texts per prompt
 SampleFn = Callable[[list[list[int]], int, bool, list[dict]], list[list[str]]]
-CORRECTNESS_REWARD = {"gsm8k": "gsm8k", "math": "math", "math500": "math", None: "math"}
+CORRECTNESS_REWARD = {"gsm8k": "gsm8k", "math": "math", "math500": "math", "humaneval": "code",
+                      "mbpp": "code", None: "math"}
 
 
 def correctness_reward(dataset) -> str:
@@ -157,8 +160,8 @@ def evaluate(sample_fn: SampleFn, datasets: Sequence[data_lib.Dataset],
                         raise ValueError(f"sample_fn returned {[len(t) for t in texts]} "
                                          f"completions for {len(prompts)} prompts × {n}")
                     flat = [t for per_prompt in texts for t in per_prompt]
-                    answers = [e["answer"] for e in examples for _ in range(n)]
-                    scores = scorer(flat, answers)
+                    answers, fields = data_lib.reward_inputs(examples, n)
+                    scores = scorer(flat, answers, **fields)
                     failures += scores.failures[reward_name]
                     score_PxN = scores.per_fn[reward_name].reshape(len(examples), n)
                     for p, example in enumerate(examples):

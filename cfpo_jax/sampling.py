@@ -85,7 +85,7 @@ from jax.sharding import PartitionSpec as PS
 
 from cfpo_jax.models import decoding
 from cfpo_jax.models.attention import DECODE_SLOT_ALIGN, resolve_decode
-from cfpo_jax.sharding import BATCH_AXES, to_host
+from cfpo_jax.sharding import BATCH_AXES, mesh_context, to_host
 
 DEFAULT_KV_CACHE_GB = 8.0
 _REFILL_FRACTION = 16  # a chunk returns to the host when K / 16 slots (at least 1) are free
@@ -336,7 +336,7 @@ def _decode_chunk(settings: _Settings, weights, slots: _Slots, outputs: _Outputs
         # Finished and empty slots still run (static shapes); keep their writes inside the cache.
         column_K = jnp.clip(slots.length_K - 1 + slots.step_K, 0, num_cache_slots - 1)
         logits_KxV, cache = decoding.decode_step(
-            weights, slots.token_K, slots.cache, column_K, implementation=settings.attention, mesh=settings.mesh)
+            weights, slots.token_K, slots.cache, column_K, implementation=settings.attention)
         key_K = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(slots.row_K, slots.step_K)
         token_K, logprob_K = _sample(logits_KxV, key_K, settings)
         hit_eos_K = jnp.isin(token_K, eos_ids)
@@ -539,11 +539,41 @@ def _run_turns(settings: _Settings, weights, slots: _Slots, outputs: _Outputs, k
             executor.shutdown(wait=False, cancel_futures=True)
 
 
+def slot_layout(config, *, prompt_len: int, max_new_tokens: int, num_rows: int, mesh,
+                max_concurrent: int | None, kv_cache_gb: float, attention: str) -> tuple[int, int, int]:
+    """(cache columns per slot, slots, most distinct prompts per prefill) of a `generate` call with
+    prompts padded to `prompt_len` and a resolved decode `attention`. Slots are a multiple of the
+    batch shards; the prefill count is a power of two per shard near 16k prompt tokens, which
+    bounds the prefill's activations (its [M, heads, P, P] attention scores)."""
+    num_cache_slots = prompt_len - 1 + max_new_tokens
+    if attention in ("pallas", "paged"):
+        num_cache_slots = -(-num_cache_slots // DECODE_SLOT_ALIGN) * DECODE_SLOT_ALIGN
+    shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    if max_concurrent is None:
+        max_concurrent = slots_for_budget(config, num_cache_slots, kv_cache_gb, mesh)
+    num_slots = min(-(-max_concurrent // shards), -(-num_rows // shards)) * shards
+    max_prefill = shards * (1 << (max(_PREFILL_TOKENS // prompt_len, 1).bit_length() - 1))
+    return num_cache_slots, num_slots, max_prefill
+
+
 @functools.lru_cache(maxsize=None)
 def _announce(message: str) -> None:
     print(message, flush=True)
 
 
+def _with_mesh_in_context(generate):
+    """Traces every program of `generate` with its `mesh` in context: the decode kernel is that of
+    the mesh's platform and runs per shard (`models.attention`)."""
+
+    @functools.wraps(generate)
+    def wrapped(*args, mesh=None, **kwargs):
+        with mesh_context(mesh):
+            return generate(*args, mesh=mesh, **kwargs)
+
+    return wrapped
+
+
+@_with_mesh_in_context
 def generate(
     model,
     prompts,
@@ -634,17 +664,16 @@ def generate(
     prompt_len = _bucket(max(len(ids) for ids in token_lists), prompt_bucket)
     prompt_tokens_BxP, prompt_mask_BxP = _left_pad(token_lists, prompt_len, pad_id)
 
-    num_cache_slots = prompt_len - 1 + max_new_tokens
-    if attention in ("pallas", "paged"):
-        num_cache_slots = -(-num_cache_slots // DECODE_SLOT_ALIGN) * DECODE_SLOT_ALIGN
     shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     num_rows = len(token_lists) * n
+    num_cache_slots, num_slots, max_prefill = slot_layout(
+        config, prompt_len=prompt_len, max_new_tokens=max_new_tokens, num_rows=num_rows, mesh=mesh,
+        max_concurrent=max_concurrent, kv_cache_gb=kv_cache_gb, attention=attention)
     if max_concurrent is None:
         max_concurrent = slots_for_budget(config, num_cache_slots, kv_cache_gb, mesh)
         source = f"kv_cache_gb={kv_cache_gb:g}"
     else:
         source = "max_concurrent"
-    num_slots = min(-(-max_concurrent // shards), -(-num_rows // shards)) * shards
     tensor = 1 if mesh is None else mesh.shape["tensor"]
     _announce(
         f"sampling: {min(max_concurrent, num_rows)} rows at a time ({source}; {num_slots} slots of "
@@ -661,9 +690,6 @@ def generate(
     weights = decoding.gather_weights(model, mesh)
     slots, outputs = _init_jit(settings, config, num_slots, num_cache_slots, num_rows)
 
-    # Distinct prompts prefilled per insert, per batch shard: a power of two near 16k prompt
-    # tokens, which bounds the prefill's activations (its [M, heads, P, P] attention scores).
-    max_prefill = shards * (1 << (max(_PREFILL_TOKENS // prompt_len, 1).bit_length() - 1))
     next_row = 0
 
     def insert(slots, free):

@@ -337,23 +337,20 @@ class Setup:
     env: envs.EnvRollout | None = None  # multi-turn episodes (config.env); None: single-turn
 
 
-def make_setup(config, mesh, graphdef, frozen, tokenizer, eos_ids, pad_id, *, tx, schedule,
-               state_sh, model_path: str = "", base_model: dict | None = None) -> Setup:
-    """The jitted stage functions with their shardings (`state_sh`: the state's shardings)."""
+def make_programs(config, mesh, graphdef, *, pad_id: int, tx, schedule, state_sh, frozen_sh) -> dict:
+    """The jitted device programs of a step with their shardings (`state_sh`, `frozen_sh`: those
+    of the state and of the frozen model state): split_rng, prepare, shuffle, update, finish_step
+    (see `Setup`). `cfpo_jax.aot` compiles these same programs for compile-only devices."""
     rl, sampling_config = config.rl, config.sampling
     batch_sh = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, PS())
     on_policy = rl.num_epochs == 1 and rl.num_minibatches == 1
-    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     update = make_update(graphdef, tx, schedule, rl, temperature=sampling_config.temperature,
                          max_len=sampling_config.max_new_tokens,
                          micro_batch_size=rl.micro_batch_size)
     prepare = make_prepare(graphdef, rl, temperature=sampling_config.temperature, pad_id=pad_id,
                            on_policy=on_policy, batch_sh=batch_sh, adapters=config.lora.rank > 0)
-    return Setup(
-        config=config, mesh=mesh, graphdef=graphdef, frozen=frozen, model_path=model_path,
-        base_model=base_model, tokenizer=tokenizer, eos_ids=tuple(eos_ids), pad_id=pad_id,
-        scorer=rewards.Scorer.from_config(config.rewards, mesh=mesh),
+    return dict(
         split_rng=jax.jit(lambda key: tuple(jax.random.split(key)), out_shardings=replicated),
         prepare=jax.jit(prepare, out_shardings=(batch_sh, replicated)),
         shuffle=jax.jit(make_shuffle(config.seed, rl.num_minibatches), out_shardings=batch_sh),
@@ -365,10 +362,27 @@ def make_setup(config, mesh, graphdef, frozen, tokenizer, eos_ids, pad_id, *, tx
     )
 
 
+def make_setup(config, mesh, graphdef, frozen, tokenizer, eos_ids, pad_id, *, tx, schedule,
+               state_sh, model_path: str = "", base_model: dict | None = None) -> Setup:
+    """The jitted stage functions with their shardings (`state_sh`: the state's shardings)."""
+    programs = make_programs(config, mesh, graphdef, pad_id=pad_id, tx=tx, schedule=schedule,
+                             state_sh=state_sh, frozen_sh=jax.tree.map(lambda x: x.sharding, frozen))
+    return Setup(
+        config=config, mesh=mesh, graphdef=graphdef, frozen=frozen, model_path=model_path,
+        base_model=base_model, tokenizer=tokenizer, eos_ids=tuple(eos_ids), pad_id=pad_id,
+        scorer=rewards.Scorer.from_config(config.rewards, mesh=mesh), **programs)
+
+
 def build(config, workdir: str, *, devices, ckpt: checkpoint.Checkpointer, progress):
     """Stage 1: (setup, state, data iterator) — the state restored from `ckpt`'s latest
     checkpoint when there is one, else fresh (after the warm start when configured)."""
     mesh = _make_mesh(config, devices)
+    # The warm start's programs, like every later one, are traced with the mesh in context.
+    with jax.set_mesh(mesh):
+        return _build(config, workdir, mesh, ckpt, progress)
+
+
+def _build(config, workdir, mesh, ckpt, progress):
     model, tokenizer, eos_ids, pad_id, model_path = _load_policy(config, workdir, mesh)
     adapters = config.lora.rank > 0
     # With LoRA the adapters train and the base is `frozen`; otherwise every parameter trains.
@@ -668,6 +682,16 @@ def _run(config, workdir, devices, stop):
     progress = metrics_lib.Progress(num_steps, every=config.train.log_every, enabled=is_main)
     setup, state, iterator = build(config, workdir, devices=devices, ckpt=ckpt,
                                    progress=progress)
+    # Every program of the run (update, logprob passes, sampler, reward model, evaluation) is
+    # traced with the mesh in context: attention runs the kernel of the mesh's platform, per shard
+    # (`models.attention`).
+    with jax.set_mesh(setup.mesh):
+        return _loop(config, workdir, setup, state, iterator, ckpt, writer, progress, stop)
+
+
+def _loop(config, workdir, setup, state, iterator, ckpt, writer, progress, stop):
+    is_main = jax.process_index() == 0
+    num_steps = config.train.num_steps
     policy = lambda: nnx.merge(setup.graphdef, state["params"], setup.frozen)
     meta = lambda: {"data": iterator.state, "base_model": setup.base_model}
 
