@@ -338,7 +338,8 @@ class PromptBuilder:
     """Question → prompt text and token ids.
 
     template "chat": the tokenizer's chat template with an optional system message and the user
-    message `user_template` (which contains "{question}"), ending with the assistant's turn.
+    message `user_template` (which contains "{question}"), ending with the assistant's turn;
+    `tools` (JSON schemas, multi-turn runs) are passed to the template, which lists them.
     "plain" (base models): system prompt, a blank line, the user text; the tokenizer adds its
     special tokens (e.g. BOS).
     """
@@ -347,6 +348,7 @@ class PromptBuilder:
     template: str = "chat"
     system_prompt: str | None = None
     user_template: str = "{question}"
+    tools: tuple = ()
 
     def __post_init__(self):
         if self.template not in TEMPLATES:
@@ -361,8 +363,9 @@ class PromptBuilder:
         messages = chat_messages(question, self.system_prompt, self.user_template)
         if self.template == "plain":
             return "\n\n".join(m["content"] for m in messages)
+        tools = {"tools": list(self.tools)} if self.tools else {}
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=True)
+                                                  add_generation_prompt=True, **tools)
 
     def build(self, question: str) -> tuple[str, list[int]]:
         """(prompt text, its token ids)."""
@@ -372,10 +375,10 @@ class PromptBuilder:
         return text, list(ids)
 
     @classmethod
-    def from_config(cls, tokenizer, data_config) -> "PromptBuilder":
-        """From `config.data` (template, system_prompt, user_template)."""
+    def from_config(cls, tokenizer, data_config, tools: tuple = ()) -> "PromptBuilder":
+        """From `config.data` (template, system_prompt, user_template) and tool schemas."""
         return cls(tokenizer, data_config.template, data_config.system_prompt or None,
-                   data_config.user_template)
+                   data_config.user_template, tuple(tools))
 
 
 # ---------------------------------------------------------------- iterator
@@ -474,11 +477,12 @@ class PromptIterator:
         return Batch(examples, prompts, texts)
 
 
-def iterator_from_config(config, tokenizer) -> PromptIterator:
-    """The training prompt iterator of a full config (config.data, config.sampling)."""
+def iterator_from_config(config, tokenizer, tools: tuple = ()) -> PromptIterator:
+    """The training prompt iterator of a full config (config.data, config.sampling); `tools`:
+    the tool schemas the chat template lists (multi-turn runs)."""
     data = config.data
     dataset = load(data.source, preset=data.preset, synthetic=data.synthetic, seed=data.seed)
-    return PromptIterator(dataset, PromptBuilder.from_config(tokenizer, data),
+    return PromptIterator(dataset, PromptBuilder.from_config(tokenizer, data, tools),
                           data.batch_size, seed=data.seed,
                           max_prompt_len=config.sampling.max_prompt_len)
 

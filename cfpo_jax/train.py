@@ -33,6 +33,11 @@ Decisions written down here:
     (seed, step, epoch), so a resumed run draws the same ones.
   * The sampler gets a key split off the state's rng each step: same seed and same data iterator
     state → same samples, which is what makes a resumed run equal an uninterrupted one.
+  * Multi-turn episodes (`config.env.name`, `cfpo_jax.envs`): the rollout samples episodes through
+    `Setup.env` instead of single completions; each episode is one sequence (prompt, then every
+    token after it) and the batch's `mask` is `Samples.loss_mask` — the tokens the policy sampled —
+    while `attn` covers the tool answers too, so they are context for every logprob but out of
+    the loss, the ratios, the KL and the metrics. The learner is unchanged.
   * LoRA (`config.lora.rank` > 0, `cfpo_jax.lora`): `params` are the adapters alone, so the
     optimiser state and the checkpoints hold adapters only; the frozen base is `Setup.frozen`, an
     argument of every jitted function (a closed-over array would be compiled in as a constant),
@@ -64,7 +69,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 from ml_collections import config_flags
 
-from cfpo_jax import advantages, checkpoint, data, evaluate, losses, models, rewards, sampling
+from cfpo_jax import advantages, checkpoint, data, envs, evaluate, losses, models, rewards, sampling
 from cfpo_jax import lora, sharding, tiny, warmstart
 from cfpo_jax import config as config_lib
 from cfpo_jax import logging as metrics_lib
@@ -329,6 +334,7 @@ class Setup:
     shuffle: object  # (rollout batch, step, epoch) → num_minibatches minibatches
     update: object  # (state, frozen, minibatch) → (state, metrics); state donated
     finish_step: object  # (state, rng) → state of the next step; state donated
+    env: envs.EnvRollout | None = None  # multi-turn episodes (config.env); None: single-turn
 
 
 def make_programs(config, mesh, graphdef, *, pad_id: int, tx, schedule, state_sh, frozen_sh) -> dict:
@@ -352,6 +358,7 @@ def make_programs(config, mesh, graphdef, *, pad_id: int, tx, schedule, state_sh
                        out_shardings=(state_sh, replicated), donate_argnums=0),
         finish_step=jax.jit(lambda state, rng: dict(state, rng=rng, step=state["step"] + 1),
                             out_shardings=state_sh, donate_argnums=0),
+        env=envs.EnvRollout.from_config(config, tokenizer, eos_ids),
     )
 
 
@@ -382,7 +389,7 @@ def _build(config, workdir, mesh, ckpt, progress):
     graphdef, params, frozen = lora.split(model) if adapters else nnx.split(model, nnx.Param, ...)
     base_model = lora.base_fingerprint(model_path) if adapters else None
     del model  # `params` is donated to the state below
-    iterator = data.iterator_from_config(config, tokenizer)
+    iterator = data.iterator_from_config(config, tokenizer, tools=envs.prompt_tools(config.env))
     iterator.dataset[0]  # a row without the preset's fields fails now, not after compilation
 
     rl = config.rl
@@ -441,7 +448,8 @@ def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, on_policy: bo
         attn_BxL = jnp.concatenate([jnp.pad(samples.prompt_mask, pad), samples.mask], axis=1)
         tokens_BxL, attn_BxL = (jax.lax.with_sharding_constraint(x, batch_sh)
                                 for x in (tokens_BxL, attn_BxL))
-        mask_BxN = samples.mask.astype(jnp.float32)
+        # The loss mask: the tokens the policy sampled (in an episode, not the answers).
+        mask_BxN = samples.loss_mask.astype(jnp.float32)
         num_tokens = jnp.maximum(jnp.sum(mask_BxN), 1.0)
         batch = dict(tokens=tokens_BxL, attn=attn_BxL, mask=mask_BxN)
         metrics = dict(truncated_frac=1.0 - jnp.mean(samples.eos.astype(jnp.float32)))
@@ -489,12 +497,17 @@ def rollout(setup: Setup, state, prompts: data.Batch, sample_key):
     policy = nnx.merge(setup.graphdef, state["params"], setup.frozen)
     if config.lora.rank and config.lora.merge_for_sampling:
         policy = lora.merge(policy)
-    samples = sampling.generate(
-        policy, prompts.prompts,
+    sample_kwargs = dict(
         max_new_tokens=sampling_config.max_new_tokens, temperature=sampling_config.temperature,
-        top_p=sampling_config.top_p, top_k=sampling_config.top_k, eos_token_ids=setup.eos_ids,
-        seed=sample_key, n=rl.group_size, pad_id=setup.pad_id, mesh=setup.mesh,
+        top_p=sampling_config.top_p, top_k=sampling_config.top_k, seed=sample_key,
+        n=rl.group_size, pad_id=setup.pad_id, mesh=setup.mesh,
         **sampling.engine_settings(sampling_config))
+    if setup.env is None:
+        samples = sampling.generate(policy, prompts.prompts, eos_token_ids=setup.eos_ids, **sample_kwargs)
+        env_metrics = {}
+    else:  # multi-turn episodes: the completion is the whole episode after the prompt
+        samples, env_metrics = setup.env.generate(policy, prompts.examples, prompts.prompts,
+                                                  **sample_kwargs)
     # The completion text is all the host needs from the samples.
     tokens_BxN, lengths_B = sharding.to_host((samples.tokens, samples.lengths))
     t1 = time.time()
@@ -521,6 +534,7 @@ def rollout(setup: Setup, state, prompts: data.Batch, sample_key):
         **verbosity_metrics(scores.total_B, lengths_B, rl.group_size),
         zero_std_groups=int((np.ptp(groups, axis=1) == 0).sum()),
         tokens_per_s=float(lengths_B.sum()) / max(t1 - t0, 1e-9),
+        **env_metrics,
     )
     return batch, host_metrics, device_metrics, dict(time_sample_s=t1 - t0, time_score_s=t2 - t1)
 
@@ -730,6 +744,8 @@ def _loop(config, workdir, setup, state, iterator, ckpt, writer, progress, stop)
         progress.message(f"exported the adapters (PEFT) to {path}")
     writer.close()
     setup.scorer.close()
+    if setup.env is not None:
+        setup.env.close()
     return dict(state=state, history=history, stopped_by=stopped_by)
 
 

@@ -147,7 +147,7 @@ def test_pass_at_k_on_humaneval_through_evaluate():
     builder = data.PromptBuilder(tiny_tokenizer(), "plain")
     index = {tuple(builder.build(HUMANEVAL[i]["question"])[1]): i for i in range(count)}
 
-    def sample_fn(prompts, n, greedy):
+    def sample_fn(prompts, n, greedy, examples):
         out = []
         for tokens in prompts:
             i = index[tuple(tokens)]
