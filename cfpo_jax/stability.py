@@ -229,16 +229,21 @@ def plot_map(path: str, cells, xs, ys, objectives, labels: dict, x_title: str, y
                         text = f"{c.collapsed}/{c.n}" + (f"\n+{c.dipped} dip" if c.dipped else "")
                     else:
                         text = f"{c.final:.2f}\nn={c.n}"
+                    dark = values[yi, xi] > 0.5 if i == 0 else values[yi, xi] < (lo + hi) / 2
                     ax.text(xi, yi, text, ha="center", va="center", fontsize=8,
-                            color="black" if i == 0 or values[yi, xi] > (lo + hi) / 2 else "white")
-            # The frontier: right edge of the frontier cell in each row (left edge when none).
-            stairs_x, stairs_y = [], []
+                            color="white" if dark else "black")
+            # The frontier: right edge of the frontier cell in each row (left edge when none),
+            # joined across neighbouring rows; rows without a finished run have none.
+            stairs = [[]]
             for yi, y in enumerate(ys):
+                if not any(cells[objective, x, y].n for x in xs):
+                    stairs.append([])
+                    continue
                 right = (xs.index(edge[y]) + 0.5) if edge[y] is not None else -0.5
-                stairs_x += [right, right]
-                stairs_y += [yi - 0.5, yi + 0.5]
-            ax.plot(stairs_x, stairs_y, color="black", linewidth=2.5,
-                    label="frontier" if (i, j) == (0, 0) else None)
+                stairs[-1] += [(right, yi - 0.5), (right, yi + 0.5)]
+            for k, segment in enumerate(s for s in stairs if s):
+                ax.plot(*zip(*segment), color="black", linewidth=2.5,
+                        label="frontier" if (i, j, k) == (0, 0, 0) else None)
             ax.set_xticks(range(len(xs)), [_text(x) for x in xs])
             ax.set_yticks(range(len(ys)), [_text(y) for y in ys])
             ax.set_xlim(-0.5, len(xs) - 0.5)

@@ -444,6 +444,19 @@ def _map_axes(study: Study):
     return x, y, objective, others
 
 
+def _frontier_text(cells, objective, x: Axis, y_value, edge) -> str:
+    """`μ 8`; `μ ≥ 8 (μ > 8 not measured)` when no larger x has a finished run yet; `none` when the
+    smallest measured x collapsed; `not measured` when the row has no finished run."""
+    measured = [v for v in x.values if cells[objective, v, y_value].n]
+    if not measured:
+        return "not measured"
+    if edge is None:
+        return "none"
+    if edge == measured[-1] and edge != x.values[-1]:
+        return f"{x.title} ≥ {_text(edge)} ({x.title} > {_text(edge)} not measured)"
+    return f"{x.title} {_text(edge)}"
+
+
 def map_section(study: Study, finished: list[RunSummary], planned: int, plot: bool) -> list[str]:
     """The report's map: per combination of the other axes, the heatmaps (if `plot`), the
     frontier per objective and the table with Fisher's test."""
@@ -474,7 +487,7 @@ def map_section(study: Study, finished: list[RunSummary], planned: int, plot: bo
         for o in objectives:
             edge = stability.frontier(cells, o, x.values, y.values)
             lines.append(f"- frontier of {labels[o]}: " + "; ".join(
-                f"{y.title} {_text(v)} → " + ("none" if e is None else f"{x.title} {_text(e)}")
+                f"{y.title} {_text(v)} → " + _frontier_text(cells, o, x, v, e)
                 for v, e in edge.items()))
         lines.append("")
         if plot:

@@ -337,7 +337,7 @@ def _write_curve(path, rewards, late, wall=1.0):
 
 
 def test_map_numbers_from_fixed_metrics_files(tmp_path):
-    """μ ∈ {1, 8, 16} × lr ∈ {1e-3, 2e-3} × 2 objectives × 2 seeds, some runs missing. Window 2,
+    """μ ∈ {1, 8, 16} × lr ∈ {1e-3, 2e-3, 4e-3} × 2 objectives × 2 seeds, some runs missing. Window 2,
     δ = 0.5: FLAT never drops (final 0.5); COLLAPSE ends 0.8 below its best (final 0.1); DIP drops
     0.8 and comes back (final 0.9)."""
     FLAT, COLLAPSE, DIP = [0.5] * 4, [0.9, 0.9, 0.1, 0.1], [0.9, 0.9, 0.1, 0.1, 0.9, 0.9]
@@ -350,6 +350,7 @@ def test_map_numbers_from_fixed_metrics_files(tmp_path):
         ("ppo", 16, 1e-3): (FLAT, FLAT),
         ("ppo", 1, 2e-3): (COLLAPSE, FLAT), ("ppo", 8, 2e-3): (COLLAPSE, COLLAPSE),
         ("ppo", 16, 2e-3): (None, None),
+        ("cfpo", 1, 4e-3): (FLAT, None),  # the only run at lr 4e-3
     }
     for (objective, mu, lr), pair in curves.items():
         for seed, curve in enumerate(pair):
@@ -362,15 +363,17 @@ def test_map_numbers_from_fixed_metrics_files(tmp_path):
     # A run cut short: on disk, not finished, so not in the map.
     _write_curve(tmp_path / "runs" / "ppo_lr0.002_mu16_seed0", COLLAPSE, {}, wall=None)
     spec = _axes_spec(tmp_path, {"rl.objective": ("cfpo", "ppo"), "rl.num_epochs": (1, 8, 16),
-                                 "optim.lr": (1e-3, 2e-3)}, eval_metric="")
+                                 "optim.lr": (1e-3, 2e-3, 4e-3)}, eval_metric="")
     spec.map = ml_collections.ConfigDict(dict(x="rl.num_epochs", y="optim.lr"))
     study = study_lib.Study(spec=spec, base=_quickstart(), base_file="configs/quickstart.py",
                             study_file="map.py")
     text = study_lib.write_report(study)
-    assert "24 runs, 19 finished, 1 unfinished" in text and "**Partial**: 19 of the 24" in text
+    assert "36 runs, 20 finished, 1 unfinished" in text and "**Partial**: 20 of the 36" in text
     # Frontier: the largest μ with no collapse there or below; unmeasured cells skipped.
-    assert "- frontier of CFPO: optim.lr 0.001 → μ 16; optim.lr 0.002 → μ 1" in text
-    assert "- frontier of GRPO: optim.lr 0.001 → μ 1; optim.lr 0.002 → none" in text
+    assert ("- frontier of CFPO: optim.lr 0.001 → μ 16; optim.lr 0.002 → μ 1; "
+            "optim.lr 0.004 → μ ≥ 1 (μ > 1 not measured)") in text
+    assert ("- frontier of GRPO: optim.lr 0.001 → μ 1; optim.lr 0.002 → none; "
+            "optim.lr 0.004 → not measured") in text
     # Fisher p by hand: 0/2 vs 2/2 → 2 of C(4, 2) = 6 tables → 1/3; 0/2 vs 1/2 → 1; 0/x vs 0/y → 1.
     # Means: CFPO μ = 8 final (0.9 + 0.5)/2; ratio_dev (0.01 + 0.02)/2; GRPO (0.03 + 0.04)/2.
     expected = "\n".join([
@@ -388,6 +391,7 @@ def test_map_numbers_from_fixed_metrics_files(tmp_path):
         "| 0.485 | 0.465 |",
         "| 8 | 0.002 | — | 2/2 | — | — | 0/2 | — | 0.100 | — | 0.035 | — | 0.070 | — | 0.465 |",
         "| 16 | 0.002 | 1/2 | — | — | 0/2 | — | 0.300 | — | 0.015 | — | 0.030 | — | 0.485 | — |",
+        "| 1 | 0.004 | 0/1 | — | — | 0/1 | — | 0.500 | — | 0.010 | — | 0.020 | — | 0.490 | — |",
     ])
     assert expected in text, text
     # Columns follow the axes: objective, optim.lr, μ.
