@@ -104,6 +104,8 @@ def axes_of(spec: ml_collections.ConfigDict) -> list[Axis]:
         raise ValueError("the study file names no axes: set `axes` (e.g. axes.rl.num_epochs = (1, 8))")
     axes = []
     for path, values in sorted(flat.items(), key=lambda kv: (kv[0] != OBJECTIVE, kv[0])):
+        if path in ("seed", "data.seed"):
+            raise ValueError(f"study axis {path!r}: seeds are the study file's `seeds`, not an axis")
         if not isinstance(values, (tuple, list)) or not values or len(set(values)) != len(values):
             raise ValueError(f"study axis {path!r}: give a tuple of distinct values; got {values!r}")
         axes.append(Axis(path, tuple(values)))

@@ -281,6 +281,8 @@ def test_bad_axes_fail_with_the_bad_value(tmp_path):
         make({"optim.lr": 0.001})
     with pytest.raises(ValueError, match="'optim.lr'.*distinct"):
         make({"optim.lr": (0.001, 1e-3)})
+    with pytest.raises(ValueError, match="'data.seed': seeds are the study file's `seeds`"):
+        make({"data.seed": (0, 1)})
     with pytest.raises(ValueError, match="share the name 'patha-b_seed0'"):
         make({"model.path": ("a/b", "a b")}).runs()
     study = make({"optim.lrr": (0.001,)})
