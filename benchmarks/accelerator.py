@@ -120,7 +120,7 @@ def plan(device_platform: str, dry_run: bool) -> list[Step]:
                  "--prompt-len", "1024", "--new-tokens", "1024", "--steps", "3"]
         tail = [sampling, "--shapes", "0.5b", "--long-tail", "--rows", "1024", "--median-len", "200",
                 "--new-tokens", "2048", "--max-concurrent", "256", "--repeats", "1"]
-        lora = [sampling, "--shapes", "0.5b", "--lora-rank", "64", "--batches", "256", "--repeats", "2"]
+        lora = [sampling, "--shapes", "0.5b", "--lora-rank", "64", "--batches", "256", "--repeats", "1"]
         rl = [rl_step, "--shape", "0.5b", "--prompts", "32", "--samples", "8", "--prompt-len", "512",
               "--new-tokens", "1024", "--micro-batch", "64", "--steps", "3"]
     def limit(seconds):  # the real run's; a dry run on a shared 2-core box gets more (it is not timed)
