@@ -1,5 +1,5 @@
-"""Every timing the scale issues (10, 11, 15) still owe a GPU or TPU, in one call of under 8 minutes
-on one accelerator host, written to one results file.
+"""Every timing the scale issues (4, 10, 11, 15) still owe a GPU or TPU, in one call of under 8
+minutes on one accelerator host, written to one results file.
 
     bash benchmarks/accelerator.sh --commit <hash>        # the device machine: $OUT/accelerator.jsonl
     python benchmarks/accelerator.py --out results.jsonl  # any GPU/TPU host with the packages installed
@@ -31,9 +31,9 @@ describes the run: date, commit, host, device kind and count, package versions a
 published figures (benchmarks/chips.py; null for a chip not in that table). Then one line per
 step: name, issue, command, status (ok, failed, timed out, skipped), seconds, the figures the
 script wrote with `--json` (for the test step: pytest's counts), and the last lines of its output.
-Where the chip is not in benchmarks/chips.py, the figures against published peaks (`roofline_fraction_spec`,
-`mfu_spec`) are null: the run reports them missing, it does not guess. A markdown summary is
-printed at the end.
+Where the chip is not in benchmarks/chips.py, the figures against published peaks
+(`roofline_fraction_spec`, `mfu_spec`) are null: the run reports them missing, it does not guess.
+A markdown summary is printed at the end.
 
 `--dry-run` runs the same steps with the same scripts at tiny shapes on CPU (tests/test_benchmarks.py
 runs it, so the sequence cannot rot); its figures say nothing about speed.
@@ -208,12 +208,15 @@ def junit_counts(path: str) -> dict:
     return dict(passed=tests - failed - skipped, failed=failed, skipped=skipped, notes=notes)
 
 
+def _percent(fraction: float | None) -> str:
+    return "missing" if fraction is None else f"{fraction:.0%}"
+
+
 def headline(record: dict) -> str:
     """One line of the step's figures for the summary table."""
-    f = record["figures"]
+    f, percent = record["figures"], _percent
     if not f:
         return ""
-    percent = lambda x: "missing" if x is None else f"{x:.0%}"  # noqa: E731
     name = record["name"]
     if name == "env":
         return f"{f['device_count']} × {f['device_kind']}, jax {f['versions']['jax']}"
