@@ -127,15 +127,16 @@ def sampler_programs(config, model_config, mesh) -> dict[str, Program]:
     policy = nnx.merge(graphdef, params, frozen)
     if config.lora.rank and config.lora.merge_for_sampling:
         policy = nnx.eval_shape(lambda: lora.merge(nnx.merge(graphdef, params, frozen)))
+    engine = sampling.engine_settings(s)
     with mesh_context(mesh):
-        attention = resolve_decode(s.attention, model_config.dtype, model_config.head_dim)
+        attention = resolve_decode(engine["attention"], model_config.dtype, model_config.head_dim)
     P = data.bucket_width(s.max_prompt_len)
     N = s.max_new_tokens
     num_rows = config.data.batch_size * rl.group_size
     num_cache_slots, num_slots, max_prefill = sampling.slot_layout(
         model_config, prompt_len=P, max_new_tokens=N, num_rows=num_rows, mesh=mesh,
-        max_concurrent=s.max_concurrent or None, kv_cache_gb=s.kv_cache_gb, attention=attention)
-    shards = num_slots // -(-num_slots // _batch_shards(mesh))
+        max_concurrent=engine["max_concurrent"], kv_cache_gb=engine["kv_cache_gb"], attention=attention)
+    shards = _batch_shards(mesh)
     # The first insert's prompts: those of the rows that fill every slot, rounded as the sampler
     # rounds (a power of two, a multiple of the shards), at most `max_prefill`.
     prompts = -(-min(num_slots, num_rows) // rl.group_size)
@@ -144,8 +145,10 @@ def sampler_programs(config, model_config, mesh) -> dict[str, Program]:
     settings = sampling._Settings(
         max_new_tokens=N, temperature=float(s.temperature), top_k=int(s.top_k), top_p=float(s.top_p),
         eos_token_ids=(0,), pad_id=0, mesh=mesh, attention=attention)
-    weights = _lowered_outputs(decoding._gather_jit, graphdef_of(policy), nnx.split(policy.blocks)[0],
-                               mesh, str(jnp.dtype(model_config.dtype)), nnx.split(policy)[1])
+    policy_graphdef, policy_state = nnx.split(policy)
+    policy_state = _abstract(policy_state, sharding.param_shardings(mesh, policy_state))
+    weights = _lowered_outputs(decoding._gather_jit, policy_graphdef, nnx.split(policy.blocks)[0],
+                               mesh, str(jnp.dtype(model_config.dtype)), policy_state)
     slots, outputs = _lowered_outputs(sampling._init_jit, settings, model_config, num_slots,
                                       num_cache_slots, num_rows)
     replicated = NamedSharding(mesh, PS())
@@ -179,10 +182,6 @@ def reward_program(config, model_config, mesh) -> Program:
     column = jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=batch_sh)
     return Program(reward_model.forward, (graphdef, state, column, column),
                    2 * _num_params(state) * rows * width, rows * width)
-
-
-def graphdef_of(module):
-    return nnx.split(module)[0]
 
 
 def _batch_shards(mesh) -> int:

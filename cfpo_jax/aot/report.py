@@ -6,10 +6,11 @@
 * memory (`compiled.memory_analysis()`, per chip): arguments, outputs, aliased (donated and
   reused), temporaries; peak = arguments + outputs − aliased + temporaries, all that is live at
   once for the step.
-* cost (per chip): XLA's `cost_analysis()` FLOPs and bytes accessed. The TPU compiler reports
-  them; the GPU one returns none, so for GPU programs the FLOPs are counted from the compiled
-  HLO's dots and convolutions (2 · output elements · contracted size, `hlo_dot_flops`) and the
-  bytes are left out: the cuDNN attention calls are not counted (their FLOPs are not in the HLO).
+* cost (per chip): the matmul FLOPs counted from the compiled HLO (`hlo_dot_flops`, loops per
+  trip; fused attention kernels — cuDNN, splash, paged — are custom calls and not counted), and
+  XLA's `cost_analysis()` bytes accessed where the compiler reports them (TPU; the GPU compiler
+  reports none), which count a loop body once: an undercount, so a bound built on it stays a
+  lower bound.
 """
 
 from __future__ import annotations
@@ -41,10 +42,11 @@ def _dims(text):
 
 
 def hlo_dot_flops(hlo_text: str) -> float:
-    """2 · (output elements) · (contracted elements) summed over the `dot` instructions of an HLO
-    module's text, loops counted once per trip where XLA annotates a known trip count. cuBLAS
-    GEMMs appear as custom calls after GPU compilation, so this counts those too (`__cublas$gemm`
-    with its dot dimension numbers)."""
+    """2 · (output elements) · (contracted elements) summed over the matmuls of a compiled HLO
+    module's text — `dot`s, cuBLAS GEMM custom calls (GPU), `convolution`s (TPU lowers dots to
+    them) — each `while` body counted once per trip: XLA's trip-count annotation (GPU), else the
+    constant bound of its condition (a scan's `i < n`). XLA's own `cost_analysis()` counts a loop
+    body once (a 6-step scan of matmuls on a v5e: 1/6 of the FLOPs), which is why this exists."""
     computations = _computations(hlo_text)
     shapes = {}
     for body in computations.values():
@@ -54,17 +56,27 @@ def hlo_dot_flops(hlo_text: str) -> float:
                 shapes[m.group(1).lstrip("%")] = _dims(m.group(2))
     flops_of = {}
 
+    def trips(line):
+        known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+        if known:
+            return int(known.group(1))
+        condition = re.search(r"condition=%?([\w.\-]+)", line)
+        bounds = [int(c) for l in computations.get(condition.group(1) if condition else "", ())
+                  for c in re.findall(r"s32\[\]\S*\s+constant\((\d+)\)", l)]
+        return max(bounds) if bounds else 1
+
     def flops(name, stack=()):
         if name in flops_of:
             return flops_of[name]
         total = 0.0
         for line in computations.get(name, ()):
             total += _line_flops(line, shapes)
-            trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+            repeat = trips(line) if re.search(r"\bwhile\(", line) else 1
             for callee in re.findall(r"(?:body|calls|to_apply|true_computation|false_computation|"
                                      r"branch_computations)=\{?%?([\w.\-]+)", line):
                 if callee in computations and callee not in stack:
-                    total += flops(callee, stack + (name,)) * (int(trips.group(1)) if trips and "body=" in line else 1)
+                    total += flops(callee, stack + (name,)) * (repeat if "body=%" + callee in line
+                                                               or "body=" + callee in line else 1)
         flops_of[name] = total
         return total
 
@@ -85,16 +97,26 @@ def _computations(hlo_text):
 
 
 def _line_flops(line, shapes):
-    m = re.match(r"\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(\S+?\[[\d,]*\])\S*\s+(dot|custom-call)\((.*?)\)", line)
-    if not m:
-        return 0.0
-    if m.group(2) == "custom-call" and "gemm" not in line:
+    m = re.match(r"\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(\S+?\[[\d,]*\])\S*\s+(dot|custom-call|convolution)\((.*?)\)",
+                 line)
+    if not m or (m.group(2) == "custom-call" and "gemm" not in line):
         return 0.0
     out = _dims(m.group(1))
     operands = [o.strip().split(" ")[-1].lstrip("%") for o in m.group(3).split(",")]
     lhs = shapes.get(operands[0]) if operands else None
+    if lhs is None:
+        return 0.0
+    if m.group(2) == "convolution":
+        labels = re.search(r"dim_labels=(\w+)_(\w+)->", line)
+        rhs = shapes.get(operands[1]) if len(operands) > 1 else None
+        if labels is None or rhs is None:
+            return 0.0
+        # Contracted: the lhs feature dim(s), times the kernel's spatial (window) dims.
+        contracted = math.prod(lhs[i] for i, c in enumerate(labels.group(1)) if c == "f")
+        contracted *= math.prod(rhs[i] for i, c in enumerate(labels.group(2)) if c.isdigit())
+        return 2.0 * math.prod(out) * contracted
     contracting = re.search(r'lhs_contracting_dims[=":\[{]+([\d,"]*)', line)
-    if lhs is None or contracting is None:
+    if contracting is None:
         return 0.0
     dims = [int(d) for d in re.findall(r"\d+", contracting.group(1))]
     return 2.0 * math.prod(out) * math.prod(lhs[d] for d in dims if d < len(lhs))
@@ -102,8 +124,9 @@ def _line_flops(line, shapes):
 
 def compile_program(program, mesh) -> dict:
     """Lowers and compiles `program` (`cfpo_jax.aot.programs.Program`) with `mesh` in context, as
-    the run traces it (`programs.mesh_context`). Returns a row: compiled, error, kernels, args/out/alias/temp/peak bytes,
-    flops, bytes_accessed (None where the compiler reports none), flops_source, compile_s."""
+    the run traces it (`programs.mesh_context`). Returns a row: compiled, error, kernels,
+    args/out/alias/temp/peak bytes, flops, bytes_accessed (None where the compiler reports none),
+    compile_s."""
     start = time.time()
     try:
         with programs.mesh_context(mesh):
@@ -115,18 +138,14 @@ def compile_program(program, mesh) -> dict:
     memory = compiled.memory_analysis()
     hlo = compiled.as_text()
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
-    if cost and cost.get("flops"):
-        flops, bytes_accessed, source = cost["flops"], cost.get("bytes accessed"), "xla"
-    else:
-        flops, bytes_accessed, source = hlo_dot_flops(hlo), None, "hlo dots (fused attention not counted)"
+    cost = (cost[0] if isinstance(cost, list) else cost) or {}
     return dict(
         compiled=True, error="", kernels=kernels(hlo),
         args=memory.argument_size_in_bytes, out=memory.output_size_in_bytes,
         alias=memory.alias_size_in_bytes, temp=memory.temp_size_in_bytes,
         peak=(memory.argument_size_in_bytes + memory.output_size_in_bytes
               - memory.alias_size_in_bytes + memory.temp_size_in_bytes),
-        flops=flops, bytes_accessed=bytes_accessed, flops_source=source, compile_s=seconds)
+        flops=hlo_dot_flops(hlo), bytes_accessed=cost.get("bytes accessed"), compile_s=seconds)
 
 
 def _error_line(e: Exception) -> str:
