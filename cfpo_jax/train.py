@@ -358,7 +358,6 @@ def make_programs(config, mesh, graphdef, *, pad_id: int, tx, schedule, state_sh
                        out_shardings=(state_sh, replicated), donate_argnums=0),
         finish_step=jax.jit(lambda state, rng: dict(state, rng=rng, step=state["step"] + 1),
                             out_shardings=state_sh, donate_argnums=0),
-        env=envs.EnvRollout.from_config(config, tokenizer, eos_ids),
     )
 
 
@@ -370,7 +369,8 @@ def make_setup(config, mesh, graphdef, frozen, tokenizer, eos_ids, pad_id, *, tx
     return Setup(
         config=config, mesh=mesh, graphdef=graphdef, frozen=frozen, model_path=model_path,
         base_model=base_model, tokenizer=tokenizer, eos_ids=tuple(eos_ids), pad_id=pad_id,
-        scorer=rewards.Scorer.from_config(config.rewards, mesh=mesh), **programs)
+        scorer=rewards.Scorer.from_config(config.rewards, mesh=mesh),
+        env=envs.EnvRollout.from_config(config, tokenizer, eos_ids), **programs)
 
 
 def build(config, workdir: str, *, devices, ckpt: checkpoint.Checkpointer, progress):

@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cfpo_jax import envs, models, tiny, train
+from cfpo_jax import data, envs, models, tiny, train
 from cfpo_jax.config import base_config
 from cfpo_jax.envs import environment, formats, tools
 
@@ -99,6 +99,20 @@ def test_stop_sequences_spell_the_stop_string():
     tokenizer = tiny.build_tokenizer()
     sequences = formats.stop_token_sequences(tokenizer, ["</tool>"])
     assert sequences == (tuple(tokenizer.convert_tokens_to_ids(list("</tool>"))),)
+
+
+def test_chat_formats_list_the_tools_in_the_prompt():
+    config = env_config("tools", format="hermes", tools=("calculator", "python"))
+    schemas = envs.prompt_tools(config)
+    assert [s["function"]["name"] for s in schemas] == ["calculator", "python"]
+    assert schemas[0]["function"]["parameters"]["required"] == ["expression"]
+    assert envs.prompt_tools(env_config("tools", format="tag")) == ()
+    assert envs.prompt_tools(env_config("")) == ()
+    tokenizer = tiny.build_tokenizer()
+    tokenizer.chat_template = ("{% for t in tools %}[{{ t.function.name }}]{% endfor %}"
+                               "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    builder = data.PromptBuilder(tokenizer, "chat", None, "{question}", schemas)
+    assert builder.text("2+2?") == "[calculator][python]2+2?"
 
 
 # ----------------------------------------------------------------------------- tools

@@ -572,6 +572,22 @@ def test_multi_turn_episodes_do_not_depend_on_max_concurrent(checkpoint):
         np.testing.assert_allclose(s.logprobs, reference.logprobs, atol=1e-5, err_msg=f"max_concurrent={k}")
 
 
+def test_multi_turn_episodes_on_a_mesh_equal_one_device(checkpoint):
+    """Sharded weights and slots (4 batch shards × 2 tensor, 4 slots for 6 rows): the same
+    episodes as one device decoding every row at once."""
+    directory, model, _ = checkpoint
+    mesh = make_mesh(data=2, fsdp=2, tensor=2)
+    sharded = from_pretrained(directory, mesh=mesh)
+    kwargs = dict(max_new_tokens=32, temperature=1.0, eos_token_ids=MANY_EOS, n=2, seed=6,
+                  turn_end=observation_for, stop_sequences=((200,),))
+    plain = sampling.generate(model, make_prompts(), **kwargs)
+    split = sampling.generate(sharded, make_prompts(), **kwargs, mesh=mesh, max_concurrent=4)
+    assert np.asarray(plain.mask - plain.generated).sum() > 0
+    for field in ("tokens", "mask", "generated", "eos"):
+        np.testing.assert_array_equal(getattr(split, field), getattr(plain, field), err_msg=field)
+    np.testing.assert_allclose(split.logprobs, plain.logprobs, atol=1e-5)
+
+
 def test_stop_sequences_need_turn_end(checkpoint):
     _, model, _ = checkpoint
     with pytest.raises(ValueError, match="need turn_end"):
