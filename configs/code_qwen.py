@@ -34,12 +34,12 @@ bytes, split over the FSDP devices; the bf16 copy the sampler gathers once per r
   1.5b    1        18.5           3.1        73.4 MB      128       9.4     ~31 of 80
   7b      8        11.4          15.2       146.8 MB       16       2.3     ~29 of 80
 The learner's update is rematted, in micro-batches of 4 sequences (1.5b) or 8, one per GPU (7b),
-of 1024 + 1536 columns. Its per-device memory for 1.5b, from XLA's compiled program
-(benchmarks/memory.py for this config on one device, command in benchmarks/README.md; a CPU
-compile of the trainer's own functions, 2026-12-03; an upper bound for attention, which the CPU
-compiles to the einsum path with [T, T] scores): update peak 42.7 GB (arguments 18.5 GB,
-temporaries 24.2 GB), old-logprob pass 11.2 GB — with the sampler's ~31 GB above, each phase
-fits an 80 GB GPU. The 7b learner was not compiled.
+of 1024 + 1536 columns. Compiled for one H100 by XLA's GPU compiler on a CPU host
+(benchmarks/compile.py, target h100x1, 2026-12-03; command and table in benchmarks/README.md),
+per-GPU peak GB for 1.5b: update 32.9 (18.5 arguments + 14.4 temporaries, cuDNN attention),
+old-logprob pass 7.3, prefill 15.0, decode chunk 12.6 (its arguments 12.5 = the bf16 copy and
+the KV cache above); all fit 80 GB. (These are the single-turn sampler programs; the multi-turn
+decode adds two [rows, 1536] arrays, 1.6 MB.) The 7b programs were not compiled.
 
 Numbers: CFPO ε = 0.2, β = 0, GRPO advantages, 16 prompts × 8 episodes per step, 2 minibatches
 (the paper's batch ratio 2); learning rate 1e-6 (as gsm8k_qwen); temperature 1.0; tool calls time
