@@ -76,6 +76,7 @@ def test_train_step_long_tail_lora_and_rl_figures_are_consistent(dry_run):
     (row,) = train["rows"]
     assert train["peak_flops_spec"] is None and row["mfu_spec"] is None
     assert row["tokens_per_s"] == pytest.approx(row["batch"] * row["T"] / row["step_s"])
+    assert train["device_count"] == 1
     assert row["mfu"] == pytest.approx(row["flops"] / row["step_s"] / 1e12 / train["peak_tflops_measured"])
 
     tail = steps["long_tail"]["figures"]
