@@ -97,9 +97,9 @@ def test_train_step_long_tail_lora_and_rl_figures_are_consistent(dry_run):
 
     rl = steps["rl_step"]["figures"]
     assert rl["step_s"] == pytest.approx(rl["sample_s"] + rl["score_s"] + rl["learn_s"])
-    assert rl["rows"] == rl["prompts"] * rl["samples"]
-    assert rl["new_tokens"] == rl["rows"] * rl["new_tokens_per_row"]
-    assert rl["learn_tokens"] == rl["rows"] * (rl["prompt_len"] + rl["new_tokens_per_row"]) * rl["epochs"]
+    assert rl["sequences"] == rl["prompts"] * rl["samples"]
+    assert rl["new_tokens"] == rl["sequences"] * rl["new_tokens_per_row"]
+    assert rl["learn_tokens"] == rl["sequences"] * (rl["prompt_len"] + rl["new_tokens_per_row"]) * rl["epochs"]
 
 
 def _alive(pid):
