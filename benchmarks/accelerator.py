@@ -33,7 +33,7 @@ step: name, issue, command, status (ok, failed, timed out, skipped), seconds, th
 script wrote with `--json` (for the test step: pytest's counts), and the last lines of its output.
 Where the chip is not in benchmarks/chips.py, the figures against published peaks
 (`roofline_fraction_spec`, `mfu_spec`) are null: the run reports them missing, it does not guess.
-A markdown summary is printed at the end.
+A markdown summary is printed at the end; `--summary RESULTS` prints it again from a results file.
 
 `--dry-run` runs the same steps with the same scripts at tiny shapes on CPU (tests/test_benchmarks.py
 runs it, so the sequence cannot rot); its figures say nothing about speed.
@@ -248,9 +248,13 @@ def headline(record: dict) -> str:
 def commit_of(checkout: str, given: str | None) -> str:
     if given:
         return given
+
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=checkout, capture_output=True, text=True, check=True,
+                              timeout=10).stdout.strip()
+
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True,
-                              check=True, timeout=10).stdout.strip()
+        return git("rev-parse", "HEAD") + (" with uncommitted changes" if git("status", "--porcelain") else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown (no git here: pass --commit)"
 
@@ -263,12 +267,20 @@ def main(argv=None):
                         help=f"time for all steps (default {BUDGET_S} s; dry run: none)")
     parser.add_argument("--only", default=None, help="comma list of steps to run (after env): e.g. a rerun")
     parser.add_argument("--commit", default=None, help="the checkout's commit, where it has no .git")
+    parser.add_argument("--summary", metavar="RESULTS", help="print the summary table of a results file; run nothing")
     args = parser.parse_args(argv)
+    if args.summary:
+        with open(args.summary) as f:
+            run, *records = [json.loads(line) for line in f]
+        print_summary(run, records)
+        return 0
+    if args.budget_s is not None and args.budget_s <= 0:
+        parser.error(f"--budget-s must be > 0 seconds; got {args.budget_s}")
     valid = [step.name for step in plan("cpu", dry_run=True)]
     if args.only and set(args.only.split(",")) - set(valid):
         parser.error(f"unknown steps in --only {args.only!r}; valid: {', '.join(valid)}")
     start = time.monotonic()
-    budget = args.budget_s or (None if args.dry_run else BUDGET_S)
+    budget = args.budget_s if args.budget_s is not None else None if args.dry_run else BUDGET_S
 
     env = dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1",
                PYTHONPATH=os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")])))
@@ -289,10 +301,11 @@ def main(argv=None):
         probe = run_step(Step("env", "", "device and packages", ["-c", PROBE], 120, "probe"), 120, workdir, env)
         device = probe["figures"] or {}
         chip = chips.lookup(device.get("device_kind", ""))
-        write(dict(record="run", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        run = dict(record="run", date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                    commit=commit_of(ROOT, args.commit), dry_run=args.dry_run, budget_s=budget,
                    host=platform.node(), cpus=os.cpu_count(), command=shlex.join(["python", *sys.argv]),
-                   chip=dataclasses.asdict(chip) if chip else None, **device))
+                   chip=dataclasses.asdict(chip) if chip else None, **device)
+        write(run)
         write(probe)
         records = [probe]
         print(f"env: {probe['status']} ({probe['seconds']} s) {headline(probe)}", flush=True)
@@ -317,12 +330,19 @@ def main(argv=None):
             if record["status"] != "ok" and record.get("output_tail"):
                 print("  " + record["output_tail"][-2000:].replace("\n", "\n  "), flush=True)
 
-    print(f"\n{device.get('device_count', '?')} × {device.get('device_kind', '?')}, "
-          f"{'dry run, ' if args.dry_run else ''}{time.monotonic() - start:.0f} s in all; results: {args.out}\n")
+    print(f"\n{time.monotonic() - start:.0f} s in all; results: {args.out}")
+    print_summary(run, records)
+    return 0 if all(r["status"] == "ok" for r in records) else 1
+
+
+def print_summary(run: dict, records: list[dict]):
+    """The run and one row per step, as markdown (for benchmarks/README.md)."""
+    print(f"\n{run['date']}, commit {run['commit']}, {run.get('device_count', '?')} × {run.get('device_kind', '?')}"
+          f"{' (dry run)' if run['dry_run'] else ''}, jax {run.get('versions', {}).get('jax', '?')}, "
+          f"host {run['host']}\n")
     print("| step | issue | status | s | CPU s | figures |\n|---|---|---|---|---|---|")
     for r in records:
         print(f"| {r['name']} | {r['issue']} | {r['status']} | {r['seconds']} | {r.get('cpu_s', 0)} | {headline(r)} |")
-    return 0 if all(r["status"] == "ok" for r in records) else 1
 
 
 if __name__ == "__main__":

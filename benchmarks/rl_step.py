@@ -158,7 +158,7 @@ def run(args):
                            prompt_len=config.sampling.max_prompt_len, new_tokens_per_row=config.sampling.max_new_tokens,
                            epochs=config.rl.num_epochs, minibatches=config.rl.num_minibatches,
                            steps=config.train.num_steps, sample_s=sample_s, score_s=score_s, learn_s=learn_s,
-                           step_s=step_s, new_tokens=new_tokens, learn_tokens=learn_tokens, rows=rows), f, indent=1)
+                           step_s=step_s, new_tokens=new_tokens, learn_tokens=learn_tokens, sequences=rows), f, indent=1)
 
 
 def main():

@@ -286,7 +286,7 @@ def long_tail(config, rows, prompt_len, cap, median, max_concurrent, repeats):
     print(f"{'continuous batching':>22} {engine_s:>8.2f} {useful / engine_s:>13,.0f} {'>= ' + str(-(-useful // max_concurrent)):>13}")
     print(f"{'static batches of K':>22} {static_s:>8.2f} {useful / static_s:>13,.0f} {static_steps:>13}")
     print(f"speed-up: {static_s / engine_s:.2f}x")
-    return dict(rows=rows, prompt_len=prompt_len, median=median, cap=cap, max_concurrent=max_concurrent,
+    return dict(sequences=rows, prompt_len=prompt_len, median=median, cap=cap, max_concurrent=max_concurrent,
                 mean_len=float(lengths.mean()), useful_tokens=useful, engine_s=engine_s, static_s=static_s,
                 engine_tokens_per_s=useful / engine_s, static_tokens_per_s=useful / static_s,
                 static_decode_steps=static_steps, speedup=static_s / engine_s)

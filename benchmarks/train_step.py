@@ -28,9 +28,10 @@ state holds adapters only). It prints:
   as MFU is usually counted (PaLM, MaxText). A LoRA row counts what its update computes: the
   frozen projections, MLP and unembedding need input gradients only (2 × forward), attention and
   the adapter matmuls 3 × forward;
-* MFU: TFLOP/s over the bf16 matmul peak measured in the same run (`--peak-size`³ matmuls);
-  MFU (spec): over the chip's published dense bf16 peak (benchmarks/chips.py; "—" for a chip not
-  in that table);
+* MFU: TFLOP/s over the bf16 matmul peak measured in the same run (`--peak-size`³ matmuls on one
+  device) times the number of devices the update runs on;
+  MFU (spec): over the chip's published dense bf16 peak instead (benchmarks/chips.py; "—" for a
+  chip not in that table);
 * peak GB: XLA's compiled per-device peak (arguments + outputs − aliased + temporaries); on a GPU
   also the allocator's high-water mark (`memory_stats()['peak_bytes_in_use']`). A setting whose
   compiled peak exceeds the device memory is reported and not run.
@@ -258,8 +259,11 @@ def main():
                      f"{row['compile_s']:.0f}")
         else:
             tflops = row["flops"] / row["step_s"] / 1e12
-            row.update(tokens_per_s=row["batch"] * row["T"] / row["step_s"], tflops=tflops, mfu=tflops / peak_tflops,
-                       mfu_spec=tflops * 1e12 / chip.bf16_flops if chip else None)
+            # The update runs on all local devices (a TPU host's 4 or 8 chips): MFU is per chip.
+            chips_used = jax.device_count()
+            row.update(tokens_per_s=row["batch"] * row["T"] / row["step_s"], tflops=tflops,
+                       mfu=tflops / peak_tflops / chips_used,
+                       mfu_spec=tflops * 1e12 / chip.bf16_flops / chips_used if chip else None)
             allocator = row["allocator_peak"]
             cells = (shape, remat, trained, f"{row['batch']} × {row['T']}", f"{row['step_s']:.3f}",
                      f"{row['tokens_per_s']:,.0f}", f"{tflops:.3g}", f"{row['mfu']:.1%}",
@@ -269,8 +273,9 @@ def main():
         print("| " + " | ".join(cells) + " |", flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device_kind=device_kind, peak_tflops_measured=peak_tflops,
-                           peak_flops_spec=chip.bf16_flops if chip else None, rows=rows), f, indent=1)
+            json.dump(dict(device_kind=device_kind, device_count=jax.device_count(),
+                           peak_tflops_measured=peak_tflops, peak_flops_spec=chip.bf16_flops if chip else None,
+                           rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

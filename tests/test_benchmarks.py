@@ -30,11 +30,11 @@ def dry_run(tmp_path_factory):
                          env=dict(env, PYTHON=sys.executable), capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-5000:] + run.stderr[-3000:]
     records = [json.loads(line) for line in out.read_text().splitlines()]
-    return records[0], {r["name"]: r for r in records[1:]}, [r["name"] for r in records[1:]]
+    return records[0], {r["name"]: r for r in records[1:]}, [r["name"] for r in records[1:]], str(out)
 
 
 def test_dry_run_runs_every_step_and_records_the_run(dry_run):
-    run, steps, order = dry_run
+    run, steps, order, _ = dry_run
     assert order == STEPS
     assert {name: r["status"] for name, r in steps.items()} == dict.fromkeys(STEPS, "ok")
     assert run["dry_run"] and run["platform"] == "cpu" and run["device_kind"] == "cpu"
@@ -45,6 +45,13 @@ def test_dry_run_runs_every_step_and_records_the_run(dry_run):
     attention = steps["attention"]["figures"]  # the cuDNN test skips on CPU, saying why
     assert (attention["passed"], attention["failed"], attention["skipped"]) == (0, 0, 1)
     assert "needs a GPU" in attention["notes"]["test_cudnn_matches_reference_in_bfloat16"]
+
+
+def test_summary_of_a_results_file_has_a_row_per_step(dry_run, capsys):
+    assert accelerator.main(["--summary", dry_run[3]]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ")][1:]
+    assert [row.split(" | ")[0][2:] for row in rows] == STEPS
+    assert all(row.split(" | ")[2] == "ok" for row in rows)
 
 
 def qwen2_params(s):
@@ -76,6 +83,7 @@ def test_train_step_long_tail_lora_and_rl_figures_are_consistent(dry_run):
     (row,) = train["rows"]
     assert train["peak_flops_spec"] is None and row["mfu_spec"] is None
     assert row["tokens_per_s"] == pytest.approx(row["batch"] * row["T"] / row["step_s"])
+    assert train["device_count"] == 1
     assert row["mfu"] == pytest.approx(row["flops"] / row["step_s"] / 1e12 / train["peak_tflops_measured"])
 
     tail = steps["long_tail"]["figures"]
@@ -89,9 +97,9 @@ def test_train_step_long_tail_lora_and_rl_figures_are_consistent(dry_run):
 
     rl = steps["rl_step"]["figures"]
     assert rl["step_s"] == pytest.approx(rl["sample_s"] + rl["score_s"] + rl["learn_s"])
-    assert rl["rows"] == rl["prompts"] * rl["samples"]
-    assert rl["new_tokens"] == rl["rows"] * rl["new_tokens_per_row"]
-    assert rl["learn_tokens"] == rl["rows"] * (rl["prompt_len"] + rl["new_tokens_per_row"]) * rl["epochs"]
+    assert rl["sequences"] == rl["prompts"] * rl["samples"]
+    assert rl["new_tokens"] == rl["sequences"] * rl["new_tokens_per_row"]
+    assert rl["learn_tokens"] == rl["sequences"] * (rl["prompt_len"] + rl["new_tokens_per_row"]) * rl["epochs"]
 
 
 def _alive(pid):
