@@ -1,20 +1,26 @@
 """What counts as a collapse, and the stability map of a study: pure numbers plus one plot.
 
 The collapse rule (`outcome`), on windowed means — `w(i)` is the mean of the last `window` steps
-ending at step i (only full windows count), `best(i)` the largest `w(j)` for j ≤ i, and the
-drawdown `d(i) = best(i) − w(i)`:
+ending at step i, or of all steps so far while there are fewer; `best(i)` the largest `w(j)` for
+j ≤ i, and the drawdown `d(i) = best(i) − w(i)`. So the first reference is the first step's reward —
+the warm-started policy's, sampled before any update — because a too-large step can undo it in one
+update (the quickstart at lr 1.5e-3: 0.38 → 0.01 at step 2), which full windows alone never see.
+The price: a first batch that is lucky by more than delta sets a reference the run cannot hold;
+delta should exceed a step's noise (a step's mean over batch × group samples).
 
-  * a run is **down** at i when `d(i) > delta` (reason "reward") or the windowed entropy is below
-    `entropy_floor` (reason "entropy"). A maximal stretch of down windows is an episode; it starts
-    at its first window.
-  * **collapse** (does not recover): an episode that lasts to the last window — the run ends more
-    than delta below its best windowed reward, or with its windowed entropy under the floor. Its
-    step is the episode's start: where the run fell and never came back. A non-finite reward, or an
+  * a run goes **down** at i when `d(i) > delta` (reason "reward") or the windowed entropy is
+    below `entropy_floor` (reason "entropy"), and is back when `d(i) ≤ delta / 2` (the entropy: back
+    over the floor) — hysteresis, so a run hovering at the threshold is one episode, not many. A
+    stretch from going down to being back is an episode; it starts at its first window.
+  * **collapse** (does not recover): an episode still open at the last window — having fallen more
+    than delta below its best windowed reward, the run never came back within delta / 2 of it (or
+    its windowed entropy stayed under the floor). Its step is the episode's start: where the run
+    fell and never came back. A non-finite reward, or an
     optimiser update the trainer refused (a rise of `skipped_updates`), is a collapse at that step
     whatever follows ("non-finite").
   * **dip** (transient): an episode that ends before the last window — the windowed reward came
-    back to within delta of its best (or the entropy back over the floor). A run can have dips and
-    a collapse; the first dip is reported with the count of dips.
+    back to within delta / 2 of its best (or the entropy back over the floor). A run can have dips
+    and a collapse; the first dip is reported with the count of dips.
 
 Steps here are 0-based indices into the per-step arrays; callers map them to RL steps.
 
@@ -58,11 +64,28 @@ def window_means(x, window: int):
     return (cumsum[window:] - cumsum[:-window]) / window
 
 
-def _episodes(down) -> list[tuple[int, int]]:
-    """Maximal stretches of True in `down` as (first, last) index pairs."""
-    down = np.asarray(down, bool)
-    edges = np.flatnonzero(np.diff(np.r_[False, down, False].astype(np.int8)))
-    return list(zip(edges[0::2].tolist(), (edges[1::2] - 1).tolist()))
+def trailing_means(x, window: int):
+    """Means of x[max(0, i - window + 1) : i + 1] for i = 0, ..., len(x) - 1."""
+    x = np.asarray(x, np.float64)
+    cumsum = np.concatenate([[0.0], np.cumsum(x)])
+    end = np.arange(1, len(x) + 1)
+    start = np.maximum(end - window, 0)
+    return (cumsum[end] - cumsum[start]) / (end - start)
+
+
+def _episodes(enter, back) -> list[tuple[int, int]]:
+    """Stretches from an index where `enter` holds to the last index before `back` holds again,
+    as (first, last) pairs; an episode still open at the end lasts to the last index."""
+    episodes, first = [], None
+    for i, (down, up) in enumerate(zip(enter, back)):
+        if first is None and down:
+            first = i
+        elif first is not None and up:
+            episodes.append((first, i - 1))
+            first = None
+    if first is not None:
+        episodes.append((first, len(enter) - 1))
+    return episodes
 
 
 def outcome(reward, entropy, skipped_updates, *, delta: float, window: int,
@@ -78,14 +101,13 @@ def outcome(reward, entropy, skipped_updates, *, delta: float, window: int,
     bad = ~np.isfinite(reward) | (np.diff(skipped, prepend=0.0) > 0)
     if bad.any():
         collapses.append((int(np.argmax(bad)), "non-finite"))
-    reward_w = window_means(np.where(np.isfinite(reward), reward, 0.0), window)
-    entropy_w = window_means(entropy, window)
-    for reason, down in (("reward", np.maximum.accumulate(reward_w) - reward_w > delta
-                          if reward_w.size else np.zeros(0, bool)),
-                         ("entropy", entropy_w < entropy_floor)):
-        for first, last in _episodes(down):
-            event = (first + window - 1, reason)
-            (collapses if last == len(down) - 1 else dips).append(event)
+    reward_w = trailing_means(np.where(np.isfinite(reward), reward, 0.0), window)
+    entropy_w = trailing_means(entropy, window)
+    drawdown = np.maximum.accumulate(reward_w) - reward_w
+    for reason, enter, back in (("reward", drawdown > delta, drawdown <= delta / 2),
+                                ("entropy", entropy_w < entropy_floor, entropy_w >= entropy_floor)):
+        for first, last in _episodes(enter, back):
+            (collapses if last == len(enter) - 1 else dips).append((first, reason))
     return Outcome(collapse=min(collapses) if collapses else None, dips=tuple(sorted(dips)))
 
 

@@ -467,9 +467,9 @@ def map_section(study: Study, finished: list[RunSummary], planned: int, plot: bo
     labels = {o: _objective_label(o, study.base.rl.estimator) for o in objectives}
     lines = ["## Stability map", "",
              f"Per cell ({x.title} × {y.title}) and objective: finished seeds, seeds that collapsed "
-             "(did not recover: the run ends more than δ below its best windowed reward, or with its "
-             "windowed entropy under the floor, or an update was non-finite) and seeds with a "
-             "transient dip (a drop past the same thresholds that recovered) — "
+             "(did not recover: the windowed reward fell more than δ below its best and never came "
+             "back within δ/2, or the windowed entropy fell under the floor for good, or an update "
+             "was non-finite) and seeds with a transient dip (the same fall, then back) — "
              "`cfpo_jax.stability`. *p*: two-sided Fisher exact test of equal collapse counts "
              f"between the objectives. *Frontier*: at each {y.title}, the largest {x.title} with "
              f"no collapsed seed there or at any smaller {x.title}. The last columns are late-run "
@@ -550,9 +550,10 @@ def write_report(study: Study, plot: bool = True) -> str:
         f"reward*: the mean reward of the last {c.window} steps / of the best {c.window}-step "
         "window. *collapse step*: seeds that collapsed without recovering and the step of each; "
         "*dip step*: seeds with a transient dip that recovered, and the step of each one's first "
-        f"(`cfpo_jax.stability.outcome`: the {c.window}-step mean reward more than δ = {c.delta} "
-        f"below its best so far, or the {c.window}-step mean entropy below {c.entropy_floor}; a "
-        "collapse lasts to the end of the run, a dip ends before; a non-finite update is a "
+        f"(`cfpo_jax.stability.outcome`: the {c.window}-step mean reward — over all steps so far "
+        f"before step {c.window} — more than δ = {c.delta} below its best so far, or the "
+        f"{c.window}-step mean entropy below {c.entropy_floor}; a dip comes back (reward within "
+        "δ/2 of its best, entropy over the floor), a collapse does not; a non-finite update is a "
         "collapse)."
         + (f" *held-out*: `{spec.eval_metric}` at the end of training." if spec.eval_metric else "")
         + f" The last six columns are means over the last {spec.late_fraction:.0%} of steps; for "

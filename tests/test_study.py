@@ -6,6 +6,7 @@ run end to end through a kill and a resume."""
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,6 +56,25 @@ def test_a_drop_to_the_end_collapses_a_drop_that_recovers_dips():
     assert _outcome(np.r_[np.full(30, 0.8), np.full(30, 0.55)]) == (None, ())
 
 
+def test_a_fall_within_the_first_window_is_measured_against_the_start():
+    # 0.4 for 3 steps, then 0.05 (window 10, δ = 0.15). Means of all steps so far: 0.4, 0.4, 0.4,
+    # 0.3125 (index 3, drawdown 0.0875), 0.26 (0.14), 0.225 (index 5, 0.175 > δ), and lower from
+    # there: a collapse at 5. Full 10-step windows alone (best 0.155) would see a 0.105 drop only.
+    reward = np.r_[np.full(3, 0.4), np.full(40, 0.05)]
+    assert _outcome(reward, window=10, delta=0.15) == ((5, "reward"), ())
+    # A fall at the first update, as the quickstart at lr 1.5e-3 did (0.38, then ~0.01).
+    assert _outcome(np.r_[0.38, np.full(30, 0.01)], window=10, delta=0.15) == ((1, "reward"), ())
+    assert stability.trailing_means([1.0, 2.0, 3.0, 4.0], 3).tolist() == [1.0, 1.5, 2.0, 3.0]
+
+
+def test_back_means_within_half_delta_of_the_best():
+    # Window 1, δ = 0.3. Drawdowns 0, 0.35, 0.2, 0.2, 0.2: down at 1 and never back within 0.15 —
+    # a collapse at 1, though the run sits under δ from index 2 on.
+    assert _outcome([0.8, 0.45, 0.6, 0.6, 0.6], window=1) == ((1, "reward"), ())
+    # Back to a drawdown of 0.1 at index 3: a dip at 1.
+    assert _outcome([0.8, 0.45, 0.6, 0.7, 0.7], window=1) == (None, ((1, "reward"),))
+
+
 def test_a_run_that_ends_in_an_unfinished_recovery_is_a_collapse():
     # Back up to 0.6 at the end: the last 5-step mean is 0.6, 0.2 below the best 0.8 (> δ = 0.15).
     reward = np.r_[np.full(30, 0.8), np.full(20, 0.2), np.full(10, 0.6)]
@@ -85,8 +105,10 @@ def test_non_finite_reward_or_skipped_update_collapses_whatever_follows():
     assert _outcome(np.full(60, 0.5), skipped=skipped) == ((12, "non-finite"), ())
 
 
-def test_too_short_for_a_window_only_checks_finiteness():
-    assert _outcome([0.9, 0.1, 0.0]) == (None, ())
+def test_a_run_shorter_than_a_window_is_judged_on_the_steps_it_has():
+    # Means so far 0.9, 0.5, 0.333: drawdowns 0.4 and 0.567 > δ = 0.3 from index 1 to the end.
+    assert _outcome([0.9, 0.1, 0.0]) == ((1, "reward"), ())
+    assert _outcome([0.5, 0.4, 0.45]) == (None, ())
     assert _outcome([0.9, math.inf, 0.0]) == ((1, "non-finite"), ())
 
 
@@ -490,8 +512,8 @@ def test_reduced_study_end_to_end_resumes_after_a_kill(tmp_path):
     assert [row.split(" | ")[:3] for row in table] == [
         ["| CFPO", "0.0007", "1"], ["| GRPO", "0.0007", "1"], ["| CFPO", "0.0007", "4"],
         ["| GRPO", "0.0007", "4"]]
-    # The reduced map: 1 seed per cell; 6 steps are under the 10-step window, so nothing collapses.
-    assert "- frontier of CFPO: optim.lr 0.0007 → μ 4" in report
-    assert "| 4 | 0.0007 | 0/1 | 0/1 | 1.000 | 0/1 | 0/1 |" in report
+    # The reduced map: 1 seed per cell (6 steps from a random model: collapse or not, it says so).
+    assert "- frontier of CFPO: optim.lr 0.0007 → " in report
+    assert re.search(r"\| 4 \| 0.0007 \| [01]/1 \| [01]/1 \| [01].000 \| [01]/1 \| [01]/1 \|", report)
     assert all((out / f"{n}.png").exists()
                for n in ("map", "reward", "entropy", "ratio_dev", "clip_frac"))

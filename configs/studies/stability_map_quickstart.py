@@ -15,9 +15,9 @@ That run's report covers its own cells; the whole map with every seed on disk is
 Run time: 2 objectives × μ ∈ {1, 4, 8, 16, 32} × lr ∈ {7e-4, 1e-3, 1.5e-3, 3e-3} × 2 seeds = 80 runs of
 100 RL steps (16 prompts × 8 samples) after the quickstart's 150-step warm start, each with its
 final 200-problem greedy evaluation. Measured 2026-12-03 with --parallel=2 under `nice -n 19` on the
-2-core box shared with five other sessions' tests (load average 8–16): 141–144 s per run at μ = 1
-(box nearly idle), 476–483 s at μ = 4 (loaded); the wall-time column of the report has every
-run's. The 2026-11-23 study took 67–76 s (μ = 1) to 135 s (μ = 16) per 60-step run on the idle box.
+2-core box shared with five other sessions' tests (load average 8–17): 141–144 s per run at
+μ = 1 while the box was quiet; under the load 300–456 s at μ = 1, 428–550 s at μ = 4 and
+624–647 s at μ = 8 (docs/studies/README.md). The 2026-11-23 study took 67–76 s (μ = 1) to 135 s (μ = 16) per 60-step run on the idle box.
 The whole coarse pass does not fit one session of the shared box: it resumes where it stopped.
 
 What it asks: the paper's claim is a frontier — GRPO collapses at μ = 8, CFPO holds to 16+ — and
