@@ -142,8 +142,9 @@ def base_config() -> ml_collections.ConfigDict:
     # only; losses and metrics equal the unpacked ones (to float rounding). Costs: a host plan
     # per minibatch (milliseconds), a few compiled shapes (bucketed row counts, the
     # `learner_shapes` metric) instead of one, and index gathers on device. With
-    # rl.micro_batch_size a micro-batch is that many packed rows. False: the unpacked path.
-    c.rl.pack = False
+    # rl.micro_batch_size a micro-batch is that many packed rows. False: the unpacked path
+    # (kept for comparison and tests). Measured in benchmarks/packing.py.
+    c.rl.pack = True
     c.rl.beta = 0.0  # KL-to-reference coefficient; 0 loads no reference model
     c.rl.kl_estimator = "k3"
     # True: β·Σ_t KL_t is subtracted from each response's reward before advantages (RLOO in

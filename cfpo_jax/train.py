@@ -574,6 +574,25 @@ def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, on_policy: bo
     return prepare
 
 
+def prepare_batch(setup: Setup, state, samples: sampling.Samples, reward_B, lengths_Bx2):
+    """The rollout batch (see `rollout`) of scored `samples`: rewards (host [B]) up, then
+    `Setup.prepare` on device (packed by a plan of all rows with `rl.pack`). `lengths_Bx2`: the
+    prompt and completion tokens of each row (host)."""
+    lengths_Bx2 = np.asarray(lengths_Bx2, np.int32)
+    with jax.transfer_guard("disallow"):
+        reward_B = _upload(np.asarray(reward_B, np.float32), NamedSharding(setup.mesh, PS()))
+        plan = {}
+        if setup.config.rl.pack:
+            plan = dict(plan=setup.plan(
+                lengths_Bx2, np.arange(len(lengths_Bx2)), "prepare",
+                prompt_width=data.bucket_width(samples.prompt_tokens.shape[1]),
+                completion_width=samples.tokens.shape[1]))
+        batch, device_metrics = setup.prepare(state["params"], state.get("ref_params"),
+                                              setup.frozen, samples, reward_B, **plan)
+    batch["lengths"] = lengths_Bx2
+    return batch, device_metrics
+
+
 def rollout(setup: Setup, state, prompts: data.Batch, sample_key):
     """sample → completion text → rewards → advantages, old / reference logprobs.
 
@@ -609,18 +628,8 @@ def rollout(setup: Setup, state, prompts: data.Batch, sample_key):
     t2 = time.time()
 
     prompt_lengths = np.repeat([len(p) for p in prompts.prompts], rl.group_size)
-    lengths_Bx2 = np.stack([prompt_lengths, lengths_B], axis=1).astype(np.int32)
-    with jax.transfer_guard("disallow"):
-        reward_B = _upload(scores.total_B.astype(np.float32), NamedSharding(setup.mesh, PS()))
-        plan = {}
-        if rl.pack:
-            plan = dict(plan=setup.plan(
-                lengths_Bx2, np.arange(len(lengths_B)), "prepare",
-                prompt_width=data.bucket_width(samples.prompt_tokens.shape[1]),
-                completion_width=samples.tokens.shape[1]))
-        batch, device_metrics = setup.prepare(state["params"], state.get("ref_params"),
-                                              setup.frozen, samples, reward_B, **plan)
-    batch["lengths"] = lengths_Bx2
+    batch, device_metrics = prepare_batch(setup, state, samples, scores.total_B,
+                                          np.stack([prompt_lengths, lengths_B], axis=1))
     groups = scores.total_B.reshape(-1, rl.group_size)
     host_metrics = dict(
         **scores.metrics("reward"),

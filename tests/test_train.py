@@ -341,11 +341,13 @@ def _stages(tmp_path, config, devices):
     return setup, state, next(iterator)
 
 
-def test_learner_compiles_once_and_keeps_the_step_on_device(tmp_path):
+@pytest.mark.parametrize("pack", [False, True])
+def test_learner_compiles_once_and_keeps_the_step_on_device(tmp_path, pack):
     """Three RL steps of 2 epochs × 2 minibatches with β > 0 on one device (where the optimiser's
-    step counts used to come back in another sharding): `update` compiles once, and everything
-    after scoring runs with implicit host/device transfers disallowed."""
-    config = tiny(rl__num_epochs=2, rl__num_minibatches=2, rl__beta=0.1)
+    step counts used to come back in another sharding): `update` compiles once (packed: once per
+    packed shape the learner planned), and everything after scoring runs with implicit
+    host/device transfers disallowed."""
+    config = tiny(rl__num_epochs=2, rl__num_minibatches=2, rl__beta=0.1, rl__pack=pack)
     setup, state, prompts = _stages(tmp_path, config, jax.devices()[:1])
     compiled = []
 
@@ -364,7 +366,9 @@ def test_learner_compiles_once_and_keeps_the_step_on_device(tmp_path):
                 state = setup.finish_step(state, next_rng)
     finally:
         jax.monitoring.unregister_event_duration_listener(on_compile)
-    assert [name for name in compiled if "update" in name] == ["jit(update)"], compiled
+    update_shapes = {shape for kind, shape in setup.learner_shapes if kind == "update"}
+    assert [name for name in compiled if "update" in name] == \
+        ["jit(update)"] * (len(update_shapes) if pack else 1), compiled
     assert len(update_metrics) == 4
     assert jax.device_get(state["updates"]) == 12 and jax.device_get(state["step"]) == 3
 
@@ -377,7 +381,7 @@ def test_on_policy_update_reuses_its_own_logprobs_with_unchanged_losses(tmp_path
 
     from cfpo_jax import sampling
 
-    config = tiny(rl__num_epochs=1, rl__micro_batch_size=8)
+    config = tiny(rl__num_epochs=1, rl__micro_batch_size=8, rl__pack=False)
     setup, state, prompts = _stages(tmp_path, config, jax.devices()[:1])
     _, sample_key = setup.split_rng(state["rng"])
     batch, _, _, _ = train.rollout(setup, state, prompts, sample_key)
