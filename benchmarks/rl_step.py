@@ -20,11 +20,14 @@ Per step (median over steps 2..N; step 1 compiles):
 * learn: advantages and (off policy) the old-logprob forward, then num_epochs × num_minibatches
   updates, until the step's metrics are on the host; tokens/s = rollout tokens (prompt +
   completion columns) × num_epochs / time.
+
+`--json PATH` also writes the table's figures as JSON (for benchmarks/accelerator.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import sys
@@ -148,6 +151,14 @@ def run(args):
     print(f"| score | {score_s:.3f} | {score_s / step_s:.0%} | {rows / score_s:,.0f} completions/s |")
     print(f"| learn | {learn_s:.3f} | {learn_s / step_s:.0%} | {learn_tokens / learn_s:,.0f} tokens/s |")
     print(f"| step | {step_s:.3f} | 100% | {new_tokens / step_s:,.0f} new tokens/s |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device_kind=jax.devices()[0].device_kind, device_count=jax.device_count(),
+                           shape=args.shape, prompts=config.data.batch_size, samples=config.rl.group_size,
+                           prompt_len=config.sampling.max_prompt_len, new_tokens_per_row=config.sampling.max_new_tokens,
+                           epochs=config.rl.num_epochs, minibatches=config.rl.num_minibatches,
+                           steps=config.train.num_steps, sample_s=sample_s, score_s=score_s, learn_s=learn_s,
+                           step_s=step_s, new_tokens=new_tokens, learn_tokens=learn_tokens, rows=rows), f, indent=1)
 
 
 def main():
@@ -162,7 +173,10 @@ def main():
     parser.add_argument("--minibatches", type=int, default=1)
     parser.add_argument("--micro-batch", type=int, default=None)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--json", help="also write the table's figures to this file")
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error(f"--steps must be >= 2 (figures are medians over steps 2..N; step 1 compiles); got {args.steps}")
     small = dict(shape="tiny", prompts=8, samples=4, prompt_len=16, new_tokens=32, micro_batch=0)
     full = dict(shape="0.5b", prompts=64, samples=8, prompt_len=512, new_tokens=1024,
                 micro_batch=64)

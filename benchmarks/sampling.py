@@ -24,7 +24,9 @@ temperature 1 and no EOS, so every row runs the full budget. For each shape and 
   slots (prompt + tokens so far); their sum over all steps, divided by the copy bandwidth measured
   on this card (a large device copy, bytes read + written), is the fastest the decode could run.
   `roof` is that time over our measured decode time (call time minus a 1-token call's time),
-  both over steps 1 .. N-1. Results and the profile's reading: benchmarks/README.md.
+  both over steps 1 .. N-1; `roof (spec)` is the same with the chip's published HBM bandwidth
+  (benchmarks/chips.py; "-" for a chip not in that table). Results and the profile's reading:
+  benchmarks/README.md.
 
 `--long-tail`: R rows whose completion lengths are drawn from a log-normal (median
 `--median-len`, sigma 1, capped at `--new-tokens`), each forced to end at its drawn length (a
@@ -53,6 +55,7 @@ do the same work: every row decodes its whole budget. tests/test_lora.py checks 
 the two against independent references (numpy-merged kernels, the trainer's log-probabilities).
 
 Run the PyTorch baseline first and release its memory, because JAX preallocates most of the card.
+`--json PATH` writes what the table shows as JSON (for benchmarks/accelerator.py).
 """
 
 from __future__ import annotations
@@ -60,6 +63,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import json
 import os
 import statistics
 import sys
@@ -74,6 +78,7 @@ import numpy as np  # noqa: E402
 # Run as a script from a checkout: the package is the directory above this file.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import chips  # noqa: E402
 import shapes  # noqa: E402
 
 SHAPES = {
@@ -91,12 +96,17 @@ class Row:
     jax_s: float
     jax_prefill_s: float
     hf_s: float | None
-    roofline_s: float
+    decode_bytes: float  # bytes the decode steps 1 .. N-1 must read (`decode_bytes`)
     new_tokens: int
 
     @property
     def tokens(self):
         return self.batch * self.new_tokens
+
+    @property
+    def decode_s(self):
+        """The decode steps 1 .. N-1: the call's time minus a 1-token call's (prefill and step 0)."""
+        return self.jax_s - self.jax_prefill_s
 
 
 def _time(fn, repeats):
@@ -106,6 +116,13 @@ def _time(fn, repeats):
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def write_json(path, figures):
+    """Writes `figures` to `path` as JSON (no-op without a path): what a table printed, for a driver."""
+    if path:
+        with open(path, "w") as f:
+            json.dump(figures, f, indent=1)
 
 
 def copy_bandwidth(small: bool) -> float:
@@ -130,13 +147,13 @@ def model_config(shape: str):
                        **SHAPES[shape])
 
 
-def roofline_seconds(config, num_params, batch, prompt_len, steps, bandwidth):
-    """Sum over decode steps of (all weight bytes + valid cache bytes) / bandwidth (bf16)."""
+def decode_bytes(config, num_params, batch, prompt_len, steps):
+    """Sum over decode steps of all weight bytes + valid cache bytes (bf16): the roofline's reads."""
     weight_bytes = 2 * num_params
     kv_bytes_per_slot = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 2  # k and v
     # Step s attends over the prompt and the s tokens before it: prompt_len + s slots per row.
     slots = sum(prompt_len + s for s in steps)
-    return (len(steps) * weight_bytes + batch * slots * kv_bytes_per_slot) / bandwidth
+    return len(steps) * weight_bytes + batch * slots * kv_bytes_per_slot
 
 
 def print_kernel_profile(run, steps, top=20):
@@ -269,6 +286,10 @@ def long_tail(config, rows, prompt_len, cap, median, max_concurrent, repeats):
     print(f"{'continuous batching':>22} {engine_s:>8.2f} {useful / engine_s:>13,.0f} {'>= ' + str(-(-useful // max_concurrent)):>13}")
     print(f"{'static batches of K':>22} {static_s:>8.2f} {useful / static_s:>13,.0f} {static_steps:>13}")
     print(f"speed-up: {static_s / engine_s:.2f}x")
+    return dict(rows=rows, prompt_len=prompt_len, median=median, cap=cap, max_concurrent=max_concurrent,
+                mean_len=float(lengths.mean()), useful_tokens=useful, engine_s=engine_s, static_s=static_s,
+                engine_tokens_per_s=useful / engine_s, static_tokens_per_s=useful / static_s,
+                static_decode_steps=static_steps, speedup=static_s / engine_s)
 
 
 @dataclasses.dataclass
@@ -409,7 +430,6 @@ print(json.dumps(dict(peak=peak, source="device peak_bytes_in_use" if stats else
 
 
 def memory_against_rows(shape, rows_list, max_concurrent, prompt_len, new_tokens):
-    import json
     import subprocess
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -447,6 +467,7 @@ def main(argv=None):
     parser.add_argument("--memory", action="store_true", help="peak memory against rows at a fixed K")
     parser.add_argument("--lora-rank", type=int, default=0, help="sampling from a LoRA-adapted model of this "
                         "rank: adapters on the fly against lora.merge per call, beside the base (0: off)")
+    parser.add_argument("--json", help="also write the table's figures to this file (not with --memory)")
     args = parser.parse_args(argv)
     shapes = (args.shapes or ("tiny" if args.small else "0.5b,1.5b")).split(",")
     batches = [int(b) for b in (args.batches or ("4,8" if args.small else "64,256")).split(",")]
@@ -459,12 +480,15 @@ def main(argv=None):
         parser.error(f"--lora-rank must be >= 0 (0: off); got {args.lora_rank}")
     if args.lora_rank and (args.long_tail or args.memory):
         parser.error("--lora-rank prints its own table; run it without --long-tail and --memory")
+    if args.json and args.memory:
+        parser.error("--json takes the figures of one table; --memory prints per-process peaks only")
     if args.long_tail or args.memory:
         k = args.max_concurrent or (16 if args.small else 256)
         if args.long_tail:
-            long_tail(model_config(shapes[0]), args.rows or (128 if args.small else 1024), prompt_len,
-                      args.new_tokens or (128 if args.small else 4096),
-                      args.median_len or (24 if args.small else 400), k, args.repeats)
+            result = long_tail(model_config(shapes[0]), args.rows or (128 if args.small else 1024), prompt_len,
+                               args.new_tokens or (128 if args.small else 4096),
+                               args.median_len or (24 if args.small else 400), k, args.repeats)
+            write_json(args.json, dict(shape=shapes[0], **result))
         if args.memory:
             memory_against_rows("tiny-kv" if args.small else shapes[0], [64, 256, 1024] if args.small else [256, 1024, 4096], k,
                                 prompt_len, args.new_tokens or (32 if args.small else 512))
@@ -478,6 +502,9 @@ def main(argv=None):
                 for row in lora_sampling(shape, args.lora_rank, batches, prompt_len, new_tokens, args.repeats,
                                          args.max_concurrent, args.attention)]
         print_lora_table(rows, args.lora_rank, prompt_len, new_tokens)
+        write_json(args.json, dict(rank=args.lora_rank, prompt_len=prompt_len, rows=[
+            dict(dataclasses.asdict(r), tokens=r.tokens, merged_over_on_the_fly=r.on_the_fly_s / r.merged_s)
+            for r in rows]))
         return rows
 
     hf = {}
@@ -496,7 +523,11 @@ def main(argv=None):
 
     from cfpo_jax.models import Transformer
 
-    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}", flush=True)
+    device_kind = jax.devices()[0].device_kind
+    chip = chips.lookup(device_kind)
+    published = (f"{chip.hbm_bytes_per_s / 1e9:,.0f} GB/s ({chip.source})" if chip
+                 else "unknown (not in benchmarks/chips.py)")
+    print(f"jax {jax.__version__} on {device_kind}; published HBM bandwidth: {published}", flush=True)
     bandwidth = copy_bandwidth(args.small)
     print(f"copy bandwidth: {bandwidth / 1e9:,.1f} GB/s (read + write)", flush=True)
     rows = []
@@ -512,25 +543,35 @@ def main(argv=None):
             del model
             gc.collect()
             # The 1-token call holds the prefill and step 0: the rest is steps 1 .. N-1.
-            roof_s = roofline_seconds(config, num_params, batch, prompt_len, range(1, new_tokens), bandwidth)
-            rows.append(Row(shape, batch, call_s, prefill_s, hf.get((shape, batch)), roof_s, new_tokens))
+            read = decode_bytes(config, num_params, batch, prompt_len, range(1, new_tokens))
+            rows.append(Row(shape, batch, call_s, prefill_s, hf.get((shape, batch)), read, new_tokens))
             print(f"cfpo_jax {shape} batch {batch}: {call_s:.3f} s, prefill+1 {prefill_s:.3f} s, "
                   f"{num_params / 1e6:.0f}M params", flush=True)
 
     print(f"\nprompt {prompt_len} tokens, {new_tokens} new tokens, bf16, temperature 1, no EOS; "
           f"bandwidth {bandwidth / 1e9:,.0f} GB/s")
     header = (f"{'shape':>6} {'batch':>5} {'cfpo_jax tok/s':>14} {'transformers tok/s':>18} "
-              f"{'ratio':>7} {'decode ms/step':>14} {'roofline ms/step':>16} {'roof':>6}")
+              f"{'ratio':>7} {'decode ms/step':>14} {'roofline ms/step':>16} {'roof':>6} {'roof (spec)':>11}")
     print(header)
     print("-" * len(header))
+    figures = []
     for r in rows:
-        decode_s = r.jax_s - r.jax_prefill_s
+        # Fraction of the roofline: the time the decode's reads need at a bandwidth over the time it took.
+        roof = r.decode_bytes / bandwidth / r.decode_s
+        roof_spec = r.decode_bytes / chip.hbm_bytes_per_s / r.decode_s if chip else None
         hf_tps = f"{r.tokens / r.hf_s:,.0f}" if r.hf_s else "-"
         ratio = f"{r.hf_s / r.jax_s:.1f}x" if r.hf_s else "-"
         print(f"{r.shape:>6} {r.batch:>5} {r.tokens / r.jax_s:>14,.0f} {hf_tps:>18} {ratio:>7} "
-              f"{1e3 * decode_s / (r.new_tokens - 1):>14.3f} {1e3 * r.roofline_s / (r.new_tokens - 1):>16.3f} "
-              f"{r.roofline_s / decode_s:>6.0%}")
+              f"{1e3 * r.decode_s / (r.new_tokens - 1):>14.3f} "
+              f"{1e3 * r.decode_bytes / bandwidth / (r.new_tokens - 1):>16.3f} {roof:>6.0%} "
+              f"{'-' if roof_spec is None else f'{roof_spec:.0%}':>11}")
+        figures.append(dict(dataclasses.asdict(r), prompt_len=prompt_len, tokens_per_s=r.tokens / r.jax_s,
+                            decode_ms_per_step=1e3 * r.decode_s / (r.new_tokens - 1), roofline_fraction=roof,
+                            roofline_fraction_spec=roof_spec))
+    write_json(args.json, dict(device_kind=device_kind, copy_bandwidth=bandwidth,
+                               hbm_bandwidth_spec=chip.hbm_bytes_per_s if chip else None, rows=figures))
     return rows
+
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ and a tiny one for CPU smoke runs. `model_config` makes the `ModelConfig` of a s
 from __future__ import annotations
 
 QWEN25 = dict(model_type="qwen2", qkv_bias=True, rope_theta=1e6, max_position_embeddings=32768)
+# Llama 3 / 3.1 8B (the policy and the reward model of configs/align_llama.py), config.json.
+LLAMA3_8B = dict(model_type="llama", rope_theta=5e5, max_position_embeddings=8192, rms_norm_eps=1e-5,
+                 hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
+                 num_kv_heads=8, head_dim=128, vocab_size=128256, tie_embeddings=False)
 
 SHAPES = {
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
@@ -20,7 +24,10 @@ SHAPES = {
 
 
 def shape_of_hub_id(path: str) -> str:
-    """'Qwen/Qwen2.5-7B-Instruct' -> '7b' (the shape of a Qwen2.5 hub id)."""
+    """'Qwen/Qwen2.5-7B-Instruct' -> '7b' (the shape of a Qwen2.5 hub id); a Llama 3 / 3.1 8B
+    id -> 'llama3-8b'."""
+    if "Llama-3" in path and "8B" in path.upper():
+        return "llama3-8b"
     for name in SHAPES:
         if f"Qwen2.5-{name.upper()}" in path:
             return name
@@ -30,4 +37,6 @@ def shape_of_hub_id(path: str) -> str:
 def model_config(shape: str, **overrides):
     from cfpo_jax.models import ModelConfig
 
+    if shape == "llama3-8b":
+        return ModelConfig(**LLAMA3_8B, **overrides)
     return ModelConfig(**QWEN25, **SHAPES[shape], **overrides)

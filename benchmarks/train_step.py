@@ -29,9 +29,13 @@ state holds adapters only). It prints:
   frozen projections, MLP and unembedding need input gradients only (2 × forward), attention and
   the adapter matmuls 3 × forward;
 * MFU: TFLOP/s over the bf16 matmul peak measured in the same run (`--peak-size`³ matmuls);
+  MFU (spec): over the chip's published dense bf16 peak (benchmarks/chips.py; "—" for a chip not
+  in that table);
 * peak GB: XLA's compiled per-device peak (arguments + outputs − aliased + temporaries); on a GPU
   also the allocator's high-water mark (`memory_stats()['peak_bytes_in_use']`). A setting whose
   compiled peak exceeds the device memory is reported and not run.
+
+`--json PATH` also writes the rows as JSON (for benchmarks/accelerator.py).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from flax import nnx  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as PS  # noqa: E402
 
+import chips  # noqa: E402
 import shapes  # noqa: E402
 from cfpo_jax import config as config_lib  # noqa: E402
 from cfpo_jax import models, sharding, train  # noqa: E402
@@ -197,6 +202,7 @@ def main():
     parser.add_argument("--lora-rank", type=int, default=64,
                         help="adapter rank of the LoRA row beside each full fine-tuning row; 0: no LoRA rows")
     parser.add_argument("--peak-size", type=int, default=8192, help="matmul size for the peak measurement")
+    parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # SHAPE:REMAT:LORA_RANK, run in a child process
     args = parser.parse_args()
     if args.small:
@@ -220,13 +226,18 @@ def main():
         parser.error(f"--lora-rank must be ≥ 0 (0: no LoRA rows); got {args.lora_rank}")
 
     peak_tflops = measure_peak_tflops(args.peak_size)
-    print(f"{device.device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)), jax {jax.__version__}; "
-          f"bf16 matmul peak measured: {peak_tflops:.3g} TFLOP/s ({args.peak_size}³)")
-    header = ("shape", "remat", "trained", "batch × T", "step s", "tokens/s", "TFLOP/s", "MFU", "compiled peak GB",
-              "allocator peak GB", "compile s")
+    device_kind = device.device_kind
+    chip = chips.lookup(device_kind)
+    published = (f"{chip.bf16_flops / 1e12:.4g} TFLOP/s ({chip.source})" if chip
+                 else "unknown (not in benchmarks/chips.py)")
+    print(f"{device_kind} ({jax.default_backend()}, {jax.device_count()} device(s)), jax {jax.__version__}; "
+          f"bf16 matmul peak measured: {peak_tflops:.3g} TFLOP/s ({args.peak_size}³); published: {published}")
+    header = ("shape", "remat", "trained", "batch × T", "step s", "tokens/s", "TFLOP/s", "MFU", "MFU (spec)",
+              "compiled peak GB", "allocator peak GB", "compile s")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
     # Each row in a fresh process: its own allocator high-water mark, nothing left by the last row.
     del device
+    rows = []
     ranks = [0, args.lora_rank] if args.lora_rank else [0]
     for shape, remat, lora_rank in itertools.product(args.shapes.split(","), args.remat.split(","), ranks):
         trained = f"LoRA r{lora_rank}" if lora_rank else "all"
@@ -236,21 +247,30 @@ def main():
         child = subprocess.run(command, capture_output=True, text=True)
         lines = [line for line in child.stdout.splitlines() if line.startswith("ROW ")]
         if child.returncode or not lines:
-            print(f"| {shape} | {remat} | {trained} | failed: {(child.stderr.strip().splitlines() or ['?'])[-1]} |")
+            error = (child.stderr.strip().splitlines() or ['?'])[-1]
+            print(f"| {shape} | {remat} | {trained} | failed: {error} |")
+            rows.append(dict(shape=shape, remat=remat, lora_rank=lora_rank, failed=error))
             continue
         row = json.loads(lines[-1][4:])
         if "skipped" in row:
-            cells = (shape, remat, trained, f"{row['batch']} × {row['T']}", "—", "—", "—", "—",
+            cells = (shape, remat, trained, f"{row['batch']} × {row['T']}", "—", "—", "—", "—", "—",
                      f"{row['compiled_peak'] / GB:.1f}", f"not run: {row['skipped']}",
                      f"{row['compile_s']:.0f}")
         else:
             tflops = row["flops"] / row["step_s"] / 1e12
+            row.update(tokens_per_s=row["batch"] * row["T"] / row["step_s"], tflops=tflops, mfu=tflops / peak_tflops,
+                       mfu_spec=tflops * 1e12 / chip.bf16_flops if chip else None)
             allocator = row["allocator_peak"]
             cells = (shape, remat, trained, f"{row['batch']} × {row['T']}", f"{row['step_s']:.3f}",
-                     f"{row['batch'] * row['T'] / row['step_s']:,.0f}", f"{tflops:.3g}",
-                     f"{tflops / peak_tflops:.1%}", f"{row['compiled_peak'] / GB:.2f}",
+                     f"{row['tokens_per_s']:,.0f}", f"{tflops:.3g}", f"{row['mfu']:.1%}",
+                     "—" if chip is None else f"{row['mfu_spec']:.1%}", f"{row['compiled_peak'] / GB:.2f}",
                      "n/a (CPU)" if allocator is None else f"{allocator / GB:.2f}", f"{row['compile_s']:.0f}")
+        rows.append(row)
         print("| " + " | ".join(cells) + " |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device_kind=device_kind, peak_tflops_measured=peak_tflops,
+                           peak_flops_spec=chip.bf16_flops if chip else None, rows=rows), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ that does not resolve (user "package.module:function" imported here), or eval.ks
 1..eval.num_samples.
 
 Sections: seed, workdir, model, mesh, data, sampling, rewards, eval, rl, optim,
-train, warmstart, lora. Optional values are typed placeholders (`placeholder(float)` is None until
+train, warmstart, lora, env. Optional values are typed placeholders (`placeholder(float)` is None until
 set, and then only takes a float), so `--config.rl.eps_high=0.28` works and `=abc` fails at parse time.
 """
 
@@ -67,7 +67,8 @@ def base_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic:arithmetic"
-    c.data.preset = OPTIONAL(str)  # "gsm8k" | "math" | "math500" | "prompt_collection"
+    # "gsm8k" | "math" | "math500" | "prompt_collection" | "humaneval" | "mbpp"
+    c.data.preset = OPTIONAL(str)
     c.data.template = "chat"  # "chat" | "plain"
     c.data.system_prompt = ""
     c.data.user_template = "{question}"
@@ -188,6 +189,18 @@ def base_config() -> ml_collections.ConfigDict:
     # Sample from merged kernels (one merge per rollout, one more copy of the adapted kernels)
     # instead of applying the adapters on the fly in every decode step.
     c.lora.merge_for_sampling = False
+
+    # Multi-turn episodes with tools (cfpo_jax.envs, issue 23). name "" keeps single-turn
+    # sampling exactly; otherwise each prompt starts an episode whose token budget (model and
+    # tool tokens together) is sampling.max_new_tokens, and only the model's tokens are trained.
+    c.env = ml_collections.ConfigDict()
+    c.env.name = ""  # "" | "tools" (run the turn's tool calls) | "package.module:function"
+    c.env.format = "tag"  # tool-call format: "tag" (<tool>…</tool>), "hermes" (Qwen2.5), "llama3"
+    c.env.tools = ()  # "calculator", "python" (sandboxed) or "package.module:function"
+    c.env.max_turns = 4  # model turns per episode
+    c.env.tool_timeout_s = 10.0  # per tool call; the answer is then a time-out error
+    c.env.max_observation_chars = 2000  # a tool result is cut to this many characters
+    c.env.num_threads = 8  # tool calls and environment steps run in this many threads
     return c
 
 
@@ -199,7 +212,7 @@ _CHOICES = {
     "model.attention": ATTENTION_IMPLEMENTATIONS,
     "rewards.rm_dtype": ("", "float32", "bfloat16"),
     "data.template": ("chat", "plain"),
-    "data.preset": (None, "gsm8k", "math", "math500", "prompt_collection"),
+    "data.preset": (None, "gsm8k", "math", "math500", "prompt_collection", "humaneval", "mbpp"),
     "rl.objective": tuple(losses.REGISTRY["objective"]),
     "rl.level": tuple(losses.REGISTRY["level"]),
     "rl.agg": tuple(losses.REGISTRY["agg"]),
@@ -208,6 +221,7 @@ _CHOICES = {
     "optim.schedule": ("constant", "cosine", "linear"),
     "sampling.attention": DECODE_IMPLEMENTATIONS,
     "lora.base_dtype": (None, "float32", "bfloat16"),
+    "env.format": ("tag", "hermes", "llama3"),
 }
 
 
@@ -289,6 +303,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         if config.train[name] < 1:
             errors.append(f"train.{name} must be >= 1; got {config.train[name]}")
     errors.extend(_lora_errors(config))
+    errors.extend(_env_errors(config.env))
     # Data, rewards and evaluation: checked here too, before any model is built or compiled.
     for name, source in [("data.source", config.data.source)] + [
             ("eval.sources", s) for s in config.eval.sources]:
@@ -361,6 +376,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     if errors:
         raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _env_errors(env) -> list[str]:
+    if not env.name:
+        return []
+    from cfpo_jax.envs import environment, tools  # imports a user's module now, not mid-run
+
+    errors = []
+    for kind, names, get in (("env.name", (env.name,), environment.get), ("env.tools", env.tools, tools.get)):
+        for name in names:
+            try:
+                get(name)
+            except ValueError as e:
+                errors.append(f"{kind}: {e}")
+    if env.name == "tools" and not env.tools:
+        errors.append("env.name='tools' runs the model's tool calls; give env.tools, e.g. ('calculator',)")
+    if env.max_turns < 1 or env.num_threads < 1 or env.max_observation_chars < 1:
+        errors.append(f"env.max_turns, env.num_threads and env.max_observation_chars must be >= 1; got "
+                      f"{env.max_turns}, {env.num_threads}, {env.max_observation_chars}")
+    if not env.tool_timeout_s > 0:
+        errors.append(f"env.tool_timeout_s must be > 0; got {env.tool_timeout_s}")
+    return errors
 
 
 def _lora_errors(config) -> list[str]:

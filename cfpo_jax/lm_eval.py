@@ -148,8 +148,9 @@ class CfpoJaxLM(TemplateLM):
             # continuation token j sits at len(full) - cont_len + j, predicted from one before
             index[b, :cont_len] = np.arange(len(full) - cont_len - 1, len(full) - 1)
             valid[b, :cont_len] = True
-        logp_B, greedy_B = sharding.to_host(_continuation_scores(
-            self._graphdef, self._state, *(self._put(x) for x in (tokens, mask, index, valid))))
+        with sharding.mesh_context(self.mesh):  # attention per the mesh's platform, per shard
+            logp_B, greedy_B = sharding.to_host(_continuation_scores(
+                self._graphdef, self._state, *(self._put(x) for x in (tokens, mask, index, valid))))
         return [(float(logp_B[b]), bool(greedy_B[b])) for b in range(len(pairs))]
 
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):

@@ -47,13 +47,34 @@ Layout (R = prompts × n rows, P padded prompt length, N = max_new_tokens, V voc
   (`models.attention.decode_attention`; `attention=` overrides). With a Pallas kernel the cache's
   slot count is rounded up to a multiple of 128 for its blocks/pages. The prefill runs the
   trainer's full-sequence kernel (`config.attention`: cuDNN / splash / einsum).
+
+Multi-turn (`turn_end` given; episodes and tools live in `cfpo_jax.envs`, which passes it):
+
+* The N output columns of a row hold its whole episode after the prompt: sampled tokens and the
+  tokens the host forced in (observations, template tokens), N being the episode's token budget.
+  `Samples.generated` marks the sampled ones (the loss mask); forced ones have logprob 0.
+* A row's turn ends at a sampled EOS or stop sequence (`stop_sequences`, token ids, checked on
+  device against the row's last sampled tokens). The slot then stops decoding and keeps its
+  cache; the host calls `turn_end(row, tokens so far)` in a thread pool (all waiting rows at
+  once, while the other slots decode on). Its answer, the observation tokens, is forced in
+  through the ordinary decode steps: at column c the step feeds the previous token and, where
+  the host put a token for column c, writes that token instead of the sample, one column per
+  step, batched with the other slots' decoding. Chosen over a prefill of the observation into
+  the slot: no new compiled shapes, and the cache of an observation is computed exactly as a
+  generated token's; the price is one decode step per observation token. An empty answer ends
+  the row; so does the budget (a forced observation is cut there).
+* Chunks return to the host when a sixteenth of the slots (at least one) more have stopped; a
+  slot is refilled only when its episode ends. Row r's sample at column c is still drawn with
+  fold_in(fold_in(seed, r), c), so given deterministic answers to its turns an episode does not
+  depend on K, on the order in which tool calls finish, or on the other rows.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import flax.struct
 import jax
@@ -64,7 +85,7 @@ from jax.sharding import PartitionSpec as PS
 
 from cfpo_jax.models import decoding
 from cfpo_jax.models.attention import DECODE_SLOT_ALIGN, resolve_decode
-from cfpo_jax.sharding import BATCH_AXES, to_host
+from cfpo_jax.sharding import BATCH_AXES, mesh_context, to_host
 
 DEFAULT_KV_CACHE_GB = 8.0
 _REFILL_FRACTION = 16  # a chunk returns to the host when K / 16 slots (at least 1) are free
@@ -83,6 +104,9 @@ class Samples:
       (temperature-1 logprobs when temperature = 0), 0 where mask is 0.
     lengths: int32 [B], completion lengths (the sum of mask).
     eos: bool [B], True when the row ended on an EOS, False when it was truncated at N.
+    generated: int32 [B, N] or None. Multi-turn (`turn_end` given): 1 on the tokens the policy
+      sampled, 0 on forced (observation and template) tokens and after the end; the loss mask.
+      None in a single-turn call, where every token under `mask` was sampled.
     """
 
     prompt_tokens: jax.Array
@@ -92,6 +116,12 @@ class Samples:
     logprobs: jax.Array
     lengths: jax.Array
     eos: jax.Array
+    generated: jax.Array | None = None
+
+    @property
+    def loss_mask(self) -> jax.Array:
+        """int32 [B, N]: the tokens the policy sampled (`generated`, else `mask`)."""
+        return self.mask if self.generated is None else self.generated
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,6 +136,10 @@ class _Settings:
     pad_id: int
     mesh: jax.sharding.Mesh | None
     attention: str
+    # Multi-turn only (`turn_end` given): a row's turn also ends after one of these token
+    # sequences, and forced tokens (`_Outputs.forced_RxN`) replace the samples where set.
+    multi_turn: bool = False
+    stop_sequences: tuple[tuple[int, ...], ...] = ()
 
 
 @flax.struct.dataclass
@@ -131,10 +165,16 @@ class _Slots:
 
 @flax.struct.dataclass
 class _Outputs:
+    """Per row: tokens, logprobs, length and how it ended. Multi-turn only (else None):
+    forced_RxN, a token the host put at that column (an observation's), -1 where the row samples;
+    generated_RxN, whether the column was sampled."""
+
     tokens_RxN: jax.Array
     logprobs_RxN: jax.Array
     lengths_R: jax.Array
     eos_R: jax.Array
+    forced_RxN: jax.Array | None = None
+    generated_RxN: jax.Array | None = None
 
 
 def _constrain_batch(x, mesh, axis=0):
@@ -204,6 +244,26 @@ def _sample(logits_BxV, key_B, settings: _Settings):
     return token_B, logprob_B
 
 
+def _force_and_stop(settings: _Settings, outputs: _Outputs, row_K, step_K, token_K, logprob_K, hit_eos_K):
+    """Multi-turn: a forced token replaces the sample (logprob 0, not generated, never ends the
+    turn); a sampled token also ends the turn when it completes a stop sequence of sampled tokens.
+    Returns (token_K, logprob_K, turn_end_K, generated_K)."""
+    forced_K = outputs.forced_RxN.at[row_K, step_K].get(mode="fill", fill_value=-1)
+    generated_K = forced_K < 0
+    token_K = jnp.where(generated_K, token_K, forced_K)
+    logprob_K = jnp.where(generated_K, logprob_K, 0.0)
+    turn_end_K = hit_eos_K & generated_K
+    for sequence in settings.stop_sequences:
+        match_K = generated_K & (token_K == sequence[-1])
+        for back, expected in enumerate(reversed(sequence[:-1]), start=1):
+            column_K = step_K - back
+            earlier = lambda x: x.at[row_K, column_K].get(mode="fill", fill_value=-1)  # noqa: E731
+            match_K &= (column_K >= 0) & (earlier(outputs.tokens_RxN) == expected)
+            match_K &= earlier(outputs.generated_RxN.astype(jnp.int32)) == 1
+        turn_end_K |= match_K
+    return token_K, logprob_K, turn_end_K, generated_K
+
+
 # ----------------------------------------------------------------------------- jitted pieces
 
 
@@ -222,6 +282,10 @@ def _init(settings: _Settings, config, num_slots, num_cache_slots, num_rows):
         lengths_R=jnp.zeros((num_rows,), jnp.int32),
         eos_R=jnp.zeros((num_rows,), bool),
     )
+    if settings.multi_turn:
+        outputs = outputs.replace(
+            forced_RxN=jnp.full((num_rows, settings.max_new_tokens), -1, jnp.int32),
+            generated_RxN=jnp.zeros((num_rows, settings.max_new_tokens), bool))
     return _constrain_slots(slots, settings.mesh), outputs
 
 
@@ -272,20 +336,30 @@ def _decode_chunk(settings: _Settings, weights, slots: _Slots, outputs: _Outputs
         # Finished and empty slots still run (static shapes); keep their writes inside the cache.
         column_K = jnp.clip(slots.length_K - 1 + slots.step_K, 0, num_cache_slots - 1)
         logits_KxV, cache = decoding.decode_step(
-            weights, slots.token_K, slots.cache, column_K, implementation=settings.attention, mesh=settings.mesh)
+            weights, slots.token_K, slots.cache, column_K, implementation=settings.attention)
         key_K = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(slots.row_K, slots.step_K)
         token_K, logprob_K = _sample(logits_KxV, key_K, settings)
         hit_eos_K = jnp.isin(token_K, eos_ids)
+        if settings.multi_turn:
+            token_K, logprob_K, hit_eos_K, generated_K = _force_and_stop(
+                settings, outputs, slots.row_K, slots.step_K, token_K, logprob_K, hit_eos_K)
         budget_K = jnp.take(budget_R, slots.row_K, mode="clip")  # (empty slots: not live)
         finished_K = live_K & (hit_eos_K | (slots.step_K + 1 >= budget_K))
         row_K = jnp.where(live_K, slots.row_K, num_rows)  # out of range: dropped
         done_row_K = jnp.where(finished_K, slots.row_K, num_rows)
-        outputs = _Outputs(
+        outputs = outputs.replace(
             tokens_RxN=outputs.tokens_RxN.at[row_K, slots.step_K].set(token_K, mode="drop"),
             logprobs_RxN=outputs.logprobs_RxN.at[row_K, slots.step_K].set(logprob_K, mode="drop"),
             lengths_R=outputs.lengths_R.at[done_row_K].set(slots.step_K + 1, mode="drop"),
             eos_R=outputs.eos_R.at[done_row_K].set(hit_eos_K, mode="drop"),
         )
+        if settings.multi_turn:
+            outputs = outputs.replace(generated_RxN=outputs.generated_RxN.at[row_K, slots.step_K].set(
+                generated_K, mode="drop"))
+            # A slot waiting for its turn's answer keeps the token it feeds next: its idle steps
+            # then rewrite its next cache column with the same key/value, and the resumed row
+            # continues from its real last token.
+            token_K = jnp.where(live_K, token_K, slots.token_K)
         slots = _Slots(
             cache=cache, row_K=slots.row_K, token_K=token_K,
             step_K=jnp.where(live_K, slots.step_K + 1, slots.step_K), length_K=slots.length_K,
@@ -296,7 +370,20 @@ def _decode_chunk(settings: _Settings, weights, slots: _Slots, outputs: _Outputs
     return jax.lax.while_loop(cond_fn, body_fn, (slots, outputs))
 
 
+def _resume(settings: _Settings, slots: _Slots, outputs: _Outputs, slot_M, row_M, start_M, forced_MxW):
+    """Multi-turn: slot slot_M[m] (row row_M[m]) decodes on, with forced_MxW[m] (-1 padded) as its
+    tokens at columns start_M[m], start_M[m] + 1, ... (columns past the budget are dropped).
+    Entries with slot_M = K are padding."""
+    width = forced_MxW.shape[1]
+    column_MxW = start_M[:, None] + jnp.arange(width)[None]
+    rows_MxW = jnp.where(forced_MxW >= 0, row_M[:, None], outputs.forced_RxN.shape[0])
+    forced_RxN = outputs.forced_RxN.at[rows_MxW, column_MxW].set(forced_MxW, mode="drop")
+    active_K = slots.active_K.at[slot_M].set(True, mode="drop")
+    return slots.replace(active_K=active_K), outputs.replace(forced_RxN=forced_RxN)
+
+
 _init_jit = jax.jit(_init, static_argnums=(0, 1, 2, 3, 4))
+_resume_jit = jax.jit(_resume, static_argnums=(0,), donate_argnums=(1, 2))
 _insert_jit = jax.jit(_insert, static_argnums=(0,), donate_argnums=(2,))
 _decode_chunk_jit = jax.jit(_decode_chunk, static_argnums=(0,), donate_argnums=(2, 3))
 
@@ -380,11 +467,113 @@ def engine_settings(sampling_config) -> dict:
                 kv_cache_gb=sampling_config.kv_cache_gb, attention=sampling_config.attention)
 
 
+def _run_turns(settings: _Settings, weights, slots: _Slots, outputs: _Outputs, key, budget_R, insert,
+               turn_end, executor) -> _Outputs:
+    """The multi-turn host loop (module doc, "Multi-turn"): decode chunks; a row whose turn ended
+    waits in its slot while `turn_end` runs in `executor`; its observation is forced in and the
+    slot decodes on, or the row ends and frees the slot for a waiting row."""
+    num_slots = slots.active_K.shape[0]
+    num_rows = budget_R.shape[0]
+    settings_vocab = weights.model().config.vocab_size
+    own_executor = executor is None
+    executor = executor or concurrent.futures.ThreadPoolExecutor(8, thread_name_prefix="turn_end")
+    active_K = np.zeros(num_slots, bool)  # decoding
+    occupied_K = np.zeros(num_slots, bool)  # holds a row: decoding, or waiting for turn_end
+    waiting = {}  # future -> (slot, row, column)
+    try:
+        while True:
+            slots, filled = insert(slots, np.flatnonzero(~occupied_K))
+            active_K[filled] = occupied_K[filled] = True
+            if not occupied_K.any():
+                return outputs
+            if active_K.any():
+                # Back to the host once a sixteenth of the slots (at least one) more have stopped.
+                idle = num_slots - int(active_K.sum())
+                refill_at = min(idle + max(num_slots // _REFILL_FRACTION, 1), num_slots)
+                slots, outputs = _decode_chunk_jit(settings, weights, slots, outputs, key, budget_R,
+                                                   np.int32(refill_at))
+                now_K, step_K, row_K = to_host((slots.active_K, slots.step_K, slots.row_K))
+                stopped = np.flatnonzero(active_K & ~now_K)
+                active_K = np.array(now_K)
+                if len(stopped):
+                    tokens = to_host(outputs.tokens_RxN[row_K[stopped]])
+                    for slot, row_tokens in zip(stopped, tokens):
+                        row, column = int(row_K[slot]), int(step_K[slot])
+                        if column >= budget_R[row]:
+                            occupied_K[slot] = False  # the episode's token budget is spent
+                        else:
+                            future = executor.submit(turn_end, row, row_tokens[:column].tolist())
+                            waiting[future] = (slot, row, column)
+            if not waiting:
+                continue
+            # Nothing decoding: wait for a turn to be answered; otherwise take what is ready.
+            done, _ = concurrent.futures.wait(list(waiting), timeout=None if not active_K.any() else 0,
+                                              return_when=concurrent.futures.FIRST_COMPLETED)
+            resumed = []
+            for future in done:
+                slot, row, column = waiting.pop(future)
+                forced = [int(t) for t in future.result() or ()]
+                bad = [t for t in forced if not 0 <= t < settings_vocab]
+                if bad:
+                    raise ValueError(f"turn_end answered row {row} with token ids {bad[:10]} outside "
+                                     f"the vocabulary [0, {settings_vocab})")
+                if forced:
+                    resumed.append((slot, row, column, forced))
+                else:
+                    occupied_K[slot] = False
+            if resumed:
+                width = 1 << (max(len(f) for *_, f in resumed) - 1).bit_length()
+                slot_M = np.full(num_slots, num_slots, np.int32)
+                row_M = np.full(num_slots, num_rows, np.int32)
+                start_M = np.zeros(num_slots, np.int32)
+                forced_MxW = np.full((num_slots, width), -1, np.int32)
+                for m, (slot, row, column, forced) in enumerate(resumed):
+                    slot_M[m], row_M[m], start_M[m] = slot, row, column
+                    forced_MxW[m, : len(forced)] = forced
+                slots, outputs = _resume_jit(settings, slots, outputs, slot_M, row_M, start_M, forced_MxW)
+                active_K[[slot for slot, *_ in resumed]] = True
+    finally:
+        for future in waiting:
+            future.cancel()
+        if own_executor:
+            executor.shutdown(wait=False, cancel_futures=True)
+
+
+def slot_layout(config, *, prompt_len: int, max_new_tokens: int, num_rows: int, mesh,
+                max_concurrent: int | None, kv_cache_gb: float, attention: str) -> tuple[int, int, int]:
+    """(cache columns per slot, slots, most distinct prompts per prefill) of a `generate` call with
+    prompts padded to `prompt_len` and a resolved decode `attention`. Slots are a multiple of the
+    batch shards; the prefill count is a power of two per shard near 16k prompt tokens, which
+    bounds the prefill's activations (its [M, heads, P, P] attention scores)."""
+    num_cache_slots = prompt_len - 1 + max_new_tokens
+    if attention in ("pallas", "paged"):
+        num_cache_slots = -(-num_cache_slots // DECODE_SLOT_ALIGN) * DECODE_SLOT_ALIGN
+    shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    if max_concurrent is None:
+        max_concurrent = slots_for_budget(config, num_cache_slots, kv_cache_gb, mesh)
+    num_slots = min(-(-max_concurrent // shards), -(-num_rows // shards)) * shards
+    max_prefill = shards * (1 << (max(_PREFILL_TOKENS // prompt_len, 1).bit_length() - 1))
+    return num_cache_slots, num_slots, max_prefill
+
+
 @functools.lru_cache(maxsize=None)
 def _announce(message: str) -> None:
     print(message, flush=True)
 
 
+def _with_mesh_in_context(generate):
+    """Traces every program of `generate` with its `mesh` in context: the decode kernel is that of
+    the mesh's platform and runs per shard (`models.attention`)."""
+
+    @functools.wraps(generate)
+    def wrapped(*args, mesh=None, **kwargs):
+        with mesh_context(mesh):
+            return generate(*args, mesh=mesh, **kwargs)
+
+    return wrapped
+
+
+@_with_mesh_in_context
 def generate(
     model,
     prompts,
@@ -402,6 +591,9 @@ def generate(
     max_concurrent: int | None = None,
     kv_cache_gb: float = DEFAULT_KV_CACHE_GB,
     attention: str = "auto",
+    turn_end: Callable[[int, list[int]], Sequence[int] | None] | None = None,
+    stop_sequences: Sequence[Sequence[int]] = (),
+    executor: concurrent.futures.Executor | None = None,
 ) -> Samples:
     """Samples `n` completions of up to `max_new_tokens` tokens per prompt (see the module doc).
 
@@ -422,6 +614,12 @@ def generate(
       max_concurrent: K, the rows decoded at once (rounded up to a multiple of the batch shards;
         more than the rows is the rows); None: as many as fit `kv_cache_gb` per device.
       attention: decode attention kernel ("auto", "einsum", "pallas", "paged"; see `models.attention`).
+      turn_end: multi-turn rollouts (see "Multi-turn" in the module doc): called as
+        turn_end(row, tokens) when a row's turn ends (an EOS or a stop sequence), `tokens` the
+        row's completion columns so far; returns the tokens to force next (an observation), or
+        None / [] to end the row. None: single-turn, a row ends at its first EOS.
+      stop_sequences: with `turn_end`, token sequences that also end a turn (kept, sampled).
+      executor: where `turn_end` calls run (default: a pool of 8 threads for this call).
 
     Returns:
       `Samples` with R = len(prompts) * n rows (arrays on device).
@@ -429,6 +627,11 @@ def generate(
     if isinstance(eos_token_ids, (int, np.integer)):
         eos_token_ids = (eos_token_ids,)
     eos_token_ids = tuple(int(i) for i in eos_token_ids)
+    stop_sequences = tuple(tuple(int(t) for t in sequence) for sequence in stop_sequences)
+    if stop_sequences and turn_end is None:
+        raise ValueError("stop_sequences end turns of a multi-turn rollout; they need turn_end")
+    if any(not sequence for sequence in stop_sequences):
+        raise ValueError(f"stop_sequences {stop_sequences} holds an empty sequence")
     config = model.config
     if isinstance(max_new_tokens, (int, np.integer)):
         budgets = None
@@ -438,6 +641,9 @@ def generate(
             raise ValueError(f"max_new_tokens must be >= 1, or one such budget per prompt; got {max_new_tokens}")
         max_new_tokens = int(budgets.max())
     _check_settings(config.vocab_size, max_new_tokens, temperature, top_p, top_k, eos_token_ids, n, pad_id)
+    bad_stop = sorted({t for sequence in stop_sequences for t in sequence if not 0 <= t < config.vocab_size})
+    if bad_stop:
+        raise ValueError(f"stop_sequences token ids {bad_stop} are outside the vocabulary [0, {config.vocab_size})")
     if max_concurrent is not None and max_concurrent < 1:
         raise ValueError(f"max_concurrent must be >= 1 (or None for the kv_cache_gb budget); got {max_concurrent}")
     if kv_cache_gb <= 0:
@@ -458,17 +664,16 @@ def generate(
     prompt_len = _bucket(max(len(ids) for ids in token_lists), prompt_bucket)
     prompt_tokens_BxP, prompt_mask_BxP = _left_pad(token_lists, prompt_len, pad_id)
 
-    num_cache_slots = prompt_len - 1 + max_new_tokens
-    if attention in ("pallas", "paged"):
-        num_cache_slots = -(-num_cache_slots // DECODE_SLOT_ALIGN) * DECODE_SLOT_ALIGN
     shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     num_rows = len(token_lists) * n
+    num_cache_slots, num_slots, max_prefill = slot_layout(
+        config, prompt_len=prompt_len, max_new_tokens=max_new_tokens, num_rows=num_rows, mesh=mesh,
+        max_concurrent=max_concurrent, kv_cache_gb=kv_cache_gb, attention=attention)
     if max_concurrent is None:
         max_concurrent = slots_for_budget(config, num_cache_slots, kv_cache_gb, mesh)
         source = f"kv_cache_gb={kv_cache_gb:g}"
     else:
         source = "max_concurrent"
-    num_slots = min(-(-max_concurrent // shards), -(-num_rows // shards)) * shards
     tensor = 1 if mesh is None else mesh.shape["tensor"]
     _announce(
         f"sampling: {min(max_concurrent, num_rows)} rows at a time ({source}; {num_slots} slots of "
@@ -480,18 +685,17 @@ def generate(
     settings = _Settings(
         max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
         top_p=float(top_p), eos_token_ids=eos_token_ids, pad_id=int(pad_id),
-        mesh=mesh, attention=attention)
+        mesh=mesh, attention=attention, multi_turn=turn_end is not None, stop_sequences=stop_sequences)
     budget_R = (np.full(num_rows, max_new_tokens) if budgets is None else np.repeat(budgets, n)).astype(np.int32)
     weights = decoding.gather_weights(model, mesh)
     slots, outputs = _init_jit(settings, config, num_slots, num_cache_slots, num_rows)
 
-    # Distinct prompts prefilled per insert, per batch shard: a power of two near 16k prompt
-    # tokens, which bounds the prefill's activations (its [M, heads, P, P] attention scores).
-    max_prefill = shards * (1 << (max(_PREFILL_TOKENS // prompt_len, 1).bit_length() - 1))
     next_row = 0
-    active_K = np.zeros(num_slots, bool)
-    while True:
-        free = np.flatnonzero(~active_K)
+
+    def insert(slots, free):
+        """Starts waiting rows in the `free` slots; returns (slots, the slots filled)."""
+        nonlocal next_row
+        filled = []
         while len(free) and next_row < num_rows:
             first_prompt = next_row // n
             take = min(len(free), num_rows - next_row, (first_prompt + max_prefill) * n - next_row)
@@ -508,23 +712,35 @@ def generate(
             row_K[free[:take]] = rows
             slots = _insert_jit(settings, weights, slots, prompt_tokens_BxP[prompt_ids],
                                 prompt_mask_BxP[prompt_ids], source_K, row_K)
-            active_K[free[:take]] = True
+            filled.extend(free[:take])
             free = free[take:]
-        if not active_K.any():
-            break
-        refill_at = max(num_slots // _REFILL_FRACTION, 1) if next_row < num_rows else num_slots + 1
-        slots, outputs = _decode_chunk_jit(settings, weights, slots, outputs, key, budget_R, np.int32(refill_at))
-        active_K = np.array(to_host(slots.active_K))
+        return slots, np.asarray(filled, np.int64)
+
+    if turn_end is None:
+        active_K = np.zeros(num_slots, bool)
+        while True:
+            slots, filled = insert(slots, np.flatnonzero(~active_K))
+            active_K[filled] = True
+            if not active_K.any():
+                break
+            refill_at = max(num_slots // _REFILL_FRACTION, 1) if next_row < num_rows else num_slots + 1
+            slots, outputs = _decode_chunk_jit(settings, weights, slots, outputs, key, budget_R, np.int32(refill_at))
+            active_K = np.array(to_host(slots.active_K))
+    else:
+        outputs = _run_turns(settings, weights, slots, outputs, key, budget_R, insert, turn_end,
+                             executor)
 
     lengths_R = outputs.lengths_R
+    mask_RxN = (jnp.arange(max_new_tokens)[None] < lengths_R[:, None]).astype(jnp.int32)
     samples = Samples(
         prompt_tokens=jnp.repeat(jnp.asarray(prompt_tokens_BxP), n, axis=0),
         prompt_mask=jnp.repeat(jnp.asarray(prompt_mask_BxP), n, axis=0),
         tokens=outputs.tokens_RxN,
-        mask=(jnp.arange(max_new_tokens)[None] < lengths_R[:, None]).astype(jnp.int32),
+        mask=mask_RxN,
         logprobs=outputs.logprobs_RxN,
         lengths=lengths_R,
         eos=outputs.eos_R,
+        generated=None if turn_end is None else outputs.generated_RxN.astype(jnp.int32) * mask_RxN,
     )
     if mesh is not None:
         # Every output on the mesh, rows over the batch axes when they divide (as the trainer's

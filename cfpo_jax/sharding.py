@@ -18,6 +18,7 @@ failing, so any checkpoint runs on any mesh (logged at INFO).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import jax
@@ -125,6 +126,13 @@ def shard_model(model, mesh: Mesh):
     state = nnx.state(model)
     nnx.update(model, jax.device_put(state, param_shardings(mesh, state)))
     return model
+
+
+def mesh_context(mesh: Mesh | None):
+    """`jax.set_mesh(mesh)` (nothing for None), around a program's jitted calls: tracing then sees
+    the mesh, so attention picks the kernel of the mesh's platform and runs Pallas kernels per
+    shard (`cfpo_jax.models.attention`)."""
+    return contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

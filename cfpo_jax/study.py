@@ -1,11 +1,14 @@
 """`python -m cfpo_jax.study --config=<base config> --study=<study file> [--parallel=N] [--plot-only]`.
 
-A stability study in the paper's sense: the same task trained with each objective (CFPO, and
-`ppo` — GRPO when the base config's `rl.estimator` is `grpo`) at each number of epochs per rollout
-batch μ (`rl.num_epochs`), each batch ratio (`rl.num_minibatches`) and each seed. Every cell is an
+A stability study in the paper's sense: the same task trained over a grid of config values —
+typically each objective (CFPO, and `ppo` — GRPO when `rl.estimator` is `grpo`) × the number of
+epochs per rollout batch μ (`rl.num_epochs`) × the learning rate — and seeds. Every axis is a
+field of the training config, named by its path in the study file (`axes.rl.num_epochs = (1, 8)`,
+`axes.optim.lr = (7e-4, 1.5e-3)`, `axes.model.path = (...)`; see `axes_of`). Every run is an
 ordinary training run, `python -m cfpo_jax.train --config=<base> --workdir=<dir>/runs/<name>
---config.rl.objective=... ...`, in its own workdir; its exact command is in `<run>/command.sh`, its
-console output in `<run>/train.log`.
+--config.rl.objective=... ...`, in its own workdir, named after its values
+(`cfpo_lr0.0015_mu8_seed0`); its exact command is in `<run>/command.sh`, its console output in
+`<run>/train.log`.
 
 Decisions written down here:
   * A run counts as finished when its process exited 0 and its metrics.jsonl reaches
@@ -15,26 +18,31 @@ Decisions written down here:
     (they checkpoint and stop) and, on Linux, asks the kernel to SIGTERM them if the study itself
     dies, so no orphan keeps writing into a workdir a resumed study reuses.
   * A seed sets both `seed` (initialisation, warm start, sampling) and `data.seed` (prompt order).
-  * Collapse is `collapse(...)` below; its thresholds are the study file's `collapse` section.
+  * Collapse and transient dips are `cfpo_jax.stability.outcome`; its thresholds are the study
+    file's `collapse` section.
   * A resumed run appends to metrics.jsonl; the records of the re-run steps replace the earlier
     ones (the last record of a step wins).
   * "final" reward is the mean reward of the last `collapse.window` steps, "best" the highest such
     window mean anywhere in the run; the late-run means are over the last `late_fraction` of steps.
-    Spreads are the sample standard deviation over seeds. Only finished runs enter the means and
-    the curves; unfinished ones are listed with their step count.
+    Spreads are the sample standard deviation over seeds. Only finished runs enter the means, the
+    map and the curves; unfinished ones are listed with their step count, and a report of a study
+    not yet complete says so at the top.
 
-Outputs: `<dir>/report.md` (the table, per-run rows, the collapse rule, the plots) and
-`<dir>/{reward,entropy,ratio_dev,clip_frac}.png` — one panel per μ (a row per batch ratio), each
-objective's mean over seeds with a band from the lowest to the highest seed, smoothed over
-`collapse.window` steps. `--plot-only` rebuilds report and plots from the runs on disk.
+Outputs: `<dir>/report.md` (the table, the map when the study file has `map.x`/`map.y`, per-run
+rows, the collapse rule, the plots), `<dir>/map*.png` (`cfpo_jax.stability.plot_map`) and
+`<dir>/{reward,entropy,ratio_dev,clip_frac}.png` — a line per objective (mean over seeds with a
+band from the lowest to the highest seed, smoothed over `collapse.window` steps), a panel per
+value of the other axes. `--plot-only` rebuilds report and plots from the runs on disk.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -47,83 +55,77 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from cfpo_jax import config as config_lib
+from cfpo_jax import stability
 
 PLOTTED = ("reward_mean", "entropy", "ratio_dev", "clip_frac")
 LATE_METRICS = ("clip_frac", "ratio_dev", "ppo_kl", "entropy", "grad_norm", "response_len_mean")
 
 
-# ============================================================================ collapse
-
-
-def collapse(reward, entropy, skipped_updates, *, delta: float, window: int,
-             entropy_floor: float) -> tuple[int, str] | None:
-    """The first step index (0-based, into the per-step arrays) at which a run counts as collapsed,
-    with the reason, or None.
-
-    reward, entropy: per-step means; skipped_updates: the trainer's running count of optimiser
-    updates refused for a non-finite loss or gradient. A run collapses at the earliest of:
-      * "reward": the mean reward over the last `window` steps falls more than `delta` below the
-        best such window mean seen so far (a drawdown; counted even if the run recovers later —
-        the final-reward column shows whether it did). Only full windows count.
-      * "entropy": the mean entropy over the last `window` steps falls below `entropy_floor`.
-      * "non-finite": a reward that is not finite, or an increase of skipped_updates.
-    """
-    reward = np.asarray(reward, np.float64)
-    entropy = np.asarray(entropy, np.float64)
-    skipped = np.asarray(skipped_updates, np.float64)
-    events = []
-    bad = ~np.isfinite(reward) | (np.diff(skipped, prepend=0.0) > 0)
-    if bad.any():
-        events.append((int(np.argmax(bad)), "non-finite"))
-    reward_w = _window_means(np.where(np.isfinite(reward), reward, 0.0), window)
-    if reward_w.size:
-        drawdown = np.maximum.accumulate(reward_w) - reward_w
-        if (drawdown > delta).any():
-            events.append((int(np.argmax(drawdown > delta)) + window - 1, "reward"))
-    entropy_w = _window_means(entropy, window)
-    if entropy_w.size and (entropy_w < entropy_floor).any():
-        events.append((int(np.argmax(entropy_w < entropy_floor)) + window - 1, "entropy"))
-    return min(events) if events else None
-
-
-def _window_means(x, window: int):
-    """Means of x[i - window + 1 : i + 1] for i = window - 1, ..., len(x) - 1."""
-    x = np.asarray(x, np.float64)
-    if len(x) < window:
-        return np.zeros(0)
-    cumsum = np.concatenate([[0.0], np.cumsum(x)])
-    return (cumsum[window:] - cumsum[:-window]) / window
-
-
 # ============================================================================ the grid
+
+# Short names of axes in run names ("" = the value alone) and their titles in tables and plots;
+# any other axis is named by its last path component and titled by its path.
+AXIS_NAMES = {"rl.objective": "", "rl.num_epochs": "mu", "rl.num_minibatches": "mb"}
+AXIS_TITLES = {"rl.objective": "objective", "rl.num_epochs": "μ", "rl.num_minibatches": "batch ratio"}
+OBJECTIVE = "rl.objective"
 
 
 @dataclasses.dataclass(frozen=True)
-class Cell:
-    objective: str
-    num_epochs: int
-    num_minibatches: int
+class Axis:
+    path: str  # a field of the training config, e.g. "optim.lr"
+    values: tuple
 
-    def label(self, estimator: str) -> str:
-        if self.objective == "cfpo":
-            return "CFPO"
-        return "GRPO" if estimator == "grpo" else self.objective.upper()
+    @property
+    def title(self) -> str:
+        return AXIS_TITLES.get(self.path, self.path)
+
+    def name(self, value) -> str:
+        """The run-name part of one value: prefix and value, safe as a directory name."""
+        prefix = AXIS_NAMES.get(self.path, self.path.rsplit(".", 1)[-1])
+        return prefix + re.sub(r"[^A-Za-z0-9.+-]+", "-", _text(value)).strip("-")
+
+
+def _text(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def axes_of(spec: ml_collections.ConfigDict) -> list[Axis]:
+    """The study file's axes: `spec.axes` mirrors the config tree (`axes.rl.num_epochs = (1, 8)`,
+    `axes.optim.lr = (7e-4, 1.5e-3)`), each leaf a tuple of values. Order (of run names and table
+    columns): rl.objective first, then by path. A study file of the last round (`objectives`,
+    `num_epochs`, `num_minibatches` at the top) is read as the same three axes, so its runs keep
+    their names (`cfpo_mu8_mb1_seed0`) and a study it started resumes."""
+    if "axes" in spec:
+        flat = _flatten(spec.axes)
+    elif "objectives" in spec:
+        flat = {OBJECTIVE: spec.objectives, "rl.num_epochs": spec.num_epochs,
+                "rl.num_minibatches": spec.num_minibatches}
+    else:
+        raise ValueError("the study file names no axes: set `axes` (e.g. axes.rl.num_epochs = (1, 8))")
+    axes = []
+    for path, values in sorted(flat.items(), key=lambda kv: (kv[0] != OBJECTIVE, kv[0])):
+        if path in ("seed", "data.seed"):
+            raise ValueError(f"study axis {path!r}: seeds are the study file's `seeds`, not an axis")
+        if not isinstance(values, (tuple, list)) or not values or len(set(values)) != len(values):
+            raise ValueError(f"study axis {path!r}: give a tuple of distinct values; got {values!r}")
+        axes.append(Axis(path, tuple(values)))
+    return axes
 
 
 @dataclasses.dataclass(frozen=True)
 class Run:
-    cell: Cell
+    cell: tuple  # ((axis path, value), ...) in axis order
     seed: int
+    name: str
 
-    @property
-    def name(self) -> str:
-        c = self.cell
-        return f"{c.objective}_mu{c.num_epochs}_mb{c.num_minibatches}_seed{self.seed}"
+    def value(self, path: str, default=None):
+        return dict(self.cell).get(path, default)
 
-    def overrides(self) -> dict:
-        c = self.cell
-        return {"rl.objective": c.objective, "rl.num_epochs": c.num_epochs,
-                "rl.num_minibatches": c.num_minibatches, "seed": self.seed, "data.seed": self.seed}
+
+def _objective_label(objective: str, estimator: str) -> str:
+    if objective == "cfpo":
+        return "CFPO"
+    return "GRPO" if objective == "ppo" and estimator == "grpo" else objective.upper()
 
 
 def _flatten(section: ml_collections.ConfigDict, prefix: str = "") -> dict:
@@ -146,7 +148,7 @@ class Study:
 
     spec: the study file's ConfigDict; base: the base training config (command-line overrides
     applied); base_file: its `path[:arg]`; cli_overrides: the `--config.a.b=v` values given to the
-    study, which every run gets too (over the study file's `overrides`, under the swept fields).
+    study, which every run gets too (over the study file's `overrides`, under the axes).
     """
 
     spec: ml_collections.ConfigDict
@@ -155,25 +157,44 @@ class Study:
     study_file: str = ""
     cli_overrides: dict = dataclasses.field(default_factory=dict)
 
+    def __post_init__(self):
+        self.axes = axes_of(self.spec)
+
     @property
     def output_dir(self) -> str:
         return self.spec.output_dir
 
-    @property
-    def estimator(self) -> str:
-        return self.base.rl.estimator
+    def axis(self, path: str) -> Axis | None:
+        return next((a for a in self.axes if a.path == path), None)
 
     def runs(self) -> list[Run]:
-        """Every run, seeds outermost, so the first seed of every cell comes first."""
-        s = self.spec
-        cells = [Cell(o, e, m) for e in s.num_epochs for m in s.num_minibatches for o in s.objectives]
-        return [Run(c, seed) for seed in s.seeds for c in cells]
+        """Every run, seeds outermost (the first seed of every cell comes first), then the axes
+        with the objective fastest, so the objectives of a cell run side by side."""
+        order = self.axes[1:] + self.axes[:1] if self.axes[0].path == OBJECTIVE else self.axes
+        runs, names = [], set()
+        for seed in self.spec.seeds:
+            for combo in itertools.product(*(a.values for a in order)):
+                chosen = dict(zip((a.path for a in order), combo))
+                cell = tuple((a.path, chosen[a.path]) for a in self.axes)
+                name = "_".join([*(a.name(chosen[a.path]) for a in self.axes), f"seed{seed}"])
+                if name in names:
+                    raise ValueError(f"two runs of the study would share the name {name!r}; "
+                                     "give the axes values that differ in their text")
+                names.add(name)
+                runs.append(Run(cell, seed, name))
+        return runs
+
+    def label(self, run: Run) -> str:
+        """The run's objective as the report names it (GRPO = ppo with grpo advantages)."""
+        return _objective_label(run.value(OBJECTIVE, self.base.rl.objective),
+                                run.value("rl.estimator", self.base.rl.estimator))
 
     def workdir(self, run: Run) -> str:
         return os.path.join(self.output_dir, "runs", run.name)
 
     def overrides(self, run: Run) -> dict:
-        return {**_flatten(self.spec.overrides), **self.cli_overrides, **run.overrides()}
+        return {**_flatten(self.spec.overrides), **self.cli_overrides, **dict(run.cell),
+                "seed": run.seed, "data.seed": run.seed}
 
     def config(self, run: Run) -> ml_collections.ConfigDict:
         """The full training config of one run, validated."""
@@ -304,6 +325,7 @@ class RunSummary:
     final: float
     best: float
     collapse: tuple[int, str] | None  # (step, reason), step 1-based as in metrics.jsonl
+    dips: tuple[tuple[int, str], ...]  # the same, for each recovered dip
     late: dict
     eval: float | None
     wall_s: float | None
@@ -316,9 +338,9 @@ def summarize(run: Run, records: dict[int, dict], spec: ml_collections.ConfigDic
     col = lambda key: np.array([_number(records[s].get(key)) for s in steps])
     reward = col("reward_mean")
     c = spec.collapse
-    reward_w = _window_means(reward, min(c.window, len(reward)) or 1)
-    event = collapse(reward, col("entropy"), col("skipped_updates"), delta=c.delta,
-                     window=c.window, entropy_floor=c.entropy_floor)
+    reward_w = stability.window_means(reward, min(c.window, len(reward)) or 1)
+    found = stability.outcome(reward, col("entropy"), col("skipped_updates"), delta=c.delta,
+                              window=c.window, entropy_floor=c.entropy_floor)
     late_n = max(int(round(len(steps) * spec.late_fraction)), 1)
     late = {k: float(np.mean(col(k)[-late_n:])) for k in LATE_METRICS}
     evals = [records[s][spec.eval_metric] for s in sorted(records)
@@ -327,7 +349,8 @@ def summarize(run: Run, records: dict[int, dict], spec: ml_collections.ConfigDic
         run=run, steps=len(steps),
         final=float(reward_w[-1]) if reward_w.size else math.nan,
         best=float(reward_w.max()) if reward_w.size else math.nan,
-        collapse=None if event is None else (steps[event[0]], event[1]),
+        collapse=None if found.collapse is None else (steps[found.collapse[0]], found.collapse[1]),
+        dips=tuple((steps[i], reason) for i, reason in found.dips),
         late=late, eval=_number(evals[-1]) if evals else None, wall_s=wall_s)
 
 
@@ -347,53 +370,147 @@ def _mean_std(values) -> str:
     return f"{np.mean(values):.3f} ± {np.std(values, ddof=1):.3f}"
 
 
-def _collapse_cell(summaries) -> str:
-    hits = [s.collapse for s in summaries if s.collapse is not None]
+def _events_cell(events_per_seed) -> str:
+    """`k/n: step (reason), ...` over the seeds with an event, or `none`."""
+    hits = [events[0] for events in events_per_seed if events]
     if not hits:
         return "none"
     shown = ", ".join(f"{step} ({reason})" for step, reason in hits)
-    return f"{len(hits)}/{len(summaries)}: {shown}"
+    return f"{len(hits)}/{len(events_per_seed)}: {shown}"
 
 
-def report_table(summaries: list[RunSummary], estimator: str, with_eval: bool) -> str:
-    """The markdown table: one row per objective × μ × batch ratio, over seeds."""
-    header = ["objective", "μ", "batch ratio", "seeds", "final reward", "best reward", "collapse step",
-              "clip_frac", "ratio_dev", "ppo_kl", "entropy", "grad_norm", "response len"]
+def _row_key(study: Study):
+    """Rows and runs in axis order, the objective varying fastest (its rows side by side)."""
+    others = [a for a in study.axes if a.path != OBJECTIVE]
+    objective = study.axis(OBJECTIVE)
+    return lambda run: (tuple(a.values.index(run.value(a.path)) for a in others),
+                        objective.values.index(run.value(OBJECTIVE)) if objective else 0)
+
+
+def _axis_cells(study: Study, run: Run) -> list[str]:
+    return [study.label(run) if a.path == OBJECTIVE else _text(run.value(a.path))
+            for a in study.axes]
+
+
+def report_table(study: Study, summaries: list[RunSummary], with_eval: bool) -> str:
+    """The markdown table: one row per cell (a value of every axis), over seeds."""
+    header = [a.title for a in study.axes] + [
+        "seeds", "final reward", "best reward", "collapse step", "dip step",
+        "clip_frac", "ratio_dev", "ppo_kl", "entropy", "grad_norm", "response len"]
     if with_eval:
-        header.insert(6, "held-out")
+        header.insert(len(study.axes) + 3, "held-out")
     rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    cells = sorted({s.run.cell for s in summaries},
-                   key=lambda c: (c.num_epochs, c.num_minibatches, c.objective != "cfpo", c.objective))
-    for cell in cells:
+    key = _row_key(study)
+    for cell in sorted({s.run.cell for s in summaries},
+                       key=lambda c: key(next(s.run for s in summaries if s.run.cell == c))):
         group = sorted((s for s in summaries if s.run.cell == cell), key=lambda s: s.run.seed)
-        row = [cell.label(estimator), str(cell.num_epochs), str(cell.num_minibatches), str(len(group)),
-               _mean_std([s.final for s in group]), _mean_std([s.best for s in group])]
+        row = _axis_cells(study, group[0].run) + [
+            str(len(group)), _mean_std([s.final for s in group]), _mean_std([s.best for s in group])]
         if with_eval:
             row.append(_mean_std([s.eval for s in group]))
-        row.append(_collapse_cell(group))
+        row.append(_events_cell([[s.collapse] if s.collapse else [] for s in group]))
+        row.append(_events_cell([list(s.dips) for s in group]))
         row += [_mean_std([s.late[k] for s in group]) for k in LATE_METRICS]
         rows.append("| " + " | ".join(row) + " |")
     return "\n".join(rows)
 
 
-def runs_table(summaries: list[RunSummary], estimator: str) -> str:
-    rows = ["| run | objective | μ | batch ratio | seed | steps | final | best | collapse | wall time |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
-    for s in sorted(summaries, key=lambda s: (s.run.cell.num_epochs, s.run.cell.num_minibatches,
-                                              s.run.cell.objective, s.run.seed)):
-        c = s.run.cell
+def runs_table(study: Study, summaries: list[RunSummary]) -> str:
+    titles = [a.title for a in study.axes]
+    rows = ["| run | " + " | ".join(titles) + " | seed | steps | final | best | collapse | dips "
+            "| wall time |", "|" + "---|" * (len(titles) + 8)]
+    key = _row_key(study)
+    for s in sorted(summaries, key=lambda s: (key(s.run), s.run.seed)):
         event = "none" if s.collapse is None else f"{s.collapse[0]} ({s.collapse[1]})"
+        dips = ", ".join(f"{step} ({reason})" for step, reason in s.dips) or "none"
         wall = "—" if s.wall_s is None else f"{s.wall_s:.0f} s"
-        rows.append(f"| {s.run.name} | {c.label(estimator)} | {c.num_epochs} | {c.num_minibatches} | "
-                    f"{s.run.seed} | {s.steps} | {s.final:.3f} | {s.best:.3f} | {event} | {wall} |")
+        rows.append(f"| {s.run.name} | " + " | ".join(_axis_cells(study, s.run))
+                    + f" | {s.run.seed} | {s.steps} | {s.final:.3f} | {s.best:.3f} | {event} "
+                    f"| {dips} | {wall} |")
     return "\n".join(rows)
+
+
+def _map_axes(study: Study):
+    """The map's (x axis, y axis, objective axis, the other axes), or None without `spec.map`."""
+    spec = study.spec
+    if "map" not in spec:
+        return None
+    x, y, objective = study.axis(spec.map.x), study.axis(spec.map.y), study.axis(OBJECTIVE)
+    for name, axis, path in (("x", x, spec.map.x), ("y", y, spec.map.y)):
+        if axis is None or axis.path == OBJECTIVE:
+            raise ValueError(f"study map.{name}={path!r} is not an axis other than {OBJECTIVE}; "
+                             f"axes: {[a.path for a in study.axes]}")
+    if objective is None:
+        raise ValueError(f"study map: the map compares objectives; add the axis {OBJECTIVE}")
+    others = [a for a in study.axes if a.path not in (x.path, y.path, OBJECTIVE)]
+    return x, y, objective, others
+
+
+def _frontier_text(cells, objective, x: Axis, y_value, edge) -> str:
+    """`μ 8`; `μ ≥ 8 (μ > 8 not measured)` when no larger x has a finished run yet; `none` when the
+    smallest measured x collapsed; `not measured` when the row has no finished run."""
+    measured = [v for v in x.values if cells[objective, v, y_value].n]
+    if not measured:
+        return "not measured"
+    if edge is None:
+        return "none"
+    if edge == measured[-1] and edge != x.values[-1]:
+        return f"{x.title} ≥ {_text(edge)} ({x.title} > {_text(edge)} not measured)"
+    return f"{x.title} {_text(edge)}"
+
+
+def map_section(study: Study, finished: list[RunSummary], planned: int, plot: bool) -> list[str]:
+    """The report's map: per combination of the other axes, the heatmaps (if `plot`), the
+    frontier per objective and the table with Fisher's test."""
+    x, y, objective, others = _map_axes(study)
+    objectives = list(objective.values)
+    labels = {o: _objective_label(o, study.base.rl.estimator) for o in objectives}
+    lines = ["## Stability map", "",
+             f"Per cell ({x.title} × {y.title}) and objective: finished seeds, seeds that collapsed "
+             "(did not recover: the run ends more than δ below its best windowed reward, or with its "
+             "windowed entropy under the floor, or an update was non-finite) and seeds with a "
+             "transient dip (a drop past the same thresholds that recovered) — "
+             "`cfpo_jax.stability`. *p*: two-sided Fisher exact test of equal collapse counts "
+             f"between the objectives. *Frontier*: at each {y.title}, the largest {x.title} with "
+             f"no collapsed seed there or at any smaller {x.title}. The last columns are late-run "
+             f"means (last {study.spec.late_fraction:.0%} of steps) of where the objectives differ "
+             "even without a collapse.", ""]
+    for combo in itertools.product(*(a.values for a in others)):
+        fixed = dict(zip((a.path for a in others), combo))
+        runs = [stability.MapRun(
+            x=s.run.value(x.path), y=s.run.value(y.path), objective=s.run.value(OBJECTIVE),
+            collapsed=s.collapse is not None, dipped=bool(s.dips), final=s.final,
+            late={k: s.late[k] for k in stability.MAP_METRICS})
+            for s in finished if all(s.run.value(p) == v for p, v in fixed.items())]
+        cells = stability.map_cells(runs, x.values, y.values, objectives)
+        suffix = "_".join(a.name(fixed[a.path]) for a in others)
+        if fixed:
+            lines += ["### " + ", ".join(f"{a.title} = {_text(fixed[a.path])}" for a in others), ""]
+        for o in objectives:
+            edge = stability.frontier(cells, o, x.values, y.values)
+            lines.append(f"- frontier of {labels[o]}: " + "; ".join(
+                f"{y.title} {_text(v)} → " + _frontier_text(cells, o, x, v, e)
+                for v, e in edge.items()))
+        lines.append("")
+        if plot:
+            name = "map" + (f"_{suffix}" if suffix else "")
+            stability.plot_map(os.path.join(study.output_dir, f"{name}.png"), cells,
+                               list(x.values), list(y.values), objectives, labels, x.title,
+                               y.title, title=f"{study.spec.name}: {len(runs)} finished runs "
+                               f"of {planned} planned"
+                               + (f", {suffix}" if suffix else ""))
+            lines += [f"![{name}]({name}.png)", ""]
+        lines += [stability.map_table(cells, list(x.values), list(y.values), objectives, labels,
+                                      x.title, y.title), ""]
+    return lines
 
 
 def write_report(study: Study, plot: bool = True) -> str:
     """Reads every run of the study on disk, writes report.md (and the plots); returns its text."""
     spec, c = study.spec, study.spec.collapse
     summaries, curves = [], {}
-    for run in study.runs():
+    planned = study.runs()
+    for run in planned:
         workdir = study.workdir(run)
         records = read_metrics(workdir)
         if not any("reward_mean" in r for r in records.values()):
@@ -409,10 +526,13 @@ def write_report(study: Study, plot: bool = True) -> str:
     finished = [s for s in summaries if s.wall_s is not None]
     curves = {run: records for run, records in curves.items()
               if any(s.run == run for s in finished)}
+    axes_text = ", ".join(f"`{a.path}` ∈ {{{', '.join(_text(v) for v in a.values)}}}"
+                          for a in study.axes)
     lines = [
         f"# Stability study: {spec.name}",
         "",
-        f"Base config `{study.base_file}`; {len(study.runs())} runs, {len(finished)} finished"
+        f"Base config `{study.base_file}`; axes {axes_text}; seeds "
+        f"{{{', '.join(str(s) for s in spec.seeds)}}}: {len(planned)} runs, {len(finished)} finished"
         + (f", {len(summaries) - len(finished)} unfinished (in the runs list only)"
            if len(summaries) > len(finished) else "") + ". Command:",
         "",
@@ -421,19 +541,28 @@ def write_report(study: Study, plot: bool = True) -> str:
         + "".join(f" --config.{k}={_flag_value(v)}" for k, v in study.cli_overrides.items()),
         "```",
         "",
-        "One row per objective × μ (epochs per rollout batch, `rl.num_epochs`) × batch ratio "
-        "(`rl.num_minibatches`), mean ± sample std over seeds. *final* / *best reward*: the mean "
-        f"reward of the last {c.window} steps / of the best {c.window}-step window. *collapse "
-        f"step*: collapsed seeds and the step of each (`cfpo_jax.study.collapse`: the "
-        f"{c.window}-step mean reward drops more than δ = {c.delta} below its best so far, the "
-        f"{c.window}-step mean entropy falls below {c.entropy_floor}, or an update is non-finite)."
+    ]
+    if len(finished) < len(planned):
+        lines += [f"**Partial**: {len(finished)} of the {len(planned)} planned runs have finished; "
+                  "every number below is over those only. The same command resumes the study.", ""]
+    lines += [
+        "One row per cell (a value of each axis), mean ± sample std over seeds. *final* / *best "
+        f"reward*: the mean reward of the last {c.window} steps / of the best {c.window}-step "
+        "window. *collapse step*: seeds that collapsed without recovering and the step of each; "
+        "*dip step*: seeds with a transient dip that recovered, and the step of each one's first "
+        f"(`cfpo_jax.stability.outcome`: the {c.window}-step mean reward more than δ = {c.delta} "
+        f"below its best so far, or the {c.window}-step mean entropy below {c.entropy_floor}; a "
+        "collapse lasts to the end of the run, a dip ends before; a non-finite update is a "
+        "collapse)."
         + (f" *held-out*: `{spec.eval_metric}` at the end of training." if spec.eval_metric else "")
         + f" The last six columns are means over the last {spec.late_fraction:.0%} of steps; for "
         "CFPO, clip_frac is the fraction PPO *would* clip.",
         "",
-        report_table(finished, study.estimator, with_eval=bool(spec.eval_metric)),
+        report_table(study, finished, with_eval=bool(spec.eval_metric)),
         "",
     ]
+    if _map_axes(study) is not None:
+        lines += map_section(study, finished, len(planned), plot)
     if plot and finished:
         names = plot_curves(study, curves)
         lines += ["## Curves", "",
@@ -442,7 +571,7 @@ def write_report(study: Study, plot: bool = True) -> str:
         lines += [f"![{n}]({n}.png)" for n in names] + [""]
     lines += ["## Runs", "", "Wall time: of the study invocation that finished the run (— : "
               "unfinished).", "",
-              runs_table(summaries, study.estimator), ""]
+              runs_table(study, summaries), ""]
     text = "\n".join(lines)
     os.makedirs(study.output_dir, exist_ok=True)
     with open(os.path.join(study.output_dir, "report.md"), "w") as f:
@@ -451,8 +580,10 @@ def write_report(study: Study, plot: bool = True) -> str:
 
 
 def plot_curves(study: Study, curves: dict) -> list[str]:
-    """One PNG per metric in PLOTTED, a panel per μ (columns) and batch ratio (rows); returns the
-    file names without extension."""
+    """One PNG per metric in PLOTTED: a line per objective (mean over seeds, band min–max); a
+    panel column per value of the first axis other than the objective (the map's x when there is
+    a map), a panel row per combination of the remaining axes. Returns the file names without
+    extension."""
     try:
         import matplotlib
     except ImportError as e:
@@ -460,41 +591,57 @@ def plot_curves(study: Study, curves: dict) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    spec, estimator = study.spec, study.estimator
-    epochs, ratios = list(spec.num_epochs), list(spec.num_minibatches)
+    spec = study.spec
+    others = [a for a in study.axes if a.path != OBJECTIVE]
+    if "map" in spec:
+        others.sort(key=lambda a: a.path != spec.map.x)
+    column_axis, row_axes = (others[0], others[1:]) if others else (None, [])
+    columns = list(column_axis.values) if column_axis else [None]
+    rows = list(itertools.product(*(a.values for a in row_axes)))
+    objective = study.axis(OBJECTIVE)
+    lines_of = list(objective.values) if objective else [None]
     colors = {"cfpo": "tab:blue", "ppo": "tab:red"}
     names = []
     for metric in PLOTTED:
-        fig, axes = plt.subplots(len(ratios), len(epochs), squeeze=False, sharey=True,
-                                 figsize=(3.6 * len(epochs), 2.8 * len(ratios)))
-        for i, ratio in enumerate(ratios):
-            for j, mu in enumerate(epochs):
+        fig, axes = plt.subplots(len(rows), len(columns), squeeze=False, sharey=True,
+                                 figsize=(3.6 * len(columns), 2.8 * len(rows)))
+        for i, row in enumerate(rows):
+            fixed = dict(zip((a.path for a in row_axes), row))
+            for j, column in enumerate(columns):
                 ax = axes[i][j]
-                for objective in spec.objectives:
-                    seeds = [records for run, records in curves.items() if run.cell ==
-                             Cell(objective, mu, ratio)]
+                if column_axis:
+                    fixed[column_axis.path] = column
+                for line in lines_of:
+                    seeds = [(run, records) for run, records in curves.items()
+                             if all(run.value(p) == v for p, v in fixed.items())
+                             and (line is None or run.value(OBJECTIVE) == line)]
                     smoothed = []
-                    for records in seeds:
+                    for _, records in seeds:
                         steps = sorted(s for s, r in records.items() if metric in r)
                         values = np.array([_number(records[s][metric]) for s in steps])
                         w = min(spec.collapse.window, len(values))
                         if w:
-                            smoothed.append((np.array(steps[w - 1:]), _window_means(values, w)))
+                            smoothed.append((np.array(steps[w - 1:]),
+                                             stability.window_means(values, w)))
                     if not smoothed:
                         continue
                     n = min(len(v) for _, v in smoothed)
                     x = smoothed[0][0][:n]
                     y = np.stack([v[:n] for _, v in smoothed])
-                    label = Cell(objective, mu, ratio).label(estimator)
-                    color = colors.get(objective)
-                    ax.plot(x, y.mean(0), color=color, label=f"{label} ({len(smoothed)} seed{'s' * (len(smoothed) > 1)})")
+                    label = study.label(seeds[0][0])
+                    color = colors.get(line)
+                    ax.plot(x, y.mean(0), color=color,
+                            label=f"{label} ({len(smoothed)} seed{'s' * (len(smoothed) > 1)})")
                     ax.fill_between(x, y.min(0), y.max(0), color=color, alpha=0.2, linewidth=0)
-                ax.set_title(f"μ = {mu}" + (f", batch ratio {ratio}" if len(ratios) > 1 else ""))
+                shown = {p: v for p, v in fixed.items() if len(study.axis(p).values) > 1} or fixed
+                ax.set_title(", ".join(f"{study.axis(p).title} = {_text(v)}"
+                                       for p, v in shown.items()), fontsize=9)
                 ax.set_xlabel("RL step")
                 if j == 0:
                     ax.set_ylabel(metric)
                 ax.grid(alpha=0.3)
-        axes[0][0].legend(fontsize="small")
+                if ax.get_legend_handles_labels()[0]:
+                    ax.legend(fontsize="x-small")
         fig.tight_layout()
         name = "reward" if metric == "reward_mean" else metric
         fig.savefig(os.path.join(study.output_dir, f"{name}.png"), dpi=100)
@@ -534,6 +681,7 @@ def main(argv):
             raise ValueError(f"--parallel must be >= 1; got {parallel}")
         for run in study.runs():
             study.config(run)
+        _map_axes(study)
     except ValueError as e:
         sys.exit(f"error: {e}")
     if not args["plot-only"].value:

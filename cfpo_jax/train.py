@@ -43,6 +43,11 @@ Decisions written down here:
     run compiled are logged as the `learner_shapes` metric.
   * The sampler gets a key split off the state's rng each step: same seed and same data iterator
     state → same samples, which is what makes a resumed run equal an uninterrupted one.
+  * Multi-turn episodes (`config.env.name`, `cfpo_jax.envs`): the rollout samples episodes through
+    `Setup.env` instead of single completions; each episode is one sequence (prompt, then every
+    token after it) and the batch's `mask` is `Samples.loss_mask` — the tokens the policy sampled —
+    while `attn` covers the tool answers too, so they are context for every logprob but out of
+    the loss, the ratios, the KL and the metrics. The learner is unchanged.
   * LoRA (`config.lora.rank` > 0, `cfpo_jax.lora`): `params` are the adapters alone, so the
     optimiser state and the checkpoints hold adapters only; the frozen base is `Setup.frozen`, an
     argument of every jitted function (a closed-over array would be compiled in as a constant),
@@ -74,7 +79,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 from ml_collections import config_flags
 
-from cfpo_jax import advantages, checkpoint, data, evaluate, losses, models, rewards, sampling
+from cfpo_jax import advantages, checkpoint, data, envs, evaluate, losses, models, rewards, sampling
 from cfpo_jax import lora, packing, sharding, tiny, warmstart
 from cfpo_jax import config as config_lib
 from cfpo_jax import logging as metrics_lib
@@ -408,6 +413,7 @@ class Setup:
     pack: object  # (rollout batch, plan) → packed minibatch (`pack_minibatch`)
     update: object  # (state, frozen, minibatch) → (state, metrics); state donated
     finish_step: object  # (state, rng) → state of the next step; state donated
+    env: envs.EnvRollout | None = None  # multi-turn episodes (config.env); None: single-turn
     # (function, (R, W, N)) of every packed shape planned so far: what the learner compiled for.
     learner_shapes: set = dataclasses.field(default_factory=set)
 
@@ -427,23 +433,20 @@ class Setup:
         return plan_arrays(plan, sharding.batch_sharding(self.mesh))
 
 
-def make_setup(config, mesh, graphdef, frozen, tokenizer, eos_ids, pad_id, *, tx, schedule,
-               state_sh, model_path: str = "", base_model: dict | None = None) -> Setup:
-    """The jitted stage functions with their shardings (`state_sh`: the state's shardings)."""
+def make_programs(config, mesh, graphdef, *, pad_id: int, tx, schedule, state_sh, frozen_sh) -> dict:
+    """The jitted device programs of a step with their shardings (`state_sh`, `frozen_sh`: those
+    of the state and of the frozen model state): split_rng, prepare, shuffle, update, finish_step
+    (see `Setup`). `cfpo_jax.aot` compiles these same programs for compile-only devices."""
     rl, sampling_config = config.rl, config.sampling
     batch_sh = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, PS())
     on_policy = rl.num_epochs == 1 and rl.num_minibatches == 1
-    frozen_sh = jax.tree.map(lambda x: x.sharding, frozen)
     update = make_update(graphdef, tx, schedule, rl, temperature=sampling_config.temperature,
                          max_len=sampling_config.max_new_tokens,
                          micro_batch_size=rl.micro_batch_size, packed=rl.pack)
     prepare = make_prepare(graphdef, rl, temperature=sampling_config.temperature, pad_id=pad_id,
                            on_policy=on_policy, batch_sh=batch_sh, adapters=config.lora.rank > 0)
-    return Setup(
-        config=config, mesh=mesh, graphdef=graphdef, frozen=frozen, model_path=model_path,
-        base_model=base_model, tokenizer=tokenizer, eos_ids=tuple(eos_ids), pad_id=pad_id,
-        scorer=rewards.Scorer.from_config(config.rewards, mesh=mesh),
+    return dict(
         split_rng=jax.jit(lambda key: tuple(jax.random.split(key)), out_shardings=replicated),
         prepare=jax.jit(prepare, out_shardings=(batch_sh, replicated)),
         shuffle=jax.jit(make_shuffle(rl.num_minibatches), out_shardings=batch_sh),
@@ -455,17 +458,35 @@ def make_setup(config, mesh, graphdef, frozen, tokenizer, eos_ids, pad_id, *, tx
     )
 
 
+def make_setup(config, mesh, graphdef, frozen, tokenizer, eos_ids, pad_id, *, tx, schedule,
+               state_sh, model_path: str = "", base_model: dict | None = None) -> Setup:
+    """The jitted stage functions with their shardings (`state_sh`: the state's shardings)."""
+    programs = make_programs(config, mesh, graphdef, pad_id=pad_id, tx=tx, schedule=schedule,
+                             state_sh=state_sh, frozen_sh=jax.tree.map(lambda x: x.sharding, frozen))
+    return Setup(
+        config=config, mesh=mesh, graphdef=graphdef, frozen=frozen, model_path=model_path,
+        base_model=base_model, tokenizer=tokenizer, eos_ids=tuple(eos_ids), pad_id=pad_id,
+        scorer=rewards.Scorer.from_config(config.rewards, mesh=mesh),
+        env=envs.EnvRollout.from_config(config, tokenizer, eos_ids), **programs)
+
+
 def build(config, workdir: str, *, devices, ckpt: checkpoint.Checkpointer, progress):
     """Stage 1: (setup, state, data iterator) — the state restored from `ckpt`'s latest
     checkpoint when there is one, else fresh (after the warm start when configured)."""
     mesh = _make_mesh(config, devices)
+    # The warm start's programs, like every later one, are traced with the mesh in context.
+    with jax.set_mesh(mesh):
+        return _build(config, workdir, mesh, ckpt, progress)
+
+
+def _build(config, workdir, mesh, ckpt, progress):
     model, tokenizer, eos_ids, pad_id, model_path = _load_policy(config, workdir, mesh)
     adapters = config.lora.rank > 0
     # With LoRA the adapters train and the base is `frozen`; otherwise every parameter trains.
     graphdef, params, frozen = lora.split(model) if adapters else nnx.split(model, nnx.Param, ...)
     base_model = lora.base_fingerprint(model_path) if adapters else None
     del model  # `params` is donated to the state below
-    iterator = data.iterator_from_config(config, tokenizer)
+    iterator = data.iterator_from_config(config, tokenizer, tools=envs.prompt_tools(config.env))
     iterator.dataset[0]  # a row without the preset's fields fails now, not after compilation
 
     rl = config.rl
@@ -526,7 +547,8 @@ def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, on_policy: bo
         attn_BxL = jnp.concatenate([jnp.pad(samples.prompt_mask, pad), samples.mask], axis=1)
         tokens_BxL, attn_BxL = (jax.lax.with_sharding_constraint(x, batch_sh)
                                 for x in (tokens_BxL, attn_BxL))
-        mask_BxN = samples.mask.astype(jnp.float32)
+        # The loss mask: the tokens the policy sampled (in an episode, not the answers).
+        mask_BxN = samples.loss_mask.astype(jnp.float32)
         num_tokens = jnp.maximum(jnp.sum(mask_BxN), 1.0)
         batch = dict(tokens=tokens_BxL, attn=attn_BxL, mask=mask_BxN)
         metrics = dict(truncated_frac=1.0 - jnp.mean(samples.eos.astype(jnp.float32)))
@@ -607,12 +629,17 @@ def rollout(setup: Setup, state, prompts: data.Batch, sample_key):
     policy = nnx.merge(setup.graphdef, state["params"], setup.frozen)
     if config.lora.rank and config.lora.merge_for_sampling:
         policy = lora.merge(policy)
-    samples = sampling.generate(
-        policy, prompts.prompts,
+    sample_kwargs = dict(
         max_new_tokens=sampling_config.max_new_tokens, temperature=sampling_config.temperature,
-        top_p=sampling_config.top_p, top_k=sampling_config.top_k, eos_token_ids=setup.eos_ids,
-        seed=sample_key, n=rl.group_size, pad_id=setup.pad_id, mesh=setup.mesh,
+        top_p=sampling_config.top_p, top_k=sampling_config.top_k, seed=sample_key,
+        n=rl.group_size, pad_id=setup.pad_id, mesh=setup.mesh,
         **sampling.engine_settings(sampling_config))
+    if setup.env is None:
+        samples = sampling.generate(policy, prompts.prompts, eos_token_ids=setup.eos_ids, **sample_kwargs)
+        env_metrics = {}
+    else:  # multi-turn episodes: the completion is the whole episode after the prompt
+        samples, env_metrics = setup.env.generate(policy, prompts.examples, prompts.prompts,
+                                                  **sample_kwargs)
     # The completion text is all the host needs from the samples.
     tokens_BxN, lengths_B = sharding.to_host((samples.tokens, samples.lengths))
     t1 = time.time()
@@ -638,6 +665,7 @@ def rollout(setup: Setup, state, prompts: data.Batch, sample_key):
         **verbosity_metrics(scores.total_B, lengths_B, rl.group_size),
         zero_std_groups=int((np.ptp(groups, axis=1) == 0).sum()),
         tokens_per_s=float(lengths_B.sum()) / max(t1 - t0, 1e-9),
+        **env_metrics,
     )
     return batch, host_metrics, device_metrics, dict(time_sample_s=t1 - t0, time_score_s=t2 - t1)
 
@@ -798,6 +826,16 @@ def _run(config, workdir, devices, stop):
     progress = metrics_lib.Progress(num_steps, every=config.train.log_every, enabled=is_main)
     setup, state, iterator = build(config, workdir, devices=devices, ckpt=ckpt,
                                    progress=progress)
+    # Every program of the run (update, logprob passes, sampler, reward model, evaluation) is
+    # traced with the mesh in context: attention runs the kernel of the mesh's platform, per shard
+    # (`models.attention`).
+    with jax.set_mesh(setup.mesh):
+        return _loop(config, workdir, setup, state, iterator, ckpt, writer, progress, stop)
+
+
+def _loop(config, workdir, setup, state, iterator, ckpt, writer, progress, stop):
+    is_main = jax.process_index() == 0
+    num_steps = config.train.num_steps
     policy = lambda: nnx.merge(setup.graphdef, state["params"], setup.frozen)
     meta = lambda: {"data": iterator.state, "base_model": setup.base_model}
 
@@ -852,6 +890,8 @@ def _run(config, workdir, devices, stop):
         progress.message(f"exported the adapters (PEFT) to {path}")
     writer.close()
     setup.scorer.close()
+    if setup.env is not None:
+        setup.env.close()
     return dict(state=state, history=history, stopped_by=stopped_by)
 
 

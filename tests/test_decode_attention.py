@@ -86,8 +86,8 @@ def test_paged_kernel_runs_free_of_data_races(monkeypatch):
 
 
 def test_paged_kernel_per_batch_shard_equals_one_device():
-    """With the sampler's mesh the kernel runs per ('data', 'fsdp') shard of the rows and per
-    'tensor' shard of the kv heads (shard_map), with the same numbers as on one device."""
+    """With a mesh in context (the sampler's) the kernel runs per ('data', 'fsdp') shard of the
+    rows and per 'tensor' shard of the kv heads (shard_map), with the same numbers as on one device."""
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     lengths = np.array([1, 130, 512, 77, 300, 5, 256, 128])
     q, k, v = (jnp.asarray(x) for x in inputs(jnp.bfloat16, seed=3, lengths=lengths, batch=8))
@@ -95,9 +95,11 @@ def test_paged_kernel_per_batch_shard_equals_one_device():
     expected = jax.jit(paged)(q, k, v, jnp.asarray(lengths))
     rows = NamedSharding(mesh, P(("data", "fsdp")))
     sharded = jax.device_put((q, k, v, jnp.asarray(lengths)), rows)
-    step = jax.jit(functools.partial(paged, mesh=mesh))
-    assert "shard_map" in str(jax.make_jaxpr(step)(*sharded))
-    np.testing.assert_array_equal(np.asarray(step(*sharded), np.float32), np.asarray(expected, np.float32))
+    step = jax.jit(paged)
+    with jax.set_mesh(mesh):
+        assert "shard_map" in str(jax.make_jaxpr(step)(*sharded))
+        out = step(*sharded)
+    np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(expected, np.float32))
 
 
 def test_auto_picks_the_platform_kernel():

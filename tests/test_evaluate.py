@@ -51,7 +51,7 @@ class ScriptedSampler:
                       for i in range(len(dataset))}
         self.calls = []
 
-    def __call__(self, prompts, n, greedy):
+    def __call__(self, prompts, n, greedy, examples):
         self.calls.append((len(prompts), n, greedy))
         out = []
         for tokens in prompts:
@@ -113,7 +113,7 @@ def test_evaluate_gsm8k_preset_limits_and_errors(tmp_path):
     dataset = data.load(f"jsonl:{path}", preset=data.preset_for(str(path)))
     builder = data.PromptBuilder(tiny_tokenizer(), "chat")
 
-    def sample_fn(prompts, n, greedy):
+    def sample_fn(prompts, n, greedy, examples):
         return [[f"the answer is {i}", f"#### {i}"][:n] for i in range(len(prompts))]
 
     results = evaluate.evaluate(sample_fn, [dataset], builder, num_samples=2, ks=(1, 2),
@@ -127,7 +127,7 @@ def test_evaluate_gsm8k_preset_limits_and_errors(tmp_path):
     with pytest.raises(ValueError, match=r"each k must be in 1..num_samples=2"):
         evaluate.evaluate(sample_fn, [dataset], builder, num_samples=2, ks=(4,))
     with pytest.raises(ValueError, match="returned"):
-        evaluate.evaluate(lambda p, n, g: [["x"]], [dataset], builder, num_samples=2,
+        evaluate.evaluate(lambda p, n, g, e: [["x"]], [dataset], builder, num_samples=2,
                           progress=False)
 
 
@@ -137,7 +137,7 @@ def test_synthetic_answers_without_a_box_are_scored_and_voted_numerically():
     index = {tuple(builder.build(dataset[i]["question"])[1]): dataset[i]["answer"]
              for i in range(4)}
 
-    def sample_fn(prompts, n, greedy):  # two bare right answers and one wrong one per prompt
+    def sample_fn(prompts, n, greedy, examples):  # two bare right answers and one wrong one per prompt
         answers = [index[tuple(p)] for p in prompts]
         return [[a, f"it is {a}", str(int(a) + 1)][:n] for a in answers]
 

@@ -472,3 +472,107 @@ def test_decode_chunk_writes_the_cache_in_place():
     layer_keys = 2 * 2 * 4096 * 8 * 4  # slots x kv heads x columns x head dim x float32
     assert memory.alias_size_in_bytes >= 2 * 4 * layer_keys  # keys and values of the 4 layers
     assert memory.temp_size_in_bytes < layer_keys, memory.temp_size_in_bytes
+
+
+# ----------------------------------------------------------------------------- multi-turn
+
+
+def observation_for(row, tokens):
+    """A deterministic stand-in for an environment: after each of the row's first two turns, an
+    observation of 2-5 tokens that depends on the row and on what it sampled; then the end."""
+    turns = sum(1 for t in tokens if t in MANY_EOS or t == 200)  # turn ends so far (incl. forced)
+    if turns > 2:
+        return None
+    length = 2 + (row + sum(tokens)) % 4
+    return [20 + (row * 7 + sum(tokens) + j) % 150 for j in range(length)]
+
+
+def turn_ends(tokens, generated, eos, stop):
+    """Independent scan: the columns where a turn ends — a sampled EOS, or the last token of a
+    stop sequence whose tokens were all sampled."""
+    ends = []
+    for c, t in enumerate(tokens):
+        if not generated[c]:
+            continue
+        if t in eos:
+            ends.append(c)
+        for seq in stop:
+            start = c - len(seq) + 1
+            if start >= 0 and list(tokens[start:c + 1]) == list(seq) and all(generated[start:c + 1]):
+                ends.append(c)
+    return sorted(set(ends))
+
+
+def test_multi_turn_episodes_logprobs_and_masks(checkpoint):
+    """Three-turn episodes: each turn ends at a sampled EOS or stop sequence, the observation
+    turn_end returned follows it verbatim (forced, generated 0, logprob 0), sampling resumes
+    after it; the sampled tokens' logprobs equal the teacher-forced forward of the whole episode
+    (trainer and transformers)."""
+    _, model, ref = checkpoint
+    stop = ((200,), (30, 31))
+    calls = []
+
+    def turn_end(row, tokens):
+        calls.append((row, list(tokens)))
+        return observation_for(row, tokens)
+
+    s = sampling.generate(model, make_prompts(), max_new_tokens=48, temperature=1.0,
+                          eos_token_ids=MANY_EOS, seed=4, n=2, turn_end=turn_end,
+                          stop_sequences=stop)
+    tokens, mask, generated = (np.asarray(x) for x in (s.tokens, s.mask, s.generated))
+    logprobs, lengths = np.asarray(s.logprobs), np.asarray(s.lengths)
+    assert np.all(generated <= mask) and np.all(mask.sum(1) == lengths)
+    multi = 0
+    for row in range(tokens.shape[0]):
+        n = lengths[row]
+        row_calls = [c for r, c in calls if r == row]
+        ends = turn_ends(tokens[row, :n], generated[row, :n], MANY_EOS, stop)
+        # turn_end was called at each turn end (except one that hit the budget) with the columns
+        # so far, and each observation sits right after its turn.
+        assert [len(c) for c in row_calls] == [e + 1 for e in ends if e + 1 < 48]
+        for call in row_calls:
+            observation = observation_for(row, call) or []
+            start = len(call)
+            got = tokens[row, start:start + len(observation)].tolist()
+            assert got == observation[: n - start]
+            assert not generated[row, start:start + len(observation)].any()
+            assert np.all(logprobs[row, start:start + len(observation)] == 0)
+        forced = sum(len(observation_for(row, c) or []) for c in row_calls)
+        assert (mask[row] - generated[row]).sum() == min(forced, n - generated[row].sum())
+        multi += len(row_calls) >= 2
+    assert multi >= 2, calls  # some episodes really have three turns
+
+    full = jnp.concatenate([s.prompt_tokens, s.tokens], axis=1)
+    attn = jnp.concatenate([s.prompt_mask, s.mask], axis=1)
+    width = s.prompt_tokens.shape[1]
+    logp, _ = sequence_logprobs(model, full, attn, temperature=1.0)
+    np.testing.assert_allclose(np.where(generated, logprobs, 0.0),
+                               np.where(generated, logp[:, width:], 0.0), atol=1e-4)
+    logits = hf_fixtures.reference_logits(ref, np.array(full), np.array(attn)).astype(np.float64)
+    scaled = logits[:, width - 1: -1]
+    log_probs = scaled - scaled.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    expected = np.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
+    np.testing.assert_allclose(np.where(generated, logprobs, 0.0), np.where(generated, expected, 0.0),
+                               atol=1e-4)
+
+
+def test_multi_turn_episodes_do_not_depend_on_max_concurrent(checkpoint):
+    _, model, _ = checkpoint
+    prompts = make_prompts((5, 11, 3, 7, 1), seed=2)
+    kwargs = dict(max_new_tokens=40, temperature=1.0, eos_token_ids=MANY_EOS, n=2, seed=9,
+                  turn_end=observation_for, stop_sequences=((200,),))
+    runs = {k: sampling.generate(model, prompts, **kwargs, max_concurrent=k) for k in (1, 3, None)}
+    reference = runs.pop(None)
+    assert np.asarray(reference.mask - reference.generated).sum() > 0  # observations were forced
+    for k, s in runs.items():
+        for field in ("tokens", "mask", "generated", "eos"):
+            np.testing.assert_array_equal(getattr(s, field), getattr(reference, field),
+                                          err_msg=f"{field}, max_concurrent={k}")
+        np.testing.assert_allclose(s.logprobs, reference.logprobs, atol=1e-5, err_msg=f"max_concurrent={k}")
+
+
+def test_stop_sequences_need_turn_end(checkpoint):
+    _, model, _ = checkpoint
+    with pytest.raises(ValueError, match="need turn_end"):
+        sampling.generate(model, make_prompts(), max_new_tokens=4, stop_sequences=((5,),))

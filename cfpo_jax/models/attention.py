@@ -49,9 +49,7 @@ cache up) and read the buffer as it lies:
   start offset, which is why rows sit left-aligned in the cache. It reads keys/values as bfloat16
   (its own cast), hence "auto" only for a bfloat16 cache; head_dim % 128 = 0 because jax tests it upstream for 128 and 256 only;
   megacore off (upstream skips its kernel test for data races in the megacore modes; one core
-  runs race-free under the interpreter's detector, tests/test_decode_attention.py). With the
-  sampler's mesh it runs per shard under `shard_map` (rows over ('data', 'fsdp'), kv heads over
-  'tensor' when they divide). jax's `ragged_paged_attention` was not used: it wants keys and
+  runs race-free under the interpreter's detector, tests/test_decode_attention.py). jax's `ragged_paged_attention` was not used: it wants keys and
   values interleaved in one `[pages, page, 2K, H]` buffer, a layout the GPU kernel could not
   read without a copy per step. Page and block sizes are untuned and the kernel's speed on a
   TPU is unmeasured: no TPU was available when this was written.
@@ -59,17 +57,28 @@ cache up) and read the buffer as it lies:
 Notes on the fused paths:
 * cuDNN takes the same-segment mask as a [B, 1, T, S] boolean (it has no left-padding or
   segment mode in `jax.nn.dot_product_attention`); the cost is B·T·S elements per layer, not
-  B·N·T·S float32 scores. Its custom partitioning shards over batch and heads.
+  B·N·T·S float32 scores. It runs per shard like the Pallas kernels: its own custom
+  partitioning rejects the trainer's FSDP update ("Query, key and value should have same
+  sharding", seen compiling for H100s).
 * splash runs per sequence (vmapped over the batch) with the default 128 × 128 blocks; sequences
-  are padded to a multiple of 128 (the pad is its own segment). With a mesh in context
-  (`jax.set_mesh`), the kernel runs per batch shard under `shard_map`; without one, XLA
-  sees one opaque call over the global arrays. Block sizes are untuned: no TPU was available when
-  this was written.
+  are padded to a multiple of 128 (the pad is its own segment). Block sizes are untuned: no TPU
+  was available when this was written.
+
+Platform and mesh: which kernel "auto" picks, and whether a Pallas kernel runs compiled or in
+interpret mode, follow the platform of the devices the program is compiled for — the mesh in
+context (`jax.set_mesh`, which every caller that owns a mesh puts around its jitted calls:
+trainer, sampler, evaluation, reward model) — and only without a mesh the host's default backend
+(`target_platform()`). So the same code compiles for a TPU slice or H100s from a CPU host
+(compile-only devices, `cfpo_jax.aot`). With a mesh in context every fused kernel (splash,
+paged, the GPU decode kernel, cuDNN) runs per shard under `shard_map` — rows over ('data',
+'fsdp') and heads over 'tensor' where they divide — because XLA cannot partition a Mosaic or
+Triton call itself ("Mosaic kernels cannot be automatically partitioned").
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -82,6 +91,38 @@ DECODE_IMPLEMENTATIONS = ("auto", "einsum", "pallas", "paged")
 DECODE_SLOT_ALIGN = 128  # the Pallas decode kernels' unit of slots: a split (GPU), a page (TPU)
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _tpu_interpret_params = None  # "paged" off TPU: TPU interpret mode's settings (None: defaults; a test adds race detection)
+_BATCH_AXES = ("data", "fsdp")  # cfpo_jax.sharding.BATCH_AXES (models import no sharding code)
+
+
+def target_platform() -> str:
+    """The platform ("cpu", "gpu", "tpu") of the program being traced: that of the mesh in
+    context (`jax.set_mesh`), else the host's default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def _per_shard(fn, num_rows: int, num_heads: tuple[int, ...], head_axes: tuple[int | None, ...]):
+    """`fn` under `shard_map` over the mesh in context, if any (else `fn` itself). Every argument
+    and the result have rows first; argument i has its heads on axis `head_axes[i]` (None: no
+    heads), the result on the first argument's. Rows split over the ('data', 'fsdp') axes when
+    they divide `num_rows`; heads over 'tensor' when it divides every count in `num_heads`."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return fn
+    names = mesh.axis_names
+    rows = tuple(a for a in _BATCH_AXES if a in names)
+    if num_rows % math.prod(mesh.shape[a] for a in rows):
+        rows = ()
+    heads = "tensor" if "tensor" in names and all(n % mesh.shape["tensor"] == 0 for n in num_heads) else None
+
+    def spec(head_axis):
+        entries = [rows or None] + [None] * (head_axis or 0)
+        if head_axis is not None:
+            entries[head_axis] = heads
+        return P(*entries)
+
+    return jax.shard_map(fn, mesh=mesh, in_specs=tuple(map(spec, head_axes)), out_specs=spec(head_axes[0]),
+                         check_vma=False)
 
 
 def resolve(implementation: str, dtype, head_dim: int, platform: str | None = None) -> str:
@@ -89,7 +130,7 @@ def resolve(implementation: str, dtype, head_dim: int, platform: str | None = No
     kernel when it can run a call in `dtype` with `head_dim`, else "einsum"."""
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}; valid: {', '.join(IMPLEMENTATIONS)}")
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
     cudnn_fits = platform == "gpu" and jnp.dtype(dtype) in _CUDNN_DTYPES and head_dim % 8 == 0
     splash_fits = platform == "tpu" and head_dim % 128 == 0
     if implementation == "auto":
@@ -117,7 +158,9 @@ def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, *, implementa
     H = q_BxTxNxH.shape[-1]
     kernel = resolve(implementation, q_BxTxNxH.dtype, H)
     if kernel == "cudnn":
-        return _cudnn_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT)
+        B, K = segment_BxT.shape[0], k_BxTxKxH.shape[2]
+        return _per_shard(_cudnn_causal, B, (q_BxTxNxH.shape[2], K), (2, 2, 2, None))(
+            q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT)
     if kernel == "splash":
         return _splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT)
     T = q_BxTxNxH.shape[1]
@@ -194,19 +237,16 @@ def _splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT):
     k_BxKxTxH = widen(k_BxTxKxH).transpose(0, 2, 1, 3)
     v_BxKxTxH = widen(v_BxTxKxH).transpose(0, 2, 1, 3)
 
+    interpret = target_platform() != "tpu"
+
     def per_shard(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_BxT):
-        kernel = _splash_kernel(q_BxNxTxH.shape[1], T + pad, jax.default_backend() != "tpu")
+        kernel = _splash_kernel(q_BxNxTxH.shape[1], T + pad, interpret)
         one = lambda q, k, v, s: kernel(q, k, v, segment_ids=SegmentIds(q=s, kv=s))
         return jax.vmap(one)(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_BxT)
 
-    mesh = jax.sharding.get_abstract_mesh()
-    batch_axes = tuple(a for a in ("data", "fsdp") if a in (mesh.axis_names or ()))
-    if batch_axes:
-        spec = jax.sharding.PartitionSpec(batch_axes)
-        per_shard = jax.shard_map(per_shard, mesh=mesh, in_specs=(spec,) * 4, out_specs=spec, check_vma=False)
-    out_BxNxTxH = per_shard(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_BxT)
+    K = k_BxTxKxH.shape[2]
+    out_BxNxTxH = _per_shard(per_shard, B, (N, K), (1, 1, 1, None))(q_BxNxTxH, k_BxKxTxH, v_BxKxTxH, segment_BxT)
     return out_BxNxTxH.transpose(0, 2, 1, 3)[:, :T]
-
 
 
 # ----------------------------------------------------------------------------- decode
@@ -218,7 +258,7 @@ def resolve_decode(implementation: str, dtype, head_dim: int, platform: str | No
     if implementation not in DECODE_IMPLEMENTATIONS:
         raise ValueError(
             f"decode attention implementation {implementation!r}; valid: {', '.join(DECODE_IMPLEMENTATIONS)}")
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
     if implementation == "auto":
         paged_fits = platform == "tpu" and jnp.dtype(dtype) == jnp.bfloat16 and head_dim % 128 == 0
         return "pallas" if platform == "gpu" else "paged" if paged_fits else "einsum"
@@ -229,16 +269,18 @@ def resolve_decode(implementation: str, dtype, head_dim: int, platform: str | No
     return implementation
 
 
-def decode_attention(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B, *, implementation: str = "auto", mesh=None):
+def decode_attention(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B, *, implementation: str = "auto"):
     """softmax(q·k / sqrt(H)) · v over slots [0, length_B[b]) of row b, grouped-query (query head
     n reads kv head n // (N / K)), float32 softmax. q [B, N, H]; k/v [B, K, S, H] in the cache
-    dtype, read in place. Returns [B, N, H] in q's dtype. Needs length >= 1 per row. `mesh`: the
-    sampler's mesh, over whose ('data', 'fsdp') axes rows are split ("paged" runs per shard)."""
+    dtype, read in place. Returns [B, N, H] in q's dtype. Needs length >= 1 per row. The Pallas
+    kernels run per shard of the mesh in context (see the module doc)."""
     kernel = resolve_decode(implementation, k_BxKxSxH.dtype, q_BxNxH.shape[-1])
-    if kernel == "pallas":
-        return _pallas_decode(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B)
-    if kernel == "paged":
-        return _paged_decode(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B, mesh)
+    if kernel in ("pallas", "paged"):
+        _check_slot_align(kernel, k_BxKxSxH.shape[2])
+        per_shard = _pallas_decode if kernel == "pallas" else _paged_decode
+        B, N, _ = q_BxNxH.shape
+        K = k_BxKxSxH.shape[1]
+        return _per_shard(per_shard, B, (N, K), (1, 1, 1, None))(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B)
     B, N, H = q_BxNxH.shape
     K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
     q_BxKxGxH = q_BxNxH.reshape(B, K, N // K, H)
@@ -254,7 +296,7 @@ def decode_attention(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B, *, implementation:
 
 def _check_slot_align(kernel: str, S: int):
     if S % DECODE_SLOT_ALIGN:
-        raise ValueError(f"the {kernel} decode kernel needs a slot count divisible by {DECODE_SLOT_ALIGN}; got {S}")
+        raise ValueError(f"the {kernel!r} decode kernel needs a slot count divisible by {DECODE_SLOT_ALIGN}; got {S}")
 
 
 def _pallas_decode(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B):
@@ -262,11 +304,10 @@ def _pallas_decode(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B):
 
     B, N, H = q_BxNxH.shape
     K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
-    _check_slot_align("Pallas", S)
     # One split per 128 slots, run in parallel; a split past a row's end returns at once.
     unbatched = functools.partial(
         decode_attn_unbatched, sm_scale=H**-0.5, block_h=16, block_k=64, k_splits=S // DECODE_SLOT_ALIGN,
-        num_warps=None, num_stages=2, grid=None, interpret=jax.default_backend() != "gpu", debug=False,
+        num_warps=None, num_stages=2, grid=None, interpret=target_platform() != "gpu", debug=False,
         return_residuals=False, normalize_output=True)
     start_BxK = jnp.zeros((B, K), jnp.int32)
     end_BxK = jnp.broadcast_to(length_B[:, None], (B, K)).astype(jnp.int32)
@@ -276,37 +317,26 @@ def _pallas_decode(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B):
     return out_BxKxGxH.reshape(B, N, H)
 
 
-def _paged_decode(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B, mesh):
+def _paged_decode(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B):
     from jax.experimental.pallas import tpu as pltpu
     from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention
 
-    _check_slot_align("paged", k_BxKxSxH.shape[2])
-
-    def per_shard(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B):
-        B, N, H = q_BxNxH.shape
-        K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
-        pages = S // DECODE_SLOT_ALIGN
-        # R = B·K kernel sequences, one per (row, kv head), each with that kv head's G query
-        # heads and Q = S / C consecutive pages of C = 128 slots: the buffer itself, as
-        # [1 kv head, R·Q pages, C, H] (a reshape of the leading dims).
-        k_1xPxCxH = k_BxKxSxH.reshape(1, B * K * pages, DECODE_SLOT_ALIGN, H)
-        v_1xPxCxH = v_BxKxSxH.reshape(1, B * K * pages, DECODE_SLOT_ALIGN, H)
-        page_indices_RxQ = jnp.arange(B * K * pages, dtype=jnp.int32).reshape(B * K, pages)
-        q_RxGxH = (q_BxNxH * jnp.asarray(H**-0.5, q_BxNxH.dtype)).reshape(B * K, N // K, H)  # unscaled kernel
-        length_R = jnp.repeat(length_B.astype(jnp.int32), K)
-        out_RxGxH = paged_attention(
-            q_RxGxH, k_1xPxCxH, v_1xPxCxH, length_R, page_indices_RxQ,
-            pages_per_compute_block=next(n for n in (4, 2, 1) if pages % n == 0))
-        return out_RxGxH.reshape(B, N, H)
-
-    if mesh is not None:
-        heads = "tensor" if k_BxKxSxH.shape[1] % mesh.shape["tensor"] == 0 else None
-        rows = ("data", "fsdp")
-        per_shard = jax.shard_map(
-            per_shard, mesh=mesh, in_specs=(P(rows, heads), P(rows, heads), P(rows, heads), P(rows)),
-            out_specs=P(rows, heads), check_vma=False)
-    if jax.default_backend() == "tpu":
-        return per_shard(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B)
+    B, N, H = q_BxNxH.shape
+    K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
+    pages = S // DECODE_SLOT_ALIGN
+    # R = B·K kernel sequences, one per (row, kv head), each with that kv head's G query
+    # heads and Q = S / C consecutive pages of C = 128 slots: the buffer itself, as
+    # [1 kv head, R·Q pages, C, H] (a reshape of the leading dims).
+    k_1xPxCxH = k_BxKxSxH.reshape(1, B * K * pages, DECODE_SLOT_ALIGN, H)
+    v_1xPxCxH = v_BxKxSxH.reshape(1, B * K * pages, DECODE_SLOT_ALIGN, H)
+    page_indices_RxQ = jnp.arange(B * K * pages, dtype=jnp.int32).reshape(B * K, pages)
+    q_RxGxH = (q_BxNxH * jnp.asarray(H**-0.5, q_BxNxH.dtype)).reshape(B * K, N // K, H)  # unscaled kernel
+    length_R = jnp.repeat(length_B.astype(jnp.int32), K)
+    kernel = lambda: paged_attention(
+        q_RxGxH, k_1xPxCxH, v_1xPxCxH, length_R, page_indices_RxQ,
+        pages_per_compute_block=next(n for n in (4, 2, 1) if pages % n == 0))
+    if target_platform() == "tpu":
+        return kernel().reshape(B, N, H)
     # Read when the kernel is traced: elsewhere (CPU tests) jax's TPU interpreter runs it.
     with pltpu.force_tpu_interpret_mode(_tpu_interpret_params or pltpu.InterpretParams()):
-        return per_shard(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B)
+        return kernel().reshape(B, N, H)

@@ -131,11 +131,10 @@ def prefill(weights: SamplingWeights, tokens_MxT, mask_MxT):
     return keys, values
 
 
-def decode_step(weights: SamplingWeights, token_K, cache: SlotCache, column_K, *, implementation: str = "auto",
-                mesh=None):
+def decode_step(weights: SamplingWeights, token_K, cache: SlotCache, column_K, *, implementation: str = "auto"):
     """Feeds one token per slot at position column_K[k]: writes its key/value at that cache column
     of slot k (in place) and attends over columns [0, column_K[k]] (`attention.decode_attention`
-    with `implementation` and `mesh`). Returns (logits [K, V] float32, cache)."""
+    with `implementation`, per shard of the mesh in context). Returns (logits [K, V] float32, cache)."""
     model = weights.model()
     num_slots = token_K.shape[0]
     sin_Kx1xH, cos_Kx1xH = rope_angles(model.config, column_K[:, None])
@@ -149,7 +148,7 @@ def decode_step(weights: SamplingWeights, token_K, cache: SlotCache, column_K, *
         keys[layer] = keys[layer].at[slot_K, :, column_K].set(k_Kx1xGxH[:, 0].astype(keys[layer].dtype))
         values[layer] = values[layer].at[slot_K, :, column_K].set(v_Kx1xGxH[:, 0].astype(values[layer].dtype))
         attn_KxNxH = decode_attention(q_Kx1xNxH[:, 0], keys[layer], values[layer], column_K + 1,
-                                      implementation=implementation, mesh=mesh)
+                                      implementation=implementation)
         x_Kx1xD = x_Kx1xD + block.attn.out(attn_KxNxH[:, None])
         x_Kx1xD = x_Kx1xD + block.mlp(block.mlp_norm(x_Kx1xD))
     logits_Kx1xV = model.unembed(model.final_norm(x_Kx1xD))

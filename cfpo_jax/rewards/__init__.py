@@ -10,18 +10,21 @@ where `example_fields` are the dataset's other columns (lists of length B). Buil
   first; 1.0 / 0.0.
 * `gsm8k`: number after `####`, else in the last `\\boxed{}`, else the last number; exact
   numeric comparison (commas removed). `gsm8k_strict`: without the last-number fallback.
+* `code`: 1.0 when the completion's Python passes the row's unit tests (HumanEval's `test` +
+  `entry_point`, or MBPP-style `tests`), run in `cfpo_jax.sandbox`; see `rewards.code`.
 * `format`: 1.0 for a well-formed final answer (closed non-empty `\\boxed{}` or `#### n`); give it
   a small weight in `config.rewards.weights`.
 
 Score through `Scorer` (weighted sum, per-function values, failure counts). Every function runs
 in worker processes under a deadline and an address-space limit (`workers`), the built-ins also
-when called directly; `guards` rejects the known blow-ups of symbolic maths before any parsing.
+when called directly, except `code`, whose every item runs in its own sandboxed process
+(`registry.SANDBOXED`); `guards` rejects the known blow-ups of symbolic maths before any parsing.
 """
 
 from __future__ import annotations
 
 from cfpo_jax.rewards import workers
-from cfpo_jax.rewards.registry import REGISTRY, VOTE_KEYS, get
+from cfpo_jax.rewards.registry import REGISTRY, SANDBOXED, VOTE_KEYS, get
 from cfpo_jax.rewards.scorer import Scorer, Scores
 
-__all__ = ["REGISTRY", "Scorer", "Scores", "VOTE_KEYS", "get", "workers"]
+__all__ = ["REGISTRY", "SANDBOXED", "Scorer", "Scores", "VOTE_KEYS", "get", "workers"]

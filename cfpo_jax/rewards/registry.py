@@ -6,6 +6,10 @@ default deadline, address-space limit), so a hostile completion costs at most th
 scores 0. A gold answer the function cannot read still raises ValueError. Inside a worker they
 run in-process (`implementation`).
 
+`code` (`cfpo_jax.rewards.code`) is different: each item already runs in its own sandboxed
+process with a wall-clock limit, so it runs in the caller's process, every row of a batch in
+parallel (`SANDBOXED`); the scorer calls it directly instead of in a worker.
+
 "rm:<path or hub id>" names a learned reward model instead; it is not a host function and only
 `Scorer` runs it (on device, see `cfpo_jax.rewards.reward_model`).
 """
@@ -17,7 +21,7 @@ from typing import Callable
 
 import numpy as np
 
-from cfpo_jax.rewards import functions, workers
+from cfpo_jax.rewards import code, functions, workers
 
 RewardFn = Callable[..., np.ndarray]
 REWARD_MODEL_PREFIX = "rm:"
@@ -53,7 +57,10 @@ def _bounded(name: str) -> RewardFn:
     return fn
 
 
-REGISTRY: dict[str, RewardFn] = {name: _bounded(name) for name in _IMPLEMENTATIONS}
+# Bounded by the sandbox per item: called in the caller's process, not in a reward worker.
+SANDBOXED: dict[str, RewardFn] = {"code": code.code_reward}
+
+REGISTRY: dict[str, RewardFn] = {**{name: _bounded(name) for name in _IMPLEMENTATIONS}, **SANDBOXED}
 
 # The answer each built-in compares, for majority voting (evaluate's maj@N); two completions
 # with the same key get the same score from that function. Linear scans: safe in-process.
@@ -61,6 +68,7 @@ VOTE_KEYS: dict[str, Callable[[str], str | None]] = {
     "math": functions.math_vote_key,
     "gsm8k": functions.gsm8k_vote_key,
     "gsm8k_strict": lambda completion: functions.gsm8k_vote_key(completion, flexible=False),
+    "code": code.code_vote_key,
 }
 
 
@@ -88,4 +96,4 @@ def get(name: str) -> RewardFn:
 
 def implementation(name: str) -> RewardFn:
     """What runs inside a worker: a built-in's in-process implementation, or the user function."""
-    return _IMPLEMENTATIONS[name] if name in _IMPLEMENTATIONS else get(name)
+    return _IMPLEMENTATIONS[name] if name in _IMPLEMENTATIONS else get(name)  # SANDBOXED too

@@ -20,6 +20,7 @@ Decisions written down here:
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Sequence
 
@@ -28,7 +29,7 @@ import numpy as np
 from flax import nnx
 
 from cfpo_jax import models
-from cfpo_jax.sharding import BATCH_AXES, batch_sharding, to_host
+from cfpo_jax.sharding import BATCH_AXES, batch_sharding, mesh_context, to_host
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,12 @@ MIN_WIDTH = 16
 
 def _width(longest: int, max_len: int) -> int:
     return min(max(MIN_WIDTH, 1 << max(longest - 1, 0).bit_length()), max_len)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def forward(graphdef, state, tokens_BxT, mask_BxT):
+    """The reward model's jitted forward: float32 [B], the score of each right-padded row."""
+    return nnx.merge(graphdef, state).reward(tokens_BxT, mask_BxT)
 
 
 class RewardModel:
@@ -66,8 +73,8 @@ class RewardModel:
                        else self.model.config.pad_token_id or 0)
         self._shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
         self._batch_sharding = None if mesh is None else batch_sharding(mesh)
-        graphdef, self._state = nnx.split(self.model)
-        self._reward = jax.jit(lambda state, tokens, mask: nnx.merge(graphdef, state).reward(tokens, mask))
+        self.mesh = mesh
+        self._graphdef, self._state = nnx.split(self.model)
         self.truncated = 0
 
     def texts(self, conversations: Sequence[Sequence[dict]], completions: Sequence[str]) -> list[str]:
@@ -113,5 +120,6 @@ class RewardModel:
                 tokens, mask = (jax.make_array_from_callback(x.shape, self._batch_sharding,
                                                              lambda index, x=x: x[index])
                                 for x in (tokens, mask))
-            scores.append(to_host(self._reward(self._state, tokens, mask))[:len(chunk)])
+            with mesh_context(self.mesh):  # attention per the mesh's platform, per shard
+                scores.append(to_host(forward(self._graphdef, self._state, tokens, mask))[:len(chunk)])
         return np.concatenate(scores).astype(np.float32)

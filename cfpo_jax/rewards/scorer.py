@@ -15,6 +15,11 @@ split — process p scores tasks p, p + P, p + 2P, ... (hostile items spread out
 same advantages, each item scored once under one deadline. Every process must then call the
 scorer with the same batch, as the trainer and the evaluation do.
 
+The sandboxed functions (`registry.SANDBOXED`: `code`) run their untrusted part in a sandboxed
+process per item with its own wall-clock limit, so they run in this process, all items of the
+batch in parallel, not in a worker; an error of theirs (a malformed row, a sandbox that cannot
+start) counts as a failure of every item of the batch.
+
 A name "rm:<path or hub id>" is a learned reward model (`cfpo_jax.rewards.reward_model`): it is
 loaded once on the device mesh in this process and scores the whole batch on device from the
 prompts' chat messages (`prompt_messages`) and the completions, outside the item deadlines (its
@@ -32,7 +37,7 @@ from typing import Sequence
 import numpy as np
 
 from cfpo_jax.rewards import workers
-from cfpo_jax.rewards.registry import REWARD_MODEL_PREFIX, get
+from cfpo_jax.rewards.registry import REWARD_MODEL_PREFIX, SANDBOXED, get
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +74,26 @@ def _run_split(pool, tasks: list) -> list:
         message = local[j][2] if p == process else (f"{kind} on process {p}" if kind else None)
         results.append((float(score), kind, message))
     return results
+
+
+class _InProcess:
+    """`WorkerPool.run`'s interface for the SANDBOXED functions: each function once on all of
+    its tasks, in this process."""
+
+    def run(self, tasks: list) -> list:
+        results = [None] * len(tasks)
+        for name in dict.fromkeys(task[0] for task in tasks):
+            items = [i for i, task in enumerate(tasks) if task[0] == name]
+            fields = {f: [tasks[i][3][f] for i in items] for f in tasks[items[0]][3]}
+            try:
+                scores = SANDBOXED[name]([tasks[i][1] for i in items],
+                                         [tasks[i][2] for i in items], **fields)
+                outcomes = [(float(score), None, None) for score in scores]
+            except Exception as e:  # noqa: BLE001  (counted and logged per item by the Scorer)
+                outcomes = [(0.0, "raised", f"raised {type(e).__name__}: {e}")] * len(items)
+            for i, outcome in zip(items, outcomes):
+                results[i] = outcome
+        return results
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,9 +152,10 @@ class Scorer:
                 name: reward_model.RewardModel(name[len(REWARD_MODEL_PREFIX):], mesh=mesh,
                                                **(reward_model_kwargs or {}))
                 for name in fns if name not in self._host_names}
+        pooled = tuple(name for name in self._host_names if name not in SANDBOXED)
         self._pool = (workers.WorkerPool(num_workers, timeout_s=timeout_s,
-                                         max_memory_gb=max_memory_gb, preload=self._host_names)
-                      if self._host_names else None)
+                                         max_memory_gb=max_memory_gb, preload=pooled)
+                      if pooled else None)
         self.failure_totals = {name: 0 for name in fns}
 
     @classmethod
@@ -159,11 +185,15 @@ class Scorer:
         for name, values in inputs.items():
             if len(values) != batch:
                 raise ValueError(f"{name} has {len(values)} entries for {batch} completions")
-        tasks = [(name, completions[i], answers[i], {f: v[i] for f, v in example_fields.items()})
-                 for name in self._host_names for i in range(batch)]
-        results = _run_split(self._pool, tasks) if self._pool is not None else []
-        by_name = {name: results[k * batch:(k + 1) * batch]
-                   for k, name in enumerate(self._host_names)}
+        by_name = {}
+        for runner, names in ((self._pool, [n for n in self._host_names if n not in SANDBOXED]),
+                              (_InProcess(), [n for n in self._host_names if n in SANDBOXED])):
+            tasks = [(name, completions[i], answers[i],
+                      {f: v[i] for f, v in example_fields.items()})
+                     for name in names for i in range(batch)]
+            results = _run_split(runner, tasks) if tasks else []
+            by_name.update({name: results[k * batch:(k + 1) * batch]
+                            for k, name in enumerate(names)})
         for name, model in self._reward_models.items():
             values = model(prompt_messages, completions)
             by_name[name] = [(float(v), None, None) if np.isfinite(v) else

@@ -30,9 +30,13 @@ def get_config(arg: str = ""):
     s = ml_collections.ConfigDict()
     s.name = "stability_quickstart"
     s.output_dir = "runs/studies/stability_quickstart"
-    s.objectives = ("cfpo", "ppo")  # ppo with the base config's grpo advantages = GRPO
-    s.num_epochs = (1, 8, 16)  # μ, the paper's "iterations"
-    s.num_minibatches = (1,)  # the paper's "batch ratio"
+    # Each axis is a training-config field with its values (cfpo_jax.study.axes_of).
+    s.axes = ml_collections.ConfigDict()
+    s.axes.rl = ml_collections.ConfigDict(dict(
+        objective=("cfpo", "ppo"),  # ppo with the base config's grpo advantages = GRPO
+        num_epochs=(1, 8, 16),  # μ, the paper's "iterations"
+        num_minibatches=(1,),  # the paper's "batch ratio"
+    ))
     s.seeds = (0, 1, 2)
 
     # Applied to every run, over the base config (command-line --config.* overrides go over these).
@@ -41,9 +45,9 @@ def get_config(arg: str = ""):
         num_steps=60, checkpoint_every=20, keep_checkpoints=1, export_hf=False, tensorboard=False))
     s.overrides.data = ml_collections.ConfigDict(dict(batch_size=16))
 
-    # cfpo_jax.study.collapse: a run collapses at the first step where its `window`-step mean reward
-    # is more than `delta` below its best so far, its `window`-step mean entropy is below
-    # `entropy_floor`, or an update is non-finite.
+    # cfpo_jax.stability.outcome: a run is down where its `window`-step mean reward is more than
+    # `delta` below its best so far or its `window`-step mean entropy is below `entropy_floor`;
+    # down to the end (or a non-finite update) is a collapse, down and back is a dip.
     s.collapse = ml_collections.ConfigDict(dict(delta=0.15, window=5, entropy_floor=0.05))
     s.late_fraction = 0.25  # late-run means over the last quarter of the steps
     s.eval_metric = "eval/arithmetic/greedy"  # the quickstart's held-out greedy accuracy at the end

@@ -17,9 +17,13 @@ def get_config(arg: str = ""):
     s = ml_collections.ConfigDict()
     s.name = "stability_smollm2"
     s.output_dir = "runs/studies/stability_smollm2"
-    s.objectives = ("cfpo", "ppo")  # ppo with the base config's grpo advantages = GRPO
-    s.num_epochs = (1, 4, 8, 16)
-    s.num_minibatches = (1,)
+    # Each axis is a training-config field with its values (cfpo_jax.study.axes_of).
+    s.axes = ml_collections.ConfigDict()
+    s.axes.rl = ml_collections.ConfigDict(dict(
+        objective=("cfpo", "ppo"),  # ppo with the base config's grpo advantages = GRPO
+        num_epochs=(1, 4, 8, 16),  # μ, the paper's "iterations"
+        num_minibatches=(1,),  # the paper's "batch ratio"
+    ))
     s.seeds = (0, 1, 2)
 
     s.overrides = ml_collections.ConfigDict()
@@ -28,7 +32,7 @@ def get_config(arg: str = ""):
     s.overrides.train = ml_collections.ConfigDict(dict(
         num_steps=200, checkpoint_every=50, keep_checkpoints=1, export_hf=False, tensorboard=False))
 
-    # See cfpo_jax.study.collapse.
+    # See cfpo_jax.stability.outcome.
     s.collapse = ml_collections.ConfigDict(dict(delta=0.15, window=10, entropy_floor=0.05))
     s.late_fraction = 0.25
     s.eval_metric = "eval/arithmetic/greedy"

@@ -1,0 +1,148 @@
+"""Every config's programs compiled by the real chip compilers for an H100 host or a TPU slice,
+on a CPU host without the hardware.
+
+    python benchmarks/compile.py --target v5e-8 --configs configs/gsm8k_qwen.py:0.5b
+    python benchmarks/compile.py --target h100x8 --configs configs/math_qwen.py:7b --json out.json
+    python benchmarks/compile.py --target v5p-8            # every config (slow: ~minutes per 7B program)
+
+Targets (`cfpo_jax.aot.targets`): h100x8, h100x1, v5p-8, v5e-8, v6e-8, v4-8 (Cloud's names: v5p-8
+and v4-8 are 4 chips, v5e-8 and v6e-8 are 8). The programs are the run's own (`cfpo_jax.aot.
+programs`): update, prepare (old-logprob and reference passes), the sampler's prefill and decode
+chunk with the config's KV cache, the reward model's forward (align_llama), at each config's
+shapes with the model's shape from benchmarks/shapes.py, on the config's mesh over the target's
+chips (`-1` axes take the rest). One row per (config, target, program):
+
+* compiled / error; kernels: the fused-kernel custom calls in the compiled HLO;
+* per-chip GB (1e9 bytes): arguments, temporaries, peak (= args + out − aliased + temp) against
+  the chip's HBM, and whether it fits;
+* compile s (on this host; 2 shared cores when recorded);
+* per-chip FLOPs of the compiled program (TPU: XLA's cost analysis; H100: counted from the HLO's
+  dots — cuDNN attention is not counted, and XLA's count of a `while` loop is per trip as XLA
+  annotates it) next to the analytic model FLOPs per chip (6·params·tokens for the update,
+  2·params·tokens per forward), and their ratio (> 1: recomputation such as remat, or waste);
+* bound ms: max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip — a lower bound on the step,
+  never a time (TPU only, where XLA reports the bytes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only devices; nothing runs
+
+# Run as a script from a checkout: the package is the directory above this file.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+import shapes  # noqa: E402
+from cfpo_jax import config as config_lib  # noqa: E402
+from cfpo_jax import sharding  # noqa: E402
+from cfpo_jax.aot import programs, report, targets  # noqa: E402
+from cfpo_jax.rewards import registry  # noqa: E402
+
+CONFIGS = ("configs/gsm8k_qwen.py:0.5b", "configs/gsm8k_qwen.py:1.5b", "configs/gsm8k_qwen_lora.py",
+           "configs/math_qwen.py:1.5b", "configs/math_qwen.py:3b", "configs/math_qwen.py:7b",
+           "configs/align_llama.py")
+GB = 1e9
+
+
+def load_config(spec: str, overrides=()):
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("benchmark_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    for override in overrides:
+        key, _, value = override.partition("=")
+        section, field = key.split(".")
+        config[section][field] = type(config[section][field])(value)
+    config_lib.validate(config)
+    return config
+
+
+def policy_model_config(config):
+    """The policy's ModelConfig as the trainer loads it (`train._load_policy`'s overrides)."""
+    return shapes.model_config(
+        shapes.shape_of_hub_id(config.model.path),
+        param_dtype=config.lora.base_dtype or config.model.param_dtype, dtype=config.model.dtype,
+        remat=config.model.remat, remat_policy=config.model.remat_policy,
+        attention=config.model.attention, unroll_layers=config.model.unroll_layers)
+
+
+def reward_models(config):
+    """(hub id, ModelConfig) of each `rm:` reward, in the reward model's dtype."""
+    out = []
+    for name in config.rewards.fns:
+        if name.startswith(registry.REWARD_MODEL_PREFIX):
+            path = name[len(registry.REWARD_MODEL_PREFIX):]
+            dtype = config.rewards.rm_dtype or config.model.dtype
+            out.append((path, shapes.model_config(shapes.shape_of_hub_id(path), param_dtype=dtype,
+                                                  dtype=dtype, attention=config.model.attention,
+                                                  num_labels=1)))
+    return out
+
+
+def rows_for(spec, target, config, mesh):
+    model = policy_model_config(config)
+    built = {**programs.learner_programs(config, model, mesh), **programs.sampler_programs(config, model, mesh)}
+    for _, rm in reward_models(config):
+        built["reward"] = programs.reward_program(config, rm, mesh)
+    with jax.default_matmul_precision("default"):
+        for name, program in built.items():
+            row = report.compile_program(program, mesh)
+            row.update(config=spec.removeprefix("configs/"), target=target.name, program=name,
+                       chip_bytes=target.chip_bytes, model_flops=program.model_flops / mesh.size)
+            row["fits"] = bool(row["compiled"] and row["peak"] <= target.chip_bytes)
+            if row["compiled"] and row.get("bytes_accessed"):
+                row["bound_s"] = max(row["flops"] / target.peak_flops, row["bytes_accessed"] / target.hbm_bytes_per_s)
+            yield row
+
+
+def cells(row):
+    if not row["compiled"]:
+        return (row["config"], row["target"], row["program"], "**no**: " + row["error"].replace("|", "/"),
+                "", "", "", "", "", f"{row['compile_s']:.0f}", "", "", "", "")
+    ratio = row["flops"] / row["model_flops"] if row["model_flops"] else float("nan")
+    bound = f"{row['bound_s'] * 1e3:.1f}" if row.get("bound_s") else "—"
+    return (row["config"], row["target"], row["program"], "yes", ", ".join(row["kernels"]) or "—",
+            f"{row['args'] / GB:.2f}", f"{row['temp'] / GB:.2f}", f"{row['peak'] / GB:.2f}",
+            f"{row['chip_bytes'] / GB:.1f} " + ("yes" if row["fits"] else "**no**"),
+            f"{row['compile_s']:.0f}", f"{row['flops']:.3g}", f"{row['model_flops']:.3g}",
+            f"{ratio:.2f}", bound)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--target", required=True, choices=sorted(targets.TARGETS))
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="config files with their argument")
+    parser.add_argument("--set", nargs="*", default=(), metavar="SECTION.FIELD=VALUE",
+                        help="config overrides (e.g. rl.micro_batch_size=8 model.remat_policy=full)")
+    parser.add_argument("--json", help="write the rows as a JSON list here")
+    args = parser.parse_args()
+    target = targets.get(args.target)
+    devices = list(targets.devices(target.name))
+    print(f"jax {jax.__version__}; {target.name}: {len(devices)} × {devices[0].device_kind} (compile-only); "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; per-chip GB = 1e9 bytes")
+    header = ("config", "target", "program", "compiled", "kernels", "args GB", "temp GB", "peak GB",
+              "chip GB fits", "compile s", "FLOPs/chip", "model FLOPs/chip", "ratio", "bound ms")
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
+    rows = []
+    for spec in args.configs:
+        config = load_config(spec, args.set)
+        mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+        for row in rows_for(spec, target, config, mesh):
+            rows.append(row)
+            print("| " + " | ".join(cells(row)) + " |", flush=True)
+            if args.json:
+                with open(args.json, "w") as f:
+                    json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

