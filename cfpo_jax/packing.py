@@ -34,6 +34,10 @@ Decisions:
   up a plan has at most 1.5× the rows first-fit decreasing needs. Rows only multiply g, so packed rows
   shard over ('data', 'fsdp') and split into micro-batches like unpacked ones.
 * Sequences with no completion token contribute nothing to any loss or metric and are left out.
+* A completion's length is its attended span (`Samples.lengths`, the sum of `Samples.mask`): in a
+  multi-turn episode that includes the observation tokens, which are context. Which of its tokens
+  count in the loss is the rollout's loss mask, gathered into the packed layout like the other
+  per-token arrays (`train.pack_minibatch`), not the plan's `comp_mask`.
 """
 
 from __future__ import annotations
