@@ -130,7 +130,7 @@ def run(args):
             setup, state, prompts_batch(config, SHAPES[args.shape]["vocab_size"], step), sample_key)
         t_learn = time.perf_counter()
         with jax.transfer_guard("disallow"):
-            state, update_metrics = train.learn(setup, state, batch)
+            state, update_metrics = train.learn(setup, state, batch, step)
             state = setup.finish_step(state, next_rng)
         metrics = train.step_metrics(host_metrics, device_metrics, update_metrics, state)
         learn_s = time.perf_counter() - t_learn

@@ -136,6 +136,16 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.num_epochs = 1  # the paper's "iterations" μ: passes over one rollout batch
     c.rl.num_minibatches = 1  # the paper's "batch ratio": updates per pass
     c.rl.micro_batch_size = 0  # sequences per gradient-accumulation micro-batch; 0 = minibatch
+    # Sequence packing (issue 22, cfpo_jax.packing): the update and the old-logprob / reference
+    # passes run on packed rows (several prompt + completion sequences end to end per row of the
+    # unpacked width, segment ids, RoPE restarting per sequence) instead of prompt bucket +
+    # max_new_tokens columns per sequence: compute, activations and attention on real tokens
+    # only; losses and metrics equal the unpacked ones (to float rounding). Costs: a host plan
+    # per minibatch (milliseconds), a few compiled shapes (bucketed row counts, the
+    # `learner_shapes` metric) instead of one, and index gathers on device. With
+    # rl.micro_batch_size a micro-batch is that many packed rows. False: the unpacked path
+    # (kept for comparison and tests). Measured in benchmarks/packing.py.
+    c.rl.pack = True
     c.rl.beta = 0.0  # KL-to-reference coefficient; 0 loads no reference model
     c.rl.kl_estimator = "k3"
     # True: β·Σ_t KL_t is subtracted from each response's reward before advantages (RLOO in

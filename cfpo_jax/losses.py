@@ -21,6 +21,10 @@ Conventions (shapes in names: B responses, T completion tokens, V vocabulary):
 * The log-ratio is clamped to ±20 before `exp` so that a stale token cannot overflow.
 * KL to a reference policy is either a loss term (`kl_terms`, aggregated by the same `agg` as the
   policy loss) or, summed per response (`sequence_kl`), a penalty on the reward.
+* Packed rows (`cfpo_jax.packing`): the per-token arrays are [R, N] rows of several responses
+  each, with `sequence_ids` naming each token's response. Every per-response reduction (token
+  counts, per-response sums, the sequence-level ratio) is then a `segment_sums` instead of a
+  row sum, so each aggregation computes per response exactly what it does unpacked.
 * Aggregations return a (sum, denominator) pair. Adding pairs over micro-batches or data shards and
   dividing once gives exactly the full-batch value (the denominators do not depend on parameters):
     - `token-mean`: Σ_it l / Σ_it m.
@@ -59,29 +63,46 @@ def ppo_objective(ratio, adv, eps_low, eps_high, dual_clip):
     return objective
 
 
+# ----------------------------------------------------------------------------- per-response sums
+
+
+def row_sums(x_BxT):
+    """Per-response sums of unpacked [B, T] arrays (one response a row): [B]."""
+    return jnp.sum(x_BxT, axis=-1)
+
+
+def segment_sums(sequence_ids, num_sequences: int):
+    """Per-response sums of packed arrays: x [...] with `sequence_ids` [...] of the same shape
+    (ints in [0, num_sequences)) → [num_sequences]."""
+    ids = jnp.asarray(sequence_ids).reshape(-1)
+    return lambda x: jax.ops.segment_sum(x.reshape(-1), ids, num_segments=num_sequences)
+
+
 # ----------------------------------------------------------------------------- aggregations
+# (values, mask, max_len, sequence_sums) → (sum, denominator); `sequence_sums` reduces a
+# per-token array to per-response sums (`row_sums` unpacked, `segment_sums` packed).
 
 
-def _token_mean(values_BxT, mask_BxT, max_len):
-    del max_len
+def _token_mean(values_BxT, mask_BxT, max_len, sequence_sums=row_sums):
+    del max_len, sequence_sums
     return jnp.sum(values_BxT * mask_BxT), jnp.sum(mask_BxT)
 
 
-def _seq_mean_token_mean(values_BxT, mask_BxT, max_len):
+def _seq_mean_token_mean(values_BxT, mask_BxT, max_len, sequence_sums=row_sums):
     del max_len
-    count_B = jnp.sum(mask_BxT, axis=-1)
-    seq_B = jnp.sum(values_BxT * mask_BxT, axis=-1) / jnp.maximum(count_B, 1.0)
+    count_B = sequence_sums(mask_BxT)
+    seq_B = sequence_sums(values_BxT * mask_BxT) / jnp.maximum(count_B, 1.0)
     return jnp.sum(seq_B), jnp.sum(count_B > 0).astype(values_BxT.dtype)
 
 
-def _seq_mean_token_sum(values_BxT, mask_BxT, max_len):
+def _seq_mean_token_sum(values_BxT, mask_BxT, max_len, sequence_sums=row_sums):
     del max_len
-    count_B = jnp.sum(mask_BxT, axis=-1)
+    count_B = sequence_sums(mask_BxT)
     return jnp.sum(values_BxT * mask_BxT), jnp.sum(count_B > 0).astype(values_BxT.dtype)
 
 
-def _seq_mean_token_sum_norm(values_BxT, mask_BxT, max_len):
-    total, num_seqs = _seq_mean_token_sum(values_BxT, mask_BxT, None)
+def _seq_mean_token_sum_norm(values_BxT, mask_BxT, max_len, sequence_sums=row_sums):
+    total, num_seqs = _seq_mean_token_sum(values_BxT, mask_BxT, None, sequence_sums)
     return total / max_len, num_seqs
 
 
@@ -131,13 +152,14 @@ _MAX_TERMS = ("ratio_max",)
 _MIN_TERMS = ("ratio_min",)
 
 
-def _check_shapes(logp, old_logp, advantages, mask, level):
+def _check_shapes(logp, old_logp, advantages, mask, level, num_sequences):
     if logp.ndim != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape:
         raise ValueError(
             "logp, old_logp and mask must share one [B, T] shape; got "
             f"logp {logp.shape}, old_logp {old_logp.shape}, mask {mask.shape}"
         )
-    valid = [logp.shape[:1]] + ([logp.shape] if level == "token" else [])
+    per_response = (num_sequences,) if num_sequences is not None else logp.shape[:1]
+    valid = [per_response] + ([logp.shape] if level == "token" else [])
     if advantages.shape not in valid:
         raise ValueError(
             f"advantages has shape {advantages.shape}; at level={level!r} valid shapes are "
@@ -158,8 +180,14 @@ def policy_loss_terms(
     level: str = "token",
     agg: str = "token-mean",
     max_len: float | None = None,
+    sequence_ids=None,
+    num_sequences: int | None = None,
 ) -> dict[str, jax.Array]:
     """The additive terms of `policy_loss` for one (micro-)batch; see the module docstring.
+
+    Packed rows: `sequence_ids` [R, T] (int, the response of each token) and `num_sequences`;
+    per-response advantages are then [num_sequences]. Responses with no token in this batch
+    count nowhere, so a micro-batch of packed rows may name all of its minibatch's responses.
 
     Returns scalars: `loss_sum`, `loss_denom` (loss = loss_sum / loss_denom), and metric terms
     (`clip_count`, `ratio_dev_sum`, `ratio_count`, `ppo_kl_sum`, `token_count`, `ratio_max`,
@@ -176,28 +204,35 @@ def policy_loss_terms(
         )
     logp, old_logp, advantages = (jnp.asarray(x, jnp.float32) for x in (logp, old_logp, advantages))
     mask_BxT = jnp.asarray(mask, jnp.float32)
-    _check_shapes(logp, old_logp, advantages, mask_BxT, level)
+    if (sequence_ids is None) != (num_sequences is None):
+        raise ValueError("packed rows need both sequence_ids and num_sequences")
+    _check_shapes(logp, old_logp, advantages, mask_BxT, level, num_sequences)
     eps_high = eps if eps_high is None else eps_high
     max_len = logp.shape[1] if max_len is None else max_len
+    if sequence_ids is None:
+        sequence_sums, to_tokens = row_sums, lambda x_B: x_B[:, None]
+    else:
+        sequence_sums = segment_sums(sequence_ids, num_sequences)
+        to_tokens = lambda x_S: jnp.take(x_S, jnp.asarray(sequence_ids), axis=0)
 
     log_ratio_BxT = jnp.where(
         mask_BxT > 0, jnp.clip(logp - old_logp, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP), 0.0
     )
     if level == "token":
-        adv = advantages if advantages.ndim == 2 else advantages[:, None]
+        adv = advantages if advantages.ndim == 2 else to_tokens(advantages)
         ratio = jnp.exp(log_ratio_BxT)
         adv = jnp.broadcast_to(adv, ratio.shape)
         unit_mask = mask_BxT
         objective_BxT = objective_fn(ratio, adv, eps, eps_high, dual_clip)
     else:
-        count_B = jnp.sum(mask_BxT, axis=-1)
-        ratio = jnp.exp(jnp.sum(log_ratio_BxT, axis=-1) / jnp.maximum(count_B, 1.0))
+        count_B = sequence_sums(mask_BxT)
+        ratio = jnp.exp(sequence_sums(log_ratio_BxT) / jnp.maximum(count_B, 1.0))
         adv = advantages
         unit_mask = (count_B > 0).astype(jnp.float32)
         objective_B = objective_fn(ratio, adv, eps, eps_high, dual_clip)
-        objective_BxT = jnp.broadcast_to(objective_B[:, None], mask_BxT.shape)
+        objective_BxT = jnp.broadcast_to(to_tokens(objective_B), mask_BxT.shape)
 
-    loss_sum, loss_denom = agg_fn(-objective_BxT, mask_BxT, max_len)
+    loss_sum, loss_denom = agg_fn(-objective_BxT, mask_BxT, max_len, sequence_sums)
     would_clip = ((adv > 0) & (ratio > 1.0 + eps_high)) | ((adv < 0) & (ratio < 1.0 - eps))
     valid = unit_mask > 0
     return {
@@ -273,18 +308,19 @@ def kl(logp, ref_logp, estimator: str = "k3"):
 
 
 def kl_terms(logp, ref_logp, mask, *, estimator: str = "k3", agg: str = "token-mean",
-             max_len: float | None = None) -> dict[str, jax.Array]:
+             max_len: float | None = None, sequence_sums=row_sums) -> dict[str, jax.Array]:
     """The KL-to-reference loss term of one (micro-)batch, aggregated like the policy loss.
 
     Returns scalars `kl_loss_sum` — the per-token estimate aggregated by `agg` (the numerator of
     the pair `agg` returns; its denominator is the policy loss's, as both use the same masks), so
     the loss with a KL term is (loss_sum + β·kl_loss_sum) / loss_denom — and `kl_sum`, the plain
     token sum (divided by `token_count` it is the `kl_ref` metric). Both add over micro-batches.
+    Packed rows pass `sequence_sums=segment_sums(sequence_ids, num_sequences)`.
     """
     mask_BxT = jnp.asarray(mask, jnp.float32)
     max_len = mask_BxT.shape[1] if max_len is None else max_len
     kl_BxT = kl(logp, ref_logp, estimator) * mask_BxT
-    kl_loss_sum, _ = lookup("agg", agg)(kl_BxT, mask_BxT, max_len)
+    kl_loss_sum, _ = lookup("agg", agg)(kl_BxT, mask_BxT, max_len, sequence_sums)
     return {"kl_loss_sum": kl_loss_sum, "kl_sum": jnp.sum(kl_BxT)}
 
 

@@ -29,8 +29,18 @@ Decisions written down here:
   * Gradient accumulation is exact: the loss denominators (token or sequence counts) depend only on
     the masks, so they are computed for the whole minibatch first and each micro-batch contributes
     grad(loss_sum_i / denominator); the sum over micro-batches is the full-minibatch gradient.
-  * Minibatches are a fresh permutation of the rollout per epoch, drawn on device from
-    (seed, step, epoch), so a resumed run draws the same ones.
+  * Minibatches are a fresh permutation of the rollout per epoch, drawn from (seed, step, epoch)
+    so a resumed run draws the same ones. The permutation is drawn on the host (B integers; the
+    packer plans from it) and uploaded; the rows are gathered on device.
+  * Sequence packing (`rl.pack`, `cfpo_jax.packing`): the update, the old-logprob and the
+    reference passes see packed rows. The host plans each minibatch after the epoch's
+    permutation (the lengths are host facts: prompts are tokenised there, completion lengths come
+    back with the completion text), uploads the plan's index arrays, and the device gathers the
+    packed minibatch from the rollout it holds (`Setup.pack`). Losses and metrics run on the
+    packed completion layout [R, N] with per-sequence sums by sequence id, so they equal the
+    unpacked ones; the old and reference logprobs are unpacked back to [B, N] in the rollout.
+    Packed row counts come from a ladder (`packing.row_ladder`): the distinct learner shapes a
+    run compiled are logged as the `learner_shapes` metric.
   * The sampler gets a key split off the state's rng each step: same seed and same data iterator
     state → same samples, which is what makes a resumed run equal an uninterrupted one.
   * Multi-turn episodes (`config.env.name`, `cfpo_jax.envs`): the rollout samples episodes through
@@ -70,7 +80,7 @@ from jax.sharding import PartitionSpec as PS
 from ml_collections import config_flags
 
 from cfpo_jax import advantages, checkpoint, data, envs, evaluate, losses, models, rewards, sampling
-from cfpo_jax import lora, sharding, tiny, warmstart
+from cfpo_jax import lora, packing, sharding, tiny, warmstart
 from cfpo_jax import config as config_lib
 from cfpo_jax import logging as metrics_lib
 
@@ -141,11 +151,63 @@ def make_logprobs(graphdef, frozen, *, temperature: float, micro_batch_size: int
     return logprobs
 
 
+def packed_completion_logprobs(model, packed, temperature: float):
+    """(logp, entropy) [R, N], float32, of the packed completion layout of `packed` rows (keys
+    tokens, segment, positions [R, W]; comp_col, mask [R, N]; see `pack_minibatch`)."""
+    return models.packed_logprobs(model, packed["tokens"], packed["segment"], packed["positions"],
+                                  packed["comp_col"], packed["mask"], temperature=temperature)
+
+
+def make_packed_logprobs(graphdef, frozen, *, temperature: float, micro_batch_size: int):
+    """Jittable (params, packed rows) -> (logp [R, N], entropy [R, N]) in micro-batches of
+    `micro_batch_size` packed rows (0: all at once)."""
+
+    def logprobs(params, packed):
+        model = nnx.merge(graphdef, params, frozen)
+        rows, width = packed["comp_col"].shape
+        keys = ("tokens", "segment", "positions", "comp_col", "mask")
+        micro = _micro_batches({k: packed[k] for k in keys}, micro_batch_size or rows)
+        logp_MxbxN, entropy_MxbxN = jax.lax.map(
+            lambda mb: packed_completion_logprobs(model, mb, temperature), micro)
+        unsplit = lambda x: jnp.swapaxes(x, 0, 1).reshape(rows, width)
+        return unsplit(logp_MxbxN), unsplit(entropy_MxbxN)
+
+    return logprobs
+
+
+_PACKED_ROW_KEYS = ("tokens", "segment", "positions")
+_PACKED_COMPLETION_KEYS = ("mask", "old_logp", "sampler_logp", "ref_logp")
+
+
+def pack_minibatch(batch, plan):
+    """Jittable: the packed minibatch of the rollout `batch` (see `make_update`) under `plan`
+    (`packing.Plan`'s arrays on device, keys without their shape suffix): rows gathered on device.
+
+    Returns tokens, segment, positions [R, W]; comp_col, comp_seq [R, N] and the completion
+    arrays mask, old_logp / sampler_logp, ref_logp [R, N] (those the batch has); adv [S] of the
+    S sequences in plan order."""
+    packed = dict(tokens=packing.pack_rows(batch["tokens"], plan["token_src"]),
+                  segment=plan["segment"], positions=plan["positions"],
+                  comp_col=plan["comp_col"], comp_seq=plan["comp_seq"],
+                  adv=jnp.take(batch["adv"], plan["rows"], axis=0))
+    for key in _PACKED_COMPLETION_KEYS:
+        if key in batch:
+            packed[key] = packing.pack_completion(batch[key], plan["comp_src"], plan["comp_mask"])
+    return packed
+
+
+def plan_arrays(plan: packing.Plan, sharding_) -> dict:
+    """A plan's index arrays uploaded with `sharding_` (the batch sharding), keys without their
+    shape suffix."""
+    arrays = {f.name.rsplit("_", 1)[0]: getattr(plan, f.name) for f in dataclasses.fields(plan)}
+    return {k: _upload(v, sharding_) for k, v in arrays.items()}
+
+
 # ============================================================================ update step
 
 
 def make_update(graphdef, tx, schedule, rl: ml_collections.ConfigDict, *,
-                temperature: float, max_len: int, micro_batch_size: int):
+                temperature: float, max_len: int, micro_batch_size: int, packed: bool = False):
     """The pure `update(state, frozen, batch) -> (state, metrics)` for one minibatch; `frozen` is
     the model state that is not trained (empty, or the frozen base with LoRA).
 
@@ -154,26 +216,37 @@ def make_update(graphdef, tx, schedule, rl: ml_collections.ConfigDict, *,
     (not `rl.kl_in_reward`; the term is aggregated with `rl.agg`), and either old_logp
     [B, N] or — on policy, the one update of a rollout — sampler_logp [B, N], in which case the
     old logprobs are the current ones with a stopped gradient.
+
+    With `packed`, the batch is `pack_minibatch`'s: the per-token arrays in the packed completion
+    layout [R, N] with their sequence ids, adv [S]; micro-batches are `micro_batch_size` packed
+    rows, each seeing all S advantages (a sequence lies within one row).
     """
     loss_kwargs = dict(objective=rl.objective, eps=rl.eps, eps_high=rl.eps_high,
                        dual_clip=rl.dual_clip, level=rl.level, agg=rl.agg, max_len=max_len)
     kl_loss = rl.beta > 0 and not rl.kl_in_reward
 
-    def micro_loss(params, frozen, mb, denom, num_tokens):
+    def micro_loss(params, frozen, mb, adv, denom):
         model = nnx.merge(graphdef, params, frozen)
-        logp_BxN, entropy_BxN = completion_logprobs(model, mb["tokens"], mb["attn"],
-                                                    mb["mask"].shape[1], temperature)
+        if packed:
+            logp_BxN, entropy_BxN = packed_completion_logprobs(model, mb, temperature)
+            sequences = dict(sequence_ids=mb["comp_seq"], num_sequences=adv.shape[0])
+            sequence_sums = losses.segment_sums(mb["comp_seq"], adv.shape[0])
+        else:
+            logp_BxN, entropy_BxN = completion_logprobs(model, mb["tokens"], mb["attn"],
+                                                        mb["mask"].shape[1], temperature)
+            sequences, sequence_sums = {}, losses.row_sums
         on_policy = "old_logp" not in mb
         old_logp_BxN = jax.lax.stop_gradient(logp_BxN) if on_policy else mb["old_logp"]
-        terms = losses.policy_loss_terms(logp_BxN, old_logp_BxN, mb["adv"], mb["mask"],
-                                         **loss_kwargs)
+        terms = losses.policy_loss_terms(logp_BxN, old_logp_BxN, adv, mb["mask"],
+                                         **loss_kwargs, **sequences)
         if on_policy:
             terms.update(_rollout_policy_terms(old_logp_BxN, jax.lax.stop_gradient(entropy_BxN),
                                                mb["sampler_logp"], mb["mask"]))
         loss = terms["loss_sum"] / denom
         if kl_loss:  # aggregated like the policy loss, so it shares its denominator
             terms.update(losses.kl_terms(logp_BxN, mb["ref_logp"], mb["mask"],
-                                         estimator=rl.kl_estimator, agg=rl.agg, max_len=max_len))
+                                         estimator=rl.kl_estimator, agg=rl.agg, max_len=max_len,
+                                         sequence_sums=sequence_sums))
             loss = loss + rl.beta * terms["kl_loss_sum"] / denom
         return loss, terms
 
@@ -181,14 +254,19 @@ def make_update(graphdef, tx, schedule, rl: ml_collections.ConfigDict, *,
         params = state["params"]
         mask = batch["mask"].astype(jnp.float32)
         # Denominators depend on masks only: compute them once for the whole minibatch.
-        _, denom = losses.lookup("agg", rl.agg)(mask, mask, max_len)
+        sequence_sums = (losses.segment_sums(batch["comp_seq"], batch["adv"].shape[0]) if packed
+                         else losses.row_sums)
+        _, denom = losses.lookup("agg", rl.agg)(mask, mask, max_len, sequence_sums)
         denom = jnp.maximum(denom, 1e-9)
         num_tokens = jnp.maximum(jnp.sum(mask), 1.0)
-        micro = _micro_batches(batch, micro_batch_size or mask.shape[0])
+        # Packed: every micro-batch sees all advantages (indexed by sequence id).
+        rows = {k: v for k, v in batch.items() if not (packed and k == "adv")}
+        micro = _micro_batches(rows, micro_batch_size or mask.shape[0])
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
 
         def body(grads_acc, mb):
-            (loss, terms), grads = grad_fn(params, frozen, mb, denom, num_tokens)
+            adv = batch["adv"] if packed else mb["adv"]
+            (loss, terms), grads = grad_fn(params, frozen, mb, adv, denom)
             return jax.tree.map(jnp.add, grads_acc, grads), (loss, terms)
 
         zero_grads = jax.tree.map(jnp.zeros_like, params)
@@ -330,11 +408,29 @@ class Setup:
     pad_id: int
     scorer: rewards.Scorer
     split_rng: object  # rng → (next rng, sampler key)
-    prepare: object  # (params, ref_params, frozen, samples, rewards) → (rollout batch, metrics)
-    shuffle: object  # (rollout batch, step, epoch) → num_minibatches minibatches
+    prepare: object  # (params, ref_params, frozen, samples, rewards[, plan]) → (rollout batch, metrics)
+    shuffle: object  # (rollout batch, row order) → num_minibatches minibatches
+    pack: object  # (rollout batch, plan) → packed minibatch (`pack_minibatch`)
     update: object  # (state, frozen, minibatch) → (state, metrics); state donated
     finish_step: object  # (state, rng) → state of the next step; state donated
     env: envs.EnvRollout | None = None  # multi-turn episodes (config.env); None: single-turn
+    # (function, (R, W, N)) of every packed shape planned so far: what the learner compiled for.
+    learner_shapes: set = dataclasses.field(default_factory=set)
+
+    def plan(self, lengths_Bx2, rows_S, kind: str, *, prompt_width: int, completion_width: int):
+        """The packing of rollout rows `rows_S` (host lengths [B, 2]: prompt, completion tokens;
+        the rollout rows are `prompt_width` + `completion_width` columns), uploaded; `kind`
+        ("prepare" or "update") names the function it feeds in `learner_shapes`. Row counts are
+        multiples of the micro-batch (or of the batch shards)."""
+        rl = self.config.rl
+        shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        granule = rl.micro_batch_size or shards
+        max_rows = -(-len(rows_S) // granule) * granule
+        plan = packing.plan(lengths_Bx2[:, 0], lengths_Bx2[:, 1], rows_S,
+                            prompt_width=prompt_width, completion_width=completion_width,
+                            granule=granule, max_rows=max_rows)
+        self.learner_shapes.add((kind, plan.shape))
+        return plan_arrays(plan, sharding.batch_sharding(self.mesh))
 
 
 def make_programs(config, mesh, graphdef, *, pad_id: int, tx, schedule, state_sh, frozen_sh) -> dict:
@@ -347,13 +443,14 @@ def make_programs(config, mesh, graphdef, *, pad_id: int, tx, schedule, state_sh
     on_policy = rl.num_epochs == 1 and rl.num_minibatches == 1
     update = make_update(graphdef, tx, schedule, rl, temperature=sampling_config.temperature,
                          max_len=sampling_config.max_new_tokens,
-                         micro_batch_size=rl.micro_batch_size)
+                         micro_batch_size=rl.micro_batch_size, packed=rl.pack)
     prepare = make_prepare(graphdef, rl, temperature=sampling_config.temperature, pad_id=pad_id,
                            on_policy=on_policy, batch_sh=batch_sh, adapters=config.lora.rank > 0)
     return dict(
         split_rng=jax.jit(lambda key: tuple(jax.random.split(key)), out_shardings=replicated),
         prepare=jax.jit(prepare, out_shardings=(batch_sh, replicated)),
-        shuffle=jax.jit(make_shuffle(config.seed, rl.num_minibatches), out_shardings=batch_sh),
+        shuffle=jax.jit(make_shuffle(rl.num_minibatches), out_shardings=batch_sh),
+        pack=jax.jit(pack_minibatch, out_shardings=batch_sh),
         update=jax.jit(update, in_shardings=(state_sh, frozen_sh, batch_sh),
                        out_shardings=(state_sh, replicated), donate_argnums=0),
         finish_step=jax.jit(lambda state, rng: dict(state, rng=rng, step=state["step"] + 1),
@@ -438,9 +535,11 @@ def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, on_policy: bo
     the learner compiles for few prompt widths; advantages come from the rewards on device, after
     β·Σ_t KL_t is subtracted from each response's reward when `rl.kl_in_reward` (then the batch
     carries no reference logprobs: the update has no KL term). With `adapters` (LoRA) the
-    reference is the policy with its adapters disabled, i.e. the base, and `ref_params` is unused."""
+    reference is the policy with its adapters disabled, i.e. the base, and `ref_params` is unused.
+    With `rl.pack` the old and reference logprob passes run on the rollout packed by `plan`
+    (`Setup.plan` of all rows, in order) and are unpacked back to [B, N]."""
 
-    def prepare(params, ref_params, frozen, samples, reward_B):
+    def prepare(params, ref_params, frozen, samples, reward_B, plan=None):
         width_p = data.bucket_width(samples.prompt_tokens.shape[1])
         pad = ((0, 0), (width_p - samples.prompt_tokens.shape[1], 0))
         tokens_BxL = jnp.concatenate(
@@ -453,9 +552,21 @@ def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, on_policy: bo
         num_tokens = jnp.maximum(jnp.sum(mask_BxN), 1.0)
         batch = dict(tokens=tokens_BxL, attn=attn_BxL, mask=mask_BxN)
         metrics = dict(truncated_frac=1.0 - jnp.mean(samples.eos.astype(jnp.float32)))
-        logprobs = make_logprobs(graphdef, frozen, temperature=temperature,
-                                 micro_batch_size=rl.micro_batch_size,
-                                 num_new=samples.tokens.shape[1])
+        if rl.pack:
+            packed_logprobs = make_packed_logprobs(graphdef, frozen, temperature=temperature,
+                                                   micro_batch_size=rl.micro_batch_size)
+            rows = dict(tokens=packing.pack_rows(tokens_BxL, plan["token_src"]),
+                        segment=plan["segment"], positions=plan["positions"],
+                        comp_col=plan["comp_col"], mask=plan["comp_mask"])
+
+            def logprobs(params, tokens_BxL, attn_BxL):
+                del tokens_BxL, attn_BxL  # packed in `rows`
+                return tuple(packing.unpack_completion(x_RxN, plan["unpack"], mask_BxN)
+                             for x_RxN in packed_logprobs(params, rows))
+        else:
+            logprobs = make_logprobs(graphdef, frozen, temperature=temperature,
+                                     micro_batch_size=rl.micro_batch_size,
+                                     num_new=samples.tokens.shape[1])
         policy_logp_BxN = None
         if on_policy:
             batch["sampler_logp"] = samples.logprobs
@@ -485,11 +596,32 @@ def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, on_policy: bo
     return prepare
 
 
+def prepare_batch(setup: Setup, state, samples: sampling.Samples, reward_B, lengths_Bx2):
+    """The rollout batch (see `rollout`) of scored `samples`: rewards (host [B]) up, then
+    `Setup.prepare` on device (packed by a plan of all rows with `rl.pack`). `lengths_Bx2`: the
+    prompt and completion tokens of each row (host)."""
+    lengths_Bx2 = np.asarray(lengths_Bx2, np.int32)
+    with jax.transfer_guard("disallow"):
+        reward_B = _upload(np.asarray(reward_B, np.float32), NamedSharding(setup.mesh, PS()))
+        plan = {}
+        if setup.config.rl.pack:
+            plan = dict(plan=setup.plan(
+                lengths_Bx2, np.arange(len(lengths_Bx2)), "prepare",
+                prompt_width=data.bucket_width(samples.prompt_tokens.shape[1]),
+                completion_width=samples.tokens.shape[1]))
+        batch, device_metrics = setup.prepare(state["params"], state.get("ref_params"),
+                                              setup.frozen, samples, reward_B, **plan)
+    batch["lengths"] = lengths_Bx2
+    return batch, device_metrics
+
+
 def rollout(setup: Setup, state, prompts: data.Batch, sample_key):
     """sample → completion text → rewards → advantages, old / reference logprobs.
 
     Returns (batch, host_metrics, device_metrics, times): `batch` the rollout on device (see
-    `make_update`), `device_metrics` scalars still on device (fetched once per step).
+    `make_update`) and, under "lengths", int32 [B, 2] on the host: the prompt and completion
+    tokens of each row, what `learn` plans packed minibatches from (no jitted function sees it);
+    `device_metrics` scalars still on device (fetched once per step).
     """
     config = setup.config
     rl, sampling_config = config.rl, config.sampling
@@ -522,10 +654,9 @@ def rollout(setup: Setup, state, prompts: data.Batch, sample_key):
     scores = setup.scorer(completions, answers, prompt_messages=messages, **fields)
     t2 = time.time()
 
-    with jax.transfer_guard("disallow"):
-        reward_B = _upload(scores.total_B.astype(np.float32), NamedSharding(setup.mesh, PS()))
-        batch, device_metrics = setup.prepare(state["params"], state.get("ref_params"),
-                                              setup.frozen, samples, reward_B)
+    prompt_lengths = np.repeat([len(p) for p in prompts.prompts], rl.group_size)
+    batch, device_metrics = prepare_batch(setup, state, samples, scores.total_B,
+                                          np.stack([prompt_lengths, lengths_B], axis=1))
     groups = scores.total_B.reshape(-1, rl.group_size)
     host_metrics = dict(
         **scores.metrics("reward"),
@@ -542,32 +673,45 @@ def rollout(setup: Setup, state, prompts: data.Batch, sample_key):
 # ============================================================================ 3. learn
 
 
-def make_shuffle(seed: int, num_minibatches: int):
-    """Jittable (batch, step, epoch) → `num_minibatches` minibatches of a permutation of the rows
-    drawn from (seed, step, epoch)."""
+def minibatch_order(seed: int, step: int, epoch: int, rows: int) -> np.ndarray:
+    """The permutation of the rollout's rows for (seed, step, epoch), int32 [rows] (host)."""
+    return np.random.default_rng([seed, step, epoch]).permutation(rows).astype(np.int32)
 
-    def shuffle(batch, step, epoch):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), step), epoch)
-        rows = batch["mask"].shape[0]
-        order = jax.random.permutation(key, rows)
-        size = rows // num_minibatches
+
+def make_shuffle(num_minibatches: int):
+    """Jittable (batch, order) → `num_minibatches` minibatches: the rows in `order`, split."""
+
+    def shuffle(batch, order):
+        size = order.shape[0] // num_minibatches
         return [jax.tree.map(lambda x: x[order[i * size:(i + 1) * size]], batch)
                 for i in range(num_minibatches)]
 
     return shuffle
 
 
-def learn(setup: Setup, state, batch):
-    """num_epochs passes over the rollout, each in num_minibatches updates (a fresh permutation
-    of the rows per epoch). Returns (state, [metrics of each update], on device)."""
+def learn(setup: Setup, state, batch, step: int):
+    """num_epochs passes over the rollout `batch` of RL step `step`, each in num_minibatches
+    updates (a fresh permutation of the rows per epoch; packed per minibatch with `rl.pack`).
+    Returns (state, [metrics of each update], on device)."""
     rl = setup.config.rl
+    lengths_Bx2 = batch["lengths"]
+    batch = {k: v for k, v in batch.items() if k != "lengths"}
+    rows = len(lengths_Bx2)
+    size = rows // rl.num_minibatches
+    widths = dict(prompt_width=batch["tokens"].shape[1] - batch["mask"].shape[1],
+                  completion_width=batch["mask"].shape[1])
     update_metrics = []
     for epoch in range(rl.num_epochs):
-        if rl.num_minibatches == 1:
+        order = (np.arange(rows, dtype=np.int32) if rl.num_minibatches == 1
+                 else minibatch_order(setup.config.seed, step, epoch, rows))
+        if rl.pack:
+            minibatches = (setup.pack(batch, setup.plan(lengths_Bx2, order[i * size:(i + 1) * size],
+                                                        "update", **widths))
+                           for i in range(rl.num_minibatches))
+        elif rl.num_minibatches == 1:
             minibatches = [batch]
         else:
-            epoch_index = _upload(np.int32(epoch), NamedSharding(setup.mesh, PS()))
-            minibatches = setup.shuffle(batch, state["step"], epoch_index)
+            minibatches = setup.shuffle(batch, _upload(order, NamedSharding(setup.mesh, PS())))
         for minibatch in minibatches:
             state, metrics = setup.update(state, setup.frozen, minibatch)
             update_metrics.append(metrics)
@@ -707,9 +851,11 @@ def _loop(config, workdir, setup, state, iterator, ckpt, writer, progress, stop)
                                                              sample_key)
         t_learn = time.time()
         with jax.transfer_guard("disallow"):
-            state, update_metrics = learn(setup, state, batch)
+            state, update_metrics = learn(setup, state, batch, step)
             state = setup.finish_step(state, next_rng)
         metrics = step_metrics(host_metrics, device_metrics, update_metrics, state)
+        if config.rl.pack:  # how many packed shapes the learner has compiled for so far
+            metrics["learner_shapes"] = len(setup.learner_shapes)
         step += 1
         metrics.update(times, time_learn_s=time.time() - t_learn, time_step_s=time.time() - t0)
         writer.write(step, metrics)

@@ -13,17 +13,19 @@ from cfpo_jax.models import attention
 
 
 def numpy_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxT):
-    """Causal softmax attention over real keys in float64; rows of padding queries stay zero."""
+    """Causal softmax attention in float64 over the keys of the query's own segment (the mask
+    holds segment ids: 0 padding, 1 the real tokens of an unpacked row, 1, 2, ... the sequences of
+    a packed row); rows of padding queries stay zero."""
     q, k, v = (np.asarray(x, np.float64) for x in (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH))
     B, T, N, H = q.shape
     group = N // k.shape[2]
     out = np.zeros_like(q)
     for b in range(B):
-        real = np.asarray(mask_BxT[b]) != 0
+        segment = np.asarray(mask_BxT[b])
         for n in range(N):
             scores = q[b, :, n] @ k[b, :, n // group].T / np.sqrt(H)
-            for t in np.flatnonzero(real):
-                allowed = real & (np.arange(T) <= t)
+            for t in np.flatnonzero(segment != 0):
+                allowed = (segment == segment[t]) & (np.arange(T) <= t)
                 p = np.exp(scores[t, allowed] - scores[t, allowed].max())
                 out[b, t, n] = (p / p.sum()) @ v[b, allowed, n // group]
     return out
@@ -50,6 +52,35 @@ def test_causal_attention_matches_numpy(implementation):
     assert out.shape == q.shape and out.dtype == jnp.float32
     assert np.isfinite(np.asarray(out)).all()  # padding rows too
     np.testing.assert_allclose(real_rows(out, mask), real_rows(numpy_attention(q, k, v, mask), mask), atol=2e-5)
+
+
+def packed_segments(T, lengths_per_row):
+    """Segment ids [B, T]: each row's sequences end to end (1, 2, ...), then padding (0)."""
+    segment = np.zeros((len(lengths_per_row), T), np.int32)
+    for row, lengths in enumerate(lengths_per_row):
+        ends = np.cumsum(lengths)
+        for k, (start, end) in enumerate(zip(ends - lengths, ends), start=1):
+            segment[row, start:end] = k
+    return jnp.asarray(segment)
+
+
+@pytest.mark.parametrize("implementation", ["einsum", "splash"])
+def test_packed_rows_attend_within_their_sequences(implementation):
+    """Packed rows (segment ids): each sequence attends only to itself, as numpy computes it, and
+    a sequence's output does not change when its neighbour's tokens do."""
+    q, k, v, _ = inputs(100, jnp.float32)
+    segment = packed_segments(100, [[30, 1, 45], [60, 25]])
+    run = jax.jit(lambda *a: attention.causal_attention(*a, implementation=implementation))
+    out = run(q, k, v, segment)
+    np.testing.assert_allclose(real_rows(out, segment), real_rows(numpy_attention(q, k, v, segment), segment),
+                               atol=2e-5)
+    # New keys and values for the first sequence of each row: the others' outputs are unchanged.
+    first = (segment == 1)[:, :, None, None]
+    k2, v2 = jnp.where(first, k + 1.0, k), jnp.where(first, -v, v)
+    out2 = run(q, k2, v2, segment)
+    later = np.asarray(segment > 1)
+    np.testing.assert_array_equal(np.asarray(out2)[later], np.asarray(out)[later])
+    assert not np.allclose(np.asarray(out2)[np.asarray(segment == 1)], np.asarray(out)[np.asarray(segment == 1)])
 
 
 def test_splash_gradients_match_einsum():
@@ -97,7 +128,9 @@ def test_cudnn_matches_reference_in_bfloat16():
             f"{jax.default_backend()!r} (tests/conftest.py defaults JAX_PLATFORMS to cpu: run "
             "JAX_PLATFORMS=cuda,cpu python -m pytest tests/test_attention.py on a GPU machine)"
         )
-    q, k, v, mask = inputs(512, jnp.bfloat16, B=4, N=8, K=2, H=128, pad=(0, 37, 300, 511))
+    q, k, v, mask = inputs(512, jnp.bfloat16, B=5, N=8, K=2, H=128, pad=(0, 37, 300, 511, 0))
+    # The last row is packed: three sequences, then padding (block-diagonal mask).
+    mask = mask.at[4].set(packed_segments(512, [[200, 7, 250]])[0])
     assert attention.resolve("auto", jnp.bfloat16, 128) == "cudnn"
     fused = jax.jit(lambda *a: attention.causal_attention(*a, implementation="cudnn"))(q, k, v, mask)
     reference = numpy_attention(q, k, v, mask)

@@ -244,7 +244,7 @@ def test_episode_token_bookkeeping_against_a_hand_built_transcript(tiny_policy):
     # attention mask, which covers the answers; the loss mask covers only sampled tokens.
     prepare = train.make_prepare(
         nnx_graphdef(model), ml_collections.ConfigDict(dict(micro_batch_size=0, beta=0.0, kl_in_reward=False,
-                                                            estimator="grpo", group_size=2)),
+                                                            estimator="grpo", group_size=2, pack=False)),
         temperature=1.0, pad_id=tokenizer.pad_token_id, on_policy=False,
         batch_sh=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     graphdef, params, frozen = split(model)

@@ -238,10 +238,10 @@ def test_training_moves_only_the_adapters_and_the_reference_is_the_base(tmp_path
     assert moments_size == 2 * adapter_size  # Adam's mu and nu, of the adapters alone
     base_before = jax.device_get(setup.frozen)
     adapters_before = jax.device_get(state["params"])
-    for _ in range(2):
+    for step in range(2):
         next_rng, sample_key = setup.split_rng(state["rng"])
         batch, _, _, _ = train.rollout(setup, state, prompts, sample_key)
-        state, _ = train.learn(setup, state, batch)
+        state, _ = train.learn(setup, state, batch, step)
         state = setup.finish_step(state, next_rng)
     base_after = jax.device_get(setup.frozen)
     for before, after in zip(jax.tree.leaves(base_before), jax.tree.leaves(base_after)):

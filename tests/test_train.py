@@ -142,6 +142,32 @@ def test_one_and_eight_devices_and_micro_batches_give_the_same_losses(tmp_path):
         np.testing.assert_allclose(losses[name], losses["1"], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
+def test_packed_learner_equals_unpacked_on_one_and_eight_devices(tmp_path):
+    """rl.pack: the same minibatches (one host permutation per epoch), packed, give the unpacked
+    run's losses, gradient norms, KL, entropy and clip fraction over two steps of 2 epochs × 2
+    minibatches (off policy, so the old-logprob and reference passes are packed too); on 8
+    devices (fsdp 8, micro-batches of 8 packed rows) as on one."""
+    results = {}
+    for name, (pack, fsdp, micro, devices) in {
+        "unpacked": (False, 1, 0, jax.devices()[:1]),
+        "packed": (True, 1, 0, jax.devices()[:1]),
+        "packed-fsdp8-micro": (True, 8, 8, jax.devices()),
+    }.items():
+        config = tiny(rl__pack=pack, mesh__fsdp=fsdp, rl__micro_batch_size=micro, rl__beta=0.1,
+                      rl__agg="seq-mean-token-mean", rl__num_epochs=2, rl__num_minibatches=2,
+                      sampling__max_new_tokens=6, train__num_steps=2)
+        train.run(config, str(tmp_path / name), devices=devices)
+        metrics = read_metrics(str(tmp_path / name))
+        results[name] = [(m["loss"], m["grad_norm"], m["kl_ref"], m["entropy"], m["clip_frac"],
+                          m["ratio_dev"], m["reward_mean"]) for m in metrics]
+        if pack:
+            assert all(m["learner_shapes"] >= 2 for m in metrics)  # prepare's and update's
+    assert results["unpacked"][1][0] != 0 and results["unpacked"][1][5] > 0
+    for name in ("packed", "packed-fsdp8-micro"):
+        np.testing.assert_allclose(results[name], results["unpacked"], rtol=1e-4, atol=1e-6,
+                                   err_msg=name)
+
+
 def test_non_finite_update_is_skipped_and_never_checkpointed(tmp_path):
     from flax import nnx
 
@@ -315,11 +341,13 @@ def _stages(tmp_path, config, devices):
     return setup, state, next(iterator)
 
 
-def test_learner_compiles_once_and_keeps_the_step_on_device(tmp_path):
+@pytest.mark.parametrize("pack", [False, True])
+def test_learner_compiles_once_and_keeps_the_step_on_device(tmp_path, pack):
     """Three RL steps of 2 epochs × 2 minibatches with β > 0 on one device (where the optimiser's
-    step counts used to come back in another sharding): `update` compiles once, and everything
-    after scoring runs with implicit host/device transfers disallowed."""
-    config = tiny(rl__num_epochs=2, rl__num_minibatches=2, rl__beta=0.1)
+    step counts used to come back in another sharding): `update` compiles once (packed: once per
+    packed shape the learner planned), and everything after scoring runs with implicit
+    host/device transfers disallowed."""
+    config = tiny(rl__num_epochs=2, rl__num_minibatches=2, rl__beta=0.1, rl__pack=pack)
     setup, state, prompts = _stages(tmp_path, config, jax.devices()[:1])
     compiled = []
 
@@ -329,16 +357,18 @@ def test_learner_compiles_once_and_keeps_the_step_on_device(tmp_path):
 
     jax.monitoring.register_event_duration_secs_listener(on_compile)
     try:
-        for _ in range(3):
+        for step in range(3):
             next_rng, sample_key = setup.split_rng(state["rng"])
             # The same prompts each step, so every step has the same shapes.
             batch, _, _, _ = train.rollout(setup, state, prompts, sample_key)
             with jax.transfer_guard("disallow"):
-                state, update_metrics = train.learn(setup, state, batch)
+                state, update_metrics = train.learn(setup, state, batch, step)
                 state = setup.finish_step(state, next_rng)
     finally:
         jax.monitoring.unregister_event_duration_listener(on_compile)
-    assert [name for name in compiled if "update" in name] == ["jit(update)"], compiled
+    update_shapes = {shape for kind, shape in setup.learner_shapes if kind == "update"}
+    assert [name for name in compiled if "update" in name] == \
+        ["jit(update)"] * (len(update_shapes) if pack else 1), compiled
     assert len(update_metrics) == 4
     assert jax.device_get(state["updates"]) == 12 and jax.device_get(state["step"]) == 3
 
@@ -351,10 +381,11 @@ def test_on_policy_update_reuses_its_own_logprobs_with_unchanged_losses(tmp_path
 
     from cfpo_jax import sampling
 
-    config = tiny(rl__num_epochs=1, rl__micro_batch_size=8)
+    config = tiny(rl__num_epochs=1, rl__micro_batch_size=8, rl__pack=False)
     setup, state, prompts = _stages(tmp_path, config, jax.devices()[:1])
     _, sample_key = setup.split_rng(state["rng"])
     batch, _, _, _ = train.rollout(setup, state, prompts, sample_key)
+    batch.pop("lengths")  # host lengths for the packer; this test calls the update directly
     assert "old_logp" not in batch and "sampler_logp" in batch
     rows, width = batch["tokens"].shape
     spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype)

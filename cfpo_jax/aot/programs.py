@@ -13,6 +13,8 @@ Programs, per config (rows R = batch_size × group_size, P the prompt bucket, N 
   AdamW (or the adapters' update with LoRA); donated state;
 * prepare: the rollout's device half — the old-logprob pass over R rows (off policy only) and the
   reference pass (β > 0), advantages;
+  with `rl.pack` both at their largest row bucket (as many packed rows as sequences: every
+  completion full length), the most memory a packed program of the run can take;
 * prefill: the sampler's insert of the largest prompt batch it prefills at once, into the slots;
 * decode: the sampler's decode chunk over all slots (a `while_loop` of decode steps) with the KV
   cache `max_concurrent`/`kv_cache_gb` gives;
@@ -95,8 +97,15 @@ def learner_programs(config, model_config, mesh) -> dict[str, Program]:
     N = sampling_config.max_new_tokens
     P = data.bucket_width(sampling_config.max_prompt_len)
     on_policy = rl.num_epochs == 1 and rl.num_minibatches == 1
-    minibatch = dict(tokens=column((rows, P + N), jnp.int32), attn=column((rows, P + N), jnp.int32),
-                     mask=column((rows, N), jnp.float32), adv=column((rows,), jnp.float32))
+    if rl.pack:  # `train.pack_minibatch`'s layout at its largest row bucket
+        minibatch = dict(tokens=column((rows, P + N), jnp.int32),
+                         segment=column((rows, P + N), jnp.int32),
+                         positions=column((rows, P + N), jnp.int32),
+                         comp_col=column((rows, N), jnp.int32), comp_seq=column((rows, N), jnp.int32),
+                         mask=column((rows, N), jnp.float32), adv=column((rows,), jnp.float32))
+    else:
+        minibatch = dict(tokens=column((rows, P + N), jnp.int32), attn=column((rows, P + N), jnp.int32),
+                         mask=column((rows, N), jnp.float32), adv=column((rows,), jnp.float32))
     minibatch["sampler_logp" if on_policy else "old_logp"] = column((rows, N), jnp.float32)
     if rl.beta > 0 and not rl.kl_in_reward:
         minibatch["ref_logp"] = column((rows, N), jnp.float32)
@@ -106,6 +115,13 @@ def learner_programs(config, model_config, mesh) -> dict[str, Program]:
         logprobs=column((rollout, N), jnp.float32), lengths=column((rollout,), jnp.int32),
         eos=column((rollout,), jnp.bool_))
     reward = jax.ShapeDtypeStruct((rollout,), jnp.float32, sharding=NamedSharding(mesh, PS()))
+    plan = ()
+    if rl.pack:  # `train.Setup.plan`'s arrays for the whole rollout, at its largest row bucket
+        ints = lambda *shape: column(shape, jnp.int32)
+        plan = (dict(token_src=ints(rollout, P + N), segment=ints(rollout, P + N),
+                     positions=ints(rollout, P + N), comp_col=ints(rollout, N),
+                     comp_src=ints(rollout, N), comp_seq=ints(rollout, N), comp_mask=ints(rollout, N),
+                     unpack=ints(rollout, N), rows=ints(rollout)),)
 
     # Analytic FLOPs count the model's weights (base and adapters) over every token.
     weights = _num_params(params) + _num_params(frozen)
@@ -114,7 +130,7 @@ def learner_programs(config, model_config, mesh) -> dict[str, Program]:
     return dict(
         update=Program(programs["update"], (state, frozen, minibatch),
                        6 * weights * rows * (P + N), rows * (P + N)),
-        prepare=Program(programs["prepare"], (params, state.get("ref_params"), frozen, samples, reward),
+        prepare=Program(programs["prepare"], (params, state.get("ref_params"), frozen, samples, reward, *plan),
                         2 * forwards * weights * rollout * (P + N), forwards * rollout * (P + N)),
     )
 

@@ -4,7 +4,7 @@ Face checkpoint import/export and the chunked log-probabilities the trainer scor
 
 from cfpo_jax.models.config import ModelConfig
 from cfpo_jax.models.hf import eos_token_ids, from_pretrained, load_tokenizer, save_pretrained
-from cfpo_jax.models.logprobs import sequence_logprobs
+from cfpo_jax.models.logprobs import packed_logprobs, sequence_logprobs
 from cfpo_jax.models.transformer import Transformer, default_positions
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "eos_token_ids",
     "from_pretrained",
     "load_tokenizer",
+    "packed_logprobs",
     "save_pretrained",
     "sequence_logprobs",
 ]

@@ -14,11 +14,12 @@ update's forward/backward and the sampler's prefill run. Which kernel runs it:
 (cuDNN takes only bf16/fp16), a head_dim that is not a multiple of 128 on a TPU (splash's lane
 width), any CPU. Naming a fused kernel explicitly where it cannot run is an error.
 
-Masking is the same for every kernel: query t reads key s iff s <= t and key s is a real token
-(`mask_BxS[b, s] != 0`); prompts are left-padded, so padding sits before the real tokens. A padding
-query (whose output is never used) reads only padding keys, which keeps every softmax row finite
-without special cases: cuDNN gets `is_causal` plus a key-padding bias, splash gets segment ids
-(padding 0, real 1), einsum a boolean mask. GQA (num_heads a multiple of num_kv_heads) is native in
+Masking is the same for every kernel: the mask is a segment id per token (0 padding; a row of
+one sequence has 1 on its real tokens, a packed row 1, 2, ... per sequence, `cfpo_jax.packing`),
+and query t reads key s iff s <= t and both are in the same segment. So attention never crosses
+a sequence of a packed row, and a padding query (whose output is never used) reads only padding
+keys, which keeps every softmax row finite without special cases: cuDNN gets `is_causal` plus the
+block-diagonal same-segment mask, splash the segment ids natively, einsum a boolean mask. GQA (num_heads a multiple of num_kv_heads) is native in
 all three; the fused kernels never repeat keys/values per query head.
 
 `masked_attention` is the einsum reference for any [B, T, S] mask (the "einsum" causal path).
@@ -54,9 +55,9 @@ cache up) and read the buffer as it lies:
   TPU is unmeasured: no TPU was available when this was written.
 
 Notes on the fused paths:
-* cuDNN takes the key-padding mask as a [B, 1, T, S] bias in the compute dtype (it has no
-  left-padding mode) and returns its gradient, which nothing uses; the cost is B·T·S elements per
-  layer, not B·N·T·S float32 scores. It runs per shard like the Pallas kernels: its own custom
+* cuDNN takes the same-segment mask as a [B, 1, T, S] boolean (it has no left-padding or
+  segment mode in `jax.nn.dot_product_attention`); the cost is B·T·S elements per layer, not
+  B·N·T·S float32 scores. It runs per shard like the Pallas kernels: its own custom
   partitioning rejects the trainer's FSDP update ("Query, key and value should have same
   sharding", seen compiling for H100s).
 * splash runs per sequence (vmapped over the batch) with the default 128 × 128 blocks; sequences
@@ -145,27 +146,33 @@ def resolve(implementation: str, dtype, head_dim: int, platform: str | None = No
     return implementation
 
 
-def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxT, *, implementation: str = "auto"):
-    """Causal self-attention over real tokens: query t reads key s iff s <= t and mask_BxT[b, s].
+def causal_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT, *, implementation: str = "auto"):
+    """Causal self-attention within segments: query t reads key s iff s <= t and
+    segment_BxT[b, s] == segment_BxT[b, t].
 
-    q [B, T, N, H], k/v [B, T, K, H] with N a multiple of K, all in the compute dtype; mask [B, T]
-    (1 for real tokens). Returns [B, T, N, H] in the compute dtype; softmax statistics in float32.
-    Rows of padding queries hold finite values that callers ignore.
+    q [B, T, N, H], k/v [B, T, K, H] with N a multiple of K, all in the compute dtype; segment ids
+    [B, T] int (0 padding; a plain mask, 1 for real tokens, is the one-sequence case). Returns
+    [B, T, N, H] in the compute dtype; softmax statistics in float32. Rows of padding queries hold
+    finite values that callers ignore.
     """
     H = q_BxTxNxH.shape[-1]
     kernel = resolve(implementation, q_BxTxNxH.dtype, H)
     if kernel == "cudnn":
-        B, K = mask_BxT.shape[0], k_BxTxKxH.shape[2]
+        B, K = segment_BxT.shape[0], k_BxTxKxH.shape[2]
         return _per_shard(_cudnn_causal, B, (q_BxTxNxH.shape[2], K), (2, 2, 2, None))(
-            q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxT)
+            q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT)
     if kernel == "splash":
-        return _splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxT)
+        return _splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT)
     T = q_BxTxNxH.shape[1]
     causal_TxT = jnp.tril(jnp.ones((T, T), bool))
     # Padding queries read the padding keys before them (themselves at least), as in the fused
     # kernels, so no row is empty.
-    key_ok_BxTxT = (mask_BxT[:, None, :] != 0) == (mask_BxT[:, :, None] != 0)
-    return masked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, causal_TxT[None] & key_ok_BxTxT)
+    return masked_attention(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, causal_TxT[None] & same_segment(segment_BxT))
+
+
+def same_segment(segment_BxT):
+    """[B, T, S] boolean: query t and key s are in the same segment (padding is segment 0)."""
+    return segment_BxT[:, :, None] == segment_BxT[:, None, :]
 
 
 def masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
@@ -186,18 +193,17 @@ def masked_attention(q_BxTxNxH, k_BxSxKxH, v_BxSxKxH, mask_BxTxS):
 # ----------------------------------------------------------------------------- GPU: cuDNN
 
 
-def _cudnn_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxT):
-    B, T = mask_BxT.shape
+def _cudnn_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT):
+    T = segment_BxT.shape[1]
     # cuDNN's backward with a bias needs an even length; a trailing pad column is never read by a
     # real query (causality) and its own row is dropped.
     pad = T % 2
     if pad:
         widen = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxT = map(widen, (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxT))
-    Tp = T + pad
-    key_ok_Bx1xTxS = jnp.broadcast_to((mask_BxT != 0)[:, None, None, :], (B, 1, Tp, Tp))
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT = map(widen, (q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT))
     out_BxTxNxH = jax.nn.dot_product_attention(
-        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=key_ok_Bx1xTxS, is_causal=True, implementation="cudnn"
+        q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask=same_segment(segment_BxT)[:, None], is_causal=True,
+        implementation="cudnn"
     )
     return out_BxTxNxH[:, :T]
 
@@ -217,14 +223,15 @@ def _splash_kernel(num_heads: int, seq_len: int, interpret: bool):
         return splash.make_splash_mha_single_device(causal, interpret=interpret)
 
 
-def _splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxT):
+def _splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT):
     from jax.experimental.pallas.ops.tpu.splash_attention.splash_attention_kernel import SegmentIds
 
     B, T, N, H = q_BxTxNxH.shape
     pad = -T % _SPLASH_BLOCK
     widen = lambda x: jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
-    # Segment ids: padding 0, real tokens 1, the block padding 2 (reads only itself).
-    segment_BxT = jnp.pad((mask_BxT != 0).astype(jnp.int32), ((0, 0), (0, pad)), constant_values=2)
+    # The block padding is a segment of its own (reads only itself): T + 1 exceeds any id, as a
+    # row holds at most T sequences.
+    segment_BxT = jnp.pad(segment_BxT.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=T + 1)
     # splash wants heads first and does not scale the scores.
     q_BxNxTxH = (widen(q_BxTxNxH) * jnp.asarray(H**-0.5, q_BxTxNxH.dtype)).transpose(0, 2, 1, 3)
     k_BxKxTxH = widen(k_BxTxKxH).transpose(0, 2, 1, 3)

@@ -8,6 +8,8 @@ comes from its own unembedding row (`Transformer.target_logits`), so no gradient
 [B, chunk, V] is scattered. With `num_completion=N`
 only the last N columns (the completion of a prompt + completion row) are unembedded: the prompt
 columns cost no vocabulary work, which is half of it when prompt and response budgets are equal.
+`packed_logprobs` does the same for packed rows (`cfpo_jax.packing`): the completion tokens'
+predicting hidden states are gathered into an [R, N] layout and only those are unembedded.
 """
 
 from __future__ import annotations
@@ -36,11 +38,37 @@ def sequence_logprobs(model, tokens_BxT, mask_BxT, *, temperature: float = 1.0, 
     hidden_BxTxD = model.hidden(tokens_BxT, mask_BxT=mask_BxT)
     # Column t is scored from the hidden state at t - 1; column 0 gets a dummy that is masked below.
     pred_BxNxD = jnp.concatenate([hidden_BxTxD[:, :1], hidden_BxTxD[:, :-1]], axis=1)[:, T - N:]
+    logp_BxN, entropy_BxN = _score(model, pred_BxNxD, tokens_BxT[:, T - N:], temperature, chunk_size)
+    prev_mask_BxT = jnp.pad(mask_BxT[:, :-1], ((0, 0), (1, 0)))
+    valid_BxN = ((mask_BxT != 0) & (prev_mask_BxT != 0))[:, T - N:]
+    return jnp.where(valid_BxN, logp_BxN, 0.0), jnp.where(valid_BxN, entropy_BxN, 0.0)
+
+
+def packed_logprobs(model, tokens_RxW, segment_RxW, positions_RxW, comp_col_RxN, comp_mask_RxN, *,
+                    temperature: float = 1.0, chunk_size: int = 256):
+    """(logp, entropy), float32 [R, N], of the completion tokens of packed rows
+    (`cfpo_jax.packing.Plan`): entry [r, j] scores the token at column comp_col_RxN[r, j] from
+    the hidden state one column left (same sequence: the packer puts a prompt token first), and is
+    0 where comp_mask_RxN is 0. Only these R·N positions are unembedded."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1; got {chunk_size}")
+    hidden_RxWxD = model.hidden(tokens_RxW, positions_BxT=positions_RxW, mask_BxT=segment_RxW)
+    valid_RxN = comp_mask_RxN != 0
+    pred_col_RxN = jnp.where(valid_RxN, comp_col_RxN - 1, 0)
+    pred_RxNxD = jnp.take_along_axis(hidden_RxWxD, pred_col_RxN[:, :, None], axis=1)
+    targets_RxN = jnp.take_along_axis(tokens_RxW, comp_col_RxN, axis=1)
+    logp_RxN, entropy_RxN = _score(model, pred_RxNxD, targets_RxN, temperature, chunk_size)
+    return jnp.where(valid_RxN, logp_RxN, 0.0), jnp.where(valid_RxN, entropy_RxN, 0.0)
+
+
+def _score(model, pred_BxNxD, targets_BxN, temperature, chunk_size):
+    """(logp, entropy) [B, N] of `targets` under the logits of `pred`, N in chunks under lax.map."""
+    B, N = targets_BxN.shape
     chunk = min(chunk_size, N)
     num_chunks = -(-N // chunk)
     pad = num_chunks * chunk - N
     pred_BxNxD = jnp.pad(pred_BxNxD, ((0, 0), (0, pad), (0, 0)))
-    targets_BxN = jnp.pad(tokens_BxT[:, T - N:], ((0, 0), (0, pad)))
+    targets_BxN = jnp.pad(targets_BxN, ((0, 0), (0, pad)))
     pred_MxBxCxD = pred_BxNxD.reshape(B, num_chunks, chunk, -1).swapaxes(0, 1)
     targets_MxBxC = targets_BxN.reshape(B, num_chunks, chunk).swapaxes(0, 1)
 
@@ -52,6 +80,4 @@ def sequence_logprobs(model, tokens_BxT, mask_BxT, *, temperature: float = 1.0, 
     logp_MxBxC, entropy_MxBxC = jax.lax.map(score, (pred_MxBxCxD, targets_MxBxC))
     logp_BxN = logp_MxBxC.swapaxes(0, 1).reshape(B, -1)[:, :N]
     entropy_BxN = entropy_MxBxC.swapaxes(0, 1).reshape(B, -1)[:, :N]
-    prev_mask_BxT = jnp.pad(mask_BxT[:, :-1], ((0, 0), (1, 0)))
-    valid_BxN = ((mask_BxT != 0) & (prev_mask_BxT != 0))[:, T - N:]
-    return jnp.where(valid_BxN, logp_BxN, 0.0), jnp.where(valid_BxN, entropy_BxN, 0.0)
+    return logp_BxN, entropy_BxN

@@ -104,7 +104,7 @@ REMAT_POLICY = {
 
 def default_positions(mask_BxT):
     """Position ids of a left-padded batch: 0 at the first real token, 0 on padding."""
-    return jnp.maximum(jnp.cumsum(mask_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+    return jnp.maximum(jnp.cumsum((mask_BxT != 0).astype(jnp.int32), axis=-1) - 1, 0)
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -204,7 +204,8 @@ class Attention(nnx.Module):
         return _adapt(self, "o", out_BxTxNxH, out_BxTxD)
 
     def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxT):
-        """Causal self-attention over this call's tokens (padding keys masked): [B, T, D]."""
+        """Causal self-attention over this call's tokens within segments (`mask_BxT`: segment
+        ids, 0 padding; see `attention.causal_attention`): [B, T, D]."""
         q_BxTxNxH, k_BxTxKxH, v_BxTxKxH = self.qkv(x_BxTxD, sin_BxTxH, cos_BxTxH)
         out_BxTxNxH = attention.causal_attention(
             q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, mask_BxT, implementation=self.config.attention
@@ -283,7 +284,11 @@ class Transformer(nnx.Module):
         return jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(self.config.dtype)
 
     def hidden(self, tokens_BxT, *, positions_BxT=None, mask_BxT=None):
-        """Final-norm hidden states [B, T, D] (compute dtype), causal over real tokens only."""
+        """Final-norm hidden states [B, T, D] (compute dtype), causal over real tokens only.
+
+        `mask_BxT` is 1 on real tokens, or for packed rows (`cfpo_jax.packing`) the segment ids
+        (1, 2, ... per sequence, 0 padding) with `positions_BxT` restarting at 0 per sequence:
+        attention then stays within a segment and each sequence computes what it does alone."""
         if mask_BxT is None:
             mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
             if positions_BxT is None:
