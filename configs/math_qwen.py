@@ -24,8 +24,8 @@ H100 (8-way FSDP) — update peak 13.0 GB, old-logprob pass 2.9 GB, sampler pref
 decode 33.8 GB (33 GB of arguments: mostly the 512 slots' KV cache); cuDNN attention and the
 Pallas decode kernel in the HLO; smallest target it fits: h100x8. Not a v5e-8 as configured: the
 update (splash attention) needs 18.3 GB of a 16 GiB chip and the 512-slot sampler runs out of
-HBM; lower rl.micro_batch_size and sampling.max_concurrent there (not yet compiled at lower
-settings; a v5p-8's 95 GiB chips were not compiled either).
+HBM. With rl.micro_batch_size=32 and sampling.max_concurrent=128 it fits one: update 13.6 GB,
+prefill 5.4 GB, decode 4.6 GB (splash and paged kernels). A v5p-8 was not compiled.
 3b and 7b: not yet compiled for the chips (the CPU-device figures of the retired
 benchmarks/memory.py, 2026-11-23, einsum attention: update peak 32.4 / 41.2 GB, old-logprob pass
 13.4 / 14.0 GB per device on 8). The rollout's memory is next.
