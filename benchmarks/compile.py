@@ -49,6 +49,7 @@ from cfpo_jax.rewards import registry  # noqa: E402
 CONFIGS = ("configs/gsm8k_qwen.py:0.5b", "configs/gsm8k_qwen.py:1.5b", "configs/gsm8k_qwen_lora.py",
            "configs/math_qwen.py:1.5b", "configs/math_qwen.py:3b", "configs/math_qwen.py:7b",
            "configs/align_llama.py")
+PROGRAMS = ("update", "prepare", "prefill", "decode", "reward")
 GB = 1e9
 
 
@@ -88,13 +89,19 @@ def reward_models(config):
     return out
 
 
-def rows_for(spec, target, config, mesh):
+def rows_for(spec, target, config, mesh, only=PROGRAMS):
     model = policy_model_config(config)
-    built = {**programs.learner_programs(config, model, mesh), **programs.sampler_programs(config, model, mesh)}
-    for _, rm in reward_models(config):
+    built = {}
+    if {"update", "prepare"} & set(only):
+        built.update(programs.learner_programs(config, model, mesh))
+    if {"prefill", "decode"} & set(only):
+        built.update(programs.sampler_programs(config, model, mesh))
+    for _, rm in reward_models(config) if "reward" in only else ():
         built["reward"] = programs.reward_program(config, rm, mesh)
     with jax.default_matmul_precision("default"):
         for name, program in built.items():
+            if name not in only:
+                continue
             row = report.compile_program(program, mesh)
             row.update(config=spec.removeprefix("configs/"), target=target.name, program=name,
                        chip_bytes=target.chip_bytes, model_flops=program.model_flops / mesh.size)
@@ -123,6 +130,7 @@ def main():
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="config files with their argument")
     parser.add_argument("--set", nargs="*", default=(), metavar="SECTION.FIELD=VALUE",
                         help="config overrides (e.g. rl.micro_batch_size=8 model.remat_policy=full)")
+    parser.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS)
     parser.add_argument("--json", help="write the rows as a JSON list here")
     args = parser.parse_args()
     target = targets.get(args.target)
@@ -136,7 +144,7 @@ def main():
     for spec in args.configs:
         config = load_config(spec, args.set)
         mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
-        for row in rows_for(spec, target, config, mesh):
+        for row in rows_for(spec, target, config, mesh, args.programs):
             rows.append(row)
             print("| " + " | ".join(cells(row)) + " |", flush=True)
             if args.json:

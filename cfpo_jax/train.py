@@ -834,7 +834,6 @@ def _run(config, workdir, devices, stop):
 
 
 def _loop(config, workdir, setup, state, iterator, ckpt, writer, progress, stop):
-    is_main = jax.process_index() == 0
     num_steps = config.train.num_steps
     policy = lambda: nnx.merge(setup.graphdef, state["params"], setup.frozen)
     meta = lambda: {"data": iterator.state, "base_model": setup.base_model}

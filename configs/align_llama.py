@@ -17,6 +17,10 @@ policy with float32 master weights and Adam moments is 16 B/param = 128 GB, the 
 and reward model 16 GB each, all FSDP-sharded over 8 devices ≈ 20 GB per device before activations
 (remat on, micro-batches of 8 sequences of ≤ 2048 tokens).
 
+Compiled for the real chips (benchmarks/compile.py): not yet — the 2-core box did not get to
+this config on 2026-12-03; benchmarks/compile.py with target h100x8 gives its per-chip peaks and
+whether it fits (benchmarks/README.md).
+
 Expected run time — computed, not measured (no GPU run of this config has been made): ≈ 2 min per
 RL step on 8 × H100, ≈ 3.5 h for the 100 steps. Basis: a step has 192 × 8 = 1536 responses of up
 to 1024 + 1024 tokens (≈ 2.3M tokens at an assumed mean of 1500); learning (rematted forward +

@@ -12,13 +12,15 @@ tokens (262k tokens at the 37.8k tokens/s benchmarks/README.md measured for this
 (≈ 2e15 FLOPs, ≈ 7 s at ~300 TFLOP/s); a greedy evaluation of 500 problems every 25 steps ≈ 10 s.
 A Colab TPU is slower: count several times that.
 
-Memory of the learner on one device, measured from XLA's compiled program (benchmarks/memory.py:
-the trainer's update and old-logprob pass AOT-compiled with abstract inputs; GB = 1e9 bytes; see
-benchmarks/README.md, 2026-11-23): update peak 0.5b 18.8 GB, 1.5b 41.0 GB at the micro-batch of 8
-(at 32, the earlier setting, 43.1 and 67.1 GB: too much for a 24 GB card); old-logprob pass 5.0 and
-9.6 GB. Upper bounds for attention: the CPU compile materialises [T, T] scores that the GPU/TPU
-kernels do not. The rollout's own memory (the sampler's KV cache, next to the resident params and
-Adam moments) is not in these figures.
+Compiled for the real chips (benchmarks/compile.py, GPU/TPU compilers on compile-only devices,
+per-chip GB = 1e9 bytes; benchmarks/README.md, 2026-12-03): 0.5b on one H100 — update peak
+13.6 GB, old-logprob pass 3.5 GB, sampler prefill 7.1 GB, decode 6.5 GB, cuDNN attention and the
+Pallas decode kernel in the HLO; smallest target it fits: h100x1 (the largest need is the
+update's 13.6 GB; while sampling, the 5.9 GB training state stays resident beside the sampler's
+7.1 GB: ≈ 13 GB, so within a 24 GB card too). On a v5e-8 (16 GB chips, 8-way FSDP) the update peaks at 3.6 GB and the
+old-logprob pass at 1.8 GB (einsum attention: head_dim 64 is not splash's 128). 1.5b on one
+H100: update peak 32.1 GB, old-logprob pass 7.9 GB (sampler not yet compiled); fits h100x1 (its
+docstring's 48 GB+ card holds the update).
 
 Sampling memory (one GPU; cfpo_jax.sampling): the 64 × 8 = 512 rows of a step decode at once
 (sampling.max_concurrent = 512, the whole rollout) for 0.5b; each slot holds keys and values for

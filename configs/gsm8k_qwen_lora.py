@@ -14,6 +14,10 @@ benchmarks/README.md) ≈ 25 s; learning is one logprob forward plus a rematted 
 over 512 × 768 tokens, ≈ 2.4e16 FLOPs (a frozen base needs no weight gradients) ≈ 60-80 s at
 300-400 TFLOP/s. benchmarks/train_step.py's LoRA row (7B, rank 64) is still to be taken.
 
+Compiled for the real chips (benchmarks/compile.py): not yet — the 2-core box did not get to
+this config on 2026-12-03; benchmarks/compile.py with target h100x1 gives its per-chip peaks and
+whether it fits (benchmarks/README.md).
+
 Memory on one H100 (80 GB, 79 GiB usable), from the shapes (`jax.eval_shape` of this model):
   persistent
     frozen base, bfloat16 (7.62e9 parameters)                              14.2 GiB

@@ -18,14 +18,17 @@ for the longer cache, so ≈ 65 s over 8 GPUs) and then runs one logprob forward
 forward/backward over 10.5M tokens (≈ 1.6e17 FLOPs at ~300 TFLOP/s per GPU ≈ 65 s); the
 evaluation every 10 steps adds ≈ 1.5 min (1.5b).
 
-Memory per device of the learner, measured from XLA's compiled program (benchmarks/memory.py:
-the trainer's update and old-logprob pass AOT-compiled with abstract inputs on 8 fake CPU devices,
-8-way FSDP; GB = 1e9 bytes; see benchmarks/README.md, 2026-11-23): update peak 1.5b 40.8 GB
-(micro-batch 64), 3b 32.4 GB (32), 7b 41.2 GB (16: 11.4 GB params + Adam moments, 29.8 GB
-temporaries); old-logprob pass 20.9 / 13.4 / 14.0 GB. All fit 80 GB. Upper bounds for attention:
-the CPU compile materialises [T, T] scores that the GPU/TPU kernels do not. The rollout's own
-memory (the sampler's KV cache, next to the resident params and Adam moments) is not in these
-figures.
+Compiled for the real chips (benchmarks/compile.py: the run's own programs, GPU/TPU compilers on
+compile-only devices; per-chip GB = 1e9 bytes; benchmarks/README.md, 2026-12-03): 1.5b on 8 ×
+H100 (8-way FSDP) — update peak 13.0 GB, old-logprob pass 2.9 GB, sampler prefill 35.9 GB and
+decode 33.8 GB (33 GB of arguments: mostly the 512 slots' KV cache); cuDNN attention and the
+Pallas decode kernel in the HLO; smallest target it fits: h100x8. Not a v5e-8 as configured: the
+update (splash attention) needs 18.3 GB of a 16 GiB chip and the 512-slot sampler runs out of
+HBM. With rl.micro_batch_size=32 and sampling.max_concurrent=128 it fits one: update 13.6 GB,
+prefill 5.4 GB, decode 4.6 GB (splash and paged kernels). A v5p-8 was not compiled.
+3b and 7b: not yet compiled for the chips (the CPU-device figures of the retired
+benchmarks/memory.py, 2026-11-23, einsum attention: update peak 32.4 / 41.2 GB, old-logprob pass
+13.4 / 14.0 GB per device on 8). The rollout's memory is next.
 
 Sampling memory per GPU (8-way FSDP, tensor = 1; sampling.max_concurrent rows over the 8 GPUs,
 so max_concurrent / 8 slots each; cfpo_jax.sampling): every slot holds keys and values for

@@ -205,7 +205,9 @@ def _batch_shards(mesh) -> int:
 
 
 def _lowered_outputs(jitted, *args):
-    """The abstract outputs of `jitted(*args)` with the shardings its lowering gives them."""
+    """The abstract outputs of `jitted(*args)` with the shardings its compiled program gives them
+    (the lowering leaves those set by sharding constraints undecided)."""
     with mesh_context(args[2] if jitted is decoding._gather_jit else args[0].mesh):
-        out = jitted.lower(*args).out_info
-    return jax.tree.map(lambda o: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=o.sharding), out)
+        lowered = jitted.lower(*args)
+        shardings = lowered.compile().output_shardings
+    return jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s), lowered.out_info, shardings)
