@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
+import chips  # noqa: E402
 import shapes  # noqa: E402
 from cfpo_jax import config as config_lib  # noqa: E402
 from cfpo_jax import sharding  # noqa: E402
@@ -106,8 +107,9 @@ def rows_for(spec, target, config, mesh, only=PROGRAMS):
             row.update(config=spec.removeprefix("configs/"), target=target.name, program=name,
                        chip_bytes=target.chip_bytes, model_flops=program.model_flops / mesh.size)
             row["fits"] = bool(row["compiled"] and row["peak"] <= target.chip_bytes)
-            if row["compiled"] and row.get("bytes_accessed"):
-                row["bound_s"] = max(row["flops"] / target.peak_flops, row["bytes_accessed"] / target.hbm_bytes_per_s)
+            chip = chips.lookup(mesh.devices.flat[0].device_kind)
+            if row["compiled"] and row.get("bytes_accessed") and chip:
+                row["bound_s"] = max(row["flops"] / chip.bf16_flops, row["bytes_accessed"] / chip.hbm_bytes_per_s)
             yield row
 
 

@@ -1,4 +1,4 @@
-"""Compile-only devices of real accelerators, and their published figures.
+"""Compile-only devices of real accelerators, and their memory per chip.
 
 `devices("v5p-8")` gives the devices of a TPU v5p slice, `devices("h100x8")` eight H100s, on a
 host without any of them: libtpu's topologies (`jax.experimental.topologies`) and the jax CUDA
@@ -11,10 +11,10 @@ Needs `JAX_PLATFORMS=cpu` (no accelerator is initialised) and the `compile` extr
 Names follow Cloud's: a TPU slice is named by its TensorCores (v5p-8, v4-8: 4 chips of 2 cores;
 v5e-8, v6e-8: 8 chips of one core); an H100 host by its GPU count.
 
-The figures per chip are the vendors' published ones (bf16 dense peak, HBM capacity and
-bandwidth): Cloud TPU's system-architecture pages for v4/v5e/v5p/v6e, NVIDIA's H100 SXM
-datasheet (its HBM as XLA's spec states it: 84,942,979,072 bytes). They size the memory check
-and the roofline *bound* of `cfpo_jax.aot.report`; they time nothing.
+HBM per chip is the vendors' published capacity (Cloud TPU's system-architecture pages for
+v4/v5e/v5p/v6e; an H100's as XLA's spec states it: 84,942,979,072 bytes): it sizes the memory
+check. The peak FLOP/s and bandwidth of a roofline *bound* are looked up by device kind in the
+one table of published chip figures, benchmarks/chips.py; they time nothing.
 """
 
 from __future__ import annotations
@@ -33,26 +33,24 @@ class Target:
     topology: str  # libtpu topology name, or the CUDA plugin's "hosts x slices x devices"
     chips: int
     chip_bytes: int  # HBM per chip
-    peak_flops: float  # bf16 dense FLOP/s per chip
-    hbm_bytes_per_s: float  # per chip
     chip_config: str = "default"  # libtpu: "megacore" fuses a v4/v5p chip's two cores
 
 
-def _tpu(name, topology, chips, gib, tflops, gbps, chip_config="default"):
-    return Target(name, "tpu", topology, chips, gib * GIB, tflops * 1e12, gbps * 1e9, chip_config)
+def _tpu(name, topology, chips, gib, chip_config="default"):
+    return Target(name, "tpu", topology, chips, gib * GIB, chip_config)
 
 
 def _h100(chips):
-    return Target(f"h100x{chips}", "cuda", f"1x1x{chips}", chips, 84_942_979_072, 989.4e12, 3352.3e9)
+    return Target(f"h100x{chips}", "cuda", f"1x1x{chips}", chips, 84_942_979_072)
 
 
 TARGETS = {t.name: t for t in (
     _h100(8), _h100(1), _h100(2),
-    _tpu("v5p-8", "v5p:2x2x1", 4, 95, 459, 2765),
-    _tpu("v4-8", "v4:2x2x1", 4, 32, 275, 1200, chip_config="megacore"),
-    _tpu("v5e-8", "v5e:2x4", 8, 16, 197, 819),
-    _tpu("v5e-4", "v5e:2x2", 4, 16, 197, 819),
-    _tpu("v6e-8", "v6e:2x4", 8, 32, 918, 1640),
+    _tpu("v5p-8", "v5p:2x2x1", 4, 95),
+    _tpu("v4-8", "v4:2x2x1", 4, 32, chip_config="megacore"),
+    _tpu("v5e-8", "v5e:2x4", 8, 16),
+    _tpu("v5e-4", "v5e:2x2", 4, 16),
+    _tpu("v6e-8", "v6e:2x4", 8, 32),
 )}
 # h100x2 and v5e-4 are the small meshes of the tests; the rest are what configs are run on.
 TARGET_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "h100_sxm.txtpb")
