@@ -14,9 +14,9 @@ budget; the reward functions score the finished episode's text as usual.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Callable, Protocol
 
+from cfpo_jax import user_functions
 from cfpo_jax.envs import tools as tools_lib
 from cfpo_jax.envs.formats import Message, ToolCall
 
@@ -82,17 +82,4 @@ BUILTINS: dict[str, Callable[[dict, EpisodeTools], Environment]] = {"tools": Too
 
 def get(name: str) -> Callable[[dict, EpisodeTools], Environment]:
     """The environment factory "tools", or a user "package.module:function" (a class works)."""
-    if name in BUILTINS:
-        return BUILTINS[name]
-    if ":" not in name:
-        raise ValueError(f"unknown environment {name!r}; valid: {sorted(BUILTINS)} or "
-                         "'package.module:function'")
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"environment {name!r}: cannot import module {module_name!r}: {e}") from e
-    factory = getattr(module, attr, None)
-    if not callable(factory):
-        raise ValueError(f"environment {name!r}: module {module_name!r} has no function {attr!r}")
-    return factory
+    return user_functions.resolve(name, BUILTINS, "environment")

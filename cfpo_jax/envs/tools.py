@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import ast
 import dataclasses
-import importlib
 import inspect
 import operator
 import threading
 import time
 from typing import Callable
+
+from cfpo_jax import user_functions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,19 +119,7 @@ class Tool:
 
 def get(name: str) -> Tool:
     """The built-in tool `name`, or the user function "package.module:function"."""
-    if name in BUILTINS:
-        fn = BUILTINS[name]
-    elif ":" in name:
-        module_name, _, attr = name.partition(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as e:
-            raise ValueError(f"tool {name!r}: cannot import module {module_name!r}: {e}") from e
-        fn = getattr(module, attr, None)
-        if not callable(fn):
-            raise ValueError(f"tool {name!r}: module {module_name!r} has no function {attr!r}")
-    else:
-        raise ValueError(f"unknown tool {name!r}; valid: {sorted(BUILTINS)} or 'package.module:function'")
+    fn = user_functions.resolve(name, BUILTINS, "tool")
     parameters = list(inspect.signature(fn).parameters)
     if not parameters:
         raise ValueError(f"tool {name!r} takes no parameters; a tool takes at least one")

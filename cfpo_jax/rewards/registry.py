@@ -16,11 +16,11 @@ parallel (`SANDBOXED`); the scorer calls it directly instead of in a worker.
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable
 
 import numpy as np
 
+from cfpo_jax import user_functions
 from cfpo_jax.rewards import code, functions, workers
 
 RewardFn = Callable[..., np.ndarray]
@@ -74,24 +74,10 @@ VOTE_KEYS: dict[str, Callable[[str], str | None]] = {
 
 def get(name: str) -> RewardFn:
     """The reward function registered as `name`, or the user function "package.module:function"."""
-    if name in REGISTRY:
-        return REGISTRY[name]
-    if name.startswith(REWARD_MODEL_PREFIX):
+    if name.startswith(REWARD_MODEL_PREFIX) and name not in REGISTRY:
         raise ValueError(f"{name!r} is a reward model, scored on device by rewards.Scorer; it has "
                          "no host function")
-    if ":" not in name:
-        raise ValueError(
-            f"unknown reward function {name!r}; valid: {sorted(REGISTRY)} or 'package.module:function'"
-        )
-    module_name, _, attr = name.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"reward function {name!r}: cannot import module {module_name!r}: {e}") from e
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ValueError(f"reward function {name!r}: module {module_name!r} has no function {attr!r}")
-    return fn
+    return user_functions.resolve(name, REGISTRY, "reward function")
 
 
 def implementation(name: str) -> RewardFn:
