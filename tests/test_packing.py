@@ -318,11 +318,10 @@ def test_packed_update_equals_unpacked(name):
     _, plan_dev = device_plan(rows, granule=max(micro, 1))
     state = lambda: dict(params=jax.tree.map(jax.numpy.copy, params), opt_state=tx.init(params),
                          updates=np.int32(0), skipped_updates=np.int32(0))
-    make = lambda packed: jax.jit(train.make_update(
-        graphdef, tx, lambda _: 1.0, rl, temperature=1.0, max_len=BN, micro_batch_size=micro,
-        packed=packed))
-    unpacked_state, reference = make(False)(state(), frozen, {k: v[rows] for k, v in batch.items()})
-    packed_state, metrics = make(True)(state(), frozen, packed_rows(batch, plan_dev))
+    update = jax.jit(train.make_update(graphdef, tx, lambda _: 1.0, rl, temperature=1.0,
+                                       max_len=BN, micro_batch_size=micro))
+    unpacked_state, reference = update(state(), frozen, {k: v[rows] for k, v in batch.items()})
+    packed_state, metrics = update(state(), frozen, packed_rows(batch, plan_dev))
     assert set(metrics) == set(reference)
     for key in reference:
         np.testing.assert_allclose(metrics[key], reference[key], rtol=1e-5, atol=1e-6, err_msg=key)

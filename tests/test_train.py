@@ -142,11 +142,16 @@ def test_one_and_eight_devices_and_micro_batches_give_the_same_losses(tmp_path):
         np.testing.assert_allclose(losses[name], losses["1"], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-def test_packed_learner_equals_unpacked_on_one_and_eight_devices(tmp_path):
+def test_packed_learner_equals_unpacked_on_one_and_eight_devices(tmp_path, monkeypatch):
     """rl.pack: the same minibatches (one host permutation per epoch), packed, give the unpacked
     run's losses, gradient norms, KL, entropy and clip fraction over two steps of 2 epochs × 2
     minibatches (off policy, so the old-logprob and reference passes are packed too); on 8
     devices (fsdp 8, micro-batches of 8 packed rows) as on one."""
+    from cfpo_jax import packing
+
+    # These rows are one sequence per packed row (a prompt is over half the row width), where the
+    # learner would take the unpacked layout: force the packed programs, which are under test.
+    monkeypatch.setattr(packing, "saves_rows", lambda plan, num_sequences: True)
     results = {}
     for name, (pack, fsdp, micro, devices) in {
         "unpacked": (False, 1, 0, jax.devices()[:1]),
@@ -162,6 +167,7 @@ def test_packed_learner_equals_unpacked_on_one_and_eight_devices(tmp_path):
                           m["ratio_dev"], m["reward_mean"]) for m in metrics]
         if pack:
             assert all(m["learner_shapes"] >= 2 for m in metrics)  # prepare's and update's
+            assert all(m["packed_rows_frac"] == 1.0 for m in metrics)  # forced: as many rows
     assert results["unpacked"][1][0] != 0 and results["unpacked"][1][5] > 0
     for name in ("packed", "packed-fsdp8-micro"):
         np.testing.assert_allclose(results[name], results["unpacked"], rtol=1e-4, atol=1e-6,
@@ -366,11 +372,29 @@ def test_learner_compiles_once_and_keeps_the_step_on_device(tmp_path, pack):
                 state = setup.finish_step(state, next_rng)
     finally:
         jax.monitoring.unregister_event_duration_listener(on_compile)
-    update_shapes = {shape for kind, shape in setup.learner_shapes if kind == "update"}
+    update_shapes = {shape for kind, shape in setup.learner_shapes if kind.startswith("update")}
     assert [name for name in compiled if "update" in name] == \
         ["jit(update)"] * (len(update_shapes) if pack else 1), compiled
     assert len(update_metrics) == 4
     assert jax.device_get(state["updates"]) == 12 and jax.device_get(state["step"]) == 3
+
+
+def test_learner_packs_only_where_it_saves_rows(tmp_path):
+    """Setup.plan: a minibatch of short sequences is packed into fewer rows; one where every
+    sequence is full length gets no plan (the unpacked layout, no gathers), and both are
+    recorded for the learner_shapes and packed_rows_frac metrics."""
+    config = tiny(rl__num_minibatches=2)
+    setup, _, _ = _stages(tmp_path, config, jax.devices()[:1])
+    P, N, S = 16, 3, 8
+    rows_S = np.arange(S)
+    # 2 prompt + 1 completion tokens: a 19-column row holds 3 (its N = 3 completion slots bind)
+    short = np.tile([[2, 1]], (16, 1)).astype(np.int32)
+    full = np.tile([[P, N]], (16, 1)).astype(np.int32)
+    plan = setup.plan(short, rows_S, "update", prompt_width=P, completion_width=N)
+    assert plan is not None and plan["segment"].shape == (3, P + N)  # 8 sequences in 3 rows
+    assert setup.plan(full, rows_S, "update", prompt_width=P, completion_width=N) is None
+    assert setup.learner_shapes == {("update", (3, P + N, N)), ("update unpacked", (S, P + N, N))}
+    assert setup.planned_rows == [(3, S), (S, S)]
 
 
 def test_on_policy_update_reuses_its_own_logprobs_with_unchanged_losses(tmp_path):

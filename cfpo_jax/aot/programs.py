@@ -13,8 +13,11 @@ Programs, per config (rows R = batch_size × group_size, P the prompt bucket, N 
   AdamW (or the adapters' update with LoRA); donated state;
 * prepare: the rollout's device half — the old-logprob pass over R rows (off policy only) and the
   reference pass (β > 0), advantages;
-  with `rl.pack` both at their largest row bucket (as many packed rows as sequences: every
-  completion full length), the most memory a packed program of the run can take;
+  with `rl.pack` both packed at their largest row bucket (as many packed rows as sequences:
+  every completion full length). A run takes the unpacked layout there instead (packing would
+  save no row), so this program never runs as such; it bounds both, its memory being the
+  unpacked program's plus the plan's index arrays (about 1%, benchmarks/packing.py), and it is
+  what holds the segment-id attention kernels a packed run compiles;
 * prefill: the sampler's insert of the largest prompt batch it prefills at once, into the slots;
 * decode: the sampler's decode chunk over all slots (a `while_loop` of decode steps) with the KV
   cache `max_concurrent`/`kv_cache_gb` gives;
