@@ -9,6 +9,12 @@ Launch (GPU node, 8 × 80 GB; see launch/gpu.sh):
   python -m cfpo_jax.train --config=configs/math_qwen.py:1.5b --config.rl.objective=ppo
 Launch (TPU VM / pod slice, every host runs the same command; see launch/tpu_vm.sh):
   launch/tpu_vm.sh my-tpu us-central2-b "--config=configs/math_qwen.py:7b --config.mesh.distributed=True"
+  # one TPU VM: a v5e-8 (16 GiB chips), a v6e-8 (32 GiB) or a v5p-8 (4 chips of 95 GiB)
+  python -m cfpo_jax.train --config=configs/math_qwen.py:1.5b-v5e --workdir=runs/math_qwen_1.5b
+  python -m cfpo_jax.train --config=configs/math_qwen.py:7b-v6e --workdir=runs/math_qwen_7b
+  python -m cfpo_jax.train --config=configs/math_qwen.py:7b-v5p --workdir=runs/math_qwen_7b
+The -v5e/-v6e/-v5p sizes are the same run and maths (results do not depend on either knob) with
+the memory knobs of that slice: micro-batch and the sampler's slots (SIZES below).
 
 Expected run time on 8 × H100 (an estimate, not yet measured end to end): 1.5b ≈ 2–3 min per RL
 step, ≈ 4–5 h for the 100 steps; 3b about twice that; 7b ≈ 10–12 min per step, ≈ 18–20 h. Basis:
@@ -64,6 +70,15 @@ SIZES = {
     "3b": dict(path="Qwen/Qwen2.5-3B-Instruct", micro_batch_size=32, max_concurrent=4096),
     "7b": dict(path="Qwen/Qwen2.5-7B-Instruct", micro_batch_size=16, max_concurrent=2048),
 }
+# A TPU v5e-8 (16 GiB per chip): half the micro-batch (the update's activations), and sampler
+# slots from a 4 GB per-chip budget of keys and values (max_concurrent 0) instead of 512 per chip.
+SIZES["1.5b-v5e"] = dict(SIZES["1.5b"], micro_batch_size=32, max_concurrent=0, kv_cache_gb=4.0)
+# A TPU v6e-8 (32 GiB per chip): the 7b's 256 slots per chip (30 GB of keys and values) do not fit
+# beside its bf16 sampling copy (15 GB); the same 4 GB per-chip budget of slots does.
+SIZES["7b-v6e"] = dict(SIZES["7b"], max_concurrent=0, kv_cache_gb=4.0)
+# A TPU v5p-8 (4 chips of 95 GiB): the 7b's 2048 rows at once would be 512 slots per chip; 1024
+# keeps 8 × H100's 256 per chip.
+SIZES["7b-v5p"] = dict(SIZES["7b"], max_concurrent=1024)
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -97,6 +112,7 @@ def get_config(arg: str = "1.5b"):
     c.sampling.top_p = 1.0
     c.sampling.top_k = 0
     c.sampling.max_concurrent = size["max_concurrent"]  # over 8 GPUs; memory above
+    c.sampling.kv_cache_gb = size.get("kv_cache_gb", c.sampling.kv_cache_gb)
 
     c.rewards.fns = ("math",)
     c.rewards.weights = (1.0,)
