@@ -17,9 +17,15 @@ policy with float32 master weights and Adam moments is 16 B/param = 128 GB, the 
 and reward model 16 GB each, all FSDP-sharded over 8 devices ≈ 20 GB per device before activations
 (remat on, micro-batches of 8 sequences of ≤ 2048 tokens).
 
-Compiled for the real chips (benchmarks/compile.py): not yet — the 2-core box did not get to
-this config on 2026-12-03; benchmarks/compile.py with target h100x8 gives its per-chip peaks and
-whether it fits (benchmarks/README.md).
+Compiled for the real chips (benchmarks/compile.py, the GPU compiler on compile-only devices,
+per-chip GB = 1e9 bytes; benchmarks/README.md, 2026-12-03 second session): on 8 × H100 (8-way
+FSDP) the update peaks at 26.2 GB (16.1 GB of arguments: the policy's float32 master shard and Adam
+moments), the prepare pass (old-logprob and reference forwards) at 11.7 GB, the sampler's prefill
+at 26.1 GB and decode at 23.9 GB (its slots from the default 8 GB per-device budget of keys and
+values), the reward model's forward at 4.1 GB; cuDNN attention and the Pallas decode kernel in the
+HLO. Smallest target it fits: h100x8 — while sampling, the training state (16.1 GB) and the
+reference and reward models' shards (≈ 2 GB each) stay resident: ≈ 46 GB at most. TPU slices
+were not compiled.
 
 Expected run time — computed, not measured (no GPU run of this config has been made): ≈ 2 min per
 RL step on 8 × H100, ≈ 3.5 h for the 100 steps. Basis: a step has 192 × 8 = 1536 responses of up

@@ -39,7 +39,10 @@ of 1024 + 1536 columns. Compiled for one H100 by XLA's GPU compiler on a CPU hos
 per-GPU peak GB for 1.5b: update 32.9 (18.5 arguments + 14.4 temporaries, cuDNN attention),
 old-logprob pass 7.3, prefill 15.0, decode chunk 12.6 (its arguments 12.5 = the bf16 copy and
 the KV cache above); all fit 80 GB. (These are the single-turn sampler programs; the multi-turn
-decode adds two [rows, 1536] arrays, 1.6 MB.) The 7b programs were not compiled.
+decode adds two [rows, 1536] arrays, 1.6 MB.) 7b on 8 × H100 (benchmarks/README.md, 2026-12-03
+second session), per-GPU peak GB: update 22.0 (11.4 arguments + 10.6 temporaries), old-logprob
+pass 6.2, prefill 17.0, decode chunk 17.6; with the 11.4 GB of training state resident beside the
+sampler, at most 29.0 of 80. Smallest target each fits: h100x1 for 1.5b, h100x8 for 7b.
 
 Numbers: CFPO ε = 0.2, β = 0, GRPO advantages, 16 prompts × 8 episodes per step, 2 minibatches
 (the paper's batch ratio 2); learning rate 1e-6 (as gsm8k_qwen); temperature 1.0; tool calls time

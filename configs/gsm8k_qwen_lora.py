@@ -14,9 +14,14 @@ benchmarks/README.md) ≈ 25 s; learning is one logprob forward plus a rematted 
 over 512 × 768 tokens, ≈ 2.4e16 FLOPs (a frozen base needs no weight gradients) ≈ 60-80 s at
 300-400 TFLOP/s. benchmarks/train_step.py's LoRA row (7B, rank 64) is still to be taken.
 
-Compiled for the real chips (benchmarks/compile.py): not yet — the 2-core box did not get to
-this config on 2026-12-03; benchmarks/compile.py with target h100x1 gives its per-chip peaks and
-whether it fits (benchmarks/README.md).
+Compiled for the real chips (benchmarks/compile.py, the GPU compiler on compile-only devices,
+per-chip GB = 1e9 bytes; benchmarks/README.md, 2026-12-03 second session): on one H100 the LoRA
+update peaks at 28.1 GB (17.2 GB of arguments: the bf16 base, the adapters and their Adam moments),
+the old-logprob pass at 18.5 GB, the sampler's prefill at 39.6 GB and decode at 39.1 GB (the 512
+slots' KV cache in their arguments); cuDNN attention (forward and backward) and the Pallas decode
+kernel in the HLO. Smallest target it fits: h100x1 — while sampling, the training state stays
+resident beside the sampler's program: at most 17.2 + 39.6 ≈ 57 GB (less where the sampler's
+weights are the base's own buffers).
 
 Memory on one H100 (80 GB, 79 GiB usable), from the shapes (`jax.eval_shape` of this model):
   persistent

@@ -9,6 +9,12 @@ Launch (GPU node, 8 × 80 GB; see launch/gpu.sh):
   python -m cfpo_jax.train --config=configs/math_qwen.py:1.5b --config.rl.objective=ppo
 Launch (TPU VM / pod slice, every host runs the same command; see launch/tpu_vm.sh):
   launch/tpu_vm.sh my-tpu us-central2-b "--config=configs/math_qwen.py:7b --config.mesh.distributed=True"
+  # one TPU VM: a v5e-8 (16 GiB chips), a v6e-8 (32 GiB) or a v5p-8 (4 chips of 95 GiB)
+  python -m cfpo_jax.train --config=configs/math_qwen.py:1.5b-v5e --workdir=runs/math_qwen_1.5b
+  python -m cfpo_jax.train --config=configs/math_qwen.py:7b-v6e --workdir=runs/math_qwen_7b
+  python -m cfpo_jax.train --config=configs/math_qwen.py:7b-v5p --workdir=runs/math_qwen_7b
+The -v5e/-v6e/-v5p sizes are the same run and maths (results do not depend on either knob) with
+the memory knobs of that slice: micro-batch and the sampler's slots (SIZES below).
 
 Expected run time on 8 × H100 (an estimate, not yet measured end to end): 1.5b ≈ 2–3 min per RL
 step, ≈ 4–5 h for the 100 steps; 3b about twice that; 7b ≈ 10–12 min per step, ≈ 18–20 h. Basis:
@@ -19,16 +25,27 @@ forward/backward over 10.5M tokens (≈ 1.6e17 FLOPs at ~300 TFLOP/s per GPU ≈
 evaluation every 10 steps adds ≈ 1.5 min (1.5b).
 
 Compiled for the real chips (benchmarks/compile.py: the run's own programs, GPU/TPU compilers on
-compile-only devices; per-chip GB = 1e9 bytes; benchmarks/README.md, 2026-12-03): 1.5b on 8 ×
-H100 (8-way FSDP) — update peak 13.0 GB, old-logprob pass 2.9 GB, sampler prefill 35.9 GB and
-decode 33.8 GB (33 GB of arguments: mostly the 512 slots' KV cache); cuDNN attention and the
-Pallas decode kernel in the HLO; smallest target it fits: h100x8. Not a v5e-8 as configured: the
-update (splash attention) needs 18.3 GB of a 16 GiB chip and the 512-slot sampler runs out of
-HBM. With rl.micro_batch_size=32 and sampling.max_concurrent=128 it fits one: update 13.6 GB,
-prefill 5.4 GB, decode 4.6 GB (splash and paged kernels). A v5p-8 was not compiled.
-3b and 7b: not yet compiled for the chips (the CPU-device figures of the retired
-benchmarks/memory.py, 2026-11-23, einsum attention: update peak 32.4 / 41.2 GB, old-logprob pass
-13.4 / 14.0 GB per device on 8). The rollout's memory is next.
+compile-only devices; per-chip GB = 1e9 bytes, measured by the compiler; benchmarks/README.md,
+2026-12-03 and its second session). Per-chip peak of each program, and "run": the most a run
+holds at once, counting the training state (the update's arguments) resident beside every other
+program — a conservative sum:
+  size      target  update  old-logprob  prefill  decode   run         kernels
+  1.5b      h100x8   13.0      2.9        35.9     33.8    38.2 of 84.9  cuDNN, Pallas decode
+  3b        h100x8   13.5      3.5        46.3     45.5    50.9 of 84.9  cuDNN, Pallas decode
+  7b        h100x8   21.7      6.4        48.1     45.7    59.6 of 84.9  cuDNN, Pallas decode
+  1.5b-v5e  v5e-8    13.6      3.5        13.0      7.3    15.3 of 17.2  splash, paged
+  7b-v6e    v6e-8    28.9      7.4        19.1     20.3    31.7 of 34.4  splash, paged
+  7b-v5p    v5p-8    55.8     13.6        49.9     46.7    72.7 of 102   splash, paged
+Smallest target each fits: h100x8 for 1.5b, 3b and 7b as configured (one H100 was not compiled);
+a v5e-8 for 1.5b-v5e, a v6e-8 for 7b-v6e, a v5p-8 for 7b-v5p. As configured, 1.5b does not fit a
+v5e-8 (update 18.3 GB of 17.2; the 512-slot sampler ran out of HBM) and 7b does not fit a v5p-8
+(prefill 83.6 GB + 22.9 GB of training state > 102 GB; its decode ran out of HBM before commit
+68c11c6, and needs 77.1 GB + 22.9 after it), nor a v6e-8 (its 256 slots per chip are 30 GB of
+keys and values beside 15 GB of bf16 weights, from the shapes; not compiled). Commit 68c11c6 (the decode step's cache write) removed a copy of the whole KV
+cache per decode step on TPU; the TPU decode figures above are after it, the 3b and 7b h100x8
+ones before it (on the GPU it changed nothing: 1.5b's decode recompiled after it, 33.8 GB again).
+The TPU compiler's matmul FLOPs per chip are 1.9–2.8 × the 7b's model FLOPs (1.1 on the H100s):
+not explained yet (benchmarks/README.md).
 
 Sampling memory per GPU (8-way FSDP, tensor = 1; sampling.max_concurrent rows over the 8 GPUs,
 so max_concurrent / 8 slots each; cfpo_jax.sampling): every slot holds keys and values for
@@ -64,6 +81,15 @@ SIZES = {
     "3b": dict(path="Qwen/Qwen2.5-3B-Instruct", micro_batch_size=32, max_concurrent=4096),
     "7b": dict(path="Qwen/Qwen2.5-7B-Instruct", micro_batch_size=16, max_concurrent=2048),
 }
+# A TPU v5e-8 (16 GiB per chip): half the micro-batch (the update's activations), and sampler
+# slots from a 4 GB per-chip budget of keys and values (max_concurrent 0) instead of 512 per chip.
+SIZES["1.5b-v5e"] = dict(SIZES["1.5b"], micro_batch_size=32, max_concurrent=0, kv_cache_gb=4.0)
+# A TPU v6e-8 (32 GiB per chip): the 7b's 256 slots per chip (30 GB of keys and values) do not fit
+# beside its bf16 sampling copy (15 GB); the same 4 GB per-chip budget of slots does.
+SIZES["7b-v6e"] = dict(SIZES["7b"], max_concurrent=0, kv_cache_gb=4.0)
+# A TPU v5p-8 (4 chips of 95 GiB): the 7b's 2048 rows at once would be 512 slots per chip; 1024
+# keeps 8 × H100's 256 per chip.
+SIZES["7b-v5p"] = dict(SIZES["7b"], max_concurrent=1024)
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -97,6 +123,7 @@ def get_config(arg: str = "1.5b"):
     c.sampling.top_p = 1.0
     c.sampling.top_k = 0
     c.sampling.max_concurrent = size["max_concurrent"]  # over 8 GPUs; memory above
+    c.sampling.kv_cache_gb = size.get("kv_cache_gb", c.sampling.kv_cache_gb)
 
     c.rewards.fns = ("math",)
     c.rewards.weights = (1.0,)

@@ -43,8 +43,9 @@ cache up) and read the buffer as it lies:
   direct call of its unbatched kernel here.
 * "paged" sees the buffer as B·K kernel sequences of one kv head each (the G = N / K query
   heads of that kv head), each sequence S / 128 consecutive pages of 128 slots (`page_indices` an
-  arange). That is a reshape keeping the minor (slot, head_dim) dims, which XLA can lower to a
-  bitcast, not a copy (not yet checked on a TPU). The kernel reads a row in blocks of up to 4
+  arange). That is a reshape keeping the minor (slot, head_dim) dims: a bitcast, not a copy, in
+  the TPU compiler's output (v5e, 2026-12-03), as long as the decode loop's cache keeps the
+  buffer's layout (`decoding.decode_step`'s per-(slot, head) write). The kernel reads a row in blocks of up to 4
   pages, double-buffered by DMA, only the blocks that start below the row's length. It has no
   start offset, which is why rows sit left-aligned in the cache. It reads keys/values as bfloat16
   (its own cast), hence "auto" only for a bfloat16 cache; head_dim % 128 = 0 because jax tests it upstream for 128 and 256 only;

@@ -139,14 +139,19 @@ def decode_step(weights: SamplingWeights, token_K, cache: SlotCache, column_K, *
     num_slots = token_K.shape[0]
     sin_Kx1xH, cos_Kx1xH = rope_angles(model.config, column_K[:, None])
     x_Kx1xD = model._embed(token_K[:, None])
-    slot_K = jnp.arange(num_slots)
+    slot_Kx1 = jnp.arange(num_slots)[:, None]
+    head_1xG = jnp.arange(model.config.num_kv_heads)[None]
+    column_Kx1 = column_K[:, None]
     keys, values = list(cache.k), list(cache.v)
     for layer in range(len(weights.layers)):
         block = weights.block(layer)
         q_Kx1xNxH, k_Kx1xGxH, v_Kx1xGxH = block.attn.qkv(block.attn_norm(x_Kx1xD), sin_Kx1xH, cos_Kx1xH)
-        # Advanced indices on dims 0 and 2: one [kv_heads, head_dim] column per slot.
-        keys[layer] = keys[layer].at[slot_K, :, column_K].set(k_Kx1xGxH[:, 0].astype(keys[layer].dtype))
-        values[layer] = values[layer].at[slot_K, :, column_K].set(v_Kx1xGxH[:, 0].astype(values[layer].dtype))
+        # One [head_dim] row per (slot, kv head): a write window on the minor dim only. With a
+        # [kv_heads, head_dim] window per slot the TPU compiler gave the loop's cache a
+        # kv-heads-minor layout and copied every layer's cache into the decode kernel's layout
+        # at every step (benchmarks/README.md, compile.py, 2026-12-03 second session).
+        keys[layer] = keys[layer].at[slot_Kx1, head_1xG, column_Kx1].set(k_Kx1xGxH[:, 0].astype(keys[layer].dtype))
+        values[layer] = values[layer].at[slot_Kx1, head_1xG, column_Kx1].set(v_Kx1xGxH[:, 0].astype(values[layer].dtype))
         attn_KxNxH = decode_attention(q_Kx1xNxH[:, 0], keys[layer], values[layer], column_K + 1,
                                       implementation=implementation)
         x_Kx1xD = x_Kx1xD + block.attn.out(attn_KxNxH[:, None])
