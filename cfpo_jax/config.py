@@ -111,6 +111,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.eval.ks = (1,)
     c.eval.greedy = True
     c.eval.every_steps = 0  # 0: only at the end of training (when sources are set)
+    # Also evaluate the policy RL starts from (after any warm start) as step 0, as verl's
+    # val_before_train: the baseline a run's evaluations are compared with.
+    c.eval.at_start = False
     c.eval.max_examples = 0  # 0: all
     c.eval.checkpoint = ""  # for `python -m cfpo_jax.evaluate`: a HF directory (e.g. <workdir>/hf)
     c.eval.output_dir = ""  # default <workdir>/eval
@@ -179,6 +182,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.warmstart.steps = 0
     c.warmstart.lr = 1e-3
     c.warmstart.batch_size = 32
+    # The target, a format string over the example's fields. A target that ends at a stop string
+    # of env.format (a tool call, e.g. "<tool>print({expression})</tool>") ends the turn there,
+    # as in sampling; any other is followed by EOS.
+    c.warmstart.target = "{answer}"
 
     # LoRA (cfpo_jax.lora): rank > 0 trains low-rank adapters only, on a frozen base whose
     # weights are `base_dtype`; the reference policy (β > 0) is then the base, adapters off.

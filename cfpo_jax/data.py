@@ -145,7 +145,8 @@ def preset_for(source: str) -> str | None:
 
 @dataclasses.dataclass(frozen=True)
 class SyntheticArithmetic:
-    """Integer problems like "What is 47 - 8 * 31?" with exact answers (usual precedence).
+    """Integer problems like "What is 47 - 8 * 31?" with exact answers (usual precedence); each
+    row also has its `expression` alone ("47 - 8 * 31"), e.g. for a warm start's tool-call target.
 
     digits: each operand has 1..digits digits (uniform in [0, 10**digits)); ops: the operations
     drawn from, any of "+-*"; terms: operands per problem; size: rows per epoch.
@@ -177,7 +178,8 @@ class SyntheticArithmetic:
                 product, sign = x, (1 if op == "+" else -1)
         signed_products.append(sign * product)
         expression = " ".join([str(numbers[0])] + [f"{op} {x}" for op, x in zip(ops, numbers[1:])])
-        return {"question": f"What is {expression}?", "answer": str(sum(signed_products))}
+        return {"question": f"What is {expression}?", "answer": str(sum(signed_products)),
+                "expression": expression}
 
 
 class Dataset:

@@ -862,6 +862,9 @@ def _loop(config, workdir, setup, state, iterator, ckpt, writer, progress, stop)
 
     history = []
     step = int(jax.device_get(state["step"]))
+    if config.eval.sources and config.eval.at_start and step == 0:
+        _evaluate(config, workdir, policy(), setup.tokenizer, setup.mesh, setup.eos_ids, step,
+                  writer, progress)
     # Stopping changes the collective program (a checkpoint now, no next step), so the processes
     # decide together: after each step, a stop signal to any process stops all of them.
     stopping = sharding.any_process(stop.signal is not None)

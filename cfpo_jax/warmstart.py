@@ -1,7 +1,11 @@
 """The supervised warm start: teacher-forced cross-entropy on the gold answers before RL.
 
 Meant for a policy that does not yet know the answer format (the quickstart's random-init tiny
-model): the target is the bare `answer` text followed by EOS, not a worked solution. It runs only
+model): by default the target is the bare `answer` text followed by EOS, not a worked solution.
+`config.warmstart.target` is a format string over the example's fields; a target that ends at a
+stop string of the tool-call format, e.g. "<tool>print({expression})</tool>", teaches the first
+turn of a tool episode: the call, which ends the turn as it does in sampling (no EOS), and nothing
+of what follows the tool's answer (configs/tools_smollm2.py leaves that to RL). It runs only
 on a fresh start (`config.warmstart.steps > 0`); its result is the policy RL starts from, part of
 every checkpoint, and the reference policy when β > 0. It draws its own shuffle of the training
 set (data seed + 1), so RL's data order is the same with or without it.
@@ -18,6 +22,7 @@ import optax
 from flax import nnx
 
 from cfpo_jax import data, models
+from cfpo_jax.envs import formats
 
 
 def teacher_forced_batch(prompts, answers, pad_id: int, width_n: int):
@@ -35,16 +40,28 @@ def teacher_forced_batch(prompts, answers, pad_id: int, width_n: int):
     return tokens, attn, mask
 
 
+def target_ids(example: dict, template: str, tokenizer, *, eos_id: int, stop_strings=(),
+               max_tokens: int) -> list[int]:
+    """The token ids the warm start trains on for `example`: `template` filled with its fields,
+    followed by `eos_id` unless the text ends at one of `stop_strings`; at most `max_tokens` ids
+    (the text cut to make room for the EOS)."""
+    text = template.format(**example)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if any(text.endswith(stop) for stop in stop_strings):
+        return ids[:max_tokens]
+    return ids[:max_tokens - 1] + [eos_id]
+
+
 def run(params, graphdef, frozen, *, config, train_iterator, tokenizer, batch_sharding, progress):
     """`config.warmstart.steps` Adam steps (lr `config.warmstart.lr`) on batches of
     `config.warmstart.batch_size` prompts drawn from `train_iterator`'s dataset in their own order;
-    returns the new params. Answers are cut to `config.sampling.max_new_tokens` − 1 tokens + EOS."""
+    returns the new params. Targets (`target_ids`) are cut to `config.sampling.max_new_tokens`."""
     settings, max_new_tokens = config.warmstart, config.sampling.max_new_tokens
     iterator = data.PromptIterator(train_iterator.dataset, train_iterator.builder,
                                    settings.batch_size, seed=config.data.seed + 1,
                                    max_prompt_len=config.sampling.max_prompt_len)
     tx = optax.adam(settings.lr)
-    eos = tokenizer.eos_token_id
+    stops = formats.stop_strings(config.env.format) if config.env.name else ()
 
     # `frozen` is an argument, not a closure: with LoRA it is the frozen base, which jit would
     # otherwise compile in as a constant.
@@ -61,8 +78,8 @@ def run(params, graphdef, frozen, *, config, train_iterator, tokenizer, batch_sh
     opt_state = jax.jit(tx.init)(params)
     for i in range(settings.steps):
         batch = next(iterator)
-        answers = [tokenizer(ex["answer"], add_special_tokens=False)["input_ids"][:max_new_tokens - 1]
-                   + [eos] for ex in batch.examples]
+        answers = [target_ids(ex, settings.target, tokenizer, eos_id=tokenizer.eos_token_id,
+                              stop_strings=stops, max_tokens=max_new_tokens) for ex in batch.examples]
         arrays = teacher_forced_batch(batch.prompts, answers, tokenizer.pad_token_id, max_new_tokens)
         tokens, attn, mask = (jax.device_put(x, batch_sharding) for x in arrays)
         params, opt_state, loss = sft_step(params, opt_state, frozen, tokens, attn, mask)

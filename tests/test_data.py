@@ -30,6 +30,7 @@ def test_synthetic_is_deterministic_per_seed_and_right():
     seen_ops = set()
     for row in rows:
         expression = re.fullmatch(r"What is ([\d +*-]+)\?", row["question"]).group(1)
+        assert row["expression"] == expression
         tokens = expression.split(" ")
         numbers, ops = tokens[0::2], tokens[1::2]
         assert len(numbers) == 4 and all(0 <= int(n) < 1000 for n in numbers)

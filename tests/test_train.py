@@ -93,6 +93,14 @@ def test_shortened_quickstart_reward_rises(tmp_path):
     assert final_eval["step"] == 150 and final_eval["eval/arithmetic/greedy"] >= 0.8
 
 
+def test_eval_at_start_evaluates_the_starting_policy_as_step_0(tmp_path):
+    config = tiny(eval__sources=("synthetic:arithmetic",), eval__max_examples=4, eval__at_start=True,
+                  train__num_steps=1)
+    train.run(config, str(tmp_path), devices=jax.devices()[:1])
+    assert [r["step"] for r in read_metrics(str(tmp_path), kind="eval")] == [0, 1]
+    assert os.path.exists(tmp_path / "eval" / "arithmetic_step0.jsonl")
+
+
 # ---------------------------------------------------------------- CFPO vs GRPO
 
 
