@@ -23,14 +23,13 @@ The warm start (`warmstart.target`) trains 6 Adam steps (lr 1e-5, 8 prompts each
 turn only — the call `<tool>print({expression})</tool>`, no EOS (the call ends the turn as in
 sampling) — short enough that sampled episodes still call the tool only about a third of the time.
 
-Measured 2026-12-03 on the 2-core CPU box, shared the whole time with other jobs (load average
-8-10: a benchmark at nice 0 held one core; this run, at nice 10, shared the other with three or
-four processes). The launch command above took 42 min 41 s of wall time — over the 25 minutes
-issue 23 asks for, on this box at this load; the process used 12.6 CPU-minutes (671 s user +
-87 s system). The 8 RL steps took 1547 s (68-351 s each: the first compiles, the spread is the
-box's load); the other 1014 s were loading, the warm start (6 steps) and the two evaluations
-(80 episodes each, 8 problems per batch). On the same 40 held-out problems (data seed 1), with
-the tool:
+Measured 2026-12-03 on the 2-core CPU box, otherwise idle (load average under 2.2 when it
+started): the launch command above took 7 min 22 s of wall time, 691 s user + 83 s system CPU,
+9.8 GB peak RSS (`/usr/bin/time -v`, 09:44:48-09:52:10 UTC). The 8 RL steps took 33-46 s each
+(the first compiles); the rest is loading, the warm start (6 steps) and the two evaluations (80
+episodes each, 8 problems per batch). An earlier run of the same command on the box shared with
+other jobs (load 8-10, this run at nice 10) took 42 min 41 s and gave the same numbers to the
+last digit. On the same 40 held-out problems (data seed 1), with the tool:
 
 | model | greedy accuracy | mean@1 (T = 1) | episodes with a tool call (greedy / sampled) |
 |---|---|---|---|
