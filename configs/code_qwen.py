@@ -43,6 +43,10 @@ decode adds two [rows, 1536] arrays, 1.6 MB.) 7b on 8 × H100 (benchmarks/README
 second session), per-GPU peak GB: update 22.0 (11.4 arguments + 10.6 temporaries), old-logprob
 pass 6.2, prefill 17.0, decode chunk 17.6; with the 11.4 GB of training state resident beside the
 sampler, at most 29.0 of 80. Smallest target each fits: h100x1 for 1.5b, h100x8 for 7b.
+On a v5e-8 (2026-12-03 second session, continued) 1.5b as configured does not compile: its
+one-device mesh (mesh.fsdp = 1) needs 1 device, the slice has 8; with --config.mesh.fsdp=8 it
+fits, per-chip peak GB: update 7.2, old-logprob pass 2.0, prefill 4.9, decode 4.5 (splash,
+paged); with the 2.3 GB of training state resident beside the sampler, at most 7.2 of 17.2.
 
 Numbers: CFPO ε = 0.2, β = 0, GRPO advantages, 16 prompts × 8 episodes per step, 2 minibatches
 (the paper's batch ratio 2); learning rate 1e-6 (as gsm8k_qwen); temperature 1.0; tool calls time

@@ -22,6 +22,9 @@ old-logprob pass at 1.8 GB (einsum attention: head_dim 64 is not splash's 128). 
 H100: update peak 32.1 GB, old-logprob pass 7.9 GB, sampler prefill 9.9 GB and decode 9.0 GB
 (second session); fits h100x1 (its docstring's 48 GB+ card holds the update; while sampling, the
 18.5 GB training state beside the prefill's 9.9 GB: ≈ 28 GB).
+1.5b on a v5e-8 (8-way FSDP, as configured; 2026-12-03 second session, continued): update peak
+6.9 GB, old-logprob pass 1.9 GB, prefill 4.0 GB, decode 4.0 GB per chip, splash and paged attention;
+fits (with the 2.3 GB training state resident beside the sampler, at most 6.9 GB of 17.2).
 
 Sampling memory (one GPU; cfpo_jax.sampling): the 64 × 8 = 512 rows of a step decode at once
 (sampling.max_concurrent = 512, the whole rollout) for 0.5b; each slot holds keys and values for

@@ -22,6 +22,9 @@ slots' KV cache in their arguments); cuDNN attention (forward and backward) and 
 kernel in the HLO. Smallest target it fits: h100x1 — while sampling, the training state stays
 resident beside the sampler's program: at most 17.2 + 39.6 ≈ 57 GB (less where the sampler's
 weights are the base's own buffers).
+On a v5e-8 (2026-12-03 second session, continued) it does not fit: the learner does (update peak
+8.3 GB, old-logprob pass 4.4 GB per chip of 17.2), but the gather of the sampler's bf16 weights ran
+out of HBM in the TPU compiler (21.27G of temporaries, 15.75G available): no prefill or decode.
 
 Memory on one H100 (80 GB, 79 GiB usable), from the shapes (`jax.eval_shape` of this model):
   persistent
