@@ -4,11 +4,11 @@ Launch (the default config, so both are the same):
   python -m cfpo_jax.train
   python -m cfpo_jax.train --config=configs/quickstart.py --workdir=runs/quickstart
 
-Expected run time: 104 s on 2 otherwise idle CPU cores, including compilation (measured
-2026-11-23, before packing; 2026-12-03 with `rl.pack` on: 5 min 3 s wall on a box shared with a
-test run, 2 min 23 s of user CPU). The console prints the warm start's cross-entropy (1.4 → 0.34), then one line per RL
+Expected run time: about 2½ minutes on 2 CPU cores, including compilation (measured 2026-12-03:
+2 min 24 s wall, 147 s user CPU, a compile job at nice 10 beside it; 104 s on the idle box,
+2026-11-23). The console prints the warm start's cross-entropy (1.4 → 0.34), then one line per RL
 step with the mean reward, which rises from about 0.4 to about 0.85; the last line compares the
-first and last tenth of the steps (measured: 0.432 → 0.846; greedy accuracy on 200 held-out
+first and last tenth of the steps (measured: 0.432 → 0.848; greedy accuracy on 200 held-out
 problems 1.00).
 
 What it does: builds a random-init 2-layer decoder (hidden 64) and a character-level tokenizer into
