@@ -24,8 +24,16 @@ moments), the prepare pass (old-logprob and reference forwards) at 11.7 GB, the 
 at 26.1 GB and decode at 23.9 GB (its slots from the default 8 GB per-device budget of keys and
 values), the reward model's forward at 4.1 GB; cuDNN attention and the Pallas decode kernel in the
 HLO. Smallest target it fits: h100x8 — while sampling, the training state (16.1 GB) and the
-reference and reward models' shards (≈ 2 GB each) stay resident: ≈ 46 GB at most. TPU slices
-were not compiled.
+reference and reward models' shards (≈ 2 GB each) stay resident: ≈ 46 GB at most.
+On a v5p-8 (4 chips, 4-way FSDP; 2026-12-03 second session, 7B-class on TPU) it fits as
+configured: update peak 63.1 GB per chip of 102.0 (32.1 GB of arguments), prepare 22.0, prefill
+23.6, decode 25.5, reward forward 6.0 GB; splash and paged attention in the HLO; with the state
+resident while sampling, decode 25.5 + 32.1 = 57.6 GB, plus the reward model's shard (3.75 GB,
+the reward row's arguments) and the reference model's, well within 102.
+On a v6e-8 (8-way FSDP, same session) each program fits alone (update 31.5 GB per chip of 34.4,
+16.1 GB of arguments; prepare 11.4, prefill 23.9, decode 24.2, reward 4.7 GB) but not with the
+state resident while sampling: 24.2 + 16.1 = 40.3 GB > 34.4 — it does not fit a v6e-8 as
+configured (no smaller sampler budget was tried). Smallest TPU target compiled that fits: v5p-8.
 
 Expected run time — computed, not measured (no GPU run of this config has been made): ≈ 2 min per
 RL step on 8 × H100, ≈ 3.5 h for the 100 steps. Basis: a step has 192 × 8 = 1536 responses of up
