@@ -265,11 +265,12 @@ def _program_bytes(setup, state, packed, dist):
     state_spec = jax.tree.map(lambda x: spec(x.shape, x.dtype), state)
     S = B // setup.config.rl.num_minibatches
     # (kind, packed rows or None for the unpacked layout) of every program this path ran
-    ran = {(kind, max(s[0] for k, s in setup.learner_shapes if k == kind) if packed else None)
-           for kind, _ in setup.learner_shapes if kind in ("prepare", "update")}
-    ran |= {(kind.split()[0], None) for kind, _ in setup.learner_shapes if kind.endswith("unpacked")}
-    if not packed:
-        ran = {("prepare", None), ("update", None)}
+    ran = {("prepare", None), ("update", None)}
+    if packed:
+        ran = {(kind, max(s[0] for k, s in setup.learner_shapes if k == kind))
+               for kind, _ in setup.learner_shapes if kind in ("prepare", "update")}
+        ran |= {(kind.split()[0], None) for kind, _ in setup.learner_shapes
+                if kind.endswith("unpacked")}
     sizes = []
     for kind, R in sorted(ran, key=str):
         if kind == "prepare":

@@ -179,7 +179,6 @@ def make_packed_logprobs(graphdef, frozen, *, temperature: float, micro_batch_si
     return logprobs
 
 
-_PACKED_ROW_KEYS = ("tokens", "segment", "positions")
 _PACKED_COMPLETION_KEYS = ("mask", "old_logp", "sampler_logp", "ref_logp")
 
 
