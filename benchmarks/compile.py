@@ -3,7 +3,7 @@ on a CPU host without the hardware.
 
     python benchmarks/compile.py --target v5e-8 --configs configs/gsm8k_qwen.py:0.5b
     python benchmarks/compile.py --target h100x8 --configs configs/math_qwen.py:7b --json out.json
-    python benchmarks/compile.py --target v5p-8            # every config (slow: ~minutes per 7B program)
+    python benchmarks/compile.py --target v5p-8            # its recorded configs (CONFIGS; minutes per 7B program)
 
 Targets (`cfpo_jax.aot.targets`): h100x8, h100x1, v5p-8, v5e-8, v6e-8, v4-8 (Cloud's names: v5p-8
 and v4-8 are 4 chips, v5e-8 and v6e-8 are 8). The programs are the run's own (`cfpo_jax.aot.
@@ -16,10 +16,10 @@ chips (`-1` axes take the rest). One row per (config, target, program):
 * per-chip GB (1e9 bytes): arguments, temporaries, peak (= args + out − aliased + temp) against
   the chip's HBM, and whether it fits;
 * compile s (on this host; 2 shared cores when recorded);
-* per-chip FLOPs of the compiled program (TPU: XLA's cost analysis; H100: counted from the HLO's
-  dots — cuDNN attention is not counted, and XLA's count of a `while` loop is per trip as XLA
-  annotates it) next to the analytic model FLOPs per chip (6·params·tokens for the update,
-  2·params·tokens per forward), and their ratio (> 1: recomputation such as remat, or waste);
+* per-chip FLOPs of the compiled program, counted from its HLO's matmuls (`report.hlo_dot_flops`:
+  every trip of a loop; fused attention kernels are custom calls and not counted) next to the
+  analytic model FLOPs per chip (6·params·tokens for the update, 2·params·tokens per forward),
+  and their ratio (> 1: recomputation such as remat, or waste);
 * bound ms: max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip — a lower bound on the step,
   never a time (TPU only, where XLA reports the bytes).
 """
@@ -47,9 +47,21 @@ from cfpo_jax import sharding  # noqa: E402
 from cfpo_jax.aot import programs, report, targets  # noqa: E402
 from cfpo_jax.rewards import registry  # noqa: E402
 
-CONFIGS = ("configs/gsm8k_qwen.py:0.5b", "configs/gsm8k_qwen.py:1.5b", "configs/gsm8k_qwen_lora.py",
-           "configs/math_qwen.py:1.5b", "configs/math_qwen.py:3b", "configs/math_qwen.py:7b",
-           "configs/align_llama.py")
+# Per target, the configs recorded on it in benchmarks/README.md: those whose docstring names that
+# hardware, and the slice a user would pick (v5e-8 for 0.5B–1.5B; v5p-8 and v6e-8 for 7B/8B, with
+# the -v5e/-v6e/-v5p sizes that fit it). The default of --configs.
+CONFIGS = {
+    "h100x1": ("configs/gsm8k_qwen.py:0.5b", "configs/gsm8k_qwen.py:1.5b", "configs/gsm8k_qwen_lora.py",
+               "configs/code_qwen.py:1.5b"),
+    "h100x8": ("configs/math_qwen.py:1.5b", "configs/math_qwen.py:3b", "configs/math_qwen.py:7b",
+               "configs/align_llama.py", "configs/code_qwen.py:7b"),
+    "v5e-8": ("configs/gsm8k_qwen.py:0.5b", "configs/gsm8k_qwen.py:1.5b", "configs/math_qwen.py:1.5b-v5e",
+              "configs/code_qwen.py:1.5b"),
+    "v6e-8": ("configs/math_qwen.py:7b-v6e", "configs/align_llama.py:v6e", "configs/gsm8k_qwen_lora.py",
+              "configs/code_qwen.py:7b"),
+    "v5p-8": ("configs/math_qwen.py:7b-v5p", "configs/align_llama.py", "configs/gsm8k_qwen_lora.py",
+              "configs/code_qwen.py:7b"),
+}
 PROGRAMS = ("update", "prepare", "prefill", "decode", "reward")
 GB = 1e9
 
@@ -129,13 +141,18 @@ def cells(row):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--target", required=True, choices=sorted(targets.TARGETS))
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), help="config files with their argument")
+    parser.add_argument("--configs", nargs="+", help="config files with their argument (default: the target's "
+                        "recorded configs, CONFIGS)")
     parser.add_argument("--set", nargs="*", default=(), metavar="SECTION.FIELD=VALUE",
                         help="config overrides (e.g. rl.micro_batch_size=8 model.remat_policy=full)")
     parser.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS)
     parser.add_argument("--json", help="write the rows as a JSON list here")
     args = parser.parse_args()
     target = targets.get(args.target)
+    specs = args.configs or CONFIGS.get(target.name)
+    if not specs:
+        parser.error(f"no configs are recorded for {target.name} (only for {', '.join(CONFIGS)}): "
+                     "name them with --configs")
     devices = list(targets.devices(target.name))
     print(f"jax {jax.__version__}; {target.name}: {len(devices)} × {devices[0].device_kind} (compile-only); "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; per-chip GB = 1e9 bytes")
@@ -143,7 +160,7 @@ def main():
               "chip GB fits", "compile s", "FLOPs/chip", "model FLOPs/chip", "ratio", "bound ms")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
     rows = []
-    for spec in args.configs:
+    for spec in specs:
         config = load_config(spec, args.set)
         mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
         for row in rows_for(spec, target, config, mesh, args.programs):

@@ -11,6 +11,8 @@ Launch (GPU node, 8 × 80 GB; see launch/gpu.sh):
   python -m cfpo_jax.evaluate --config=configs/align_llama.py --config.eval.checkpoint=runs/align_cfpo/hf
 Launch (TPU VM / pod slice, every host runs the same command; see launch/tpu_vm.sh):
   launch/tpu_vm.sh my-tpu us-central2-b "--config=configs/align_llama.py --config.mesh.distributed=True"
+  # one TPU VM: a v5p-8 as above; a v6e-8 (32 GiB chips) with its memory knobs (SLICES below)
+  python -m cfpo_jax.train --config=configs/align_llama.py:v6e --workdir=runs/align_cfpo
 
 Hardware: one node of 8 × 80 GB GPUs (H100/A100) or a v5p-16 / v4-16 slice. Memory: the 8B
 policy with float32 master weights and Adam moments is 16 B/param = 128 GB, the bfloat16 reference
@@ -32,8 +34,13 @@ resident while sampling, decode 25.5 + 32.1 = 57.6 GB, plus the reward model's s
 the reward row's arguments) and the reference model's, well within 102.
 On a v6e-8 (8-way FSDP, same session) each program fits alone (update 31.5 GB per chip of 34.4,
 16.1 GB of arguments; prepare 11.4, prefill 23.9, decode 24.2, reward 4.7 GB) but not with the
-state resident while sampling: 24.2 + 16.1 = 40.3 GB > 34.4 — it does not fit a v6e-8 as
-configured (no smaller sampler budget was tried). Smallest TPU target compiled that fits: v5p-8.
+state resident while sampling: 24.2 + 16.1 = 40.3 GB > 34.4 — the sampler's bf16 copy of the
+policy is 16 GB on every chip under FSDP. So `align_llama.py:v6e` (2026-12-03 third session;
+the same run and maths) splits that copy and the KV cache 4 ways by tensor parallelism (mesh
+fsdp 2 × tensor 4), with micro-batches of 4 and a 6 GB per-chip KV budget: update 31.7 GB per chip
+(16.1 of arguments), prepare 10.4, prefill 11.3, decode 10.1, reward forward 5.7; while sampling,
+11.3 + 16.1 of state + the reference and reward models' shards (2.0 + 1.9) ≈ 31.3 GB of 34.4 —
+it fits a v6e-8. Smallest TPU targets it fits: v5p-8 as configured, v6e-8 with `:v6e`.
 
 Expected run time — computed, not measured (no GPU run of this config has been made): ≈ 2 min per
 RL step on 8 × H100, ≈ 3.5 h for the 100 steps. Basis: a step has 192 × 8 = 1536 responses of up
@@ -65,8 +72,22 @@ Where the choices come from:
 from cfpo_jax.config import base_config
 
 
+# Per slice, the memory knobs (the run and its maths are the same): "" for 8 × 80 GB GPUs or a
+# v5p-8; "v6e" for a v6e-8 (32 GiB chips), where the sampler's bf16 copy of the 8B policy (16 GB
+# on every chip under FSDP) does not fit beside the 16 GB of training state: 4-way tensor
+# parallelism splits that copy and the KV cache, FSDP takes the other 2 ways; micro-batches of 4
+# (the update's activations) and a 6 GB per-chip KV budget leave room for the reference and
+# reward models' shards while sampling (docstring).
+SLICES = {
+    "": dict(fsdp=-1, tensor=1, micro_batch_size=8, kv_cache_gb=8.0),
+    "v6e": dict(fsdp=2, tensor=4, micro_batch_size=4, kv_cache_gb=6.0),
+}
+
+
 def get_config(arg: str = ""):
-    del arg  # one setting; the CFPO/clipped comparison is the rl.objective override above
+    if arg not in SLICES:  # the CFPO/clipped comparison is the rl.objective override above
+        raise ValueError(f"unknown slice {arg!r}; valid: {sorted(SLICES)}")
+    slice_knobs = SLICES[arg]
     c = base_config()
     c.seed = 0
     c.workdir = "runs/align_llama"
@@ -76,7 +97,7 @@ def get_config(arg: str = ""):
     c.model.dtype = "bfloat16"
     c.model.remat = True
 
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, slice_knobs["fsdp"], slice_knobs["tensor"]
 
     c.data.source = "hf:OpenRLHF/prompt-collection-v0.1:train"
     c.data.preset = "prompt_collection"
@@ -91,6 +112,7 @@ def get_config(arg: str = ""):
     c.sampling.temperature = 1.0
     c.sampling.top_p = 1.0
     c.sampling.top_k = 0
+    c.sampling.kv_cache_gb = slice_knobs["kv_cache_gb"]  # per chip; the sampler fits its slots to it
 
     c.rewards.fns = ("rm:Skywork/Skywork-Reward-Llama-3.1-8B-v0.2",)
     c.rewards.weights = (1.0,)
@@ -110,7 +132,7 @@ def get_config(arg: str = ""):
     c.rl.group_size = 8
     c.rl.num_epochs = 1
     c.rl.num_minibatches = 8
-    c.rl.micro_batch_size = 8
+    c.rl.micro_batch_size = slice_knobs["micro_batch_size"]
     c.rl.beta = 1e-4
     c.rl.kl_estimator = "k1"
     c.rl.kl_in_reward = True

@@ -27,10 +27,11 @@ On a v5e-8 (2026-12-03 second session, continued) it does not fit: the learner d
 out of HBM in the TPU compiler (21.27G of temporaries, 15.75G available): no prefill or decode.
 On a v5p-8 (4-way FSDP; 2026-12-03 second session, 7B-class on TPU) it fits as configured: LoRA
 update peak 13.0 GB per chip of 102.0 (5.3 GB of arguments), old-logprob pass 6.6, prefill 20.7,
-decode 22.3 GB; with the state resident while sampling, 22.3 + 5.3 = 27.7 GB. Smallest TPU target
-compiled that fits: v5p-8.
-On a v6e-8 (same session) the learner fits (update 8.3 GB per chip of 34.4, old-logprob pass
-4.4 GB); its sampler (prefill, decode) was not compiled there yet.
+decode 22.3 GB; with the state resident while sampling, 22.3 + 5.3 = 27.7 GB.
+On a v6e-8 (8-way FSDP; learner same session, sampler the third session) it fits as configured:
+update 8.3 GB per chip of 34.4 (3.4 GB of arguments), old-logprob pass 4.4, prefill 17.3, decode
+19.4 GB; with the state resident while sampling, 19.4 + 3.4 = 22.8 GB. Smallest TPU target it
+fits: v6e-8 (and v5p-8).
 
 Memory on one H100 (80 GB, 79 GiB usable), from the shapes (`jax.eval_shape` of this model):
   persistent

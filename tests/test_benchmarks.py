@@ -134,3 +134,26 @@ def test_published_figures_only_for_listed_chips():
     assert (chips.lookup("TPU v5 lite").bf16_flops, chips.lookup("TPU v5p").hbm_bytes_per_s) == (197e12, 2765e9)
     for unknown in ("cpu", "NVIDIA A100-SXM4-80GB", "NVIDIA H100 PCIe", "TPU v7"):
         assert chips.lookup(unknown) is None
+
+
+def test_every_recorded_compile_config_builds_its_mesh_on_its_target(monkeypatch):
+    """benchmarks/compile.py's default configs per target load, validate and lay their mesh over
+    exactly that target's chips (code_qwen:1.5b's one-device mesh could not take a v5e-8's 8)."""
+    import importlib.util
+
+    import jax
+
+    from cfpo_jax import sharding
+    from cfpo_jax.aot import targets
+
+    spec = importlib.util.spec_from_file_location("compile_benchmark", os.path.join(ROOT, "benchmarks", "compile.py"))
+    compile_benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compile_benchmark)
+    monkeypatch.chdir(ROOT)  # the specs name configs/ relative to the repository
+    for target_name, specs in compile_benchmark.CONFIGS.items():
+        chips = targets.get(target_name).chips
+        for config_spec in specs:
+            config = compile_benchmark.load_config(config_spec)
+            mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor,
+                                      devices=jax.devices()[:chips])
+            assert mesh.size == chips, (target_name, config_spec)

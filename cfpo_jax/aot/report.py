@@ -19,6 +19,8 @@ import math
 import re
 import time
 
+import numpy as np
+
 from cfpo_jax.aot import programs
 
 KERNEL_PATTERNS = (r"__cudnn\$fmha\w*", r"tpu_custom_call", r"__gpu\$xla\.gpu\.triton\w*", r"triton_kernel_call")
@@ -44,9 +46,8 @@ def _dims(text):
 def hlo_dot_flops(hlo_text: str) -> float:
     """2 · (output elements) · (contracted elements) summed over the matmuls of a compiled HLO
     module's text — `dot`s, cuBLAS GEMM custom calls (GPU), `convolution`s (TPU lowers dots to
-    them) — each `while` body counted once per trip: XLA's trip-count annotation (GPU), else the
-    constant bound of its condition (a scan's `i < n`). XLA's own `cost_analysis()` counts a loop
-    body once (a 6-step scan of matmuls on a v5e: 1/6 of the FLOPs), which is why this exists."""
+    them) — each `while` body counted once per trip (`_trip_count`). XLA's own `cost_analysis()`
+    counts a loop body once (a 6-step scan of matmuls on a v5e: 1/6 of the FLOPs), which is why this exists."""
     computations = _computations(hlo_text)
     shapes = {}
     for body in computations.values():
@@ -56,22 +57,14 @@ def hlo_dot_flops(hlo_text: str) -> float:
                 shapes[m.group(1).lstrip("%")] = _dims(m.group(2))
     flops_of = {}
 
-    def trips(line):
-        known = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
-        if known:
-            return int(known.group(1))
-        condition = re.search(r"condition=%?([\w.\-]+)", line)
-        bounds = [int(c) for l in computations.get(condition.group(1) if condition else "", ())
-                  for c in re.findall(r"s32\[\]\S*\s+constant\((\d+)\)", l)]
-        return max(bounds) if bounds else 1
-
     def flops(name, stack=()):
         if name in flops_of:
             return flops_of[name]
         total = 0.0
         for line in computations.get(name, ()):
             total += _line_flops(line, shapes)
-            repeat = trips(line) if re.search(r"\bwhile\(", line) else 1
+            looped = re.search(r"\bwhile\(", line)
+            repeat = _trip_count(line, computations[name], computations) if looped else 1
             for callee in re.findall(r"(?:body|calls|to_apply|true_computation|false_computation|"
                                      r"branch_computations)=\{?%?([\w.\-]+)", line):
                 if callee in computations and callee not in stack:
@@ -82,6 +75,73 @@ def hlo_dot_flops(hlo_text: str) -> float:
 
     entry = next((n for n, body in computations.items() if body and body[0].startswith("ENTRY")), None)
     return flops(entry) if entry else 0.0
+
+
+_NAME = r"%?([\w.\-]+)"
+
+
+def _definition(lines, name):
+    """The line of `lines` that defines the value `name` (None if none does)."""
+    pattern = re.compile(r"\s*(?:ROOT\s+)?%?" + re.escape(name) + r"\s*=")
+    return next((line for line in lines if pattern.match(line)), None)
+
+
+def _constant(lines, name):
+    """The integer `name` holds, following copies, if it is a constant in `lines`."""
+    line = _definition(lines, name)
+    value = line and re.search(r"\bconstant\((-?\d+)\)", line)
+    if value:
+        return int(value.group(1))
+    copied = line and re.search(r"\bcopy\(" + _NAME + r"\)", line)
+    return _constant(lines, copied.group(1)) if copied else None
+
+
+def _operand_names(text):
+    """The value names of an operand list: `%a, /*index=5*/%b` -> ["a", "b"]."""
+    return [o.strip().split(" ")[-1].split("*/")[-1].lstrip("%") for o in text.split(",")]
+
+
+def _trip_count(while_line, caller, computations) -> int:
+    """Trips of the `while` on `while_line` (in the computation whose lines are `caller`): XLA's
+    annotation where it gives one (GPU), else from the loop's counter — the condition's
+    `counter < bound`, the step the body adds to the counter, and its start in the while's
+    operand. The TPU compiler's windowed (collective) matmuls step by 2 from 0 to 4, say: 2 trips,
+    not 4. Falls back to the largest integer constant of the condition."""
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', while_line)
+    if known:
+        return int(known.group(1))
+    condition = computations.get(re.search(r"condition=" + _NAME, while_line).group(1), [])
+    body = computations.get(re.search(r"body=" + _NAME, while_line).group(1), [])
+    constants = [int(c) for line in condition
+                 for c in re.findall(r"[su](?:32|64)\[\]\S*\s+constant\((\d+)\)", line)]
+    fallback = max(constants) if constants else 1
+    compare = next((line for line in condition if line.lstrip().startswith("ROOT") and "compare(" in line), None)
+    operands = compare and re.search(r"compare\(" + _NAME + r", " + _NAME + r"\), direction=(LT|LE|GT|GE)", compare)
+    if not operands:
+        return fallback
+    lhs, rhs, direction = operands.groups()
+    if _constant(condition, rhs) is None:  # `bound > counter`: make it `counter < bound`
+        lhs, rhs, direction = rhs, lhs, {"GT": "LT", "GE": "LE"}.get(direction, direction)
+    bound, counter = _constant(condition, rhs), _definition(condition, lhs)
+    index = counter and re.search(r"get-tuple-element\(.*index=(\d+)", counter)
+    root = next((line for line in body if line.lstrip().startswith("ROOT") and " tuple(" in line), None)
+    if bound is None or direction not in ("LT", "LE") or not index or not root:
+        return fallback
+    index = int(index.group(1))
+    updated = _operand_names(re.search(r" tuple\((.*)\)", root).group(1))
+    step_line = _definition(body, updated[index])
+    step = step_line and re.search(r"\badd\(" + _NAME + r", " + _NAME + r"\)", step_line)
+    step = step and next((c for c in map(lambda n: _constant(body, n), step.groups()) if c), None)
+    init_tuple = re.search(r"while\(" + _NAME + r"\)", while_line)
+    init_line = init_tuple and _definition(caller, init_tuple.group(1))
+    init_operands = init_line and re.search(r" tuple\((.*)\)", init_line)
+    start = 0
+    if init_operands:
+        names = _operand_names(init_operands.group(1))
+        start = (_constant(caller, names[index]) or 0) if index < len(names) else 0
+    if not step or step <= 0:
+        return fallback
+    return max(0, -(-(bound + (direction == "LE") - start) // step))
 
 
 def _computations(hlo_text):
@@ -107,19 +167,46 @@ def _line_flops(line, shapes):
     if lhs is None:
         return 0.0
     if m.group(2) == "convolution":
-        labels = re.search(r"dim_labels=(\w+)_(\w+)->", line)
-        rhs = shapes.get(operands[1]) if len(operands) > 1 else None
-        if labels is None or rhs is None:
+        labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", line)
+        if labels is None:
             return 0.0
-        # Contracted: the lhs feature dim(s), times the kernel's spatial (window) dims.
-        contracted = math.prod(lhs[i] for i, c in enumerate(labels.group(1)) if c == "f")
-        contracted *= math.prod(rhs[i] for i, c in enumerate(labels.group(2)) if c.isdigit())
-        return 2.0 * math.prod(out) * contracted
+        groups = re.search(r"feature_group_count=(\d+)", line)
+        features = math.prod(lhs[i] for i, c in enumerate(labels.group(1)) if c == "f")
+        # Multiply-adds: batch · output features · input features per group, times, for each
+        # spatial dim, the (output position, window tap) pairs that land on the input rather
+        # than its padding. The TPU compiler writes some dots as a window over a padded size-1
+        # input (`window={size=28 pad=27_27}`: an output dim made from the kernel), where each
+        # output position meets one real input element, not the window's 28.
+        spatial = {c: i for i, c in enumerate(labels.group(1)) if c.isdigit()}
+        out_spatial = {c: i for i, c in enumerate(labels.group(3)) if c.isdigit()}
+        window = _window(line, len(spatial))
+        pairs = math.prod(_valid_taps(lhs[spatial[str(d)]], out[out_spatial[str(d)]], *window[d])
+                          for d in range(len(spatial)))
+        out_rest = math.prod(out) // max(1, math.prod(out[i] for i in out_spatial.values()))
+        return 2.0 * out_rest * pairs * features // (int(groups.group(1)) if groups else 1)
     contracting = re.search(r'lhs_contracting_dims[=":\[{]+([\d,"]*)', line)
     if contracting is None:
         return 0.0
     dims = [int(d) for d in re.findall(r"\d+", contracting.group(1))]
     return 2.0 * math.prod(out) * math.prod(lhs[d] for d in dims if d < len(lhs))
+
+
+def _window(line, rank):
+    """Per spatial dim of a convolution: (size, stride, pad_lo, lhs_dilate, rhs_dilate)."""
+    text = re.search(r"window=\{([^}]*)\}", line)
+    fields = dict(f.split("=", 1) for f in text.group(1).split()) if text else {}
+    ints = lambda key, default: [int(v) for v in fields[key].split("x")] if key in fields else [default] * rank
+    sizes, strides = ints("size", 1), ints("stride", 1)
+    lhs_dilate, rhs_dilate = ints("lhs_dilate", 1), ints("rhs_dilate", 1)
+    pads = [int(p.split("_")[0]) for p in fields["pad"].split("x")] if "pad" in fields else [0] * rank
+    return list(zip(sizes, strides, pads, lhs_dilate, rhs_dilate))
+
+
+def _valid_taps(input_size, output_size, size, stride, pad_lo, lhs_dilate, rhs_dilate) -> int:
+    """(output position, window tap) pairs of one spatial dim whose tap reads an input element."""
+    at = (np.arange(output_size)[:, None] * stride + np.arange(size)[None, :] * rhs_dilate
+          - pad_lo)  # each pair's position in the dilated input
+    return int(np.sum((at >= 0) & (at % lhs_dilate == 0) & (at // lhs_dilate < input_size)))
 
 
 def compile_program(program, mesh) -> dict:
