@@ -453,12 +453,11 @@ def make_programs(config, mesh, graphdef, *, pad_id: int, tx, schedule, state_sh
     rl, sampling_config = config.rl, config.sampling
     batch_sh = sharding.batch_sharding(mesh)
     replicated = NamedSharding(mesh, PS())
-    on_policy = rl.num_epochs == 1 and rl.num_minibatches == 1
     update = make_update(graphdef, tx, schedule, rl, temperature=sampling_config.temperature,
                          max_len=sampling_config.max_new_tokens,
                          micro_batch_size=rl.micro_batch_size)
     prepare = make_prepare(graphdef, rl, temperature=sampling_config.temperature, pad_id=pad_id,
-                           on_policy=on_policy, batch_sh=batch_sh, adapters=config.lora.rank > 0)
+                           on_policy=is_on_policy(rl), batch_sh=batch_sh, adapters=config.lora.rank > 0)
     return dict(
         split_rng=jax.jit(lambda key: tuple(jax.random.split(key)), out_shardings=replicated),
         prepare=jax.jit(prepare, out_shardings=(batch_sh, replicated)),
@@ -541,6 +540,18 @@ def _upload(x, sharding_):
         return jax.make_array_from_callback(x.shape, sharding_, lambda index: x[index])
 
 
+def is_on_policy(rl) -> bool:
+    """One update per rollout (μ = 1, one minibatch): the sampler's logprobs are the old policy's,
+    and the rollout needs no old-logprob forward."""
+    return rl.num_epochs == 1 and rl.num_minibatches == 1
+
+
+def prepare_runs_model(rl) -> bool:
+    """Whether `make_prepare`'s pass runs the model at all: for the old logprobs (off policy) or
+    the reference's (β > 0). Only then is a packing plan worth making for it."""
+    return not is_on_policy(rl) or rl.beta > 0
+
+
 def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, on_policy: bool,
                  batch_sh, adapters: bool = False):
     """Jittable (params, ref_params, frozen, samples, reward_B) → (rollout batch, metrics): the
@@ -617,7 +628,7 @@ def prepare_batch(setup: Setup, state, samples: sampling.Samples, reward_B, leng
     with jax.transfer_guard("disallow"):
         reward_B = _upload(np.asarray(reward_B, np.float32), NamedSharding(setup.mesh, PS()))
         plan = None
-        if setup.config.rl.pack:
+        if setup.config.rl.pack and prepare_runs_model(setup.config.rl):
             plan = setup.plan(lengths_Bx2, np.arange(len(lengths_Bx2)), "prepare",
                               prompt_width=data.bucket_width(samples.prompt_tokens.shape[1]),
                               completion_width=samples.tokens.shape[1])

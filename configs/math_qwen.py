@@ -44,8 +44,9 @@ v5e-8 (update 18.3 GB of 17.2; the 512-slot sampler ran out of HBM) and 7b does 
 keys and values beside 15 GB of bf16 weights, from the shapes; not compiled). Commit 68c11c6 (the decode step's cache write) removed a copy of the whole KV
 cache per decode step on TPU; the TPU decode figures above are after it, the 3b and 7b h100x8
 ones before it (on the GPU it changed nothing: 1.5b's decode recompiled after it, 33.8 GB again).
-The TPU compiler's matmul FLOPs per chip are 1.9–2.8 × the 7b's model FLOPs (1.1 on the H100s):
-not explained yet (benchmarks/README.md).
+The compiled matmul FLOPs per chip are 1.1 × the model FLOPs for the 7b's update on TPU as on the
+H100s (the rematted forward; benchmarks/README.md, third session — the 1.9–2.8 × recorded before
+was a miscount of the TPU's HLO, since fixed).
 
 Sampling memory per GPU (8-way FSDP, tensor = 1; sampling.max_concurrent rows over the 8 GPUs,
 so max_concurrent / 8 slots each; cfpo_jax.sampling): every slot holds keys and values for

@@ -405,6 +405,22 @@ def test_learner_packs_only_where_it_saves_rows(tmp_path):
     assert setup.planned_rows == [(3, S), (S, S)]
 
 
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+def test_rollout_plans_packing_only_for_a_prepare_pass_that_runs_the_model(tmp_path, beta):
+    """rl.pack on policy: with β = 0 the prepare pass runs no model (the sampler's logprobs are
+    the old policy's), so the rollout makes no plan and records no prepare shape; with β > 0 the
+    reference forward runs, and its rollout is planned."""
+    config = tiny(rl__num_epochs=1, rl__num_minibatches=1, rl__beta=beta, rl__pack=True)
+    setup, state, prompts = _stages(tmp_path, config, jax.devices()[:1])
+    _, sample_key = setup.split_rng(state["rng"])
+    train.rollout(setup, state, prompts, sample_key)
+    kinds = {kind for kind, _ in setup.learner_shapes}
+    if beta == 0:
+        assert kinds == set() and setup.planned_rows == []
+    else:  # packed, or unpacked where packing saves no row: planned either way
+        assert kinds in ({"prepare"}, {"prepare unpacked"}) and len(setup.planned_rows) == 1
+
+
 def test_on_policy_update_reuses_its_own_logprobs_with_unchanged_losses(tmp_path):
     """num_epochs = num_minibatches = 1: the rollout runs no old-logprob forward (no matrix
     product at all with β = 0), and the update gives the losses, gradients and parameters of the

@@ -99,7 +99,7 @@ def learner_programs(config, model_config, mesh) -> dict[str, Program]:
     rows = rollout // rl.num_minibatches
     N = sampling_config.max_new_tokens
     P = data.bucket_width(sampling_config.max_prompt_len)
-    on_policy = rl.num_epochs == 1 and rl.num_minibatches == 1
+    on_policy = train.is_on_policy(rl)
     if rl.pack:  # `train.pack_minibatch`'s layout at its largest row bucket
         minibatch = dict(tokens=column((rows, P + N), jnp.int32),
                          segment=column((rows, P + N), jnp.int32),
@@ -119,7 +119,8 @@ def learner_programs(config, model_config, mesh) -> dict[str, Program]:
         eos=column((rollout,), jnp.bool_))
     reward = jax.ShapeDtypeStruct((rollout,), jnp.float32, sharding=NamedSharding(mesh, PS()))
     plan = ()
-    if rl.pack:  # `train.Setup.plan`'s arrays for the whole rollout, at its largest row bucket
+    if rl.pack and train.prepare_runs_model(rl):
+        # `train.Setup.plan`'s arrays for the whole rollout, at its largest row bucket
         ints = lambda *shape: column(shape, jnp.int32)
         plan = (dict(token_src=ints(rollout, P + N), segment=ints(rollout, P + N),
                      positions=ints(rollout, P + N), comp_col=ints(rollout, N),
