@@ -18,7 +18,8 @@ per-chip GB = 1e9 bytes; benchmarks/README.md, 2026-12-03): 0.5b on one H100 —
 Pallas decode kernel in the HLO; smallest target it fits: h100x1 (the largest need is the
 update's 13.6 GB; while sampling, the 5.9 GB training state stays resident beside the sampler's
 7.1 GB: ≈ 13 GB, so within a 24 GB card too). On a v5e-8 (16 GB chips, 8-way FSDP) the update peaks at 3.6 GB and the
-old-logprob pass at 1.8 GB (einsum attention: head_dim 64 is not splash's 128). 1.5b on one
+old-logprob pass at 1.8 GB, the prefill at 1.8 GB and decode at 2.9 GB (einsum attention: head_dim
+64 is not splash's 128); it fits a v5e-8 (with its 0.75 GB of state resident, at most 3.6 of 17.2). 1.5b on one
 H100: update peak 32.1 GB, old-logprob pass 7.9 GB, sampler prefill 9.9 GB and decode 9.0 GB
 (second session); fits h100x1 (its docstring's 48 GB+ card holds the update; while sampling, the
 18.5 GB training state beside the prefill's 9.9 GB: ≈ 28 GB).
