@@ -15,7 +15,7 @@ Launch (TPU VM / pod slice, every host runs the same command; see launch/tpu_vm.
   python -m cfpo_jax.train --config=configs/align_llama.py:v6e --workdir=runs/align_cfpo
 
 Hardware: one node of 8 × 80 GB GPUs (H100/A100), a v5p-8, or a v6e-8 with `:v6e` (compiled
-for each, below; larger slices hold it too). Memory: the 8B
+for each, below). Memory: the 8B
 policy with float32 master weights and Adam moments is 16 B/param = 128 GB, the bfloat16 reference
 and reward model 16 GB each, all FSDP-sharded over 8 devices ≈ 20 GB per device before activations
 (remat on, micro-batches of 8 sequences of ≤ 2048 tokens).
