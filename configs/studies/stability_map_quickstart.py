@@ -17,7 +17,9 @@ Run time: 2 objectives × μ ∈ {1, 4, 8, 16, 32} × lr ∈ {7e-4, 1e-3, 1.5e-3
 final 200-problem greedy evaluation. Measured 2026-12-03 with --parallel=2 under `nice -n 19` on the
 2-core box shared with five other sessions' tests (load average 8–17): 141–144 s per run at
 μ = 1 while the box was quiet; under the load 300–456 s at μ = 1, 428–550 s at μ = 4 and
-624–647 s at μ = 8 (docs/studies/README.md). The 2026-11-23 study took 67–76 s (μ = 1) to 135 s (μ = 16) per 60-step run on the idle box.
+624–647 s at μ = 8 (docs/studies/README.md). The 2026-11-23 study took 67–76 s (μ = 1) to 135 s (μ = 16) per 60-step run on the idle box; on
+the idle box on 2026-12-03 (third session) a 100-step run took 165–333 s at μ = 16–32, so the 80
+coarse runs take about 2–3 hours there.
 The whole coarse pass does not fit one session of the shared box: it resumes where it stopped.
 
 What it asks: the paper's claim is a frontier — GRPO collapses at μ = 8, CFPO holds to 16+ — and
