@@ -19,7 +19,7 @@ final 200-problem greedy evaluation. Measured 2026-12-03 with --parallel=2 under
 μ = 1 while the box was quiet; under the load 300–456 s at μ = 1, 428–550 s at μ = 4 and
 624–647 s at μ = 8 (docs/studies/README.md). The 2026-11-23 study took 67–76 s (μ = 1) to 135 s (μ = 16) per 60-step run on the idle box; on
 the idle box on 2026-12-03 (third session) a 100-step run took 165–333 s at μ = 16–32, so the 80
-coarse runs take about 2–3 hours there.
+coarse runs would take about 2–3 hours there (computed from those times, not measured).
 The whole coarse pass does not fit one session of the shared box: it resumes where it stopped.
 
 What it asks: the paper's claim is a frontier — GRPO collapses at μ = 8, CFPO holds to 16+ — and
