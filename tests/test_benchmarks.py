@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import accelerator  # noqa: E402
 import chips  # noqa: E402
+import compile as compile_benchmark  # noqa: E402  (benchmarks/compile.py)
 import shapes  # noqa: E402
 
 STEPS = ["env", "attention", "sampler", "train_step", "long_tail", "lora_sampling", "rl_step"]
@@ -139,16 +140,11 @@ def test_published_figures_only_for_listed_chips():
 def test_every_recorded_compile_config_builds_its_mesh_on_its_target(monkeypatch):
     """benchmarks/compile.py's default configs per target load, validate and lay their mesh over
     exactly that target's chips (code_qwen:1.5b's one-device mesh could not take a v5e-8's 8)."""
-    import importlib.util
-
     import jax
 
     from cfpo_jax import sharding
     from cfpo_jax.aot import targets
 
-    spec = importlib.util.spec_from_file_location("compile_benchmark", os.path.join(ROOT, "benchmarks", "compile.py"))
-    compile_benchmark = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compile_benchmark)
     monkeypatch.chdir(ROOT)  # the specs name configs/ relative to the repository
     for target_name, specs in compile_benchmark.CONFIGS.items():
         chips = targets.get(target_name).chips
