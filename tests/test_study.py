@@ -457,6 +457,34 @@ def test_a_last_round_study_file_still_runs_from_the_command_line(tmp_path):
     assert "| GRPO | 8 | 1 | 1 | 0.700 | 0.700 | — | none | none |" in text, text
 
 
+@pytest.mark.parametrize("name, shared", [
+    ("stability_eps_quickstart", {"rl.eps": 0.2}),
+    ("stability_batch_ratio_quickstart", {"rl.num_minibatches": 1}),
+])
+def test_an_ablation_study_shares_its_default_cells_with_the_map(name, shared):
+    """The ablations' runs at the base config's value of their new axis (ε = 0.2, one minibatch)
+    train exactly the stability map's config with the same seed, so the map's finished runs stand
+    in for them (docs/studies/README.md); the other runs differ from the map's only in that axis."""
+    ablation_spec, map_spec = _load_study_file(name), _load_study_file("stability_map_quickstart")
+    map_spec.seeds = ablation_spec.seeds  # the map's frontier cells have 5 seeds (its report)
+    ablation, stability_map = (study_lib.Study(spec=s, base=_quickstart(), base_file="configs/quickstart.py")
+                               for s in (ablation_spec, map_spec))
+    map_configs = {(r.value("rl.objective"), r.value("optim.lr"), r.value("rl.num_epochs"), r.seed):
+                   stability_map.config(r).to_dict() for r in stability_map.runs()}
+    [(path, value)] = shared.items()
+    matched = 0
+    for run in ablation.runs():
+        config = ablation.config(run)
+        key = (run.value("rl.objective"), run.value("optim.lr"), run.value("rl.num_epochs"), run.seed)
+        *section, field = path.split(".")
+        assert ml_collections.ConfigDict(map_configs[key])[section[0]][field] == value
+        with config.unlocked():
+            config[section[0]][field] = value
+        assert config.to_dict() == map_configs[key], run.name
+        matched += run.value(path) == value
+    assert matched == len(ablation.runs()) // len(ablation.axis(path).values)
+
+
 # ----------------------------------------------------------------------------- end to end
 
 
