@@ -6,11 +6,12 @@ Launch (resumable — run the same command again):
 Run time: 2 objectives × μ ∈ {1, 4, 8} × {1, 4} minibatches × 5 seeds = 60 runs of 100 RL steps
 (16 prompts × 8 samples) at lr 1e-3 after the quickstart's 150-step warm start, each with its
 final 200-problem greedy evaluation. Four minibatches make four optimiser updates per epoch on a
-quarter of the batch each (the same tokens, μ × 4 updates per step). On the 2-core box with
---parallel=2 the map's runs took 110–190 s at μ ≤ 4 and about 200 s at μ = 8 while the box was
-otherwise quiet, so the 60 runs take about 2½ hours (computed from those times); the
-one-minibatch runs are the map's own (the same command but for the workdir), so with the map's
-runs linked in (docs/studies/README.md) only 6 of them are left.
+quarter of the batch each (the same tokens, μ × 4 updates per step). Measured 2026-12-03 on
+the otherwise idle 2-core box with --parallel=2 under `nice -n 19`: 52–67 s per run at μ = 1,
+67–77 s at μ = 4 (four minibatches), 82–92 s at μ = 8 (four minibatches) and 79–109 s at μ = 4
+(one, the ε study's); 36 runs took 21 min, so all 60 take about 40 min. The one-minibatch runs
+at μ ∈ {4, 8} and two seeds at μ = 1 are the map's own (the same config), linked in from the
+map's output (docs/studies/README.md).
 
 What it asks: the paper's second source of off-policy pressure is the "batch ratio" — splitting
 a rollout batch into several minibatches, so every update after the first trains on samples of

@@ -6,10 +6,10 @@ Launch (resumable — run the same command again):
 Run time: 2 objectives × 3 ε × 5 seeds = 30 runs of 100 RL steps (16 prompts × 8 samples) at
 μ = 4, lr 1e-3, after the quickstart's 150-step warm start, each with its final 200-problem greedy
 evaluation — the stability map's runs (configs/studies/stability_map_quickstart.py) with ε as
-the axis. On the 2-core box with --parallel=2 a μ = 4 run of the map took 110–190 s while the
-box was otherwise quiet, so the 30 runs take about 1–1½ hours (computed from those times); the
-10 ε = 0.2 runs are the map's own (the same command but for the workdir), so with the map's
-runs linked in (docs/studies/README.md) 20 are left.
+the axis. Measured 2026-12-03 on the otherwise idle 2-core box with --parallel=2 under
+`nice -n 19`: 79–109 s per run, the 20 runs at ε ∈ {0.1, 0.4} in 16 min; all 30 take about
+25 min. The 10 ε = 0.2 runs are the map's own (the same config), linked in from the map's
+output (docs/studies/README.md).
 
 What it asks: the paper fixes ε = 0.2 and never ablates it. ε means different things to the two
 objectives — GRPO's clip range (a wider range moves the ratio further before the gradient stops)
