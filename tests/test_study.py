@@ -476,10 +476,10 @@ def test_an_ablation_study_shares_its_default_cells_with_the_map(name, shared):
     for run in ablation.runs():
         config = ablation.config(run)
         key = (run.value("rl.objective"), run.value("optim.lr"), run.value("rl.num_epochs"), run.seed)
-        *section, field = path.split(".")
-        assert ml_collections.ConfigDict(map_configs[key])[section[0]][field] == value
+        section, field = path.split(".")
+        assert map_configs[key][section][field] == value
         with config.unlocked():
-            config[section[0]][field] = value
+            config[section][field] = value
         assert config.to_dict() == map_configs[key], run.name
         matched += run.value(path) == value
     assert matched == len(ablation.runs()) // len(ablation.axis(path).values)

@@ -20,7 +20,9 @@ final 200-problem greedy evaluation. Measured 2026-12-03 with --parallel=2 under
 624–647 s at μ = 8 (docs/studies/README.md). The 2026-11-23 study took 67–76 s (μ = 1) to 135 s (μ = 16) per 60-step run on the idle box; on
 the idle box on 2026-12-03 (third session) a 100-step run took 165–333 s at μ = 16–32, so the 80
 coarse runs would take about 2–3 hours there (computed from those times, not measured).
-The whole coarse pass does not fit one session of the shared box: it resumes where it stopped.
+Measured on the idle box on 2026-12-03 (fourth session): 23 runs at μ ∈ {16, 32} in 2,782 s,
+160–351 s per run. The map of docs/studies/stability_map_quickstart (138 runs) was run in parts
+over four sessions: the study resumes where it stopped.
 
 What it asks: the paper's claim is a frontier — GRPO collapses at μ = 8, CFPO holds to 16+ — and
 frontiers move with step size. 7e-4 is the quickstart's learning rate (no collapse at μ ≤ 16 in
