@@ -1,54 +1,65 @@
-"""Running model-written Python: one confined process per call, killed at a wall-clock limit.
+"""Running model-written Python: a confined, killable run per call, and verdicts it cannot forge.
 
     result = run_python("print(6 * 7)", limits=Limits(wall_s=2.0))
-    result.ok, result.stdout        # True, "42\\n"
+    result.ok, result.stdout                    # True, "42\\n"
+    v = run_verdict(code, {"test": ..., "entry_point": ...})   # or {"tests": "assert ..."}
+    v.passed, v.why
 
-Shared by the Python tool of multi-turn environments and the `code` reward. Thread-safe: call it
-from many threads at once (each call owns its process, directory, pipes and user id).
+`run_python` serves the Python tool of multi-turn environments; `run_verdict` the `code` reward.
+Thread-safe: call them from many threads at once (each call owns its processes, cgroups, user id).
 
-Every call
-* writes the code to a new private temporary directory and runs it with a fresh interpreter,
-  `python -I -S` (isolated mode, no site-packages: the standard library only), in an empty
-  working directory `work/` beside it; the directory is removed afterwards whatever happened;
-* gives it an environment built from scratch (PATH, HOME and TMPDIR = the work dir, LANG,
-  PYTHONIOENCODING) — nothing of the caller's, so no secrets — and stdin from `stdin_text` or
-  empty (end of file at once), never the caller's;
-* sets RLIMIT_CPU (`cpu_s`, whole seconds rounded up; SIGKILL one second later), RLIMIT_AS
-  (`memory_mb`: an allocation past it raises MemoryError), RLIMIT_FSIZE (`file_mb`), RLIMIT_NPROC
-  (`processes`, threads included), RLIMIT_NOFILE (256) and RLIMIT_CORE (0);
-* runs in its own session and process group, which is killed (SIGKILL) at `wall_s`;
-* reads stdout and stderr with a cap: past `output_bytes` on either the process is killed, so
-  no amount of output reaches memory beyond the cap.
+"bwrap" isolation (the caller is root on Linux, bubblewrap is installed, libseccomp's Python
+binding imports and the cgroup controllers are writable; `isolation()` decides once, by a trial
+run). Every call
+* gets a uid of its own (one of `UID_RANGE`, held with a file lock for the call) and a cgroup of
+  its own: `memory_mb` for all its processes together (memfd, shared memory and the files it
+  writes included; past it the kernel's OOM killer ends it), `processes` for its processes and
+  threads together (a 32-worker thread pool fits the default);
+* runs in bubblewrap's new user, mount, PID, network, IPC, UTS and cgroup namespaces with a
+  minimal root: /usr (and its /bin, /lib, ... links), ld.so.cache and the interpreter's prefix,
+  read-only; a fresh /proc; a /dev of its own (null, zero, random, ..., a private devpts, so no
+  host pty); /work (the working directory), /tmp and /dev/shm writable, all three on ONE tmpfs of
+  `disk_mb` bytes and `files` inodes that lives in the run's mount namespace and is dropped whole
+  when its last process ends (nothing ever reaches the disk; nothing is left to delete);
+  /sandbox, read-only, with the code. No host path is in it (no /tmp, /run, /home, /etc of the
+  host), so no path UNIX socket of the host is reachable, and the network namespace has only a
+  loopback that is down, so neither is an abstract one, nor any network;
+* loads a seccomp filter that refuses the kernel keyring (keyctl, add_key, request_key), new
+  user namespaces (unshare, clone with CLONE_NEWUSER, clone3), io_uring, sockets of any family
+  but AF_UNIX, mounts, bpf, perf events, userfaultfd, ptrace and module or kexec loading;
+* sets RLIMIT_CPU (`cpu_s`, whole seconds rounded up; SIGKILL one second later), RLIMIT_FSIZE
+  (`file_mb`), RLIMIT_NOFILE (256), RLIMIT_CORE (0); no-new-privileges;
+* is killed at `wall_s` (every process of its cgroup), its output read with a cap
+  (`output_bytes` each of stdout and stderr; past it the run is killed).
+Nothing a run writes or registers is visible to a later one: its files die with its tmpfs, its
+processes with its cgroup and PID namespace, and keys, user namespaces and sockets out are
+refused.
 
-What else holds depends on the machine — `isolation()` says which, decided once per process by
-a trial run:
+A verdict (`run_verdict`) runs the candidate's code in such a sandbox as a server of its
+functions, and the test's assertions in the launcher, a process outside the sandbox: the
+launcher calls the candidate's functions through a proxy that carries only plain data (None,
+bool, int, float, complex, str, bytes, and lists, tuples, dicts and sets of them) both ways over
+two pipes, with a strict decoder (sandbox_wire; no pickle). The test's source and expected
+values reach the launcher only after the candidate's process has been started, and never reach
+the sandbox: not its files, argv, environment, descriptors or memory. A function whose result is
+not plain data fails that call. See sandbox_verdict.
 
-"namespaces" (the caller is root and the kernel allows unshare; true on the project's dev box,
-    a root container on a Firecracker VM, kernel 6.18): the code runs in new network, mount,
-    PID, IPC and UTS namespaces — no network interface but a down loopback, so no socket
-    reaches anything, not even 127.0.0.1; its own /proc, so no other process is visible; /root,
-    /home, the caller's home and the temporary directories (/tmp, /var/tmp, /dev/shm, /run/lock,
-    $TMPDIR) are hidden under empty read-only tmpfs mounts, with the interpreter's prefix bound
-    back read-only and the work dir bound back writable; and it runs as an unprivileged user id
-    of its own (one of `UID_RANGE`, held with a file lock for the call, so no two concurrent
-    runs share one and RLIMIT_NPROC counts exactly this run's processes) with no supplementary
-    groups and no-new-privileges (setuid binaries cannot raise it). So it can write nowhere but
-    its work dir, cannot signal or inspect the trainer (another uid, another PID namespace), and
-    when the run ends, or is killed, the namespace's init exits and the kernel kills every
-    process the code started. The rest of the file system is readable as for any unprivileged
-    user (world-readable files, e.g. the project's code and data).
-"plain" (anything else, e.g. not root): the limits above, its own process group and directory,
-    the clean environment, the launcher as its parent; the caller's uid, so it can read and write
-    what the caller can (its files, its /proc/<pid>/environ), and as root RLIMIT_NPROC does not
-    bind. An audit hook refuses sockets, process creation, signals and ctypes — it stops
-    ordinary code, NOT a determined attacker (not a security boundary).
+"plain" isolation (anything else, e.g. not root, no bubblewrap): limits as rlimits per process
+(RLIMIT_AS for memory_mb, RLIMIT_NPROC for processes), its own directory (removed afterwards)
+and the caller's uid; an audit hook refuses sockets, process creation, signals and ctypes — it
+stops ordinary code, NOT a determined attacker, and the verdict is not out of its reach either.
+`isolation()` says which protections hold; `configure(strict=True)` makes every call refuse to
+run (SandboxError) without the full set.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
+import itertools
 import json
+import logging
 import math
 import os
 import random
@@ -62,31 +73,45 @@ import tempfile
 import threading
 import time
 
-_BOOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_boot.py")
+from cfpo_jax import sandbox_wire
+
+_log = logging.getLogger(__name__)
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_BOOT = os.path.join(_HERE, "sandbox_boot.py")
 # User ids for sandboxed runs: far above any real account (Linux ids are 32-bit; 65534 is nobody).
 UID_RANGE = range(1_900_000_000, 1_900_004_096)
 _UID_LOCK_DIR = os.path.join(tempfile.gettempdir(), "cfpo-sandbox-uids")
 _TRUNCATED = "\n[... output truncated at {} bytes]"
 _READ_CHUNK = 65536
+_STAGE = "/tmp"  # where a run's tmpfs is mounted, in the run's own mount namespace only
+_VERDICT_MEMORY = 2 << 30  # the launcher's address space while it judges
+# Every protection of the bwrap isolation; `isolation().protections` lists those in force.
+FULL = ("namespaces", "minimal_root", "private_devpts", "unprivileged_uid", "seccomp",
+        "cgroup_memory", "cgroup_pids", "disk_quota", "separate_verdict")
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
     """Resource limits of one run.
 
-    wall_s: seconds of real time before the whole process group is killed.
-    cpu_s: CPU seconds (RLIMIT_CPU, rounded up to whole seconds).
-    memory_mb: address space per process, MiB (RLIMIT_AS); Python itself needs ~30.
+    wall_s: seconds of real time before every process of the run is killed.
+    cpu_s: CPU seconds per process (RLIMIT_CPU, rounded up to whole seconds).
+    memory_mb: MiB of memory for all the run's processes together, shared memory and the files
+      it writes included (a cgroup; "plain" isolation: address space per process, RLIMIT_AS).
+    disk_mb: MiB that /work, /tmp and /dev/shm hold together (one tmpfs).
+    files: files and directories that /work, /tmp and /dev/shm hold together (its inodes).
     file_mb: largest file the code may write, MiB (RLIMIT_FSIZE).
-    processes: processes and threads of the run (RLIMIT_NPROC; see the module docstring).
+    processes: processes and threads of the run together (a cgroup; "plain": RLIMIT_NPROC).
     output_bytes: bytes kept of stdout and of stderr each; more kills the run.
     """
 
     wall_s: float = 5.0
     cpu_s: float = 5.0
     memory_mb: int = 1024
+    disk_mb: int = 64
+    files: int = 16384
     file_mb: int = 16
-    processes: int = 8
+    processes: int = 64
     output_bytes: int = 65536
 
     def __post_init__(self):
@@ -96,8 +121,8 @@ class Limits:
                     not math.isfinite(value) or value <= 0:
                 raise ValueError(f"Limits.{name} must be a positive finite number of seconds; "
                                  f"got {value!r}")
-        for name, least in (("memory_mb", 64), ("file_mb", 1), ("processes", 1),
-                            ("output_bytes", 1)):
+        for name, least in (("memory_mb", 64), ("disk_mb", 1), ("files", 64), ("file_mb", 1),
+                            ("processes", 4), ("output_bytes", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < least:
                 raise ValueError(f"Limits.{name} must be an integer >= {least}; got {value!r}")
@@ -110,11 +135,11 @@ class Result:
     ok: exited with status 0 and hit no limit.
     stdout, stderr: decoded UTF-8 (invalid bytes replaced), each cut at `output_bytes` with a
       marker line appended when cut.
-    exit_code: the exit status; -N when killed by signal N; None when the sandbox killed it
-      (wall clock, output) before it ended.
+    exit_code: the exit status (bwrap: 128 + N when killed by signal N, as a shell says it;
+      "plain": -N); None when the sandbox killed it (wall clock, output) before it ended.
     timed_out: the wall-clock limit was hit.
-    killed_by: which limit ended it — "wall", "cpu", "output", "memory" (it died of a
-      MemoryError: the address-space limit) — or None.
+    killed_by: which limit ended it — "wall", "cpu", "output", "memory" (the cgroup's OOM killer,
+      or a MemoryError) — or None.
     seconds: wall-clock seconds of the whole call.
     """
 
@@ -127,22 +152,235 @@ class Result:
     seconds: float
 
 
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """passed: the test ran to its end against the candidate's functions. why: if not, why (an
+    assertion, the candidate's exception, its code failing, the wall clock). seconds: the call."""
+
+    passed: bool
+    why: str
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Isolation:
+    """What confines runs in this process: mode "bwrap" or "plain", the protections of `FULL`
+    in force, and why the others are missing."""
+
+    mode: str
+    protections: tuple[str, ...]
+    why: str = ""
+
+    @property
+    def missing(self) -> tuple[str, ...]:
+        return tuple(p for p in FULL if p not in self.protections)
+
+    @property
+    def full(self) -> bool:
+        return not self.missing
+
+    def __str__(self):
+        text = f"sandbox isolation {self.mode}: {', '.join(self.protections) or 'none'} in force"
+        return text + (f"; MISSING {', '.join(self.missing)} ({self.why})" if self.missing
+                       else "")
+
+
 class SandboxError(RuntimeError):
     """The sandbox itself could not run (not the code's fault)."""
 
 
-def _rlimits(limits: Limits) -> dict:
-    cpu = math.ceil(limits.cpu_s)
-    memory = limits.memory_mb * 2**20
-    files = limits.file_mb * 2**20
-    return {"RLIMIT_CPU": (cpu, cpu + 1), "RLIMIT_AS": (memory, memory),
-            "RLIMIT_FSIZE": (files, files), "RLIMIT_NPROC": (limits.processes,) * 2,
-            "RLIMIT_NOFILE": (256, 256), "RLIMIT_CORE": (0, 0)}
+_strict = False
 
 
-def _env(work: str) -> dict:
-    return {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": work, "TMPDIR": work,
-            "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1"}
+def configure(*, strict: bool):
+    """strict=True: every later call raises SandboxError unless `isolation().full`."""
+    global _strict
+    if not isinstance(strict, bool):
+        raise TypeError(f"strict must be a bool; got {strict!r}")
+    _strict = strict
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of the bwrap isolation: the seccomp filter, the cgroups, the minimal root.
+
+
+def _seccomp_bpf() -> bytes:
+    """The filter, compiled to BPF by libseccomp (Debian's python3-seccomp or pyseccomp)."""
+    try:
+        import seccomp
+    except ImportError:
+        import pyseccomp as seccomp
+    refuse = seccomp.ERRNO(errno.EPERM)
+    rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
+    for name in ("keyctl", "add_key", "request_key", "io_uring_setup", "io_uring_enter",
+                 "io_uring_register", "unshare", "setns", "mount", "umount2", "pivot_root",
+                 "chroot", "fsopen", "fsmount", "fspick", "move_mount", "open_tree",
+                 "mount_setattr", "bpf", "perf_event_open", "userfaultfd", "ptrace",
+                 "process_vm_writev", "kexec_load", "kexec_file_load", "init_module",
+                 "finit_module", "delete_module", "open_by_handle_at", "name_to_handle_at",
+                 "acct", "swapon", "swapoff", "reboot", "syslog", "quotactl"):
+        rules.add_rule(refuse, name)
+    clone_newuser = 0x10000000
+    rules.add_rule(refuse, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, clone_newuser,
+                                                clone_newuser))
+    # clone3's flags sit in memory the filter cannot read: "not implemented" makes glibc fall
+    # back to clone (threads, fork), which the rule above checks.
+    rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
+    for name in ("socket", "socketpair"):
+        rules.add_rule(seccomp.ERRNO(errno.EAFNOSUPPORT), name,
+                       seccomp.Arg(0, seccomp.NE, 1))  # AF_UNIX = 1
+    fd = os.memfd_create("cfpo-seccomp")
+    with os.fdopen(fd, "w+b") as f:
+        rules.export_bpf(f)
+        f.seek(0)
+        return f.read()
+
+
+def _cgroup_roots() -> dict[str, str]:
+    """{"memory": dir, "pids": dir} under which this process may make the runs' cgroups: its own
+    cgroup of each controller (v1) or of the unified hierarchy (v2)."""
+    own = {}
+    with open("/proc/self/cgroup") as f:
+        for line in f:
+            _, controllers, path = line.rstrip("\n").split(":", 2)
+            for controller in controllers.split(",") if controllers else [""]:
+                own[controller] = path
+    mounts = {}
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]
+            if fstype == "cgroup":
+                for option in fields[-1].split(","):
+                    if option in ("memory", "pids"):
+                        mounts[option] = (fields[4], fields[3])
+            elif fstype == "cgroup2":
+                mounts.setdefault("", (fields[4], fields[3]))
+    roots = {}
+    for controller in ("memory", "pids"):
+        key = controller if controller in mounts else ""
+        if key not in mounts or key not in own:
+            continue
+        mount_point, mount_root = mounts[key]
+        relative = os.path.relpath(own[key], mount_root) if own[key].startswith(mount_root) \
+            else None
+        if relative is None:
+            continue
+        if key == "":
+            with open(os.path.join(mount_point, "cgroup.controllers")) as f:
+                if controller not in f.read().split():
+                    continue
+        roots[controller] = os.path.normpath(os.path.join(mount_point, relative,
+                                                          "cfpo-sandbox"))
+    return roots
+
+
+_run_counter = itertools.count()
+
+
+class _Cgroups:
+    """One run's cgroups: memory.max/limit_in_bytes and pids.max set; `close` kills whatever is
+    left in them and removes them (never raises: it logs and counts)."""
+
+    def __init__(self, roots: dict[str, str], limits: Limits):
+        self.dirs = []
+        name = f"run-{os.getpid()}-{next(_run_counter)}"
+        try:
+            for controller, root in roots.items():
+                os.makedirs(root, exist_ok=True)
+                path = os.path.join(root, name)
+                os.mkdir(path)
+                self.dirs.append(path)
+                v2 = os.path.exists(os.path.join(path, "cgroup.controllers"))
+                if controller == "memory" and v2:
+                    self._set(path, "memory.max", limits.memory_mb << 20)
+                    self._set(path, "memory.swap.max", 0, optional=True)
+                elif controller == "memory":
+                    self._set(path, "memory.limit_in_bytes", limits.memory_mb << 20)
+                    self._set(path, "memory.memsw.limit_in_bytes", limits.memory_mb << 20,
+                              optional=True)
+                else:
+                    self._set(path, "pids.max", limits.processes)
+        except BaseException:
+            self.close()
+            raise
+        self.procs = [os.path.join(d, "cgroup.procs") for d in dict.fromkeys(self.dirs)]
+
+    @staticmethod
+    def _set(path: str, name: str, value: int, optional: bool = False):
+        try:
+            with open(os.path.join(path, name), "w") as f:
+                f.write(str(value))
+        except FileNotFoundError:
+            if not optional:
+                raise
+
+    def oom_kills(self) -> int:
+        for path in self.dirs:
+            for name in ("memory.oom_control", "memory.events"):
+                try:
+                    with open(os.path.join(path, name)) as f:
+                        for line in f:
+                            if line.startswith("oom_kill "):
+                                return int(line.split()[1])
+                except FileNotFoundError:
+                    continue
+        return 0
+
+    def kill(self):
+        """SIGKILL everything in the run's cgroups until they are empty (bounded by pids.max)."""
+        deadline = time.monotonic() + 5.0
+        while True:
+            pids = set()
+            for procs in getattr(self, "procs", []):
+                try:
+                    with open(procs) as f:
+                        pids.update(int(p) for p in f.read().split())
+                except FileNotFoundError:
+                    pass
+            if not pids:
+                return
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            if time.monotonic() > deadline:
+                raise SandboxError(f"processes {sorted(pids)} survive SIGKILL")
+            time.sleep(0.005)
+
+    def close(self):
+        try:
+            self.kill()
+            for path in reversed(self.dirs):
+                for attempt in range(200):  # a killed process leaves its cgroup a moment later
+                    try:
+                        os.rmdir(path)
+                        break
+                    except FileNotFoundError:
+                        break
+                    except OSError as e:
+                        if e.errno != errno.EBUSY or attempt == 199:
+                            raise
+                        time.sleep(0.005)
+        except Exception as e:  # noqa: BLE001  (cleanup never raises into a batch)
+            _count_cleanup_failure(f"cgroups {self.dirs}: {e}")
+
+
+_cleanup_failures = 0
+_cleanup_lock = threading.Lock()
+
+
+def cleanup_failures() -> int:
+    """How many runs' cleanup failed (each logged) in this process so far."""
+    return _cleanup_failures
+
+
+def _count_cleanup_failure(what: str):
+    global _cleanup_failures
+    with _cleanup_lock:
+        _cleanup_failures += 1
+    _log.warning("sandbox cleanup failed: %s", what)
 
 
 def _python() -> tuple[str, str]:
@@ -154,10 +392,40 @@ def _python() -> tuple[str, str]:
     return python, prefix
 
 
-def _hidden_dirs(base: str) -> list[str]:
-    dirs = ["/root", "/home", os.path.expanduser("~"), "/tmp", "/var/tmp", "/dev/shm",
-            "/run/lock", tempfile.gettempdir(), os.path.dirname(base)]
-    return list(dict.fromkeys(os.path.realpath(d) for d in dirs if d != "/"))
+def _bwrap_argv(bwrap: str, python: str, prefix: str) -> tuple[list[str], bool]:
+    """bubblewrap's options (uid and command added per run) and whether the prefix needs the
+    launcher's bind (it lies outside /usr)."""
+    argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+            "--new-session", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            argv += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            argv += ["--ro-bind", top, top]
+    argv += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
+    outside_usr = not prefix.startswith("/usr/")
+    if outside_usr:
+        argv += ["--ro-bind", "@python@", prefix]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--bind", "@stage@/shm", "/dev/shm",
+             "--bind", "@stage@/work", "/work", "--bind", "@stage@/tmp", "/tmp",
+             "--ro-bind", "@stage@/sandbox", "/sandbox", "--chdir", "/work", "--clearenv"]
+    for key, value in _ENV.items():
+        argv += ["--setenv", key, value]
+    argv += ["--seccomp", "5"]
+    return argv, outside_usr
+
+
+_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/tmp",
+        "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1"}
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setup:
+    isolation: Isolation
+    bwrap: tuple[str, ...] = ()
+    python_bind: bool = False
+    seccomp: bytes = b""
+    cgroup_roots: tuple[tuple[str, str], ...] = ()
 
 
 class _UidLease:
@@ -183,61 +451,81 @@ class _UidLease:
         raise SandboxError(f"all {len(UID_RANGE)} sandbox user ids are in use")
 
     def release(self):
-        _kill_user(self.uid)  # nothing of a run may outlive it under an id handed out again
         os.close(self._fd)
 
 
-def _kill_user(uid: int, timeout_s: float = 2.0):
-    """SIGKILL every process of `uid` until none is left (normally there is none: a PID
-    namespace's processes die with its init)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        alive = []
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    if os.stat(f"/proc/{name}").st_uid == uid:
-                        alive.append(int(name))
-                except FileNotFoundError:
-                    continue
-        if not alive:
-            return
-        for pid in alive:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if time.monotonic() > deadline:
-            raise SandboxError(f"processes {alive} of sandbox uid {uid} survive SIGKILL")
-        time.sleep(0.01)
+_setup: _Setup | None = None
+_setup_lock = threading.Lock()
 
 
-_isolation: str | None = None
-_isolation_lock = threading.Lock()
+def isolation() -> Isolation:
+    """What confines runs in this process (decided once, by a trial run; logged once)."""
+    return _get_setup().isolation
 
 
-def isolation() -> str:
-    """"namespaces" or "plain" (see the module docstring): what confines runs in this process."""
-    global _isolation
-    with _isolation_lock:
-        if _isolation is None:
-            _isolation = "plain"
-            if os.geteuid() == 0 and sys.platform.startswith("linux"):
-                try:
-                    probe = _run("import os; print(os.getuid())", None, Limits(), "namespaces")
-                    if probe.ok and probe.stdout.strip() != "0":
-                        _isolation = "namespaces"
-                except (SandboxError, OSError):
-                    pass
-        return _isolation
+def _get_setup() -> _Setup:
+    global _setup
+    with _setup_lock:
+        if _setup is None:
+            _setup = _probe()
+            log = _log.info if _setup.isolation.full else _log.warning
+            log("%s", _setup.isolation)
+        return _setup
+
+
+def _probe() -> _Setup:
+    def fallback(why: str) -> _Setup:
+        return _Setup(Isolation("plain", (), why))
+
+    if not sys.platform.startswith("linux") or os.geteuid() != 0:
+        return fallback("needs root on Linux")
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return fallback("bubblewrap is not installed: apt-get install bubblewrap")
+    try:
+        bpf = _seccomp_bpf()
+    except Exception as e:  # noqa: BLE001
+        return fallback(f"no libseccomp binding ({type(e).__name__}: {e}): pip install "
+                        "pyseccomp, or apt-get install python3-seccomp")
+    try:
+        roots = _cgroup_roots()
+    except OSError as e:
+        roots = {}
+        _log.warning("cgroups unreadable: %s", e)
+    python, prefix = _python()
+    argv, python_bind = _bwrap_argv(bwrap, python, prefix)
+    lacking = [f"cgroup_{c}" for c in ("memory", "pids") if c not in roots]
+    protections = tuple(p for p in FULL if p not in lacking)
+    why = f"no writable cgroup controller {', '.join(c[7:] for c in lacking)}" if lacking else ""
+    setup = _Setup(Isolation("bwrap", protections, why), tuple(argv), python_bind, bpf,
+                   tuple(roots.items()))
+    try:
+        probe = _run({"main.py": "import os; print(os.getuid())"}, "main.py", "", None,
+                     Limits(), setup)
+        if not (probe.ok and probe.stdout.strip().isdigit()
+                and int(probe.stdout) in UID_RANGE):
+            return fallback(f"the trial run failed: {probe}")
+    except (SandboxError, OSError) as e:
+        return fallback(f"the trial run failed: {e}")
+    return setup
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs.
+
+
+def _check_strict(setup: _Setup):
+    if _strict and not setup.isolation.full:
+        raise SandboxError(f"strict sandbox: refusing to run without the full set of "
+                           f"protections; {setup.isolation}")
 
 
 def run_python(code: str, *, stdin_text: str | None = None, limits: Limits = Limits()) -> Result:
     """Runs `code` as a Python script in the sandbox and returns what happened.
 
     code: the script's source. stdin_text: its standard input (None: empty). limits: `Limits`.
-    Never raises for anything the code does; raises SandboxError when the sandbox cannot start,
-    TypeError/ValueError for bad arguments.
+    Never raises for anything the code does; raises SandboxError when the sandbox cannot start
+    (or, strict, lacks a protection), TypeError/ValueError for bad arguments.
     """
     if not isinstance(code, str):
         raise TypeError(f"code must be a str; got {type(code).__name__}")
@@ -245,66 +533,155 @@ def run_python(code: str, *, stdin_text: str | None = None, limits: Limits = Lim
         raise TypeError(f"stdin_text must be a str or None; got {type(stdin_text).__name__}")
     if not isinstance(limits, Limits):
         raise TypeError(f"limits must be a sandbox.Limits; got {type(limits).__name__}")
-    return _run(code, stdin_text, limits, isolation())
+    setup = _get_setup()
+    _check_strict(setup)
+    return _run({"main.py": code}, "main.py", stdin_text or "", None, limits, setup)
 
 
-def _run(code: str, stdin_text: str | None, limits: Limits, mode: str) -> Result:
+def run_verdict(code: str, spec: dict, *, limits: Limits = Limits()) -> Verdict:
+    """Judges the candidate's `code` by the test in `spec` (see sandbox_verdict): {"test": the
+    source defining check(candidate), "entry_point": the function's name, "prompt": optional
+    trusted source run before the test} or {"tests": assert statements}. Never raises for
+    anything the code does; SandboxError when the sandbox cannot start."""
+    if not isinstance(code, str):
+        raise TypeError(f"code must be a str; got {type(code).__name__}")
+    if spec.get("test") is None and not isinstance(spec.get("tests"), str):
+        raise ValueError(f"spec needs 'test' and 'entry_point', or 'tests'; got keys "
+                         f"{sorted(spec)}")
+    if spec.get("test") is not None and not spec.get("entry_point"):
+        raise ValueError("spec's 'test' needs an 'entry_point'")
+    setup = _get_setup()
+    _check_strict(setup)
+    files = {"solution.py": code, "server.py": _source("sandbox_server.py"),
+             "wire.py": _source("sandbox_wire.py")}
     started = time.monotonic()
-    base = tempfile.mkdtemp(prefix="cfpo-sandbox-")
-    lease = None
+    result = _run(files, "server.py", "", spec, limits, setup)
+    if result.killed_by is not None:
+        return Verdict(False, f"killed by the {result.killed_by} limit",
+                       time.monotonic() - started)
+    status = result.stdout  # _run puts the launcher's status line here for a verdict
+    return Verdict(status == "verdict pass", status.removeprefix("verdict fail ").strip()
+                   if status != "verdict pass" else "", time.monotonic() - started)
+
+
+_sources: dict[str, str] = {}
+
+
+def _source(name: str) -> str:
+    if name not in _sources:
+        with open(os.path.join(_HERE, name), encoding="utf-8") as f:
+            _sources[name] = f.read()
+    return _sources[name]
+
+
+def _rlimits(limits: Limits, mode: str) -> dict:
+    cpu = math.ceil(limits.cpu_s)
+    files = limits.file_mb * 2**20
+    rlimits = {"RLIMIT_CPU": (cpu, cpu + 1), "RLIMIT_FSIZE": (files, files),
+               "RLIMIT_NOFILE": (256, 256), "RLIMIT_CORE": (0, 0)}
+    if mode == "plain":
+        memory = limits.memory_mb * 2**20
+        rlimits.update(RLIMIT_AS=(memory, memory), RLIMIT_NPROC=(limits.processes,) * 2)
+    return rlimits
+
+
+def _run(files: dict, entry: str, stdin_text: str, spec: dict | None, limits: Limits,
+         setup: _Setup) -> Result:
+    started = time.monotonic()
+    mode = setup.isolation.mode
+    python, prefix = _python()
+    cfg = {"mode": mode, "python": python, "files": files, "entry": entry, "stdin": stdin_text,
+           "quiet": spec is not None, "rlimits": _rlimits(limits, mode), "wall_s": limits.wall_s,
+           "verdict_memory": _VERDICT_MEMORY, "env": _ENV}
+    lease = cgroups = stage = None
     try:
-        work, script = os.path.join(base, "work"), os.path.join(base, "main.py")
-        os.mkdir(work, 0o700)
-        with open(script, "w", encoding="utf-8") as f:
-            f.write(code)
-        with open(os.path.join(base, "stdin"), "w+", encoding="utf-8") as stdin:
-            stdin.write(stdin_text or "")
-            stdin.seek(0)
-            python, prefix = _python()
-            cfg = {"mode": mode, "python": python, "python_prefix": prefix, "work": work,
-                   "script": script, "env": _env(work), "rlimits": _rlimits(limits)}
-            if mode == "namespaces":
-                lease = _UidLease()
-                os.chown(work, lease.uid, lease.uid)
-                cfg.update(uid=lease.uid, gid=lease.uid, hide=_hidden_dirs(base))
-            return _supervise(cfg, stdin, limits, started)
+        if mode == "bwrap":
+            lease = _UidLease()
+            cgroups = _Cgroups(dict(setup.cgroup_roots), limits)
+            argv = list(setup.bwrap)
+            at = argv.index("--seccomp")
+            argv[at:at] = ["--uid", str(lease.uid), "--gid", str(lease.uid)]
+            cfg.update(uid=lease.uid, stage=_STAGE, disk_bytes=limits.disk_mb << 20,
+                       inodes=limits.files, seccomp=setup.seccomp.hex(),
+                       cgroup_procs=cgroups.procs, python_bind=prefix if setup.python_bind
+                       else "", bwrap=argv + ["--", python, "-I", "-S", f"/sandbox/{entry}"],
+                       env={"PATH": "/usr/bin:/bin"})
+        else:
+            stage = tempfile.mkdtemp(prefix="cfpo-sandbox-")
+            cfg.update(stage=stage, env=dict(_ENV, HOME=os.path.join(stage, "work"),
+                                             TMPDIR=os.path.join(stage, "work")))
+        result = _supervise(cfg, spec, limits, started, cgroups)
     finally:
+        if cgroups is not None:
+            cgroups.close()
         if lease is not None:
             lease.release()
-        shutil.rmtree(base, ignore_errors=True)
+        if stage is not None:
+            _remove(stage)
+    return result
 
 
-def _supervise(cfg: dict, stdin, limits: Limits, started: float) -> Result:
+def _remove(path: str):
+    """Removes the "plain" run's directory; logs and counts a failure instead of raising (deep
+    trees make shutil.rmtree recurse past Python's limit)."""
+    try:
+        shutil.rmtree(path)
+    except (OSError, RecursionError):
+        done = subprocess.run(["rm", "-rf", "--one-file-system", path], capture_output=True)
+        if done.returncode != 0 or os.path.exists(path):
+            _count_cleanup_failure(f"{path}: {done.stderr.decode(errors='replace')[:200]}")
+
+
+def _supervise(cfg: dict, spec: dict | None, limits: Limits, started: float,
+               cgroups: _Cgroups | None) -> Result:
     status_r, status_w = os.pipe()
-    cfg["status_fd"] = status_w
     with os.fdopen(status_r, "rb") as status_file:
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", _BOOT, json.dumps(cfg)], stdin=stdin,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=cfg["work"], env=cfg["env"],
+                [sys.executable, "-I", "-S", _BOOT, str(status_w)], stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", env=cfg["env"],
                 pass_fds=(status_w,), start_new_session=True)
         finally:
             os.close(status_w)
         try:
+            try:
+                sandbox_wire.write_frame(proc.stdin.fileno(), json.dumps(cfg).encode())
+                if spec is not None:  # read by the launcher only after the candidate started
+                    sandbox_wire.write_frame(proc.stdin.fileno(), json.dumps(spec).encode())
+                proc.stdin.close()
+            except BrokenPipeError:
+                pass  # the launcher ended early: its status says why
             outputs, killed_by = _read_capped(proc, limits, started)
         finally:  # also on KeyboardInterrupt or a reward worker's deadline in the caller's thread
             _kill_group(proc)
-        status = status_file.read().decode(errors="replace").split()
-    if status[:1] == ["error"]:
-        raise SandboxError(f"the sandbox could not start: {' '.join(status[1:])}")
+            if cgroups is not None:
+                cgroups.kill()
+        status = status_file.read().decode(errors="replace").strip()
+    if status.startswith("error"):
+        raise SandboxError(f"the sandbox could not start: {status[6:]} "
+                           f"{outputs[1].decode(errors='replace')[-2000:]}")
+    oom = cgroups is not None and cgroups.oom_kills() > 0
+    if spec is not None:  # a verdict: the launcher's status line is all there is to say
+        if killed_by is None and oom:
+            killed_by = "memory"
+        return Result(ok=status == "verdict pass", stdout=status, stderr="", exit_code=None,
+                      timed_out=killed_by == "wall",
+                      killed_by=killed_by if not status.startswith("verdict") else None,
+                      seconds=time.monotonic() - started)
     exit_code = None
     if killed_by is None:
-        if len(status) != 4:
+        words = status.split()
+        if len(words) != 4 or words[0] != "exit":
             raise SandboxError(f"the sandbox's launcher ended without a status "
-                               f"(exit code {proc.returncode})")
-        kind, number, cpu = status[0], int(status[1]), float(status[3])
-        exit_code = -number if kind == "signal" else number
+                               f"(exit code {proc.returncode}): {status!r}")
+        exit_code, cpu = int(words[1]), float(words[3])
+        signalled = -exit_code if exit_code < 0 else exit_code - 128 if exit_code > 128 else 0
         # SIGXCPU: the soft limit; SIGKILL past the hard one (when SIGXCPU is ignored). rusage
         # samples CPU time more coarsely than the limit's accounting, hence the 0.9.
-        if exit_code == -signal.SIGXCPU or (
-                exit_code == -signal.SIGKILL and cpu >= 0.9 * math.ceil(limits.cpu_s)):
+        if signalled == signal.SIGXCPU or (
+                signalled == signal.SIGKILL and cpu >= 0.9 * math.ceil(limits.cpu_s)):
             killed_by = "cpu"
-        elif exit_code != 0 and outputs[1].rstrip().endswith(b"MemoryError"):
+        elif oom or (exit_code != 0 and outputs[1].rstrip().endswith(b"MemoryError")):
             killed_by = "memory"
     stdout, stderr = (_decode(data, limits.output_bytes) for data in outputs)
     return Result(ok=exit_code == 0 and killed_by is None, stdout=stdout, stderr=stderr,
@@ -334,12 +711,12 @@ def _read_capped(proc, limits: Limits, started: float):
                 data[streams[key.fd]] += chunk
                 if len(data[streams[key.fd]]) > limits.output_bytes:
                     return data, "output"
-    return data, None  # both closed: the launcher has ended, its status is written
+    return data, None  # both closed: the run has ended, its status is written
 
 
 def _kill_group(proc):
-    """SIGKILL to the launcher's process group (before reaping it: its id cannot be reused), which
-    holds the namespace's init; then reap."""
+    """SIGKILL to the launcher's process group (before reaping it: its id cannot be reused);
+    then reap."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
