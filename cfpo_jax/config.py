@@ -113,6 +113,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.rewards.rm_max_len = 2048  # tokens of templated prompt + completion; longer keeps the end
     c.rewards.rm_batch_size = 0  # sequences per reward-model forward; 0 = the whole rollout
     c.rewards.rm_dtype = ""  # params and compute, e.g. "bfloat16"; "" = the checkpoint's
+    # The sandbox of the `code` reward and the python tool (issue 31): True refuses to run code
+    # unless every protection of cfpo_jax.sandbox.FULL holds (sandbox.configure(strict=...));
+    # False runs with what this machine allows, logged once at start (sandbox.isolation()).
+    c.rewards.code_strict = False
 
     c.eval = ml_collections.ConfigDict()
     c.eval.sources = ()  # data specs, e.g. ("tfds:math500", "hf:openai/gsm8k:test")

@@ -66,6 +66,7 @@ import random
 import selectors
 import shutil
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -187,6 +188,10 @@ class Isolation:
 
 class SandboxError(RuntimeError):
     """The sandbox itself could not run (not the code's fault)."""
+
+
+class SandboxRefused(SandboxError):
+    """Strict: the isolation lacks a protection of `FULL`, so no code runs."""
 
 
 _strict = False
@@ -516,7 +521,7 @@ def _probe() -> _Setup:
 
 def _check_strict(setup: _Setup):
     if _strict and not setup.isolation.full:
-        raise SandboxError(f"strict sandbox: refusing to run without the full set of "
+        raise SandboxRefused(f"strict sandbox: refusing to run without the full set of "
                            f"protections; {setup.isolation}")
 
 
@@ -632,31 +637,76 @@ def _remove(path: str):
             _count_cleanup_failure(f"{path}: {done.stderr.decode(errors='replace')[:200]}")
 
 
+class _ForkServer:
+    """The launchers' fork server (sandbox_boot.serve): started on first use in each process
+    (and again after a fork or its death), shared by all threads."""
+
+    _lock = threading.Lock()
+    _instance: _ForkServer | None = None
+
+    def __init__(self):
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with theirs:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-I", "-S", _BOOT, str(theirs.fileno())],
+                stdin=subprocess.DEVNULL, cwd="/", env={"PATH": "/usr/bin:/bin"},
+                pass_fds=(theirs.fileno(),), start_new_session=True)
+        self.sock, self.owner = ours, os.getpid()
+
+    @classmethod
+    def spawn(cls, fds: list[int]) -> int:
+        """A new launcher with stdin, stdout, stderr, status = `fds`: its pidfd."""
+        with cls._lock:
+            for attempt in (0, 1):
+                server = cls._instance
+                if server is None or server.owner != os.getpid() or server.proc.poll() is not None:
+                    server = cls._instance = cls()
+                try:
+                    socket.send_fds(server.sock, [b"1"], fds)
+                    message, pidfds, _, _ = socket.recv_fds(server.sock, 1, 1)
+                    if message == b"1" and len(pidfds) == 1:
+                        return pidfds[0]
+                except OSError:
+                    pass
+                server.sock.close()
+                server.proc.kill()
+                server.proc.wait()
+                cls._instance = None
+            raise SandboxError("the sandbox's fork server does not answer")
+
+
 def _supervise(cfg: dict, spec: dict | None, limits: Limits, started: float,
                cgroups: _Cgroups | None) -> Result:
-    status_r, status_w = os.pipe()
-    with os.fdopen(status_r, "rb") as status_file:
+    pipes = [os.pipe() for _ in range(4)]  # stdin, stdout, stderr, status
+    try:
+        pidfd = _ForkServer.spawn([pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1]])
+    finally:
+        for r, w in pipes:
+            os.close(r if r == pipes[0][0] else w)
+    stdin, stdout, stderr, status_r = pipes[0][1], pipes[1][0], pipes[2][0], pipes[3][0]
+    try:
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", _BOOT, str(status_w)], stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd="/", env=cfg["env"],
-                pass_fds=(status_w,), start_new_session=True)
+            sandbox_wire.write_frame(stdin, json.dumps(cfg).encode())
+            if spec is not None:  # read by the launcher only after the candidate started
+                sandbox_wire.write_frame(stdin, json.dumps(spec).encode())
+        except BrokenPipeError:
+            pass  # the launcher ended early: its status says why
         finally:
-            os.close(status_w)
+            os.close(stdin)
         try:
-            try:
-                sandbox_wire.write_frame(proc.stdin.fileno(), json.dumps(cfg).encode())
-                if spec is not None:  # read by the launcher only after the candidate started
-                    sandbox_wire.write_frame(proc.stdin.fileno(), json.dumps(spec).encode())
-                proc.stdin.close()
-            except BrokenPipeError:
-                pass  # the launcher ended early: its status says why
-            outputs, killed_by = _read_capped(proc, limits, started)
+            outputs, killed_by = _read_capped((stdout, stderr), limits, started)
         finally:  # also on KeyboardInterrupt or a reward worker's deadline in the caller's thread
-            _kill_group(proc)
+            try:
+                signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass  # it has ended
             if cgroups is not None:
                 cgroups.kill()
-        status = status_file.read().decode(errors="replace").strip()
+        with os.fdopen(status_r, "rb", closefd=False) as status_file:
+            status = status_file.read().decode(errors="replace").strip()
+    finally:
+        for fd in (pidfd, stdout, stderr, status_r):
+            os.close(fd)
     if status.startswith("error"):
         raise SandboxError(f"the sandbox could not start: {status[6:]} "
                            f"{outputs[1].decode(errors='replace')[-2000:]}")
@@ -672,8 +722,7 @@ def _supervise(cfg: dict, spec: dict | None, limits: Limits, started: float,
     if killed_by is None:
         words = status.split()
         if len(words) != 4 or words[0] != "exit":
-            raise SandboxError(f"the sandbox's launcher ended without a status "
-                               f"(exit code {proc.returncode}): {status!r}")
+            raise SandboxError(f"the sandbox's launcher ended without a status: {status!r}")
         exit_code, cpu = int(words[1]), float(words[3])
         signalled = -exit_code if exit_code < 0 else exit_code - 128 if exit_code > 128 else 0
         # SIGXCPU: the soft limit; SIGKILL past the hard one (when SIGXCPU is ignored). rusage
@@ -689,11 +738,11 @@ def _supervise(cfg: dict, spec: dict | None, limits: Limits, started: float,
                   seconds=time.monotonic() - started)
 
 
-def _read_capped(proc, limits: Limits, started: float):
+def _read_capped(fds: tuple[int, int], limits: Limits, started: float):
     """Both pipes until they close, the wall clock runs out or one passes the cap: the bytes read
     (at most output_bytes + one chunk each) and which limit ended it."""
     data = [bytearray(), bytearray()]
-    streams = {proc.stdout.fileno(): 0, proc.stderr.fileno(): 1}
+    streams = {fds[0]: 0, fds[1]: 1}
     deadline = started + limits.wall_s
     with selectors.DefaultSelector() as selector:
         for fd in streams:
@@ -712,18 +761,6 @@ def _read_capped(proc, limits: Limits, started: float):
                 if len(data[streams[key.fd]]) > limits.output_bytes:
                     return data, "output"
     return data, None  # both closed: the run has ended, its status is written
-
-
-def _kill_group(proc):
-    """SIGKILL to the launcher's process group (before reaping it: its id cannot be reused);
-    then reap."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-    proc.stdout.close()
-    proc.stderr.close()
 
 
 def _decode(data: bytes, cap: int) -> str:

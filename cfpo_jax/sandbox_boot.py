@@ -1,7 +1,8 @@
-"""The launcher of one sandboxed run: started by `cfpo_jax.sandbox` as `python -I -S <this file>`,
-it reads its settings as a frame on stdin, forks the process that confines itself and becomes
-the candidate, and — for a verdict — then reads the test as a second frame and judges (see
-sandbox_verdict). Standard library only, no import of cfpo_jax.
+"""The launcher of one sandboxed run, forked by the fork server (`serve`, started once per caller
+by `cfpo_jax.sandbox` as `python -I -S <this file> <socket fd>`): it reads its settings as a
+frame on stdin, forks the process that confines itself and becomes the candidate, and — for a
+verdict — then reads the test as a second frame and judges (see sandbox_verdict). Standard
+library only, no import of cfpo_jax.
 
 The test reaches this process only after the fork, and the child execs at once, so the test is
 never in the candidate's memory, files, argv or environment; the child keeps no descriptor of
@@ -32,6 +33,7 @@ import ctypes
 import json
 import os
 import resource
+import signal
 import sys
 import time
 
@@ -232,11 +234,51 @@ def main(status_fd: int):
     _report(status_fd, "verdict pass" if passed else f"verdict fail {why}")
 
 
-if __name__ == "__main__":
-    _status_fd = int(sys.argv[1])
+def _launch(fds: list[int]):
+    """In a child of the fork server: becomes the launcher of one run (its stdin, stdout, stderr
+    and status descriptor are `fds`). Never returns."""
+    status_fd = 7
     try:
-        main(_status_fd)
+        os.setsid()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for target, fd in zip((0, 1, 2, status_fd), fds):
+            os.dup2(fd, target)
+        os.closerange(status_fd + 1, 1 << 16)
+        main(status_fd)
     except BaseException as e:  # noqa: BLE001
-        _report(_status_fd, f"error {type(e).__name__}: {e}")
+        _report(status_fd, f"error {type(e).__name__}: {e}")
         os._exit(1)
     os._exit(0)
+
+
+def serve(sock_fd: int):
+    """The fork server: one per caller process, started once; forks a launcher per request, so
+    that a run costs a fork rather than an interpreter's start. A request is a byte with four
+    descriptors (the launcher's stdin, stdout, stderr, status); the answer a byte with a pidfd
+    of the launcher (the caller kills it through that, never by a pid that may be reused).
+    Exits when the caller closes its end or dies."""
+    import socket
+    _check(_libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "prctl(PDEATHSIG)")
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the launchers
+    sock = socket.socket(fileno=sock_fd)
+    while True:
+        try:
+            message, fds, _, _ = socket.recv_fds(sock, 1, 4)
+        except OSError:
+            return
+        if not message or len(fds) != 4:
+            return
+        pid = os.fork()
+        if pid == 0:
+            sock.close()
+            _launch(fds)
+        pidfd = os.pidfd_open(pid)
+        for fd in fds:
+            os.close(fd)
+        socket.send_fds(sock, [b"1"], [pidfd])
+        os.close(pidfd)
+
+
+if __name__ == "__main__":
+    import sandbox_verdict  # noqa: F401  (loaded once here, not in every launcher)
+    serve(int(sys.argv[1]))

@@ -22,7 +22,10 @@ import builtins
 import importlib
 import sys
 
-import sandbox_wire as wire
+try:
+    from cfpo_jax import sandbox_wire as wire
+except ImportError:  # in the launcher (python -I -S): beside it on sys.path
+    import sandbox_wire as wire
 
 _ANSWER_CAP = 64 << 20
 
@@ -90,7 +93,7 @@ class _Proxy:
         return f"<candidate {self.__name__}>"
 
 
-def _free_names(tree: ast.AST) -> list[str]:
+def free_names(tree: ast.AST) -> list[str]:
     """Names the statements load without binding them (in order of first use)."""
     bound, loaded = set(), {}
     for node in ast.walk(tree):
@@ -129,7 +132,7 @@ def judge(spec: dict, requests: int, answers: int, deadline: float) -> tuple[boo
             namespace["check"](candidate)
         else:
             tree = ast.parse(spec["tests"], "<tests>")
-            for name in _free_names(tree):
+            for name in free_names(tree):
                 if hasattr(builtins, name) or name in namespace:
                     continue
                 if name in sys.stdlib_module_names:
