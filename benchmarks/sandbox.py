@@ -56,7 +56,8 @@ def measure(calls: int) -> dict:
     rows = [humaneval[i] for i in range(len(humaneval))]
     started = time.perf_counter()
     scores = code([r["prompt"] + r["canonical_solution"] for r in rows], [""] * len(rows),
-                  test=[r["test"] for r in rows], entry_point=[r["entry_point"] for r in rows])
+                  test=[r["test"] for r in rows], entry_point=[r["entry_point"] for r in rows],
+                  prompt=[r["prompt"] for r in rows])
     total = time.perf_counter() - started
     assert scores.sum() == len(rows), scores
     return {"isolation": isolation, "bare": bare, "run_python": confined, "one_row": one_row,
@@ -67,7 +68,9 @@ def _child(checkout: str, calls: int) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
         [checkout] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]))
     done = subprocess.run([sys.executable, __file__, "--measure", "--calls", str(calls)],
-                          env=env, cwd=checkout, capture_output=True, text=True, check=True)
+                          env=env, cwd=checkout, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"measuring {checkout} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 

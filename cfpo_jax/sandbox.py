@@ -54,6 +54,7 @@ run (SandboxError) without the full set.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import errno
 import fcntl
@@ -456,7 +457,38 @@ class _UidLease:
         raise SandboxError(f"all {len(UID_RANGE)} sandbox user ids are in use")
 
     def release(self):
+        """Frees the uid once no process of it is left (one may still be exiting when its
+        cgroup is already empty); a uid handed out again carries nothing of this run."""
+        try:
+            _kill_user(self.uid)
+        except SandboxError as e:
+            _count_cleanup_failure(str(e))  # the uid stays held: never handed out again
+            return
         os.close(self._fd)
+
+
+def _kill_user(uid: int, timeout_s: float = 5.0):
+    """SIGKILL every process of `uid` until none is left."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = []
+        for name in os.listdir("/proc"):
+            if name.isdigit():
+                try:
+                    if os.stat(f"/proc/{name}").st_uid == uid:
+                        alive.append(int(name))
+                except FileNotFoundError:
+                    continue
+        if not alive:
+            return
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if time.monotonic() > deadline:
+            raise SandboxError(f"processes {alive} of sandbox uid {uid} survive SIGKILL")
+        time.sleep(0.005)
 
 
 _setup: _Setup | None = None
@@ -652,6 +684,16 @@ class _ForkServer:
                 stdin=subprocess.DEVNULL, cwd="/", env={"PATH": "/usr/bin:/bin"},
                 pass_fds=(theirs.fileno(),), start_new_session=True)
         self.sock, self.owner = ours, os.getpid()
+        atexit.register(self.close)
+
+    def close(self):
+        """Ends the server (it exits when its socket closes) and reaps it."""
+        self.sock.close()
+        try:
+            self.proc.wait(timeout=2.0)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
     @classmethod
     def spawn(cls, fds: list[int]) -> int:
@@ -668,9 +710,8 @@ class _ForkServer:
                         return pidfds[0]
                 except OSError:
                     pass
-                server.sock.close()
                 server.proc.kill()
-                server.proc.wait()
+                server.close()
                 cls._instance = None
             raise SandboxError("the sandbox's fork server does not answer")
 
@@ -725,10 +766,12 @@ def _supervise(cfg: dict, spec: dict | None, limits: Limits, started: float,
             raise SandboxError(f"the sandbox's launcher ended without a status: {status!r}")
         exit_code, cpu = int(words[1]), float(words[3])
         signalled = -exit_code if exit_code < 0 else exit_code - 128 if exit_code > 128 else 0
-        # SIGXCPU: the soft limit; SIGKILL past the hard one (when SIGXCPU is ignored). rusage
-        # samples CPU time more coarsely than the limit's accounting, hence the 0.9.
-        if signalled == signal.SIGXCPU or (
-                signalled == signal.SIGKILL and cpu >= 0.9 * math.ceil(limits.cpu_s)):
+        # SIGXCPU: the soft limit; SIGKILL past the hard one (when SIGXCPU is ignored), not by
+        # the OOM killer, after at least cpu_s (bwrap's own rusage does not include the code's,
+        # so the wall clock stands in for it). rusage samples CPU time more coarsely than the
+        # limit's accounting, hence the 0.9.
+        if signalled == signal.SIGXCPU or (signalled == signal.SIGKILL and not oom and max(
+                cpu, time.monotonic() - started) >= 0.9 * math.ceil(limits.cpu_s)):
             killed_by = "cpu"
         elif oom or (exit_code != 0 and outputs[1].rstrip().endswith(b"MemoryError")):
             killed_by = "memory"

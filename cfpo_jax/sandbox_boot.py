@@ -43,7 +43,7 @@ import sandbox_wire as wire  # noqa: E402
 CLONE_NEWNS = 0x00020000
 MS_NOSUID, MS_NODEV, MS_RDONLY, MS_REMOUNT = 2, 4, 1, 32
 MS_BIND, MS_REC, MS_PRIVATE = 4096, 16384, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 REQUESTS_FD, ANSWERS_FD, SECCOMP_FD, ERROR_FD = 3, 4, 5, 9
 _SETTINGS_CAP = _SPEC_CAP = 256 << 20
 
@@ -259,7 +259,11 @@ def serve(sock_fd: int):
     Exits when the caller closes its end or dies."""
     import socket
     _check(_libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "prctl(PDEATHSIG)")
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps the launchers
+    # Orphans of the launchers (a verdict's launcher does not wait for its sandbox) come here
+    # rather than to a pid 1 that may never reap them, and the kernel reaps them and the
+    # launchers at once.
+    _check(_libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(CHILD_SUBREAPER)")
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     sock = socket.socket(fileno=sock_fd)
     while True:
         try:

@@ -9,8 +9,9 @@ compare with, which never enter the sandbox.
 
 HumanEval form: the row's `prompt` (trusted: the dataset's signature and helpers, e.g.
 HumanEval/32's `poly`) and `test` run here, then `check(<proxy of entry_point>)`. MBPP form: the
-assert statements run here; each name they use that they, the builtins or the standard library
-do not define is a proxy of the candidate's function of that name.
+assert statements run here. In both, each name the test uses that the prompt, the test itself,
+the builtins or the standard library do not define is a proxy of the candidate's function of
+that name (without the prompt, HumanEval/32's `poly` is the candidate's).
 
 Standard library only, no import of cfpo_jax (the launcher runs with `python -I -S`).
 """
@@ -111,6 +112,18 @@ def free_names(tree: ast.AST) -> list[str]:
     return [name for name in loaded if name not in bound]
 
 
+def _bind_free_names(tree: ast.AST, namespace: dict, channel: _Channel):
+    """Each name the test uses and nothing defines: a standard-library module imported, else a
+    proxy of the candidate's function of that name."""
+    for name in free_names(tree):
+        if hasattr(builtins, name) or name in namespace:
+            continue
+        if name in sys.stdlib_module_names:
+            namespace[name] = importlib.import_module(name)
+        else:
+            namespace[name] = _Proxy(channel, name)
+
+
 def judge(spec: dict, requests: int, answers: int, deadline: float) -> tuple[bool, str]:
     """(passed, why not) for one row; `deadline` is time.monotonic() for the whole verdict."""
     channel = _Channel(requests, answers, deadline)
@@ -126,19 +139,15 @@ def judge(spec: dict, requests: int, answers: int, deadline: float) -> tuple[boo
                     exec(compile(spec["prompt"], "<prompt>", "exec"), namespace)
                 except Exception:  # noqa: BLE001  (a prompt that is not a program)
                     pass
-            exec(compile(spec["test"], "<test>", "exec"), namespace)
+            tree = ast.parse(spec["test"], "<test>")
+            _bind_free_names(tree, namespace, channel)  # helpers the prompt did not define
+            exec(compile(tree, "<test>", "exec"), namespace)
             candidate = _Proxy(channel, spec["entry_point"])
             namespace[spec["entry_point"]] = candidate
             namespace["check"](candidate)
         else:
             tree = ast.parse(spec["tests"], "<tests>")
-            for name in free_names(tree):
-                if hasattr(builtins, name) or name in namespace:
-                    continue
-                if name in sys.stdlib_module_names:
-                    namespace[name] = importlib.import_module(name)
-                else:
-                    namespace[name] = _Proxy(channel, name)
+            _bind_free_names(tree, namespace, channel)
             exec(compile(tree, "<tests>", "exec"), namespace)
     except _Abort as e:
         return False, f"the candidate's side: {e}"
