@@ -11,6 +11,7 @@ The verdict decodes only plain data and runs the test's assertions in its own pr
 
 import os
 import sys
+import types
 
 _BOX = os.path.dirname(os.path.abspath(__file__))  # /sandbox ("plain" isolation: elsewhere)
 sys.path.insert(0, _BOX)
@@ -33,11 +34,16 @@ def main():
     os.close(REQUESTS)
     os.close(ANSWERS)
     globals().update(REQUESTS=requests, ANSWERS=answers)
-    namespace = {"__name__": "solution", "__builtins__": __builtins__}
+    # A real module: pickle (multiprocessing) finds its functions as solution.<name>; and its
+    # `if __name__ == "__main__":` demo does not run.
+    module = types.ModuleType("solution")
+    module.__file__ = os.path.join(_BOX, "solution.py")
+    sys.modules["solution"] = module
+    namespace = module.__dict__
     try:
-        with open(os.path.join(_BOX, "solution.py"), encoding="utf-8") as f:
+        with open(module.__file__, encoding="utf-8") as f:
             source = f.read()
-        exec(compile(source, "<solution>", "exec"), namespace)
+        exec(compile(source, module.__file__, "exec"), namespace)
     except BaseException as e:  # noqa: BLE001  (the candidate's failure is its answer)
         _answer(["raise", type(e).__name__, str(e)[:1000]])
         return

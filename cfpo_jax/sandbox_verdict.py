@@ -54,6 +54,7 @@ class _Channel:
     def __init__(self, requests: int, answers: int, deadline: float):
         self.requests, self.answers, self.deadline = requests, answers, deadline
         self.broken: str | None = None
+        self.last = "none"  # the last answer, for the verdict's why
 
     def receive(self):
         try:
@@ -62,6 +63,7 @@ class _Channel:
         except wire.WireError as e:
             self.broken = str(e)
             raise _Abort(self.broken) from None
+        self.last = repr(answer)[:200]
         if type(answer) is list and len(answer) == 2 and answer[0] == "ok":
             return answer[1]
         if type(answer) is list and len(answer) == 3 and answer[0] == "raise":
@@ -152,7 +154,8 @@ def judge(spec: dict, requests: int, answers: int, deadline: float) -> tuple[boo
     except _Abort as e:
         return False, f"the candidate's side: {e}"
     except BaseException as e:  # noqa: BLE001  (an assertion, the candidate's exception, ...)
-        return False, f"{type(e).__name__}: {str(e)[:200]}"
+        return False, (f"{type(e).__name__}: {str(e)[:200]} (the candidate's last answer: "
+                       f"{channel.last})")
     if channel.broken:  # the test caught an _Abort with a bare except
         return False, f"the candidate's side: {channel.broken}"
     return True, ""

@@ -9,8 +9,9 @@ parses and defines the function the tests call — so an output block ("Output:"
 block holding `5`) or a usage example after the solution is skipped; without such a block, the
 last Python block that parses, else the last Python block, else the whole completion. HumanEval
 style: `test` defines `check(candidate)` and the score is 1 when `check` returns; when the code
-does not define `entry_point` and the row has a `prompt` (HumanEval's signature and docstring),
-the prompt is put before it, as for a base model that continued the prompt. MBPP style: `tests`
+is an indented function body that does not define `entry_point` and the row has a `prompt`
+(HumanEval's signature and docstring), the prompt is put before it, as for a base model that
+continued the prompt. MBPP style: `tests`
 is a list of assert statements (or one string of them). `answers` is unused.
 
 Each row is one `cfpo_jax.sandbox.run_verdict` (limits `LIMITS`), all rows of a batch in
@@ -100,17 +101,18 @@ def _defines(code: str, names: Sequence[str]) -> bool:
 def extract_code(completion: str, entry_points: Sequence[str] = (),
                  prompt: str | None = None) -> str:
     """The program of `completion` (see the module docstring): the last Python block that
-    parses and defines every one of `entry_points` — with `prompt` put before a block that does
-    not define them itself but does so with it —, else the last Python block that parses, else
-    the last Python block, else the whole completion."""
+    parses and defines every one of `entry_points` — with `prompt` put before a block that is an
+    indented function body (a continuation of the prompt) —, else the last Python block that
+    parses, else the last Python block, else the whole completion."""
     python = [code for language, code in _fenced_blocks(completion)
               if language in _PYTHON_FENCES]
     if not python:
         python = [completion]
     candidates = []
     for code in python:
-        if prompt and entry_points and not _defines(code, entry_points):
-            candidates.append(prompt + code)
+        first = next((line for line in code.splitlines() if line.strip()), "")
+        if prompt and entry_points and first[:1].isspace() and not _defines(code, entry_points):
+            candidates.append(prompt + code)  # a function body: the prompt's continuation
         else:
             candidates.append(code)
     for program in reversed(candidates):
