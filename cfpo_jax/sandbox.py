@@ -143,6 +143,8 @@ class Result:
     killed_by: which limit ended it — "wall", "cpu", "output", "memory" (the cgroup's OOM killer,
       or a MemoryError) — or None.
     seconds: wall-clock seconds of the whole call.
+    memory_peak_mb: the most memory its processes held together, MiB, as its cgroup counted it
+      (shared memory and its files included); None without a memory cgroup.
     """
 
     ok: bool
@@ -152,6 +154,7 @@ class Result:
     timed_out: bool
     killed_by: str | None
     seconds: float
+    memory_peak_mb: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,6 +323,16 @@ class _Cgroups:
         except FileNotFoundError:
             if not optional:
                 raise
+
+    def memory_peak_mb(self) -> float | None:
+        for path in self.dirs:
+            for name in ("memory.max_usage_in_bytes", "memory.peak"):
+                try:
+                    with open(os.path.join(path, name)) as f:
+                        return int(f.read()) / 2**20
+                except FileNotFoundError:
+                    continue
+        return None
 
     def oom_kills(self) -> int:
         for path in self.dirs:
@@ -778,7 +791,8 @@ def _supervise(cfg: dict, spec: dict | None, limits: Limits, started: float,
     stdout, stderr = (_decode(data, limits.output_bytes) for data in outputs)
     return Result(ok=exit_code == 0 and killed_by is None, stdout=stdout, stderr=stderr,
                   exit_code=exit_code, timed_out=killed_by == "wall", killed_by=killed_by,
-                  seconds=time.monotonic() - started)
+                  seconds=time.monotonic() - started,
+                  memory_peak_mb=cgroups.memory_peak_mb() if cgroups is not None else None)
 
 
 def _read_capped(fds: tuple[int, int], limits: Limits, started: float):

@@ -1,7 +1,7 @@
 """The candidate's side of a verdict run, inside the sandbox: `python -I -S server.py`.
 
-It runs the candidate's code (solution.py beside it, /sandbox) as module "solution", then answers calls
-from the verdict: each request frame on fd 3 is [name, args, kwargs] (plain data, see
+It runs the candidate's code (solution.py beside it, in /sandbox) as module "solution", then
+answers calls from the verdict: each request frame on fd 3 is [name, args, kwargs] (plain data, see
 sandbox_wire), each answer on fd 4 is ["ok", result] or ["raise", exception type name, message].
 The first answer says whether the code itself ran: ["ok", None] or ["raise", ...].
 

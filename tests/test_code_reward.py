@@ -186,7 +186,8 @@ def _scan(data):
     return found.group().decode() if found else None
 def add():
     blobs = [" ".join(sys.argv).encode(), repr(dict(os.environ)).encode()]
-    blobs += [repr(o).encode(errors="replace") for o in gc.get_objects() if isinstance(o, (str, bytes, dict))]
+    blobs += [repr(o).encode(errors="replace") for o in gc.get_objects()
+              if isinstance(o, (str, bytes, dict))]
     for pid in os.listdir("/proc"):
         for name in ("cmdline", "environ"):
             try:
@@ -270,8 +271,10 @@ def test_correct_code_that_uses_processes_and_threads_passes():
               "def _add(pair):\n    return pair[0] + pair[1]\n"
               "def add(a, b):\n"
               "    with mp.Pool(2) as pool:\n        x = pool.map(_add, [(a, b)])[0]\n"
-              "    with ProcessPoolExecutor(2) as pool:\n        y = list(pool.map(_add, [(a, b)]))[0]\n"
-              "    with ThreadPoolExecutor(32) as pool:\n        z = list(pool.map(_add, [(a, b)] * 64))\n"
+              "    with ProcessPoolExecutor(2) as pool:\n"
+              "        y = list(pool.map(_add, [(a, b)]))[0]\n"
+              "    with ThreadPoolExecutor(32) as pool:\n"
+              "        z = list(pool.map(_add, [(a, b)] * 64))\n"
               "    assert x == y == z[0]\n    return x\n")
     closes_stdout = "def add(a, b):\n    import sys; sys.stdout.close(); return a + b\n"
     assert _code_scores([pooled, closes_stdout], [ADD, ADD]).tolist() == [1.0, 1.0]

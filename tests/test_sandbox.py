@@ -12,7 +12,6 @@ import concurrent.futures
 import os
 import resource
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -329,6 +328,7 @@ def test_memfd_and_shared_memory_count_against_memory_mb(where):
     result = _hostile(code, Limits(memory_mb=256, disk_mb=4096, file_mb=4096, wall_s=10.0))
     written = int(result.stdout.split()[-1]) if result.stdout.split() else 0
     assert result.killed_by == "memory" and written < 256, result
+    assert result.memory_peak_mb <= 256  # the kernel's count, read from outside
 
 
 @needs_bwrap
@@ -341,6 +341,7 @@ def test_four_processes_share_one_memory_limit():
     result = run_python(code, limits=Limits(memory_mb=512, wall_s=8.0))
     assert result.killed_by == "memory", result
     assert result.stdout.count("holding") < 4, result
+    assert 200 < result.memory_peak_mb <= 512, result
 
 
 @needs_bwrap

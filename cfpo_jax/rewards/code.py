@@ -1,4 +1,4 @@
-"""The `code` reward: a completion's Python against the task's unit tests, judged outside the sandbox.
+"""The `code` reward: model-written Python against the row's unit tests, judged outside the sandbox.
 
     code_reward(completions, answers, test=[...], entry_point=[...])      # HumanEval
     code_reward(completions, answers, tests=[[assert, ...], ...])         # MBPP-style
