@@ -25,7 +25,7 @@ import time
 import numpy as np
 from flax import nnx
 
-from cfpo_jax import data, envs, lora, metrics, rewards, sampling, sharding
+from cfpo_jax import data, envs, lora, metrics, rewards, sampling, sandbox, sharding
 from cfpo_jax.batch import Batch
 
 
@@ -87,6 +87,7 @@ class Rollout:
         self.config, self.mesh, self.learner = config, mesh, learner
         self.graphdef, self.frozen = policy.graphdef, policy.frozen
         self.tokenizer, self.pad_id = policy.tokenizer, policy.pad_id
+        sandbox.from_config(config)  # protections logged (strict: refused) now, not mid-rollout
         self.scorer = scorer or rewards.Scorer.from_config(config.rewards, mesh=mesh)
         self.generator = generator or make_generator(config, policy.tokenizer, policy.eos_ids)
 

@@ -175,6 +175,7 @@ class Isolation:
     mode: str
     protections: tuple[str, ...]
     why: str = ""
+    cgroup_roots: tuple[str, ...] = ()  # where the runs' cgroups are made (and removed)
 
     @property
     def missing(self) -> tuple[str, ...]:
@@ -201,12 +202,34 @@ class SandboxRefused(SandboxError):
 _strict = False
 
 
-def configure(*, strict: bool):
-    """strict=True: every later call raises SandboxError unless `isolation().full`."""
-    global _strict
-    if not isinstance(strict, bool):
-        raise TypeError(f"strict must be a bool; got {strict!r}")
-    _strict = strict
+def configure(*, strict: bool | None = None, mode: str | None = None):
+    """strict=True: every later call raises SandboxRefused unless `isolation().full`.
+    mode="plain": use the "plain" isolation from now on (e.g. where bubblewrap misbehaves);
+    mode="auto": probe again at the next call, as at start."""
+    global _strict, _setup
+    if strict is not None:
+        if not isinstance(strict, bool):
+            raise TypeError(f"strict must be a bool; got {strict!r}")
+        _strict = strict
+    if mode is not None:
+        if mode not in ("auto", "plain"):
+            raise ValueError(f"mode must be 'auto' or 'plain'; got {mode!r}")
+        with _setup_lock:
+            _setup = None if mode == "auto" else _Setup(
+                Isolation("plain", (), "configured: mode='plain'"))
+
+
+def from_config(config) -> Isolation | None:
+    """For a training run whose rewards (`code`) or tools (`python`) run model-written code: the
+    strict setting of `rewards.code_strict`, and the isolation probed and logged now rather than
+    at the first rollout — strict without the full set raises SandboxRefused here. None (and
+    nothing done) for a run that runs no code."""
+    if "code" not in config.rewards.fns and "python" not in config.env.tools:
+        return None
+    configure(strict=config.rewards.code_strict)
+    setup = _get_setup()
+    _check_strict(setup)
+    return setup.isolation
 
 
 # ---------------------------------------------------------------------------------------------
@@ -547,8 +570,8 @@ def _probe() -> _Setup:
     lacking = [f"cgroup_{c}" for c in ("memory", "pids") if c not in roots]
     protections = tuple(p for p in FULL if p not in lacking)
     why = f"no writable cgroup controller {', '.join(c[7:] for c in lacking)}" if lacking else ""
-    setup = _Setup(Isolation("bwrap", protections, why), tuple(argv), python_bind, bpf,
-                   tuple(roots.items()))
+    setup = _Setup(Isolation("bwrap", protections, why, tuple(roots.values())), tuple(argv),
+                   python_bind, bpf, tuple(roots.items()))
     try:
         probe = _run({"main.py": "import os; print(os.getuid())"}, "main.py", "", None,
                      Limits(), setup)

@@ -48,7 +48,7 @@ def _sandbox_processes() -> list[int]:
 def _run_cgroups() -> list[str]:
     """Cgroups of runs still present under this process's sandbox cgroup roots."""
     left = []
-    for _, root in sandbox._get_setup().cgroup_roots:
+    for root in sandbox.isolation().cgroup_roots:
         if os.path.isdir(root):
             left += [os.path.join(root, d) for d in os.listdir(root) if d.startswith("run-")]
     return left
@@ -516,29 +516,52 @@ def test_multiprocessing_and_thread_pools_work():
 
 # --- Say what holds (point 6) ------------------------------------------------------------------
 
-def test_isolation_reports_what_holds_and_strict_refuses_without_the_full_set(monkeypatch):
+@pytest.fixture
+def reset_sandbox():
+    yield
+    sandbox.configure(strict=False, mode="auto")
+
+
+def test_isolation_reports_what_holds_and_strict_refuses_without_the_full_set(reset_sandbox):
     iso = sandbox.isolation()
     assert iso.mode in ("bwrap", "plain") and set(iso.protections) <= set(sandbox.FULL)
     assert set(iso.protections) | set(iso.missing) == set(sandbox.FULL)
     assert str(iso).startswith(f"sandbox isolation {iso.mode}: ")
     if os.geteuid() == 0 and shutil.which("bwrap"):
         assert iso.full, iso  # the CI machine installs bubblewrap and libseccomp's binding
-    lacking = sandbox._Setup(sandbox.Isolation("bwrap", sandbox.FULL[:-1], "a test"))
-    monkeypatch.setattr(sandbox, "_setup", lacking)
-    monkeypatch.setattr(sandbox, "_strict", False)
     sandbox.configure(strict=True)
+    if iso.full:
+        assert run_python("print(1)").ok  # strict with the full set: runs
+    sandbox.configure(mode="plain")
+    assert sandbox.isolation().missing == sandbox.FULL
     with pytest.raises(sandbox.SandboxRefused, match="separate_verdict"):
         run_python("print(1)")
     with pytest.raises(sandbox.SandboxRefused):
         sandbox.run_verdict("x = 1", {"tests": "assert x == 1"})
     with pytest.raises(TypeError, match="strict"):
         sandbox.configure(strict="yes")
+    with pytest.raises(ValueError, match="mode"):
+        sandbox.configure(mode="namespaces")
 
 
-def test_plain_mode_limits_and_audit_hook(monkeypatch):
+def test_from_config_sets_strict_and_probes_only_for_runs_that_run_code(reset_sandbox):
+    from cfpo_jax.config import base_config
+    config = base_config()
+    assert sandbox.from_config(config) is None  # the math reward, no tools: nothing to do
+    config.rewards.fns, config.rewards.weights = ("code",), (1.0,)
+    config.rewards.code_strict = True
+    sandbox.configure(mode="plain")
+    with pytest.raises(sandbox.SandboxRefused):
+        sandbox.from_config(config)
+    sandbox.configure(strict=False, mode="auto")
+    config.rewards.code_strict = False
+    assert sandbox.from_config(config) == sandbox.isolation()
+
+
+def test_plain_mode_limits_and_audit_hook(reset_sandbox):
     """The fallback where bwrap is unavailable: limits hold; the audit hook (not a security
     boundary) refuses ordinary sockets, process creation and signals; a verdict still works."""
-    monkeypatch.setattr(sandbox, "_setup", sandbox._Setup(sandbox.Isolation("plain", ())))
+    sandbox.configure(mode="plain")
     ok = run_python("print(sum(range(10)))")
     assert ok.ok and ok.stdout == "45\n", ok
     listener = socket.create_server(("127.0.0.1", 0))
