@@ -256,7 +256,9 @@ def evaluate_model(model, tokenizer, config, *, output_dir: str, step: int | Non
     import jax
 
     output_dir = output_dir if jax.process_index() == 0 else None
-    from cfpo_jax import envs
+    from cfpo_jax import envs, sandbox
+
+    sandbox.configure(strict=config.rewards.code_strict)  # humaneval / mbpp run code
 
     env = envs.EnvRollout.from_config(config, tokenizer, tuple(eos_token_ids) or (tokenizer.eos_token_id,))
     sample_fn = make_sample_fn(model, tokenizer, config.sampling, seed=config.seed + 1,

@@ -567,20 +567,25 @@ def _probe() -> _Setup:
         _log.warning("cgroups unreadable: %s", e)
     python, prefix = _python()
     argv, python_bind = _bwrap_argv(bwrap, python, prefix)
-    lacking = [f"cgroup_{c}" for c in ("memory", "pids") if c not in roots]
-    protections = tuple(p for p in FULL if p not in lacking)
-    why = f"no writable cgroup controller {', '.join(c[7:] for c in lacking)}" if lacking else ""
-    setup = _Setup(Isolation("bwrap", protections, why, tuple(roots.values())), tuple(argv),
-                   python_bind, bpf, tuple(roots.items()))
-    try:
-        probe = _run({"main.py": "import os; print(os.getuid())"}, "main.py", "", None,
-                     Limits(), setup)
-        if not (probe.ok and probe.stdout.strip().isdigit()
-                and int(probe.stdout) in UID_RANGE):
-            return fallback(f"the trial run failed: {probe}")
-    except (SandboxError, OSError) as e:
-        return fallback(f"the trial run failed: {e}")
-    return setup
+    failure = ""
+    for attempt in (roots, {}):  # without cgroups if a run in them fails (e.g. v2 delegation)
+        lacking = [f"cgroup_{c}" for c in ("memory", "pids") if c not in attempt]
+        why = "; ".join(filter(None, [failure, f"no usable cgroup controller "
+                                      f"{', '.join(c[7:] for c in lacking)}" if lacking else ""]))
+        setup = _Setup(Isolation("bwrap", tuple(p for p in FULL if p not in lacking), why,
+                                 tuple(attempt.values())),
+                       tuple(argv), python_bind, bpf, tuple(attempt.items()))
+        try:
+            probe = _run({"main.py": "import os; print(os.getuid())"}, "main.py", "", None,
+                         Limits(), setup)
+            if probe.ok and probe.stdout.strip().isdigit() and int(probe.stdout) in UID_RANGE:
+                return setup
+            failure = f"the trial run failed: {probe}"
+        except (SandboxError, OSError) as e:
+            failure = f"the trial run failed: {e}"
+        if not attempt:
+            break
+    return fallback(failure)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -647,14 +652,16 @@ def _source(name: str) -> str:
     return _sources[name]
 
 
-def _rlimits(limits: Limits, mode: str) -> dict:
+def _rlimits(limits: Limits, cgroups: tuple[str, ...]) -> dict:
+    """The run's rlimits; per process, memory and processes only where no cgroup bounds them."""
     cpu = math.ceil(limits.cpu_s)
     files = limits.file_mb * 2**20
     rlimits = {"RLIMIT_CPU": (cpu, cpu + 1), "RLIMIT_FSIZE": (files, files),
                "RLIMIT_NOFILE": (256, 256), "RLIMIT_CORE": (0, 0)}
-    if mode == "plain":
-        memory = limits.memory_mb * 2**20
-        rlimits.update(RLIMIT_AS=(memory, memory), RLIMIT_NPROC=(limits.processes,) * 2)
+    if "memory" not in cgroups:
+        rlimits["RLIMIT_AS"] = (limits.memory_mb * 2**20,) * 2
+    if "pids" not in cgroups:
+        rlimits["RLIMIT_NPROC"] = (limits.processes,) * 2
     return rlimits
 
 
@@ -664,7 +671,8 @@ def _run(files: dict, entry: str, stdin_text: str, spec: dict | None, limits: Li
     mode = setup.isolation.mode
     python, prefix = _python()
     cfg = {"mode": mode, "python": python, "files": files, "entry": entry, "stdin": stdin_text,
-           "quiet": spec is not None, "rlimits": _rlimits(limits, mode), "wall_s": limits.wall_s,
+           "quiet": spec is not None, "wall_s": limits.wall_s,
+           "rlimits": _rlimits(limits, tuple(c for c, _ in setup.cgroup_roots)),
            "verdict_memory": _VERDICT_MEMORY, "env": _ENV}
     lease = cgroups = stage = None
     try:
@@ -755,12 +763,17 @@ class _ForkServer:
 def _supervise(cfg: dict, spec: dict | None, limits: Limits, started: float,
                cgroups: _Cgroups | None) -> Result:
     pipes = [os.pipe() for _ in range(4)]  # stdin, stdout, stderr, status
-    try:
-        pidfd = _ForkServer.spawn([pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1]])
-    finally:
-        for r, w in pipes:
-            os.close(r if r == pipes[0][0] else w)
+    theirs = [pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1]]
     stdin, stdout, stderr, status_r = pipes[0][1], pipes[1][0], pipes[2][0], pipes[3][0]
+    try:
+        pidfd = _ForkServer.spawn(theirs)
+    except BaseException:
+        for fd in (stdin, stdout, stderr, status_r):
+            os.close(fd)
+        raise
+    finally:
+        for fd in theirs:
+            os.close(fd)
     try:
         try:
             sandbox_wire.write_frame(stdin, json.dumps(cfg).encode())
