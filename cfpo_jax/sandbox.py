@@ -56,9 +56,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
-import errno
 import fcntl
-import itertools
 import json
 import logging
 import math
@@ -75,7 +73,7 @@ import tempfile
 import threading
 import time
 
-from cfpo_jax import sandbox_wire
+from cfpo_jax import sandbox_bwrap, sandbox_cgroups, sandbox_wire
 
 _log = logging.getLogger(__name__)
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -233,180 +231,7 @@ def from_config(config) -> Isolation | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Pieces of the bwrap isolation: the seccomp filter, the cgroups, the minimal root.
-
-
-def _seccomp_bpf() -> bytes:
-    """The filter, compiled to BPF by libseccomp (Debian's python3-seccomp or pyseccomp)."""
-    try:
-        import seccomp
-    except ImportError:
-        import pyseccomp as seccomp
-    refuse = seccomp.ERRNO(errno.EPERM)
-    rules = seccomp.SyscallFilter(defaction=seccomp.ALLOW)
-    for name in ("keyctl", "add_key", "request_key", "io_uring_setup", "io_uring_enter",
-                 "io_uring_register", "unshare", "setns", "mount", "umount2", "pivot_root",
-                 "chroot", "fsopen", "fsmount", "fspick", "move_mount", "open_tree",
-                 "mount_setattr", "bpf", "perf_event_open", "userfaultfd", "ptrace",
-                 "process_vm_writev", "kexec_load", "kexec_file_load", "init_module",
-                 "finit_module", "delete_module", "open_by_handle_at", "name_to_handle_at",
-                 "acct", "swapon", "swapoff", "reboot", "syslog", "quotactl"):
-        rules.add_rule(refuse, name)
-    clone_newuser = 0x10000000
-    rules.add_rule(refuse, "clone", seccomp.Arg(0, seccomp.MASKED_EQ, clone_newuser,
-                                                clone_newuser))
-    # clone3's flags sit in memory the filter cannot read: "not implemented" makes glibc fall
-    # back to clone (threads, fork), which the rule above checks.
-    rules.add_rule(seccomp.ERRNO(errno.ENOSYS), "clone3")
-    for name in ("socket", "socketpair"):
-        rules.add_rule(seccomp.ERRNO(errno.EAFNOSUPPORT), name,
-                       seccomp.Arg(0, seccomp.NE, 1))  # AF_UNIX = 1
-    fd = os.memfd_create("cfpo-seccomp")
-    with os.fdopen(fd, "w+b") as f:
-        rules.export_bpf(f)
-        f.seek(0)
-        return f.read()
-
-
-def _cgroup_roots() -> dict[str, str]:
-    """{"memory": dir, "pids": dir} under which this process may make the runs' cgroups: its own
-    cgroup of each controller (v1) or of the unified hierarchy (v2)."""
-    own = {}
-    with open("/proc/self/cgroup") as f:
-        for line in f:
-            _, controllers, path = line.rstrip("\n").split(":", 2)
-            for controller in controllers.split(",") if controllers else [""]:
-                own[controller] = path
-    mounts = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            fstype = fields[fields.index("-") + 1]
-            if fstype == "cgroup":
-                for option in fields[-1].split(","):
-                    if option in ("memory", "pids"):
-                        mounts[option] = (fields[4], fields[3])
-            elif fstype == "cgroup2":
-                mounts.setdefault("", (fields[4], fields[3]))
-    roots = {}
-    for controller in ("memory", "pids"):
-        key = controller if controller in mounts else ""
-        if key not in mounts or key not in own:
-            continue
-        mount_point, mount_root = mounts[key]
-        relative = os.path.relpath(own[key], mount_root) if own[key].startswith(mount_root) \
-            else None
-        if relative is None:
-            continue
-        if key == "":
-            with open(os.path.join(mount_point, "cgroup.controllers")) as f:
-                if controller not in f.read().split():
-                    continue
-        roots[controller] = os.path.normpath(os.path.join(mount_point, relative,
-                                                          "cfpo-sandbox"))
-    return roots
-
-
-_run_counter = itertools.count()
-
-
-class _Cgroups:
-    """One run's cgroups: memory.max/limit_in_bytes and pids.max set; `close` kills whatever is
-    left in them and removes them (never raises: it logs and counts)."""
-
-    def __init__(self, roots: dict[str, str], limits: Limits):
-        self.dirs = []
-        name = f"run-{os.getpid()}-{next(_run_counter)}"
-        try:
-            for controller, root in roots.items():
-                os.makedirs(root, exist_ok=True)
-                path = os.path.join(root, name)
-                os.mkdir(path)
-                self.dirs.append(path)
-                v2 = os.path.exists(os.path.join(path, "cgroup.controllers"))
-                if controller == "memory" and v2:
-                    self._set(path, "memory.max", limits.memory_mb << 20)
-                    self._set(path, "memory.swap.max", 0, optional=True)
-                elif controller == "memory":
-                    self._set(path, "memory.limit_in_bytes", limits.memory_mb << 20)
-                    self._set(path, "memory.memsw.limit_in_bytes", limits.memory_mb << 20,
-                              optional=True)
-                else:
-                    self._set(path, "pids.max", limits.processes)
-        except BaseException:
-            self.close()
-            raise
-        self.procs = [os.path.join(d, "cgroup.procs") for d in dict.fromkeys(self.dirs)]
-
-    @staticmethod
-    def _set(path: str, name: str, value: int, optional: bool = False):
-        try:
-            with open(os.path.join(path, name), "w") as f:
-                f.write(str(value))
-        except FileNotFoundError:
-            if not optional:
-                raise
-
-    def memory_peak_mb(self) -> float | None:
-        for path in self.dirs:
-            for name in ("memory.max_usage_in_bytes", "memory.peak"):
-                try:
-                    with open(os.path.join(path, name)) as f:
-                        return int(f.read()) / 2**20
-                except FileNotFoundError:
-                    continue
-        return None
-
-    def oom_kills(self) -> int:
-        for path in self.dirs:
-            for name in ("memory.oom_control", "memory.events"):
-                try:
-                    with open(os.path.join(path, name)) as f:
-                        for line in f:
-                            if line.startswith("oom_kill "):
-                                return int(line.split()[1])
-                except FileNotFoundError:
-                    continue
-        return 0
-
-    def kill(self):
-        """SIGKILL everything in the run's cgroups until they are empty (bounded by pids.max)."""
-        deadline = time.monotonic() + 5.0
-        while True:
-            pids = set()
-            for procs in getattr(self, "procs", []):
-                try:
-                    with open(procs) as f:
-                        pids.update(int(p) for p in f.read().split())
-                except FileNotFoundError:
-                    pass
-            if not pids:
-                return
-            for pid in pids:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            if time.monotonic() > deadline:
-                raise SandboxError(f"processes {sorted(pids)} survive SIGKILL")
-            time.sleep(0.005)
-
-    def close(self):
-        try:
-            self.kill()
-            for path in reversed(self.dirs):
-                for attempt in range(200):  # a killed process leaves its cgroup a moment later
-                    try:
-                        os.rmdir(path)
-                        break
-                    except FileNotFoundError:
-                        break
-                    except OSError as e:
-                        if e.errno != errno.EBUSY or attempt == 199:
-                            raise
-                        time.sleep(0.005)
-        except Exception as e:  # noqa: BLE001  (cleanup never raises into a batch)
-            _count_cleanup_failure(f"cgroups {self.dirs}: {e}")
+# Setting up: the interpreter, the probe, the bookkeeping of failed cleanups.
 
 
 _cleanup_failures = 0
@@ -432,33 +257,6 @@ def _python() -> tuple[str, str]:
     if not python.startswith(prefix + os.sep):
         raise SandboxError(f"the interpreter {python} lies outside its prefix {prefix}")
     return python, prefix
-
-
-def _bwrap_argv(bwrap: str, python: str, prefix: str) -> tuple[list[str], bool]:
-    """bubblewrap's options (uid and command added per run) and whether the prefix needs the
-    launcher's bind (it lies outside /usr)."""
-    argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
-            "--new-session", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
-    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
-        if os.path.islink(top):
-            argv += ["--symlink", os.readlink(top), top]
-        elif os.path.isdir(top):
-            argv += ["--ro-bind", top, top]
-    argv += ["--ro-bind-try", "/etc/ld.so.cache", "/etc/ld.so.cache"]
-    outside_usr = not prefix.startswith("/usr/")
-    if outside_usr:
-        argv += ["--ro-bind", "@python@", prefix]
-    argv += ["--proc", "/proc", "--dev", "/dev", "--bind", "@stage@/shm", "/dev/shm",
-             "--bind", "@stage@/work", "/work", "--bind", "@stage@/tmp", "/tmp",
-             "--ro-bind", "@stage@/sandbox", "/sandbox", "--chdir", "/work", "--clearenv"]
-    for key, value in _ENV.items():
-        argv += ["--setenv", key, value]
-    argv += ["--seccomp", "5"]
-    return argv, outside_usr
-
-
-_ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/tmp",
-        "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -556,17 +354,17 @@ def _probe() -> _Setup:
     if bwrap is None:
         return fallback("bubblewrap is not installed: apt-get install bubblewrap")
     try:
-        bpf = _seccomp_bpf()
+        bpf = sandbox_bwrap.seccomp_bpf()
     except Exception as e:  # noqa: BLE001
         return fallback(f"no libseccomp binding ({type(e).__name__}: {e}): pip install "
                         "pyseccomp, or apt-get install python3-seccomp")
     try:
-        roots = _cgroup_roots()
+        roots = sandbox_cgroups.roots()
     except OSError as e:
         roots = {}
         _log.warning("cgroups unreadable: %s", e)
     python, prefix = _python()
-    argv, python_bind = _bwrap_argv(bwrap, python, prefix)
+    argv, python_bind = sandbox_bwrap.argv(bwrap, prefix)
     failure = ""
     for attempt in (roots, {}):  # without cgroups if a run in them fails (e.g. v2 delegation)
         lacking = [f"cgroup_{c}" for c in ("memory", "pids") if c not in attempt]
@@ -673,12 +471,13 @@ def _run(files: dict, entry: str, stdin_text: str, spec: dict | None, limits: Li
     cfg = {"mode": mode, "python": python, "files": files, "entry": entry, "stdin": stdin_text,
            "quiet": spec is not None, "wall_s": limits.wall_s,
            "rlimits": _rlimits(limits, tuple(c for c, _ in setup.cgroup_roots)),
-           "verdict_memory": _VERDICT_MEMORY, "env": _ENV}
+           "verdict_memory": _VERDICT_MEMORY, "env": sandbox_bwrap.ENV}
     lease = cgroups = stage = None
     try:
         if mode == "bwrap":
             lease = _UidLease()
-            cgroups = _Cgroups(dict(setup.cgroup_roots), limits)
+            cgroups = sandbox_cgroups.RunCgroups(dict(setup.cgroup_roots), limits.memory_mb << 20,
+                                                   limits.processes)
             argv = list(setup.bwrap)
             at = argv.index("--seccomp")
             argv[at:at] = ["--uid", str(lease.uid), "--gid", str(lease.uid)]
@@ -689,12 +488,12 @@ def _run(files: dict, entry: str, stdin_text: str, spec: dict | None, limits: Li
                        env={"PATH": "/usr/bin:/bin"})
         else:
             stage = tempfile.mkdtemp(prefix="cfpo-sandbox-")
-            cfg.update(stage=stage, env=dict(_ENV, HOME=os.path.join(stage, "work"),
-                                             TMPDIR=os.path.join(stage, "work")))
+            work = os.path.join(stage, "work")
+            cfg.update(stage=stage, env=dict(sandbox_bwrap.ENV, HOME=work, TMPDIR=work))
         result = _supervise(cfg, spec, limits, started, cgroups)
     finally:
-        if cgroups is not None:
-            cgroups.close()
+        if cgroups is not None and (error := cgroups.close()):
+            _count_cleanup_failure(error)
         if lease is not None:
             lease.release()
         if stage is not None:
@@ -761,7 +560,7 @@ class _ForkServer:
 
 
 def _supervise(cfg: dict, spec: dict | None, limits: Limits, started: float,
-               cgroups: _Cgroups | None) -> Result:
+               cgroups: sandbox_cgroups.RunCgroups | None) -> Result:
     pipes = [os.pipe() for _ in range(4)]  # stdin, stdout, stderr, status
     theirs = [pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1]]
     stdin, stdout, stderr, status_r = pipes[0][1], pipes[1][0], pipes[2][0], pipes[3][0]
@@ -791,7 +590,10 @@ def _supervise(cfg: dict, spec: dict | None, limits: Limits, started: float,
             except ProcessLookupError:
                 pass  # it has ended
             if cgroups is not None:
-                cgroups.kill()
+                try:
+                    cgroups.kill()
+                except sandbox_cgroups.CgroupError as e:
+                    raise SandboxError(str(e)) from None
         with os.fdopen(status_r, "rb", closefd=False) as status_file:
             status = status_file.read().decode(errors="replace").strip()
     finally:

@@ -338,7 +338,7 @@ def test_four_processes_share_one_memory_limit():
             "        b = bytearray(200 << 20)\n        b[::4096] = b'x' * len(b[::4096])\n"
             "        print('holding', k, flush=True)\n        time.sleep(3)\n        os._exit(0)\n"
             "for k in range(4):\n    os.wait()\n")
-    result = run_python(code, limits=Limits(memory_mb=512, wall_s=8.0))
+    result = run_python(code, limits=Limits(memory_mb=512, wall_s=15.0))  # a loaded box
     assert result.killed_by == "memory", result
     assert result.stdout.count("holding") < 4, result
     assert 200 < result.memory_peak_mb <= 512, result
