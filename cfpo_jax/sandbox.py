@@ -8,15 +8,16 @@
 `run_python` serves the Python tool of multi-turn environments; `run_verdict` the `code` reward.
 Thread-safe: call them from many threads at once (each call owns its processes, cgroups, user id).
 
-"bwrap" isolation (the caller is root on Linux, bubblewrap is installed, libseccomp's Python
-binding imports and the cgroup controllers are writable; `isolation()` decides once, by a trial
-run). Every call
-* gets a uid of its own (one of `UID_RANGE`, held with a file lock for the call) and a cgroup of
-  its own: `memory_mb` for all its processes together (memfd, shared memory and the files it
-  writes included; past it the kernel's OOM killer ends it), `processes` for its processes and
-  threads together (a 32-worker thread pool fits the default);
+"bwrap" isolation (the caller is root on Linux, bubblewrap is installed and libseccomp's Python
+binding imports; `isolation()` decides once, by a trial run, and logs what holds). Every call
+* gets a uid of its own (one of `UID_RANGE`, held with a file lock for the call, freed only when
+  no process of it is left) and cgroups of its own (sandbox_cgroups): `memory_mb` for all its
+  processes together (memfd, shared memory and the files it writes included; past it the
+  kernel's OOM killer ends it), `processes` for its processes and threads together (a 32-worker
+  thread pool fits the default) — where no cgroup controller is writable, RLIMIT_AS and
+  RLIMIT_NPROC per process stand in, and `isolation()` says so;
 * runs in bubblewrap's new user, mount, PID, network, IPC, UTS and cgroup namespaces with a
-  minimal root: /usr (and its /bin, /lib, ... links), ld.so.cache and the interpreter's prefix,
+  minimal root (sandbox_bwrap): /usr (and its /bin, /lib, ... links), ld.so.cache and the interpreter's prefix,
   read-only; a fresh /proc; a /dev of its own (null, zero, random, ..., a private devpts, so no
   host pty); /work (the working directory), /tmp and /dev/shm writable, all three on ONE tmpfs of
   `disk_mb` bytes and `files` inodes that lives in the run's mount namespace and is dropped whole
@@ -36,20 +37,26 @@ processes with its cgroup and PID namespace, and keys, user namespaces and socke
 refused.
 
 A verdict (`run_verdict`) runs the candidate's code in such a sandbox as a server of its
-functions, and the test's assertions in the launcher, a process outside the sandbox: the
-launcher calls the candidate's functions through a proxy that carries only plain data (None,
-bool, int, float, complex, str, bytes, and lists, tuples, dicts and sets of them) both ways over
-two pipes, with a strict decoder (sandbox_wire; no pickle). The test's source and expected
-values reach the launcher only after the candidate's process has been started, and never reach
-the sandbox: not its files, argv, environment, descriptors or memory. A function whose result is
-not plain data fails that call. See sandbox_verdict.
+functions (sandbox_server), and the test's assertions in the launcher, a process outside the
+sandbox: the launcher calls the candidate's functions through a proxy that carries only plain
+data (None, bool, int, float, complex, str, bytes, and lists, tuples, dicts and sets of them)
+both ways over two pipes, with a strict decoder (sandbox_wire; no pickle). The test's source and
+expected values reach the launcher only after the candidate's process has been started, and
+never reach the sandbox: not its files, argv, environment, descriptors or memory. A function
+whose result is not plain data fails that call. See sandbox_verdict. The test itself runs with
+the caller's privileges: tests are trusted like the rest of the run's configuration.
+
+Each call's launcher (sandbox_boot) is forked by a fork server started once per process, not
+started as a new interpreter; the caller holds it by a pidfd, so killing it never hits a reused
+pid.
 
 "plain" isolation (anything else, e.g. not root, no bubblewrap): limits as rlimits per process
 (RLIMIT_AS for memory_mb, RLIMIT_NPROC for processes), its own directory (removed afterwards)
 and the caller's uid; an audit hook refuses sockets, process creation, signals and ctypes — it
 stops ordinary code, NOT a determined attacker, and the verdict is not out of its reach either.
-`isolation()` says which protections hold; `configure(strict=True)` makes every call refuse to
-run (SandboxError) without the full set.
+`isolation()` says which protections hold; `configure(strict=True)` (the config's
+`rewards.code_strict`, through `from_config`) makes every call refuse to run (SandboxRefused)
+without the full set.
 """
 
 from __future__ import annotations

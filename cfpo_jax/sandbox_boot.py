@@ -23,8 +23,8 @@ Modes (the settings' "mode"):
   security boundary.
 
 The outcome goes to the status descriptor as one line: "exit N cpu S" (a script; S: CPU seconds
-of the run's processes), "verdict pass", "verdict fail WHY", or "error MESSAGE" (the setup
-failed).
+of the child and what it reaped — under bwrap, bwrap's own), "verdict pass", "verdict fail WHY",
+or "error MESSAGE" (the setup failed).
 """
 
 from __future__ import annotations
