@@ -100,6 +100,19 @@ def test_body_only_completion_gets_the_prompt_put_before_it():
     assert _code_scores([body], [without_prompt]).tolist() == [0.0]
 
 
+def test_a_solution_may_rely_on_the_prompts_imports():
+    """HumanEval/0's prompt imports List; a chat answer that annotates with it without the
+    import fails alone and passes after the prompt."""
+    row = HUMANEVAL[0]
+    answer = ("```python\ndef has_close_elements(numbers: List[float], threshold: float) -> bool:\n"
+              "    return any(abs(a - b) < threshold for i, a in enumerate(numbers)\n"
+              "               for b in numbers[i + 1:])\n```\n")
+    fields = {k: row[k] for k in ("test", "entry_point", "prompt")}
+    assert _code_scores([answer], [fields]).tolist() == [1.0]
+    without_prompt = {k: v for k, v in fields.items() if k != "prompt"}
+    assert _code_scores([answer], [without_prompt]).tolist() == [0.0]
+
+
 HOSTILE = {
     "sys.exit(0)": "import sys\nsys.exit(0)",
     "os._exit(0)": "import os\nos._exit(0)",

@@ -8,11 +8,11 @@ unclosed last fence runs to the end; a fence indented inside a markdown list is 
 parses and defines the function the tests call — so an output block ("Output:" then a bare
 block holding `5`) or a usage example after the solution is skipped; without such a block, the
 last Python block that parses, else the last Python block, else the whole completion. HumanEval
-style: `test` defines `check(candidate)` and the score is 1 when `check` returns; when the code
-is an indented function body that does not define `entry_point` and the row has a `prompt`
-(HumanEval's signature and docstring), the prompt is put before it, as for a base model that
-continued the prompt. MBPP style: `tests`
-is a list of assert statements (or one string of them). `answers` is unused.
+style: `test` defines `check(candidate)` and the score is 1 when `check` returns; when the row
+has a `prompt` (HumanEval's imports, signature and docstring) it is put before a block that
+defines `entry_point` (whose imports, e.g. `from typing import List`, the block may rely on) and
+before a block that is an indented function body, as for a base model that continued it. MBPP
+style: `tests` is a list of assert statements (or one string of them). `answers` is unused.
 
 Each row is one `cfpo_jax.sandbox.run_verdict` (limits `LIMITS`), all rows of a batch in
 parallel: the candidate's code runs in the sandbox as a server of its functions, the test's
@@ -69,7 +69,7 @@ def _fenced_blocks(completion: str) -> list[tuple[str, str]]:
             blocks.append((language, "".join(lines)))
             lines = None
         elif lines is not None:
-            lines.append(line[len(indent):] if line.startswith(indent) else line.lstrip())
+            lines.append(line[len(indent):] if line.startswith(indent) else line.lstrip(" \t"))
     if lines is not None:
         blocks.append((language, "".join(lines)))
     return blocks
@@ -101,9 +101,9 @@ def _defines(code: str, names: Sequence[str]) -> bool:
 def extract_code(completion: str, entry_points: Sequence[str] = (),
                  prompt: str | None = None) -> str:
     """The program of `completion` (see the module docstring): the last Python block that
-    parses and defines every one of `entry_points` — with `prompt` put before a block that is an
-    indented function body (a continuation of the prompt) —, else the last Python block that
-    parses, else the last Python block, else the whole completion."""
+    parses and defines every one of `entry_points` — with `prompt` put before it, and before a
+    block that is an indented function body (a continuation of the prompt) —, else the last
+    Python block that parses, else the last Python block, else the whole completion."""
     python = [code for language, code in _fenced_blocks(completion)
               if language in _PYTHON_FENCES]
     if not python:
@@ -111,7 +111,14 @@ def extract_code(completion: str, entry_points: Sequence[str] = (),
     candidates = []
     for code in python:
         first = next((line for line in code.splitlines() if line.strip()), "")
-        if prompt and entry_points and first[:1].isspace() and not _defines(code, entry_points):
+        if not (prompt and entry_points):
+            candidates.append(code)
+        elif _defines(code, entry_points):
+            # after the prompt: its imports and helpers (`from typing import List`) available,
+            # its stub redefined by the code
+            with_prompt = f"{prompt}\n{code}"
+            candidates.append(with_prompt if _parses(with_prompt) else code)
+        elif first[:1].isspace():
             candidates.append(prompt + code)  # a function body: the prompt's continuation
         else:
             candidates.append(code)
