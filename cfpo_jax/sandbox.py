@@ -8,8 +8,8 @@
 `run_python` serves the Python tool of multi-turn environments; `run_verdict` the `code` reward.
 Thread-safe: call them from many threads at once (each call owns its processes, cgroups, user id).
 
-"bwrap" isolation (the caller is root on Linux, bubblewrap is installed and libseccomp's Python
-binding imports; `isolation()` decides once, by a trial run, and logs what holds). Every call
+"bwrap" isolation (the caller is root on Linux and bubblewrap is installed; `isolation()`
+decides once, by a trial run, and logs what holds). Every call
 * gets a uid of its own (one of `UID_RANGE`, held with a file lock for the call, freed only when
   no process of it is left) and cgroups of its own (sandbox_cgroups): `memory_mb` for all its
   processes together (memfd, shared memory and the files it writes included; past it the
@@ -17,17 +17,19 @@ binding imports; `isolation()` decides once, by a trial run, and logs what holds
   thread pool fits the default) — where no cgroup controller is writable, RLIMIT_AS and
   RLIMIT_NPROC per process stand in, and `isolation()` says so;
 * runs in bubblewrap's new user, mount, PID, network, IPC, UTS and cgroup namespaces with a
-  minimal root (sandbox_bwrap): /usr (and its /bin, /lib, ... links), ld.so.cache and the interpreter's prefix,
-  read-only; a fresh /proc; a /dev of its own (null, zero, random, ..., a private devpts, so no
-  host pty); /work (the working directory), /tmp and /dev/shm writable, all three on ONE tmpfs of
-  `disk_mb` bytes and `files` inodes that lives in the run's mount namespace and is dropped whole
-  when its last process ends (nothing ever reaches the disk; nothing is left to delete);
-  /sandbox, read-only, with the code. No host path is in it (no /tmp, /run, /home, /etc of the
-  host), so no path UNIX socket of the host is reachable, and the network namespace has only a
-  loopback that is down, so neither is an abstract one, nor any network;
-* loads a seccomp filter that refuses the kernel keyring (keyctl, add_key, request_key), new
-  user namespaces (unshare, clone with CLONE_NEWUSER, clone3), io_uring, sockets of any family
-  but AF_UNIX, mounts, bpf, perf events, userfaultfd, ptrace and module or kexec loading;
+  minimal root (sandbox_bwrap): /usr (and its /bin, /lib, ... links), ld.so.cache and the
+  interpreter's prefix, read-only; a fresh /proc; a /dev of its own (null, zero, random, ..., a
+  private devpts, so no host pty); /work (the working directory), /tmp and /dev/shm writable,
+  all three on ONE tmpfs of `disk_mb` bytes and `files` inodes that lives in the run's mount
+  namespace and is dropped whole when its last process ends (nothing ever reaches the disk;
+  nothing is left to delete); /sandbox, read-only, with the code. No host path is in it (no
+  /tmp, /run, /home, /etc of the host), so no path UNIX socket of the host is reachable, and the
+  network namespace has only a loopback that is down, so neither is an abstract one, nor any
+  network;
+* loads a seccomp filter (compiled by libseccomp's Python binding, pyseccomp or python3-seccomp)
+  that refuses the kernel keyring (keyctl, add_key, request_key), new user namespaces (unshare,
+  clone with CLONE_NEWUSER, clone3), io_uring, sockets of any family but AF_UNIX, mounts, bpf,
+  perf events, userfaultfd, ptrace and module or kexec loading;
 * sets RLIMIT_CPU (`cpu_s`, whole seconds rounded up; SIGKILL one second later), RLIMIT_FSIZE
   (`file_mb`), RLIMIT_NOFILE (256), RLIMIT_CORE (0); no-new-privileges;
 * is killed at `wall_s` (every process of its cgroup), its output read with a cap
@@ -360,24 +362,25 @@ def _probe() -> _Setup:
     bwrap = shutil.which("bwrap")
     if bwrap is None:
         return fallback("bubblewrap is not installed: apt-get install bubblewrap")
+    missing, bpf = [], b""
     try:
         bpf = sandbox_bwrap.seccomp_bpf()
-    except Exception as e:  # noqa: BLE001
-        return fallback(f"no libseccomp binding ({type(e).__name__}: {e}): pip install "
-                        "pyseccomp, or apt-get install python3-seccomp")
+    except Exception as e:  # noqa: BLE001  (bwrap without the filter: said, and strict refuses)
+        missing.append(("seccomp", f"no libseccomp binding ({type(e).__name__}: {e}): pip "
+                                   "install pyseccomp, or apt-get install python3-seccomp"))
     try:
         roots = sandbox_cgroups.roots()
     except OSError as e:
         roots = {}
         _log.warning("cgroups unreadable: %s", e)
     python, prefix = _python()
-    argv, python_bind = sandbox_bwrap.argv(bwrap, prefix)
+    argv, python_bind = sandbox_bwrap.argv(bwrap, prefix, seccomp=bool(bpf))
     failure = ""
     for attempt in (roots, {}):  # without cgroups if a run in them fails (e.g. v2 delegation)
-        lacking = [f"cgroup_{c}" for c in ("memory", "pids") if c not in attempt]
-        why = "; ".join(filter(None, [failure, f"no usable cgroup controller "
-                                      f"{', '.join(c[7:] for c in lacking)}" if lacking else ""]))
-        setup = _Setup(Isolation("bwrap", tuple(p for p in FULL if p not in lacking), why,
+        lacking = missing + [(f"cgroup_{c}", f"no usable {c} cgroup controller")
+                             for c in ("memory", "pids") if c not in attempt]
+        why = "; ".join(filter(None, [failure, *dict.fromkeys(w for _, w in lacking)]))
+        setup = _Setup(Isolation("bwrap", tuple(p for p in FULL if p not in dict(lacking)), why,
                                  tuple(attempt.values())),
                        tuple(argv), python_bind, bpf, tuple(attempt.items()))
         try:
@@ -485,9 +488,7 @@ def _run(files: dict, entry: str, stdin_text: str, spec: dict | None, limits: Li
             lease = _UidLease()
             cgroups = sandbox_cgroups.RunCgroups(dict(setup.cgroup_roots), limits.memory_mb << 20,
                                                    limits.processes)
-            argv = list(setup.bwrap)
-            at = argv.index("--seccomp")
-            argv[at:at] = ["--uid", str(lease.uid), "--gid", str(lease.uid)]
+            argv = list(setup.bwrap) + ["--uid", str(lease.uid), "--gid", str(lease.uid)]
             cfg.update(uid=lease.uid, stage=_STAGE, disk_bytes=limits.disk_mb << 20,
                        inodes=limits.files, seccomp=setup.seccomp.hex(),
                        cgroup_procs=cgroups.procs, python_bind=prefix if setup.python_bind

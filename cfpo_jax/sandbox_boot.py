@@ -165,10 +165,11 @@ def _child(cfg: dict, inherited: dict[int, int], error_fd: int):
     try:
         if cfg["mode"] == "bwrap":
             argv = _stage_bwrap(cfg)
-            seccomp_r, seccomp_w = os.pipe()
-            os.write(seccomp_w, bytes.fromhex(cfg["seccomp"]))  # a few hundred bytes: fits
-            os.close(seccomp_w)
-            inherited = {**inherited, SECCOMP_FD: seccomp_r}
+            if cfg["seccomp"]:
+                seccomp_r, seccomp_w = os.pipe()
+                os.write(seccomp_w, bytes.fromhex(cfg["seccomp"]))  # a few hundred bytes: fits
+                os.close(seccomp_w)
+                inherited = {**inherited, SECCOMP_FD: seccomp_r}
         else:
             argv = _stage_plain(cfg)
         os.dup2(os.open(os.path.join(cfg["stage"], "stdin"), os.O_RDONLY), 0)

@@ -50,9 +50,9 @@ ENV = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": "/work", "TMPDIR": "/tmp"
        "LANG": "C.UTF-8", "PYTHONIOENCODING": "utf-8", "PYTHONDONTWRITEBYTECODE": "1"}
 
 
-def argv(bwrap: str, prefix: str) -> tuple[list[str], bool]:
+def argv(bwrap: str, prefix: str, *, seccomp: bool) -> tuple[list[str], bool]:
     """bubblewrap's options (uid and command added per run) and whether the prefix needs the
-    launcher's bind (it lies outside /usr)."""
+    launcher's bind (it lies outside /usr). seccomp: the launcher passes the filter on fd 5."""
     options = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
                "--new-session", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -69,5 +69,6 @@ def argv(bwrap: str, prefix: str) -> tuple[list[str], bool]:
                 "--ro-bind", "@stage@/sandbox", "/sandbox", "--chdir", "/work", "--clearenv"]
     for key, value in ENV.items():
         options += ["--setenv", key, value]
-    options += ["--seccomp", "5"]  # sandbox_boot.SECCOMP_FD
+    if seccomp:
+        options += ["--seccomp", "5"]  # sandbox_boot.SECCOMP_FD
     return options, outside_usr
