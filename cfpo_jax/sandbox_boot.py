@@ -259,7 +259,8 @@ def serve(sock_fd: int):
     of the launcher (the caller kills it through that, never by a pid that may be reused).
     Exits when the caller closes its end or dies."""
     import socket
-    _check(_libc.prctl(PR_SET_PDEATHSIG, 9, 0, 0, 0), "prctl(PDEATHSIG)")
+    # (No PR_SET_PDEATHSIG: it fires when the caller's *thread* that started it ends, e.g. a
+    # thread pool's; the socket's end when the caller's process goes is what ends it.)
     # Orphans of the launchers (a verdict's launcher does not wait for its sandbox) come here
     # rather than to a pid 1 that may never reap them, and the kernel reaps them and the
     # launchers at once.
