@@ -5,14 +5,13 @@ code through cfpo_jax.evaluate."""
 import itertools
 import json
 import logging
-import os
-import tempfile
 import time
 import uuid
 
 import numpy as np
 import pytest
 
+from _leftovers import tagged_leftovers
 from _tiny_tokenizer import tiny_tokenizer
 from cfpo_jax import data, evaluate, rewards, sandbox
 from cfpo_jax.rewards import code
@@ -245,6 +244,10 @@ def test_attacks_on_the_verdict_score_0():
                "int subclass with __eq__": (_INT_SUBCLASS, ADD),
                "writes a verdict on every fd": (_WRITES_EVERY_FD, ADD),
                "searches for the test's expected value": (_SEARCHES_FOR_THE_TEST, searched)}
+    for name, (attack, row) in attacks.items():  # each attack runs as written (no typo 0s)
+        call = "add(2, 3)" if row is ADD else "add()"
+        ran = sandbox.run_python(f"{attack}\nprint(repr({call}))")
+        assert ran.ok, (name, ran)
     scores = _code_scores([c for c, _ in attacks.values()], [r for _, r in attacks.values()])
     assert dict(zip(attacks, scores.tolist())) == {name: 0.0 for name in attacks}
     # From outside: the secret search did run and found nothing (its answer is what it saw).
@@ -273,15 +276,16 @@ def test_results_cross_only_as_plain_data():
 def test_a_row_whose_run_leaves_a_deep_tree_does_not_affect_the_others():
     """~5,000 nested directories and 10,000 files (once: shutil.rmtree raised RecursionError
     and the whole batch scored 0, leaving the run's directory on disk)."""
-    before = set(os.listdir(tempfile.gettempdir()))
-    deep = ("import os\nfor i in range(5000):\n    os.mkdir('d')\n    os.chdir('d')\n"
-            "for i in range(10000):\n    open(f'/tmp/f{i}', 'w').close()\n"
+    tag = uuid.uuid4().hex[:12]
+    deep = (f"import os\nos.mkdir('d-{tag}')\nos.chdir('d-{tag}')\nfor i in range(5000):\n"
+            "    os.mkdir('d')\n    os.chdir('d')\n"
+            f"for i in range(10000):\n    open(f'/tmp/f-{tag}-{{i}}', 'w').close()\n"
             "def add(a, b):\n    return 0\n")
+    failures = sandbox.cleanup_failures()
     scores = _code_scores([GOOD_ADD, deep, GOOD_ADD], [ADD] * 3)
     assert scores.tolist() == [1.0, 0.0, 1.0]
-    new = set(os.listdir(tempfile.gettempdir())) - before  # others' files come and go there
-    assert {n for n in new if n.startswith("cfpo")} <= {"cfpo-sandbox-uids"}
-    assert sandbox.cleanup_failures() == 0
+    assert tagged_leftovers(tag) == []
+    assert sandbox.cleanup_failures() == failures
 
 
 @needs_bwrap

@@ -8,6 +8,7 @@ isolation (a fork bomb or `kill(-1)` as root in "plain" mode hits the whole shar
 skipped there, saying why.
 """
 
+import ast
 import concurrent.futures
 import os
 import resource
@@ -22,6 +23,7 @@ import uuid
 
 import pytest
 
+from _leftovers import tagged_leftovers
 from cfpo_jax import sandbox
 from cfpo_jax.sandbox import Limits, run_python
 
@@ -80,13 +82,11 @@ def test_stdin_is_empty_by_default():
 
 
 def test_fresh_empty_work_dir_and_nothing_left_on_disk():
-    before = set(os.listdir(tempfile.gettempdir()))
-    result = run_python("import os\nprint(os.listdir('.'))\nopen('mine.txt', 'w').write('x')\n"
+    tag = f"mine-{uuid.uuid4().hex[:12]}"
+    result = run_python(f"import os\nprint(os.listdir('.'))\nopen('{tag}', 'w').write('x')\n"
                         "print(os.listdir('.'))")
-    assert result.ok and result.stdout == "[]\n['mine.txt']\n", result
-    new = {n for n in set(os.listdir(tempfile.gettempdir())) - before
-           if n.startswith("cfpo-sandbox-")}
-    assert new == set()
+    assert result.ok and result.stdout == f"[]\n['{tag}']\n", result
+    assert tagged_leftovers(tag) == []
     assert _run_cgroups() == []
 
 
@@ -267,7 +267,7 @@ def test_minimal_root_holds_no_host_paths():
             "    print(p, os.path.exists(p))\n")
     result = run_python(code, limits=Limits(wall_s=4.0))
     assert result.ok, result
-    tops = set(eval(result.stdout.splitlines()[0]))  # noqa: S307  (a list of names it printed)
+    tops = set(ast.literal_eval(result.stdout.splitlines()[0]))
     assert tops <= {"bin", "dev", "etc", "lib", "lib32", "lib64", "libx32", "proc", "root",
                     "sandbox", "sbin", "tmp", "usr", "work"}, tops
     assert "/home False" in result.stdout and "/run False" in result.stdout
@@ -377,15 +377,16 @@ def test_millions_of_files_stop_at_the_inode_limit_and_leave_nothing():
 def test_deep_trees_and_unreadable_modes_leave_nothing_and_do_not_raise():
     """5,000 nested directories (shutil.rmtree's recursion limit is ~1,000), the deepest ones
     mode 000: the run ends normally and nothing is left anywhere."""
-    before = set(os.listdir(tempfile.gettempdir()))
-    code = ("import os\nfor i in range(5000):\n    os.mkdir('d')\n    os.chdir('d')\n"
+    tag = f"d-{uuid.uuid4().hex[:12]}"
+    code = (f"import os\nos.mkdir('{tag}')\nos.chdir('{tag}')\nfor i in range(5000):\n"
+            "    os.mkdir('d')\n    os.chdir('d')\n"
             "os.mkdir('locked')\nopen('locked/f', 'w').close()\nos.chmod('locked', 0)\n"
             "print('deep')\n")
+    failures = sandbox.cleanup_failures()
     result = run_python(code, limits=Limits(wall_s=10.0))
     assert result.ok and result.stdout == "deep\n", result
-    new = set(os.listdir(tempfile.gettempdir())) - before  # others' files come and go there
-    assert {n for n in new if n.startswith("cfpo")} <= {"cfpo-sandbox-uids"}
-    assert sandbox.cleanup_failures() == 0 and _run_cgroups() == []
+    assert tagged_leftovers(tag) == []
+    assert sandbox.cleanup_failures() == failures and _run_cgroups() == []
 
 
 @needs_bwrap
