@@ -446,8 +446,10 @@ def run_verdict(code: str, spec: dict, *, limits: Limits = Limits()) -> Verdict:
         return Verdict(False, f"killed by the {result.killed_by} limit",
                        time.monotonic() - started)
     status = result.stdout  # _run puts the launcher's status line here for a verdict
-    return Verdict(status == "verdict pass", status.removeprefix("verdict fail ").strip()
-                   if status != "verdict pass" else "", time.monotonic() - started)
+    if status == "verdict pass":
+        return Verdict(True, "", time.monotonic() - started)
+    why = status.removeprefix("verdict fail ").strip() or "the launcher ended without a verdict"
+    return Verdict(False, why, time.monotonic() - started)
 
 
 _sources: dict[str, str] = {}
