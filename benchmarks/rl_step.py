@@ -97,11 +97,12 @@ def build_parts(config, model, mesh):
     import jax
     from flax import nnx
 
-    from cfpo_jax import learner, policy, rollout, state
+    from cfpo_jax import learner, policy, rollout
+    from cfpo_jax import state as state_lib
 
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
-    tx, schedule = state.make_optimizer(config.optim, state.total_updates(config))
-    init, abstract_state = state.create_state(params, tx, mesh, seed=config.seed, beta=config.rl.beta)
+    tx, schedule = state_lib.make_optimizer(config.optim, state_lib.total_updates(config))
+    init, abstract_state = state_lib.create_state(params, tx, mesh, seed=config.seed, beta=config.rl.beta)
     learner_ = learner.Learner(config, mesh, graphdef, frozen, pad_id=0, tx=tx, schedule=schedule,
                                state_sh=jax.tree.map(lambda x: x.sharding, abstract_state))
     loaded = policy.Policy(graphdef=graphdef, params=params, frozen=frozen,

@@ -65,7 +65,8 @@ import chips  # noqa: E402
 import shapes  # noqa: E402
 from cfpo_jax import config as config_lib  # noqa: E402
 from cfpo_jax import batch as batch_lib  # noqa: E402
-from cfpo_jax import learner, models, sharding, state  # noqa: E402
+from cfpo_jax import learner, models, sharding  # noqa: E402
+from cfpo_jax import state as state_lib  # noqa: E402
 from cfpo_jax.models.config import LORA_TARGETS, REMAT_POLICIES  # noqa: E402
 
 GB = 1e9
@@ -128,7 +129,7 @@ def run_one(shape: str, remat: str, lora_rank: int, *, batch: int, prompt_len: i
     mesh = sharding.make_mesh(1, -1, 1)
     optim = config_lib.base_config().optim
     optim.weight_decay = 0.01
-    tx, schedule = state.make_optimizer(optim, total_updates=1000)
+    tx, schedule = state_lib.make_optimizer(optim, total_updates=1000)
     rl = rl_config()
 
     abstract_model = nnx.eval_shape(lambda: models.Transformer(model_config, rngs=nnx.Rngs(0)))
@@ -138,7 +139,7 @@ def run_one(shape: str, remat: str, lora_rank: int, *, batch: int, prompt_len: i
     with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
     abstract_params = jax.tree.map(with_sharding, abstract_params, param_sh)
     abstract_frozen = jax.tree.map(with_sharding, abstract_frozen, frozen_sh)
-    init_state, abstract_state = state.create_state(abstract_params, tx, mesh, seed=0, beta=0.0,
+    init_state, abstract_state = state_lib.create_state(abstract_params, tx, mesh, seed=0, beta=0.0,
                                                     adapters=bool(lora_rank))
     state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
     batch_sh = sharding.batch_sharding(mesh)

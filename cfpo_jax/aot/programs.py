@@ -35,7 +35,8 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from cfpo_jax import batch, data, learner, lora, models, packing, sampling, sharding, state
+from cfpo_jax import batch, data, learner, lora, models, packing, sampling, sharding
+from cfpo_jax import state as state_lib
 from cfpo_jax.models import decoding
 from cfpo_jax.models.attention import resolve_decode
 
@@ -87,8 +88,8 @@ def learner_programs(config, model_config, mesh) -> dict[str, Program]:
     rl, sampling_config = config.rl, config.sampling
     graphdef, params, frozen = abstract_policy(config, model_config, mesh)
     adapters = config.lora.rank > 0
-    tx, schedule = state.make_optimizer(config.optim, state.total_updates(config))
-    _, abstract_state = state.create_state(params, tx, mesh, seed=config.seed, beta=rl.beta,
+    tx, schedule = state_lib.make_optimizer(config.optim, state_lib.total_updates(config))
+    _, abstract_state = state_lib.create_state(params, tx, mesh, seed=config.seed, beta=rl.beta,
                                            adapters=adapters)
     programs = learner.make_programs(
         config, mesh, graphdef, pad_id=0, tx=tx, schedule=schedule,
