@@ -56,43 +56,45 @@ def _union_spec(spec: P, ndim: int) -> P:
 
 
 class WeightSync:
-    """`sync(params) -> params on the rollout shardings`, for params with the learner's shardings.
+    """`sync(params) -> params in target_shardings` for params NamedSharding-ed on `source_mesh`:
+    the learner's weights to the rollout mesh (source = learner, target = rollout), or a rollout
+    batch back the other way.
 
-    `rollout_shardings`: a pytree of NamedShardings on the rollout mesh with the params'
-    structure (e.g. `sharding.param_shardings(rollout_mesh, params)`). `method` forces the union
+    `target_shardings`: a pytree of NamedShardings on `target_mesh` with the params' structure
+    (e.g. `sharding.param_shardings(target_mesh, params)`). `method` forces the union
     program ("union") on disjoint meshes of one process (tests, benchmarks); default: chosen."""
 
-    def __init__(self, learner_mesh: Mesh, rollout_mesh: Mesh, rollout_shardings, *,
+    def __init__(self, source_mesh: Mesh, target_mesh: Mesh, target_shardings, *,
                  method: str | None = None):
-        self.learner_mesh, self.rollout_mesh = learner_mesh, rollout_mesh
-        self.rollout_shardings = rollout_shardings
+        self.source_mesh, self.target_mesh = source_mesh, target_mesh
+        self.target_shardings = target_shardings
         self.seconds = 0.0
         if method not in (None, "union"):
             raise ValueError(f"method={method!r}: None (chosen from the meshes) or 'union'")
-        learner_set, rollout_set = set(learner_mesh.devices.flat), set(rollout_mesh.devices.flat)
-        if learner_set == rollout_set:
+        source_set, target_set = set(source_mesh.devices.flat), set(target_mesh.devices.flat)
+        if source_set == target_set:
             self.method = "copy"
             self._copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree),
-                                 out_shardings=rollout_shardings)
-        elif learner_set & rollout_set:
+                                 out_shardings=target_shardings)
+        elif source_set & target_set:
             raise ValueError("the rollout and learner meshes share some devices but not all: "
                              "they must be the same devices (colocated) or disjoint")
         elif method != "union" and all(d.process_index == jax.process_index()
-                                       for d in learner_set | rollout_set):
+                                       for d in source_set | target_set):
             self.method = "device_put"
         else:
             self.method = "union"
-            if learner_mesh.devices.size != rollout_mesh.devices.size:
+            if source_mesh.devices.size != target_mesh.devices.size:
                 raise ValueError(
                     f"moving weights between processes needs as many rollout devices as learner "
-                    f"devices; got {rollout_mesh.devices.size} rollout and "
-                    f"{learner_mesh.devices.size} learner devices (mesh.rollout_devices)")
+                    f"devices; got {target_mesh.devices.size} rollout and "
+                    f"{source_mesh.devices.size} learner devices (mesh.rollout_devices)")
             # The rollout devices arranged like the learner mesh: the transfer layout.
-            shape = learner_mesh.devices.shape
-            self.transfer_mesh = Mesh(np.asarray(rollout_mesh.devices).reshape(shape),
-                                      learner_mesh.axis_names)
-            self.union_mesh = Mesh(np.stack([learner_mesh.devices, self.transfer_mesh.devices]),
-                                   (SIDE, *learner_mesh.axis_names))
+            shape = source_mesh.devices.shape
+            self.transfer_mesh = Mesh(np.asarray(target_mesh.devices).reshape(shape),
+                                      source_mesh.axis_names)
+            self.union_mesh = Mesh(np.stack([source_mesh.devices, self.transfer_mesh.devices]),
+                                   (SIDE, *source_mesh.axis_names))
             self._send = None  # the rollout side's buffers of the last transfer (transfer layout)
             self._programs = {}
 
@@ -101,7 +103,7 @@ class WeightSync:
         if self.method == "copy":
             out = self._copy(params)
         elif self.method == "device_put":
-            out = jax.device_put(params, self.rollout_shardings)
+            out = jax.device_put(params, self.target_shardings)
         else:
             out = self._union(params)
         jax.block_until_ready(out)
@@ -125,7 +127,7 @@ class WeightSync:
         received = self._programs[key](*stacked)
         transfer = [self._rollout_half(r, x) for r, x in zip(received, leaves)]
         self._send = transfer
-        targets = jax.tree.leaves(self.rollout_shardings)
+        targets = jax.tree.leaves(self.target_shardings)
         # A reshard on the rollout devices alone, where the rollout rules differ.
         out = [t if t.sharding.is_equivalent_to(s, t.ndim) else jax.device_put(t, s)
                for t, s in zip(transfer, targets)]
@@ -144,7 +146,7 @@ class WeightSync:
         if x.ndim == 0:
             raise ValueError("a scalar parameter cannot be split over the union mesh")
         if not isinstance(x.sharding, NamedSharding) or x.sharding.mesh.devices.shape != \
-                self.learner_mesh.devices.shape:
+                self.source_mesh.devices.shape:
             raise ValueError(f"parameters must be NamedSharding-ed on the learner mesh; got "
                              f"{x.sharding}")
         union = NamedSharding(self.union_mesh, _union_spec(x.sharding.spec, x.ndim))
