@@ -82,9 +82,9 @@ class FixedLagProducer:
     def __init__(self, generate: Callable[[int, int, Any], Any], *, max_staleness: int,
                  start_step: int, num_steps: int, snapshot: Callable[[], Any] = lambda: None,
                  restored: Sequence[Rollout] = ()):
-        if max_staleness < 1:
-            raise ValueError(f"max_staleness={max_staleness}: the producer is for lags >= 1 "
-                             f"(0 is the synchronous loop)")
+        if max_staleness < 0:
+            raise ValueError(f"max_staleness={max_staleness}: must be >= 0 (0: each step waits "
+                             f"for the previous update, i.e. the synchronous loop's order)")
         self._generate, self._snapshot = generate, snapshot
         self.k, self.num_steps = max_staleness, num_steps
         restored = sorted(restored, key=lambda r: r.step)
