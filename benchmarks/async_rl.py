@@ -423,7 +423,8 @@ def main(argv=None):
                       f"{os.cpu_count()} cores, {jax.devices()[0].device_kind}\n")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump(dict(mode=args.mode, shape=args.shape, device_kind=jax.devices()[0].device_kind,
+                           rows=rows), f, indent=1)
     return rows
 
 
