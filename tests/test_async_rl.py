@@ -134,8 +134,45 @@ def test_sigkill_and_resume_at_lag_2_matches_an_uninterrupted_run(tmp_path):
     reference = train.run(tiny(train__num_steps=6, train__checkpoint_every=2, rl__max_staleness=2),
                           str(tmp_path / "ref"))
     resumed = restore_like(ckpts, 6, reference["state"])
-    for a, b in zip(jax.tree.leaves(jax.device_get(resumed)),
-                    jax.tree.leaves(jax.device_get(reference["state"]))):
+    # Every leaf (the typed rng key by its data) bit for bit.
+    bits = lambda state: jax.tree.leaves(jax.device_get(jax.tree.map(
+        lambda x: jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+        else x, state)))
+    for a, b in zip(bits(resumed), bits(reference["state"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     steps = read_metrics(str(workdir))
     assert [h["staleness_mean"] for h in steps if h["step"] > killed_at][-1] == 2.0
+
+
+def test_the_staleness_study_expands_to_valid_configs():
+    """configs/studies/staleness_quickstart.py: 5 lags × 2 objectives × 5 seeds, each a valid
+    training config at the frontier cell (lr 1e-3, μ = 4)."""
+    from cfpo_jax import config as config_lib
+    from cfpo_jax import study as study_lib
+    from test_study import _load_study_file
+
+    study = study_lib.Study(spec=_load_study_file("staleness_quickstart"), base=quickstart(),
+                            base_file="configs/quickstart.py")
+    runs = study.runs()
+    assert len(runs) == 50
+    configs = [study.config(r) for r in runs]
+    for config in configs:
+        config_lib.validate(config)
+    assert sorted({(c.rl.max_staleness, c.rl.objective) for c in configs}) == [
+        (k, o) for k in (0, 1, 2, 4, 8) for o in ("cfpo", "ppo")]
+    assert {(c.optim.lr, c.rl.num_epochs, c.train.num_steps) for c in configs} == {(1e-3, 4, 100)}
+
+
+@pytest.mark.slow  # two 150-step quickstart runs' worth: minutes
+def test_quickstart_learns_at_lag_1(tmp_path):
+    """--config.rl.max_staleness=1 on the shortened quickstart: the reward rises as in the
+    synchronous run's test (test_train.test_shortened_quickstart_reward_rises: +0.2 or more from
+    the first to the last tenth)."""
+    config = quickstart(train__num_steps=150, train__checkpoint_every=1000, rl__max_staleness=1)
+    result = train.run(config, str(tmp_path), devices=jax.devices()[:1])
+    rewards = [m["reward_mean"] for m in read_metrics(str(tmp_path))]
+    tenth = len(rewards) // 10
+    first, last = np.mean(rewards[:tenth]), np.mean(rewards[-tenth:])
+    assert last - first >= 0.2, (first, last, rewards)
+    assert result["state"]["skipped_updates"] == 0
+    assert {m["staleness_mean"] for m in read_metrics(str(tmp_path))[1:]} == {1.0}
