@@ -4,6 +4,8 @@ process or disaggregated over two, against the synchronous loop in the same run.
     python benchmarks/async_rl.py colocated            # k = 0, 1, 2 on one process (CPU: ~2 min)
     python benchmarks/async_rl.py disaggregated        # 2 processes, one core and one device each:
                                                        # k = 0 (synchronous) and k = 1 (~3 min)
+    python benchmarks/async_rl.py compile --target v5p-16 [--sides]   # compile-only: math_qwen:7b
+                                                       # disaggregated over 2 hosts (also h100x16)
 
 The workload is a real policy-gradient step of a random-init decoder (`--shape`, default tiny):
 * sample: `sampling.generate` of `--prompts` × `--samples` completions with per-prompt token budgets
@@ -388,12 +390,84 @@ def _workload_args(args):
             f"--steps={args.steps}"]
 
 
+# ============================================================================ compile only (point 6)
+
+# Two-host targets: (libtpu topology, chips per host) or the CUDA plugin's "hosts x 1 x gpus";
+# HBM per chip as cfpo_jax.aot.targets states it.
+MULTIHOST = {"v5p-16": ("tpu", "v5p:2x2x2", (2, 2, 1), 95 * (1 << 30)),
+             "h100x16": ("cuda", "2x1x8", None, 84_942_979_072)}
+
+
+def multihost_devices(name):
+    """The compile-only devices of a two-host target, and the HBM per chip."""
+    from jax.experimental import topologies
+
+    from cfpo_jax.aot import targets
+
+    platform, topology, host_bounds, chip_bytes = MULTIHOST[name]
+    if platform == "cuda":
+        with open(targets.TARGET_CONFIG) as f:
+            desc = topologies.get_topology_desc(platform="cuda", target_config=f.read(),
+                                                topology=topology)
+    else:
+        os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+        desc = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                            chip_config_name="default",
+                                            chips_per_host_bounds=host_bounds, num_slices=1)
+    return list(desc.devices), chip_bytes
+
+
+def compile_disaggregated(args):
+    """The disaggregated layout of `args.config` on a two-host target: host 0 the rollout mesh,
+    host 1 the learner mesh; the weight-sync program over both, and (`--sides`) every program of
+    each side, compiled by the chip's compiler. One row per program."""
+    import importlib.util
+
+    from cfpo_jax import sharding
+    from cfpo_jax.aot import programs, report
+    from shapes import model_config, shape_of_hub_id
+
+    path, _, arg = args.config.partition(":")
+    spec = importlib.util.spec_from_file_location("config", os.path.join(ROOT, path))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+    devices, chip_bytes = multihost_devices(args.target)
+    hosts = sorted({d.process_index for d in devices})
+    rollout_devices = [d for d in devices if d.process_index == hosts[0]]
+    config.mesh.rollout_devices = len(rollout_devices)
+    rollout_mesh, learner_mesh = sharding.placement(
+        config.mesh, rollout_devices + [d for d in devices if d.process_index != hosts[0]])
+    shape = model_config(shape_of_hub_id(config.model.path), param_dtype=config.model.param_dtype,
+                         dtype=config.model.dtype, remat=config.model.remat)
+    sync, union = programs.weight_sync_program(config, shape, learner_mesh, rollout_mesh)
+    jobs = [("weight_sync", sync, union)]
+    if args.sides:
+        jobs += [(f"learner {n}", p, learner_mesh)
+                 for n, p in programs.learner_programs(config, shape, learner_mesh).items()]
+        jobs += [(f"rollout {n}", p, rollout_mesh)
+                 for n, p in programs.sampler_programs(config, shape, rollout_mesh).items()]
+    rows = []
+    print(f"{args.config} on {args.target}: rollout mesh {dict(rollout_mesh.shape)} (host "
+          f"{hosts[0]}), learner mesh {dict(learner_mesh.shape)}; HBM {chip_bytes / 1e9:.1f} GB/chip")
+    print("| program | compiled | per-chip peak GB | fits | compile s | error |")
+    print("|---|---|---|---|---|---|")
+    for name, program, mesh in jobs:
+        row = dict(program=name, **report.compile_program(program, mesh))
+        peak = row.get("peak")
+        row["fits"] = peak is not None and peak <= chip_bytes
+        rows.append(row)
+        print(f"| {name} | {row['compiled']} | {'' if peak is None else f'{peak / 1e9:.2f}'} | "
+              f"{row['fits']} | {row['compile_s']:.0f} | {row['error'][:120]} |", flush=True)
+    return rows
+
+
 # ============================================================================ main
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("mode", choices=["colocated", "disaggregated", "_child"])
+    parser.add_argument("mode", choices=["colocated", "disaggregated", "compile", "_child"])
     parser.add_argument("--shape", default="tiny")
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--samples", type=int, default=2)
@@ -403,6 +477,11 @@ def main(argv=None):
     parser.add_argument("--lags", type=int, nargs="+", default=None)
     parser.add_argument("--no-pin", action="store_true", help="disaggregated: no taskset")
     parser.add_argument("--json", help="also write the rows to this file")
+    parser.add_argument("--target", choices=sorted(MULTIHOST), default="v5p-16",
+                        help="compile: the two-host target")
+    parser.add_argument("--config", default="configs/math_qwen.py:7b", help="compile: the config")
+    parser.add_argument("--sides", action="store_true",
+                        help="compile: also every learner and sampler program of each side")
     parser.add_argument("--process", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--coordinator", help=argparse.SUPPRESS)
     parser.add_argument("--lag", type=int, help=argparse.SUPPRESS)
@@ -411,6 +490,14 @@ def main(argv=None):
         parser.error(f"--steps must be >= 2 (means over steps 2..N); got {args.steps}")
     if args.mode == "_child":
         return disaggregated_child(args)
+    if args.mode == "compile":
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        rows = compile_disaggregated(args)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(mode="compile", target=args.target, config=args.config, rows=rows),
+                          f, indent=1)
+        return rows
     args.lags = args.lags or ([0, 1, 2] if args.mode == "colocated" else [0, 1])
     if args.lags[0] != 0:
         parser.error("--lags must start with 0: the synchronous baseline of the same run")

@@ -55,6 +55,34 @@ def _union_spec(spec: P, ndim: int) -> P:
     return P((SIDE, *inner), *spec[1:])
 
 
+def union_meshes(source_mesh: Mesh, target_mesh: Mesh) -> tuple[Mesh, Mesh]:
+    """(union mesh, transfer mesh) of two disjoint meshes with as many devices: the target's
+    devices arranged like the source mesh (the transfer layout), and both stacked on SIDE."""
+    if source_mesh.devices.size != target_mesh.devices.size:
+        raise ValueError(
+            f"moving weights between processes needs as many rollout devices as learner "
+            f"devices; got {target_mesh.devices.size} rollout and "
+            f"{source_mesh.devices.size} learner devices (mesh.rollout_devices)")
+    transfer = Mesh(np.asarray(target_mesh.devices).reshape(source_mesh.devices.shape),
+                    source_mesh.axis_names)
+    union = Mesh(np.stack([source_mesh.devices, transfer.devices]),
+                 (SIDE, *source_mesh.axis_names))
+    return union, transfer
+
+
+def union_sharding(union_mesh: Mesh, spec: P, ndim: int) -> NamedSharding:
+    """The sharding of a [2·d0, ...] union array whose halves have `spec` on each side."""
+    return NamedSharding(union_mesh, _union_spec(spec, ndim))
+
+
+def send_program(union_mesh: Mesh, specs):
+    """The jitted union program: every leaf's source half sent to the target side (`ppermute`
+    along SIDE); `specs` the leaves' union PartitionSpecs. `cfpo_jax.aot` compiles it too."""
+    send = jax.shard_map(lambda *blocks: [jax.lax.ppermute(b, SIDE, [(0, 1)]) for b in blocks],
+                         mesh=union_mesh, in_specs=tuple(specs), out_specs=list(specs))
+    return jax.jit(send)
+
+
 class WeightSync:
     """`sync(params) -> params in target_shardings` for params NamedSharding-ed on `source_mesh`:
     the learner's weights to the rollout mesh (source = learner, target = rollout), or a rollout
@@ -84,17 +112,7 @@ class WeightSync:
             self.method = "device_put"
         else:
             self.method = "union"
-            if source_mesh.devices.size != target_mesh.devices.size:
-                raise ValueError(
-                    f"moving weights between processes needs as many rollout devices as learner "
-                    f"devices; got {target_mesh.devices.size} rollout and "
-                    f"{source_mesh.devices.size} learner devices (mesh.rollout_devices)")
-            # The rollout devices arranged like the learner mesh: the transfer layout.
-            shape = source_mesh.devices.shape
-            self.transfer_mesh = Mesh(np.asarray(target_mesh.devices).reshape(shape),
-                                      source_mesh.axis_names)
-            self.union_mesh = Mesh(np.stack([source_mesh.devices, self.transfer_mesh.devices]),
-                                   (SIDE, *source_mesh.axis_names))
+            self.union_mesh, self.transfer_mesh = union_meshes(source_mesh, target_mesh)
             self._send = None  # the rollout side's buffers of the last transfer (transfer layout)
             self._programs = {}
 
@@ -119,11 +137,7 @@ class WeightSync:
         stacked = [self._stack(x, buffer) for x, buffer in zip(leaves, self._send)]
         key = tuple((x.shape, x.dtype, x.sharding.spec) for x in leaves)
         if key not in self._programs:
-            specs = [s.sharding.spec for s in stacked]
-            send = jax.shard_map(
-                lambda *blocks: [jax.lax.ppermute(b, SIDE, [(0, 1)]) for b in blocks],
-                mesh=self.union_mesh, in_specs=tuple(specs), out_specs=specs)
-            self._programs[key] = jax.jit(send)
+            self._programs[key] = send_program(self.union_mesh, [s.sharding.spec for s in stacked])
         received = self._programs[key](*stacked)
         transfer = [self._rollout_half(r, x) for r, x in zip(received, leaves)]
         self._send = transfer
@@ -149,7 +163,7 @@ class WeightSync:
                 self.source_mesh.devices.shape:
             raise ValueError(f"parameters must be NamedSharding-ed on the learner mesh; got "
                              f"{x.sharding}")
-        union = NamedSharding(self.union_mesh, _union_spec(x.sharding.spec, x.ndim))
+        union = union_sharding(self.union_mesh, x.sharding.spec, x.ndim)
         shape = (2 * x.shape[0], *x.shape[1:])
         shards = {s.device: s.data for s in x.addressable_shards}
         shards.update({s.device: s.data for s in buffer.addressable_shards})
