@@ -191,6 +191,15 @@ class Rollout:
         self.generator.close()
 
 
+def check_lag(meta: dict, max_staleness: int, step: int) -> None:
+    """A checkpoint resumes only under the lag it was written with: its data position and queue
+    belong to that lag."""
+    saved = meta.get("max_staleness", 0)
+    if saved != max_staleness:
+        raise ValueError(f"the checkpoint at step {step} was written with rl.max_staleness={saved}; "
+                         f"resume it with the same value (this run has {max_staleness})")
+
+
 class Lagged:
     """Rollouts at a fixed lag k = `rl.max_staleness` >= 1 (`async_rollout.FixedLagProducer`):
     a producer thread runs `Rollout.produce` for step t with policy version max(t - k, 0) while
@@ -226,11 +235,7 @@ class Lagged:
         self._advance()
         restored = []
         if restored_meta is not None and start > 0:
-            saved = restored_meta.get("max_staleness", 0)
-            if saved != self.k:
-                raise ValueError(f"the checkpoint at step {start} was written with "
-                                 f"rl.max_staleness={saved}; resume it with the same value "
-                                 f"(this run has {self.k})")
+            check_lag(restored_meta, self.k, start)
             restored = [async_rollout.Rollout(r["step"], r["version"],
                                               Produced.from_json(r["produced"], rollout.mesh),
                                               r["seconds"])

@@ -142,6 +142,9 @@ def _run(config, workdir, devices, stop):
 
 def _loop(config, parts: Parts, state, ckpt, writer, progress, stop):
     num_steps = config.train.num_steps
+    if parts.restored_meta is not None:
+        rollout_lib.check_lag(parts.restored_meta, config.rl.max_staleness,
+                              int(jax.device_get(state["step"])))
     # rl.max_staleness >= 1: the rollouts come from a producer thread at a fixed lag.
     lagged = rollout_lib.Lagged(parts.rollout, parts.iterator, parts.learner, state,
                                 num_steps=num_steps, restored_meta=parts.restored_meta) \

@@ -176,3 +176,12 @@ def test_quickstart_learns_at_lag_1(tmp_path):
     assert last - first >= 0.2, (first, last, rewards)
     assert result["state"]["skipped_updates"] == 0
     assert {m["staleness_mean"] for m in read_metrics(str(tmp_path))[1:]} == {1.0}
+
+
+def test_a_checkpoint_resumes_only_under_its_own_lag():
+    rollout_lib.check_lag({"data": {}}, 0, 4)  # a synchronous run's checkpoint, resumed as one
+    rollout_lib.check_lag({"max_staleness": 2}, 2, 4)
+    with pytest.raises(ValueError, match="written with rl.max_staleness=2.*this run has 0"):
+        rollout_lib.check_lag({"max_staleness": 2}, 0, 4)
+    with pytest.raises(ValueError, match="written with rl.max_staleness=0.*this run has 1"):
+        rollout_lib.check_lag({"data": {}}, 1, 4)
