@@ -9,7 +9,8 @@ The entry point and the loop, read top to bottom in the order a run happens (ARC
              (sampler or episodes, rewards), `hooks` (evaluation, export), the data iterator.
   2. loop    per RL step: rollout (sample → text → rewards → advantages, old and reference
              logprobs) → learn (num_epochs × num_minibatches jitted updates) → metrics →
-             checkpoint → hooks.
+             checkpoint → hooks. With `rl.max_staleness` = k >= 1 the rollout's sampling half
+             comes from a producer thread at a fixed lag (`rollout.Lagged`), k steps older.
   3. stop    at num_steps, or on SIGTERM / SIGINT to any process: checkpoint, hooks' `on_end`.
   4. main    flags, the config found by name or path, validated once.
 
