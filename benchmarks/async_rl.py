@@ -279,6 +279,12 @@ def disaggregated_child(args):
     sampler = args.process == 0
     placeholder = None
     versions = {0: work.params}  # learner: the versions the sampler still needs
+    # Both processes here before the first collective: gloo gives up connecting after 30 s, which
+    # a loaded box can exceed between the two processes' start-ups (the coordinator's barrier
+    # waits as long as asked).
+    from jax._src import distributed
+
+    distributed.global_state.client.wait_at_barrier("async_rl_ready", 600_000)
     # Compile the weight move before timing (version 0 is what the sampler holds already).
     work.rollout_params = to_rollout(work.params)
     steps = []
