@@ -1,4 +1,4 @@
-"""Every timing the scale issues (4, 10, 11, 15) still owe a GPU or TPU, in one call of under 8
+"""Every timing the scale issues (4, 10, 11, 15, 32) still owe a GPU or TPU, in one call of under 8
 minutes on one accelerator host, written to one results file.
 
     bash benchmarks/accelerator.sh --commit <hash>        # the device machine: $OUT/accelerator.jsonl
@@ -16,6 +16,7 @@ Steps, in this order (each the existing benchmark script or test, in its own pro
 | long_tail | continuous batching against static batches, 0.5B, 1,024 rows, K = 256 | 11 | sampling.py --long-tail |
 | lora_sampling | LoRA rank 64 on the fly against merged per call, 0.5B, batch 256 | 15 | sampling.py --lora-rank |
 | rl_step | one RL step split into sample / score / learn, 0.5B, 32 prompts × 8, 512 + 1,024 | 10 | rl_step.py |
+| async_rl | colocated k = 0 against k = 1: sample / learn / weight sync / wait, overlap; 0.5B, 16 prompts × 8, 256 + long-tailed ≤ 1,024 | 32 | async_rl.py colocated |
 
 The exact command of each is in its record. Shapes and repeats are chosen to fit the 8 minutes:
 the long tail runs issue 11's distribution at half its lengths (log-normal median 200, capped at
@@ -105,7 +106,8 @@ def plan(device_platform: str, dry_run: bool) -> list[Step]:
     """The steps after the probe, with their commands: the real shapes, or tiny ones on CPU."""
     platforms, tests = KERNEL_TESTS.get(device_platform, KERNEL_TESTS["cpu"])
     pytest = ["-m", "pytest", "-q", "-p", "no:cacheprovider", *tests]
-    sampling, train_step, rl_step = (f"benchmarks/{name}.py" for name in ("sampling", "train_step", "rl_step"))
+    sampling, train_step, rl_step, async_rl = (
+        f"benchmarks/{name}.py" for name in ("sampling", "train_step", "rl_step", "async_rl"))
     if dry_run:
         sampler = [sampling, "--small", "--no-hf", "--batches", "4", "--new-tokens", "16", "--repeats", "1"]
         train = [train_step, "--shapes", "tiny", "--remat", "full", "--lora-rank", "0", "--batch", "2",
@@ -114,6 +116,8 @@ def plan(device_platform: str, dry_run: bool) -> list[Step]:
                 "--max-concurrent", "8", "--repeats", "1"]
         lora = [sampling, "--small", "--lora-rank", "8", "--batches", "4", "--new-tokens", "8", "--repeats", "1"]
         rl = [rl_step, "--small", "--prompts", "4", "--samples", "2", "--new-tokens", "16", "--steps", "2"]
+        lagged = [async_rl, "colocated", "--prompts", "2", "--samples", "2", "--prompt-len", "8",
+                  "--new-tokens", "16", "--steps", "2", "--lags", "0", "1"]
     else:
         sampler = [sampling, "--shapes", "0.5b,1.5b", "--batches", "256", "--no-hf", "--repeats", "2"]
         train = [train_step, "--shapes", "1.5b", "--remat", "full", "--lora-rank", "0", "--batch", "8",
@@ -123,6 +127,8 @@ def plan(device_platform: str, dry_run: bool) -> list[Step]:
         lora = [sampling, "--shapes", "0.5b", "--lora-rank", "64", "--batches", "256", "--repeats", "1"]
         rl = [rl_step, "--shape", "0.5b", "--prompts", "32", "--samples", "8", "--prompt-len", "512",
               "--new-tokens", "1024", "--micro-batch", "64", "--steps", "3"]
+        lagged = [async_rl, "colocated", "--shape", "0.5b", "--prompts", "16", "--samples", "8",
+                  "--prompt-len", "256", "--new-tokens", "1024", "--steps", "4", "--lags", "0", "1"]
     def limit(seconds):  # the real run's; a dry run on a shared 2-core box gets more (it is not timed)
         return DRY_RUN_LIMIT_S if dry_run else seconds
 
@@ -134,6 +140,7 @@ def plan(device_platform: str, dry_run: bool) -> list[Step]:
         Step("long_tail", "11", "continuous batching against static batches", tail, limit(120)),
         Step("lora_sampling", "15", "LoRA on the fly against merged per call", lora, limit(110)),
         Step("rl_step", "10", "RL step split: sample / score / learn", rl, limit(120)),
+        Step("async_rl", "32", "colocated fixed-lag rollouts k = 1 against k = 0", lagged, limit(120)),
     ]
 
 
@@ -242,6 +249,9 @@ def headline(record: dict) -> str:
     if name == "rl_step":
         return (f"step {f['step_s']:.2f} s: sample {f['sample_s'] / f['step_s']:.0%}, "
                 f"score {f['score_s'] / f['step_s']:.0%}, learn {f['learn_s'] / f['step_s']:.0%}")
+    if name == "async_rl":
+        return "; ".join(f"{r['run']}: step {r['step_s']:.2f} s, overlap {r['overlap']:.2f}"
+                         for r in f["rows"])
     return ""
 
 

@@ -106,6 +106,10 @@ class Checkpointer:
         """The newest complete checkpoint's step, or None."""
         return self._manager.latest_step()
 
+    def due(self, step: int) -> bool:
+        """Whether `save` at `step` would write without `force` (every `every` steps)."""
+        return self._manager.should_save(step)
+
     def save(self, step: int, state, meta: dict, *, force: bool = False) -> bool:
         """Starts an async save when `step` is due (or `force`); False if skipped or non-finite.
         Raises CheckpointError when this write (or the previous asynchronous one) fails."""

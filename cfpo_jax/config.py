@@ -73,6 +73,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.coordinator_address = ""  # "host:port" of process 0
     c.mesh.num_processes = 0
     c.mesh.process_id = -1
+    # Rollout / learner placement (issue 32; sharding.placement, cfpo_jax.weight_sync). 0: both
+    # share every device (colocated). N > 0 (disaggregated: the first N devices sample, the rest
+    # learn, each mesh with its own sizes) is not wired into the trainer yet and is refused;
+    # benchmarks/async_rl.py runs it.
+    c.mesh.rollout_devices = 0
+    c.mesh.rollout = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # its mesh sizes
 
     c.data = ml_collections.ConfigDict()
     c.data.source = "synthetic:arithmetic"
@@ -170,6 +176,11 @@ def base_config() -> ml_collections.ConfigDict:
     # OpenRLHF/verl, the paper's alignment runs), and there is no KL loss term. False: the KL is a
     # loss term aggregated with rl.agg (issue 14).
     c.rl.kl_in_reward = False
+    # Asynchronous RL at a fixed lag (issue 32; cfpo_jax.async_rollout, rollout.Lagged): k >= 1
+    # generates the rollout of step t with the policy of step max(t - k, 0) in a producer thread
+    # while the learner runs, whatever the timing (runs reproduce); the k queued rollouts are
+    # saved with each checkpoint. 0: the synchronous loop. One process only for now.
+    c.rl.max_staleness = 0
 
     c.optim = ml_collections.ConfigDict()
     c.optim.lr = 1e-6
@@ -312,6 +323,9 @@ def _mesh_errors(config) -> list[str]:
     for axis in ("data", "fsdp", "tensor"):
         if mesh[axis] < 1 and mesh[axis] != -1:
             errors.append(f"mesh.{axis} must be >= 1 or -1 (all remaining devices); got {mesh[axis]}")
+    if mesh.rollout_devices:
+        errors.append(f"mesh.rollout_devices={mesh.rollout_devices}: a separate rollout mesh is "
+                      f"not wired into the trainer yet (issue 32); use 0 (colocated)")
     manual = (mesh.coordinator_address, mesh.num_processes, mesh.process_id)
     if manual != ("", 0, -1):
         if not mesh.distributed:
@@ -407,6 +421,12 @@ def _rl_errors(config) -> list[str]:
     if rl.micro_batch_size and minibatch % rl.micro_batch_size:
         errors.append(f"rl.micro_batch_size={rl.micro_batch_size} must divide the minibatch of "
                       f"{minibatch}")
+    if not isinstance(rl.max_staleness, int) or rl.max_staleness < 0:
+        errors.append(f"rl.max_staleness must be an integer >= 0 (0: synchronous); got "
+                      f"{rl.max_staleness!r}")
+    elif rl.max_staleness and config.mesh.distributed:
+        errors.append(f"rl.max_staleness={rl.max_staleness} runs on one process only for now "
+                      f"(mesh.distributed=True)")
     return errors
 
 

@@ -19,9 +19,12 @@ which is what makes a resumed run equal an uninterrupted one.
 
 from __future__ import annotations
 
+import base64
 import dataclasses
+import io
 import time
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -78,8 +81,50 @@ class Result:
     times: dict
 
 
+@dataclasses.dataclass
+class Produced:
+    """The sampler's half of a rollout (`Rollout.produce`): samples on device, the rewards
+    (host [B], before any KL penalty), lengths_Bx2 (host), host metrics and times."""
+
+    samples: sampling.Samples
+    reward_B: np.ndarray
+    lengths_Bx2: np.ndarray
+    host_metrics: dict
+    times: dict
+
+    def to_json(self) -> dict:
+        """Host copy for a checkpoint's JSON meta (the arrays as base64 .npy)."""
+        arrays = {f.name: getattr(self.samples, f.name) for f in dataclasses.fields(self.samples)
+                  if getattr(self.samples, f.name) is not None}
+        arrays = dict(sharding.to_host(arrays), reward_B=self.reward_B, lengths_Bx2=self.lengths_Bx2)
+        return dict(arrays={k: _encode(v) for k, v in arrays.items()},
+                    host_metrics=self.host_metrics, times=self.times)
+
+    @classmethod
+    def from_json(cls, record: dict, mesh) -> "Produced":
+        """`to_json`'s record back, the samples on `mesh` split over the batch axes."""
+        arrays = {k: _decode(v) for k, v in record["arrays"].items()}
+        reward_B, lengths_Bx2 = arrays.pop("reward_B"), arrays.pop("lengths_Bx2")
+        batch_sh = sharding.batch_sharding(mesh)
+        with jax.transfer_guard_host_to_device("allow"):
+            samples = sampling.Samples(**{k: jax.make_array_from_callback(
+                v.shape, batch_sh, lambda index, v=v: v[index]) for k, v in arrays.items()})
+        return cls(samples, reward_B, lengths_Bx2, record["host_metrics"], record["times"])
+
+
+def _encode(x: np.ndarray) -> str:
+    buffer = io.BytesIO()
+    np.save(buffer, np.asarray(x), allow_pickle=False)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _decode(text: str) -> np.ndarray:
+    return np.load(io.BytesIO(base64.b64decode(text)), allow_pickle=False)
+
+
 class Rollout:
-    """sample → completion text → rewards → advantages, old / reference logprobs."""
+    """sample → completion text → rewards → advantages, old / reference logprobs; `produce` (the
+    sampler's half) and `finish` (the learner's) apart for asynchronous rollouts (`Lagged`)."""
 
     def __init__(self, config, mesh, policy, learner, *, scorer=None, generator=None):
         """`policy`: a `policy.Policy` (graph, frozen state, tokenizer, ids); `learner`: the
@@ -100,11 +145,15 @@ class Rollout:
         return policy
 
     def __call__(self, state, prompts: data.Batch, sample_key) -> Result:
+        return self.finish(state, self.produce(state["params"], prompts, sample_key))
+
+    def produce(self, params, prompts: data.Batch, sample_key) -> Produced:
+        """The sampler's half: sample from `params` → completion text → rewards (host)."""
         config = self.config
         rl, sampling_config = config.rl, config.sampling
         t0 = time.time()
         samples, generator_metrics = self.generator.generate(
-            self.sampling_policy(state["params"]), prompts,
+            self.sampling_policy(params), prompts,
             max_new_tokens=sampling_config.max_new_tokens, temperature=sampling_config.temperature,
             top_p=sampling_config.top_p, top_k=sampling_config.top_k, seed=sample_key,
             n=rl.group_size, pad_id=self.pad_id, mesh=self.mesh,
@@ -125,12 +174,123 @@ class Rollout:
 
         prompt_lengths = np.repeat([len(p) for p in prompts.prompts], rl.group_size)
         lengths_Bx2 = np.stack([prompt_lengths, lengths_B], axis=1).astype(np.int32)
-        batch, device_metrics = self.learner.prepare(state, samples, scores.total_B, lengths_Bx2)
         host_metrics = dict(**metrics.rollout_metrics(scores, lengths_B, rl.group_size, t1 - t0),
                             **generator_metrics)
-        return Result(batch, lengths_Bx2, host_metrics, device_metrics,
-                      dict(time_sample_s=t1 - t0, time_score_s=t2 - t1))
+        return Produced(samples, np.asarray(scores.total_B), lengths_Bx2, host_metrics,
+                        dict(time_sample_s=t1 - t0, time_score_s=t2 - t1))
+
+    def finish(self, state, produced: Produced) -> Result:
+        """The learner's half: advantages, old / reference logprobs from `state` (on device)."""
+        batch, device_metrics = self.learner.prepare(state, produced.samples, produced.reward_B,
+                                                     produced.lengths_Bx2)
+        return Result(batch, produced.lengths_Bx2, produced.host_metrics, device_metrics,
+                      produced.times)
 
     def close(self):
         self.scorer.close()
         self.generator.close()
+
+
+def check_lag(meta: dict, max_staleness: int, step: int) -> None:
+    """A checkpoint resumes only under the lag it was written with: its data position and queue
+    belong to that lag."""
+    saved = meta.get("max_staleness", 0)
+    if saved != max_staleness:
+        raise ValueError(f"the checkpoint at step {step} was written with rl.max_staleness={saved}; "
+                         f"resume it with the same value (this run has {max_staleness})")
+
+
+class Lagged:
+    """Rollouts at a fixed lag k = `rl.max_staleness` >= 1 (`async_rollout.FixedLagProducer`):
+    a producer thread runs `Rollout.produce` for step t with policy version max(t - k, 0) while
+    the learner works on earlier steps; `get` finishes the rollout with the learner's state (old
+    logprobs are the learner's policy at the start of the step: the proximal policy).
+
+    The sampler key of step t is the one the synchronous loop uses (the state's rng chain,
+    advanced here on the producer's side) and the prompts come from the data iterator in step
+    order, so a rollout depends on (seed, step, version) only. After each update the learner's
+    parameters are copied for the sampler (`weight_sync.WeightSync`: the learner donates its own
+    to the next update), timed as `weight_sync_s`.
+
+    Checkpoints: `meta(step)` is the data iterator's snapshot from before step step+k's prompts
+    and the k queued rollouts (`Produced.to_json`); a `Lagged` built with that meta
+    (`restored_meta`) continues exactly. One process only: a producer thread's programs and the
+    learner's would be issued in different orders on different processes.
+    """
+
+    def __init__(self, rollout: Rollout, iterator, learner, state, *, num_steps: int,
+                 restored_meta: dict | None = None):
+        from cfpo_jax import async_rollout, weight_sync
+
+        config = rollout.config
+        self.k = config.rl.max_staleness
+        if jax.process_count() > 1:
+            raise ValueError(f"rl.max_staleness={self.k} runs on one process only for now; this "
+                             f"run has {jax.process_count()}")
+        self.rollout, self.iterator, self.learner = rollout, iterator, learner
+        start = int(jax.device_get(state["step"]))
+        self._rng_step, self._rng = start, state["rng"]
+        self._keys = {}
+        # The chain's first link now: `state["rng"]` is donated by the loop's `finish_step`.
+        self._advance()
+        restored = []
+        if restored_meta is not None and start > 0:
+            check_lag(restored_meta, self.k, start)
+            restored = [async_rollout.Rollout(r["step"], r["version"],
+                                              Produced.from_json(r["produced"], rollout.mesh),
+                                              r["seconds"])
+                        for r in restored_meta["rollout_queue"]]
+        params_sh = jax.tree.map(lambda x: x.sharding, state["params"])
+        self._sync = weight_sync.WeightSync(rollout.mesh, rollout.mesh, params_sh)
+        self.weight_sync_s = 0.0
+        self._producer = async_rollout.FixedLagProducer(
+            self._generate, max_staleness=self.k, start_step=start, num_steps=num_steps,
+            snapshot=lambda: iterator.state, restored=restored)
+        self.publish(start, state)
+
+    def _advance(self):
+        """One link of the state's rng chain: the sampler key of `_rng_step`, then the next rng."""
+        self._rng, self._keys[self._rng_step] = self.learner.split_rng(self._rng)
+        self._rng_step += 1
+
+    def _sample_key(self, step: int):
+        while self._rng_step <= step:
+            self._advance()
+        return self._keys.pop(step)
+
+    def _generate(self, step: int, version: int, params) -> Produced:
+        with jax.set_mesh(self.rollout.mesh):  # the mesh context is per thread
+            return self.rollout.produce(params, next(self.iterator), self._sample_key(step))
+
+    def publish(self, version: int, state) -> None:
+        """The learner's policy after `version` RL steps (its parameters copied for the sampler)."""
+        params = self._sync(state["params"])
+        self.weight_sync_s = self._sync.seconds
+        self._producer.publish(version, params)
+
+    def get(self, state, step: int) -> Result:
+        """The rollout of RL step `step`, finished with `state`; its host metrics carry
+        staleness_mean / staleness_max (RL steps between this policy and the sampler's) and its
+        times time_wait_s (the learner waiting for the producer) and weight_sync_s."""
+        from cfpo_jax import async_rollout
+
+        t0 = time.time()
+        produced = self._producer.get(step)
+        waited = time.time() - t0
+        result = self.rollout.finish(state, produced.value)
+        # Every sequence of a fixed-lag rollout comes from the same version.
+        rows = len(produced.value.lengths_Bx2)
+        staleness = async_rollout.staleness_metrics(step, [produced.version] * rows)
+        return dataclasses.replace(
+            result, host_metrics=dict(result.host_metrics, **staleness),
+            times=dict(result.times, time_wait_s=waited, weight_sync_s=self.weight_sync_s))
+
+    def meta(self, step: int) -> dict:
+        """What a checkpoint after `step` RL steps needs to resume exactly (JSON)."""
+        pending, snapshot = self._producer.pending(step)
+        return dict(data=snapshot, max_staleness=self.k, rollout_queue=[
+            dict(step=r.step, version=r.version, seconds=r.seconds, produced=r.value.to_json())
+            for r in pending])
+
+    def close(self):
+        self._producer.close()

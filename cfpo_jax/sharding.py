@@ -172,3 +172,38 @@ def any_process(flag: bool) -> bool:
     if jax.process_count() == 1:
         return bool(flag)
     return bool(np.any(multihost_utils.process_allgather(np.asarray(flag, np.int32))))
+
+
+# ---------------------------------------------------------------- rollout / learner placement
+# (issue 32) `mesh.rollout_devices = 0`: rollout and learning share every device (colocated).
+# N > 0: the first N devices of the run's device list form the rollout mesh, the rest the learner
+# mesh, each shaped by its own sizes (`mesh.rollout.{data,fsdp,tensor}`, `mesh.{data,fsdp,tensor}`)
+# so the one rule table resolves to each mesh's own shardings (e.g. tensor-parallel sampling
+# beside an FSDP learner). `cfpo_jax.weight_sync` moves the weights from one to the other.
+
+
+def split_devices(devices, rollout_devices: int):
+    """(rollout devices, learner devices) of the run's `devices` (in order): both all of them
+    when `rollout_devices` is 0, else the first `rollout_devices` and the rest."""
+    devices = list(devices)
+    if rollout_devices == 0:
+        return devices, devices
+    if not 0 < rollout_devices < len(devices):
+        raise ValueError(
+            f"mesh.rollout_devices={rollout_devices}: must be 0 (colocated) or between 1 and "
+            f"{len(devices) - 1} (the rest learn) with {len(devices)} devices")
+    return devices[:rollout_devices], devices[rollout_devices:]
+
+
+def placement(mesh_config, devices=None) -> tuple[Mesh, Mesh]:
+    """(rollout mesh, learner mesh) per `mesh_config` (`mesh.rollout_devices`, the learner sizes
+    `mesh.{data,fsdp,tensor}` and the rollout sizes `mesh.rollout.{data,fsdp,tensor}`); one and
+    the same mesh twice when colocated."""
+    devices = jax.devices() if devices is None else devices
+    rollout, learner = split_devices(devices, mesh_config.rollout_devices)
+    learner_mesh = make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor,
+                             devices=learner)
+    if mesh_config.rollout_devices == 0:
+        return learner_mesh, learner_mesh
+    sizes = mesh_config.rollout
+    return make_mesh(sizes.data, sizes.fsdp, sizes.tensor, devices=rollout), learner_mesh

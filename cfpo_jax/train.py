@@ -9,7 +9,8 @@ The entry point and the loop, read top to bottom in the order a run happens (ARC
              (sampler or episodes, rewards), `hooks` (evaluation, export), the data iterator.
   2. loop    per RL step: rollout (sample → text → rewards → advantages, old and reference
              logprobs) → learn (num_epochs × num_minibatches jitted updates) → metrics →
-             checkpoint → hooks.
+             checkpoint → hooks. With `rl.max_staleness` = k >= 1 the rollout's sampling half
+             comes from a producer thread at a fixed lag (`rollout.Lagged`), k steps older.
   3. stop    at num_steps, or on SIGTERM / SIGINT to any process: checkpoint, hooks' `on_end`.
   4. main    flags, the config found by name or path, validated once.
 
@@ -52,6 +53,7 @@ class Parts:
     rollout: rollout_lib.Rollout
     hooks: list[hooks.Hook]
     iterator: data.PromptIterator
+    restored_meta: dict | None = None  # the checkpoint's meta when the state was restored
 
 
 def build(config, workdir: str, *, devices=None, ckpt: checkpoint.Checkpointer, progress):
@@ -70,7 +72,7 @@ def build(config, workdir: str, *, devices=None, ckpt: checkpoint.Checkpointer, 
         init, abstract_state = state_lib.create_state(
             policy.params, tx, mesh, seed=config.seed, beta=config.rl.beta,
             adapters=config.lora.rank > 0)
-        state = _restore(ckpt, abstract_state, policy.base_model, iterator, progress)
+        state, meta = _restore(ckpt, abstract_state, policy.base_model, iterator, progress)
         if state is None:
             params = policy.params
             if config.warmstart.steps:
@@ -84,16 +86,18 @@ def build(config, workdir: str, *, devices=None, ckpt: checkpoint.Checkpointer, 
                                    state_sh=jax.tree.map(lambda x: x.sharding, abstract_state))
         parts = Parts(mesh=mesh, policy=policy, learner=learner_,
                       rollout=rollout_lib.Rollout(config, mesh, policy, learner_),
-                      hooks=hooks.from_config(config, workdir, policy, mesh), iterator=iterator)
+                      hooks=hooks.from_config(config, workdir, policy, mesh), iterator=iterator,
+                      restored_meta=meta)
     return parts, state
 
 
 def _restore(ckpt, abstract_state, base_model, iterator, progress):
-    """The newest checkpoint that restores intact (damaged ones are set aside with a warning),
-    with the data iterator put back where it was; None when there is none."""
+    """(state, meta) of the newest checkpoint that restores intact (damaged ones are set aside
+    with a warning), with the data iterator put back where it was; (None, None) when there is
+    none."""
     restored = ckpt.restore_latest(abstract_state)
     if restored is None:
-        return None
+        return None, None
     latest, state, meta = restored
     if meta.get("base_model") != base_model:
         raise ValueError(
@@ -101,7 +105,7 @@ def _restore(ckpt, abstract_state, base_model, iterator, progress):
             f"{meta.get('base_model')}, but this run's base model is {base_model}")
     iterator.restore(meta["data"])
     progress.message(f"resumed from step {latest} ({ckpt.directory}/{latest})")
-    return state
+    return state, meta
 
 
 # ============================================================================ 2. loop
@@ -139,7 +143,26 @@ def _run(config, workdir, devices, stop):
 
 def _loop(config, parts: Parts, state, ckpt, writer, progress, stop):
     num_steps = config.train.num_steps
-    meta = lambda: {"data": parts.iterator.state, "base_model": parts.policy.base_model}
+    if parts.restored_meta is not None:
+        rollout_lib.check_lag(parts.restored_meta, config.rl.max_staleness,
+                              int(jax.device_get(state["step"])))
+    # rl.max_staleness >= 1: the rollouts come from a producer thread at a fixed lag.
+    lagged = rollout_lib.Lagged(parts.rollout, parts.iterator, parts.learner, state,
+                                num_steps=num_steps, restored_meta=parts.restored_meta) \
+        if config.rl.max_staleness else None
+    try:
+        return _steps(config, parts, state, ckpt, writer, progress, stop, lagged)
+    finally:
+        if lagged is not None:
+            lagged.close()
+
+
+def _steps(config, parts: Parts, state, ckpt, writer, progress, stop, lagged):
+    num_steps = config.train.num_steps
+
+    def meta(step):
+        queue = {} if lagged is None else lagged.meta(step)  # its "data": the producer's snapshot
+        return {"data": parts.iterator.state, "base_model": parts.policy.base_model, **queue}
     view = lambda step, stopped_by=None: hooks.RunView(
         step=step, num_steps=num_steps, writer=writer, progress=progress, stopped_by=stopped_by,
         policy=lambda: nnx.merge(parts.policy.graphdef, state["params"], parts.policy.frozen))
@@ -154,11 +177,14 @@ def _loop(config, parts: Parts, state, ckpt, writer, progress, stop):
     while step < num_steps and not stopping:
         t0 = time.time()
         next_rng, sample_key = parts.learner.split_rng(state["rng"])
-        rollout = parts.rollout(state, next(parts.iterator), sample_key)
+        rollout = (parts.rollout(state, next(parts.iterator), sample_key) if lagged is None
+                   else lagged.get(state, step))
         t_learn = time.time()
         with jax.transfer_guard("disallow"):
             state, update_metrics = parts.learner.learn(state, rollout.batch, rollout.lengths_Bx2, step)
             state = parts.learner.finish_step(state, next_rng)
+        if lagged is not None:
+            lagged.publish(step + 1, state)
         step_metrics = metrics.step_metrics(rollout.host_metrics, rollout.device_metrics,
                                             update_metrics, state)
         step_metrics.update(parts.learner.packing_metrics())
@@ -170,7 +196,8 @@ def _loop(config, parts: Parts, state, ckpt, writer, progress, stop):
         history.append(dict(step=step, **step_metrics))
 
         stopping = sharding.any_process(stop.signal is not None)
-        if ckpt.save(step, state, meta(), force=stopping or step == num_steps):
+        force = stopping or step == num_steps
+        if (force or ckpt.due(step)) and ckpt.save(step, state, meta(step), force=force):
             progress.message(f"checkpoint {step} -> {ckpt.directory}/{step}")
         for hook in parts.hooks:
             hook.on_step_end(view(step))
@@ -182,7 +209,7 @@ def _loop(config, parts: Parts, state, ckpt, writer, progress, stop):
         # checkpoint of what was done.
         ckpt.wait()
         if ckpt.latest_step() != step:
-            ckpt.save(step, state, meta(), force=True)
+            ckpt.save(step, state, meta(step), force=True)
         progress.message(f"{stopped_by}: saved step {step} and stopped")
     ckpt.close()
     for hook in parts.hooks:

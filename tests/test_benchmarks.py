@@ -20,7 +20,8 @@ import chips  # noqa: E402
 import compile as compile_benchmark  # noqa: E402  (benchmarks/compile.py)
 import shapes  # noqa: E402
 
-STEPS = ["env", "attention", "sampler", "train_step", "long_tail", "lora_sampling", "rl_step"]
+STEPS = ["env", "attention", "sampler", "train_step", "long_tail", "lora_sampling", "rl_step",
+         "async_rl"]
 
 
 @pytest.fixture(scope="module")

@@ -35,7 +35,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from cfpo_jax import batch, data, learner, lora, models, packing, sampling, sharding
+from cfpo_jax import batch, data, learner, lora, models, packing, sampling, sharding, weight_sync
 from cfpo_jax import state as state_lib
 from cfpo_jax.models import decoding
 from cfpo_jax.models.attention import resolve_decode
@@ -208,3 +208,17 @@ def _lowered_outputs(jitted, *args):
         lowered = jitted.lower(*args)
         shardings = lowered.compile().output_shardings
     return jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s), lowered.out_info, shardings)
+
+
+def weight_sync_program(config, model_config, learner_mesh, rollout_mesh):
+    """(Program, union mesh): the learner → rollout move of the policy's trained parameters
+    across processes (`weight_sync.send_program`, a ppermute over the union of the two meshes),
+    on the learner's shardings of `config`'s policy."""
+    _, params, _ = abstract_policy(config, model_config, learner_mesh)
+    union, _ = weight_sync.union_meshes(learner_mesh, rollout_mesh)
+    args = tuple(jax.ShapeDtypeStruct((2 * x.shape[0], *x.shape[1:]), x.dtype,
+                                      sharding=weight_sync.union_sharding(union, x.sharding.spec, x.ndim))
+                 for x in jax.tree.leaves(params))
+    program = weight_sync.send_program(union, [a.sharding.spec for a in args])
+    return Program(program, args, 0.0, 0), union
+
