@@ -219,6 +219,40 @@ def base_config() -> ml_collections.ConfigDict:
     c.env.tool_timeout_s = 10.0  # per tool call; the answer is then a time-out error
     c.env.max_observation_chars = 2000  # a tool result is cut to this many characters
     c.env.num_threads = 8  # tool calls and environment steps run in this many threads
+
+    # The RLVR recipe set (issue 34: DAPO, entropy control) and off-policy corrections (issue 32,
+    # point 3). Every default keeps the plain loop; checked by cfpo_jax.rlvr_config.errors.
+    # Entropy control ("The Entropy Mechanism of RL for Reasoning LMs"; cfpo_jax.losses): "none" |
+    # "clip_cov" (stop the gradient of clip_cov_ratio of the tokens, drawn among those with
+    # clip_cov_lb < cov(logp, A) < clip_cov_ub) | "kl_cov" (kl_cov_coef·|logp − old_logp| on the
+    # kl_cov_ratio of the tokens of largest covariance). The paper's values as defaults.
+    c.rl.entropy_control = "none"
+    c.rl.clip_cov_ratio = 2e-4
+    c.rl.clip_cov_lb = 1.0
+    c.rl.clip_cov_ub = 5.0
+    c.rl.kl_cov_ratio = 2e-3
+    c.rl.kl_cov_coef = 1.0
+    # The ratio's reference: "recomputed" (old logprobs from the learner at the start of the step,
+    # AReaL's proximal policy) | "behaviour" (the sampler's own logprobs; no old-logprob pass).
+    c.rl.ratio_reference = "recomputed"
+    # Sampler/learner mismatch: "none" | "tis" (each token's objective × min(π_old/π_sampler, C))
+    # | "mask" (tokens whose weight leaves [1/C, C] contribute 0); C = rollout_correction_cap.
+    c.rl.rollout_correction = "none"
+    c.rl.rollout_correction_cap = 2.0
+    # DAPO's overlong filter: responses truncated at sampling.max_new_tokens leave the loss (their
+    # rewards still count in their group's advantages).
+    c.rl.overlong_filter = False
+    # DAPO's dynamic sampling (cfpo_jax.dynamic_sampling): groups whose rewards are all equal are
+    # dropped and more rounds of data.batch_size prompts are sampled until data.batch_size
+    # informative groups, at most dynamic_sampling_max_rounds rounds (then the batch is filled up
+    # with uninformative groups, and the metrics say so).
+    c.rl.dynamic_sampling = False
+    c.rl.dynamic_sampling_max_rounds = 3
+    # DAPO's soft overlong punishment (cfpo_jax.rewards.overlong): −overlong_penalty ×
+    # (length − (max_new_tokens − overlong_buffer)) / overlong_buffer added to the reward over the
+    # last overlong_buffer tokens of the budget; 0 turns it off.
+    c.rewards.overlong_buffer = 0
+    c.rewards.overlong_penalty = 1.0
     return c
 
 
