@@ -18,7 +18,7 @@ the iterator's position after the step (what the checkpoint saves) covers every 
 `GroupFilter` does the bookkeeping on host rewards and takes the kept rows out of each round's
 payload (any pytree of numpy or jax arrays with rows first, group by group: the samples, the
 prompt lengths, ...) at once, so only kept rows stay alive between rounds. The payloads of
-different rounds must have equal trailing shapes (pad prompt columns to a common width first).
+different rounds are joined after `result`'s `align` (e.g. prompt columns padded to one width).
 
 Metrics: `dynamic_sampling_rounds`, `dynamic_sampling_kept_frac` (informative groups kept over
 groups sampled), `dynamic_sampling_prompts` (prompts consumed), `dynamic_sampling_filled_groups`
@@ -107,9 +107,11 @@ class GroupFilter:
     def filled_groups(self) -> int:
         return max(self.batch_size - self._kept_groups, 0)
 
-    def result(self):
+    def result(self, align=None):
         """(payload, reward [batch_size × group_size]): the kept groups in arrival order, then
-        as many uninformative ones as the batch lacks."""
+        as many uninformative ones as the batch lacks. `align` (list of payloads → list of
+        payloads) makes the rounds' trailing shapes equal before they are joined, e.g. left-pads
+        each round's prompt columns to the widest round's."""
         if not self.done:
             raise RuntimeError(f"GroupFilter.result before it is done ({self._kept_groups} of "
                                f"{self.batch_size} groups after {self.rounds} rounds)")
@@ -122,6 +124,7 @@ class GroupFilter:
             parts.append((_take_rows(payload, take), reward[take]))
             fill -= take.size
         payloads, rewards = zip(*parts)
+        payloads = list(payloads) if align is None else align(list(payloads))
         return _concat(payloads), np.concatenate(rewards)
 
     def metrics(self) -> dict[str, float]:

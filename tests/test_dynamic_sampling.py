@@ -58,6 +58,20 @@ def test_out_of_rounds_it_fills_with_the_first_uninformative_groups():
                                dynamic_sampling_prompts=6, dynamic_sampling_filled_groups=2)
 
 
+def test_align_joins_rounds_of_different_widths():
+    f = GroupFilter(batch_size=2, group_size=G, max_rounds=3)
+    f.add(dict(prompt=np.full((4, 2), 7)), [0, 1, 1, 1])  # group 0 kept, width 2
+    f.add(dict(prompt=np.full((4, 4), 9)), [1, 1, 3, 2])  # group 1 kept, width 4
+
+    def left_pad(payloads):
+        width = max(p["prompt"].shape[1] for p in payloads)
+        return [dict(prompt=np.pad(p["prompt"], ((0, 0), (width - p["prompt"].shape[1], 0))))
+                for p in payloads]
+
+    payload, _ = f.result(align=left_pad)
+    np.testing.assert_array_equal(payload["prompt"], [[0, 0, 7, 7]] * 2 + [[9, 9, 9, 9]] * 2)
+
+
 def test_misuse_is_named():
     with pytest.raises(ValueError, match="max_rounds must be >= 1; got 8, 2, 0"):
         GroupFilter(8, 2, 0)
