@@ -221,7 +221,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.env.num_threads = 8  # tool calls and environment steps run in this many threads
 
     # The RLVR recipe set (issue 34: DAPO, entropy control) and off-policy corrections (issue 32,
-    # point 3). Every default keeps the plain loop; checked by cfpo_jax.rlvr_config.errors.
+    # point 3). Every default keeps the plain loop; checked by `_rlvr_errors`.
     # Entropy control ("The Entropy Mechanism of RL for Reasoning LMs"; cfpo_jax.losses): "none" |
     # "clip_cov" (stop the gradient of clip_cov_ratio of the tokens, drawn among those with
     # clip_cov_lb < cov(logp, A) < clip_cov_ub) | "kl_cov" (kl_cov_coef·|logp − old_logp| on the
@@ -275,6 +275,9 @@ _CHOICES = {
     "rl.agg": tuple(losses.REGISTRY["agg"]),
     "rl.kl_estimator": tuple(losses.REGISTRY["kl"]),
     "rl.estimator": tuple(advantages.ESTIMATORS),
+    "rl.entropy_control": tuple(losses.REGISTRY["entropy_control"]),
+    "rl.ratio_reference": tuple(losses.REGISTRY["ratio_reference"]),
+    "rl.rollout_correction": tuple(losses.REGISTRY["rollout_correction"]),
     "optim.schedule": tuple(state.SCHEDULES),
     "sampling.attention": DECODE_IMPLEMENTATIONS,
     "lora.base_dtype": (None, *TRAINING_DTYPES),
@@ -407,6 +410,12 @@ def _rewards_errors(config) -> list[str]:
             rewards.registry.implementation(fn)  # imports "package.module:function" now, not mid-run
         except ValueError as e:
             errors.append(f"rewards.fns: {e}")
+    budget = config.sampling.max_new_tokens
+    if not 0 <= cfg.overlong_buffer <= budget:
+        errors.append(f"rewards.overlong_buffer must be in [0, sampling.max_new_tokens={budget}]; "
+                      f"got {cfg.overlong_buffer}")
+    if cfg.overlong_penalty < 0:
+        errors.append(f"rewards.overlong_penalty must be >= 0; got {cfg.overlong_penalty}")
     return errors
 
 
@@ -437,6 +446,34 @@ def _rl_errors(config) -> list[str]:
     if rl.micro_batch_size and minibatch % rl.micro_batch_size:
         errors.append(f"rl.micro_batch_size={rl.micro_batch_size} must divide the minibatch of "
                       f"{minibatch}")
+    return errors + _rlvr_errors(rl)
+
+
+def _rlvr_errors(rl) -> list[str]:
+    """The RLVR recipe's fields (entropy control, off-policy corrections, dynamic sampling)."""
+    errors = []
+    for key in ("clip_cov_ratio", "kl_cov_ratio"):
+        if not 0 < rl[key] <= 1:
+            errors.append(f"rl.{key} is a fraction of the tokens, in (0, 1]; got {rl[key]}")
+    if rl.clip_cov_lb >= rl.clip_cov_ub:
+        errors.append(f"rl.clip_cov_lb={rl.clip_cov_lb} must be below rl.clip_cov_ub="
+                      f"{rl.clip_cov_ub}")
+    if rl.kl_cov_coef < 0:
+        errors.append(f"rl.kl_cov_coef must be >= 0; got {rl.kl_cov_coef}")
+    per_token = [f"rl.{key}={rl[key]!r}" for key in ("entropy_control", "rollout_correction")
+                 if rl[key] != "none"]
+    if per_token and rl.level != "token":
+        errors.append(f"{' and '.join(per_token)} act per token; they need rl.level='token' "
+                      f"(got {rl.level!r})")
+    if rl.rollout_correction != "none" and rl.ratio_reference != "recomputed":
+        errors.append(f"rl.rollout_correction={rl.rollout_correction!r} weighs π_old/π_sampler; "
+                      "it needs rl.ratio_reference='recomputed'")
+    if rl.rollout_correction_cap <= 1:
+        errors.append(f"rl.rollout_correction_cap must be > 1; got {rl.rollout_correction_cap}")
+    errors += _at_least(rl, ("dynamic_sampling_max_rounds",), 1, "rl")
+    if rl.dynamic_sampling and rl.group_size < 2:
+        errors.append("rl.dynamic_sampling keeps groups whose rewards differ; it needs "
+                      f"rl.group_size >= 2 (got {rl.group_size})")
     return errors
 
 

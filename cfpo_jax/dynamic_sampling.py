@@ -15,6 +15,9 @@ Determinism (what makes a resumed run equal an uninterrupted one): round r sampl
 is the step without dynamic sampling — and each round takes the data iterator's next batch, so
 the iterator's position after the step (what the checkpoint saves) covers every prompt consumed.
 
+The rewards it filters on are the caller's choice; the trainer (`cfpo_jax.rollout`) gives it the
+reward functions' total, before DAPO's overlong penalty (DAPO filters on accuracy).
+
 `GroupFilter` does the bookkeeping on host rewards and takes the kept rows out of each round's
 payload (any pytree of numpy or jax arrays with rows first, group by group: the samples, the
 prompt lengths, ...) at once, so only kept rows stay alive between rounds. The payloads of
