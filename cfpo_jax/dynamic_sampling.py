@@ -24,7 +24,9 @@ prompt lengths, ...) at once, so only kept rows stay alive between rounds. The p
 different rounds are joined after `result`'s `align` (e.g. prompt columns padded to one width).
 
 Metrics: `dynamic_sampling_rounds`, `dynamic_sampling_kept_frac` (informative groups kept over
-groups sampled), `dynamic_sampling_prompts` (prompts consumed), `dynamic_sampling_filled_groups`
+groups sampled; the last round's surplus is sampled but not kept),
+`dynamic_sampling_informative_frac` (informative groups over groups sampled: the share of the
+sampling that had a learning signal), `dynamic_sampling_prompts` (prompts consumed), `dynamic_sampling_filled_groups`
 (uninformative groups trained on because the rounds ran out; 0 when the batch is full).
 """
 
@@ -135,6 +137,7 @@ class GroupFilter:
             dynamic_sampling_rounds=self.rounds,
             dynamic_sampling_kept_frac=min(self._kept_groups, self.batch_size)
             / max(self.groups_seen, 1),
+            dynamic_sampling_informative_frac=self.informative_seen / max(self.groups_seen, 1),
             dynamic_sampling_prompts=self.groups_seen,
             dynamic_sampling_filled_groups=self.filled_groups,
         )

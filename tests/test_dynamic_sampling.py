@@ -37,6 +37,7 @@ def test_keeps_informative_groups_in_arrival_order_and_drops_the_surplus():
     assert isinstance(payload["tokens"], jax.Array)
     np.testing.assert_array_equal(reward, [0, 1, 0, 1, 1, 0])
     assert f.metrics() == dict(dynamic_sampling_rounds=2, dynamic_sampling_kept_frac=3 / 6,
+                               dynamic_sampling_informative_frac=3 / 6,
                                dynamic_sampling_prompts=6, dynamic_sampling_filled_groups=0)
 
     f = GroupFilter(batch_size=2, group_size=G, max_rounds=5)
@@ -44,6 +45,7 @@ def test_keeps_informative_groups_in_arrival_order_and_drops_the_surplus():
     payload, _ = f.result()
     np.testing.assert_array_equal(payload["row"], [0, 1, 2, 3])
     assert f.metrics()["dynamic_sampling_kept_frac"] == pytest.approx(2 / 3)
+    assert f.metrics()["dynamic_sampling_informative_frac"] == 1.0
 
 
 def test_out_of_rounds_it_fills_with_the_first_uninformative_groups():
@@ -55,6 +57,7 @@ def test_out_of_rounds_it_fills_with_the_first_uninformative_groups():
     np.testing.assert_array_equal(payload["row"], [8, 9, 0, 1, 2, 3])
     np.testing.assert_array_equal(reward, [0, 1, 1, 1, 0, 0])
     assert f.metrics() == dict(dynamic_sampling_rounds=2, dynamic_sampling_kept_frac=1 / 6,
+                               dynamic_sampling_informative_frac=1 / 6,
                                dynamic_sampling_prompts=6, dynamic_sampling_filled_groups=2)
 
 
