@@ -233,7 +233,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.rl.kl_cov_ratio = 2e-3
     c.rl.kl_cov_coef = 1.0
     # The ratio's reference: "recomputed" (old logprobs from the learner at the start of the step,
-    # AReaL's proximal policy) | "behaviour" (the sampler's own logprobs; no old-logprob pass).
+    # AReaL's proximal policy) | "behaviour" (the sampler's own logprobs; off policy the learner
+    # still recomputes old logprobs, for the entropy and sampler-gap metrics).
     c.rl.ratio_reference = "recomputed"
     # Sampler/learner mismatch: "none" | "tis" (each token's objective × min(π_old/π_sampler, C))
     # | "mask" (tokens whose weight leaves [1/C, C] contribute 0); C = rollout_correction_cap.

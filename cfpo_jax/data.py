@@ -23,9 +23,9 @@ and answer come from: `gsm8k` (question; the number after `####` of answer, comm
 `test` and `entry_point`), `mbpp` (MBPP-style code tasks: question = prompt or text, followed
 by the tests; `tests` = the asserts, from tests or test_list, after test_imports /
 test_setup_code; no answer), `dapo_math` (DAPO-Math-17k: the problem of the user turn of prompt
-without DAPO's "Answer:" instruction; reward_model.ground_truth); no preset: the row already has `question` and `answer`. A row
-without a needed field is an error naming the field, the row index and the source — raised
-when the row is read, so a large source is not scanned up front.
+without DAPO's "Answer:" instruction; reward_model.ground_truth); no preset: the row already has
+`question` and `answer`. A row without a needed field is an error naming the field, the row
+index and the source — raised when the row is read, so a large source is not scanned up front.
 
 The iterator shuffles each epoch with its own permutation of (seed, epoch) and runs across epoch
 boundaries. Its state is three integers (epoch, position, seed): restoring it continues with

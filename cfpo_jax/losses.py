@@ -237,8 +237,7 @@ def drop_truncated(mask_BxT, eos_B):
 def rollout_weights(old_logp_BxT, behaviour_logp_BxT, mask_BxT, *, correction: str, cap: float):
     """(w [B, T], the factor on each token's objective [B, T], corrected bool [B, T]) with
     w = π_old/π_sampler (no gradient): `tis` factor min(w, C), corrected where w > C; `mask`
-    factor 1 on 1/C ≤ w ≤ C else 0, corrected outside; `none` factor 1."""
-    lookup("rollout_correction", correction)
+    factor 1 on 1/C ≤ w ≤ C else 0, corrected outside."""
     log_w = jnp.clip(old_logp_BxT - behaviour_logp_BxT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     w_BxT = jax.lax.stop_gradient(jnp.where(mask_BxT > 0, jnp.exp(log_w), 1.0))
     if correction == "tis":
@@ -248,8 +247,7 @@ def rollout_weights(old_logp_BxT, behaviour_logp_BxT, mask_BxT, *, correction: s
         corrected = (w_BxT > cap) | (w_BxT < 1.0 / cap)
         factor = jnp.where(corrected, 0.0, 1.0)
     else:
-        corrected = jnp.zeros(w_BxT.shape, bool)
-        factor = jnp.ones_like(w_BxT)
+        raise ValueError(f"rollout correction {correction!r}: weights exist for 'tis' and 'mask'")
     return w_BxT, factor, corrected & (mask_BxT > 0)
 
 
