@@ -20,7 +20,10 @@ iterator) until `data.batch_size` groups whose rewards differ (`cfpo_jax.dynamic
 groups, the metrics, the fill when the rounds run out); informative means the reward functions'
 total differs within the group — the penalty is not counted, as DAPO filters on accuracy. The
 kept rows of the rounds are joined on device and prepared once, so the learner sees one batch of
-the usual shape; the host metrics (`zero_std_groups` included) are those of the trained rows.
+the usual shape. The host metrics (`zero_std_groups` included) are those of the trained rows,
+except the reward metrics (`reward_mean`, ...), which are over every row sampled — the policy's
+reward, comparable with a run without dynamic sampling — with the trained rows' mean as
+`dynamic_sampling_trained_reward_mean`.
 
 One RL step's tensors stay on device: the host fetches the completion tokens (for the reward
 text) and nothing else; the rewards go up once, in `learner.Learner.prepare`. The sampler gets a
@@ -123,12 +126,13 @@ class Rollout:
                              "more_prompts (e.g. the data iterator's next)")
         groups = dynamic_sampling.GroupFilter(len(prompts.prompts), rl.group_size,
                                               rl.dynamic_sampling_max_rounds)
-        rounds = []
+        rounds, sampled = [], []
         while not groups.done:
             batch = prompts if groups.rounds == 0 else more_prompts()
             rows, meta = self._sample_and_score(
                 state, batch, dynamic_sampling.round_key(sample_key, groups.rounds))
             rounds.append(meta)
+            sampled.append((rows["reward_B"], rows["per_fn"]))
             # Which groups are informative is read off the reward functions' total, before the
             # overlong penalty (DAPO filters on accuracy).
             groups.add(rows, rows["reward_B"])
@@ -138,7 +142,17 @@ class Rollout:
             times={k: sum(m["times"][k] for m in rounds) for k in rounds[0]["times"]},
             generator_metrics={k: float(np.mean([m["generator_metrics"][k] for m in rounds]))
                                for k in rounds[0]["generator_metrics"]})
-        return self._result(state, rows, meta, groups.metrics())
+        # The reward metrics are the policy's, over every row sampled (comparable with a run
+        # without dynamic sampling: the kept groups' mean is near 0.5 by construction); the
+        # trained rows' mean is logged apart.
+        every = rewards.Scores(np.concatenate([r for r, _ in sampled]),
+                               {k: np.concatenate([f[k] for _, f in sampled]) for k in sampled[0][1]},
+                               meta["failures"])
+        extra = dict(groups.metrics(), dynamic_sampling_trained_reward_mean=float(
+            np.mean(rows["reward_B"])))
+        result = self._result(state, rows, meta, extra)
+        result.host_metrics.update(every.metrics("reward"))
+        return result
 
     def _sample_and_score(self, state, prompts: data.Batch, sample_key) -> tuple[dict, dict]:
         """(rows, meta) of one round: rows are the device samples and, per row on the host, the

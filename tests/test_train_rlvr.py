@@ -26,6 +26,9 @@ def test_dynamic_sampling_trains_informative_groups_and_resumes_exactly(tmp_path
     assert max(m["dynamic_sampling_rounds"] for m in steps) > 1  # the case is not trivial
     for m in steps:
         assert m["dynamic_sampling_prompts"] == 4 * m["dynamic_sampling_rounds"]
+        # a binary reward: the trained groups, all informative, average strictly inside (0, 1)
+        if m["dynamic_sampling_filled_groups"] == 0:
+            assert 0 < m["dynamic_sampling_trained_reward_mean"] < 1
         if m["dynamic_sampling_filled_groups"] == 0:
             assert m["zero_std_groups"] == 0
         else:  # the rounds ran out: the batch is filled up with uninformative groups
