@@ -124,6 +124,11 @@ class Rollout:
         if more_prompts is None:
             raise ValueError("rl.dynamic_sampling samples more rounds of prompts: pass "
                              "more_prompts (e.g. the data iterator's next)")
+        return self._dynamically_sampled(state, prompts, sample_key, more_prompts)
+
+    def _dynamically_sampled(self, state, prompts: data.Batch, sample_key, more_prompts) -> Result:
+        """Rounds of sampling until `data.batch_size` informative groups (see the module doc)."""
+        rl = self.config.rl
         groups = dynamic_sampling.GroupFilter(len(prompts.prompts), rl.group_size,
                                               rl.dynamic_sampling_max_rounds)
         rounds, sampled = [], []
@@ -143,8 +148,8 @@ class Rollout:
             generator_metrics={k: float(np.mean([m["generator_metrics"][k] for m in rounds]))
                                for k in rounds[0]["generator_metrics"]})
         # The reward metrics are the policy's, over every row sampled (comparable with a run
-        # without dynamic sampling: the kept groups' mean is near 0.5 by construction); the
-        # trained rows' mean is logged apart.
+        # without dynamic sampling; the kept groups' mean leaves out the all-right and all-wrong
+        # groups by construction); the trained rows' mean is logged apart.
         every = rewards.Scores(np.concatenate([r for r, _ in sampled]),
                                {k: np.concatenate([f[k] for _, f in sampled]) for k in sampled[0][1]},
                                meta["failures"])
