@@ -26,8 +26,9 @@ different rounds are joined after `result`'s `align` (e.g. prompt columns padded
 Metrics: `dynamic_sampling_rounds`, `dynamic_sampling_kept_frac` (informative groups kept over
 groups sampled; the last round's surplus is sampled but not kept),
 `dynamic_sampling_informative_frac` (informative groups over groups sampled: the share of the
-sampling that had a learning signal), `dynamic_sampling_prompts` (prompts consumed), `dynamic_sampling_filled_groups`
-(uninformative groups trained on because the rounds ran out; 0 when the batch is full).
+sampling that had a learning signal), `dynamic_sampling_prompts` (prompts consumed),
+`dynamic_sampling_filled_groups` (uninformative groups trained on because the rounds ran out; 0
+when the batch is full).
 """
 
 from __future__ import annotations
