@@ -11,7 +11,9 @@ packed=...)`), never read off which fields a batch happens to carry:
 
 The optional per-token arrays follow the config, not the data: `old_logp` off policy (the
 recomputed logprobs of the policy that sampled), `sampler_logp` on policy (the sampler's own,
-for the sampler-gap metric; the old logprobs are then the current ones, gradient stopped), and
+for the sampler-gap metric; the old logprobs are then the current ones, gradient stopped) and
+whenever the loss reads them (`uses_sampler_logp`: the behaviour ratio reference or a rollout
+correction), and
 `ref_logp` when the KL to the reference is a loss term (`fields`). Absent arrays are None.
 """
 
@@ -64,10 +66,16 @@ def is_on_policy(rl) -> bool:
     return rl.num_epochs == 1 and rl.num_minibatches == 1
 
 
+def uses_sampler_logp(rl) -> bool:
+    """Whether the loss reads the sampler's logprobs: as the ratio's reference
+    (`rl.ratio_reference="behaviour"`) or in the rollout correction π_old/π_sampler."""
+    return rl.ratio_reference == "behaviour" or rl.rollout_correction != "none"
+
+
 def fields(rl) -> dict[str, bool]:
     """Which optional arrays a batch of the `rl` config carries."""
     on_policy = is_on_policy(rl)
-    return dict(old_logp=not on_policy, sampler_logp=on_policy,
+    return dict(old_logp=not on_policy, sampler_logp=on_policy or uses_sampler_logp(rl),
                 ref_logp=rl.beta > 0 and not rl.kl_in_reward)
 
 

@@ -234,6 +234,41 @@ def base_config() -> ml_collections.ConfigDict:
     c.env.tool_timeout_s = 10.0  # per tool call; the answer is then a time-out error
     c.env.max_observation_chars = 2000  # a tool result is cut to this many characters
     c.env.num_threads = 8  # tool calls and environment steps run in this many threads
+
+    # The RLVR recipe set (issue 34: DAPO, entropy control) and off-policy corrections (issue 32,
+    # point 3). Every default keeps the plain loop; checked by `_rlvr_errors`.
+    # Entropy control ("The Entropy Mechanism of RL for Reasoning LMs"; cfpo_jax.losses): "none" |
+    # "clip_cov" (stop the gradient of clip_cov_ratio of the tokens, drawn among those with
+    # clip_cov_lb < cov(logp, A) < clip_cov_ub) | "kl_cov" (kl_cov_coef·|logp − old_logp| on the
+    # kl_cov_ratio of the tokens of largest covariance). The paper's values as defaults.
+    c.rl.entropy_control = "none"
+    c.rl.clip_cov_ratio = 2e-4
+    c.rl.clip_cov_lb = 1.0
+    c.rl.clip_cov_ub = 5.0
+    c.rl.kl_cov_ratio = 2e-3
+    c.rl.kl_cov_coef = 1.0
+    # The ratio's reference: "recomputed" (old logprobs from the learner at the start of the step,
+    # AReaL's proximal policy) | "behaviour" (the sampler's own logprobs; off policy the learner
+    # still recomputes old logprobs, for the entropy and sampler-gap metrics).
+    c.rl.ratio_reference = "recomputed"
+    # Sampler/learner mismatch: "none" | "tis" (each token's objective × min(π_old/π_sampler, C))
+    # | "mask" (tokens whose weight leaves [1/C, C] contribute 0); C = rollout_correction_cap.
+    c.rl.rollout_correction = "none"
+    c.rl.rollout_correction_cap = 2.0
+    # DAPO's overlong filter: responses truncated at sampling.max_new_tokens leave the loss (their
+    # rewards still count in their group's advantages).
+    c.rl.overlong_filter = False
+    # DAPO's dynamic sampling (cfpo_jax.dynamic_sampling): groups whose rewards are all equal are
+    # dropped and more rounds of data.batch_size prompts are sampled until data.batch_size
+    # informative groups, at most dynamic_sampling_max_rounds rounds (then the batch is filled up
+    # with uninformative groups, and the metrics say so).
+    c.rl.dynamic_sampling = False
+    c.rl.dynamic_sampling_max_rounds = 3
+    # DAPO's soft overlong punishment (cfpo_jax.rewards.overlong): −overlong_penalty ×
+    # (length − (max_new_tokens − overlong_buffer)) / overlong_buffer added to the reward over the
+    # last overlong_buffer tokens of the budget; 0 turns it off.
+    c.rewards.overlong_buffer = 0
+    c.rewards.overlong_penalty = 1.0
     return c
 
 
@@ -256,6 +291,9 @@ _CHOICES = {
     "rl.agg": tuple(losses.REGISTRY["agg"]),
     "rl.kl_estimator": tuple(losses.REGISTRY["kl"]),
     "rl.estimator": tuple(advantages.ESTIMATORS),
+    "rl.entropy_control": tuple(losses.REGISTRY["entropy_control"]),
+    "rl.ratio_reference": tuple(losses.REGISTRY["ratio_reference"]),
+    "rl.rollout_correction": tuple(losses.REGISTRY["rollout_correction"]),
     "optim.schedule": tuple(state.SCHEDULES),
     "sampling.attention": DECODE_IMPLEMENTATIONS,
     "lora.base_dtype": (None, *TRAINING_DTYPES),
@@ -391,6 +429,12 @@ def _rewards_errors(config) -> list[str]:
             rewards.registry.implementation(fn)  # imports "package.module:function" now, not mid-run
         except ValueError as e:
             errors.append(f"rewards.fns: {e}")
+    budget = config.sampling.max_new_tokens
+    if not 0 <= cfg.overlong_buffer <= budget:
+        errors.append(f"rewards.overlong_buffer must be in [0, sampling.max_new_tokens={budget}]; "
+                      f"got {cfg.overlong_buffer}")
+    if cfg.overlong_penalty < 0:
+        errors.append(f"rewards.overlong_penalty must be >= 0; got {cfg.overlong_penalty}")
     return errors
 
 
@@ -427,6 +471,34 @@ def _rl_errors(config) -> list[str]:
     elif rl.max_staleness and config.mesh.distributed:
         errors.append(f"rl.max_staleness={rl.max_staleness} runs on one process only for now "
                       f"(mesh.distributed=True)")
+    return errors + _rlvr_errors(rl)
+
+
+def _rlvr_errors(rl) -> list[str]:
+    """The RLVR recipe's fields (entropy control, off-policy corrections, dynamic sampling)."""
+    errors = []
+    for key in ("clip_cov_ratio", "kl_cov_ratio"):
+        if not 0 < rl[key] <= 1:
+            errors.append(f"rl.{key} is a fraction of the tokens, in (0, 1]; got {rl[key]}")
+    if rl.clip_cov_lb >= rl.clip_cov_ub:
+        errors.append(f"rl.clip_cov_lb={rl.clip_cov_lb} must be below rl.clip_cov_ub="
+                      f"{rl.clip_cov_ub}")
+    if rl.kl_cov_coef < 0:
+        errors.append(f"rl.kl_cov_coef must be >= 0; got {rl.kl_cov_coef}")
+    per_token = [f"rl.{key}={rl[key]!r}" for key in ("entropy_control", "rollout_correction")
+                 if rl[key] != "none"]
+    if per_token and rl.level != "token":
+        errors.append(f"{' and '.join(per_token)} act per token; they need rl.level='token' "
+                      f"(got {rl.level!r})")
+    if rl.rollout_correction != "none" and rl.ratio_reference != "recomputed":
+        errors.append(f"rl.rollout_correction={rl.rollout_correction!r} weighs π_old/π_sampler; "
+                      "it needs rl.ratio_reference='recomputed'")
+    if rl.rollout_correction_cap <= 1:
+        errors.append(f"rl.rollout_correction_cap must be > 1; got {rl.rollout_correction_cap}")
+    errors += _at_least(rl, ("dynamic_sampling_max_rounds",), 1, "rl")
+    if rl.dynamic_sampling and rl.group_size < 2:
+        errors.append("rl.dynamic_sampling keeps groups whose rewards differ; it needs "
+                      f"rl.group_size >= 2 (got {rl.group_size})")
     return errors
 
 

@@ -22,9 +22,10 @@ and answer come from: `gsm8k` (question; the number after `####` of answer, comm
 (question = prompt, the signature and docstring; no answer: the `code` reward runs the row's
 `test` and `entry_point`), `mbpp` (MBPP-style code tasks: question = prompt or text, followed
 by the tests; `tests` = the asserts, from tests or test_list, after test_imports /
-test_setup_code; no answer); no preset: the row already has `question` and `answer`. A row
-without a needed field is an error naming the field, the row index and the source — raised
-when the row is read, so a large source is not scanned up front.
+test_setup_code; no answer), `dapo_math` (DAPO-Math-17k: the problem of the user turn of prompt
+without DAPO's "Answer:" instruction; reward_model.ground_truth); no preset: the row already has
+`question` and `answer`. A row without a needed field is an error naming the field, the row
+index and the source — raised when the row is read, so a large source is not scanned up front.
 
 The iterator shuffles each epoch with its own permutation of (seed, epoch) and runs across epoch
 boundaries. Its state is three integers (epoch, position, seed): restoring it continues with
@@ -118,6 +119,28 @@ def _mbpp(row, index, source):
             "answer": "", "tests": setup + tests}
 
 
+# DAPO-Math-17k's prompt wraps each problem in an instruction to end with "Answer: ..."; the
+# preset keeps the problem alone, so that the config's template asks for the form its reward reads.
+_DAPO_HEAD = ("Solve the following math problem step by step. The last line of your response "
+              "should be of the form Answer: $Answer (without quotes) where $Answer is the "
+              "answer to the problem.\n\n")
+_DAPO_TAIL = '\n\nRemember to put your answer on its own line after "Answer:".'
+
+
+def _dapo_math(row, index, source):
+    """DAPO-Math-17k (verl's RL format): the problem from the user turn of `prompt` without
+    DAPO's answer-format instruction; the answer from reward_model.ground_truth."""
+    turns = _field(row, "prompt", index, source, "dapo_math")
+    users = [t["content"] for t in turns if t.get("role") == "user"]
+    if not users:
+        raise ValueError(f"{source} row {index}: field 'prompt' has no user turn")
+    question = users[-1].removeprefix(_DAPO_HEAD).removesuffix(_DAPO_TAIL).strip()
+    truth = _field(row, "reward_model", index, source, "dapo_math")
+    if "ground_truth" not in truth:
+        raise ValueError(f"{source} row {index}: field 'reward_model' has no 'ground_truth'")
+    return {**row, "question": question, "answer": str(truth["ground_truth"])}
+
+
 def _plain(row, index, source):
     return {**row, "question": str(_field(row, "question", index, source, None)),
             "answer": str(_field(row, "answer", index, source, None))}
@@ -125,7 +148,8 @@ def _plain(row, index, source):
 
 PRESETS: dict[str | None, Callable[[dict, int, str], dict]] = {
     None: _plain, "gsm8k": _gsm8k, "math": _math, "math500": _math,
-    "prompt_collection": _prompt_collection, "humaneval": _humaneval, "mbpp": _mbpp}
+    "prompt_collection": _prompt_collection, "humaneval": _humaneval, "mbpp": _mbpp,
+    "dapo_math": _dapo_math}
 
 
 def preset_for(source: str) -> str | None:
@@ -136,6 +160,8 @@ def preset_for(source: str) -> str | None:
             return code_set
     if "gsm8k" in name:
         return "gsm8k"
+    if "dapo-math" in name:
+        return "dapo_math"
     if "math" in name and not name.startswith("synthetic:"):
         return "math"
     return None

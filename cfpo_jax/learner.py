@@ -27,6 +27,12 @@ Decisions written down here:
     minibatch from the rollout it holds. Losses and metrics run on the packed completion layout
     [R, N] with per-sequence sums by sequence id, so they equal the unpacked ones; the old and
     reference logprobs are unpacked back to [B, N] in the rollout.
+  * The RLVR options of the loss (`cfpo_jax.losses`): entropy control (Clip-Cov draws its
+    tokens with a key per micro-batch, `fold_in(state rng, updates)` split over the micro-batches,
+    so a resumed run draws the same), the ratio's reference and the rollout correction (both
+    read the sampler's logprobs, which the batch then carries: `batch.uses_sampler_logp`), and
+    DAPO's overlong filter (`rl.overlong_filter`: the rollout batch's loss mask drops truncated
+    rows after the advantages are computed, so they still count in their groups).
   * LoRA: `frozen` (the frozen base) is an argument of every jitted function (a closed-over array
     would be compiled in as a constant), never differentiated or donated. The reference policy for
     β > 0 is then the base, i.e. the policy with its adapters disabled (`lora.disabled`).
@@ -46,7 +52,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 from cfpo_jax import advantages, data, lora, losses, models, packing, sharding
-from cfpo_jax.batch import Batch, PackedBatch, is_on_policy
+from cfpo_jax.batch import Batch, PackedBatch, is_on_policy, uses_sampler_logp
 
 
 def micro_batches(tree, micro_size: int):
@@ -128,12 +134,20 @@ def make_update(graphdef, tx, schedule, rl: ml_collections.ConfigDict, *, temper
     lies within one row).
     """
     loss_kwargs = dict(objective=rl.objective, eps=rl.eps, eps_high=rl.eps_high,
-                       dual_clip=rl.dual_clip, level=rl.level, agg=rl.agg, max_len=max_len)
+                       dual_clip=rl.dual_clip, level=rl.level, agg=rl.agg, max_len=max_len,
+                       entropy_control=rl.entropy_control, clip_cov_ratio=rl.clip_cov_ratio,
+                       clip_cov_lb=rl.clip_cov_lb, clip_cov_ub=rl.clip_cov_ub,
+                       kl_cov_ratio=rl.kl_cov_ratio, kl_cov_coef=rl.kl_cov_coef,
+                       ratio_reference=rl.ratio_reference,
+                       rollout_correction=rl.rollout_correction,
+                       rollout_correction_cap=rl.rollout_correction_cap)
     kl_loss = rl.beta > 0 and not rl.kl_in_reward
     on_policy = is_on_policy(rl)
+    behaviour = uses_sampler_logp(rl)
+    draws = rl.entropy_control == "clip_cov"  # Clip-Cov picks its tokens at random
     layout = PackedBatch if packed else Batch
 
-    def micro_loss(params, frozen, mb, adv, denom):
+    def micro_loss(params, frozen, mb, adv, denom, key):
         model = nnx.merge(graphdef, params, frozen)
         if packed:
             logp_BxN, entropy_BxN = packed_completion_logprobs(model, mb, temperature)
@@ -144,8 +158,9 @@ def make_update(graphdef, tx, schedule, rl: ml_collections.ConfigDict, *, temper
                                                         mb.mask.shape[1], temperature)
             sequences, sequence_sums = {}, losses.row_sums
         old_logp_BxN = jax.lax.stop_gradient(logp_BxN) if on_policy else mb.old_logp
-        terms = losses.policy_loss_terms(logp_BxN, old_logp_BxN, adv, mb.mask,
-                                         **loss_kwargs, **sequences)
+        terms = losses.policy_loss_terms(
+            logp_BxN, old_logp_BxN, adv, mb.mask, **loss_kwargs, **sequences,
+            behaviour_logp=mb.sampler_logp if behaviour else None, rng=key if draws else None)
         if on_policy:
             terms.update(rollout_policy_terms(old_logp_BxN, jax.lax.stop_gradient(entropy_BxN),
                                               mb.sampler_logp, mb.mask))
@@ -172,14 +187,19 @@ def make_update(graphdef, tx, schedule, rl: ml_collections.ConfigDict, *, temper
         rows = dataclasses.replace(batch, adv=None) if packed else batch
         micro = micro_batches(rows, micro_batch_size or mask.shape[0])
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
+        # One key per micro-batch of this update (the step's rng is new each step, `updates`
+        # counts the updates): the same draws on a resumed run.
+        keys = (jax.random.split(jax.random.fold_in(state["rng"], state["updates"]),
+                                 jax.tree.leaves(micro)[0].shape[0]) if draws else None)
 
-        def body(grads_acc, mb):
+        def body(grads_acc, mb_key):
+            mb, key = mb_key
             adv = batch.adv if packed else mb.adv
-            (loss, terms), grads = grad_fn(params, frozen, mb, adv, denom)
+            (loss, terms), grads = grad_fn(params, frozen, mb, adv, denom, key)
             return jax.tree.map(jnp.add, grads_acc, grads), (loss, terms)
 
         zero_grads = jax.tree.map(jnp.zeros_like, params)
-        grads, (loss_M, terms_M) = jax.lax.scan(body, zero_grads, micro)
+        grads, (loss_M, terms_M) = jax.lax.scan(body, zero_grads, (micro, keys))
         terms = {k: v[0] for k, v in terms_M.items()}
         for j in range(1, loss_M.shape[0]):
             terms = losses.combine_terms(terms, {k: v[j] for k, v in terms_M.items()})
@@ -230,6 +250,7 @@ def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, batch_sh, ada
     `rl.pack`) the old and reference logprob passes run on the rollout packed by it and are
     unpacked back to [B, N]; None runs them unpacked."""
     on_policy = is_on_policy(rl)
+    keep_sampler_logp = on_policy or uses_sampler_logp(rl)
 
     def prepare(params, ref_params, frozen, samples, reward_B, plan: packing.Plan | None):
         width_p = data.bucket_width(samples.prompt_tokens.shape[1])
@@ -261,9 +282,9 @@ def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, batch_sh, ada
                                      num_new=samples.tokens.shape[1])
         optional = {}
         policy_logp_BxN = None
-        if on_policy:
+        if keep_sampler_logp:
             optional["sampler_logp"] = samples.logprobs
-        else:
+        if not on_policy:
             optional["old_logp"], entropy_BxN = logprobs(params, tokens_BxL, attn_BxL)
             policy_logp_BxN = optional["old_logp"]
             terms = rollout_policy_terms(policy_logp_BxN, entropy_BxN, samples.logprobs, mask_BxN)
@@ -284,6 +305,8 @@ def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, batch_sh, ada
             optional["ref_logp"] = ref_logp_BxN
         adv_B = advantages.compute(reward_B, rl.group_size, rl.estimator,
                                    lengths=jnp.sum(mask_BxN, axis=1))
+        if rl.overlong_filter:  # DAPO: truncated responses leave the loss, not their groups
+            mask_BxN = losses.drop_truncated(mask_BxN, samples.eos)
         return Batch(tokens=tokens_BxL, attn=attn_BxL, mask=mask_BxN, adv=adv_B, **optional), metrics
 
     return prepare

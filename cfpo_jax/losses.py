@@ -25,6 +25,39 @@ Conventions (shapes in names: B responses, T completion tokens, V vocabulary):
   each, with `sequence_ids` naming each token's response. Every per-response reduction (token
   counts, per-response sums, the sequence-level ratio) is then a `segment_sums` instead of a
   row sum, so each aggregation computes per response exactly what it does unpacked.
+* Entropy control (`entropy_control`, "The Entropy Mechanism of Reinforcement Learning for
+  Reasoning Language Models", Cui et al. 2025; as verl's `clip_cov` / `kl_cov` policy losses).
+  Per token, the centred product cov_t = (logp_t − mean logp)·(A_t − mean A) (means over the
+  tokens of the call, gradient stopped) estimates each token's share of the covariance that
+  drives the entropy down. `clip_cov`: among the tokens the clip does not already cut (PPO:
+  r beyond its clip boundary on A's side; CFPO: the same would-clip tokens, which its penalty
+  pulls back) with lb < cov_t < ub, max(1, ⌊clip_cov_ratio·n⌋) chosen uniformly at random (n =
+  the call's tokens; `rng` required) have their objective's gradient stopped — its value stays in
+  the loss, so the loss reads the same with or without it (verl multiplies the token's loss by 0;
+  the gradients agree). `kl_cov`: the max(1, ⌊kl_cov_ratio·n⌋) tokens of largest cov_t get
+  −kl_cov_coef·|logp − old_logp| added to their objective. Both compose with either objective as
+  written: the selection and the detach or penalty act on the per-token objective `objective`
+  gives, the clip or CFPO's quadratic penalty included. So CFPO + KL-Cov pulls the selected tokens
+  toward r = 1 twice — its own penalty restores r toward r* = 1 + ε·sign(A), the |log r| term
+  toward 1 — and CFPO + Clip-Cov freezes a few in-band tokens while every other token keeps its
+  smooth restoring gradient. (The paper and verl's `kl_cov` drop the clip and use −A·r; with
+  `objective="ppo"` here the clip stays; set eps/eps_high large to reproduce theirs.) On policy
+  (r = 1) both objectives have the same gradient and nothing is would-clip, so with the same `rng`
+  Clip-Cov and KL-Cov give CFPO and PPO the same update. The means, counts and random draw are
+  those of one call — per micro-batch under gradient accumulation, as verl's per micro-batch
+  loss — so unlike everything else here they are not exactly additive across micro-batches.
+  Token level only.
+* Off-policy corrections (issue 32). `behaviour_logp` are the sampler's logprobs of the sampled
+  tokens. `ratio_reference="recomputed"` (default): r = π/π_old with `old_logp` the learner's
+  recomputed logprobs at the start of the step (AReaL's "proximal" policy);
+  `"behaviour"`: r = π/π_sampler, `old_logp` unused. `rollout_correction` (with "recomputed"):
+  w_t = π_old/π_sampler per token (log-ratio clamped like r's, no gradient); `"tis"` multiplies
+  each token's objective by min(w_t, C) (truncated importance sampling), `"mask"` by 1 where
+  1/C ≤ w_t ≤ C and 0 elsewhere, C = `rollout_correction_cap`. The weight multiplies the whole
+  per-token objective (entropy-control terms included). Masked tokens stay in the aggregation's
+  denominator (they contribute 0, as OpenRLHF's icepop), so the KL term's shared denominator
+  and exact accumulation hold. Metrics over the tokens: `rollout_is_weight_mean`, `_max` (of the
+  untruncated w) and `rollout_corrected_frac` (truncated, w > C, or masked). Token level only.
 * Aggregations return a (sum, denominator) pair. Adding pairs over micro-batches or data shards and
   dividing once gives exactly the full-batch value (the denominators do not depend on parameters):
     - `token-mean`: Σ_it l / Σ_it m.
@@ -134,21 +167,94 @@ REGISTRY: dict[str, dict[str, Callable]] = {
     },
     "kl": {"k1": _k1, "k2": _k2, "k3": _k3},
     "level": {"token": None, "sequence": None},
+    "entropy_control": {"none": None, "clip_cov": None, "kl_cov": None},
+    "ratio_reference": {"recomputed": None, "behaviour": None},
+    "rollout_correction": {"none": None, "tis": None, "mask": None},
 }
 
 
 def lookup(kind: str, name: str) -> Callable:
-    """Returns the registered `kind` ('objective', 'agg', 'kl', 'level') called `name`."""
+    """Returns the registered `kind` (a key of REGISTRY: 'objective', 'agg', 'kl', 'level', ...)
+    called `name` (None for the kinds that only name a choice)."""
     table = REGISTRY[kind]
     if name not in table:
         raise ValueError(f"unknown {kind} {name!r}; valid: {sorted(table)}")
     return table[name]
 
 
+# ----------------------------------------------------------------------------- entropy control
+
+
+def token_covariance(logp_BxT, adv_BxT, mask_BxT):
+    """cov_t = (logp_t − mean logp)·(A_t − mean A), means over the masked tokens; no gradient.
+    0 off the mask."""
+    logp_BxT, adv_BxT = jax.lax.stop_gradient(logp_BxT), jax.lax.stop_gradient(adv_BxT)
+    count = jnp.maximum(jnp.sum(mask_BxT), 1.0)
+    mean_logp = jnp.sum(logp_BxT * mask_BxT) / count
+    mean_adv = jnp.sum(adv_BxT * mask_BxT) / count
+    return (logp_BxT - mean_logp) * (adv_BxT - mean_adv) * mask_BxT
+
+
+def _first_k(score_BxT, eligible_BxT, k):
+    """Bool [B, T]: the `k` (traced) eligible tokens of largest score (ties: the first in
+    row-major order)."""
+    flat = jnp.where(eligible_BxT, score_BxT, -jnp.inf).reshape(-1)
+    order = jnp.argsort(-flat, stable=True)
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
+    return (rank.reshape(score_BxT.shape) < k) & eligible_BxT
+
+
+def _selection_size(fraction, mask_BxT):
+    return jnp.maximum(jnp.floor(fraction * jnp.sum(mask_BxT)), 1.0)
+
+
+def clip_cov_selection(cov_BxT, mask_BxT, clipped_BxT, *, ratio, lb, ub, rng):
+    """Clip-Cov's tokens: max(1, ⌊ratio·n⌋) drawn uniformly (by `rng`) among the masked tokens
+    not `clipped_BxT` with lb < cov < ub (all of them when fewer). Bool [B, T]."""
+    eligible = (mask_BxT > 0) & ~clipped_BxT & (cov_BxT > lb) & (cov_BxT < ub)
+    draw_BxT = jax.random.uniform(rng, cov_BxT.shape)
+    return _first_k(draw_BxT, eligible, _selection_size(ratio, mask_BxT))
+
+
+def kl_cov_selection(cov_BxT, mask_BxT, *, ratio):
+    """KL-Cov's tokens: the max(1, ⌊ratio·n⌋) masked tokens of largest covariance. Bool [B, T]."""
+    return _first_k(cov_BxT, mask_BxT > 0, _selection_size(ratio, mask_BxT))
+
+
+# ----------------------------------------------------------------------------- overlong filter
+
+
+def drop_truncated(mask_BxT, eos_B):
+    """DAPO's overlong filter: the loss mask with the rows that hit the budget without an EOS
+    (`eos_B` False) zeroed, so truncated responses leave the loss (their rewards still count in
+    their group's advantages). float32 [B, T]."""
+    return jnp.asarray(mask_BxT, jnp.float32) * jnp.asarray(eos_B, jnp.float32)[:, None]
+
+
+# ----------------------------------------------------------------------------- rollout correction
+
+
+def rollout_weights(old_logp_BxT, behaviour_logp_BxT, mask_BxT, *, correction: str, cap: float):
+    """(w [B, T], the factor on each token's objective [B, T], corrected bool [B, T]) with
+    w = π_old/π_sampler (no gradient): `tis` factor min(w, C), corrected where w > C; `mask`
+    factor 1 on 1/C ≤ w ≤ C else 0, corrected outside."""
+    log_w = jnp.clip(old_logp_BxT - behaviour_logp_BxT, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    w_BxT = jax.lax.stop_gradient(jnp.where(mask_BxT > 0, jnp.exp(log_w), 1.0))
+    if correction == "tis":
+        corrected = w_BxT > cap
+        factor = jnp.minimum(w_BxT, cap)
+    elif correction == "mask":
+        corrected = (w_BxT > cap) | (w_BxT < 1.0 / cap)
+        factor = jnp.where(corrected, 0.0, 1.0)
+    else:
+        raise ValueError(f"rollout correction {correction!r}: weights exist for 'tis' and 'mask'")
+    return w_BxT, factor, corrected & (mask_BxT > 0)
+
+
 # ----------------------------------------------------------------------------- policy loss
 
 # Terms that combine across micro-batches by max / min; every other term is a sum.
-_MAX_TERMS = ("ratio_max",)
+_MAX_TERMS = ("ratio_max", "is_weight_max")
 _MIN_TERMS = ("ratio_min",)
 
 
@@ -182,8 +288,24 @@ def policy_loss_terms(
     max_len: float | None = None,
     sequence_ids=None,
     num_sequences: int | None = None,
+    entropy_control: str = "none",
+    clip_cov_ratio: float = 2e-4,
+    clip_cov_lb: float = 1.0,
+    clip_cov_ub: float = 5.0,
+    kl_cov_ratio: float = 2e-3,
+    kl_cov_coef: float = 1.0,
+    rng=None,
+    behaviour_logp=None,
+    ratio_reference: str = "recomputed",
+    rollout_correction: str = "none",
+    rollout_correction_cap: float = 2.0,
 ) -> dict[str, jax.Array]:
     """The additive terms of `policy_loss` for one (micro-)batch; see the module docstring.
+
+    Entropy control (`entropy_control` "clip_cov" | "kl_cov", level "token"; `rng` a key for
+    clip_cov) adds the term `cov_selected_count`; `behaviour_logp` [B, T] (the sampler's
+    logprobs) is needed by `ratio_reference="behaviour"` and by `rollout_correction`
+    ("tis" | "mask", cap C > 1), which adds `is_weight_sum`, `is_weight_max`, `corrected_count`.
 
     Packed rows: `sequence_ids` [R, T] (int, the response of each token) and `num_sequences`;
     per-response advantages are then [num_sequences]. Responses with no token in this batch
@@ -202,6 +324,32 @@ def policy_loss_terms(
         raise ValueError(
             f"dual_clip={dual_clip} needs objective='ppo' and a value > 1 (got {objective!r})"
         )
+    lookup("entropy_control", entropy_control)
+    lookup("ratio_reference", ratio_reference)
+    lookup("rollout_correction", rollout_correction)
+    if level != "token" and (entropy_control != "none" or rollout_correction != "none"):
+        raise ValueError(
+            f"entropy_control={entropy_control!r} and rollout_correction={rollout_correction!r} "
+            f"act per token; they need level='token' (got {level!r})"
+        )
+    if entropy_control == "clip_cov" and rng is None:
+        raise ValueError("entropy_control='clip_cov' draws its tokens at random: pass rng")
+    if (ratio_reference == "behaviour" or rollout_correction != "none") and behaviour_logp is None:
+        raise ValueError(
+            f"ratio_reference={ratio_reference!r} / rollout_correction={rollout_correction!r} "
+            "need behaviour_logp (the sampler's logprobs)"
+        )
+    if rollout_correction != "none" and ratio_reference != "recomputed":
+        raise ValueError(
+            f"rollout_correction={rollout_correction!r} weighs π_old/π_sampler; with "
+            "ratio_reference='behaviour' the ratio already is against the sampler (use 'none')"
+        )
+    if rollout_correction != "none" and rollout_correction_cap <= 1.0:
+        raise ValueError(f"rollout_correction_cap must be > 1; got {rollout_correction_cap}")
+    if behaviour_logp is not None:
+        behaviour_logp = jnp.asarray(behaviour_logp, jnp.float32)
+        if ratio_reference == "behaviour":
+            old_logp = behaviour_logp
     logp, old_logp, advantages = (jnp.asarray(x, jnp.float32) for x in (logp, old_logp, advantages))
     mask_BxT = jnp.asarray(mask, jnp.float32)
     if (sequence_ids is None) != (num_sequences is None):
@@ -232,10 +380,32 @@ def policy_loss_terms(
         objective_B = objective_fn(ratio, adv, eps, eps_high, dual_clip)
         objective_BxT = jnp.broadcast_to(to_tokens(objective_B), mask_BxT.shape)
 
-    loss_sum, loss_denom = agg_fn(-objective_BxT, mask_BxT, max_len, sequence_sums)
     would_clip = ((adv > 0) & (ratio > 1.0 + eps_high)) | ((adv < 0) & (ratio < 1.0 - eps))
+    extra = {}
+    if entropy_control != "none":
+        cov_BxT = token_covariance(logp, adv, mask_BxT)
+        if entropy_control == "clip_cov":
+            selected = clip_cov_selection(cov_BxT, mask_BxT, would_clip, ratio=clip_cov_ratio,
+                                          lb=clip_cov_lb, ub=clip_cov_ub, rng=rng)
+            objective_BxT = jnp.where(selected, jax.lax.stop_gradient(objective_BxT),
+                                      objective_BxT)
+        else:
+            selected = kl_cov_selection(cov_BxT, mask_BxT, ratio=kl_cov_ratio)
+            objective_BxT = objective_BxT - jnp.where(
+                selected, kl_cov_coef * jnp.abs(log_ratio_BxT), 0.0)
+        extra["cov_selected_count"] = jnp.sum(selected * mask_BxT)
+    if rollout_correction != "none":
+        w_BxT, factor_BxT, corrected = rollout_weights(
+            old_logp, behaviour_logp, mask_BxT, correction=rollout_correction,
+            cap=rollout_correction_cap)
+        objective_BxT = objective_BxT * factor_BxT
+        extra.update(is_weight_sum=jnp.sum(w_BxT * mask_BxT),
+                     is_weight_max=jnp.max(jnp.where(mask_BxT > 0, w_BxT, -jnp.inf)),
+                     corrected_count=jnp.sum(corrected * mask_BxT))
+
+    loss_sum, loss_denom = agg_fn(-objective_BxT, mask_BxT, max_len, sequence_sums)
     valid = unit_mask > 0
-    return {
+    return extra | {
         "loss_sum": loss_sum,
         "loss_denom": loss_denom,
         "clip_count": jnp.sum(would_clip * unit_mask),
@@ -275,6 +445,15 @@ def finalize_terms(terms: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
         "ratio_max": jnp.where(has_units, terms["ratio_max"], 1.0),
         "ratio_min": jnp.where(has_units, terms["ratio_min"], 1.0),
     }
+    if "cov_selected_count" in terms:
+        metrics["entropy_control_frac"] = _safe_div(terms["cov_selected_count"],
+                                                    terms["token_count"])
+    if "is_weight_sum" in terms:
+        metrics.update(
+            rollout_is_weight_mean=_safe_div(terms["is_weight_sum"], terms["token_count"]),
+            rollout_is_weight_max=jnp.where(terms["token_count"] > 0, terms["is_weight_max"], 1.0),
+            rollout_corrected_frac=_safe_div(terms["corrected_count"], terms["token_count"]),
+        )
     return _safe_div(terms["loss_sum"], terms["loss_denom"]), metrics
 
 
@@ -283,7 +462,9 @@ def policy_loss(logp, old_logp, advantages, mask, **kwargs) -> tuple[jax.Array, 
 
     Metrics: `clip_frac` (fraction of units with r > 1+ε_high and A > 0 or r < 1−ε and A < 0 —
     for CFPO the units PPO *would* clip), `ratio_dev` (mean |r − 1|), `ppo_kl` (token mean of
-    old_logp − logp), `ratio_max`, `ratio_min`.
+    old_logp − logp), `ratio_max`, `ratio_min`; with entropy control `entropy_control_frac`
+    (selected tokens over tokens), with a rollout correction `rollout_is_weight_mean`,
+    `rollout_is_weight_max`, `rollout_corrected_frac`.
     """
     return finalize_terms(policy_loss_terms(logp, old_logp, advantages, mask, **kwargs))
 

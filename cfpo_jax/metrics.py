@@ -37,12 +37,13 @@ def _scalar(value):
 
 
 def mean_metrics(metrics_list: list[dict]) -> dict[str, float]:
-    """The mean over a step's updates of each metric; ratio_max / ratio_min their max / min."""
+    """The mean over a step's updates of each metric; the max / min of ratio_max,
+    rollout_is_weight_max / ratio_min."""
     out = {}
     for key in metrics_list[0]:
         values = np.array([m[key] for m in metrics_list], np.float64)
-        out[key] = values.max() if key == "ratio_max" else values.min() if key == "ratio_min" \
-            else values.mean()
+        out[key] = values.max() if key in ("ratio_max", "rollout_is_weight_max") \
+            else values.min() if key == "ratio_min" else values.mean()
     return {k: float(v) for k, v in out.items()}
 
 

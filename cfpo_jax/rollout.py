@@ -11,6 +11,20 @@ batch's loss mask is `Samples.loss_mask` — the tokens the policy sampled — w
 covers the tool answers too, so they are context for every logprob but out of the loss, the
 ratios, the KL and the metrics. The learner is unchanged.
 
+DAPO's reward shaping and dynamic sampling live here (issue 34). The soft overlong punishment
+(`rewards.overlong_buffer`, `cfpo_jax.rewards.overlong`) is added to the reward functions' total
+before advantages; `reward_mean` and the other reward metrics stay the functions' own, and the
+penalty is logged as `overlong_penalty_mean` / `overlong_penalised_frac`. With
+`rl.dynamic_sampling` a step samples rounds of prompts (`more_prompts`, the trainer's data
+iterator) until `data.batch_size` groups whose rewards differ (`cfpo_jax.dynamic_sampling`: which
+groups, the metrics, the fill when the rounds run out); informative means the reward functions'
+total differs within the group — the penalty is not counted, as DAPO filters on accuracy. The
+kept rows of the rounds are joined on device and prepared once, so the learner sees one batch of
+the usual shape. The host metrics (`zero_std_groups` included) are those of the trained rows,
+except the reward metrics (`reward_mean`, ...), which are over every row sampled — the policy's
+reward, comparable with a run without dynamic sampling — with the trained rows' mean as
+`dynamic_sampling_trained_reward_mean`.
+
 One RL step's tensors stay on device: the host fetches the completion tokens (for the reward
 text) and nothing else; the rewards go up once, in `learner.Learner.prepare`. The sampler gets a
 key split off the state's rng each step: same seed and same data iterator state → same samples,
@@ -21,14 +35,17 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import io
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from cfpo_jax import data, envs, lora, metrics, rewards, sampling, sandbox, sharding
+from cfpo_jax import data, dynamic_sampling, envs, lora, metrics, rewards, sampling, sandbox, sharding
+from cfpo_jax.rewards import overlong
 from cfpo_jax.batch import Batch
 
 
@@ -144,11 +161,59 @@ class Rollout:
             policy = lora.merge(policy)
         return policy
 
-    def __call__(self, state, prompts: data.Batch, sample_key) -> Result:
-        return self.finish(state, self.produce(state["params"], prompts, sample_key))
+    def __call__(self, state, prompts: data.Batch, sample_key, more_prompts=None) -> Result:
+        """One step's rollout of `prompts` from the policy in `state`. With
+        `rl.dynamic_sampling`, `more_prompts()` gives the next `data.batch_size` prompts of each
+        further round (the trainer's data iterator)."""
+        return self.finish(state, self.produce(state["params"], prompts, sample_key, more_prompts))
 
-    def produce(self, params, prompts: data.Batch, sample_key) -> Produced:
-        """The sampler's half: sample from `params` → completion text → rewards (host)."""
+    def produce(self, params, prompts: data.Batch, sample_key, more_prompts=None) -> Produced:
+        """The sampler's half: sample from `params` → completion text → rewards (host), in
+        rounds with `rl.dynamic_sampling`."""
+        if not self.config.rl.dynamic_sampling:
+            return self._produced(*self._sample_and_score(params, prompts, sample_key), {})
+        if more_prompts is None:
+            raise ValueError("rl.dynamic_sampling samples more rounds of prompts: pass "
+                             "more_prompts (e.g. the data iterator's next)")
+        return self._dynamically_sampled(params, prompts, sample_key, more_prompts)
+
+    def _dynamically_sampled(self, params, prompts: data.Batch, sample_key, more_prompts) -> Produced:
+        """Rounds of sampling until `data.batch_size` informative groups (see the module doc)."""
+        rl = self.config.rl
+        groups = dynamic_sampling.GroupFilter(len(prompts.prompts), rl.group_size,
+                                              rl.dynamic_sampling_max_rounds)
+        rounds, sampled = [], []
+        while not groups.done:
+            batch = prompts if groups.rounds == 0 else more_prompts()
+            rows, meta = self._sample_and_score(
+                params, batch, dynamic_sampling.round_key(sample_key, groups.rounds))
+            rounds.append(meta)
+            sampled.append((rows["reward_B"], rows["per_fn"]))
+            # Which groups are informative is read off the reward functions' total, before the
+            # overlong penalty (DAPO filters on accuracy).
+            groups.add(rows, rows["reward_B"])
+        rows, _ = groups.result(align=functools.partial(_same_prompt_width, pad_id=self.pad_id))
+        meta = dict(  # the step's: failures and times summed, generator metrics averaged
+            failures={k: sum(m["failures"][k] for m in rounds) for k in rounds[0]["failures"]},
+            times={k: sum(m["times"][k] for m in rounds) for k in rounds[0]["times"]},
+            generator_metrics={k: float(np.mean([m["generator_metrics"][k] for m in rounds]))
+                               for k in rounds[0]["generator_metrics"]})
+        # The reward metrics are the policy's, over every row sampled (comparable with a run
+        # without dynamic sampling; the kept groups' mean leaves out the all-right and all-wrong
+        # groups by construction); the trained rows' mean is logged apart.
+        every = rewards.Scores(np.concatenate([r for r, _ in sampled]),
+                               {k: np.concatenate([f[k] for _, f in sampled]) for k in sampled[0][1]},
+                               meta["failures"])
+        extra = dict(groups.metrics(), dynamic_sampling_trained_reward_mean=float(
+            np.mean(rows["reward_B"])))
+        produced = self._produced(rows, meta, extra)
+        produced.host_metrics.update(every.metrics("reward"))
+        return produced
+
+    def _sample_and_score(self, params, prompts: data.Batch, sample_key) -> tuple[dict, dict]:
+        """(rows, meta) of one round: rows are the device samples and, per row on the host, the
+        reward functions' total and values, the overlong penalty and the prompt and completion
+        lengths; meta the scorer's failures, the generator's metrics and the times."""
         config = self.config
         rl, sampling_config = config.rl, config.sampling
         t0 = time.time()
@@ -171,13 +236,31 @@ class Rollout:
                     for e in prompts.examples for _ in range(rl.group_size)]
         scores = self.scorer(completions, answers, prompt_messages=messages, **fields)
         t2 = time.time()
-
         prompt_lengths = np.repeat([len(p) for p in prompts.prompts], rl.group_size)
-        lengths_Bx2 = np.stack([prompt_lengths, lengths_B], axis=1).astype(np.int32)
-        host_metrics = dict(**metrics.rollout_metrics(scores, lengths_B, rl.group_size, t1 - t0),
-                            **generator_metrics)
-        return Produced(samples, np.asarray(scores.total_B), lengths_Bx2, host_metrics,
-                        dict(time_sample_s=t1 - t0, time_score_s=t2 - t1))
+        rows = dict(
+            samples=samples, reward_B=scores.total_B, per_fn=scores.per_fn,
+            penalty_B=overlong.overlong_penalty(lengths_B, sampling_config.max_new_tokens,
+                                                config.rewards.overlong_buffer,
+                                                config.rewards.overlong_penalty),
+            lengths_Bx2=np.stack([prompt_lengths, lengths_B], axis=1).astype(np.int32))
+        return rows, dict(failures=scores.failures, generator_metrics=generator_metrics,
+                          times=dict(time_sample_s=t1 - t0, time_score_s=t2 - t1))
+
+    def _produced(self, rows: dict, meta: dict, extra_metrics: dict) -> Produced:
+        """The scored rows (one round's, or the kept groups of several) with their host metrics;
+        DAPO's soft overlong punishment joins the reward here (0 with no buffer), while the
+        logged reward is the reward functions' alone."""
+        rl = self.config.rl
+        scores = rewards.Scores(rows["reward_B"], rows["per_fn"], meta["failures"])
+        host_metrics = dict(
+            **metrics.rollout_metrics(scores, rows["lengths_Bx2"][:, 1], rl.group_size,
+                                      meta["times"]["time_sample_s"]),
+            **meta["generator_metrics"], **extra_metrics)
+        if self.config.rewards.overlong_buffer:
+            host_metrics.update(overlong_penalty_mean=float(rows["penalty_B"].mean()),
+                                overlong_penalised_frac=float(np.mean(rows["penalty_B"] < 0)))
+        return Produced(rows["samples"], np.asarray(rows["reward_B"] + rows["penalty_B"]),
+                        rows["lengths_Bx2"], host_metrics, meta["times"])
 
     def finish(self, state, produced: Produced) -> Result:
         """The learner's half: advantages, old / reference logprobs from `state` (on device)."""
@@ -260,7 +343,8 @@ class Lagged:
 
     def _generate(self, step: int, version: int, params) -> Produced:
         with jax.set_mesh(self.rollout.mesh):  # the mesh context is per thread
-            return self.rollout.produce(params, next(self.iterator), self._sample_key(step))
+            return self.rollout.produce(params, next(self.iterator), self._sample_key(step),
+                                        more_prompts=lambda: next(self.iterator))
 
     def publish(self, version: int, state) -> None:
         """The learner's policy after `version` RL steps (its parameters copied for the sampler)."""
@@ -294,3 +378,18 @@ class Lagged:
 
     def close(self):
         self._producer.close()
+
+
+def _same_prompt_width(rounds: list[dict], pad_id: int) -> list[dict]:
+    """Rounds' rows with the samples' prompt columns left-padded to the widest round's (each
+    round is bucketed to its own longest prompt), so that they join."""
+    width = max(r["samples"].prompt_tokens.shape[1] for r in rounds)
+
+    def pad(rows):
+        samples = rows["samples"]
+        pad_P = ((0, 0), (width - samples.prompt_tokens.shape[1], 0))
+        return dict(rows, samples=samples.replace(
+            prompt_tokens=jnp.pad(samples.prompt_tokens, pad_P, constant_values=pad_id),
+            prompt_mask=jnp.pad(samples.prompt_mask, pad_P)))
+
+    return [pad(r) for r in rounds]

@@ -177,7 +177,10 @@ def _steps(config, parts: Parts, state, ckpt, writer, progress, stop, lagged):
     while step < num_steps and not stopping:
         t0 = time.time()
         next_rng, sample_key = parts.learner.split_rng(state["rng"])
-        rollout = (parts.rollout(state, next(parts.iterator), sample_key) if lagged is None
+        # Dynamic sampling's further rounds take the iterator's next batches too, so its
+        # position after the step (what the checkpoint holds) covers every prompt consumed.
+        rollout = (parts.rollout(state, next(parts.iterator), sample_key,
+                                 more_prompts=lambda: next(parts.iterator)) if lagged is None
                    else lagged.get(state, step))
         t_learn = time.time()
         with jax.transfer_guard("disallow"):
