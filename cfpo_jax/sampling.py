@@ -33,10 +33,11 @@ Layout (R = prompts × n rows, P padded prompt length, N = max_new_tokens, V voc
   expects); the n rows of a prompt inserted together share one prefill.
 * Sampling: `temperature=0` is greedy (argmax) and reports temperature-1 logprobs. Otherwise the
   token is drawn from softmax(logits / temperature) restricted by `top_k` then `top_p` (top-p on
-  the distribution renormalised over the top-k, as in transformers), by Gumbel-argmax
-  (`categorical`: the draws of `jax.random.categorical`, its argmax faster on CPU). The reported
-  logprob is under the *unrestricted* softmax(logits / temperature), the distribution the trainer
-  recomputes.
+  the distribution renormalised over the top-k, as in transformers), by inverting its cumulative
+  distribution at one uniform per row (`inverse_cdf`, two-level: block masses, then inside one
+  block), the logsumexp of the logprob from the same exp pass. The reported logprob is under the
+  *unrestricted* softmax(logits / temperature), the distribution the trainer recomputes. Top-p
+  without top-k sorts the whole vocabulary (`lax.top_k` with k = V) to find its nucleus.
 * A row ends after one of `eos_token_ids` (kept: mask 1) or its budget (N, or its prompt's own
   `max_new_tokens`); later columns hold `pad_id`, mask 0 and logprob 0.
 * Weights are gathered once per call into the sampling layout (`models.decoding.gather_weights`:
@@ -200,18 +201,41 @@ def _constrain_slots(slots: _Slots, mesh) -> _Slots:
     return _Slots(cache=cache, **fields)
 
 
-def categorical(key_B, logits_BxV):
-    """`jax.random.categorical` row by row (row b with key_B[b]): the same draws, the first index
-    of the largest logit + Gumbel noise, int32 [B]. The argmax is two plain reductions (the max,
-    then the first index holding it) because XLA's CPU backend runs argmax's fused (value, index)
-    reduce over the noise about 4× slower: 31 ms against 9 ms per decode step at 256 × 8,192."""
-    vocab = logits_BxV.shape[-1]
-    noise_BxV = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), logits_BxV.dtype))(key_B)
-    noisy_BxV = logits_BxV + noise_BxV
-    largest_Bx1 = jnp.max(noisy_BxV, axis=-1, keepdims=True)
-    index_BxV = jnp.where(noisy_BxV == largest_Bx1, jnp.arange(vocab, dtype=jnp.int32), vocab)
-    # NaN logits match nothing: keep the token in the vocabulary (its logprob is NaN anyway).
-    return jnp.minimum(jnp.min(index_BxV, axis=-1), vocab - 1)
+_CDF_BLOCK = 256  # vocabulary entries per block of the two-level inverse-CDF search
+
+
+def inverse_cdf(u_B, logits_BxV):
+    """One draw per row from softmax(logits_BxV), by inverting its cumulative distribution at the
+    row's uniform u_B[b] in [0, 1): the first index whose cumulative mass exceeds u · total, int32
+    [B]; also logsumexp(logits_BxV), float32 [B], from the same pass. A draw needs one uniform per row instead of one Gumbel variate per vocabulary entry (the
+    threefry bits of 49k Gumbels per row were 28% of a SmolLM2 decode step's CPU time at 256 rows,
+    benchmarks/README.md). The search is two-level — block masses (blocks of `_CDF_BLOCK` entries,
+    from the same exp pass that gives the total), then a cumulative sum inside the chosen block —
+    so no [B, V] cumulative sum is formed. -inf logits (zero mass) are never drawn; NaN logits give
+    a token inside the vocabulary."""
+    B, V = logits_BxV.shape
+    blocks = -(-V // _CDF_BLOCK)
+    padded_BxW = jnp.pad(logits_BxV, ((0, 0), (0, blocks * _CDF_BLOCK - V)), constant_values=-jnp.inf)
+    largest_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
+    weight_BxNxC = jnp.exp(padded_BxW - largest_Bx1).reshape(B, blocks, _CDF_BLOCK)
+    mass_BxN = jnp.sum(weight_BxNxC, axis=-1)
+    upto_BxN = jnp.cumsum(mass_BxN, axis=-1)
+    target_B = u_B * upto_BxN[:, -1]
+    # The first block whose cumulative mass exceeds the target; rounding can leave the target at
+    # or past the total: then the last block with mass (never a zero-mass block).
+    last_block_B = _last_positive(mass_BxN)
+    block_B = jnp.minimum(jnp.sum(upto_BxN <= target_B[:, None], axis=-1, dtype=jnp.int32), last_block_B)
+    before_B = jnp.where(block_B > 0, _picked(upto_BxN, jnp.maximum(block_B - 1, 0)), 0.0)
+    inside_BxC = jnp.take_along_axis(weight_BxNxC, block_B[:, None, None], axis=1)[:, 0]
+    index_B = jnp.minimum(jnp.sum(jnp.cumsum(inside_BxC, axis=-1) <= (target_B - before_B)[:, None], axis=-1,
+                                  dtype=jnp.int32), _last_positive(inside_BxC))
+    token_B = jnp.minimum(block_B * _CDF_BLOCK + index_B, V - 1)
+    return token_B, largest_Bx1[:, 0] + jnp.log(upto_BxN[:, -1])
+
+
+def _last_positive(x_BxN):
+    """The last index of each row holding a value > 0 (0 when none), int32 [B]."""
+    return jnp.max(jnp.where(x_BxN > 0, jnp.arange(x_BxN.shape[-1], dtype=jnp.int32), 0), axis=-1)
 
 
 def _sample(logits_BxV, key_B, settings: _Settings):
@@ -220,28 +244,30 @@ def _sample(logits_BxV, key_B, settings: _Settings):
     logits_BxV = logits_BxV.astype(jnp.float32)
     if settings.temperature == 0.0:
         token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-        scaled_BxV = logits_BxV
-    else:
-        scaled_BxV = logits_BxV / settings.temperature
-        vocab = scaled_BxV.shape[-1]
-        if settings.top_k == 0 and settings.top_p == 1.0:
-            token_B = categorical(key_B, scaled_BxV)
-        else:
-            # Sorted candidates (the top k, or the whole vocabulary for top-p alone); sampling an
-            # index among them keeps the allowed set exact even when logits tie at the cutoff.
-            k = settings.top_k if settings.top_k > 0 else vocab
-            top_BxK, index_BxK = jax.lax.top_k(scaled_BxV, k)
-            if settings.top_p < 1.0:
-                probs_BxK = jax.nn.softmax(top_BxK, axis=-1)
-                # Keep the smallest prefix whose mass reaches top_p: a candidate stays if the mass
-                # before it is still short of top_p (so the most likely one always stays).
-                keep_BxK = (jnp.cumsum(probs_BxK, axis=-1) - probs_BxK) < settings.top_p
-                top_BxK = jnp.where(keep_BxK, top_BxK, -jnp.inf)
-            choice_B = categorical(key_B, top_BxK)
-            token_B = jnp.take_along_axis(index_BxK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    picked_B = jnp.take_along_axis(scaled_BxV, token_B[:, None], axis=-1)[:, 0]
-    logprob_B = picked_B - jax.nn.logsumexp(scaled_BxV, axis=-1)
-    return token_B, logprob_B
+        return token_B, _picked(logits_BxV, token_B) - jax.nn.logsumexp(logits_BxV, axis=-1)
+    scaled_BxV = logits_BxV / settings.temperature
+    u_B = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(key_B)
+    if settings.top_k == 0 and settings.top_p == 1.0:
+        token_B, log_mass_B = inverse_cdf(u_B, scaled_BxV)
+        return token_B, _picked(scaled_BxV, token_B) - log_mass_B
+    # Sorted candidates (the top k, or the whole vocabulary for top-p alone); drawing an index
+    # among them keeps the allowed set exact even when logits tie at the cutoff.
+    k = settings.top_k if settings.top_k > 0 else scaled_BxV.shape[-1]
+    top_BxK, index_BxK = jax.lax.top_k(scaled_BxV, k)
+    if settings.top_p < 1.0:
+        probs_BxK = jax.nn.softmax(top_BxK, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p: a candidate stays if the mass before
+        # it is still short of top_p (so the most likely one always stays).
+        keep_BxK = (jnp.cumsum(probs_BxK, axis=-1) - probs_BxK) < settings.top_p
+        top_BxK = jnp.where(keep_BxK, top_BxK, -jnp.inf)
+    choice_B, _ = inverse_cdf(u_B, top_BxK)
+    token_B = jnp.take_along_axis(index_BxK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    # The reported logprob is under the unrestricted distribution (what the trainer recomputes).
+    return token_B, _picked(scaled_BxV, token_B) - jax.nn.logsumexp(scaled_BxV, axis=-1)
+
+
+def _picked(x_BxV, token_B):
+    return jnp.take_along_axis(x_BxV, token_B[:, None], axis=-1)[:, 0]
 
 
 def _force_and_stop(settings: _Settings, outputs: _Outputs, row_K, step_K, token_K, logprob_K, hit_eos_K):

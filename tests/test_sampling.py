@@ -329,19 +329,34 @@ def allowed_distribution(temperature, top_k, top_p):
     return out, np.log(probs)
 
 
-def test_categorical_draws_what_jax_random_categorical_draws():
-    """Same keys, same tokens as jax.random.categorical, with -inf logits (a top-k / top-p cut)
-    never drawn; NaN logits still give a token inside the vocabulary."""
+def test_inverse_cdf_draws_what_numpy_draws_at_the_same_uniforms():
+    """Each row's token is the first index whose float64 cumulative softmax mass (numpy) exceeds its
+    uniform, over several blocks of the two-level search and a vocabulary that is not a multiple of
+    a block; -inf logits (a top-k / top-p cut) are never drawn; the logsumexp is numpy's; NaN logits
+    still give a token inside the vocabulary."""
     rng = np.random.default_rng(0)
-    logits = rng.normal(0, 2, (4096, 37)).astype(np.float32)
-    logits[:, -4:] = -np.inf
-    keys = jax.random.split(jax.random.PRNGKey(3), logits.shape[0])
-    ours = np.asarray(jax.jit(sampling.categorical)(keys, logits))
-    expected = np.asarray(jax.vmap(jax.random.categorical)(keys, logits))
-    np.testing.assert_array_equal(ours, expected)
-    assert ours.max() < 33 and len(set(ours)) == 33
-    nan_rows = np.full((2, 37), np.nan, np.float32)
-    assert ((0 <= (drawn := np.asarray(sampling.categorical(keys[:2], nan_rows)))) & (drawn < 37)).all()
+    vocab = 1000
+    logits = rng.normal(0, 2, (4096, vocab)).astype(np.float32)
+    logits[:, 300:340] = -np.inf
+    logits[:, -7:] = -np.inf
+    u = rng.random(4096).astype(np.float32)
+    u[:2] = [0.0, np.nextafter(np.float32(1), np.float32(0))]  # both ends of [0, 1)
+    ours, log_mass = map(np.asarray, jax.jit(sampling.inverse_cdf)(u, logits))
+    probs = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    cdf = np.cumsum(probs, -1)
+    expected = np.array([np.searchsorted(row, x, side="right") for row, x in zip(cdf, u.astype(np.float64))])
+    expected = np.minimum(expected, vocab - 8)  # a target past the float total: the last token with mass
+    # Draws agree except where u falls within float32 rounding of a cumulative boundary.
+    near = np.abs(cdf[np.arange(4096), np.minimum(expected, vocab - 1)] - u) < 1e-5
+    near |= np.abs(cdf[np.arange(4096), np.maximum(expected - 1, 0)] - u) < 1e-5
+    assert (ours == expected)[~near].all() and (~near).sum() > 4000
+    assert not np.isin(ours, np.r_[300:340, vocab - 7:vocab]).any()
+    assert len(set(ours)) > 700
+    np.testing.assert_allclose(log_mass, np.log(np.exp(logits.astype(np.float64)).sum(-1)), rtol=1e-6)
+    nan_rows = np.full((2, vocab), np.nan, np.float32)
+    drawn, _ = sampling.inverse_cdf(u[:2], nan_rows)
+    assert ((0 <= np.asarray(drawn)) & (np.asarray(drawn) < vocab)).all()
 
 
 @pytest.mark.parametrize(
