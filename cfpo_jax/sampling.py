@@ -496,8 +496,8 @@ def engine_settings(sampling_config) -> dict:
                 kv_cache_gb=sampling_config.kv_cache_gb, attention=sampling_config.attention)
 
 
-def _run_turns(settings: _Settings, weights, slots: _Slots, outputs: _Outputs, key, budget_R, insert,
-               turn_end, executor) -> _Outputs:
+def _run_turns(settings: _Settings, weights, slots: _Slots, outputs: _Outputs, key, budget_R,
+               insert: _Inserter, turn_end, executor, clock: _Clock) -> _Outputs:
     """The multi-turn host loop (module doc, "Multi-turn"): decode chunks; a row whose turn ended
     waits in its slot while `turn_end` runs in `executor`; its observation is forced in and the
     slot decodes on, or the row ends and frees the slot for a waiting row."""
@@ -519,8 +519,8 @@ def _run_turns(settings: _Settings, weights, slots: _Slots, outputs: _Outputs, k
                 # Back to the host once a sixteenth of the slots (at least one) more have stopped.
                 idle = num_slots - int(active_K.sum())
                 refill_at = min(idle + max(num_slots // _REFILL_FRACTION, 1), num_slots)
-                slots, outputs = _decode_chunk_jit(settings, weights, slots, outputs, key, budget_R,
-                                                   np.int32(refill_at))
+                slots, outputs = clock.run("decode", _decode_chunk_jit, settings, weights, slots, outputs, key,
+                                           budget_R, np.int32(refill_at))
                 now_K, step_K, row_K = to_host((slots.active_K, slots.step_K, slots.row_K))
                 stopped = np.flatnonzero(active_K & ~now_K)
                 active_K = np.array(now_K)
@@ -678,7 +678,7 @@ def generate(
         outputs = _run_single_turn(settings, weights, slots, outputs, key, request.budget_R, inserter, clock)
     else:
         outputs = _run_turns(settings, weights, slots, outputs, key, request.budget_R, inserter, turn_end,
-                             executor)
+                             executor, clock)
     samples = _samples(request, outputs, mesh, multi_turn=turn_end is not None)
     clock.finish()
     return samples

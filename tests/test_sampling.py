@@ -6,6 +6,7 @@ import functools
 import os
 import subprocess
 import sys
+import time
 
 import hf_fixtures
 import jax
@@ -90,6 +91,21 @@ def test_same_seed_same_samples_other_seed_differs(checkpoint):
     assert not np.array_equal(a.tokens, c.tokens)
     # The two samples of a prompt are independent draws, not copies.
     assert not np.array_equal(a.tokens[0::2], a.tokens[1::2])
+    # An int, its typed key and its raw uint32 key are one seed.
+    for same in (run(seed=jax.random.key(3)), run(seed=jax.random.PRNGKey(3))):
+        np.testing.assert_array_equal(same.tokens, a.tokens)
+
+
+def test_timings_split_the_call(checkpoint):
+    _, model, _ = checkpoint
+    timings = {}
+    start = time.perf_counter()
+    sampling.generate(model, make_prompts(), max_new_tokens=NEW, eos_token_ids=EOS, n=2, max_concurrent=3,
+                      timings=timings)
+    wall = time.perf_counter() - start
+    assert set(timings) == {"prefill", "decode", "host"}
+    assert timings["prefill"] > 0 and timings["decode"] > 0 and timings["host"] >= 0
+    assert sum(timings.values()) <= wall
 
 
 def test_near_zero_temperature_is_greedy(checkpoint):
@@ -258,6 +274,7 @@ def test_default_concurrency_comes_from_the_cache_budget(capsys):
 
 MEMORY_SCRIPT = """
 import sys
+import time
 import numpy as np
 from flax import nnx
 from cfpo_jax import sampling
