@@ -127,7 +127,7 @@ class Samples:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Settings:
+class Settings:
     """Everything static that shapes the compiled functions (hashable: it keys the jit cache)."""
 
     max_new_tokens: int
@@ -272,7 +272,7 @@ def _picked(x_BxV, token_B):
     return jnp.take_along_axis(x_BxV, token_B[:, None], axis=-1)[:, 0]
 
 
-def _force_and_stop(settings: _Settings, outputs: _Outputs, row_K, step_K, token_K, logprob_K, hit_eos_K):
+def _force_and_stop(settings: Settings, outputs: _Outputs, row_K, step_K, token_K, logprob_K, hit_eos_K):
     """Multi-turn: a forced token replaces the sample (logprob 0, not generated, never ends the
     turn); a sampled token also ends the turn when it completes a stop sequence of sampled tokens.
     Returns (token_K, logprob_K, turn_end_K, generated_K)."""
@@ -295,7 +295,7 @@ def _force_and_stop(settings: _Settings, outputs: _Outputs, row_K, step_K, token
 # ----------------------------------------------------------------------------- jitted pieces
 
 
-def _init(settings: _Settings, config, num_slots, num_cache_slots, num_rows):
+def _init(settings: Settings, config, num_slots, num_cache_slots, num_rows):
     slots = _Slots(
         cache=decoding.init_slot_cache(config, num_slots, num_cache_slots),
         row_K=jnp.full((num_slots,), num_rows, jnp.int32),
@@ -317,7 +317,7 @@ def _init(settings: _Settings, config, num_slots, num_cache_slots, num_rows):
     return _constrain_slots(slots, settings.mesh), outputs
 
 
-def _insert(settings: _Settings, weights, slots: _Slots, prompt_tokens_MxP, prompt_mask_MxP, source_K, row_K):
+def _insert(settings: Settings, weights, slots: _Slots, prompt_tokens_MxP, prompt_mask_MxP, source_K, row_K):
     """Prefills the M prompts and starts slot k on prompt source_K[k] as row row_K[k] (source -1:
     the slot keeps what it has). Only the prompt columns [0, P - 1) of the new slots change."""
     prompt_len = prompt_tokens_MxP.shape[1]
@@ -347,7 +347,7 @@ def _insert(settings: _Settings, weights, slots: _Slots, prompt_tokens_MxP, prom
     return _constrain_slots(new, settings.mesh)
 
 
-def _decode_chunk(settings: _Settings, weights, slots: _Slots, outputs: _Outputs, key, budget_R, refill_at):
+def _decode_chunk(settings: Settings, weights, slots: _Slots, outputs: _Outputs, key, budget_R, refill_at):
     """Decode steps over all slots until `refill_at` slots are free or none is active; row r
     ends at an EOS or after budget_R[r] tokens."""
     num_rows = outputs.lengths_R.shape[0]
@@ -399,7 +399,7 @@ def _decode_chunk(settings: _Settings, weights, slots: _Slots, outputs: _Outputs
     return jax.lax.while_loop(cond_fn, body_fn, (slots, outputs))
 
 
-def _resume(settings: _Settings, slots: _Slots, outputs: _Outputs, slot_M, row_M, start_M, forced_MxW):
+def _resume(settings: Settings, slots: _Slots, outputs: _Outputs, slot_M, row_M, start_M, forced_MxW):
     """Multi-turn: slot slot_M[m] (row row_M[m]) decodes on, with forced_MxW[m] (-1 padded) as its
     tokens at columns start_M[m], start_M[m] + 1, ... (columns past the budget are dropped).
     Entries with slot_M = K are padding."""
@@ -411,10 +411,15 @@ def _resume(settings: _Settings, slots: _Slots, outputs: _Outputs, slot_M, row_M
     return slots.replace(active_K=active_K), outputs.replace(forced_RxN=forced_RxN)
 
 
-_init_jit = jax.jit(_init, static_argnums=(0, 1, 2, 3, 4))
+# The sampler's compiled programs, public for `cfpo_jax.aot` (which compiles these very functions for
+# the chips) and for tests. init_program(settings, model_config, K, S, R) -> (slots, outputs);
+# prefill_program(settings, weights, slots, prompt_tokens_MxP, prompt_mask_MxP, source_K, row_K) ->
+# slots (slots donated); decode_program(settings, weights, slots, outputs, key, budget_R, refill_at)
+# -> (slots, outputs) (both donated; `key` a typed `jax.random.key`, whatever `generate`'s seed was).
+init_program = jax.jit(_init, static_argnums=(0, 1, 2, 3, 4))
 _resume_jit = jax.jit(_resume, static_argnums=(0,), donate_argnums=(1, 2))
-_insert_jit = jax.jit(_insert, static_argnums=(0,), donate_argnums=(2,))
-_decode_chunk_jit = jax.jit(_decode_chunk, static_argnums=(0,), donate_argnums=(2, 3))
+prefill_program = jax.jit(_insert, static_argnums=(0,), donate_argnums=(2,))
+decode_program = jax.jit(_decode_chunk, static_argnums=(0,), donate_argnums=(2, 3))
 
 
 # ----------------------------------------------------------------------------- host side
@@ -496,7 +501,7 @@ def engine_settings(sampling_config) -> dict:
                 kv_cache_gb=sampling_config.kv_cache_gb, attention=sampling_config.attention)
 
 
-def _run_turns(settings: _Settings, weights, slots: _Slots, outputs: _Outputs, key, budget_R,
+def _run_turns(settings: Settings, weights, slots: _Slots, outputs: _Outputs, key, budget_R,
                insert: _Inserter, turn_end, executor, clock: _Clock) -> _Outputs:
     """The multi-turn host loop (module doc, "Multi-turn"): decode chunks; a row whose turn ended
     waits in its slot while `turn_end` runs in `executor`; its observation is forced in and the
@@ -519,7 +524,7 @@ def _run_turns(settings: _Settings, weights, slots: _Slots, outputs: _Outputs, k
                 # Back to the host once a sixteenth of the slots (at least one) more have stopped.
                 idle = num_slots - int(active_K.sum())
                 refill_at = min(idle + max(num_slots // _REFILL_FRACTION, 1), num_slots)
-                slots, outputs = clock.run("decode", _decode_chunk_jit, settings, weights, slots, outputs, key,
+                slots, outputs = clock.run("decode", decode_program, settings, weights, slots, outputs, key,
                                            budget_R, np.int32(refill_at))
                 now_K, step_K, row_K = to_host((slots.active_K, slots.step_K, slots.row_K))
                 stopped = np.flatnonzero(active_K & ~now_K)
@@ -666,12 +671,12 @@ def generate(
                     request.eos_token_ids, n, pad_id)
     engine = _engine(model.config, request, mesh=mesh, max_concurrent=max_concurrent, kv_cache_gb=kv_cache_gb,
                      attention=attention)
-    settings = _Settings(
+    settings = Settings(
         max_new_tokens=request.max_new_tokens, temperature=float(temperature), top_k=int(top_k),
         top_p=float(top_p), eos_token_ids=request.eos_token_ids, pad_id=int(pad_id), mesh=mesh,
         attention=engine.attention, multi_turn=turn_end is not None, stop_sequences=request.stop_sequences)
     weights = decoding.gather_weights(model, mesh)
-    slots, outputs = _init_jit(settings, model.config, engine.num_slots, engine.num_cache_slots, request.num_rows)
+    slots, outputs = init_program(settings, model.config, engine.num_slots, engine.num_cache_slots, request.num_rows)
     inserter = _Inserter(settings, weights, request, engine, clock)
     key = _as_key(seed)
     if turn_end is None:
@@ -819,7 +824,7 @@ class _Clock:
 class _Inserter:
     """Starts waiting rows, in order, in free slots: the n rows of a prompt share one prefill."""
 
-    def __init__(self, settings: _Settings, weights, request: _Request, engine: _Engine, clock: _Clock):
+    def __init__(self, settings: Settings, weights, request: _Request, engine: _Engine, clock: _Clock):
         self.settings, self.weights, self.request, self.engine, self.clock = settings, weights, request, engine, clock
         self.next_row = 0
 
@@ -846,7 +851,7 @@ class _Inserter:
             source_K[free[:take]] = source
             row_K = np.full(num_slots, num_rows, np.int32)
             row_K[free[:take]] = rows
-            slots = self.clock.run("prefill", _insert_jit, self.settings, self.weights, slots,
+            slots = self.clock.run("prefill", prefill_program, self.settings, self.weights, slots,
                                    request.prompt_tokens_BxP[prompt_ids], request.prompt_mask_BxP[prompt_ids],
                                    source_K, row_K)
             filled.extend(free[:take])
@@ -854,7 +859,7 @@ class _Inserter:
         return slots, np.asarray(filled, np.int64)
 
 
-def _run_single_turn(settings: _Settings, weights, slots: _Slots, outputs: _Outputs, key, budget_R,
+def _run_single_turn(settings: Settings, weights, slots: _Slots, outputs: _Outputs, key, budget_R,
                      insert: _Inserter, clock: _Clock) -> _Outputs:
     """The host loop (module doc): fill free slots, decode a chunk, until every row has ended."""
     num_slots = slots.active_K.shape[0]
@@ -865,7 +870,7 @@ def _run_single_turn(settings: _Settings, weights, slots: _Slots, outputs: _Outp
         if not active_K.any():
             return outputs
         refill_at = max(num_slots // _REFILL_FRACTION, 1) if insert.waiting else num_slots + 1
-        slots, outputs = clock.run("decode", _decode_chunk_jit, settings, weights, slots, outputs, key, budget_R,
+        slots, outputs = clock.run("decode", decode_program, settings, weights, slots, outputs, key, budget_R,
                                    np.int32(refill_at))
         active_K = np.array(to_host(slots.active_K))
 

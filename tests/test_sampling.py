@@ -96,6 +96,18 @@ def test_same_seed_same_samples_other_seed_differs(checkpoint):
         np.testing.assert_array_equal(same.tokens, a.tokens)
 
 
+def test_every_seed_style_runs_the_decode_program_compiled_for_a_typed_key(checkpoint):
+    """The trainer passes a typed key and `cfpo_jax.aot` compiles the decode chunk for one: an int
+    or a raw uint32 key seed must reach the same compiled program, not a second one."""
+    _, model, _ = checkpoint
+    run = functools.partial(sampling.generate, model, make_prompts(), max_new_tokens=NEW, eos_token_ids=EOS)
+    run(seed=jax.random.key(5))
+    compiled = sampling.decode_program._cache_size()
+    run(seed=5)
+    run(seed=jax.random.PRNGKey(5))
+    assert sampling.decode_program._cache_size() == compiled
+
+
 def test_timings_split_the_call(checkpoint):
     _, model, _ = checkpoint
     timings = {}
@@ -161,10 +173,10 @@ def test_new_prompt_lengths_in_the_bucket_reuse_the_compiled_sampler(checkpoint)
     _, model, _ = checkpoint
     run = functools.partial(sampling.generate, model, max_new_tokens=NEW, temperature=0, eos_token_ids=EOS)
     run(make_prompts((9, 16, 10)))
-    compiled = sampling._insert_jit._cache_size(), sampling._decode_chunk_jit._cache_size()
+    compiled = sampling.prefill_program._cache_size(), sampling.decode_program._cache_size()
     samples = run(make_prompts((12, 10, 15)))
     assert samples.prompt_tokens.shape == (3, 16)
-    assert (sampling._insert_jit._cache_size(), sampling._decode_chunk_jit._cache_size()) == compiled
+    assert (sampling.prefill_program._cache_size(), sampling.decode_program._cache_size()) == compiled
 
 
 def test_sharded_params_and_batch_give_the_unsharded_samples(checkpoint):
@@ -465,11 +477,11 @@ def test_decode_step_neither_copies_a_layer_cache_nor_gathers_weights():
                          num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, dtype="float32")
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     model = shard_model(Transformer(config, rngs=nnx.Rngs(0)), mesh)
-    settings = sampling._Settings(max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(1,),
+    settings = sampling.Settings(max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(1,),
                                   pad_id=0, mesh=mesh, attention="einsum")
     weights = decoding.gather_weights(model, mesh)
-    slots, outputs = sampling._init_jit(settings, config, 8, 27, 16)
-    hlo = sampling._decode_chunk_jit.lower(
+    slots, outputs = sampling.init_program(settings, config, 8, 27, 16)
+    hlo = sampling.decode_program.lower(
         settings, weights, slots, outputs, jax.random.key(0), np.full(16, 20, np.int32), np.int32(3)
     ).compile().as_text()
     smallest_weight = 64 * 4 * 16 // 2 // 2  # q_kernel [D, N, H] split over fsdp and tensor
@@ -496,12 +508,12 @@ def test_decode_chunk_writes_the_cache_in_place():
     model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     block_graphdef, _ = nnx.split(model.blocks)
-    weights = jax.eval_shape(functools.partial(decoding._gather, graphdef, block_graphdef, None, "float32"), state)
-    settings = sampling._Settings(max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(1,),
+    weights = jax.eval_shape(functools.partial(decoding.gather_program, graphdef, block_graphdef, None, "float32"), state)
+    settings = sampling.Settings(max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(1,),
                                   pad_id=0, mesh=None, attention="einsum")
-    slots, outputs = jax.eval_shape(functools.partial(sampling._init, settings, config, 2, 4096, 8))
+    slots, outputs = jax.eval_shape(functools.partial(sampling.init_program, settings, config, 2, 4096, 8))
     budget = jax.ShapeDtypeStruct((8,), jnp.int32)
-    memory = sampling._decode_chunk_jit.lower(
+    memory = sampling.decode_program.lower(
         settings, weights, slots, outputs, jax.random.key(0), budget, np.int32(1)).compile().memory_analysis()
     layer_keys = 2 * 2 * 4096 * 8 * 4  # slots x kv heads x columns x head dim x float32
     assert memory.alias_size_in_bytes >= 2 * 4 * layer_keys  # keys and values of the 4 layers
