@@ -210,9 +210,10 @@ def inverse_cdf(u_B, logits_BxV):
     row's uniform u_B[b] in [0, 1): the first index whose cumulative mass exceeds u · total, int32
     [B]; also logsumexp(logits_BxV), float32 [B], from the same pass. A draw needs one uniform per
     row instead of one Gumbel variate per vocabulary entry (the threefry bits of 49k Gumbels per
-    row were 28% of a SmolLM2 decode step's CPU time at 256 rows, benchmarks/README.md). The search is two-level — block masses (blocks of `_CDF_BLOCK` entries,
-    from the same exp pass that gives the total), then a cumulative sum inside the chosen block —
-    so no [B, V] cumulative sum is formed. -inf logits (zero mass) are never drawn; NaN logits give
+    row were 28% of a SmolLM2 decode step's CPU time at 256 rows, benchmarks/README.md). The
+    search is two-level — block masses (blocks of `_CDF_BLOCK` entries, from the same exp pass that
+    gives the total), then a cumulative sum inside the chosen block — so no [B, V] cumulative sum
+    is formed. -inf logits (zero mass) are never drawn; NaN logits give
     a token inside the vocabulary."""
     B, V = logits_BxV.shape
     blocks = -(-V // _CDF_BLOCK)
