@@ -508,7 +508,8 @@ def test_decode_chunk_writes_the_cache_in_place():
     model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     block_graphdef, _ = nnx.split(model.blocks)
-    weights = jax.eval_shape(functools.partial(decoding.gather_program, graphdef, block_graphdef, None, "float32"), state)
+    weights = jax.eval_shape(
+        functools.partial(decoding.gather_program, graphdef, block_graphdef, None, "float32"), state)
     settings = sampling.Settings(max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(1,),
                                   pad_id=0, mesh=None, attention="einsum")
     slots, outputs = jax.eval_shape(functools.partial(sampling.init_program, settings, config, 2, 4096, 8))
