@@ -478,7 +478,7 @@ def test_decode_step_neither_copies_a_layer_cache_nor_gathers_weights():
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     model = shard_model(Transformer(config, rngs=nnx.Rngs(0)), mesh)
     settings = sampling.Settings(max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(1,),
-                                  pad_id=0, mesh=mesh, attention="einsum")
+                                 pad_id=0, mesh=mesh, attention="einsum")
     weights = decoding.gather_weights(model, mesh)
     slots, outputs = sampling.init_program(settings, config, 8, 27, 16)
     hlo = sampling.decode_program.lower(
@@ -511,7 +511,7 @@ def test_decode_chunk_writes_the_cache_in_place():
     weights = jax.eval_shape(
         functools.partial(decoding.gather_program, graphdef, block_graphdef, None, "float32"), state)
     settings = sampling.Settings(max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(1,),
-                                  pad_id=0, mesh=None, attention="einsum")
+                                 pad_id=0, mesh=None, attention="einsum")
     slots, outputs = jax.eval_shape(functools.partial(sampling.init_program, settings, config, 2, 4096, 8))
     budget = jax.ShapeDtypeStruct((8,), jnp.int32)
     memory = sampling.decode_program.lower(

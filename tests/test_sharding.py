@@ -77,7 +77,7 @@ def test_sharded_sampler_decode_equals_unsharded(checkpoint):
     model = from_pretrained(directory, mesh=mesh)
     prompt_len = 13
     settings = sampling.Settings(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, eos_token_ids=(2,),
-                                  pad_id=0, mesh=mesh, attention="einsum")
+                                 pad_id=0, mesh=mesh, attention="einsum")
     weights = decoding.gather_weights(model, mesh)
     slots, _ = sampling.init_program(settings, model.config, 8, 16, 8)
     slot_sharding = jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), "tensor", None, None))
