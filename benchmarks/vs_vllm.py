@@ -34,7 +34,7 @@ within one run after a warm-up call each (the box is shared, so both see the sam
 
 vLLM gets both cores (`VLLM_CPU_OMP_THREADS_BIND=0-<cores-1>`, `VLLM_CPU_NUM_OF_RESERVED_CPU=0`;
 by default it keeps one for itself) and `--vllm-kv-gb` GiB of KV cache. The vLLM worker keeps its
-model loaded while cfpo_jax runs (its threads sleep between calls).
+model loaded while cfpo_jax runs, idle between its calls.
 """
 
 from __future__ import annotations
