@@ -33,10 +33,11 @@ Layout (R = prompts × n rows, P padded prompt length, N = max_new_tokens, V voc
   expects); the n rows of a prompt inserted together share one prefill.
 * Sampling: `temperature=0` is greedy (argmax) and reports temperature-1 logprobs. Otherwise the
   token is drawn from softmax(logits / temperature) restricted by `top_k` then `top_p` (top-p on
-  the distribution renormalised over the top-k, as in transformers), by Gumbel-argmax
-  (`categorical`: the draws of `jax.random.categorical`, its argmax faster on CPU). The reported
-  logprob is under the *unrestricted* softmax(logits / temperature), the distribution the trainer
-  recomputes.
+  the distribution renormalised over the top-k, as in transformers), by inverting its cumulative
+  distribution at one uniform per row (`inverse_cdf`, two-level: block masses, then inside one
+  block), the logsumexp of the logprob from the same exp pass. The reported logprob is under the
+  *unrestricted* softmax(logits / temperature), the distribution the trainer recomputes. Top-p
+  without top-k sorts the whole vocabulary (`lax.top_k` with k = V) to find its nucleus.
 * A row ends after one of `eos_token_ids` (kept: mask 1) or its budget (N, or its prompt's own
   `max_new_tokens`); later columns hold `pad_id`, mask 0 and logprob 0.
 * Weights are gathered once per call into the sampling layout (`models.decoding.gather_weights`:
@@ -74,6 +75,7 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
+import time
 from typing import Callable, Sequence
 
 import flax.struct
@@ -125,7 +127,7 @@ class Samples:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Settings:
+class Settings:
     """Everything static that shapes the compiled functions (hashable: it keys the jit cache)."""
 
     max_new_tokens: int
@@ -200,51 +202,78 @@ def _constrain_slots(slots: _Slots, mesh) -> _Slots:
     return _Slots(cache=cache, **fields)
 
 
-def categorical(key_B, logits_BxV):
-    """`jax.random.categorical` row by row (row b with key_B[b]): the same draws, the first index
-    of the largest logit + Gumbel noise, int32 [B]. The argmax is two plain reductions (the max,
-    then the first index holding it) because XLA's CPU backend runs argmax's fused (value, index)
-    reduce over the noise about 4× slower: 31 ms against 9 ms per decode step at 256 × 8,192."""
-    vocab = logits_BxV.shape[-1]
-    noise_BxV = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), logits_BxV.dtype))(key_B)
-    noisy_BxV = logits_BxV + noise_BxV
-    largest_Bx1 = jnp.max(noisy_BxV, axis=-1, keepdims=True)
-    index_BxV = jnp.where(noisy_BxV == largest_Bx1, jnp.arange(vocab, dtype=jnp.int32), vocab)
-    # NaN logits match nothing: keep the token in the vocabulary (its logprob is NaN anyway).
-    return jnp.minimum(jnp.min(index_BxV, axis=-1), vocab - 1)
+_CDF_BLOCK = 256  # vocabulary entries per block of the two-level inverse-CDF search
 
 
-def _sample(logits_BxV, key_B, settings: _Settings):
+def inverse_cdf(u_B, logits_BxV):
+    """One draw per row from softmax(logits_BxV), by inverting its cumulative distribution at the
+    row's uniform u_B[b] in [0, 1): the first index whose cumulative mass exceeds u · total, int32
+    [B]; also logsumexp(logits_BxV), float32 [B], from the same pass. A draw needs one uniform per
+    row instead of one Gumbel variate per vocabulary entry (the threefry bits of 49k Gumbels per
+    row were 28% of a SmolLM2 decode step's CPU time at 256 rows, benchmarks/README.md). The
+    search is two-level — block masses (blocks of `_CDF_BLOCK` entries, from the same exp pass that
+    gives the total), then a cumulative sum inside the chosen block — so no [B, V] cumulative sum
+    is formed. -inf logits (zero mass) are never drawn; NaN logits give
+    a token inside the vocabulary."""
+    B, V = logits_BxV.shape
+    blocks = -(-V // _CDF_BLOCK)
+    padded_BxW = jnp.pad(logits_BxV, ((0, 0), (0, blocks * _CDF_BLOCK - V)), constant_values=-jnp.inf)
+    largest_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
+    weight_BxNxC = jnp.exp(padded_BxW - largest_Bx1).reshape(B, blocks, _CDF_BLOCK)
+    mass_BxN = jnp.sum(weight_BxNxC, axis=-1)
+    upto_BxN = jnp.cumsum(mass_BxN, axis=-1)
+    target_B = u_B * upto_BxN[:, -1]
+    # The first block whose cumulative mass exceeds the target; rounding can leave the target at
+    # or past the total: then the last block with mass (never a zero-mass block).
+    last_block_B = _last_positive(mass_BxN)
+    block_B = jnp.minimum(jnp.sum(upto_BxN <= target_B[:, None], axis=-1, dtype=jnp.int32), last_block_B)
+    before_B = jnp.where(block_B > 0, _picked(upto_BxN, jnp.maximum(block_B - 1, 0)), 0.0)
+    inside_BxC = jnp.take_along_axis(weight_BxNxC, block_B[:, None, None], axis=1)[:, 0]
+    index_B = jnp.minimum(jnp.sum(jnp.cumsum(inside_BxC, axis=-1) <= (target_B - before_B)[:, None], axis=-1,
+                                  dtype=jnp.int32), _last_positive(inside_BxC))
+    token_B = jnp.minimum(block_B * _CDF_BLOCK + index_B, V - 1)
+    return token_B, largest_Bx1[:, 0] + jnp.log(upto_BxN[:, -1])
+
+
+def _last_positive(x_BxN):
+    """The last index of each row holding a value > 0 (0 when none), int32 [B]."""
+    return jnp.max(jnp.where(x_BxN > 0, jnp.arange(x_BxN.shape[-1], dtype=jnp.int32), 0), axis=-1)
+
+
+def sample(logits_BxV, key_B, *, temperature: float, top_k: int = 0, top_p: float = 1.0):
     """One token per row (row b drawn with its own key_B[b]) and its logprob under
-    softmax(logits / temperature); float32 math."""
+    softmax(logits / temperature), int32 [B] and float32 [B]: a decode step's sampler (module doc,
+    "Sampling"); float32 math. The settings are static (jit it with them bound)."""
     logits_BxV = logits_BxV.astype(jnp.float32)
-    if settings.temperature == 0.0:
+    if temperature == 0.0:
         token_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-        scaled_BxV = logits_BxV
-    else:
-        scaled_BxV = logits_BxV / settings.temperature
-        vocab = scaled_BxV.shape[-1]
-        if settings.top_k == 0 and settings.top_p == 1.0:
-            token_B = categorical(key_B, scaled_BxV)
-        else:
-            # Sorted candidates (the top k, or the whole vocabulary for top-p alone); sampling an
-            # index among them keeps the allowed set exact even when logits tie at the cutoff.
-            k = settings.top_k if settings.top_k > 0 else vocab
-            top_BxK, index_BxK = jax.lax.top_k(scaled_BxV, k)
-            if settings.top_p < 1.0:
-                probs_BxK = jax.nn.softmax(top_BxK, axis=-1)
-                # Keep the smallest prefix whose mass reaches top_p: a candidate stays if the mass
-                # before it is still short of top_p (so the most likely one always stays).
-                keep_BxK = (jnp.cumsum(probs_BxK, axis=-1) - probs_BxK) < settings.top_p
-                top_BxK = jnp.where(keep_BxK, top_BxK, -jnp.inf)
-            choice_B = categorical(key_B, top_BxK)
-            token_B = jnp.take_along_axis(index_BxK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    picked_B = jnp.take_along_axis(scaled_BxV, token_B[:, None], axis=-1)[:, 0]
-    logprob_B = picked_B - jax.nn.logsumexp(scaled_BxV, axis=-1)
-    return token_B, logprob_B
+        return token_B, _picked(logits_BxV, token_B) - jax.nn.logsumexp(logits_BxV, axis=-1)
+    scaled_BxV = logits_BxV / temperature
+    u_B = jax.vmap(lambda key: jax.random.uniform(key, (), jnp.float32))(key_B)
+    if top_k == 0 and top_p == 1.0:
+        token_B, log_mass_B = inverse_cdf(u_B, scaled_BxV)
+        return token_B, _picked(scaled_BxV, token_B) - log_mass_B
+    # Sorted candidates (the top k, or the whole vocabulary for top-p alone); drawing an index
+    # among them keeps the allowed set exact even when logits tie at the cutoff.
+    k = top_k if top_k > 0 else scaled_BxV.shape[-1]
+    top_BxK, index_BxK = jax.lax.top_k(scaled_BxV, k)
+    if top_p < 1.0:
+        probs_BxK = jax.nn.softmax(top_BxK, axis=-1)
+        # Keep the smallest prefix whose mass reaches top_p: a candidate stays if the mass before
+        # it is still short of top_p (so the most likely one always stays).
+        keep_BxK = (jnp.cumsum(probs_BxK, axis=-1) - probs_BxK) < top_p
+        top_BxK = jnp.where(keep_BxK, top_BxK, -jnp.inf)
+    choice_B, _ = inverse_cdf(u_B, top_BxK)
+    token_B = jnp.take_along_axis(index_BxK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    # The reported logprob is under the unrestricted distribution (what the trainer recomputes).
+    return token_B, _picked(scaled_BxV, token_B) - jax.nn.logsumexp(scaled_BxV, axis=-1)
 
 
-def _force_and_stop(settings: _Settings, outputs: _Outputs, row_K, step_K, token_K, logprob_K, hit_eos_K):
+def _picked(x_BxV, token_B):
+    return jnp.take_along_axis(x_BxV, token_B[:, None], axis=-1)[:, 0]
+
+
+def _force_and_stop(settings: Settings, outputs: _Outputs, row_K, step_K, token_K, logprob_K, hit_eos_K):
     """Multi-turn: a forced token replaces the sample (logprob 0, not generated, never ends the
     turn); a sampled token also ends the turn when it completes a stop sequence of sampled tokens.
     Returns (token_K, logprob_K, turn_end_K, generated_K)."""
@@ -267,7 +296,7 @@ def _force_and_stop(settings: _Settings, outputs: _Outputs, row_K, step_K, token
 # ----------------------------------------------------------------------------- jitted pieces
 
 
-def _init(settings: _Settings, config, num_slots, num_cache_slots, num_rows):
+def _init(settings: Settings, config, num_slots, num_cache_slots, num_rows):
     slots = _Slots(
         cache=decoding.init_slot_cache(config, num_slots, num_cache_slots),
         row_K=jnp.full((num_slots,), num_rows, jnp.int32),
@@ -289,7 +318,7 @@ def _init(settings: _Settings, config, num_slots, num_cache_slots, num_rows):
     return _constrain_slots(slots, settings.mesh), outputs
 
 
-def _insert(settings: _Settings, weights, slots: _Slots, prompt_tokens_MxP, prompt_mask_MxP, source_K, row_K):
+def _insert(settings: Settings, weights, slots: _Slots, prompt_tokens_MxP, prompt_mask_MxP, source_K, row_K):
     """Prefills the M prompts and starts slot k on prompt source_K[k] as row row_K[k] (source -1:
     the slot keeps what it has). Only the prompt columns [0, P - 1) of the new slots change."""
     prompt_len = prompt_tokens_MxP.shape[1]
@@ -319,7 +348,7 @@ def _insert(settings: _Settings, weights, slots: _Slots, prompt_tokens_MxP, prom
     return _constrain_slots(new, settings.mesh)
 
 
-def _decode_chunk(settings: _Settings, weights, slots: _Slots, outputs: _Outputs, key, budget_R, refill_at):
+def _decode_chunk(settings: Settings, weights, slots: _Slots, outputs: _Outputs, key, budget_R, refill_at):
     """Decode steps over all slots until `refill_at` slots are free or none is active; row r
     ends at an EOS or after budget_R[r] tokens."""
     num_rows = outputs.lengths_R.shape[0]
@@ -338,7 +367,8 @@ def _decode_chunk(settings: _Settings, weights, slots: _Slots, outputs: _Outputs
         logits_KxV, cache = decoding.decode_step(
             weights, slots.token_K, slots.cache, column_K, implementation=settings.attention)
         key_K = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(slots.row_K, slots.step_K)
-        token_K, logprob_K = _sample(logits_KxV, key_K, settings)
+        token_K, logprob_K = sample(logits_KxV, key_K, temperature=settings.temperature, top_k=settings.top_k,
+                                    top_p=settings.top_p)
         hit_eos_K = jnp.isin(token_K, eos_ids)
         if settings.multi_turn:
             token_K, logprob_K, hit_eos_K, generated_K = _force_and_stop(
@@ -370,7 +400,7 @@ def _decode_chunk(settings: _Settings, weights, slots: _Slots, outputs: _Outputs
     return jax.lax.while_loop(cond_fn, body_fn, (slots, outputs))
 
 
-def _resume(settings: _Settings, slots: _Slots, outputs: _Outputs, slot_M, row_M, start_M, forced_MxW):
+def _resume(settings: Settings, slots: _Slots, outputs: _Outputs, slot_M, row_M, start_M, forced_MxW):
     """Multi-turn: slot slot_M[m] (row row_M[m]) decodes on, with forced_MxW[m] (-1 padded) as its
     tokens at columns start_M[m], start_M[m] + 1, ... (columns past the budget are dropped).
     Entries with slot_M = K are padding."""
@@ -382,10 +412,15 @@ def _resume(settings: _Settings, slots: _Slots, outputs: _Outputs, slot_M, row_M
     return slots.replace(active_K=active_K), outputs.replace(forced_RxN=forced_RxN)
 
 
-_init_jit = jax.jit(_init, static_argnums=(0, 1, 2, 3, 4))
+# The sampler's compiled programs, public for `cfpo_jax.aot` (which compiles these very functions for
+# the chips) and for tests. init_program(settings, model_config, K, S, R) -> (slots, outputs);
+# prefill_program(settings, weights, slots, prompt_tokens_MxP, prompt_mask_MxP, source_K, row_K) ->
+# slots (slots donated); decode_program(settings, weights, slots, outputs, key, budget_R, refill_at)
+# -> (slots, outputs) (both donated; `key` a typed `jax.random.key`, whatever `generate`'s seed was).
+init_program = jax.jit(_init, static_argnums=(0, 1, 2, 3, 4))
 _resume_jit = jax.jit(_resume, static_argnums=(0,), donate_argnums=(1, 2))
-_insert_jit = jax.jit(_insert, static_argnums=(0,), donate_argnums=(2,))
-_decode_chunk_jit = jax.jit(_decode_chunk, static_argnums=(0,), donate_argnums=(2, 3))
+prefill_program = jax.jit(_insert, static_argnums=(0,), donate_argnums=(2,))
+decode_program = jax.jit(_decode_chunk, static_argnums=(0,), donate_argnums=(2, 3))
 
 
 # ----------------------------------------------------------------------------- host side
@@ -467,8 +502,8 @@ def engine_settings(sampling_config) -> dict:
                 kv_cache_gb=sampling_config.kv_cache_gb, attention=sampling_config.attention)
 
 
-def _run_turns(settings: _Settings, weights, slots: _Slots, outputs: _Outputs, key, budget_R, insert,
-               turn_end, executor) -> _Outputs:
+def _run_turns(settings: Settings, weights, slots: _Slots, outputs: _Outputs, key, budget_R,
+               insert: _Inserter, turn_end, executor, clock: _Clock) -> _Outputs:
     """The multi-turn host loop (module doc, "Multi-turn"): decode chunks; a row whose turn ended
     waits in its slot while `turn_end` runs in `executor`; its observation is forced in and the
     slot decodes on, or the row ends and frees the slot for a waiting row."""
@@ -490,8 +525,8 @@ def _run_turns(settings: _Settings, weights, slots: _Slots, outputs: _Outputs, k
                 # Back to the host once a sixteenth of the slots (at least one) more have stopped.
                 idle = num_slots - int(active_K.sum())
                 refill_at = min(idle + max(num_slots // _REFILL_FRACTION, 1), num_slots)
-                slots, outputs = _decode_chunk_jit(settings, weights, slots, outputs, key, budget_R,
-                                                   np.int32(refill_at))
+                slots, outputs = clock.run("decode", decode_program, settings, weights, slots, outputs, key,
+                                           budget_R, np.int32(refill_at))
                 now_K, step_K, row_K = to_host((slots.active_K, slots.step_K, slots.row_K))
                 stopped = np.flatnonzero(active_K & ~now_K)
                 active_K = np.array(now_K)
@@ -594,6 +629,7 @@ def generate(
     turn_end: Callable[[int, list[int]], Sequence[int] | None] | None = None,
     stop_sequences: Sequence[Sequence[int]] = (),
     executor: concurrent.futures.Executor | None = None,
+    timings: dict | None = None,
 ) -> Samples:
     """Samples `n` completions of up to `max_new_tokens` tokens per prompt (see the module doc).
 
@@ -607,7 +643,8 @@ def generate(
       temperature: 0 is greedy; otherwise sample from softmax(logits / temperature).
       top_p, top_k: nucleus / top-k restriction of the sampled distribution (1.0 / 0 = off).
       eos_token_ids: a row stops after the first of these (the EOS is kept, mask 1).
-      seed: an int or a `jax.random.key`; the same seed gives the same samples, whatever K.
+      seed: an int or a `jax.random.key` (a raw uint32 key is wrapped as one); the same seed gives
+        the same samples, whatever K.
       n: samples per prompt; rows are group by group (row i * n + j: sample j of prompt i).
       prompt_bucket: padded prompt length; None rounds the longest prompt up to a power of two.
       mesh: split the slots over its ('data', 'fsdp') axes (weights: see `models.decoding`).
@@ -620,19 +657,70 @@ def generate(
         None / [] to end the row. None: single-turn, a row ends at its first EOS.
       stop_sequences: with `turn_end`, token sequences that also end a turn (kept, sampled).
       executor: where `turn_end` calls run (default: a pool of 8 threads for this call).
+      timings: a dict to fill with the call's seconds in its prefill programs ("prefill"), its
+        decode chunks ("decode") and the rest ("host"); each program is then waited for, so the
+        device does not run ahead of the host (for benchmarks; None: no waiting).
 
     Returns:
       `Samples` with R = len(prompts) * n rows (arrays on device).
     """
+    clock = _Clock(timings)
+    request = _request(model.config, prompts, max_new_tokens=max_new_tokens, eos_token_ids=eos_token_ids,
+                       stop_sequences=stop_sequences, multi_turn=turn_end is not None, n=n, pad_id=pad_id,
+                       prompt_bucket=prompt_bucket)
+    _check_settings(model.config.vocab_size, request.max_new_tokens, temperature, top_p, top_k,
+                    request.eos_token_ids, n, pad_id)
+    engine = _engine(model.config, request, mesh=mesh, max_concurrent=max_concurrent, kv_cache_gb=kv_cache_gb,
+                     attention=attention)
+    settings = Settings(
+        max_new_tokens=request.max_new_tokens, temperature=float(temperature), top_k=int(top_k),
+        top_p=float(top_p), eos_token_ids=request.eos_token_ids, pad_id=int(pad_id), mesh=mesh,
+        attention=engine.attention, multi_turn=turn_end is not None, stop_sequences=request.stop_sequences)
+    weights = decoding.gather_weights(model, mesh)
+    slots, outputs = init_program(settings, model.config, engine.num_slots, engine.num_cache_slots, request.num_rows)
+    inserter = _Inserter(settings, weights, request, engine, clock)
+    key = _as_key(seed)
+    if turn_end is None:
+        outputs = _run_single_turn(settings, weights, slots, outputs, key, request.budget_R, inserter, clock)
+    else:
+        outputs = _run_turns(settings, weights, slots, outputs, key, request.budget_R, inserter, turn_end,
+                             executor, clock)
+    samples = _samples(request, outputs, mesh, multi_turn=turn_end is not None)
+    clock.finish()
+    return samples
+
+
+@dataclasses.dataclass(frozen=True)
+class _Request:
+    """A call's prompts and budgets, checked: B prompts left-padded to P, R = B · n rows."""
+
+    prompt_tokens_BxP: np.ndarray
+    prompt_mask_BxP: np.ndarray
+    budget_R: np.ndarray  # int32, each row's token budget
+    max_new_tokens: int  # N, the largest budget
+    n: int
+    eos_token_ids: tuple[int, ...]
+    stop_sequences: tuple[tuple[int, ...], ...]
+
+    @property
+    def num_rows(self) -> int:
+        return self.prompt_tokens_BxP.shape[0] * self.n
+
+
+def _request(config, prompts, *, max_new_tokens, eos_token_ids, stop_sequences, multi_turn, n, pad_id,
+             prompt_bucket) -> _Request:
+    """`generate`'s prompt and budget arguments, checked against the model's vocabulary."""
     if isinstance(eos_token_ids, (int, np.integer)):
         eos_token_ids = (eos_token_ids,)
     eos_token_ids = tuple(int(i) for i in eos_token_ids)
     stop_sequences = tuple(tuple(int(t) for t in sequence) for sequence in stop_sequences)
-    if stop_sequences and turn_end is None:
+    if stop_sequences and not multi_turn:
         raise ValueError("stop_sequences end turns of a multi-turn rollout; they need turn_end")
     if any(not sequence for sequence in stop_sequences):
         raise ValueError(f"stop_sequences {stop_sequences} holds an empty sequence")
-    config = model.config
+    bad_stop = sorted({t for sequence in stop_sequences for t in sequence if not 0 <= t < config.vocab_size})
+    if bad_stop:
+        raise ValueError(f"stop_sequences token ids {bad_stop} are outside the vocabulary [0, {config.vocab_size})")
     if isinstance(max_new_tokens, (int, np.integer)):
         budgets = None
     else:
@@ -640,15 +728,8 @@ def generate(
         if budgets.ndim != 1 or budgets.size == 0 or budgets.min() < 1:
             raise ValueError(f"max_new_tokens must be >= 1, or one such budget per prompt; got {max_new_tokens}")
         max_new_tokens = int(budgets.max())
-    _check_settings(config.vocab_size, max_new_tokens, temperature, top_p, top_k, eos_token_ids, n, pad_id)
-    bad_stop = sorted({t for sequence in stop_sequences for t in sequence if not 0 <= t < config.vocab_size})
-    if bad_stop:
-        raise ValueError(f"stop_sequences token ids {bad_stop} are outside the vocabulary [0, {config.vocab_size})")
-    if max_concurrent is not None and max_concurrent < 1:
-        raise ValueError(f"max_concurrent must be >= 1 (or None for the kv_cache_gb budget); got {max_concurrent}")
-    if kv_cache_gb <= 0:
-        raise ValueError(f"kv_cache_gb must be > 0; got {kv_cache_gb}")
-    attention = resolve_decode(attention, config.dtype, config.head_dim)
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1; got {max_new_tokens}")
 
     token_lists = _as_token_lists(prompts)
     if not token_lists:
@@ -661,14 +742,38 @@ def generate(
         raise ValueError(f"prompt token ids {bad[:10]} are outside the vocabulary [0, {config.vocab_size})")
     if budgets is not None and len(budgets) != len(token_lists):
         raise ValueError(f"max_new_tokens has {len(budgets)} budgets for {len(token_lists)} prompts")
-    prompt_len = _bucket(max(len(ids) for ids in token_lists), prompt_bucket)
-    prompt_tokens_BxP, prompt_mask_BxP = _left_pad(token_lists, prompt_len, pad_id)
+    prompt_tokens_BxP, prompt_mask_BxP = _left_pad(
+        token_lists, _bucket(max(len(ids) for ids in token_lists), prompt_bucket), pad_id)
+    n = max(int(n), 1)  # (n < 1 is reported by _check_settings)
+    budget_R = np.full(len(token_lists) * n, max_new_tokens) if budgets is None else np.repeat(budgets, n)
+    return _Request(prompt_tokens_BxP=prompt_tokens_BxP, prompt_mask_BxP=prompt_mask_BxP,
+                    budget_R=budget_R.astype(np.int32), max_new_tokens=int(max_new_tokens), n=n,
+                    eos_token_ids=eos_token_ids, stop_sequences=stop_sequences)
 
-    shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-    num_rows = len(token_lists) * n
+
+@dataclasses.dataclass(frozen=True)
+class _Engine:
+    """The call's slots: K slots of S cache columns, prefills of at most `max_prefill` prompts."""
+
+    attention: str
+    num_cache_slots: int
+    num_slots: int
+    max_prefill: int
+    shards: int
+
+
+def _engine(config, request: _Request, *, mesh, max_concurrent, kv_cache_gb, attention) -> _Engine:
+    """The slot layout of a call (`slot_layout`), printed once per setting."""
+    if max_concurrent is not None and max_concurrent < 1:
+        raise ValueError(f"max_concurrent must be >= 1 (or None for the kv_cache_gb budget); got {max_concurrent}")
+    if kv_cache_gb <= 0:
+        raise ValueError(f"kv_cache_gb must be > 0; got {kv_cache_gb}")
+    attention = resolve_decode(attention, config.dtype, config.head_dim)
+    num_rows = request.num_rows
     num_cache_slots, num_slots, max_prefill = slot_layout(
-        config, prompt_len=prompt_len, max_new_tokens=max_new_tokens, num_rows=num_rows, mesh=mesh,
-        max_concurrent=max_concurrent, kv_cache_gb=kv_cache_gb, attention=attention)
+        config, prompt_len=request.prompt_tokens_BxP.shape[1], max_new_tokens=request.max_new_tokens,
+        num_rows=num_rows, mesh=mesh, max_concurrent=max_concurrent, kv_cache_gb=kv_cache_gb, attention=attention)
+    shards = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
     if max_concurrent is None:
         max_concurrent = slots_for_budget(config, num_cache_slots, kv_cache_gb, mesh)
         source = f"kv_cache_gb={kv_cache_gb:g}"
@@ -680,71 +785,116 @@ def generate(
         f"{num_cache_slots} cache columns, "
         f"{num_slots // shards * kv_bytes_per_slot(config, num_cache_slots, tensor) / 1e6:,.1f} MB "
         f"of keys/values per device; {attention} decode attention)")
+    return _Engine(attention=attention, num_cache_slots=num_cache_slots, num_slots=num_slots,
+                   max_prefill=max_prefill, shards=shards)
 
-    key = jax.random.key(seed) if isinstance(seed, (int, np.integer)) else seed
-    settings = _Settings(
-        max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
-        top_p=float(top_p), eos_token_ids=eos_token_ids, pad_id=int(pad_id),
-        mesh=mesh, attention=attention, multi_turn=turn_end is not None, stop_sequences=stop_sequences)
-    budget_R = (np.full(num_rows, max_new_tokens) if budgets is None else np.repeat(budgets, n)).astype(np.int32)
-    weights = decoding.gather_weights(model, mesh)
-    slots, outputs = _init_jit(settings, config, num_slots, num_cache_slots, num_rows)
 
-    next_row = 0
+def _as_key(seed) -> jax.Array:
+    """A typed key from an int, a typed key, or a raw uint32 key (one key style in the programs)."""
+    if isinstance(seed, (int, np.integer)):
+        return jax.random.key(seed)
+    if not jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key):
+        return jax.random.wrap_key_data(seed)
+    return seed
 
-    def insert(slots, free):
+
+class _Clock:
+    """`generate(timings=...)`: seconds in the prefill and decode programs (each waited for) and the
+    rest of the call ("host"). Without a dict it neither waits nor counts."""
+
+    def __init__(self, timings: dict | None):
+        self.timings = timings
+        self.start = time.perf_counter()
+        if timings is not None:
+            timings.update(prefill=0.0, decode=0.0, host=0.0)
+
+    def run(self, name: str, program, *args):
+        if self.timings is None:
+            return program(*args)
+        start = time.perf_counter()
+        result = jax.block_until_ready(program(*args))
+        self.timings[name] += time.perf_counter() - start
+        return result
+
+    def finish(self):
+        if self.timings is not None:
+            busy = self.timings["prefill"] + self.timings["decode"]
+            self.timings["host"] = time.perf_counter() - self.start - busy
+
+
+class _Inserter:
+    """Starts waiting rows, in order, in free slots: the n rows of a prompt share one prefill."""
+
+    def __init__(self, settings: Settings, weights, request: _Request, engine: _Engine, clock: _Clock):
+        self.settings, self.weights, self.request, self.engine, self.clock = settings, weights, request, engine, clock
+        self.next_row = 0
+
+    @property
+    def waiting(self) -> bool:
+        return self.next_row < self.request.num_rows
+
+    def __call__(self, slots: _Slots, free) -> tuple[_Slots, np.ndarray]:
         """Starts waiting rows in the `free` slots; returns (slots, the slots filled)."""
-        nonlocal next_row
+        request, engine, n = self.request, self.engine, self.request.n
+        num_rows, num_slots = request.num_rows, engine.num_slots
         filled = []
-        while len(free) and next_row < num_rows:
-            first_prompt = next_row // n
-            take = min(len(free), num_rows - next_row, (first_prompt + max_prefill) * n - next_row)
-            rows = np.arange(next_row, next_row + take)
-            next_row += take
+        while len(free) and self.waiting:
+            first_prompt = self.next_row // n
+            take = min(len(free), num_rows - self.next_row, (first_prompt + engine.max_prefill) * n - self.next_row)
+            rows = np.arange(self.next_row, self.next_row + take)
+            self.next_row += take
             # Each distinct prompt of these rows is prefilled once; the batch size is a power of
             # two (times the batch shards) so that few shapes compile.
             prompt_ids, source = np.unique(rows // n, return_inverse=True)
-            batch = -(-(1 << (len(prompt_ids) - 1).bit_length()) // shards) * shards
+            batch = -(-(1 << (len(prompt_ids) - 1).bit_length()) // engine.shards) * engine.shards
             prompt_ids = np.concatenate([prompt_ids, np.full(batch - len(prompt_ids), prompt_ids[0])])
             source_K = np.full(num_slots, -1, np.int32)
             source_K[free[:take]] = source
             row_K = np.full(num_slots, num_rows, np.int32)
             row_K[free[:take]] = rows
-            slots = _insert_jit(settings, weights, slots, prompt_tokens_BxP[prompt_ids],
-                                prompt_mask_BxP[prompt_ids], source_K, row_K)
+            slots = self.clock.run("prefill", prefill_program, self.settings, self.weights, slots,
+                                   request.prompt_tokens_BxP[prompt_ids], request.prompt_mask_BxP[prompt_ids],
+                                   source_K, row_K)
             filled.extend(free[:take])
             free = free[take:]
         return slots, np.asarray(filled, np.int64)
 
-    if turn_end is None:
-        active_K = np.zeros(num_slots, bool)
-        while True:
-            slots, filled = insert(slots, np.flatnonzero(~active_K))
-            active_K[filled] = True
-            if not active_K.any():
-                break
-            refill_at = max(num_slots // _REFILL_FRACTION, 1) if next_row < num_rows else num_slots + 1
-            slots, outputs = _decode_chunk_jit(settings, weights, slots, outputs, key, budget_R, np.int32(refill_at))
-            active_K = np.array(to_host(slots.active_K))
-    else:
-        outputs = _run_turns(settings, weights, slots, outputs, key, budget_R, insert, turn_end,
-                             executor)
 
+def _run_single_turn(settings: Settings, weights, slots: _Slots, outputs: _Outputs, key, budget_R,
+                     insert: _Inserter, clock: _Clock) -> _Outputs:
+    """The host loop (module doc): fill free slots, decode a chunk, until every row has ended."""
+    num_slots = slots.active_K.shape[0]
+    active_K = np.zeros(num_slots, bool)
+    while True:
+        slots, filled = insert(slots, np.flatnonzero(~active_K))
+        active_K[filled] = True
+        if not active_K.any():
+            return outputs
+        refill_at = max(num_slots // _REFILL_FRACTION, 1) if insert.waiting else num_slots + 1
+        slots, outputs = clock.run("decode", decode_program, settings, weights, slots, outputs, key, budget_R,
+                                   np.int32(refill_at))
+        active_K = np.array(to_host(slots.active_K))
+
+
+def _samples(request: _Request, outputs: _Outputs, mesh, *, multi_turn: bool) -> Samples:
+    """The rows' `Samples`, on the mesh's batch axes when their count divides."""
+    max_new_tokens, n = request.max_new_tokens, request.n
     lengths_R = outputs.lengths_R
     mask_RxN = (jnp.arange(max_new_tokens)[None] < lengths_R[:, None]).astype(jnp.int32)
     samples = Samples(
-        prompt_tokens=jnp.repeat(jnp.asarray(prompt_tokens_BxP), n, axis=0),
-        prompt_mask=jnp.repeat(jnp.asarray(prompt_mask_BxP), n, axis=0),
+        prompt_tokens=jnp.repeat(jnp.asarray(request.prompt_tokens_BxP), n, axis=0),
+        prompt_mask=jnp.repeat(jnp.asarray(request.prompt_mask_BxP), n, axis=0),
         tokens=outputs.tokens_RxN,
         mask=mask_RxN,
         logprobs=outputs.logprobs_RxN,
         lengths=lengths_R,
         eos=outputs.eos_R,
-        generated=None if turn_end is None else outputs.generated_RxN.astype(jnp.int32) * mask_RxN,
+        generated=outputs.generated_RxN.astype(jnp.int32) * mask_RxN if multi_turn else None,
     )
     if mesh is not None:
         # Every output on the mesh, rows over the batch axes when they divide (as the trainer's
         # batches are), so later jitted steps need no implicit transfer.
-        rows = NamedSharding(mesh, PS(BATCH_AXES) if num_rows % shards == 0 else PS())
+        shards = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+        rows = NamedSharding(mesh, PS(BATCH_AXES) if request.num_rows % shards == 0 else PS())
         samples = jax.device_put(samples, rows)
     return samples

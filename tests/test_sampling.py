@@ -6,6 +6,7 @@ import functools
 import os
 import subprocess
 import sys
+import time
 
 import hf_fixtures
 import jax
@@ -90,6 +91,33 @@ def test_same_seed_same_samples_other_seed_differs(checkpoint):
     assert not np.array_equal(a.tokens, c.tokens)
     # The two samples of a prompt are independent draws, not copies.
     assert not np.array_equal(a.tokens[0::2], a.tokens[1::2])
+    # An int, its typed key and its raw uint32 key are one seed.
+    for same in (run(seed=jax.random.key(3)), run(seed=jax.random.PRNGKey(3))):
+        np.testing.assert_array_equal(same.tokens, a.tokens)
+
+
+def test_every_seed_style_runs_the_decode_program_compiled_for_a_typed_key(checkpoint):
+    """The trainer passes a typed key and `cfpo_jax.aot` compiles the decode chunk for one: an int
+    or a raw uint32 key seed must reach the same compiled program, not a second one."""
+    _, model, _ = checkpoint
+    run = functools.partial(sampling.generate, model, make_prompts(), max_new_tokens=NEW, eos_token_ids=EOS)
+    run(seed=jax.random.key(5))
+    compiled = sampling.decode_program._cache_size()
+    run(seed=5)
+    run(seed=jax.random.PRNGKey(5))
+    assert sampling.decode_program._cache_size() == compiled
+
+
+def test_timings_split_the_call(checkpoint):
+    _, model, _ = checkpoint
+    timings = {}
+    start = time.perf_counter()
+    sampling.generate(model, make_prompts(), max_new_tokens=NEW, eos_token_ids=EOS, n=2, max_concurrent=3,
+                      timings=timings)
+    wall = time.perf_counter() - start
+    assert set(timings) == {"prefill", "decode", "host"}
+    assert timings["prefill"] > 0 and timings["decode"] > 0 and timings["host"] >= 0
+    assert sum(timings.values()) <= wall
 
 
 def test_near_zero_temperature_is_greedy(checkpoint):
@@ -145,10 +173,10 @@ def test_new_prompt_lengths_in_the_bucket_reuse_the_compiled_sampler(checkpoint)
     _, model, _ = checkpoint
     run = functools.partial(sampling.generate, model, max_new_tokens=NEW, temperature=0, eos_token_ids=EOS)
     run(make_prompts((9, 16, 10)))
-    compiled = sampling._insert_jit._cache_size(), sampling._decode_chunk_jit._cache_size()
+    compiled = sampling.prefill_program._cache_size(), sampling.decode_program._cache_size()
     samples = run(make_prompts((12, 10, 15)))
     assert samples.prompt_tokens.shape == (3, 16)
-    assert (sampling._insert_jit._cache_size(), sampling._decode_chunk_jit._cache_size()) == compiled
+    assert (sampling.prefill_program._cache_size(), sampling.decode_program._cache_size()) == compiled
 
 
 def test_sharded_params_and_batch_give_the_unsharded_samples(checkpoint):
@@ -258,6 +286,7 @@ def test_default_concurrency_comes_from_the_cache_budget(capsys):
 
 MEMORY_SCRIPT = """
 import sys
+import time
 import numpy as np
 from flax import nnx
 from cfpo_jax import sampling
@@ -268,9 +297,10 @@ config = ModelConfig(model_type="qwen2", vocab_size=64, hidden_size=64, intermed
                      num_layers=2, num_heads=8, num_kv_heads=8, head_dim=128, dtype="float32")
 model = Transformer(config, rngs=nnx.Rngs(0))
 prompts = np.random.default_rng(0).integers(0, 64, (rows, 8)).tolist()
-# Half the vocabulary ends a row: rows are ~2 tokens long, so 512 of them decode in seconds, while
+# A quarter of the vocabulary ends a row: rows are ~4 tokens long (some row of 32 passes 4 but for odds
+# of 1 in 10^5), so 512 of them decode in seconds, while
 # each slot still holds 128 cache columns.
-s = sampling.generate(model, prompts, max_new_tokens=121, max_concurrent=k, seed=1, eos_token_ids=range(32))
+s = sampling.generate(model, prompts, max_new_tokens=121, max_concurrent=k, seed=1, eos_token_ids=range(16))
 assert int(s.lengths.max()) > 4
 # VmHWM: this process's peak resident memory (ru_maxrss would carry the forking parent's peak).
 print(next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:")))
@@ -329,19 +359,34 @@ def allowed_distribution(temperature, top_k, top_p):
     return out, np.log(probs)
 
 
-def test_categorical_draws_what_jax_random_categorical_draws():
-    """Same keys, same tokens as jax.random.categorical, with -inf logits (a top-k / top-p cut)
-    never drawn; NaN logits still give a token inside the vocabulary."""
+def test_inverse_cdf_draws_what_numpy_draws_at_the_same_uniforms():
+    """Each row's token is the first index whose float64 cumulative softmax mass (numpy) exceeds its
+    uniform, over several blocks of the two-level search and a vocabulary that is not a multiple of
+    a block; -inf logits (a top-k / top-p cut) are never drawn; the logsumexp is numpy's; NaN logits
+    still give a token inside the vocabulary."""
     rng = np.random.default_rng(0)
-    logits = rng.normal(0, 2, (4096, 37)).astype(np.float32)
-    logits[:, -4:] = -np.inf
-    keys = jax.random.split(jax.random.PRNGKey(3), logits.shape[0])
-    ours = np.asarray(jax.jit(sampling.categorical)(keys, logits))
-    expected = np.asarray(jax.vmap(jax.random.categorical)(keys, logits))
-    np.testing.assert_array_equal(ours, expected)
-    assert ours.max() < 33 and len(set(ours)) == 33
-    nan_rows = np.full((2, 37), np.nan, np.float32)
-    assert ((0 <= (drawn := np.asarray(sampling.categorical(keys[:2], nan_rows)))) & (drawn < 37)).all()
+    vocab = 1000
+    logits = rng.normal(0, 2, (4096, vocab)).astype(np.float32)
+    logits[:, 300:340] = -np.inf
+    logits[:, -7:] = -np.inf
+    u = rng.random(4096).astype(np.float32)
+    u[:2] = [0.0, np.nextafter(np.float32(1), np.float32(0))]  # both ends of [0, 1)
+    ours, log_mass = map(np.asarray, jax.jit(sampling.inverse_cdf)(u, logits))
+    probs = np.exp(logits.astype(np.float64) - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    cdf = np.cumsum(probs, -1)
+    expected = np.array([np.searchsorted(row, x, side="right") for row, x in zip(cdf, u.astype(np.float64))])
+    expected = np.minimum(expected, vocab - 8)  # a target past the float total: the last token with mass
+    # Draws agree except where u falls within float32 rounding of a cumulative boundary.
+    near = np.abs(cdf[np.arange(4096), np.minimum(expected, vocab - 1)] - u) < 1e-5
+    near |= np.abs(cdf[np.arange(4096), np.maximum(expected - 1, 0)] - u) < 1e-5
+    assert (ours == expected)[~near].all() and (~near).sum() > 4000
+    assert not np.isin(ours, np.r_[300:340, vocab - 7:vocab]).any()
+    assert len(set(ours)) > 700
+    np.testing.assert_allclose(log_mass, np.log(np.exp(logits.astype(np.float64)).sum(-1)), rtol=1e-6)
+    nan_rows = np.full((2, vocab), np.nan, np.float32)
+    drawn, _ = sampling.inverse_cdf(u[:2], nan_rows)
+    assert ((0 <= np.asarray(drawn)) & (np.asarray(drawn) < vocab)).all()
 
 
 @pytest.mark.parametrize(
@@ -432,11 +477,11 @@ def test_decode_step_neither_copies_a_layer_cache_nor_gathers_weights():
                          num_layers=3, num_heads=4, num_kv_heads=2, head_dim=16, dtype="float32")
     mesh = make_mesh(data=2, fsdp=2, tensor=2)
     model = shard_model(Transformer(config, rngs=nnx.Rngs(0)), mesh)
-    settings = sampling._Settings(max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(1,),
-                                  pad_id=0, mesh=mesh, attention="einsum")
+    settings = sampling.Settings(max_new_tokens=20, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(1,),
+                                 pad_id=0, mesh=mesh, attention="einsum")
     weights = decoding.gather_weights(model, mesh)
-    slots, outputs = sampling._init_jit(settings, config, 8, 27, 16)
-    hlo = sampling._decode_chunk_jit.lower(
+    slots, outputs = sampling.init_program(settings, config, 8, 27, 16)
+    hlo = sampling.decode_program.lower(
         settings, weights, slots, outputs, jax.random.key(0), np.full(16, 20, np.int32), np.int32(3)
     ).compile().as_text()
     smallest_weight = 64 * 4 * 16 // 2 // 2  # q_kernel [D, N, H] split over fsdp and tensor
@@ -445,7 +490,8 @@ def test_decode_step_neither_copies_a_layer_cache_nor_gathers_weights():
         shape = [int(d) for d in dims.split(",") if d]
         if op == "all-gather":
             gathered.append(int(np.prod(shape or [1])))
-        elif 27 in shape:  # 27 cache columns: a layer's cache, or a slice over its columns
+        elif 27 in shape and 16 in shape:  # 27 cache columns of 16 dims: a layer's cache, or a slice
+            # over its columns (not the attention scores [slots, kv heads, 2, 27], which XLA may copy)
             cache_copies.append((op, shape))
     assert gathered, "the mesh run gathers the per-step token columns, so the pattern must match"
     assert max(gathered) < smallest_weight, gathered
@@ -462,12 +508,13 @@ def test_decode_chunk_writes_the_cache_in_place():
     model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model)
     block_graphdef, _ = nnx.split(model.blocks)
-    weights = jax.eval_shape(functools.partial(decoding._gather, graphdef, block_graphdef, None, "float32"), state)
-    settings = sampling._Settings(max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(1,),
-                                  pad_id=0, mesh=None, attention="einsum")
-    slots, outputs = jax.eval_shape(functools.partial(sampling._init, settings, config, 2, 4096, 8))
+    weights = jax.eval_shape(
+        functools.partial(decoding.gather_program, graphdef, block_graphdef, None, "float32"), state)
+    settings = sampling.Settings(max_new_tokens=64, temperature=1.0, top_k=0, top_p=1.0, eos_token_ids=(1,),
+                                 pad_id=0, mesh=None, attention="einsum")
+    slots, outputs = jax.eval_shape(functools.partial(sampling.init_program, settings, config, 2, 4096, 8))
     budget = jax.ShapeDtypeStruct((8,), jnp.int32)
-    memory = sampling._decode_chunk_jit.lower(
+    memory = sampling.decode_program.lower(
         settings, weights, slots, outputs, jax.random.key(0), budget, np.int32(1)).compile().memory_analysis()
     layer_keys = 2 * 2 * 4096 * 8 * 4  # slots x kv heads x columns x head dim x float32
     assert memory.alias_size_in_bytes >= 2 * 4 * layer_keys  # keys and values of the 4 layers

@@ -76,14 +76,14 @@ def test_sharded_sampler_decode_equals_unsharded(checkpoint):
     mesh = sharding.make_mesh(fsdp=4, tensor=2)
     model = from_pretrained(directory, mesh=mesh)
     prompt_len = 13
-    settings = sampling._Settings(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, eos_token_ids=(2,),
-                                  pad_id=0, mesh=mesh, attention="einsum")
+    settings = sampling.Settings(max_new_tokens=4, temperature=0.0, top_k=0, top_p=1.0, eos_token_ids=(2,),
+                                 pad_id=0, mesh=mesh, attention="einsum")
     weights = decoding.gather_weights(model, mesh)
-    slots, _ = sampling._init_jit(settings, model.config, 8, 16, 8)
+    slots, _ = sampling.init_program(settings, model.config, 8, 16, 8)
     slot_sharding = jax.sharding.NamedSharding(mesh, P(("data", "fsdp"), "tensor", None, None))
     assert all(c.sharding.is_equivalent_to(slot_sharding, 4) for c in slots.cache.k + slots.cache.v)
     rows = np.arange(8, dtype=np.int32)
-    slots = sampling._insert_jit(settings, weights, slots, tokens[:, :prompt_len], mask[:, :prompt_len], rows, rows)
+    slots = sampling.prefill_program(settings, weights, slots, tokens[:, :prompt_len], mask[:, :prompt_len], rows, rows)
     column = np.asarray(default_positions(jnp.asarray(mask)))[:, prompt_len - 1]  # rows are left-aligned
     step = jax.jit(functools.partial(decoding.decode_step, implementation="einsum"))
     logits, cache = step(weights, slots.token_K, slots.cache, jnp.asarray(column))

@@ -155,14 +155,14 @@ def sampler_programs(config, model_config, mesh) -> dict[str, Program]:
     prompts = -(-min(num_slots, num_rows) // rl.group_size)
     M = min(max_prefill, -(-(1 << (prompts - 1).bit_length()) // shards) * shards)
 
-    settings = sampling._Settings(
+    settings = sampling.Settings(
         max_new_tokens=N, temperature=float(s.temperature), top_k=int(s.top_k), top_p=float(s.top_p),
         eos_token_ids=(0,), pad_id=0, mesh=mesh, attention=attention)
     policy_graphdef, policy_state = nnx.split(policy)
     policy_state = _abstract(policy_state, sharding.param_shardings(mesh, policy_state))
-    weights = _lowered_outputs(decoding._gather_jit, policy_graphdef, nnx.split(policy.blocks)[0],
+    weights = _lowered_outputs(decoding.gather_program, policy_graphdef, nnx.split(policy.blocks)[0],
                                mesh, str(jnp.dtype(model_config.dtype)), policy_state)
-    slots, outputs = _lowered_outputs(sampling._init_jit, settings, model_config, num_slots,
+    slots, outputs = _lowered_outputs(sampling.init_program, settings, model_config, num_slots,
                                       num_cache_slots, num_rows)
     replicated = NamedSharding(mesh, PS())
     host = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
@@ -172,9 +172,9 @@ def sampler_programs(config, model_config, mesh) -> dict[str, Program]:
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
     decode = (settings, weights, slots, outputs, key, host((num_rows,), jnp.int32), host((), jnp.int32))
     return dict(
-        prefill=Program(sampling._insert_jit, prefill, 2 * weights_count * M * (P - 1), M * (P - 1)),
+        prefill=Program(sampling.prefill_program, prefill, 2 * weights_count * M * (P - 1), M * (P - 1)),
         # One decode step per slot; the chunk loops over up to N of them.
-        decode=Program(sampling._decode_chunk_jit, decode, 2 * weights_count * num_slots, num_slots),
+        decode=Program(sampling.decode_program, decode, 2 * weights_count * num_slots, num_slots),
     )
 
 
@@ -204,7 +204,7 @@ def _batch_shards(mesh) -> int:
 def _lowered_outputs(jitted, *args):
     """The abstract outputs of `jitted(*args)` with the shardings its compiled program gives them
     (the lowering leaves those set by sharding constraints undecided)."""
-    with mesh_context(args[2] if jitted is decoding._gather_jit else args[0].mesh):
+    with mesh_context(args[2] if jitted is decoding.gather_program else args[0].mesh):
         lowered = jitted.lower(*args)
         shardings = lowered.compile().output_shardings
     return jax.tree.map(lambda o, s: jax.ShapeDtypeStruct(o.shape, o.dtype, sharding=s), lowered.out_info, shardings)

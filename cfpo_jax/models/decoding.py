@@ -89,14 +89,14 @@ def _gather(graphdef, block_graphdef, mesh, dtype, state):
     return SamplingWeights(top=top, layers=layers, graphdef=graphdef, block_graphdef=block_graphdef)
 
 
-_gather_jit = jax.jit(_gather, static_argnums=(0, 1, 2, 3))
+gather_program = jax.jit(_gather, static_argnums=(0, 1, 2, 3))
 
 
 def gather_weights(model, mesh=None) -> SamplingWeights:
     """The sampling layout of `model`'s weights (see the module doc); one jitted gather."""
     graphdef, state = nnx.split(model)
     block_graphdef, _ = nnx.split(model.blocks)
-    return _gather_jit(graphdef, block_graphdef, mesh, str(jnp.dtype(model.config.dtype)), state)
+    return gather_program(graphdef, block_graphdef, mesh, str(jnp.dtype(model.config.dtype)), state)
 
 
 def init_slot_cache(config, num_slots: int, num_cache_slots: int) -> SlotCache:
