@@ -191,8 +191,9 @@ def saves_rows(plan_: Plan, num_sequences: int) -> bool:
 
 
 def pack_rows(x_BxW, token_src_RxW):
-    """The packed rows [R, W] of an unpacked [B, W] array (padding slots hold x's first value)."""
-    return jnp.take(x_BxW.reshape(-1), token_src_RxW, axis=0)
+    """The packed rows [R, W, ...] of an unpacked [B, W, ...] array (padding slots hold x's first
+    token's value), e.g. tokens, or a MoE rollout's routing [B, W, L, k]."""
+    return jnp.take(x_BxW.reshape(-1, *x_BxW.shape[2:]), token_src_RxW, axis=0)
 
 
 def pack_completion(x_BxN, comp_src_RxN, comp_mask_RxN):

@@ -131,6 +131,11 @@ class ModelConfig:
         unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if unknown:
             raise ValueError(f"unknown lora_targets {unknown}; valid: {', '.join(LORA_TARGETS)}")
+        dense_mlp = [t for t in self.lora_targets if t in ("gate", "up", "down")]
+        if self.num_experts and self.lora_rank and dense_mlp:
+            raise ValueError(
+                f"lora_targets {dense_mlp}: a mixture-of-experts model has experts, not a dense MLP, "
+                "and adapters on experts are not supported; valid here: q, k, v, o")
         if self.lora_rank < 0 or (self.lora_rank > 0 and not self.lora_targets):
             raise ValueError(
                 f"lora_rank={self.lora_rank} must be 0 (no adapters) or > 0 with at least one of "

@@ -68,13 +68,14 @@ class MoEStats:
 
 def route(logits_NxE, num_selected: int, norm_topk_prob: bool, dtype, replay_NxK=None):
     """(weights [N, k] in `dtype`, chosen experts [N, k] int32, own top k [N, k] int32, probabilities
-    [N, E] float32) from router logits. With `replay_NxK` the chosen experts are those."""
+    [N, E] float32) from router logits. With `replay_NxK` the chosen experts are those, except on
+    tokens it marks -1 (nothing recorded: e.g. a sequence's last token, never fed to the sampler)."""
     probs_NxE = jax.nn.softmax(logits_NxE.astype(jnp.float32), axis=-1)
     top_NxK, own_NxK = jax.lax.top_k(probs_NxE, num_selected)
     own_NxK = own_NxK.astype(jnp.int32)
     chosen_NxK = own_NxK
     if replay_NxK is not None:
-        chosen_NxK = replay_NxK.astype(jnp.int32)
+        chosen_NxK = jnp.where(replay_NxK[:, :1] >= 0, replay_NxK.astype(jnp.int32), own_NxK)
         top_NxK = jnp.take_along_axis(probs_NxE, chosen_NxK, axis=-1)
     if norm_topk_prob:
         top_NxK = top_NxK / jnp.sum(top_NxK, axis=-1, keepdims=True)
@@ -220,11 +221,41 @@ def aux_loss(counts_LxE, prob_sums_LxE, tokens_L):
 
 
 def routing_flips(own_BxTxLxK, replayed_BxTxLxK, mask_BxT):
-    """(fraction of real tokens whose own top-k set differs from the replayed one in any layer,
-    fraction of (token, layer) pairs that differ), float32 scalars; the order within k is ignored."""
+    """(fraction of tokens whose own top-k set differs from the replayed one in any layer, fraction
+    of (token, layer) pairs that differ), float32 scalars, over the tokens of `mask_BxT` that have
+    a recorded routing (not -1); the order within k is ignored."""
     differ_BxTxL = jnp.any(jnp.sort(own_BxTxLxK, axis=-1) != jnp.sort(replayed_BxTxLxK, axis=-1), axis=-1)
-    mask_BxT = (mask_BxT != 0).astype(jnp.float32)
+    mask_BxT = ((mask_BxT != 0) & (replayed_BxTxLxK[:, :, 0, 0] >= 0)).astype(jnp.float32)
     tokens = jnp.maximum(jnp.sum(mask_BxT), 1.0)
     token_frac = jnp.sum(jnp.any(differ_BxTxL, axis=-1) * mask_BxT) / tokens
     layer_frac = jnp.sum(jnp.mean(differ_BxTxL.astype(jnp.float32), axis=-1) * mask_BxT) / tokens
     return token_frac, layer_frac
+
+
+def rollout_routing(prompt_routing_BxQxLxK, prompt_mask_BxP, step_routing_BxNxLxK):
+    """The routing of rollout rows (prompt left-padded to P, then N completion columns), int32
+    [B, P + N, L, k], -1 where nothing was recorded (padding, and the last completion token, which
+    the sampler never feeds), from what the sampler records (`decoding.prefill` and
+    `decoding.decode_step` with `record_routing`):
+
+    prompt_routing_BxQxLxK: the prefill's of the prompts without their last column (Q = P - 1),
+      left-aligned (column c: the row's c-th prompt token); columns at or past its prompt length
+      - 1 are ignored (the last prompt token is fed by decode step 0).
+    step_routing_BxNxLxK: decode step s's, the token fed at step s: the last prompt token at s = 0,
+      then completion token s - 1; steps past the row's end are ignored by the caller's mask.
+    """
+    B, P = prompt_mask_BxP.shape
+    N = step_routing_BxNxLxK.shape[1]
+    length_B = jnp.sum(prompt_mask_BxP != 0, axis=1, dtype=jnp.int32)
+    column_P = jnp.arange(P)
+    # Rollout column c < P - 1 holds the prompt's token c - (P - length); the prefill covers those.
+    source_BxP = column_P[None] - (P - length_B[:, None])
+    prefilled_BxP = (source_BxP >= 0) & (column_P[None] < P - 1)
+    prompt_BxPxLxK = jnp.take_along_axis(
+        prompt_routing_BxQxLxK, jnp.clip(source_BxP, 0, max(P - 2, 0))[:, :, None, None], axis=1)
+    prompt_BxPxLxK = jnp.where(prefilled_BxP[:, :, None, None], prompt_BxPxLxK, -1)
+    # Decode step s fed rollout column P - 1 + s: the last prompt column, then the completion.
+    prompt_BxPxLxK = prompt_BxPxLxK.at[:, P - 1].set(step_routing_BxNxLxK[:, 0])
+    completion_BxNxLxK = jnp.concatenate(
+        [step_routing_BxNxLxK[:, 1:], jnp.full_like(step_routing_BxNxLxK[:, :1], -1)], axis=1)
+    return jnp.concatenate([prompt_BxPxLxK, completion_BxNxLxK], axis=1).astype(jnp.int32)
