@@ -234,6 +234,18 @@ def base_config() -> ml_collections.ConfigDict:
     c.env.tool_timeout_s = 10.0  # per tool call; the answer is then a time-out error
     c.env.max_observation_chars = 2000  # a tool result is cut to this many characters
     c.env.num_threads = 8  # tool calls and environment steps run in this many threads
+
+    # Mixture-of-experts policies (issue 33; cfpo_jax/models/moe.py; checked by
+    # cfpo_jax.moe_config.errors). Ignored by dense models except mesh.expert.
+    # "recompute": every learner pass routes tokens itself; "replay": the old-logprob, reference and
+    # update passes run the experts the sampler chose for each token (recorded while decoding).
+    c.model.moe_routing = "recompute"
+    c.model.moe_matmul = "ragged_dot"  # experts' grouped matmul: "ragged_dot" | "megablox" (TPU)
+    c.model.tiny.num_experts = 0  # > 0: the tiny model is a Qwen3-MoE with this many experts
+    c.model.tiny.num_experts_per_tok = 2
+    c.model.tiny.moe_intermediate_size = 64
+    c.mesh.expert = 1  # expert parallelism: experts (and the batch) split over this many devices
+    c.rl.moe_aux_loss_coef = 0.0  # × the router load-balancing loss (transformers' definition)
     return c
 
 
