@@ -25,7 +25,7 @@ from ml_collections import config_dict
 import os
 import sys
 
-from cfpo_jax import advantages, data, losses, rewards, state
+from cfpo_jax import advantages, data, losses, moe_config, rewards, state
 from cfpo_jax.envs import formats
 from cfpo_jax.models.attention import DECODE_IMPLEMENTATIONS
 from cfpo_jax.models.config import ATTENTION_IMPLEMENTATIONS, LORA_TARGETS, REMAT_POLICIES
@@ -503,7 +503,7 @@ def _env_errors(config) -> list[str]:
 # One check per section, in the order of `base_config`.
 _SECTION_CHECKS = (_model_errors, _mesh_errors, _data_errors, _sampling_errors, _rewards_errors,
                    _eval_errors, _rl_errors, _optim_errors, _train_errors, _warmstart_errors,
-                   _lora_errors, _env_errors)
+                   _lora_errors, _env_errors, moe_config.errors)
 
 
 # ---------------------------------------------------------------- config files by name

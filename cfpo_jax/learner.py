@@ -356,7 +356,7 @@ class Learner:
                                       schedule=schedule, state_sh=state_sh,
                                       frozen_sh=jax.tree.map(lambda x: x.sharding, frozen))
         rl = config.rl
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        shards = sharding.batch_shards(mesh)
         self.packer = packing.Packer(granule=rl.micro_batch_size or shards) if rl.pack else None
         self._batch_sh = sharding.batch_sharding(mesh)
 

@@ -83,7 +83,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from cfpo_jax.models import decoding
+from cfpo_jax.models import decoding, moe
 from cfpo_jax.models.attention import DECODE_SLOT_ALIGN, resolve_decode
 from cfpo_jax.sharding import BATCH_AXES, mesh_context, to_host
 
@@ -107,6 +107,9 @@ class Samples:
     generated: int32 [B, N] or None. Multi-turn (`turn_end` given): 1 on the tokens the policy
       sampled, 0 on forced (observation and template) tokens and after the end; the loss mask.
       None in a single-turn call, where every token under `mask` was sampled.
+    routing: int16 [B, P + N, layers, k] or None. With `record_routing` (a mixture of experts):
+      the experts the sampler's router chose for each token of prompt + completion, -1 where
+      none was recorded (`cfpo_jax.models.moe.rollout_routing`), for the learner to replay.
     """
 
     prompt_tokens: jax.Array
@@ -117,6 +120,7 @@ class Samples:
     lengths: jax.Array
     eos: jax.Array
     generated: jax.Array | None = None
+    routing: jax.Array | None = None
 
     @property
     def loss_mask(self) -> jax.Array:
@@ -140,6 +144,7 @@ class _Settings:
     # sequences, and forced tokens (`_Outputs.forced_RxN`) replace the samples where set.
     multi_turn: bool = False
     stop_sequences: tuple[tuple[int, ...], ...] = ()
+    record_routing: bool = False  # a MoE model's decode steps record their experts (routing_RxNxLxK)
 
 
 @flax.struct.dataclass
@@ -175,6 +180,7 @@ class _Outputs:
     eos_R: jax.Array
     forced_RxN: jax.Array | None = None
     generated_RxN: jax.Array | None = None
+    routing_RxNxLxK: jax.Array | None = None  # record_routing: decode step s's experts (int16, -1 unset)
 
 
 def _constrain_batch(x, mesh, axis=0):
@@ -286,6 +292,9 @@ def _init(settings: _Settings, config, num_slots, num_cache_slots, num_rows):
         outputs = outputs.replace(
             forced_RxN=jnp.full((num_rows, settings.max_new_tokens), -1, jnp.int32),
             generated_RxN=jnp.zeros((num_rows, settings.max_new_tokens), bool))
+    if settings.record_routing:
+        outputs = outputs.replace(routing_RxNxLxK=jnp.full(
+            (num_rows, settings.max_new_tokens, config.num_layers, config.num_experts_per_tok), -1, jnp.int16))
     return _constrain_slots(slots, settings.mesh), outputs
 
 
@@ -335,8 +344,9 @@ def _decode_chunk(settings: _Settings, weights, slots: _Slots, outputs: _Outputs
         live_K = slots.active_K
         # Finished and empty slots still run (static shapes); keep their writes inside the cache.
         column_K = jnp.clip(slots.length_K - 1 + slots.step_K, 0, num_cache_slots - 1)
-        logits_KxV, cache = decoding.decode_step(
-            weights, slots.token_K, slots.cache, column_K, implementation=settings.attention)
+        logits_KxV, cache, *experts = decoding.decode_step(
+            weights, slots.token_K, slots.cache, column_K, implementation=settings.attention,
+            record_routing=settings.record_routing)
         key_K = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(slots.row_K, slots.step_K)
         token_K, logprob_K = _sample(logits_KxV, key_K, settings)
         hit_eos_K = jnp.isin(token_K, eos_ids)
@@ -353,6 +363,9 @@ def _decode_chunk(settings: _Settings, weights, slots: _Slots, outputs: _Outputs
             lengths_R=outputs.lengths_R.at[done_row_K].set(slots.step_K + 1, mode="drop"),
             eos_R=outputs.eos_R.at[done_row_K].set(hit_eos_K, mode="drop"),
         )
+        if settings.record_routing:
+            outputs = outputs.replace(routing_RxNxLxK=outputs.routing_RxNxLxK.at[row_K, slots.step_K].set(
+                experts[0].astype(jnp.int16), mode="drop"))
         if settings.multi_turn:
             outputs = outputs.replace(generated_RxN=outputs.generated_RxN.at[row_K, slots.step_K].set(
                 generated_K, mode="drop"))
@@ -556,6 +569,23 @@ def slot_layout(config, *, prompt_len: int, max_new_tokens: int, num_rows: int, 
     return num_cache_slots, num_slots, max_prefill
 
 
+@jax.jit
+def _prefill_routing(weights, prompt_tokens_MxP, prompt_mask_MxP):
+    return decoding.prefill(weights, prompt_tokens_MxP[:, :-1], prompt_mask_MxP[:, :-1], record_routing=True)[2]
+
+
+def _prompt_routing(weights, prompt_tokens_BxP, prompt_mask_BxP, outputs: _Outputs, n: int):
+    """`Samples.routing`: the prompts' experts (one prefill of the distinct prompts) and the
+    decode steps' (`outputs.routing_RxNxLxK`) in the rollout's columns."""
+    step_RxNxLxK = outputs.routing_RxNxLxK
+    if prompt_tokens_BxP.shape[1] > 1:
+        prompt_BxQxLxK = _prefill_routing(weights, jnp.asarray(prompt_tokens_BxP), jnp.asarray(prompt_mask_BxP))
+    else:  # a one-token prompt bucket: decode step 0 routes its only token
+        prompt_BxQxLxK = jnp.full((prompt_tokens_BxP.shape[0], 1, *step_RxNxLxK.shape[2:]), -1, jnp.int16)
+    return moe.rollout_routing(jnp.repeat(prompt_BxQxLxK.astype(jnp.int16), n, axis=0),
+                               jnp.repeat(jnp.asarray(prompt_mask_BxP), n, axis=0), step_RxNxLxK)
+
+
 @functools.lru_cache(maxsize=None)
 def _announce(message: str) -> None:
     print(message, flush=True)
@@ -594,6 +624,7 @@ def generate(
     turn_end: Callable[[int, list[int]], Sequence[int] | None] | None = None,
     stop_sequences: Sequence[Sequence[int]] = (),
     executor: concurrent.futures.Executor | None = None,
+    record_routing: bool = False,
 ) -> Samples:
     """Samples `n` completions of up to `max_new_tokens` tokens per prompt (see the module doc).
 
@@ -620,6 +651,9 @@ def generate(
         None / [] to end the row. None: single-turn, a row ends at its first EOS.
       stop_sequences: with `turn_end`, token sequences that also end a turn (kept, sampled).
       executor: where `turn_end` calls run (default: a pool of 8 threads for this call).
+      record_routing: a mixture-of-experts model's routing of every token goes into
+        `Samples.routing` (the decode steps record theirs; the prompts' comes from one more prefill
+        of the distinct prompts, the same function the slots' prefill runs).
 
     Returns:
       `Samples` with R = len(prompts) * n rows (arrays on device).
@@ -685,7 +719,8 @@ def generate(
     settings = _Settings(
         max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_k=int(top_k),
         top_p=float(top_p), eos_token_ids=eos_token_ids, pad_id=int(pad_id),
-        mesh=mesh, attention=attention, multi_turn=turn_end is not None, stop_sequences=stop_sequences)
+        mesh=mesh, attention=attention, multi_turn=turn_end is not None, stop_sequences=stop_sequences,
+        record_routing=record_routing)
     budget_R = (np.full(num_rows, max_new_tokens) if budgets is None else np.repeat(budgets, n)).astype(np.int32)
     weights = decoding.gather_weights(model, mesh)
     slots, outputs = _init_jit(settings, config, num_slots, num_cache_slots, num_rows)
@@ -741,6 +776,7 @@ def generate(
         lengths=lengths_R,
         eos=outputs.eos_R,
         generated=None if turn_end is None else outputs.generated_RxN.astype(jnp.int32) * mask_RxN,
+        routing=_prompt_routing(weights, prompt_tokens_BxP, prompt_mask_BxP, outputs, n) if record_routing else None,
     )
     if mesh is not None:
         # Every output on the mesh, rows over the batch axes when they divide (as the trainer's

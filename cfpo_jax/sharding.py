@@ -151,6 +151,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P(BATCH_AXES))
 
 
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch splits: the product of the mesh's batch axes."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
+
+
 def to_host(tree):
     """Device pytree → numpy on every host; arrays spanning hosts are all-gathered (every process
     must call it then)."""

@@ -237,3 +237,25 @@ def test_adapters_on_attention_and_not_on_experts(checkpoint):
     np.testing.assert_allclose(np.asarray(lora.merge(moved)(tokens, mask_BxT=mask)), np.asarray(logits), atol=1e-4)
     with pytest.raises(ValueError, match="experts"):
         lora.adapt(model, rank=4, alpha=8.0, targets=("q", "gate"))
+
+
+def test_sampler_records_the_routing_it_ran(checkpoint):
+    """`generate(record_routing=True)`: replaying `Samples.routing` in the trainer's forward gives
+    the sampler's logprobs, and the recorded experts are the trainer's own top k on every real
+    token that was fed (same weights); the last completion token and padding stay -1."""
+    model = from_pretrained(checkpoint)
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12]]
+    s = sampling.generate(model, prompts, max_new_tokens=6, temperature=1.0, eos_token_ids=2, seed=0, n=2,
+                          record_routing=True)
+    tokens = jnp.concatenate([s.prompt_tokens, s.tokens], axis=1)
+    mask = jnp.concatenate([s.prompt_mask, s.mask], axis=1)
+    P = s.prompt_tokens.shape[1]
+    assert s.routing.shape == (4, P + 6, model.config.num_layers, 2) and s.routing.dtype == jnp.int16
+    _, stats = model.hidden_with_moe(tokens, mask_BxT=mask)
+    routing, own = np.asarray(s.routing), np.asarray(stats.experts_BxTxLxK)
+    fed = np.asarray(mask).astype(bool)
+    fed[np.arange(4), P + np.asarray(s.lengths) - 1] = False  # the last token is never fed
+    np.testing.assert_array_equal(np.sort(routing[fed], -1), np.sort(own[fed], -1))
+    assert np.all(routing[~fed] == -1)
+    logp, _ = logprobs(model, tokens, mask, s.routing, num_completion=6)
+    np.testing.assert_allclose(np.asarray(s.logprobs), np.asarray(logp * s.mask), atol=1e-4)

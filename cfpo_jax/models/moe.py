@@ -233,8 +233,8 @@ def routing_flips(own_BxTxLxK, replayed_BxTxLxK, mask_BxT):
 
 
 def rollout_routing(prompt_routing_BxQxLxK, prompt_mask_BxP, step_routing_BxNxLxK):
-    """The routing of rollout rows (prompt left-padded to P, then N completion columns), int32
-    [B, P + N, L, k], -1 where nothing was recorded (padding, and the last completion token, which
+    """The routing of rollout rows (prompt left-padded to P, then N completion columns), [B, P + N,
+    L, k] in the dtype of the steps' (the sampler keeps int16), -1 where nothing was recorded (padding, and the last completion token, which
     the sampler never feeds), from what the sampler records (`decoding.prefill` and
     `decoding.decode_step` with `record_routing`):
 
@@ -258,4 +258,4 @@ def rollout_routing(prompt_routing_BxQxLxK, prompt_mask_BxP, step_routing_BxNxLx
     prompt_BxPxLxK = prompt_BxPxLxK.at[:, P - 1].set(step_routing_BxNxLxK[:, 0])
     completion_BxNxLxK = jnp.concatenate(
         [step_routing_BxNxLxK[:, 1:], jnp.full_like(step_routing_BxNxLxK[:, :1], -1)], axis=1)
-    return jnp.concatenate([prompt_BxPxLxK, completion_BxNxLxK], axis=1).astype(jnp.int32)
+    return jnp.concatenate([prompt_BxPxLxK.astype(step_routing_BxNxLxK.dtype), completion_BxNxLxK], axis=1)
