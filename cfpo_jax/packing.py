@@ -216,7 +216,8 @@ def pack_minibatch(batch: batch_lib.Batch, plan_: Plan) -> batch_lib.PackedBatch
     return batch_lib.PackedBatch(
         tokens=pack_rows(batch.tokens, plan_.token_src_RxW), segment=plan_.segment_RxW,
         positions=plan_.positions_RxW, comp_col=plan_.comp_col_RxN, comp_seq=plan_.comp_seq_RxN,
-        adv=jnp.take(batch.adv, plan_.rows_S, axis=0), **completion)
+        adv=jnp.take(batch.adv, plan_.rows_S, axis=0), **completion,
+        routing=None if batch.routing is None else pack_rows(batch.routing, plan_.token_src_RxW))
 
 
 def spec(*, rows: int, sequences: int, prompt_width: int, completion_width: int, sharding) -> Plan:

@@ -683,6 +683,9 @@ def generate(
     if kv_cache_gb <= 0:
         raise ValueError(f"kv_cache_gb must be > 0; got {kv_cache_gb}")
     attention = resolve_decode(attention, config.dtype, config.head_dim)
+    if record_routing and not config.num_experts:
+        raise ValueError(f"record_routing records a mixture of experts' routing; this "
+                         f"{config.model_type!r} model has no experts")
 
     token_lists = _as_token_lists(prompts)
     if not token_lists:

@@ -266,9 +266,9 @@ def _moe_peak_bound(program: str, chips: int, shards: int) -> float:
 
 @pytest.mark.parametrize("name", list(TARGETS))
 def test_moe_compiles_with_expert_parallelism_and_fits(name):
-    """The MoE model's update, prepare, prefill and decode compile for the chips with experts split
-    over 'expert' = 2 (fsdp over the rest), keep the platform's fused attention kernel, exchange
-    tokens between the expert shards (all-gather + reduce-scatter) and fit a bound from the shapes."""
+    """The MoE model's update and decode step compile for the chips with experts split over
+    'expert' = 2 (fsdp over the rest), keep the platform's fused attention kernel and fit a bound
+    from the shapes."""
     package = TARGETS[name][0]
     if importlib.util.find_spec(package) is None:
         pytest.skip(f"{package} is not installed (pip install -e '.[compile]')")
@@ -278,7 +278,10 @@ def test_moe_compiles_with_expert_parallelism_and_fits(name):
     config, _ = _config()
     mesh = sharding.make_mesh(1, -1, 1, devices=list(targets.devices(name)), expert=2)
     model = _moe_model()
-    built = {**programs.learner_programs(config, model, mesh), **programs.sampler_programs(config, model, mesh)}
+    # The update (forward + backward) and the decode step: prepare and prefill run the same layers
+    # as the update's forward and as the decode step, and compiling them too doubled the time.
+    built = {"update": programs.learner_programs(config, model, mesh)["update"],
+             "decode": programs.sampler_programs(config, model, mesh)["decode"]}
     shards = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
     with jax.default_matmul_precision("default"):
         for program, p in built.items():

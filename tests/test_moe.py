@@ -259,3 +259,67 @@ def test_sampler_records_the_routing_it_ran(checkpoint):
     assert np.all(routing[~fed] == -1)
     logp, _ = logprobs(model, tokens, mask, s.routing, num_completion=6)
     np.testing.assert_allclose(np.asarray(s.logprobs), np.asarray(logp * s.mask), atol=1e-4)
+
+
+# ---------------------------------------------------------------- in the trainer
+
+
+def _moe_config(**overrides):
+    from test_train import tiny
+
+    base = dict(model__tiny__num_experts=4, model__tiny__num_experts_per_tok=2,
+                model__tiny__moe_intermediate_size=32)
+    return tiny(**{**base, **overrides})
+
+
+@pytest.mark.parametrize("pack", [False, True])
+def test_trainer_replays_the_samplers_routing_with_the_aux_loss(tmp_path, pack):
+    """A tiny MoE policy through the trainer's parts with routing replay and the load-balancing
+    loss, off policy (2 epochs × 2 minibatches, packed or not): the rollout carries the sampler's
+    routing, prepare reports the replay metrics, the updates run and report the aux loss. Sampler
+    and learner share the weights and float32 numerics here, so they route alike (no flips) and
+    their logprobs agree with and without replay."""
+    from test_train import _stages
+
+    config = _moe_config(model__moe_routing="replay", rl__moe_aux_loss_coef=0.01, rl__num_epochs=2,
+                         rl__num_minibatches=2, rl__pack=pack)
+    parts, state, prompts = _stages(tmp_path, config, jax.devices()[:1])
+    _, sample_key = parts.learner.split_rng(state["rng"])
+    rollout = parts.rollout(state, prompts, sample_key)
+    batch = rollout.batch
+    assert batch.routing.shape == (*batch.tokens.shape, 2, 2)
+    metrics = jax.device_get(rollout.device_metrics)
+    assert metrics["moe_routing_flip_frac"] < 0.02 and metrics["moe_routing_flip_frac_layer"] < 0.02
+    assert metrics["sampler_logprob_gap"] < 1e-4 and metrics["moe_sampler_logprob_gap_recompute"] < 1e-3
+    state, update_metrics = parts.learner.learn(state, batch, rollout.lengths_Bx2, 0)
+    aux = [float(m["moe_aux_loss"]) for m in jax.device_get(update_metrics)]
+    # E · Σ_e f_e P_e is 1 for a uniform router and at most E = 4.
+    assert len(aux) == 4 and all(0.9 < a < 4.0 for a in aux), aux
+    assert int(jax.device_get(state["updates"])) == 4
+
+
+def test_aux_loss_coefficient_adds_its_term_to_the_update_loss(tmp_path):
+    """The update's loss with rl.moe_aux_loss_coef = c is the loss at 0 plus c × the reported
+    load-balancing loss (one micro-batch), and the router's gradient changes with it."""
+    import optax
+
+    from cfpo_jax import learner
+    from test_train import _stages
+
+    config = _moe_config(rl__num_epochs=2, rl__pack=False)
+    parts, state, prompts = _stages(tmp_path, config, jax.devices()[:1])
+    _, sample_key = parts.learner.split_rng(state["rng"])
+    batch = parts.rollout(state, prompts, sample_key).batch
+    tx = optax.sgd(1.0)
+    results = {}
+    for coef in (0.0, 0.5):
+        rl = config.rl.copy_and_resolve_references()
+        rl.moe_aux_loss_coef = coef
+        update = jax.jit(learner.make_update(parts.policy.graphdef, tx, lambda _: 1.0, rl, temperature=1.0,
+                                             max_len=3, micro_batch_size=0, packed=False))
+        start = dict(state, opt_state=tx.init(state["params"]))
+        new_state, metrics = update(start, parts.policy.frozen, batch)
+        results[coef] = jax.device_get((metrics, new_state["params"]["blocks"]["mlp"]["router_kernel"]))
+    (m0, router0), (m1, router1) = results[0.0], results[0.5]
+    np.testing.assert_allclose(m1["loss"] - m0["loss"], 0.5 * m1["moe_aux_loss"], rtol=1e-4)
+    assert np.abs(np.asarray(router1) - np.asarray(router0)).max() > 1e-6
