@@ -266,7 +266,8 @@ def _moe_peak_bound(program: str, chips: int, shards: int) -> float:
 
 @pytest.mark.parametrize("name", list(TARGETS))
 def test_moe_compiles_with_expert_parallelism_and_fits(name):
-    """The MoE model's update and decode step compile for the chips with experts split over
+    """The MoE model's update and decode step, with routing replay (the update reads the
+    sampler's routing, the decode step records it), compile for the chips with experts split over
     'expert' = 2 (fsdp over the rest), keep the platform's fused attention kernel and fit a bound
     from the shapes."""
     package = TARGETS[name][0]
@@ -276,6 +277,8 @@ def test_moe_compiles_with_expert_parallelism_and_fits(name):
     from cfpo_jax.aot import programs, report, targets
 
     config, _ = _config()
+    config.model.tiny.num_experts = EXPERTS
+    config.model.moe_routing = "replay"  # the rollout carries the routing; decode records it
     mesh = sharding.make_mesh(1, -1, 1, devices=list(targets.devices(name)), expert=2)
     model = _moe_model()
     # The update (forward + backward) and the decode step: prepare and prefill run the same layers
