@@ -323,3 +323,26 @@ def test_aux_loss_coefficient_adds_its_term_to_the_update_loss(tmp_path):
     (m0, router0), (m1, router1) = results[0.0], results[0.5]
     np.testing.assert_allclose(m1["loss"] - m0["loss"], 0.5 * m1["moe_aux_loss"], rtol=1e-4)
     assert np.abs(np.asarray(router1) - np.asarray(router0)).max() > 1e-6
+
+
+def test_config_checks_name_each_bad_moe_value():
+    from cfpo_jax import config as config_lib
+
+    config = config_lib.base_config()
+    config.model.path = "tiny"
+    config.model.moe_routing = "sometimes"
+    config.model.moe_matmul = "dense"
+    config.mesh.expert = 0
+    config.rl.moe_aux_loss_coef = -0.1
+    config.model.tiny.num_experts = 4
+    config.model.tiny.num_experts_per_tok = 5
+    with pytest.raises(ValueError) as error:
+        config_lib.validate(config)
+    for expected in ("model.moe_routing='sometimes'", "['recompute', 'replay']", "model.moe_matmul='dense'",
+                     "mesh.expert must be >= 1", "rl.moe_aux_loss_coef must be >= 0", "num_experts_per_tok"):
+        assert expected in str(error.value), expected
+    dense = config_lib.base_config()
+    dense.model.path = "tiny"
+    dense.model.moe_routing = "replay"
+    with pytest.raises(ValueError, match="need a mixture-of-experts model"):
+        config_lib.validate(dense)
