@@ -5,7 +5,9 @@ Compile-only (libtpu's and the CUDA plugin's devices on this host): prints, per 
 implementation, whether it compiles, the compiled matmul FLOPs (`cfpo_jax.aot.report`) against
 the layer's own (6 · tokens · k · 3 · D · F for forward + backward of the k experts per token),
 the per-chip peak bytes and the compile time. The FLOPs ratio says whether the grouped matmul
-computes only the routed rows (≈ 1) or every expert on every row (≈ E / k).
+computes only the routed rows (≈ 1) or far more (every expert on every row: up to E / k). A Pallas
+kernel is a custom call, not an HLO dot: its FLOPs are not in the count ("kernel" column: the
+kernels found), so a megablox row counts only the dots outside it.
 
   python benchmarks/moe_matmul.py                       # Qwen3-30B-A3B's layer, 4096 tokens
   python benchmarks/moe_matmul.py --tokens 1024 --targets v5e-4
@@ -46,7 +48,8 @@ def compile_row(target: str, implementation: str, tokens: int, D: int, E: int, F
     memory = compiled.memory_analysis()
     peak = (memory.argument_size_in_bytes + memory.output_size_in_bytes - memory.alias_size_in_bytes
             + memory.temp_size_in_bytes)
-    return dict(compiled=True, flops=report.hlo_dot_flops(compiled.as_text()), peak=peak,
+    hlo = compiled.as_text()
+    return dict(compiled=True, flops=report.hlo_dot_flops(hlo), peak=peak, kernels=report.kernels(hlo),
                 seconds=time.time() - start)
 
 
@@ -62,7 +65,8 @@ def main():
     ideal = 6 * a.tokens * a.top_k * 3 * a.hidden * a.width
     print(f"one MoE layer fwd+bwd: {a.tokens} tokens, D={a.hidden}, E={a.experts}, F={a.width}, "
           f"k={a.top_k}; the layer's own matmul FLOPs {ideal:.3e}")
-    print(f"{'target':8} {'matmul':11} {'compiles':8} {'FLOPs':>10} {'× own':>6} {'peak GB':>8} {'compile s':>9}")
+    print(f"{'target':8} {'matmul':11} {'compiles':8} {'dot FLOPs':>10} {'× own':>6} {'peak GB':>8} "
+          f"{'compile s':>9}  kernel")
     for target in a.targets:
         for implementation in moe.MATMULS:
             if implementation == "megablox" and not target.startswith("v"):
@@ -72,7 +76,7 @@ def main():
                 print(f"{target:8} {implementation:11} {'no':8} {row['error']}")
                 continue
             print(f"{target:8} {implementation:11} {'yes':8} {row['flops']:10.3e} {row['flops'] / ideal:6.2f} "
-                  f"{row['peak'] / 1e9:8.2f} {row['seconds']:9.1f}")
+                  f"{row['peak'] / 1e9:8.2f} {row['seconds']:9.1f}  {','.join(row['kernels']) or '-'}")
 
 
 if __name__ == "__main__":
