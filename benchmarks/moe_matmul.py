@@ -16,16 +16,19 @@ kernels found), so a megablox row counts only the dots outside it.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile-only devices; nothing runs
 
-from cfpo_jax.aot import report, targets
-from cfpo_jax.models import moe
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from cfpo_jax.aot import report, targets  # noqa: E402
+from cfpo_jax.models import moe  # noqa: E402
 
 
 def layer_loss(x_NxD, weights_NxK, experts_NxK, gate, up, down, implementation):
