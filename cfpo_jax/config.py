@@ -240,9 +240,7 @@ def base_config() -> ml_collections.ConfigDict:
     # "recompute": every learner pass routes tokens itself; "replay": the old-logprob, reference and
     # update passes run the experts the sampler chose for each token (recorded while decoding).
     c.model.moe_routing = "recompute"
-    # The experts' grouped matmul: "auto" (megablox on TPU, else ragged_dot) | "ragged_dot" |
-    # "megablox" (TPU only); see cfpo_jax/models/moe.py.
-    c.model.moe_matmul = "auto"
+    c.model.moe_matmul = "ragged_dot"  # experts' grouped matmul: "ragged_dot" | "megablox" (TPU)
     c.model.tiny.num_experts = 0  # > 0: the tiny model is a Qwen3-MoE with this many experts
     c.model.tiny.num_experts_per_tok = 2
     c.model.tiny.moe_intermediate_size = 64

@@ -239,7 +239,7 @@ def test_tpu_decode_step_writes_the_cache_in_place():
 EXPERTS, TOP_K, MOE_F = 8, 2, 256
 
 
-def _moe_model(moe_matmul="auto"):
+def _moe_model(moe_matmul="ragged_dot"):
     return ModelConfig(model_type="qwen3_moe", vocab_size=V, hidden_size=D, intermediate_size=F,
                        num_layers=LAYERS, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
                        qk_norm=True, num_experts=EXPERTS, num_experts_per_tok=TOP_K,
@@ -268,9 +268,8 @@ def _moe_peak_bound(program: str, chips: int, shards: int) -> float:
 def test_moe_compiles_with_expert_parallelism_and_fits(name):
     """The MoE model's update and decode step, with routing replay (the update reads the
     sampler's routing, the decode step records it), compile for the chips with experts split over
-    'expert' = 2 (fsdp over the rest) and the platform's grouped matmul ("auto": megablox on the
-    TPU, ragged_dot on the H100s), keep the platform's fused attention kernel and fit a bound from
-    the shapes."""
+    'expert' = 2 (fsdp over the rest), keep the platform's fused attention kernel and fit a bound
+    from the shapes."""
     package = TARGETS[name][0]
     if importlib.util.find_spec(package) is None:
         pytest.skip(f"{package} is not installed (pip install -e '.[compile]')")

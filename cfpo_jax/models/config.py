@@ -26,9 +26,8 @@ and, for how the model runs rather than what it is (never written to config.json
 * `remat` / `remat_policy`: rematerialise each layer in the backward pass, and what to keep
   (`REMAT_POLICIES`, see `cfpo_jax.models.transformer`).
 * `attention`: the full-sequence attention kernel (`cfpo_jax.models.attention.IMPLEMENTATIONS`).
-* `moe_matmul`: the grouped matmul of the experts: "ragged_dot" (`jax.lax.ragged_dot`, every
-  platform), "megablox" (the Pallas TPU kernel, TPU only) or "auto" (megablox on TPU, else
-  ragged_dot; see `cfpo_jax.models.moe`).
+* `moe_matmul`: the grouped matmul of the experts (`cfpo_jax.models.moe.MATMULS`): "ragged_dot"
+  (`jax.lax.ragged_dot`, every platform) or "megablox" (the Pallas TPU kernel, TPU only).
 * `unroll_layers`: unroll the layer scan (one copy of the layer per layer in the program: longer
   compiles, no loop overhead; faster for shallow models on CPU, see benchmarks/README.md).
 
@@ -50,7 +49,7 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an 
 # name to its jax.checkpoint policy and says when to use which.
 REMAT_POLICIES = ("full", "dots_with_no_batch_dims", "dots")
 ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "cudnn", "splash")
-MOE_MATMULS = ("auto", "ragged_dot", "megablox")
+MOE_MATMULS = ("ragged_dot", "megablox")
 
 _FAMILY_NAMES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "llama": "Llama"}
 CAUSAL_LM, SEQUENCE_CLASSIFICATION = "ForCausalLM", "ForSequenceClassification"
@@ -92,7 +91,7 @@ class ModelConfig:
     num_experts_per_tok: int = 0
     moe_intermediate_size: int = 0
     norm_topk_prob: bool = False
-    moe_matmul: str = "auto"
+    moe_matmul: str = "ragged_dot"
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:

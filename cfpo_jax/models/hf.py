@@ -215,7 +215,7 @@ def _load_array(ckpt: _Checkpoint, key, config: ModelConfig, shape, dtype) -> np
 
 def from_pretrained(path: str, *, mesh=None, param_dtype=None, dtype=None, remat: bool = False,
                     remat_policy: str = "full", attention: str = "auto",
-                    unroll_layers: bool = False, moe_matmul: str = "auto") -> Transformer:
+                    unroll_layers: bool = False, moe_matmul: str = "ragged_dot") -> Transformer:
     """Transformer from a Hugging Face directory (or Hub repo id) with config.json + safetensors.
 
     A `*ForSequenceClassification` checkpoint gives a reward model (a `score` head, `reward()`).

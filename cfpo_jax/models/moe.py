@@ -11,13 +11,9 @@ float32 over all E experts, the top k probabilities (ties: lowest index first, a
 token reaches all k of its experts: nothing is dropped, no capacity factor.
 
 Dispatch: the N·k (token, expert) assignments are sorted by expert, the tokens gathered in that
-order, and the three projections run as grouped matmuls over the E contiguous groups, then each
-output is weighted and added back to its token. The grouped matmul (`config.moe_matmul`):
-`jax.lax.ragged_dot`, or the Pallas TPU kernel `megablox.gmm`; "auto" takes megablox when the
-program is traced for TPU (the mesh's platform), because the TPU compiler lowers ragged_dot
-densely — 42.7 × the layer's own matmul FLOPs for a Qwen3-30B-A3B layer's forward + backward,
-where megablox compiles with 0 dot FLOPs outside its kernel and a smaller peak
-(benchmarks/moe_matmul.py, benchmarks/README.md, 2026-12-06). Off TPU it is ragged_dot.
+order, and the three projections run as grouped matmuls over the E contiguous groups
+(`jax.lax.ragged_dot`; with `config.moe_matmul="megablox"` the Pallas TPU kernel
+`megablox.gmm`), then each output is weighted and added back to its token.
 
 Replay (`routing_NxK` given): the experts are the given ones (e.g. the sampler's choice, recorded
 while decoding) instead of the top k; their weights are the current router's probabilities of
@@ -48,7 +44,7 @@ from jax.sharding import PartitionSpec as P
 
 from cfpo_jax.models.config import ModelConfig
 
-MATMULS = ("ragged_dot", "megablox")  # what "auto" (ModelConfig.moe_matmul) resolves to
+MATMULS = ("ragged_dot", "megablox")
 _INIT = nnx.initializers.normal(stddev=0.02)
 # cfpo_jax.sharding.BATCH_AXES (models import no sharding code): the axes the tokens split over.
 _BATCH_AXES = ("data", "fsdp", "expert")
@@ -84,16 +80,6 @@ def route(logits_NxE, num_selected: int, norm_topk_prob: bool, dtype, replay_NxK
     if norm_topk_prob:
         top_NxK = top_NxK / jnp.sum(top_NxK, axis=-1, keepdims=True)
     return top_NxK.astype(dtype), chosen_NxK, own_NxK, probs_NxE
-
-
-def resolve(implementation: str) -> str:
-    """The grouped matmul that runs: `implementation`, or for "auto" megablox when the program is
-    traced for TPU (the mesh in context), else ragged_dot."""
-    if implementation != "auto":
-        return implementation
-    from cfpo_jax.models.attention import target_platform
-
-    return "megablox" if target_platform() == "tpu" else "ragged_dot"
 
 
 def _grouped(x_AxI, kernel_GxIxO, group_sizes_G, implementation: str):
@@ -137,10 +123,9 @@ def _axis(mesh, name: str, dim: int):
 
 
 def sparse_mlp(x_BxTxD, weights_BxTxK, experts_BxTxK, gate_ExDxF, up_ExDxF, down_ExFxD, *,
-               implementation: str = "auto"):
+               implementation: str = "ragged_dot"):
     """The experts' output [B, T, D] for the given routing; per shard of the mesh in context (see
     the module doc), or as one grouped matmul without a mesh."""
-    implementation = resolve(implementation)
     B, T, D = x_BxTxD.shape
     K = experts_BxTxK.shape[-1]
     E, _, F = gate_ExDxF.shape
