@@ -13,7 +13,13 @@ token reaches all k of its experts: nothing is dropped, no capacity factor.
 Dispatch: the N·k (token, expert) assignments are sorted by expert, the tokens gathered in that
 order, and the three projections run as grouped matmuls over the E contiguous groups
 (`jax.lax.ragged_dot`; with `config.moe_matmul="megablox"` the Pallas TPU kernel
-`megablox.gmm`), then each output is weighted and added back to its token.
+`megablox.gmm`), then each output is weighted and added back to its token. On TPU the choice
+matters and is not made yet (benchmarks/README.md, moe_matmul.py, 2026-12-06): the TPU compiler
+lowers ragged_dot densely, 42.7 × the routed FLOPs of a Qwen3-30B-A3B layer's forward + backward,
+while megablox compiles on its own (no dot outside the kernel, a smaller peak) but not yet inside
+this module's `shard_map` — its pallas_call output carries no varying-axes type, which
+`check_vma=True` requires ("manual_axis_type on jax.ShapeDtypeStruct must not be None"), and
+`check_vma=False` would make the psum transposes wrong. So ragged_dot is the default everywhere.
 
 Replay (`routing_NxK` given): the experts are the given ones (e.g. the sampler's choice, recorded
 while decoding) instead of the top k; their weights are the current router's probabilities of
