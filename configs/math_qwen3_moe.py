@@ -10,8 +10,12 @@ Launch:
 
 tiny: the quickstart (configs/quickstart.py: 1-digit addition, a 150-step warm start, then 300
 CFPO steps) with the 2-layer decoder's MLP replaced by 8 experts of width 64, 2 per token
-(Qwen3-MoE layout, q/k norm). Measured 2026-12-06 on the shared 2-core box (load ~15 from other
-sessions, so slower than an idle box): see the run line in benchmarks/README.md ("MoE tiny").
+(Qwen3-MoE layout, q/k norm). Measured 2026-12-06 (branch issue33moe before its rebase onto the
+trainer split, routing recomputed, no aux loss): the mean reward rose from 0.543 (first tenth of
+the steps) to 0.987 (last tenth), greedy accuracy 1.00 on 200 held-out problems, and the export
+wrote a Qwen3MoeForCausalLM directory. 8.5 min of CPU time (the quickstart: 2.5); the wall time,
+74 min, says only how loaded the shared 2-core box was (load average 15–20 from other sessions
+and this session's own test runs), not what an idle laptop takes.
 
 30b-a3b (Qwen/Qwen3-30B-A3B: 48 layers, 128 experts of width 768, 8 per token, 30.5B parameters
 of which 3.3B active) and 235b-a22b (Qwen/Qwen3-235B-A22B: 94 layers, 128 experts of width 1536,
