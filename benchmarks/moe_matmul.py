@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from cfpo_jax.aot import report, targets  # noqa: E402
 from cfpo_jax.models import moe  # noqa: E402
+from cfpo_jax.models.config import MOE_MATMULS  # noqa: E402
 
 
 def layer_loss(x_NxD, weights_NxK, experts_NxK, gate, up, down, implementation):
@@ -71,7 +72,7 @@ def main():
     print(f"{'target':8} {'matmul':11} {'compiles':8} {'dot FLOPs':>10} {'× own':>6} {'peak GB':>8} "
           f"{'compile s':>9}  kernel")
     for target in a.targets:
-        for implementation in moe.MATMULS:
+        for implementation in MOE_MATMULS:
             if implementation == "megablox" and not target.startswith("v"):
                 continue  # a TPU kernel
             row = compile_row(target, implementation, a.tokens, a.hidden, a.experts, a.width, a.top_k)

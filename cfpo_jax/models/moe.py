@@ -19,7 +19,8 @@ lowers ragged_dot densely, 42.7 × the routed FLOPs of a Qwen3-30B-A3B layer's f
 while megablox compiles on its own (no dot outside the kernel, a smaller peak) but not yet inside
 this module's `shard_map` — its pallas_call output carries no varying-axes type, which
 `check_vma=True` requires ("manual_axis_type on jax.ShapeDtypeStruct must not be None"), and
-`check_vma=False` would make the psum transposes wrong. So ragged_dot is the default everywhere.
+`check_vma=False` changes how the layer's psums transpose, which nothing here has checked yet. So
+ragged_dot is the default everywhere.
 
 Replay (`routing_NxK` given): the experts are the given ones (e.g. the sampler's choice, recorded
 while decoding) instead of the top k; their weights are the current router's probabilities of
@@ -50,7 +51,6 @@ from jax.sharding import PartitionSpec as P
 
 from cfpo_jax.models.config import ModelConfig
 
-MATMULS = ("ragged_dot", "megablox")
 _INIT = nnx.initializers.normal(stddev=0.02)
 # cfpo_jax.sharding.BATCH_AXES (models import no sharding code): the axes the tokens split over.
 _BATCH_AXES = ("data", "fsdp", "expert")
