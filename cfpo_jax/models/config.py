@@ -26,7 +26,7 @@ and, for how the model runs rather than what it is (never written to config.json
 * `remat` / `remat_policy`: rematerialise each layer in the backward pass, and what to keep
   (`REMAT_POLICIES`, see `cfpo_jax.models.transformer`).
 * `attention`: the full-sequence attention kernel (`cfpo_jax.models.attention.IMPLEMENTATIONS`).
-* `moe_matmul`: the grouped matmul of the experts (`cfpo_jax.models.moe.MATMULS`): "ragged_dot"
+* `moe_matmul`: the grouped matmul of the experts (`MOE_MATMULS`): "ragged_dot"
   (`jax.lax.ragged_dot`, every platform) or "megablox" (the Pallas TPU kernel, TPU only).
 * `unroll_layers`: unroll the layer scan (one copy of the layer per layer in the program: longer
   compiles, no loop overhead; faster for shallow models on CPU, see benchmarks/README.md).
