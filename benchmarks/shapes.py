@@ -9,6 +9,17 @@ LLAMA3_8B = dict(model_type="llama", rope_theta=5e5, max_position_embeddings=819
                  hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                  num_kv_heads=8, head_dim=128, vocab_size=128256, tie_embeddings=False)
 
+# Qwen3-MoE (configs/math_qwen3_moe.py), config.json of Qwen/Qwen3-30B-A3B and Qwen/Qwen3-235B-A22B.
+_QWEN3_MOE = dict(model_type="qwen3_moe", qk_norm=True, rope_theta=1e6, max_position_embeddings=40960,
+                  head_dim=128, vocab_size=151936, tie_embeddings=False, num_kv_heads=4,
+                  num_experts=128, num_experts_per_tok=8, norm_topk_prob=True)
+QWEN3_MOE = {
+    "30b-a3b": dict(_QWEN3_MOE, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                    num_layers=48, num_heads=32),
+    "235b-a22b": dict(_QWEN3_MOE, hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
+                      num_layers=94, num_heads=64),
+}
+
 SHAPES = {
     "0.5b": dict(hidden_size=896, intermediate_size=4864, num_layers=24, num_heads=14,
                  num_kv_heads=2, head_dim=64, vocab_size=151936, tie_embeddings=True),
@@ -25,9 +36,12 @@ SHAPES = {
 
 def shape_of_hub_id(path: str) -> str:
     """'Qwen/Qwen2.5-7B-Instruct' -> '7b' (the shape of a Qwen2.5 hub id); a Llama 3 / 3.1 8B
-    id -> 'llama3-8b'."""
+    id -> 'llama3-8b'; 'Qwen/Qwen3-30B-A3B' -> '30b-a3b' (and 235b-a22b)."""
     if "Llama-3" in path and "8B" in path.upper():
         return "llama3-8b"
+    for name in QWEN3_MOE:
+        if f"Qwen3-{name.upper()}" in path:
+            return name
     for name in SHAPES:
         if f"Qwen2.5-{name.upper()}" in path:
             return name
@@ -39,4 +53,6 @@ def model_config(shape: str, **overrides):
 
     if shape == "llama3-8b":
         return ModelConfig(**LLAMA3_8B, **overrides)
+    if shape in QWEN3_MOE:
+        return ModelConfig(**QWEN3_MOE[shape], **overrides)
     return ModelConfig(**QWEN25, **SHAPES[shape], **overrides)

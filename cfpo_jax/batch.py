@@ -15,6 +15,8 @@ for the sampler-gap metric; the old logprobs are then the current ones, gradient
 whenever the loss reads them (`uses_sampler_logp`: the behaviour ratio reference or a rollout
 correction), and
 `ref_logp` when the KL to the reference is a loss term (`fields`). Absent arrays are None.
+`routing` (a mixture of experts with `model.moe_routing="replay"`): the sampler's experts of every
+token, which the logprob passes and the update replay (`cfpo_jax.models.moe`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from flax import struct
 @struct.dataclass
 class Batch:
     """Unpacked: tokens, attn [B, L] (int32; attn 1 on real tokens), mask [B, N] float32 (the
-    tokens the policy sampled, EOS included), adv [B]; old_logp / sampler_logp / ref_logp [B, N]."""
+    tokens the policy sampled, EOS included), adv [B]; old_logp / sampler_logp / ref_logp [B, N];
+    routing [B, L, layers, k] int16 (-1: not recorded)."""
 
     tokens: jax.Array
     attn: jax.Array
@@ -36,13 +39,15 @@ class Batch:
     old_logp: jax.Array | None = None
     sampler_logp: jax.Array | None = None
     ref_logp: jax.Array | None = None
+    routing: jax.Array | None = None
 
 
 @struct.dataclass
 class PackedBatch:
     """Packed: tokens, segment (1, 2, ... per sequence in a row, 0 on padding), positions [R, W];
     comp_col (column of the row's j-th completion token), comp_seq (its sequence), mask [R, N];
-    adv [S]; old_logp / sampler_logp / ref_logp [R, N] (see `packing.Plan`)."""
+    adv [S]; old_logp / sampler_logp / ref_logp [R, N] (see `packing.Plan`); routing
+    [R, W, layers, k]."""
 
     tokens: jax.Array
     segment: jax.Array
@@ -54,6 +59,7 @@ class PackedBatch:
     old_logp: jax.Array | None = None
     sampler_logp: jax.Array | None = None
     ref_logp: jax.Array | None = None
+    routing: jax.Array | None = None
 
 
 # The per-token completion arrays a packed minibatch gathers from the rollout.
@@ -79,14 +85,18 @@ def fields(rl) -> dict[str, bool]:
                 ref_logp=rl.beta > 0 and not rl.kl_in_reward)
 
 
-def spec(rl, *, rows: int, prompt_width: int, completion_width: int, packed: bool, sharding):
+def spec(rl, *, rows: int, prompt_width: int, completion_width: int, packed: bool, sharding,
+         routing: tuple[int, int] | None = None):
     """The abstract minibatch of `rows` rows (ShapeDtypeStructs with `sharding`) of the layout a
     run with `rl` feeds its update: what `cfpo_jax.aot` compiles. A packed spec is at its largest
-    row bucket (as many rows as sequences)."""
+    row bucket (as many rows as sequences). `routing` = (layers, k): the batch carries a MoE
+    rollout's recorded routing (`model.moe_routing="replay"`)."""
     P, N = prompt_width, completion_width
     column = lambda *shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)
     optional = {name: column(rows, N, dtype=jnp.float32) if present else None
                 for name, present in fields(rl).items()}
+    if routing is not None:
+        optional["routing"] = column(rows, P + N, *routing, dtype=jnp.int16)
     if packed:
         return PackedBatch(tokens=column(rows, P + N), segment=column(rows, P + N),
                            positions=column(rows, P + N), comp_col=column(rows, N),

@@ -25,7 +25,7 @@ from ml_collections import config_dict
 import os
 import sys
 
-from cfpo_jax import advantages, data, losses, rewards, state
+from cfpo_jax import advantages, data, losses, moe_config, rewards, state
 from cfpo_jax.envs import formats
 from cfpo_jax.models.attention import DECODE_IMPLEMENTATIONS
 from cfpo_jax.models.config import ATTENTION_IMPLEMENTATIONS, LORA_TARGETS, REMAT_POLICIES
@@ -269,6 +269,18 @@ def base_config() -> ml_collections.ConfigDict:
     # last overlong_buffer tokens of the budget; 0 turns it off.
     c.rewards.overlong_buffer = 0
     c.rewards.overlong_penalty = 1.0
+
+    # Mixture-of-experts policies (issue 33; cfpo_jax/models/moe.py; checked by
+    # cfpo_jax.moe_config.errors). Ignored by dense models except mesh.expert.
+    # "recompute": every learner pass routes tokens itself; "replay": the old-logprob, reference and
+    # update passes run the experts the sampler chose for each token (recorded while decoding).
+    c.model.moe_routing = "recompute"
+    c.model.moe_matmul = "ragged_dot"  # experts' grouped matmul: "ragged_dot" | "megablox" (TPU)
+    c.model.tiny.num_experts = 0  # > 0: the tiny model is a Qwen3-MoE with this many experts
+    c.model.tiny.num_experts_per_tok = 2
+    c.model.tiny.moe_intermediate_size = 64
+    c.mesh.expert = 1  # expert parallelism: experts (and the batch) split over this many devices
+    c.rl.moe_aux_loss_coef = 0.0  # × the router load-balancing loss (transformers' definition)
     return c
 
 
@@ -563,7 +575,7 @@ def _env_errors(config) -> list[str]:
 # One check per section, in the order of `base_config`.
 _SECTION_CHECKS = (_model_errors, _mesh_errors, _data_errors, _sampling_errors, _rewards_errors,
                    _eval_errors, _rl_errors, _optim_errors, _train_errors, _warmstart_errors,
-                   _lora_errors, _env_errors)
+                   _lora_errors, _env_errors, moe_config.errors)
 
 
 # ---------------------------------------------------------------- config files by name

@@ -33,6 +33,14 @@ Decisions written down here:
     read the sampler's logprobs, which the batch then carries: `batch.uses_sampler_logp`), and
     DAPO's overlong filter (`rl.overlong_filter`: the rollout batch's loss mask drops truncated
     rows after the advantages are computed, so they still count in their groups).
+  * Mixture of experts: the update adds `rl.moe_aux_loss_coef` × the router load-balancing loss
+    (mean over micro-batches; reported as `moe_aux_loss` for every MoE model). With
+    `model.moe_routing="replay"` the rollout carries the sampler's routing (`Batch.routing`) and
+    the old-logprob, reference and update passes run those experts; `prepare` then also runs the
+    policy once without replay for `moe_routing_flip_frac` (tokens the learner routes differently
+    from the sampler in some layer; `_layer`: per token and layer) and
+    `moe_sampler_logprob_gap_recompute` (the sampler gap without replay, beside
+    `sampler_logprob_gap` with it).
   * LoRA: `frozen` (the frozen base) is an argument of every jitted function (a closed-over array
     would be compiled in as a constant), never differentiated or donated. The reference policy for
     β > 0 is then the base, i.e. the policy with its adapters disabled (`lora.disabled`).
@@ -63,17 +71,30 @@ def micro_batches(tree, micro_size: int):
     return jax.tree.map(split, tree)
 
 
-def completion_logprobs(model, tokens_BxL, attn_BxL, num_new: int, temperature: float):
+def completion_logprobs(model, tokens_BxL, attn_BxL, num_new: int, temperature: float, routing=None,
+                        return_moe: bool = False):
     """(logp_BxN, entropy_BxN), float32, of the last N = `num_new` columns (the completion); the
-    prompt columns cost no vocabulary work."""
+    prompt columns cost no vocabulary work. A MoE model replays `routing` when given and, with
+    `return_moe`, also returns its `models.moe.MoEStats`."""
     return models.sequence_logprobs(model, tokens_BxL, attn_BxL, temperature=temperature,
-                                    num_completion=num_new)
+                                    num_completion=num_new, routing=routing, return_moe=return_moe)
 
 
-def packed_completion_logprobs(model, packed: PackedBatch, temperature: float):
-    """(logp, entropy) [R, N], float32, of the packed completion layout of `packed` rows."""
+def packed_completion_logprobs(model, packed: PackedBatch, temperature: float, return_moe: bool = False):
+    """(logp, entropy) [R, N], float32, of the packed completion layout of `packed` rows (their
+    routing replayed when they carry one; with `return_moe` also the `MoEStats`)."""
     return models.packed_logprobs(model, packed.tokens, packed.segment, packed.positions,
-                                  packed.comp_col, packed.mask, temperature=temperature)
+                                  packed.comp_col, packed.mask, temperature=temperature,
+                                  routing=packed.routing, return_moe=return_moe)
+
+
+def moe_replay_terms(experts_BxLxYxK, routing_BxLxYxK, attn_BxL, logp_BxN, sampler_logp_BxN, mask_BxN):
+    """Sums behind the routing-replay metrics: the learner's own routing (no replay) against the
+    sampler's recorded one, and the sampler gap of the logprobs computed without replay."""
+    tokens = jnp.sum((attn_BxL != 0) & (routing_BxLxYxK[:, :, 0, 0] >= 0))
+    token_frac, layer_frac = models.moe.routing_flips(experts_BxLxYxK, routing_BxLxYxK, attn_BxL)
+    return dict(flip_sum=token_frac * tokens, flip_layer_sum=layer_frac * tokens, routed=tokens,
+                gap_recompute_sum=jnp.sum(jnp.abs(sampler_logp_BxN - logp_BxN) * mask_BxN))
 
 
 def rollout_policy_terms(logp_BxN, entropy_BxN, sampler_logp_BxN, mask_BxN):
@@ -83,17 +104,25 @@ def rollout_policy_terms(logp_BxN, entropy_BxN, sampler_logp_BxN, mask_BxN):
 
 
 def make_logprobs(graphdef, frozen, *, temperature: float, micro_batch_size: int, num_new: int):
-    """Jittable (params, tokens [B, L], attn [B, L]) -> (logp [B, N], entropy [B, N]) of the
-    completion columns, in micro-batches."""
+    """Jittable (params, tokens [B, L], attn [B, L], routing=None, with_experts=False) -> (logp
+    [B, N], entropy [B, N]) of the completion columns, in micro-batches; a MoE model replays
+    `routing` [B, L, layers, k] when given, and with `with_experts` also returns its own experts
+    [B, L, layers, k] third."""
 
-    def logprobs(params, tokens_BxL, attn_BxL):
+    def logprobs(params, tokens_BxL, attn_BxL, routing=None, with_experts: bool = False):
         model = nnx.merge(graphdef, params, frozen)
         size = micro_batch_size or tokens_BxL.shape[0]
-        micro = micro_batches((tokens_BxL, attn_BxL), size)
-        fn = lambda mb: completion_logprobs(model, mb[0], mb[1], num_new, temperature)
-        logp_MxbxN, entropy_MxbxN = jax.lax.map(fn, micro)
-        unsplit = lambda x: jnp.swapaxes(x, 0, 1).reshape(tokens_BxL.shape[0], num_new)
-        return unsplit(logp_MxbxN), unsplit(entropy_MxbxN)
+        micro = micro_batches((tokens_BxL, attn_BxL, routing), size)
+
+        def fn(mb):
+            tokens_bxL, attn_bxL, routing_bxLxYxK = mb
+            out = completion_logprobs(model, tokens_bxL, attn_bxL, num_new, temperature,
+                                      routing=routing_bxLxYxK, return_moe=with_experts)
+            return (*out[:2], out[2].experts_BxTxLxK) if with_experts else out
+
+        out = jax.lax.map(fn, micro)
+        unsplit = lambda x: jnp.swapaxes(x, 0, 1).reshape(tokens_BxL.shape[0], *x.shape[2:])
+        return tuple(map(unsplit, out))
 
     return logprobs
 
@@ -108,7 +137,8 @@ def make_packed_logprobs(graphdef, frozen, *, temperature: float, micro_batch_si
         rows, width = packed.comp_col.shape
         row_arrays = PackedBatch(tokens=packed.tokens, segment=packed.segment,
                                  positions=packed.positions, comp_col=packed.comp_col,
-                                 comp_seq=packed.comp_seq, mask=packed.mask, adv=None)
+                                 comp_seq=packed.comp_seq, mask=packed.mask, adv=None,
+                                 routing=packed.routing)
         micro = micro_batches(row_arrays, micro_batch_size or rows)
         logp_MxbxN, entropy_MxbxN = jax.lax.map(
             lambda mb: packed_completion_logprobs(model, mb, temperature), micro)
@@ -147,15 +177,18 @@ def make_update(graphdef, tx, schedule, rl: ml_collections.ConfigDict, *, temper
     draws = rl.entropy_control == "clip_cov"  # Clip-Cov picks its tokens at random
     layout = PackedBatch if packed else Batch
 
-    def micro_loss(params, frozen, mb, adv, denom, key):
+    def micro_loss(params, frozen, mb, adv, denom, num_micro, key):
         model = nnx.merge(graphdef, params, frozen)
+        moe = model.config.num_experts > 0  # MoE models report their load-balancing loss
         if packed:
-            logp_BxN, entropy_BxN = packed_completion_logprobs(model, mb, temperature)
+            logp_BxN, entropy_BxN, *moe_stats = packed_completion_logprobs(model, mb, temperature,
+                                                                           return_moe=moe)
             sequences = dict(sequence_ids=mb.comp_seq, num_sequences=adv.shape[0])
             sequence_sums = losses.segment_sums(mb.comp_seq, adv.shape[0])
         else:
-            logp_BxN, entropy_BxN = completion_logprobs(model, mb.tokens, mb.attn,
-                                                        mb.mask.shape[1], temperature)
+            logp_BxN, entropy_BxN, *moe_stats = completion_logprobs(
+                model, mb.tokens, mb.attn, mb.mask.shape[1], temperature, routing=mb.routing,
+                return_moe=moe)
             sequences, sequence_sums = {}, losses.row_sums
         old_logp_BxN = jax.lax.stop_gradient(logp_BxN) if on_policy else mb.old_logp
         terms = losses.policy_loss_terms(
@@ -165,6 +198,9 @@ def make_update(graphdef, tx, schedule, rl: ml_collections.ConfigDict, *, temper
             terms.update(rollout_policy_terms(old_logp_BxN, jax.lax.stop_gradient(entropy_BxN),
                                               mb.sampler_logp, mb.mask))
         loss = terms["loss_sum"] / denom
+        if moe:  # transformers' definition per micro-batch; their mean enters the loss
+            terms["moe_aux_loss_sum"] = moe_stats[0].aux_loss
+            loss = loss + rl.moe_aux_loss_coef * moe_stats[0].aux_loss / num_micro
         if kl_loss:  # aggregated like the policy loss, so it shares its denominator
             terms.update(losses.kl_terms(logp_BxN, mb.ref_logp, mb.mask,
                                          estimator=rl.kl_estimator, agg=rl.agg, max_len=max_len,
@@ -185,7 +221,9 @@ def make_update(graphdef, tx, schedule, rl: ml_collections.ConfigDict, *, temper
         num_tokens = jnp.maximum(jnp.sum(mask), 1.0)
         # Packed: every micro-batch sees all advantages (indexed by sequence id).
         rows = dataclasses.replace(batch, adv=None) if packed else batch
-        micro = micro_batches(rows, micro_batch_size or mask.shape[0])
+        micro_size = micro_batch_size or mask.shape[0]
+        micro = micro_batches(rows, micro_size)
+        num_micro = mask.shape[0] // micro_size
         grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
         # One key per micro-batch of this update (the step's rng is new each step, `updates`
         # counts the updates): the same draws on a resumed run.
@@ -195,7 +233,7 @@ def make_update(graphdef, tx, schedule, rl: ml_collections.ConfigDict, *, temper
         def body(grads_acc, mb_key):
             mb, key = mb_key
             adv = batch.adv if packed else mb.adv
-            (loss, terms), grads = grad_fn(params, frozen, mb, adv, denom, key)
+            (loss, terms), grads = grad_fn(params, frozen, mb, adv, denom, num_micro, key)
             return jax.tree.map(jnp.add, grads_acc, grads), (loss, terms)
 
         zero_grads = jax.tree.map(jnp.zeros_like, params)
@@ -225,6 +263,8 @@ def make_update(graphdef, tx, schedule, rl: ml_collections.ConfigDict, *, temper
             metrics["sampler_logprob_gap"] = terms["sampler_gap_sum"] / num_tokens
         if kl_loss:
             metrics["kl_ref"] = terms["kl_sum"] / num_tokens
+        if "moe_aux_loss_sum" in terms:
+            metrics["moe_aux_loss"] = terms["moe_aux_loss_sum"] / num_micro
         return new_state, metrics
 
     return update
@@ -239,7 +279,8 @@ def prepare_runs_model(rl) -> bool:
     return not is_on_policy(rl) or rl.beta > 0
 
 
-def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, batch_sh, adapters: bool = False):
+def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, batch_sh, adapters: bool = False,
+                 replay: bool = False):
     """Jittable (params, ref_params, frozen, samples, reward_B, plan) → (rollout `Batch`,
     metrics): the device half of a rollout. The prompt columns are left-padded to a
     `data.bucket_width` so that the learner compiles for few prompt widths; advantages come from
@@ -248,7 +289,9 @@ def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, batch_sh, ada
     With `adapters` (LoRA) the reference is the policy with its adapters disabled, i.e. the base,
     and `ref_params` is unused. Given a `plan` (`packing.Plan` of all rows, in order; with
     `rl.pack`) the old and reference logprob passes run on the rollout packed by it and are
-    unpacked back to [B, N]; None runs them unpacked."""
+    unpacked back to [B, N]; None runs them unpacked. With `replay` (a MoE policy, routing
+    recorded by the sampler in `samples.routing`) the passes replay it, the batch carries it, and
+    one more forward without replay gives the routing-replay metrics."""
     on_policy = is_on_policy(rl)
     keep_sampler_logp = on_policy or uses_sampler_logp(rl)
 
@@ -260,6 +303,10 @@ def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, batch_sh, ada
         attn_BxL = jnp.concatenate([jnp.pad(samples.prompt_mask, pad), samples.mask], axis=1)
         tokens_BxL, attn_BxL = (jax.lax.with_sharding_constraint(x, batch_sh)
                                 for x in (tokens_BxL, attn_BxL))
+        routing = None
+        if replay:
+            routing = jax.lax.with_sharding_constraint(
+                jnp.pad(samples.routing, (pad[0], (pad[1][0], 0), (0, 0), (0, 0)), constant_values=-1), batch_sh)
         # The loss mask: the tokens the policy sampled (in an episode, not the answers).
         mask_BxN = samples.loss_mask.astype(jnp.float32)
         num_tokens = jnp.maximum(jnp.sum(mask_BxN), 1.0)
@@ -270,10 +317,11 @@ def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, batch_sh, ada
             rows = PackedBatch(tokens=packing.pack_rows(tokens_BxL, plan.token_src_RxW),
                                segment=plan.segment_RxW, positions=plan.positions_RxW,
                                comp_col=plan.comp_col_RxN, comp_seq=plan.comp_seq_RxN,
-                               mask=plan.comp_mask_RxN, adv=None)
+                               mask=plan.comp_mask_RxN, adv=None,
+                               routing=None if routing is None else packing.pack_rows(routing, plan.token_src_RxW))
 
-            def logprobs(params, tokens_BxL, attn_BxL):
-                del tokens_BxL, attn_BxL  # packed in `rows`
+            def logprobs(params, tokens_BxL, attn_BxL, routing=None):
+                del tokens_BxL, attn_BxL, routing  # packed in `rows`
                 return tuple(packing.unpack_completion(x_RxN, plan.unpack_SxN, mask_BxN)
                              for x_RxN in packed_logprobs(params, rows))
         else:
@@ -281,23 +329,33 @@ def make_prepare(graphdef, rl, *, temperature: float, pad_id: int, batch_sh, ada
                                      micro_batch_size=rl.micro_batch_size,
                                      num_new=samples.tokens.shape[1])
         optional = {}
+        if replay:
+            optional["routing"] = routing
+            recompute = make_logprobs(graphdef, frozen, temperature=temperature,
+                                      micro_batch_size=rl.micro_batch_size, num_new=samples.tokens.shape[1])
+            logp_BxN, _, experts = recompute(params, tokens_BxL, attn_BxL, with_experts=True)
+            terms = moe_replay_terms(experts, routing, attn_BxL, logp_BxN, samples.logprobs, mask_BxN)
+            routed = jnp.maximum(terms["routed"], 1)
+            metrics.update(moe_routing_flip_frac=terms["flip_sum"] / routed,
+                           moe_routing_flip_frac_layer=terms["flip_layer_sum"] / routed,
+                           moe_sampler_logprob_gap_recompute=terms["gap_recompute_sum"] / num_tokens)
         policy_logp_BxN = None
         if keep_sampler_logp:
             optional["sampler_logp"] = samples.logprobs
         if not on_policy:
-            optional["old_logp"], entropy_BxN = logprobs(params, tokens_BxL, attn_BxL)
+            optional["old_logp"], entropy_BxN = logprobs(params, tokens_BxL, attn_BxL, routing)
             policy_logp_BxN = optional["old_logp"]
             terms = rollout_policy_terms(policy_logp_BxN, entropy_BxN, samples.logprobs, mask_BxN)
             metrics.update(entropy=terms["entropy_sum"] / num_tokens,
                            sampler_logprob_gap=terms["sampler_gap_sum"] / num_tokens)
         if rl.beta > 0:
             reference = lora.disabled(params) if adapters else ref_params
-            ref_logp_BxN = logprobs(reference, tokens_BxL, attn_BxL)[0]
+            ref_logp_BxN = logprobs(reference, tokens_BxL, attn_BxL, routing)[0]
         if rl.beta > 0 and rl.kl_in_reward:
             # The KL of the policy that sampled (the trainer's logprobs; on policy the update
             # needs none, so this is the one forward it costs) becomes part of the reward.
             if policy_logp_BxN is None:
-                policy_logp_BxN = logprobs(params, tokens_BxL, attn_BxL)[0]
+                policy_logp_BxN = logprobs(params, tokens_BxL, attn_BxL, routing)[0]
             kl_B = losses.sequence_kl(policy_logp_BxN, ref_logp_BxN, mask_BxN, rl.kl_estimator)
             reward_B = reward_B - rl.beta * kl_B
             metrics.update(kl_ref=jnp.sum(kl_B) / num_tokens, kl_penalty=rl.beta * jnp.mean(kl_B))
@@ -348,7 +406,8 @@ def make_programs(config, mesh, graphdef, *, pad_id: int, tx, schedule, state_sh
         in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, replicated),
         donate_argnums=0)
     prepare = make_prepare(graphdef, rl, temperature=sampling_config.temperature, pad_id=pad_id,
-                           batch_sh=batch_sh, adapters=config.lora.rank > 0)
+                           batch_sh=batch_sh, adapters=config.lora.rank > 0,
+                           replay=config.model.moe_routing == "replay")
     return dict(
         split_rng=jax.jit(lambda key: tuple(jax.random.split(key)), out_shardings=replicated),
         prepare=jax.jit(prepare, out_shardings=(batch_sh, replicated)),
@@ -379,7 +438,7 @@ class Learner:
                                       schedule=schedule, state_sh=state_sh,
                                       frozen_sh=jax.tree.map(lambda x: x.sharding, frozen))
         rl = config.rl
-        shards = mesh.shape["data"] * mesh.shape["fsdp"]
+        shards = sharding.batch_shards(mesh)
         self.packer = packing.Packer(granule=rl.micro_batch_size or shards) if rl.pack else None
         self._batch_sh = sharding.batch_sharding(mesh)
 

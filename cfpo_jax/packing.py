@@ -191,8 +191,9 @@ def saves_rows(plan_: Plan, num_sequences: int) -> bool:
 
 
 def pack_rows(x_BxW, token_src_RxW):
-    """The packed rows [R, W] of an unpacked [B, W] array (padding slots hold x's first value)."""
-    return jnp.take(x_BxW.reshape(-1), token_src_RxW, axis=0)
+    """The packed rows [R, W, ...] of an unpacked [B, W, ...] array (padding slots hold x's first
+    token's value), e.g. tokens, or a MoE rollout's routing [B, W, L, k]."""
+    return jnp.take(x_BxW.reshape(-1, *x_BxW.shape[2:]), token_src_RxW, axis=0)
 
 
 def pack_completion(x_BxN, comp_src_RxN, comp_mask_RxN):
@@ -215,7 +216,8 @@ def pack_minibatch(batch: batch_lib.Batch, plan_: Plan) -> batch_lib.PackedBatch
     return batch_lib.PackedBatch(
         tokens=pack_rows(batch.tokens, plan_.token_src_RxW), segment=plan_.segment_RxW,
         positions=plan_.positions_RxW, comp_col=plan_.comp_col_RxN, comp_seq=plan_.comp_seq_RxN,
-        adv=jnp.take(batch.adv, plan_.rows_S, axis=0), **completion)
+        adv=jnp.take(batch.adv, plan_.rows_S, axis=0), **completion,
+        routing=None if batch.routing is None else pack_rows(batch.routing, plan_.token_src_RxW))
 
 
 def spec(*, rows: int, sequences: int, prompt_width: int, completion_width: int, sharding) -> Plan:

@@ -18,17 +18,18 @@ from cfpo_jax import lora, models, sharding, tiny
 
 
 def make_mesh(config, devices=None):
-    """The run's ('data', 'fsdp', 'tensor') mesh over `devices` (default all), checked against
-    the micro-batch it must split."""
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    """The run's ('data', 'fsdp', 'expert', 'tensor') mesh over `devices` (default all), checked
+    against the micro-batch it must split."""
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices,
+                              expert=config.mesh.expert)
     rl = config.rl
-    batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_shards = sharding.batch_shards(mesh)
     micro = rl.micro_batch_size or config.data.batch_size * rl.group_size // rl.num_minibatches
     if micro % batch_shards:
         raise ValueError(
             f"the micro-batch of {micro} sequences (rl.micro_batch_size, or data.batch_size × "
             f"rl.group_size / rl.num_minibatches) must divide over the {batch_shards} "
-            f"data × fsdp shards of the mesh {dict(mesh.shape)}"
+            f"data × fsdp × expert shards of the mesh {dict(mesh.shape)}"
         )
     return mesh
 
@@ -72,7 +73,8 @@ def load(config, workdir: str, mesh) -> Policy:
                                    dtype=config.model.dtype, remat=config.model.remat,
                                    remat_policy=config.model.remat_policy,
                                    attention=config.model.attention,
-                                   unroll_layers=config.model.unroll_layers)
+                                   unroll_layers=config.model.unroll_layers,
+                                   moe_matmul=config.model.moe_matmul)
     tokenizer = models.load_tokenizer(model_path)
     eos_ids = tuple(models.eos_token_ids(model_path, tokenizer))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]

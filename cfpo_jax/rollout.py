@@ -222,6 +222,7 @@ class Rollout:
             max_new_tokens=sampling_config.max_new_tokens, temperature=sampling_config.temperature,
             top_p=sampling_config.top_p, top_k=sampling_config.top_k, seed=sample_key,
             n=rl.group_size, pad_id=self.pad_id, mesh=self.mesh,
+            record_routing=config.model.moe_routing == "replay",
             **sampling.engine_settings(sampling_config))
         # The completion text is all the host needs from the samples.
         tokens_BxN, lengths_B = sharding.to_host((samples.tokens, samples.lengths))

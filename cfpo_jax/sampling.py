@@ -85,7 +85,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from cfpo_jax.models import decoding
+from cfpo_jax.models import decoding, moe
 from cfpo_jax.models.attention import DECODE_SLOT_ALIGN, resolve_decode
 from cfpo_jax.sharding import BATCH_AXES, mesh_context, to_host
 
@@ -109,6 +109,9 @@ class Samples:
     generated: int32 [B, N] or None. Multi-turn (`turn_end` given): 1 on the tokens the policy
       sampled, 0 on forced (observation and template) tokens and after the end; the loss mask.
       None in a single-turn call, where every token under `mask` was sampled.
+    routing: int16 [B, P + N, layers, k] or None. With `record_routing` (a mixture of experts):
+      the experts the sampler's router chose for each token of prompt + completion, -1 where
+      none was recorded (`cfpo_jax.models.moe.rollout_routing`), for the learner to replay.
     """
 
     prompt_tokens: jax.Array
@@ -119,6 +122,7 @@ class Samples:
     lengths: jax.Array
     eos: jax.Array
     generated: jax.Array | None = None
+    routing: jax.Array | None = None
 
     @property
     def loss_mask(self) -> jax.Array:
@@ -142,6 +146,7 @@ class Settings:
     # sequences, and forced tokens (`_Outputs.forced_RxN`) replace the samples where set.
     multi_turn: bool = False
     stop_sequences: tuple[tuple[int, ...], ...] = ()
+    record_routing: bool = False  # a MoE model's decode steps record their experts (routing_RxNxLxK)
 
 
 @flax.struct.dataclass
@@ -177,6 +182,7 @@ class _Outputs:
     eos_R: jax.Array
     forced_RxN: jax.Array | None = None
     generated_RxN: jax.Array | None = None
+    routing_RxNxLxK: jax.Array | None = None  # record_routing: decode step s's experts (int16, -1 unset)
 
 
 def _constrain_batch(x, mesh, axis=0):
@@ -315,6 +321,9 @@ def _init(settings: Settings, config, num_slots, num_cache_slots, num_rows):
         outputs = outputs.replace(
             forced_RxN=jnp.full((num_rows, settings.max_new_tokens), -1, jnp.int32),
             generated_RxN=jnp.zeros((num_rows, settings.max_new_tokens), bool))
+    if settings.record_routing:
+        outputs = outputs.replace(routing_RxNxLxK=jnp.full(
+            (num_rows, settings.max_new_tokens, config.num_layers, config.num_experts_per_tok), -1, jnp.int16))
     return _constrain_slots(slots, settings.mesh), outputs
 
 
@@ -364,8 +373,9 @@ def _decode_chunk(settings: Settings, weights, slots: _Slots, outputs: _Outputs,
         live_K = slots.active_K
         # Finished and empty slots still run (static shapes); keep their writes inside the cache.
         column_K = jnp.clip(slots.length_K - 1 + slots.step_K, 0, num_cache_slots - 1)
-        logits_KxV, cache = decoding.decode_step(
-            weights, slots.token_K, slots.cache, column_K, implementation=settings.attention)
+        logits_KxV, cache, *experts = decoding.decode_step(
+            weights, slots.token_K, slots.cache, column_K, implementation=settings.attention,
+            record_routing=settings.record_routing)
         key_K = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(slots.row_K, slots.step_K)
         token_K, logprob_K = sample(logits_KxV, key_K, temperature=settings.temperature, top_k=settings.top_k,
                                     top_p=settings.top_p)
@@ -383,6 +393,9 @@ def _decode_chunk(settings: Settings, weights, slots: _Slots, outputs: _Outputs,
             lengths_R=outputs.lengths_R.at[done_row_K].set(slots.step_K + 1, mode="drop"),
             eos_R=outputs.eos_R.at[done_row_K].set(hit_eos_K, mode="drop"),
         )
+        if settings.record_routing:
+            outputs = outputs.replace(routing_RxNxLxK=outputs.routing_RxNxLxK.at[row_K, slots.step_K].set(
+                experts[0].astype(jnp.int16), mode="drop"))
         if settings.multi_turn:
             outputs = outputs.replace(generated_RxN=outputs.generated_RxN.at[row_K, slots.step_K].set(
                 generated_K, mode="drop"))
@@ -591,6 +604,23 @@ def slot_layout(config, *, prompt_len: int, max_new_tokens: int, num_rows: int, 
     return num_cache_slots, num_slots, max_prefill
 
 
+@jax.jit
+def _prefill_routing(weights, prompt_tokens_MxP, prompt_mask_MxP):
+    return decoding.prefill(weights, prompt_tokens_MxP[:, :-1], prompt_mask_MxP[:, :-1], record_routing=True)[2]
+
+
+def _prompt_routing(weights, prompt_tokens_BxP, prompt_mask_BxP, outputs: _Outputs, n: int):
+    """`Samples.routing`: the prompts' experts (one prefill of the distinct prompts) and the
+    decode steps' (`outputs.routing_RxNxLxK`) in the rollout's columns."""
+    step_RxNxLxK = outputs.routing_RxNxLxK
+    if prompt_tokens_BxP.shape[1] > 1:
+        prompt_BxQxLxK = _prefill_routing(weights, jnp.asarray(prompt_tokens_BxP), jnp.asarray(prompt_mask_BxP))
+    else:  # a one-token prompt bucket: decode step 0 routes its only token
+        prompt_BxQxLxK = jnp.full((prompt_tokens_BxP.shape[0], 1, *step_RxNxLxK.shape[2:]), -1, jnp.int16)
+    return moe.rollout_routing(jnp.repeat(prompt_BxQxLxK.astype(jnp.int16), n, axis=0),
+                               jnp.repeat(jnp.asarray(prompt_mask_BxP), n, axis=0), step_RxNxLxK)
+
+
 @functools.lru_cache(maxsize=None)
 def _announce(message: str) -> None:
     print(message, flush=True)
@@ -630,6 +660,7 @@ def generate(
     stop_sequences: Sequence[Sequence[int]] = (),
     executor: concurrent.futures.Executor | None = None,
     timings: dict | None = None,
+    record_routing: bool = False,
 ) -> Samples:
     """Samples `n` completions of up to `max_new_tokens` tokens per prompt (see the module doc).
 
@@ -660,6 +691,9 @@ def generate(
       timings: a dict to fill with the call's seconds in its prefill programs ("prefill"), its
         decode chunks ("decode") and the rest ("host"); each program is then waited for, so the
         device does not run ahead of the host (for benchmarks; None: no waiting).
+      record_routing: a mixture-of-experts model's routing of every token goes into
+        `Samples.routing` (the decode steps record theirs; the prompts' comes from one more prefill
+        of the distinct prompts, the same function the slots' prefill runs).
 
     Returns:
       `Samples` with R = len(prompts) * n rows (arrays on device).
@@ -670,12 +704,16 @@ def generate(
                        prompt_bucket=prompt_bucket)
     _check_settings(model.config.vocab_size, request.max_new_tokens, temperature, top_p, top_k,
                     request.eos_token_ids, n, pad_id)
+    if record_routing and not model.config.num_experts:
+        raise ValueError(f"record_routing records a mixture of experts' routing; this "
+                         f"{model.config.model_type!r} model has no experts")
     engine = _engine(model.config, request, mesh=mesh, max_concurrent=max_concurrent, kv_cache_gb=kv_cache_gb,
                      attention=attention)
     settings = Settings(
         max_new_tokens=request.max_new_tokens, temperature=float(temperature), top_k=int(top_k),
         top_p=float(top_p), eos_token_ids=request.eos_token_ids, pad_id=int(pad_id), mesh=mesh,
-        attention=engine.attention, multi_turn=turn_end is not None, stop_sequences=request.stop_sequences)
+        attention=engine.attention, multi_turn=turn_end is not None, stop_sequences=request.stop_sequences,
+        record_routing=record_routing)
     weights = decoding.gather_weights(model, mesh)
     slots, outputs = init_program(settings, model.config, engine.num_slots, engine.num_cache_slots, request.num_rows)
     inserter = _Inserter(settings, weights, request, engine, clock)
@@ -685,7 +723,9 @@ def generate(
     else:
         outputs = _run_turns(settings, weights, slots, outputs, key, request.budget_R, inserter, turn_end,
                              executor, clock)
-    samples = _samples(request, outputs, mesh, multi_turn=turn_end is not None)
+    routing = (_prompt_routing(weights, request.prompt_tokens_BxP, request.prompt_mask_BxP, outputs, n)
+               if record_routing else None)
+    samples = _samples(request, outputs, mesh, multi_turn=turn_end is not None, routing=routing)
     clock.finish()
     return samples
 
@@ -876,7 +916,7 @@ def _run_single_turn(settings: Settings, weights, slots: _Slots, outputs: _Outpu
         active_K = np.array(to_host(slots.active_K))
 
 
-def _samples(request: _Request, outputs: _Outputs, mesh, *, multi_turn: bool) -> Samples:
+def _samples(request: _Request, outputs: _Outputs, mesh, *, multi_turn: bool, routing=None) -> Samples:
     """The rows' `Samples`, on the mesh's batch axes when their count divides."""
     max_new_tokens, n = request.max_new_tokens, request.n
     lengths_R = outputs.lengths_R
@@ -890,6 +930,7 @@ def _samples(request: _Request, outputs: _Outputs, mesh, *, multi_turn: bool) ->
         lengths=lengths_R,
         eos=outputs.eos_R,
         generated=outputs.generated_RxN.astype(jnp.int32) * mask_RxN if multi_turn else None,
+        routing=routing,
     )
     if mesh is not None:
         # Every output on the mesh, rows over the batch axes when they divide (as the trainer's

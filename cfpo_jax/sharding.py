@@ -4,6 +4,10 @@ Mesh axes:
 * `data`: pure data parallelism (parameters replicated along it).
 * `fsdp`: data parallelism with parameters (and optimizer state) sharded along it (ZeRO-3 style;
   XLA all-gathers a layer's weights inside the scan when it needs them).
+* `expert`: expert parallelism for mixture-of-experts models: each expert's weights live on one
+  slice of this axis (`expert_*_kernel`), and the batch is split over it as over 'data', so the
+  layers around the experts run data-parallel; tokens reach their experts inside the MoE layer
+  (`cfpo_jax.models.moe`). Parameters that are not experts are replicated over it.
 * `tensor`: Megatron-style tensor parallelism over attention heads, the MLP hidden size and the
   vocabulary.
 
@@ -27,8 +31,8 @@ from jax.experimental import mesh_utils, multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("data", "fsdp", "expert", "tensor")
+BATCH_AXES = ("data", "fsdp", "expert")
 
 RULES: dict[str, P] = {
     "embedding": P("tensor", "fsdp"),  # [V, D]
@@ -44,16 +48,21 @@ RULES: dict[str, P] = {
     "gate_kernel": P("fsdp", "tensor"),  # [D, F]
     "up_kernel": P("fsdp", "tensor"),  # [D, F]
     "down_kernel": P("tensor", "fsdp"),  # [F, D]
+    "router_kernel": P("fsdp", None),  # [D, E]: a MoE layer's router
+    "expert_gate_kernel": P("expert", "fsdp", "tensor"),  # [E, D, F]
+    "expert_up_kernel": P("expert", "fsdp", "tensor"),  # [E, D, F]
+    "expert_down_kernel": P("expert", "tensor", "fsdp"),  # [E, F, D]
     "scale": P(None),  # RMSNorm weights: small, replicated
 }
 
 log = logging.getLogger(__name__)
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
-    """Mesh with axes ('data', 'fsdp', 'tensor'); one size may be -1 (the remaining devices)."""
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None, *, expert: int = 1) -> Mesh:
+    """Mesh with axes ('data', 'fsdp', 'expert', 'tensor'); one size may be -1 (the remaining
+    devices)."""
     devices = list(jax.devices() if devices is None else devices)
-    sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+    sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
     if any(s == 0 or s < -1 for s in sizes.values()) or list(sizes.values()).count(-1) > 1:
         raise ValueError(f"mesh sizes must be positive, with at most one -1; got {sizes}")
     known = int(np.prod([s for s in sizes.values() if s != -1]))
@@ -104,6 +113,8 @@ def partition_spec(mesh: Mesh, names: list[str], shape: tuple[int, ...]) -> P:
         raise ValueError(f"rule {P(*spec)} for {'/'.join(names)} does not fit shape {shape}")
     fitted = []
     for axis, dim in zip(spec, shape):
+        if axis is not None and axis not in mesh.axis_names:  # e.g. no 'expert' axis in this mesh
+            axis = None
         if axis is not None and dim % mesh.shape[axis]:
             log.info("%s: dim %d not divisible by mesh axis %s=%d; left unsharded",
                      "/".join(names), dim, axis, mesh.shape[axis])
@@ -136,8 +147,13 @@ def mesh_context(mesh: Mesh | None):
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
-    """Leading (batch) axis split over data x fsdp, the rest replicated."""
+    """Leading (batch) axis split over data x fsdp x expert, the rest replicated."""
     return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def batch_shards(mesh: Mesh) -> int:
+    """How many ways the batch splits: the product of the mesh's batch axes."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES if a in mesh.axis_names]))
 
 
 def to_host(tree):

@@ -41,8 +41,12 @@ def build_tokenizer():
 
 
 def build(path: str, *, hidden_size: int, intermediate_size: int, num_layers: int,
-          num_heads: int, num_kv_heads: int, seed: int = 0) -> str:
-    """Writes a random-init Qwen2-style decoder and the tokenizer to `path` (once); returns it."""
+          num_heads: int, num_kv_heads: int, seed: int = 0, num_experts: int = 0,
+          num_experts_per_tok: int = 2, moe_intermediate_size: int = 64) -> str:
+    """Writes a random-init Qwen2-style decoder and the tokenizer to `path` (once); returns it.
+    With `num_experts` > 0 it is a Qwen3-MoE instead (q/k norm, no q/k/v bias, untied embeddings:
+    what transformers' Qwen3MoeForCausalLM reads), `num_experts_per_tok` experts of width
+    `moe_intermediate_size` per token, weights renormalised over them."""
     if os.path.exists(os.path.join(path, "config.json")):
         return path
     from flax import nnx
@@ -70,6 +74,10 @@ def build(path: str, *, hidden_size: int, intermediate_size: int, num_layers: in
         dtype="float32",
         remat=False,
     )
+    if num_experts:
+        config = config.replace(model_type="qwen3_moe", qkv_bias=False, qk_norm=True, tie_embeddings=False,
+                                num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
+                                moe_intermediate_size=moe_intermediate_size, norm_topk_prob=True)
     model = Transformer(config, rngs=nnx.Rngs(seed))
     # Written to a temporary name and renamed, so a run killed here never leaves half a model.
     tmp = path.rstrip("/") + ".tmp"

@@ -11,6 +11,8 @@ init of ones and zeros. `reference_model(directory)` loads it back as the PyTorc
 Families:
 * "qwen2": q/k/v bias, untied embeddings, GQA 4:2.
 * "qwen3": q/k RMSNorm, explicit head_dim (32 != hidden/heads = 16), tied embeddings.
+* "qwen3_moe": Qwen3-MoE, 8 experts of width 32, 2 per token with `norm_topk_prob`, q/k RMSNorm,
+  untied embeddings.
 * "llama": Llama-3 RoPE scaling (with original_max_position_embeddings small enough that all
   three frequency bands are exercised), untied embeddings.
 """
@@ -43,6 +45,11 @@ FAMILIES = {
     "qwen3": (
         transformers.Qwen3Config,
         dict(head_dim=32, rope_theta=1000000.0, tie_word_embeddings=True, attention_bias=False),
+    ),
+    "qwen3_moe": (
+        transformers.Qwen3MoeConfig,
+        dict(head_dim=32, rope_theta=1000000.0, tie_word_embeddings=False, attention_bias=False,
+             num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
     ),
     "llama": (
         transformers.LlamaConfig,

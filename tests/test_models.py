@@ -23,7 +23,7 @@ from cfpo_jax.models import (
     sequence_logprobs,
 )
 
-FAMILIES = ("qwen2", "qwen3", "llama")
+FAMILIES = ("qwen2", "qwen3", "qwen3_moe", "llama")
 TOL = 1e-4  # max abs difference, relative to the largest |logit|
 
 

@@ -28,8 +28,11 @@ def checkpoint(request, tmp_path_factory):
 
 def test_make_mesh_fills_remaining_devices():
     mesh = sharding.make_mesh(data=2, fsdp=-1, tensor=2)
-    assert mesh.axis_names == ("data", "fsdp", "tensor")
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert mesh.axis_names == ("data", "fsdp", "expert", "tensor")
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
+    mesh = sharding.make_mesh(fsdp=-1, expert=4)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 2, "expert": 4, "tensor": 1}
+    assert sharding.batch_shards(mesh) == 8
 
 
 @pytest.mark.parametrize(

@@ -102,14 +102,17 @@ def learner_programs(config, model_config, mesh) -> dict[str, Program]:
     rows = rollout // rl.num_minibatches
     N = sampling_config.max_new_tokens
     P = data.bucket_width(sampling_config.max_prompt_len)
+    replay = config.model.moe_routing == "replay"  # the rollout carries a MoE's routing
+    routing = (model_config.num_layers, model_config.num_experts_per_tok) if replay else None
     # With `rl.pack` the packed layout at its largest row bucket
     minibatch = batch.spec(rl, rows=rows, prompt_width=P, completion_width=N, packed=rl.pack,
-                           sharding=batch_sh)
+                           sharding=batch_sh, routing=routing)
     samples = sampling.Samples(
         prompt_tokens=column((rollout, P), jnp.int32), prompt_mask=column((rollout, P), jnp.int32),
         tokens=column((rollout, N), jnp.int32), mask=column((rollout, N), jnp.int32),
         logprobs=column((rollout, N), jnp.float32), lengths=column((rollout,), jnp.int32),
-        eos=column((rollout,), jnp.bool_))
+        eos=column((rollout,), jnp.bool_),
+        routing=column((rollout, P + N, *routing), jnp.int16) if replay else None)
     reward = jax.ShapeDtypeStruct((rollout,), jnp.float32, sharding=NamedSharding(mesh, PS()))
     plan = None
     if rl.pack and learner.prepare_runs_model(rl):
@@ -157,7 +160,8 @@ def sampler_programs(config, model_config, mesh) -> dict[str, Program]:
 
     settings = sampling.Settings(
         max_new_tokens=N, temperature=float(s.temperature), top_k=int(s.top_k), top_p=float(s.top_p),
-        eos_token_ids=(0,), pad_id=0, mesh=mesh, attention=attention)
+        eos_token_ids=(0,), pad_id=0, mesh=mesh, attention=attention,
+        record_routing=config.model.moe_routing == "replay")
     policy_graphdef, policy_state = nnx.split(policy)
     policy_state = _abstract(policy_state, sharding.param_shardings(mesh, policy_state))
     weights = _lowered_outputs(decoding.gather_program, policy_graphdef, nnx.split(policy.blocks)[0],

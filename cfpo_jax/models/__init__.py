@@ -1,4 +1,4 @@
-"""Decoder-only policy models (Qwen2/2.5, Qwen3, Llama 3 / SmolLM2) in Flax NNX, and reward models
+"""Decoder-only policy models (Qwen2/2.5, Qwen3, Qwen3-MoE, Llama 3 / SmolLM2) in Flax NNX, and reward models
 (the same decoder with a score head, from `*ForSequenceClassification` checkpoints), with Hugging
 Face checkpoint import/export and the chunked log-probabilities the trainer scores with."""
 

@@ -92,7 +92,7 @@ DECODE_IMPLEMENTATIONS = ("auto", "einsum", "pallas", "paged")
 DECODE_SLOT_ALIGN = 128  # the Pallas decode kernels' unit of slots: a split (GPU), a page (TPU)
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _tpu_interpret_params = None  # "paged" off TPU: TPU interpret mode's settings (None: defaults; a test adds race detection)
-_BATCH_AXES = ("data", "fsdp")  # cfpo_jax.sharding.BATCH_AXES (models import no sharding code)
+_BATCH_AXES = ("data", "fsdp", "expert")  # cfpo_jax.sharding.BATCH_AXES (models import no sharding code)
 
 
 def target_platform() -> str:

@@ -1,6 +1,6 @@
 """ModelConfig: the one description of a decoder, and its translation to/from Hugging Face config.json.
 
-One dataclass covers Qwen2/2.5, Qwen3 and Llama 3 (SmolLM2 is a Llama) through flags:
+One dataclass covers Qwen2/2.5, Qwen3, Qwen3-MoE and Llama 3 (SmolLM2 is a Llama) through flags:
 
 * `qkv_bias`: biases on the q/k/v projections (Qwen2; never on the output projection).
 * `qk_norm`: RMSNorm over head_dim on queries and keys before RoPE (Qwen3).
@@ -11,6 +11,12 @@ One dataclass covers Qwen2/2.5, Qwen3 and Llama 3 (SmolLM2 is a Llama) through f
   (`LlamaForSequenceClassification`, `Qwen2ForSequenceClassification`, Qwen3's). The
   architecture name in config.json says which; its label count is `id2label`'s length, else
   `num_labels`, else transformers' default of 2.
+* `num_experts` > 0: every layer's MLP is a sparse mixture of experts (Qwen3-MoE,
+  `cfpo_jax.models.moe`): a router [hidden, num_experts], `num_experts_per_tok` experts per token
+  of width `moe_intermediate_size`, their weights renormalised to sum 1 when `norm_topk_prob`.
+  Layers are stacked and scanned, so every layer must be sparse: checkpoints with
+  `mlp_only_layers` or `decoder_sparse_step` > 1 (dense layers between sparse ones) are rejected.
+  `intermediate_size` is kept only to round-trip config.json.
 * `lora_rank`, `lora_alpha`, `lora_targets`: low-rank adapters (`cfpo_jax.lora`) on the named
   projections, each adding (alpha / rank) · x·A·B to it; rank 0 (the default) means none. They are
   not part of a Hugging Face config (`to_hf_config` describes the base model).
@@ -20,6 +26,8 @@ and, for how the model runs rather than what it is (never written to config.json
 * `remat` / `remat_policy`: rematerialise each layer in the backward pass, and what to keep
   (`REMAT_POLICIES`, see `cfpo_jax.models.transformer`).
 * `attention`: the full-sequence attention kernel (`cfpo_jax.models.attention.IMPLEMENTATIONS`).
+* `moe_matmul`: the grouped matmul of the experts (`MOE_MATMULS`): "ragged_dot"
+  (`jax.lax.ragged_dot`, every platform) or "megablox" (the Pallas TPU kernel, TPU only).
 * `unroll_layers`: unroll the layer scan (one copy of the layer per layer in the program: longer
   compiles, no loop overhead; faster for shallow models on CPU, see benchmarks/README.md).
 
@@ -33,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "llama")
+SUPPORTED_MODEL_TYPES = ("qwen2", "qwen3", "qwen3_moe", "llama")
 SUPPORTED_DTYPES = ("float32", "bfloat16", "float16")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an adapter can sit on
@@ -41,8 +49,9 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")  # the projections an 
 # name to its jax.checkpoint policy and says when to use which.
 REMAT_POLICIES = ("full", "dots_with_no_batch_dims", "dots")
 ATTENTION_IMPLEMENTATIONS = ("auto", "einsum", "cudnn", "splash")
+MOE_MATMULS = ("ragged_dot", "megablox")
 
-_FAMILY_NAMES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "llama": "Llama"}
+_FAMILY_NAMES = {"qwen2": "Qwen2", "qwen3": "Qwen3", "qwen3_moe": "Qwen3Moe", "llama": "Llama"}
 CAUSAL_LM, SEQUENCE_CLASSIFICATION = "ForCausalLM", "ForSequenceClassification"
 # transformers' PretrainedConfig default when a config.json names neither id2label nor num_labels.
 _DEFAULT_NUM_LABELS = 2
@@ -78,6 +87,11 @@ class ModelConfig:
     lora_rank: int = 0
     lora_alpha: float = 0.0
     lora_targets: tuple[str, ...] = ()
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    moe_matmul: str = "ragged_dot"
 
     def __post_init__(self):
         if self.model_type not in SUPPORTED_MODEL_TYPES:
@@ -100,6 +114,16 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported rope_type {rope_type!r}; supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
+        if (self.model_type == "qwen3_moe") != (self.num_experts > 0):
+            raise ValueError(f"model_type {self.model_type!r} with num_experts={self.num_experts}: "
+                             "qwen3_moe needs num_experts > 0, every other family 0")
+        if self.num_experts and not (0 < self.num_experts_per_tok <= self.num_experts
+                                     and self.moe_intermediate_size > 0):
+            raise ValueError(
+                f"num_experts_per_tok={self.num_experts_per_tok} must be in [1, num_experts="
+                f"{self.num_experts}] and moe_intermediate_size={self.moe_intermediate_size} > 0")
+        if self.moe_matmul not in MOE_MATMULS:
+            raise ValueError(f"moe_matmul={self.moe_matmul!r}; valid: {', '.join(MOE_MATMULS)}")
         if self.num_labels < 0:
             raise ValueError(f"num_labels must be >= 0 (0: causal LM); got {self.num_labels}")
         object.__setattr__(self, "eos_token_ids", tuple(self.eos_token_ids))
@@ -107,6 +131,11 @@ class ModelConfig:
         unknown = [t for t in self.lora_targets if t not in LORA_TARGETS]
         if unknown:
             raise ValueError(f"unknown lora_targets {unknown}; valid: {', '.join(LORA_TARGETS)}")
+        dense_mlp = [t for t in self.lora_targets if t in ("gate", "up", "down")]
+        if self.num_experts and self.lora_rank and dense_mlp:
+            raise ValueError(
+                f"lora_targets {dense_mlp}: a mixture-of-experts model has experts, not a dense MLP, "
+                "and adapters on experts are not supported; valid here: q, k, v, o")
         if self.lora_rank < 0 or (self.lora_rank > 0 and not self.lora_targets):
             raise ValueError(
                 f"lora_rank={self.lora_rank} must be 0 (no adapters) or > 0 with at least one of "
@@ -167,8 +196,19 @@ def from_hf_config(cfg: dict, *, param_dtype: str | None = None, dtype: str | No
     if model_type == "llama" and cfg.get("mlp_bias"):
         raise _unsupported(model_type, "mlp_bias", True)
     # Qwen3 and Llama put `attention_bias` on the output projection as well, which we do not model.
-    if model_type in ("qwen3", "llama") and cfg.get("attention_bias"):
+    if model_type in ("qwen3", "qwen3_moe", "llama") and cfg.get("attention_bias"):
         raise _unsupported(model_type, "attention_bias", True)
+    moe = {}
+    if model_type == "qwen3_moe":
+        if cfg.get("mlp_only_layers") or cfg.get("decoder_sparse_step", 1) != 1:
+            raise ValueError(
+                "qwen3_moe checkpoints with dense layers between the sparse ones (mlp_only_layers="
+                f"{cfg.get('mlp_only_layers')!r}, decoder_sparse_step={cfg.get('decoder_sparse_step')!r}) "
+                "are not supported: every layer must be sparse (the layers are stacked and scanned)")
+        moe = dict(num_experts=cfg.get("num_experts") or cfg["num_local_experts"],
+                   num_experts_per_tok=cfg["num_experts_per_tok"],
+                   moe_intermediate_size=cfg["moe_intermediate_size"],
+                   norm_topk_prob=bool(cfg.get("norm_topk_prob", False)))
     theta, scaling = _rope_from_hf(cfg)
     num_labels = 0
     architectures = cfg.get("architectures") or []
@@ -194,7 +234,7 @@ def from_hf_config(cfg: dict, *, param_dtype: str | None = None, dtype: str | No
         rope_scaling=scaling,
         rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
         qkv_bias=model_type == "qwen2",
-        qk_norm=model_type == "qwen3",
+        qk_norm=model_type in ("qwen3", "qwen3_moe"),
         # A score head replaces the unembedding, so a classifier ties nothing.
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)) and not num_labels,
         max_position_embeddings=cfg.get("max_position_embeddings", 4096),
@@ -204,12 +244,14 @@ def from_hf_config(cfg: dict, *, param_dtype: str | None = None, dtype: str | No
         eos_token_ids=eos_ids,
         pad_token_id=cfg.get("pad_token_id"),
         num_labels=num_labels,
+        **moe,
     )
 
 
 def to_hf_config(config: ModelConfig) -> dict:
     """config.json contents that transformers (4.x and 5.x) and vLLM read back as this model."""
-    expected = {"qwen2": (True, False), "qwen3": (False, True), "llama": (False, False)}[config.model_type]
+    expected = {"qwen2": (True, False), "qwen3": (False, True), "qwen3_moe": (False, True),
+                "llama": (False, False)}[config.model_type]
     if (config.qkv_bias, config.qk_norm) != expected:
         raise ValueError(
             f"model_type {config.model_type!r} needs qkv_bias={expected[0]}, qk_norm={expected[1]}; "
@@ -245,9 +287,13 @@ def to_hf_config(config: ModelConfig) -> dict:
     if config.num_labels:
         cfg["id2label"] = {str(i): f"LABEL_{i}" for i in range(config.num_labels)}
         cfg["label2id"] = {f"LABEL_{i}": i for i in range(config.num_labels)}
-    if config.model_type in ("qwen2", "qwen3"):
+    if config.model_type in ("qwen2", "qwen3", "qwen3_moe"):
         cfg["use_sliding_window"] = False
-    if config.model_type in ("qwen3", "llama"):
+    if config.num_experts:
+        cfg.update(num_experts=config.num_experts, num_experts_per_tok=config.num_experts_per_tok,
+                   moe_intermediate_size=config.moe_intermediate_size,
+                   norm_topk_prob=config.norm_topk_prob, decoder_sparse_step=1, mlp_only_layers=[])
+    if config.model_type in ("qwen3", "qwen3_moe", "llama"):
         cfg["attention_bias"] = False
     if config.model_type == "llama":
         cfg["mlp_bias"] = False

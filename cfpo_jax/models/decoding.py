@@ -23,6 +23,9 @@ new rows, and one decode step over a fixed number of cache slots.
   RMSNorm), RoPE and embedding/unembedding of `cfpo_jax.models.transformer`, and the prefill's
   full-sequence attention is the trainer's kernel (`config.attention`); only the decode attention
   differs in what it reads. tests/test_sampling.py checks the sampler against transformers.
+* Routing record (mixture of experts, `record_routing=True`): `prefill` and `decode_step` also
+  return the experts each fed token's router chose in every layer, in the cache's column layout,
+  for the learner to replay (`cfpo_jax.models.moe`).
 """
 
 from __future__ import annotations
@@ -106,11 +109,20 @@ def init_slot_cache(config, num_slots: int, num_cache_slots: int) -> SlotCache:
     return SlotCache(k=zeros(), v=zeros())
 
 
-def prefill(weights: SamplingWeights, tokens_MxT, mask_MxT):
+def _mlp(block, x_BxTxD, record: bool):
+    """The block's MLP output, and with `record` its own top-k experts [B, T, k] (a MoE block)."""
+    if not record:
+        return block.mlp(x_BxTxD), None
+    y_BxTxD, experts_BxTxK, _ = block.mlp.forward(x_BxTxD)
+    return y_BxTxD, experts_BxTxK
+
+
+def prefill(weights: SamplingWeights, tokens_MxT, mask_MxT, *, record_routing: bool = False):
     """Keys and values of M left-padded prompts, per layer [M, kv_heads, T, head_dim] (compute
     dtype), causal over real tokens; positions from the mask as in the trainer. Returned
     left-aligned: row m's real tokens in columns [0, sum(mask_MxT[m])), the columns after them
-    unspecified."""
+    unspecified. With `record_routing` (a MoE model) also the experts of every token, int32
+    [M, T, L, k], left-aligned the same way."""
     model = weights.model()
     T = tokens_MxT.shape[1]
     sin_MxTxH, cos_MxTxH = rope_angles(model.config, default_positions(mask_MxT))
@@ -118,23 +130,30 @@ def prefill(weights: SamplingWeights, tokens_MxT, mask_MxT):
     # Column c of the output reads input column c + (row's padding), clipped.
     padding_M = T - jnp.sum(mask_MxT != 0, axis=1, dtype=jnp.int32)
     source_Mx1xTx1 = jnp.minimum(jnp.arange(T)[None] + padding_M[:, None], T - 1)[:, None, :, None]
-    keys, values = [], []
+    keys, values, experts = [], [], []
     for layer in range(len(weights.layers)):
         block = weights.block(layer)
         q_MxTxNxH, k_MxTxKxH, v_MxTxKxH = block.attn.qkv(block.attn_norm(x_MxTxD), sin_MxTxH, cos_MxTxH)
         attn_MxTxNxH = causal_attention(q_MxTxNxH, k_MxTxKxH, v_MxTxKxH, mask_MxT,
                                         implementation=model.config.attention)
         x_MxTxD = x_MxTxD + block.attn.out(attn_MxTxNxH)
-        x_MxTxD = x_MxTxD + block.mlp(block.mlp_norm(x_MxTxD))
+        y_MxTxD, experts_MxTxK = _mlp(block, block.mlp_norm(x_MxTxD), record_routing)
+        x_MxTxD = x_MxTxD + y_MxTxD
         keys.append(jnp.take_along_axis(k_MxTxKxH.swapaxes(1, 2), source_Mx1xTx1, axis=2))
         values.append(jnp.take_along_axis(v_MxTxKxH.swapaxes(1, 2), source_Mx1xTx1, axis=2))
+        if record_routing:
+            experts.append(jnp.take_along_axis(experts_MxTxK, source_Mx1xTx1[:, 0], axis=1))
+    if record_routing:
+        return keys, values, jnp.stack(experts, axis=2)
     return keys, values
 
 
-def decode_step(weights: SamplingWeights, token_K, cache: SlotCache, column_K, *, implementation: str = "auto"):
+def decode_step(weights: SamplingWeights, token_K, cache: SlotCache, column_K, *, implementation: str = "auto",
+                record_routing: bool = False):
     """Feeds one token per slot at position column_K[k]: writes its key/value at that cache column
     of slot k (in place) and attends over columns [0, column_K[k]] (`attention.decode_attention`
-    with `implementation`, per shard of the mesh in context). Returns (logits [K, V] float32, cache)."""
+    with `implementation`, per shard of the mesh in context). Returns (logits [K, V] float32, cache),
+    and with `record_routing` (a MoE model) third the fed tokens' experts, int32 [K, L, k]."""
     model = weights.model()
     num_slots = token_K.shape[0]
     sin_Kx1xH, cos_Kx1xH = rope_angles(model.config, column_K[:, None])
@@ -142,7 +161,7 @@ def decode_step(weights: SamplingWeights, token_K, cache: SlotCache, column_K, *
     slot_Kx1 = jnp.arange(num_slots)[:, None]
     head_1xG = jnp.arange(model.config.num_kv_heads)[None]
     column_Kx1 = column_K[:, None]
-    keys, values = list(cache.k), list(cache.v)
+    keys, values, experts = list(cache.k), list(cache.v), []
     for layer in range(len(weights.layers)):
         block = weights.block(layer)
         q_Kx1xNxH, k_Kx1xGxH, v_Kx1xGxH = block.attn.qkv(block.attn_norm(x_Kx1xD), sin_Kx1xH, cos_Kx1xH)
@@ -155,6 +174,9 @@ def decode_step(weights: SamplingWeights, token_K, cache: SlotCache, column_K, *
         attn_KxNxH = decode_attention(q_Kx1xNxH[:, 0], keys[layer], values[layer], column_K + 1,
                                       implementation=implementation)
         x_Kx1xD = x_Kx1xD + block.attn.out(attn_KxNxH[:, None])
-        x_Kx1xD = x_Kx1xD + block.mlp(block.mlp_norm(x_Kx1xD))
+        y_Kx1xD, experts_Kx1xk = _mlp(block, block.mlp_norm(x_Kx1xD), record_routing)
+        x_Kx1xD = x_Kx1xD + y_Kx1xD
+        experts.append(experts_Kx1xk)
     logits_Kx1xV = model.unembed(model.final_norm(x_Kx1xD))
-    return logits_Kx1xV[:, 0], SlotCache(k=tuple(keys), v=tuple(values))
+    out = logits_Kx1xV[:, 0], SlotCache(k=tuple(keys), v=tuple(values))
+    return (*out, jnp.stack(experts, axis=1)[:, :, 0]) if record_routing else out

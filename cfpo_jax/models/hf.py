@@ -8,7 +8,10 @@ plain file reads (no memory map left resident), so peak host memory is the place
 stacked parameter.
 
 `_PARAM_MAP` is the single name/layout table used in both directions. HF stores linear weights
-as [out, in]; ours are [in, ...heads, head_dim] so that the einsums name their axes.
+as [out, in]; ours are [in, ...heads, head_dim] so that the einsums name their axes. A
+mixture-of-experts layer's experts are stored one by one (`{j}` in the name: the layout of the
+published Qwen3-MoE checkpoints, which transformers 5 and vLLM read and transformers 5 writes) and
+stacked here as [L, E, ...].
 """
 
 from __future__ import annotations
@@ -90,6 +93,10 @@ _PARAM_MAP: dict[tuple[str, ...], tuple[str, tuple[Callable, Callable]]] = {
     ("blocks", "mlp", "gate_kernel"): ("model.layers.{i}.mlp.gate_proj.weight", _TRANSPOSE),
     ("blocks", "mlp", "up_kernel"): ("model.layers.{i}.mlp.up_proj.weight", _TRANSPOSE),
     ("blocks", "mlp", "down_kernel"): ("model.layers.{i}.mlp.down_proj.weight", _TRANSPOSE),
+    ("blocks", "mlp", "router_kernel"): ("model.layers.{i}.mlp.gate.weight", _TRANSPOSE),
+    ("blocks", "mlp", "expert_gate_kernel"): ("model.layers.{i}.mlp.experts.{j}.gate_proj.weight", _TRANSPOSE),
+    ("blocks", "mlp", "expert_up_kernel"): ("model.layers.{i}.mlp.experts.{j}.up_proj.weight", _TRANSPOSE),
+    ("blocks", "mlp", "expert_down_kernel"): ("model.layers.{i}.mlp.experts.{j}.down_proj.weight", _TRANSPOSE),
 }
 
 
@@ -198,13 +205,17 @@ def _load_array(ckpt: _Checkpoint, key, config: ModelConfig, shape, dtype) -> np
         return np.asarray(to_ours(ckpt.get(name), config), dtype)
     buffer = np.empty(shape, dtype)
     for i in range(config.num_layers):
-        buffer[i] = to_ours(ckpt.get(name.format(i=i)), config)
+        if "{j}" in name:
+            for j in range(config.num_experts):
+                buffer[i, j] = to_ours(ckpt.get(name.format(i=i, j=j)), config)
+        else:
+            buffer[i] = to_ours(ckpt.get(name.format(i=i)), config)
     return buffer
 
 
 def from_pretrained(path: str, *, mesh=None, param_dtype=None, dtype=None, remat: bool = False,
                     remat_policy: str = "full", attention: str = "auto",
-                    unroll_layers: bool = False) -> Transformer:
+                    unroll_layers: bool = False, moe_matmul: str = "ragged_dot") -> Transformer:
     """Transformer from a Hugging Face directory (or Hub repo id) with config.json + safetensors.
 
     A `*ForSequenceClassification` checkpoint gives a reward model (a `score` head, `reward()`).
@@ -212,12 +223,13 @@ def from_pretrained(path: str, *, mesh=None, param_dtype=None, dtype=None, remat
     param_dtype / dtype ("float32", "bfloat16") default to the checkpoint's dtype; `remat`
     rematerialises each layer in the backward pass, keeping what `remat_policy` says;
     `attention` picks the full-sequence attention kernel, `unroll_layers` unrolls the layer scan
-    (see `ModelConfig`). With `mesh`, each
+    (see `ModelConfig`), `moe_matmul` a mixture of experts' grouped matmul. With `mesh`, each
     parameter is created directly with its `cfpo_jax.sharding.param_shardings` sharding.
     """
     directory = resolve(path)
     config = from_hf_config(read_config(directory), param_dtype=param_dtype, dtype=dtype).replace(
-        remat=remat, remat_policy=remat_policy, attention=attention, unroll_layers=unroll_layers)
+        remat=remat, remat_policy=remat_policy, attention=attention, unroll_layers=unroll_layers,
+        moe_matmul=moe_matmul)
     ckpt = _Checkpoint(directory)
     abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
     graphdef, abstract_state = nnx.split(abstract)
@@ -267,14 +279,16 @@ def _hf_tensors(model: Transformer, gather: bool):
     for path, value in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param)):
         key = _path_key(path)
         name, (_, to_hf) = _PARAM_MAP[key]
-        stacked = key[0] == "blocks"
+        stacked, experts = key[0] == "blocks", "{j}" in name
         nbytes = value.nbytes // config.num_layers if stacked else value.nbytes
         host = to_host(value) if gather else None
         for i in range(config.num_layers) if stacked else [None]:
-            array = None
-            if gather:
-                array = np.ascontiguousarray(to_hf(host[i] if stacked else host, config))
-            yield name.format(i=i), nbytes, array
+            layer = host[i] if gather and stacked else host
+            for j in range(config.num_experts) if experts else [None]:
+                array = None
+                if gather:
+                    array = np.ascontiguousarray(to_hf(layer if j is None else layer[j], config))
+                yield name.format(i=i, j=j), nbytes // config.num_experts if experts else nbytes, array
 
 
 def save_pretrained(model: Transformer, path: str, tokenizer=None, *, max_shard_bytes: int = MAX_SHARD_BYTES):

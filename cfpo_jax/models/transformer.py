@@ -6,7 +6,10 @@ that `cfpo_jax.sharding` keys its one rule table on: `embedding [V, D]`, `lm_hea
 `q_kernel [D, N, H]`, `k_kernel`/`v_kernel [D, K, H]`, `o_kernel [N, H, D]`, `q_bias [N, H]`,
 `k_bias`/`v_bias [K, H]`, `gate_kernel`/`up_kernel [D, F]`, `down_kernel [F, D]` and `scale` for
 every RMSNorm, and for a reward model (`config.num_labels > 0`) `score [D, num_labels]` in place of
-the unembedding. Everything under `blocks` carries a leading layer axis [L, ...].
+the unembedding. Everything under `blocks` carries a leading layer axis [L, ...]. A mixture of
+experts (`config.num_experts` > 0, Qwen3-MoE) has `cfpo_jax.models.moe.MoE` as every layer's `mlp`
+(`router_kernel`, `expert_*_kernel`); `hidden_with_moe` runs it with routing replay and returns the
+routing and load-balancing statistics (`moe.MoEStats`), which the dense path never computes.
 
 Low-rank adapters (`config.lora_rank` > 0, see `cfpo_jax.lora`) are `nnx.LoRAParam`s beside the
 projection they adapt, `<target>_lora_a [*in, R]` and `<target>_lora_b [R, *out]` (e.g.
@@ -48,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cfpo_jax.models import attention
+from cfpo_jax.models import attention, moe
 from cfpo_jax.models.config import ModelConfig
 
 _INIT = nnx.initializers.normal(stddev=0.02)
@@ -236,11 +239,17 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(config.hidden_size, config)
         self.attn = Attention(config, rngs=rngs)
         self.mlp_norm = RMSNorm(config.hidden_size, config)
-        self.mlp = MLP(config, rngs=rngs)
+        self.mlp = moe.MoE(config, rngs=rngs) if config.num_experts else MLP(config, rngs=rngs)
 
     def __call__(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxT):
         x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), sin_BxTxH, cos_BxTxH, mask_BxT)
         return x_BxTxD + self.mlp(self.mlp_norm(x_BxTxD))
+
+    def moe_call(self, x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxT, replay_BxTxK=None):
+        """A MoE layer: (output [B, T, D], own top-k experts [B, T, k], `moe.balance_sums`)."""
+        x_BxTxD = x_BxTxD + self.attn(self.attn_norm(x_BxTxD), sin_BxTxH, cos_BxTxH, mask_BxT)
+        y_BxTxD, own_BxTxK, probs_BxTxE = self.mlp.forward(self.mlp_norm(x_BxTxD), replay_BxTxK)
+        return x_BxTxD + y_BxTxD, own_BxTxK, moe.balance_sums(own_BxTxK, probs_BxTxE, mask_BxT != 0)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -266,7 +275,8 @@ class Transformer(nnx.Module):
         self.blocks = stacked_blocks(rngs)
         self.final_norm = RMSNorm(D, config)
 
-    def _run_blocks(self, x_BxTxD, positions_BxT, mask_BxT):
+    def _run_blocks(self, x_BxTxD, positions_BxT, mask_BxT, replay_LxBxTxK=None):
+        """Final-norm hidden states, and for a MoE model the scanned per-layer routing outputs."""
         sin_BxTxH, cos_BxTxH = rope_angles(self.config, positions_BxT)
         graphdef, state = nnx.split(self.blocks)
 
@@ -274,11 +284,20 @@ class Transformer(nnx.Module):
             block = nnx.merge(graphdef, layer_state)
             return block(x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxT), None
 
+        def moe_body(x_BxTxD, layer):
+            layer_state, replay_BxTxK = layer
+            block = nnx.merge(graphdef, layer_state)
+            x_BxTxD, own_BxTxK, sums = block.moe_call(x_BxTxD, sin_BxTxH, cos_BxTxH, mask_BxT, replay_BxTxK)
+            return x_BxTxD, (own_BxTxK, sums)
+
+        xs = state
+        if self.config.num_experts:
+            body, xs = moe_body, (state, replay_LxBxTxK)
         if self.config.remat:
             body = jax.checkpoint(body, prevent_cse=False, policy=REMAT_POLICY[self.config.remat_policy])
         unroll = self.config.num_layers if self.config.unroll_layers else 1
-        x_BxTxD, _ = jax.lax.scan(body, x_BxTxD, state, unroll=unroll)
-        return self.final_norm(x_BxTxD)
+        x_BxTxD, per_layer = jax.lax.scan(body, x_BxTxD, xs, unroll=unroll)
+        return self.final_norm(x_BxTxD), per_layer
 
     def _embed(self, tokens_BxT):
         return jnp.take(self.embedding[...], tokens_BxT, axis=0).astype(self.config.dtype)
@@ -289,13 +308,30 @@ class Transformer(nnx.Module):
         `mask_BxT` is 1 on real tokens, or for packed rows (`cfpo_jax.packing`) the segment ids
         (1, 2, ... per sequence, 0 padding) with `positions_BxT` restarting at 0 per sequence:
         attention then stays within a segment and each sequence computes what it does alone."""
+        return self._hidden(tokens_BxT, positions_BxT, mask_BxT)[0]
+
+    def hidden_with_moe(self, tokens_BxT, *, positions_BxT=None, mask_BxT=None, routing_BxTxLxK=None):
+        """(hidden states as `hidden`, `moe.MoEStats`) of a mixture-of-experts model; with
+        `routing_BxTxLxK` (int32 expert ids per token and layer, e.g. the sampler's) the experts run
+        are those instead of the router's own top k (routing replay, see `cfpo_jax.models.moe`)."""
+        if not self.config.num_experts:
+            raise ValueError(f"hidden_with_moe needs a mixture-of-experts model; this "
+                             f"{self.config.model_type!r} model has no experts")
+        replay_LxBxTxK = None if routing_BxTxLxK is None else jnp.moveaxis(routing_BxTxLxK, 2, 0)
+        hidden_BxTxD, (own_LxBxTxK, (counts_LxE, prob_sums_LxE, tokens_L)) = self._hidden(
+            tokens_BxT, positions_BxT, mask_BxT, replay_LxBxTxK)
+        stats = moe.MoEStats(experts_BxTxLxK=jnp.moveaxis(own_LxBxTxK, 0, 2),
+                             aux_loss=moe.aux_loss(counts_LxE, prob_sums_LxE, tokens_L))
+        return hidden_BxTxD, stats
+
+    def _hidden(self, tokens_BxT, positions_BxT, mask_BxT, replay_LxBxTxK=None):
         if mask_BxT is None:
             mask_BxT = jnp.ones(tokens_BxT.shape, jnp.int32)
             if positions_BxT is None:
                 positions_BxT = jnp.broadcast_to(jnp.arange(tokens_BxT.shape[1], dtype=jnp.int32), tokens_BxT.shape)
         if positions_BxT is None:
             positions_BxT = default_positions(mask_BxT)
-        return self._run_blocks(self._embed(tokens_BxT), positions_BxT, mask_BxT)
+        return self._run_blocks(self._embed(tokens_BxT), positions_BxT, mask_BxT, replay_LxBxTxK)
 
     def unembed(self, hidden_BxTxD):
         """Logits [B, T, V] in float32 (float32 accumulation whatever the compute dtype)."""
