@@ -10,7 +10,7 @@ Steps, in this order (each the existing benchmark script or test, in its own pro
 | step | figure | issue | real run |
 |---|---|---|---|
 | env | device kind and count, versions; imports every module the steps need | — | probe |
-| attention | fused attention against the reference (GPU: cuDNN; TPU: splash) | 10 | tests/test_attention.py |
+| attention | fused attention against the reference (GPU: cuDNN; TPU: splash) | 10 | tests/unit/models/test_attention.py |
 | sampler | tokens/s and % of the decode roofline, 0.5B and 1.5B, batch 256, 256 + 512 tokens | 4, 11 | sampling.py |
 | train_step | the update's tokens/s and MFU at 1.5B, remat full, 8 × (1,024 + 1,024) | 10 | train_step.py |
 | long_tail | continuous batching against static batches, 0.5B, 1,024 rows, K = 256 | 11 | sampling.py --long-tail |
@@ -36,7 +36,7 @@ Where the chip is not in benchmarks/chips.py, the figures against published peak
 (`roofline_fraction_spec`, `mfu_spec`) are null: the run reports them missing, it does not guess.
 A markdown summary is printed at the end; `--summary RESULTS` prints it again from a results file.
 
-`--dry-run` runs the same steps with the same scripts at tiny shapes on CPU (tests/test_benchmarks.py
+`--dry-run` runs the same steps with the same scripts at tiny shapes on CPU (tests/integration/test_benchmarks.py
 runs it, so the sequence cannot rot); its figures say nothing about speed.
 """
 
@@ -85,9 +85,9 @@ print("PROBE " + json.dumps(dict(
 # The fused-attention tests of each platform, run with that platform as jax's default backend
 # (tests/conftest.py defaults it to cpu). On CPU the cuDNN test skips, saying why.
 KERNEL_TESTS = {
-    "gpu": ("cuda,cpu", ["tests/test_attention.py", "-k", "cudnn"]),
-    "tpu": ("tpu,cpu", ["tests/test_attention.py", "-k", "splash"]),
-    "cpu": ("cpu", ["tests/test_attention.py", "-k", "cudnn"]),
+    "gpu": ("cuda,cpu", ["tests/unit/models/test_attention.py", "-k", "cudnn"]),
+    "tpu": ("tpu,cpu", ["tests/unit/models/test_attention.py", "-k", "splash"]),
+    "cpu": ("cpu", ["tests/unit/models/test_attention.py", "-k", "cudnn"]),
 }
 
 

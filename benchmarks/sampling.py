@@ -51,7 +51,7 @@ memory; the on-the-fly path carries the adapters in the compute dtype instead, R
 numbers per projection against the merged kernel's in·out. Before timing, a float32 copy at full
 matmul precision checks that the merged model is the adapted policy and that the adapters change
 it (teacher-forced log-probabilities of two random sequences; the run stops if not). Both paths
-do the same work: every row decodes its whole budget. tests/test_lora.py checks the equality of
+do the same work: every row decodes its whole budget. tests/unit/test_lora.py checks the equality of
 the two against independent references (numpy-merged kernels, the trainer's log-probabilities).
 
 Run the PyTorch baseline first and release its memory, because JAX preallocates most of the card.

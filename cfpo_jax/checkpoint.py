@@ -68,7 +68,7 @@ def _finite_and_checksums(leaves):
 # One compiled program for the whole state: one launch and one host sync per save. Eager
 # per-leaf reductions were one cross-device collective each, hundreds per save; with them a CI
 # run on 8 fake CPU devices aborted inside one, and 2-process runs hung after a step. Neither
-# has recurred since (tests/test_train.py variants, tests/test_multihost.py).
+# has recurred since (tests/integration/test_train.py variants, tests/integration/test_multihost.py).
 _integrity = jax.jit(_finite_and_checksums)
 
 

@@ -28,7 +28,7 @@ Layout (R = prompts × n rows, P padded prompt length, N = max_new_tokens, V voc
   (`slots_for_budget`); printed once per setting. Settings pass through `config.sampling`.
 * Results do not depend on K: row r's token t is drawn with the key fold_in(fold_in(seed, r), t),
   and each row's arithmetic reads only its own slot. The same call with K = 1, 3 or R gives the
-  same tokens (float32 on CPU; tests/test_sampling.py).
+  same tokens (float32 on CPU; tests/unit/test_sampling.py).
 * Rows are group by group: row i * n + j is sample j of prompt i (the layout `advantages.compute`
   expects); the n rows of a prompt inserted together share one prefill.
 * Sampling: `temperature=0` is greedy (argmax) and reports temperature-1 logprobs. Otherwise the

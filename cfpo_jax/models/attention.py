@@ -50,7 +50,7 @@ cache up) and read the buffer as it lies:
   start offset, which is why rows sit left-aligned in the cache. It reads keys/values as bfloat16
   (its own cast), hence "auto" only for a bfloat16 cache; head_dim % 128 = 0 because jax tests it upstream for 128 and 256 only;
   megacore off (upstream skips its kernel test for data races in the megacore modes; one core
-  runs race-free under the interpreter's detector, tests/test_decode_attention.py). jax's
+  runs race-free under the interpreter's detector, tests/unit/models/test_decode_attention.py). jax's
   `ragged_paged_attention` was not used: it wants keys and values interleaved in one
   `[pages, page, 2K, H]` buffer, a layout the GPU kernel could not read without a copy per step. Page and block sizes are untuned and the kernel's speed on a
   TPU is unmeasured: no TPU was available when this was written.

@@ -22,7 +22,7 @@ new rows, and one decode step over a fixed number of cache slots.
 * The maths is the trainer's: the same `Block` modules (`Attention.qkv` / `Attention.out`, MLP,
   RMSNorm), RoPE and embedding/unembedding of `cfpo_jax.models.transformer`, and the prefill's
   full-sequence attention is the trainer's kernel (`config.attention`); only the decode attention
-  differs in what it reads. tests/test_sampling.py checks the sampler against transformers.
+  differs in what it reads. tests/unit/test_sampling.py checks the sampler against transformers.
 * Routing record (mixture of experts, `record_routing=True`): `prefill` and `decode_step` also
   return the experts each fed token's router chose in every layer, in the cache's column layout,
   for the learner to replay (`cfpo_jax.models.moe`).

@@ -2,7 +2,7 @@
 once instead of burning the worker's whole deadline (or its memory) first.
 
 The length check comes first, so every later scan reads at most MAX_ANSWER_CHARS characters
-(measured: under 0.1 s for the whole hostile zoo of tests/test_rewards.py). The limits sit far above every gold answer of MATH-500 (at most 53
+(measured: under 0.1 s for the whole hostile zoo of tests/unit/rewards/test_rewards.py). The limits sit far above every gold answer of MATH-500 (at most 53
 characters, brace depth 2, exponents of at most 2 digits, no nested exponent) and far below what
 costs seconds: measured with math-verify on the 2-core CPU box, `9^{9^{9}}`, `(x+1)^{10000}`,
 `1000000!`, `\\binom{10^{9}}{10^{5}}`, `\\prod_{k=1}^{10^{6}} k` and 3000 nested parentheses each

@@ -48,7 +48,7 @@ def test_rewards_are_scored_once_across_processes_and_shared():
 
 # ---------------------------------------------------------------- the trainer
 
-# The trainer tests' tiny run (tests/test_train.py), with a dense reward and no evaluation.
+# The trainer tests' tiny run (tests/fixtures/runs.py), with a dense reward and no evaluation.
 TRAIN_ARGS = ["--config.data.batch_size=4", "--config.rl.group_size=4",
               "--config.sampling.max_new_tokens=3", "--config.warmstart.steps=0",
               "--config.train.tensorboard=False", "--config.rewards.fns=('tests.fixtures.rewards:digit_fraction',)",

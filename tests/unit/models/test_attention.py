@@ -126,7 +126,7 @@ def test_cudnn_matches_reference_in_bfloat16():
         pytest.skip(
             "cuDNN flash attention needs a GPU; this run's backend is "
             f"{jax.default_backend()!r} (tests/conftest.py defaults JAX_PLATFORMS to cpu: run "
-            "JAX_PLATFORMS=cuda,cpu python -m pytest tests/test_attention.py on a GPU machine)"
+            "JAX_PLATFORMS=cuda,cpu python -m pytest tests/unit/models/test_attention.py on a GPU machine)"
         )
     q, k, v, mask = inputs(512, jnp.bfloat16, B=5, N=8, K=2, H=128, pad=(0, 37, 300, 511, 0))
     # The last row is packed: three sequences, then padding (block-diagonal mask).

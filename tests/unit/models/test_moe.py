@@ -2,7 +2,7 @@
 expert parallelism against one device, routing record and replay, packing and adapters.
 
 Logits, left padding, the sampler's prefill/decode and HF export of the MoE model against
-transformers run with the other families in tests/test_models.py ("qwen3_moe")."""
+transformers run with the other families in tests/unit/models/test_models.py ("qwen3_moe")."""
 
 import functools
 
