@@ -3,11 +3,11 @@ format written here) and the composition study's cells against the stability map
 
 import json
 import os
-import sys
 
 from cfpo_jax import data
 from cfpo_jax import study as study_lib
 from tests.fixtures import paths
+from tests.fixtures.runs import quickstart
 
 ROOT = paths.ROOT
 
@@ -40,20 +40,11 @@ def test_dapo_math_preset_keeps_the_problem_and_the_ground_truth(tmp_path):
         raise AssertionError("a row without a user turn must fail")
 
 
-def _quickstart():
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    try:
-        import quickstart
-    finally:
-        sys.path.pop(0)
-    return quickstart.get_config()
-
-
 def _study(name):
     path = os.path.join(ROOT, "configs", "studies", f"{name}.py")
     namespace = {}
     exec(compile(open(path).read(), path, "exec"), namespace)
-    return study_lib.Study(spec=namespace["get_config"](), base=_quickstart(),
+    return study_lib.Study(spec=namespace["get_config"](), base=quickstart(),
                            base_file="configs/quickstart.py")
 
 
@@ -64,7 +55,7 @@ def test_composition_study_without_the_tricks_is_the_maps_frontier_cell():
     stability_map.spec.seeds = composition.spec.seeds
     map_configs = {(r.value("rl.objective"), r.value("optim.lr"), r.value("rl.num_epochs"), r.seed):
                    stability_map.config(r).to_dict() for r in stability_map.runs()}
-    base_rl = _quickstart().rl
+    base_rl = quickstart().rl
     plain = 0
     for run in composition.runs():
         config = composition.config(run).to_dict()

@@ -19,6 +19,7 @@ import pytest
 from cfpo_jax import stability
 from cfpo_jax import study as study_lib
 from tests.fixtures import paths
+from tests.fixtures.runs import quickstart
 
 ROOT = paths.ROOT
 
@@ -161,15 +162,6 @@ def _spec(output_dir, **kw):
     return s
 
 
-def _quickstart():
-    sys.path.insert(0, os.path.join(ROOT, "configs"))
-    try:
-        import quickstart
-    finally:
-        sys.path.pop(0)
-    return quickstart.get_config()
-
-
 def _write_run(path, rewards, late, greedy, early_rewards=None):
     """metrics.jsonl with `rewards` per step; every late metric is 9.0 in the first half of the
     steps and `late[k]` in the second; a final eval record. `early_rewards`: records of a killed
@@ -205,7 +197,7 @@ def test_report_table_from_fixed_metrics(tmp_path):
     # A third seed cut short: listed, but kept out of the means.
     _write_run(runs / "cfpo_mu1_mb1_seed2", [0.0, 0.0], late(5.0), 0.0)
 
-    study = study_lib.Study(spec=_spec(tmp_path, seeds=(0, 1, 2)), base=_quickstart(),
+    study = study_lib.Study(spec=_spec(tmp_path, seeds=(0, 1, 2)), base=quickstart(),
                             base_file="configs/quickstart.py", study_file="fixed.py")
     text = study_lib.write_report(study, plot=False)
     assert "6 runs, 4 finished, 1 unfinished" in text
@@ -236,7 +228,7 @@ def test_plots_are_written(tmp_path):
                           ("ppo_mu1_mb1_seed0", [0.1, 0.3, 0.2, 0.1])]:
         _write_run(runs / name, rewards, late, 0.5)
         (runs / name / "finished.json").write_text('{"wall_s": 1.0}')
-    study = study_lib.Study(spec=_spec(tmp_path, seeds=(0,)), base=_quickstart(),
+    study = study_lib.Study(spec=_spec(tmp_path, seeds=(0,)), base=quickstart(),
                             base_file="configs/quickstart.py", study_file="fixed.py")
     text = study_lib.write_report(study)
     for name in ("reward", "entropy", "ratio_dev", "clip_frac"):
@@ -247,7 +239,7 @@ def test_plots_are_written(tmp_path):
 def test_an_override_of_a_missing_field_fails_before_anything_runs(tmp_path):
     spec = _spec(tmp_path)
     spec.overrides.train = ml_collections.ConfigDict({"num_stepz": 3})
-    study = study_lib.Study(spec=spec, base=_quickstart(), base_file="configs/quickstart.py")
+    study = study_lib.Study(spec=spec, base=quickstart(), base_file="configs/quickstart.py")
     with pytest.raises(ValueError, match="train.num_stepz"):
         study_lib.run_all(study, parallel=1)
     assert not (tmp_path / "runs").exists()
@@ -277,7 +269,7 @@ def test_any_config_field_is_an_axis_and_names_the_runs(tmp_path):
     spec = _axes_spec(tmp_path, {"rl.objective": ("cfpo", "ppo"), "optim.lr": (7e-4, 1.5e-3),
                                  "rl.eps": (0.2,), "model.path": ("tiny", "/models/My Model")},
                       seeds=(3,))
-    study = study_lib.Study(spec=spec, base=_quickstart(), base_file="configs/quickstart.py")
+    study = study_lib.Study(spec=spec, base=quickstart(), base_file="configs/quickstart.py")
     assert [a.path for a in study.axes] == ["rl.objective", "model.path", "optim.lr", "rl.eps"]
     runs = study.runs()
     # Seeds outermost, then the axes in order with the objective fastest.
@@ -298,7 +290,7 @@ def test_any_config_field_is_an_axis_and_names_the_runs(tmp_path):
 
 
 def test_bad_axes_fail_with_the_bad_value(tmp_path):
-    base = _quickstart()
+    base = quickstart()
     make = lambda axes: study_lib.Study(spec=_axes_spec(tmp_path, axes), base=base, base_file="q.py")
     with pytest.raises(ValueError, match="'optim.lr'.*tuple of distinct values.*0.001"):
         make({"optim.lr": 0.001})
@@ -332,7 +324,7 @@ def test_a_study_file_of_the_last_round_runs_the_same_commands_as_its_migration(
     old = ml_collections.ConfigDict(migrated.to_dict())
     del old["axes"]
     old.objectives, old.num_epochs, old.num_minibatches = ("cfpo", "ppo"), (1, 8, 16), (1,)
-    new_study, old_study = (study_lib.Study(spec=s, base=_quickstart(), base_file="configs/quickstart.py")
+    new_study, old_study = (study_lib.Study(spec=s, base=quickstart(), base_file="configs/quickstart.py")
                             for s in (migrated, old))
     names = [r.name for r in old_study.runs()]
     assert names[:6] == ["cfpo_mu1_mb1_seed0", "ppo_mu1_mb1_seed0", "cfpo_mu8_mb1_seed0",
@@ -390,7 +382,7 @@ def test_map_numbers_from_fixed_metrics_files(tmp_path):
     spec = _axes_spec(tmp_path, {"rl.objective": ("cfpo", "ppo"), "rl.num_epochs": (1, 8, 16),
                                  "optim.lr": (1e-3, 2e-3, 4e-3)}, eval_metric="")
     spec.map = ml_collections.ConfigDict(dict(x="rl.num_epochs", y="optim.lr"))
-    study = study_lib.Study(spec=spec, base=_quickstart(), base_file="configs/quickstart.py",
+    study = study_lib.Study(spec=spec, base=quickstart(), base_file="configs/quickstart.py",
                             study_file="map.py")
     text = study_lib.write_report(study)
     assert "36 runs, 20 finished, 1 unfinished" in text and "**Partial**: 20 of the 36" in text
@@ -468,7 +460,7 @@ def test_an_ablation_study_shares_its_default_cells_with_the_map(name, shared):
     in for them (docs/studies/README.md); the other runs differ from the map's only in that axis."""
     ablation_spec, map_spec = load_study_file(name), load_study_file("stability_map_quickstart")
     map_spec.seeds = ablation_spec.seeds  # the map's frontier cells have 5 seeds (its report)
-    ablation, stability_map = (study_lib.Study(spec=s, base=_quickstart(), base_file="configs/quickstart.py")
+    ablation, stability_map = (study_lib.Study(spec=s, base=quickstart(), base_file="configs/quickstart.py")
                                for s in (ablation_spec, map_spec))
     map_configs = {(r.value("rl.objective"), r.value("optim.lr"), r.value("rl.num_epochs"), r.seed):
                    stability_map.config(r).to_dict() for r in stability_map.runs()}
