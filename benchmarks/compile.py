@@ -4,9 +4,12 @@ on a CPU host without the hardware.
     python benchmarks/compile.py --target v5e-8 --configs configs/gsm8k_qwen.py:0.5b
     python benchmarks/compile.py --target h100x8 --configs configs/math_qwen.py:7b --json out.json
     python benchmarks/compile.py --target v5p-8            # its recorded configs (CONFIGS; minutes per 7B program)
+    python benchmarks/compile.py --target v5p-64x2 --configs configs/math_qwen.py:32b --programs update
 
-Targets (`cfpo_jax.aot.targets`): h100x8, h100x1, v5p-8, v5e-8, v6e-8, v4-8 (Cloud's names: v5p-8
-and v4-8 are 4 chips, v5e-8 and v6e-8 are 8). The programs are the run's own (`cfpo_jax.aot.
+Targets (`cfpo_jax.aot.targets`): h100x1, h100x8, v5p-8, v5e-8, v6e-8, v4-8 (one host; Cloud's
+names: v5p-8 and v4-8 are 4 chips, v5e-8 and v6e-8 are 8), and pods over many hosts: v5p-64,
+v5p-128, v5p-256 (32, 64, 128 chips), v6e-64, v6e-256, h100x16, h100x64, and v5p-64x2 (two v5p-64
+slices over DCN: the config runs with `mesh.dcn` = 2, its `data` axis spanning the slices). The programs are the run's own (`cfpo_jax.aot.
 programs`): update, prepare (old-logprob and reference passes), the sampler's prefill and decode
 chunk with the config's KV cache, the reward model's forward (align_llama), at each config's
 shapes with the model's shape from benchmarks/shapes.py, on the config's mesh over the target's
@@ -21,7 +24,8 @@ chips (`-1` axes take the rest). One row per (config, target, program):
   analytic model FLOPs per chip (6·params·tokens for the update, 2·params·tokens per forward),
   and their ratio (> 1: recomputation such as remat, or waste);
 * bound ms: max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip — a lower bound on the step,
-  never a time (TPU only, where XLA reports the bytes).
+  never a time. The GPU compiler reports no bytes: there the bound is FLOPs / peak alone, marked
+  "(FLOPs)" — weaker still (a decode step is bandwidth-bound).
 """
 
 from __future__ import annotations
@@ -102,6 +106,15 @@ def reward_models(config):
     return out
 
 
+def make_mesh(config, target, devices):
+    """The config's mesh over the target's chips; a multi-slice target's slices are `mesh.dcn`
+    (the config's, or the target's count where the config leaves it at 1)."""
+    dcn = config.mesh.dcn if config.mesh.dcn != 1 else target.slices
+    if dcn != target.slices:
+        raise ValueError(f"mesh.dcn={config.mesh.dcn} but target {target.name} has {target.slices} slice(s)")
+    return sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices, dcn=dcn)
+
+
 def rows_for(spec, target, config, mesh, only=PROGRAMS):
     model = policy_model_config(config)
     built = {}
@@ -120,8 +133,9 @@ def rows_for(spec, target, config, mesh, only=PROGRAMS):
                        chip_bytes=target.chip_bytes, model_flops=program.model_flops / mesh.size)
             row["fits"] = bool(row["compiled"] and row["peak"] <= target.chip_bytes)
             chip = chips.lookup(mesh.devices.flat[0].device_kind)
-            if row["compiled"] and row.get("bytes_accessed") and chip:
-                row["bound_s"] = max(row["flops"] / chip.bf16_flops, row["bytes_accessed"] / chip.hbm_bytes_per_s)
+            if row["compiled"] and chip:
+                row["bound_s"] = max(row["flops"] / chip.bf16_flops,
+                                     (row.get("bytes_accessed") or 0) / chip.hbm_bytes_per_s)
             yield row
 
 
@@ -131,6 +145,8 @@ def cells(row):
                 "", "", "", "", "", f"{row['compile_s']:.0f}", "", "", "", "")
     ratio = row["flops"] / row["model_flops"] if row["model_flops"] else float("nan")
     bound = f"{row['bound_s'] * 1e3:.1f}" if row.get("bound_s") else "—"
+    if row.get("bound_s") and not row.get("bytes_accessed"):
+        bound += " (FLOPs)"
     return (row["config"], row["target"], row["program"], "yes", ", ".join(row["kernels"]) or "—",
             f"{row['args'] / GB:.2f}", f"{row['temp'] / GB:.2f}", f"{row['peak'] / GB:.2f}",
             f"{row['chip_bytes'] / GB:.1f} " + ("yes" if row["fits"] else "**no**"),
@@ -154,7 +170,8 @@ def main():
         parser.error(f"no configs are recorded for {target.name} (only for {', '.join(CONFIGS)}): "
                      "name them with --configs")
     devices = list(targets.devices(target.name))
-    print(f"jax {jax.__version__}; {target.name}: {len(devices)} × {devices[0].device_kind} (compile-only); "
+    print(f"jax {jax.__version__}; {target.name}: {len(devices)} × {devices[0].device_kind} on {target.hosts} "
+          f"host(s), {target.slices} slice(s) (compile-only); "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; per-chip GB = 1e9 bytes")
     header = ("config", "target", "program", "compiled", "kernels", "args GB", "temp GB", "peak GB",
               "chip GB fits", "compile s", "FLOPs/chip", "model FLOPs/chip", "ratio", "bound ms")
@@ -162,7 +179,7 @@ def main():
     rows = []
     for spec in specs:
         config = load_config(spec, args.set)
-        mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+        mesh = make_mesh(config, target, devices)
         for row in rows_for(spec, target, config, mesh, args.programs):
             rows.append(row)
             print("| " + " | ".join(cells(row)) + " |", flush=True)

@@ -59,6 +59,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = 1
     c.mesh.fsdp = -1  # -1: all remaining devices
     c.mesh.tensor = 1
+    # Slices joined by the data-centre network (multi-slice TPU): `data` spans them, the sizes above
+    # are per slice (cfpo_jax.sharding.make_mesh); 1 = one slice.
+    c.mesh.dcn = 1
     c.mesh.distributed = False  # jax.distributed.initialize() (TPU pods, SLURM)
     # Multi-process by hand (sharding.initialize_distributed); empty: jax's cluster auto-detection.
     c.mesh.coordinator_address = ""  # "host:port" of process 0

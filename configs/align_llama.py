@@ -79,9 +79,14 @@ from cfpo_jax.config import base_config
 # parallelism splits that copy and the KV cache, FSDP takes the other 2 ways; micro-batches of 4
 # (the update's activations) and a 6 GB per-chip KV budget leave room for the reference and
 # reward models' shards while sampling (docstring).
+# "70b": the same run with Llama-3.1-70B-Instruct as the policy (and its reference), on a pod (a
+# v5p-128 or 64 × H100): its sampler's bf16 copy (141 GB) is split 8 ways by tensor parallelism
+# (inside one host of 8 GPUs), FSDP takes the rest; the reward model stays the 8B one.
 SLICES = {
     "": dict(fsdp=-1, tensor=1, micro_batch_size=8, kv_cache_gb=8.0),
     "v6e": dict(fsdp=2, tensor=4, micro_batch_size=4, kv_cache_gb=6.0),
+    "70b": dict(fsdp=-1, tensor=8, micro_batch_size=8, kv_cache_gb=8.0,
+                path="meta-llama/Llama-3.1-70B-Instruct"),
 }
 
 
@@ -93,7 +98,7 @@ def get_config(arg: str = ""):
     c.seed = 0
     c.workdir = "runs/align_llama"
 
-    c.model.path = "OpenRLHF/Llama-3-8b-sft-mixture"
+    c.model.path = slice_knobs.get("path", "OpenRLHF/Llama-3-8b-sft-mixture")
     c.model.param_dtype = "float32"  # fp32 master weights and Adam moments
     c.model.dtype = "bfloat16"
     c.model.remat = True

@@ -91,6 +91,11 @@ SIZES["7b-v6e"] = dict(SIZES["7b"], max_concurrent=0, kv_cache_gb=4.0)
 # A TPU v5p-8 (4 chips of 95 GiB): the 7b's 2048 rows at once would be 512 slots per chip; 1024
 # keeps 8 × H100's 256 per chip.
 SIZES["7b-v5p"] = dict(SIZES["7b"], max_concurrent=1024)
+# Qwen2.5-32B on a pod (a v5p-64, two v5p-64 slices with --config.mesh.dcn=2, or 16 × H100): its
+# sampler's bf16 copy (66 GB) fits no chip whole beside the training state, so 8-way tensor
+# parallelism (inside one host of 8 GPUs) splits that copy and the KV cache, FSDP takes the rest.
+SIZES["32b"] = dict(path="Qwen/Qwen2.5-32B-Instruct", micro_batch_size=8, max_concurrent=0,
+                    kv_cache_gb=8.0, tensor=8)
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -108,7 +113,7 @@ def get_config(arg: str = "1.5b"):
     c.model.dtype = "bfloat16"
     c.model.remat = True
 
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, size.get("tensor", 1)
 
     c.data.source = "hf:DigitalLearningGmbH/MATH-lighteval:train"
     c.data.preset = "math"
