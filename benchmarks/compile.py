@@ -26,6 +26,10 @@ chips (`-1` axes take the rest). One row per (config, target, program):
 * bound ms: max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip — a lower bound on the step,
   never a time. The GPU compiler reports no bytes: there the bound is FLOPs / peak alone, marked
   "(FLOPs)" — weaker still (a decode step is bandwidth-bound).
+
+After each config whose programs all compiled, a line bounds one RL step from them (`step_bound`):
+each program's bound times the calls a step makes of it, for a rollout in which every completion
+runs to max_new_tokens — a lower bound on such a step, not a time.
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import jax  # noqa: E402
 import chips  # noqa: E402
 import shapes  # noqa: E402
 from cfpo_jax import config as config_lib  # noqa: E402
+from cfpo_jax import data  # noqa: E402
 from cfpo_jax import sharding  # noqa: E402
 from cfpo_jax.aot import programs, report, targets  # noqa: E402
 from cfpo_jax.rewards import registry  # noqa: E402
@@ -130,13 +135,36 @@ def rows_for(spec, target, config, mesh, only=PROGRAMS):
                 continue
             row = report.compile_program(program, mesh)
             row.update(config=spec.removeprefix("configs/"), target=target.name, program=name,
-                       chip_bytes=target.chip_bytes, model_flops=program.model_flops / mesh.size)
+                       chip_bytes=target.chip_bytes, model_flops=program.model_flops / mesh.size,
+                       tokens=program.tokens)
             row["fits"] = bool(row["compiled"] and row["peak"] <= target.chip_bytes)
             chip = chips.lookup(mesh.devices.flat[0].device_kind)
             if row["compiled"] and chip:
                 row["bound_s"] = max(row["flops"] / chip.bf16_flops,
                                      (row.get("bytes_accessed") or 0) / chip.hbm_bytes_per_s)
             yield row
+
+
+def step_bound(config, rows):
+    """(seconds, {program: calls}): a lower bound on one RL step of `config` from its programs'
+    per-call bounds, None if one is missing. Calls per step, for a rollout of B prompts × G
+    samples whose completions all run to N = max_new_tokens: the update num_epochs ×
+    num_minibatches times; prepare once; the prefill ⌈B / M⌉ times (each distinct prompt is
+    prefilled once, M at a time); the decode step ⌈B·G·N / slots⌉ times (every slot busy every
+    step: continuous batching at best); the reward model's forward ⌈B·G / its rows⌉ times."""
+    by_name = {row["program"]: row for row in rows}
+    if any(not row.get("bound_s") for row in rows) or not {"update", "prefill", "decode"} <= set(by_name):
+        return None, {}
+    rl, s = config.rl, config.sampling
+    rollout = config.data.batch_size * rl.group_size
+    prefill_prompts = by_name["prefill"]["tokens"] // (data.bucket_width(s.max_prompt_len) - 1)
+    calls = dict(update=rl.num_epochs * rl.num_minibatches, prepare=1,
+                 prefill=-(-config.data.batch_size // prefill_prompts),
+                 decode=-(-rollout * s.max_new_tokens // by_name["decode"]["tokens"]))
+    if "reward" in by_name:
+        calls["reward"] = -(-rollout // (by_name["reward"]["tokens"] // config.rewards.rm_max_len))
+    calls = {name: n for name, n in calls.items() if name in by_name}
+    return sum(by_name[name]["bound_s"] * n for name, n in calls.items()), calls
 
 
 def cells(row):
@@ -180,12 +208,18 @@ def main():
     for spec in specs:
         config = load_config(spec, args.set)
         mesh = make_mesh(config, target, devices)
+        config_rows = []
         for row in rows_for(spec, target, config, mesh, args.programs):
             rows.append(row)
+            config_rows.append(row)
             print("| " + " | ".join(cells(row)) + " |", flush=True)
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(rows, f, indent=1)
+        bound, calls = step_bound(config, config_rows)
+        if bound is not None:
+            print(f"\n{spec} on {target.name}: RL step ≥ {bound:.1f} s (a bound: every completion "
+                  f"max_new_tokens long; calls {calls})\n", flush=True)
 
 
 if __name__ == "__main__":
