@@ -12,9 +12,10 @@ Names follow Cloud's: a TPU slice is named by its TensorCores (v5p-8, v4-8: 4 ch
 v5e-8, v6e-8: 8 chips of one core); H100s by their GPU count. Pods span hosts as the real ones
 do — a v5p or v6e pod slice is hosts of 4 chips (2x2x1), an H100 cluster hosts of 8 GPUs — so the
 compiled program is the multi-process one (each host addresses its own chips):
+  v5p-16   2x2x2 =  8 chips,  2 hosts      v5p-32  2x2x4 = 16 chips,  4 hosts
   v5p-64   2x4x4 = 32 chips,  8 hosts      v6e-64    8x8 =  64 chips, 16 hosts
   v5p-128  4x4x4 = 64 chips, 16 hosts      v6e-256 16x16 = 256 chips, 64 hosts
-  v5p-256  4x4x8 = 128 chips, 32 hosts     h100x16  2 hosts × 8,  h100x64  8 hosts × 8
+  v5p-256  4x4x8 = 128 chips, 32 hosts     h100x16, h100x32, h100x64: 2, 4, 8 hosts × 8
   v5p-64x2 two v5p-64 slices (64 chips) joined by the data-centre network (DCN): a mesh over it
            takes `mesh.dcn = 2`, the `data` axis spanning the slices (`cfpo_jax.sharding.make_mesh`).
 
@@ -38,7 +39,7 @@ GIB = 1 << 30
 class Target:
     name: str
     platform: str  # "tpu" or "cuda" (the topology platform)
-    topology: str  # libtpu topology name, or the CUDA plugin's "hosts x slices x devices"
+    topology: str  # libtpu topology name (one slice), or the CUDA plugin's "slices x hosts x GPUs per host"
     chips: int
     chip_bytes: int  # HBM per chip
     chip_config: str = "default"  # libtpu: "megacore" fuses a v4/v5p chip's two cores
@@ -63,12 +64,14 @@ def _h100(chips):
 
 POD_HOST = (2, 2, 1)  # a v5p or v6e pod slice's host: 4 chips
 TARGETS = {t.name: t for t in (
-    _h100(8), _h100(1), _h100(2), _h100(16), _h100(64),
+    _h100(8), _h100(1), _h100(2), _h100(16), _h100(32), _h100(64),
     _tpu("v5p-8", "v5p:2x2x1", 4, 95),
     _tpu("v4-8", "v4:2x2x1", 4, 32, chip_config="megacore"),
     _tpu("v5e-8", "v5e:2x4", 8, 16),
     _tpu("v5e-4", "v5e:2x2", 4, 16),
     _tpu("v6e-8", "v6e:2x4", 8, 32),
+    _tpu("v5p-16", "v5p:2x2x2", 8, 95, host_chips=POD_HOST),
+    _tpu("v5p-32", "v5p:2x2x4", 16, 95, host_chips=POD_HOST),
     _tpu("v5p-64", "v5p:2x4x4", 32, 95, host_chips=POD_HOST),
     _tpu("v5p-128", "v5p:4x4x4", 64, 95, host_chips=POD_HOST),
     _tpu("v5p-256", "v5p:4x4x8", 128, 95, host_chips=POD_HOST),
