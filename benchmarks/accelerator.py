@@ -73,7 +73,7 @@ DRY_RUN_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expen
 PROBE = """
 import json, os, platform
 import jax, jaxlib, flax, optax, numpy, ml_collections
-import cfpo_jax.train, cfpo_jax.lora
+import cfpo_jax.learner, cfpo_jax.rollout, cfpo_jax.lora
 device = jax.devices()[0]
 print("PROBE " + json.dumps(dict(
     platform=device.platform, device_kind=device.device_kind, device_count=jax.device_count(),

@@ -90,7 +90,7 @@ def load_config(spec: str, overrides=()):
 
 
 def policy_model_config(config):
-    """The policy's ModelConfig as the trainer loads it (`train._load_policy`'s overrides)."""
+    """The policy's ModelConfig as the trainer loads it (`policy.load`'s overrides)."""
     return shapes.model_config(
         shapes.shape_of_hub_id(config.model.path),
         param_dtype=config.lora.base_dtype or config.model.param_dtype, dtype=config.model.dtype,

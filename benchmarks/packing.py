@@ -116,9 +116,9 @@ def build(pack: bool, params_seed: int = 0):
     from flax import nnx
 
     from cfpo_jax import config as config_lib
-    from cfpo_jax import sharding, train
+    from cfpo_jax import sharding
     from cfpo_jax.models import ModelConfig, Transformer
-    from rl_step import NumberTokenizer
+    from rl_step import build_parts
 
     c = config_lib.base_config()
     c.model.path = "random"  # built here, not loaded
@@ -134,31 +134,24 @@ def build(pack: bool, params_seed: int = 0):
                                max_position_embeddings=4096, unroll_layers=True, **SHAPE)
     mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
     model = sharding.shard_model(Transformer(model_config, rngs=nnx.Rngs(params_seed)), mesh)
-    graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
-    tx, schedule = train.make_optimizer(c.optim, 1000)
-    init, abstract_state = train.create_state(params, tx, mesh, seed=0, beta=0.0)
-    state = init(params)
-    setup = train.make_setup(c, mesh, graphdef, frozen, NumberTokenizer(), eos_ids=(), pad_id=0,
-                             tx=tx, schedule=schedule,
-                             state_sh=jax.tree.map(lambda x: x.sharding, abstract_state))
-    return setup, state
+    return build_parts(c, model, mesh)
 
 
-def sample(setup, state, lengths, seed):
+def sample(arm, state, lengths, seed):
     """One rollout with row b stopped at lengths[b] tokens: (samples, rewards, seconds)."""
     import jax
-    from flax import nnx
 
     from cfpo_jax import sampling
 
+    _, rollout = arm
     rng = np.random.default_rng(seed)
     prompts = rng.integers(1, SHAPE["vocab_size"], (PROMPTS, PROMPT_LEN)).tolist()
     rows = [p for p in prompts for _ in range(GROUP)]  # group by group, one prompt per row
     t0 = time.perf_counter()
     samples = sampling.generate(
-        nnx.merge(setup.graphdef, state["params"], setup.frozen), rows,
+        rollout.sampling_policy(state["params"]), rows,
         max_new_tokens=[int(n) for n in lengths], temperature=1.0, seed=seed, n=1, pad_id=0,
-        mesh=setup.mesh, **sampling.engine_settings(setup.config.sampling))
+        mesh=rollout.mesh, **sampling.engine_settings(rollout.config.sampling))
     tokens, got = jax.device_get((samples.tokens, samples.lengths))
     t1 = time.perf_counter()
     assert np.array_equal(got, lengths), "rows must stop at their budgets"
@@ -166,16 +159,14 @@ def sample(setup, state, lengths, seed):
     return samples, reward, t1 - t0, time.perf_counter() - t1
 
 
-def learner(setup, state, samples, reward, lengths, step):
+def learn(learner, state, samples, reward, lengths, step):
     import jax
 
-    from cfpo_jax import train
-
     t0, cpu0 = time.perf_counter(), time.process_time()
-    lengths_Bx2 = np.stack([np.full(len(lengths), PROMPT_LEN), lengths], axis=1)
-    batch, device_metrics = train.prepare_batch(setup, state, samples, reward, lengths_Bx2)
+    lengths_Bx2 = np.stack([np.full(len(lengths), PROMPT_LEN), lengths], axis=1).astype(np.int32)
+    batch, device_metrics = learner.prepare(state, samples, reward, lengths_Bx2)
     with jax.transfer_guard("disallow"):
-        state, update_metrics = train.learn(setup, state, batch, step)
+        state, update_metrics = learner.learn(state, batch, lengths_Bx2, step)
     metrics = jax.device_get((device_metrics, update_metrics))
     return state, metrics, time.perf_counter() - t0, time.process_time() - cpu0
 
@@ -185,8 +176,10 @@ def run(args):
 
     results = {}
     for dist in args.dists.split(","):
-        arms = {name: build(pack) for name, pack in (("padded", False), ("packed", True))}
-        states = {name: arm[1] for name, arm in arms.items()}
+        arms, states = {}, {}
+        for name, pack in (("padded", False), ("packed", True)):
+            learner, rollout, states[name] = build(pack)
+            arms[name] = (learner, rollout)
         times = {name: [] for name in arms}
         cpu_times = {name: [] for name in arms}  # the process's CPU seconds: what other jobs' load distorts least
         sample_times = []
@@ -195,13 +188,12 @@ def run(args):
             # Same lengths and minibatches every repeat: repeat 0 compiles every packed shape the
             # timed repeats use (a run compiles each row bucket once; `learner_shapes`).
             lengths = completion_lengths(dist, PROMPTS * GROUP, seed=0)
-            samples, reward, sample_s, score_s = sample(arms["padded"][0], states["padded"],
+            samples, reward, sample_s, score_s = sample(arms["padded"], states["padded"],
                                                         lengths, seed=repeat)
             order = ("padded", "packed") if repeat % 2 else ("packed", "padded")
             for name in order:
-                setup = arms[name][0]
-                states[name], metrics, learn_s, learn_cpu_s = learner(
-                    setup, states[name], samples, reward, lengths, step=0)
+                states[name], metrics, learn_s, learn_cpu_s = learn(
+                    arms[name][0], states[name], samples, reward, lengths, step=0)
                 if repeat:
                     times[name].append(learn_s)
                     cpu_times[name].append(learn_cpu_s)
@@ -213,7 +205,7 @@ def run(args):
                       f"{n} learner {times[n][-1] if repeat else float('nan'):.2f} s "
                       f"({cpu_times[n][-1] if repeat else float('nan'):.2f} CPU s)" for n in arms),
                   flush=True)
-        shapes = sorted(arms["packed"][0].learner_shapes)
+        shapes = sorted(arms["packed"][0].packer.learner_shapes)
         memory = {name: max(_program_bytes(arms[name][0], states[name], name == "packed",
                                            dist)) for name in arms}
         results[dist] = dict(
@@ -247,14 +239,15 @@ def run(args):
         print(f"{dist}: largest |mean loss padded − packed| over the repeats {r['loss_gap']:.2e}")
 
 
-def _program_bytes(setup, state, packed, dist):
+def _program_bytes(learner, state, packed, dist):
     """Compiled temp + argument bytes of the update and the old-logprob (prepare) programs at each
     shape this path ran (packed: its largest row bucket, or the unpacked layout where packing
-    saved no row), from abstract inputs (nothing runs)."""
+    saved no row), from abstract inputs built by the layouts' own constructors (nothing runs)."""
     import jax
     import jax.numpy as jnp
 
-    from cfpo_jax import sampling
+    from cfpo_jax import batch as batch_lib
+    from cfpo_jax import packing, sampling
 
     spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype)
     B, P, N = PROMPTS * GROUP, PROMPT_LEN, BUDGET
@@ -263,35 +256,29 @@ def _program_bytes(setup, state, packed, dist):
                                logprobs=spec((B, N), jnp.float32), lengths=spec((B,)),
                                eos=spec((B,), bool))
     state_spec = jax.tree.map(lambda x: spec(x.shape, x.dtype), state)
-    S = B // setup.config.rl.num_minibatches
+    rl = learner.config.rl
+    S = B // rl.num_minibatches
     # (kind, packed rows or None for the unpacked layout) of every program this path ran
     ran = {("prepare", None), ("update", None)}
     if packed:
-        ran = {(kind, max(s[0] for k, s in setup.learner_shapes if k == kind))
-               for kind, _ in setup.learner_shapes if kind in ("prepare", "update")}
-        ran |= {(kind.split()[0], None) for kind, _ in setup.learner_shapes
-                if kind.endswith("unpacked")}
+        shapes = learner.packer.learner_shapes
+        ran = {(kind, max(s[0] for k, s in shapes if k == kind))
+               for kind, _ in shapes if kind in ("prepare", "update")}
+        ran |= {(kind.split()[0], None) for kind, _ in shapes if kind.endswith("unpacked")}
     sizes = []
     for kind, R in sorted(ran, key=str):
         if kind == "prepare":
-            args = [state["params"], None, setup.frozen, samples, spec((B,), jnp.float32)]
-            if R is not None:
-                args.append(dict(token_src=spec((R, P + N)), segment=spec((R, P + N)),
-                                 positions=spec((R, P + N)), comp_col=spec((R, N)),
-                                 comp_src=spec((R, N)), comp_seq=spec((R, N)),
-                                 comp_mask=spec((R, N)), unpack=spec((B, N)), rows=spec((B,))))
-            lowered = setup.prepare.lower(*args)
+            plan = None if R is None else packing.spec(rows=R, sequences=B, prompt_width=P,
+                                                       completion_width=N, sharding=None)
+            lowered = learner.programs["prepare"].lower(
+                state["params"], None, learner.frozen, samples, spec((B,), jnp.float32), plan)
         else:
-            if R is not None:
-                batch = dict(tokens=spec((R, P + N)), segment=spec((R, P + N)),
-                             positions=spec((R, P + N)), comp_col=spec((R, N)),
-                             comp_seq=spec((R, N)), adv=spec((S,), jnp.float32),
-                             mask=spec((R, N), jnp.float32), old_logp=spec((R, N), jnp.float32))
-            else:
-                batch = dict(tokens=spec((S, P + N)), attn=spec((S, P + N)),
-                             mask=spec((S, N), jnp.float32), adv=spec((S,), jnp.float32),
-                             old_logp=spec((S, N), jnp.float32))
-            lowered = setup.update.lower(state_spec, setup.frozen, batch)
+            minibatch = batch_lib.spec(rl, rows=R or S, prompt_width=P, completion_width=N,
+                                       packed=R is not None, sharding=None)
+            if R is not None:  # a packed minibatch has one advantage per sequence
+                minibatch = minibatch.replace(adv=spec((S,), jnp.float32))
+            program = learner.programs["update_packed" if R is not None else "update"]
+            lowered = program.lower(state_spec, learner.frozen, minibatch)
         analysis = lowered.compile().memory_analysis()
         sizes.append(analysis.temp_size_in_bytes + analysis.argument_size_in_bytes)
     return sizes

@@ -4,8 +4,8 @@
     python benchmarks/rl_step.py --small     # CPU: tiny shape, 8 prompts × 4, 16 + 32 tokens (~2 min, 2 cores)
     python benchmarks/rl_step.py --epochs 4 --minibatches 4   # the paper's off-policy settings
 
-It runs the trainer's own stages (`cfpo_jax.train`: `create_state`, `make_setup`, `rollout`,
-`learn`) on a random-init decoder of the given shape with fp32 master weights, bf16 compute and
+It runs the trainer's own parts (`cfpo_jax.state.create_state`, `learner.Learner`,
+`rollout.Rollout`) on a random-init decoder of the given shape with fp32 master weights, bf16 compute and
 remat, CFPO, group-relative advantages. What differs from a real run is only what feeds it: the
 prompts are random token ids of a fixed length, the "tokenizer" writes token ids as numbers, and
 the reward is the fraction of even ids in the completion, with no EOS so that every row runs
@@ -77,11 +77,10 @@ def make_config(args):
 
 
 def build(config, shape):
-    """The trainer's stage 1 on a random-init model: (setup, state)."""
-    import jax
+    """The trainer's stage 1 on a random-init model: (learner, rollout, state)."""
     from flax import nnx
 
-    from cfpo_jax import sharding, train
+    from cfpo_jax import sharding
     from cfpo_jax.models import ModelConfig, Transformer
 
     model_config = ModelConfig(model_type="qwen2", qkv_bias=True, rope_theta=1e6,
@@ -89,17 +88,26 @@ def build(config, shape):
                                dtype=config.model.dtype, remat=config.model.remat, **SHAPES[shape])
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
     model = sharding.shard_model(Transformer(model_config, rngs=nnx.Rngs(config.seed)), mesh)
+    return build_parts(config, model, mesh)
+
+
+def build_parts(config, model, mesh):
+    """The trainer's parts around a hand-built `model` already sharded on `mesh`, with the number
+    tokenizer and no EOS: (learner, rollout, state)."""
+    import jax
+    from flax import nnx
+
+    from cfpo_jax import learner, policy, rollout, state
+
     graphdef, params, frozen = nnx.split(model, nnx.Param, ...)
-    del model
-    rl = config.rl
-    tx, schedule = train.make_optimizer(config.optim,
-                                        config.train.num_steps * rl.num_epochs * rl.num_minibatches)
-    init, abstract_state = train.create_state(params, tx, mesh, seed=config.seed, beta=rl.beta)
-    state = init(params)
-    setup = train.make_setup(config, mesh, graphdef, frozen, NumberTokenizer(), eos_ids=(),
-                             pad_id=0, tx=tx, schedule=schedule,
-                             state_sh=jax.tree.map(lambda x: x.sharding, abstract_state))
-    return setup, state
+    tx, schedule = state.make_optimizer(config.optim, state.total_updates(config))
+    init, abstract_state = state.create_state(params, tx, mesh, seed=config.seed, beta=config.rl.beta)
+    learner_ = learner.Learner(config, mesh, graphdef, frozen, pad_id=0, tx=tx, schedule=schedule,
+                               state_sh=jax.tree.map(lambda x: x.sharding, abstract_state))
+    loaded = policy.Policy(graphdef=graphdef, params=params, frozen=frozen,
+                           tokenizer=NumberTokenizer(), eos_ids=(), pad_id=0, model_path="",
+                           base_model=None)
+    return learner_, rollout.Rollout(config, mesh, loaded, learner_), init(params)
 
 
 def prompts_batch(config, vocab_size, seed):
@@ -115,24 +123,26 @@ def prompts_batch(config, vocab_size, seed):
 def run(args):
     import jax
 
-    from cfpo_jax import train
+    from cfpo_jax import metrics as metrics_lib
 
     config = make_config(args)
-    setup, state = build(config, args.shape)
+    learner, rollout, state = build(config, args.shape)
     rows = config.data.batch_size * config.rl.group_size
     new_tokens = rows * config.sampling.max_new_tokens
     learn_tokens = rows * (config.sampling.max_prompt_len + config.sampling.max_new_tokens) \
         * config.rl.num_epochs
     times = []
     for step in range(config.train.num_steps):
-        next_rng, sample_key = setup.split_rng(state["rng"])
-        batch, host_metrics, device_metrics, stage_times = train.rollout(
-            setup, state, prompts_batch(config, SHAPES[args.shape]["vocab_size"], step), sample_key)
+        next_rng, sample_key = learner.split_rng(state["rng"])
+        result = rollout(state, prompts_batch(config, SHAPES[args.shape]["vocab_size"], step),
+                         sample_key)
+        stage_times = result.times
         t_learn = time.perf_counter()
         with jax.transfer_guard("disallow"):
-            state, update_metrics = train.learn(setup, state, batch, step)
-            state = setup.finish_step(state, next_rng)
-        metrics = train.step_metrics(host_metrics, device_metrics, update_metrics, state)
+            state, update_metrics = learner.learn(state, result.batch, result.lengths_Bx2, step)
+            state = learner.finish_step(state, next_rng)
+        metrics = metrics_lib.step_metrics(result.host_metrics, result.device_metrics,
+                                           update_metrics, state)
         learn_s = time.perf_counter() - t_learn
         times.append((stage_times["time_sample_s"], stage_times["time_score_s"], learn_s))
         print(f"step {step + 1}: sample {times[-1][0]:.2f} s  score {times[-1][1]:.2f} s  "

@@ -322,7 +322,7 @@ def adapted_model(config, rank):
     adapted = lora.adapt(Transformer(config, rngs=nnx.Rngs(0)), rank=rank, alpha=rank, targets=LORA_TARGETS)
     graphdef, adapters, frozen = lora.split(adapted)
     leaves, treedef = jax.tree.flatten(adapters)
-    keys = jax.random.split(jax.random.PRNGKey(1), len(leaves))
+    keys = jax.random.split(jax.random.key(1), len(leaves))
     leaves = [0.02 * jax.random.normal(key, x.shape, x.dtype) for key, x in zip(keys, leaves)]
     return nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves), frozen)
 

@@ -9,7 +9,7 @@ measured matmul peak.
 Per shape (Qwen2.5, benchmarks/shapes.py) and remat setting: random weights in float32 (the master
 copy AdamW updates), bfloat16 compute, `--batch` sequences of `--prompt-len` + `--new-tokens`
 tokens (default 1,024 + 1,024), one minibatch, no micro-batching, CFPO on random advantages. The
-function timed is `cfpo_jax.train.make_update` — the trainer's own update, state donated — jitted
+function timed is `cfpo_jax.learner.make_update` — the trainer's own update, state donated — jitted
 on a mesh of all local devices (one GPU: one device).
 
 With `--lora-rank R` > 0 each (shape, remat) also gets a LoRA row beside its full fine-tuning row:
@@ -64,7 +64,8 @@ from jax.sharding import PartitionSpec as PS  # noqa: E402
 import chips  # noqa: E402
 import shapes  # noqa: E402
 from cfpo_jax import config as config_lib  # noqa: E402
-from cfpo_jax import models, sharding, train  # noqa: E402
+from cfpo_jax import batch as batch_lib  # noqa: E402
+from cfpo_jax import learner, models, sharding, state  # noqa: E402
 from cfpo_jax.models.config import LORA_TARGETS, REMAT_POLICIES  # noqa: E402
 
 GB = 1e9
@@ -89,8 +90,8 @@ def model_flops_per_step(config, batch: int, prompt_len: int, new_tokens: int) -
 
 def measure_peak_tflops(size: int, dtype=jnp.bfloat16, repeats: int = 10) -> float:
     """bf16 matmul throughput of this device: a chain of `repeats` [size]³ matmuls in one program."""
-    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), dtype) / size**0.5
-    b = jax.random.normal(jax.random.PRNGKey(1), (size, size), dtype) / size**0.5
+    a = jax.random.normal(jax.random.key(0), (size, size), dtype) / size**0.5
+    b = jax.random.normal(jax.random.key(1), (size, size), dtype) / size**0.5
 
     @jax.jit
     def chain(a, b):
@@ -110,6 +111,7 @@ def measure_peak_tflops(size: int, dtype=jnp.bfloat16, repeats: int = 10) -> flo
 def rl_config(objective: str = "cfpo") -> ml_collections.ConfigDict:
     rl = config_lib.base_config().rl
     rl.objective = objective
+    rl.num_epochs = 2  # off policy: the update reads old logprobs, as in the paper's settings
     return rl
 
 
@@ -126,7 +128,7 @@ def run_one(shape: str, remat: str, lora_rank: int, *, batch: int, prompt_len: i
     mesh = sharding.make_mesh(1, -1, 1)
     optim = config_lib.base_config().optim
     optim.weight_decay = 0.01
-    tx, schedule = train.make_optimizer(optim, total_updates=1000)
+    tx, schedule = state.make_optimizer(optim, total_updates=1000)
     rl = rl_config()
 
     abstract_model = nnx.eval_shape(lambda: models.Transformer(model_config, rngs=nnx.Rngs(0)))
@@ -136,26 +138,26 @@ def run_one(shape: str, remat: str, lora_rank: int, *, batch: int, prompt_len: i
     with_sharding = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
     abstract_params = jax.tree.map(with_sharding, abstract_params, param_sh)
     abstract_frozen = jax.tree.map(with_sharding, abstract_frozen, frozen_sh)
-    init_state, abstract_state = train.create_state(abstract_params, tx, mesh, seed=0, beta=0.0,
+    init_state, abstract_state = state.create_state(abstract_params, tx, mesh, seed=0, beta=0.0,
                                                     adapters=bool(lora_rank))
     state_sh = jax.tree.map(lambda x: x.sharding, abstract_state)
     batch_sh = sharding.batch_sharding(mesh)
     T = prompt_len + new_tokens
-    pure_update = train.make_update(graphdef, tx, schedule, rl, temperature=1.0,
-                                    max_len=new_tokens, micro_batch_size=0)
+    pure_update = learner.make_update(graphdef, tx, schedule, rl, temperature=1.0,
+                                      max_len=new_tokens, micro_batch_size=0, packed=False)
     # `frozen` (the frozen base with LoRA, else empty) is an argument, as in the trainer: jit would
     # embed a closed-over array in the program as a constant.
     update = jax.jit(pure_update, in_shardings=(state_sh, frozen_sh, batch_sh),
                      out_shardings=(state_sh, NamedSharding(mesh, PS())), donate_argnums=0)
     rng = np.random.default_rng(0)
-    host_batch = dict(
+    host_batch = batch_lib.Batch(
         tokens=rng.integers(0, model_config.vocab_size, (batch, T), dtype=np.int32),
         attn=np.ones((batch, T), np.int32),
         mask=np.ones((batch, new_tokens), np.float32),
         adv=rng.normal(size=batch).astype(np.float32),
         old_logp=np.full((batch, new_tokens), -np.log(model_config.vocab_size), np.float32),
     )
-    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh) for k, v in host_batch.items()}
+    abstract_batch = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sh), host_batch)
 
     start = time.time()
     compiled = update.lower(abstract_state, abstract_frozen, abstract_batch).compile()
@@ -174,7 +176,7 @@ def run_one(shape: str, remat: str, lora_rank: int, *, batch: int, prompt_len: i
         lambda: nnx.split(models.Transformer(model_config, rngs=nnx.Rngs(0)), trained, ...)[1:],
         out_shardings=(param_sh, frozen_sh))()
     state = init_state(params)
-    device_batch = {k: jax.device_put(v, batch_sh) for k, v in host_batch.items()}
+    device_batch = jax.tree.map(lambda v: jax.device_put(v, batch_sh), host_batch)
     state, metrics = compiled(state, frozen, device_batch)
     jax.block_until_ready(metrics)
     times = []

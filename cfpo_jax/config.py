@@ -3,9 +3,14 @@
 Configs in `configs/` start from `base_config()` and override values; they never add fields.
 `validate(config)` runs once at load (train.py, evaluate.py), before any model is built or
 compiled, and fails with the valid names on an unknown field, a wrong type, a value outside its
-registry (objective, agg, estimator, ...), a malformed or missing data source, a reward function
-that does not resolve (user "package.module:function" imported here), or eval.ks outside
-1..eval.num_samples.
+registry (objective, agg, estimator, ...: the valid choices are read from the registries that
+define them), a malformed or missing data source, a reward function that does not resolve (user
+"package.module:function" imported here), or eval.ks outside 1..eval.num_samples. Each section
+has its own check (`_SECTION_CHECKS`).
+
+Config files are found by name (`find`): `math_qwen.py:1.5b` is the shipped configs/math_qwen.py
+with the argument "1.5b", wherever the command runs and also after a non-editable install (the
+wheel carries configs/ inside the package); a path that exists is used as it is.
 
 Sections: seed, workdir, model, mesh, data, sampling, rewards, eval, rl, optim,
 train, warmstart, lora, env. Optional values are typed placeholders (`placeholder(float)` is None until
@@ -17,7 +22,11 @@ from __future__ import annotations
 import ml_collections
 from ml_collections import config_dict
 
-from cfpo_jax import advantages, data, losses, rewards
+import os
+import sys
+
+from cfpo_jax import advantages, data, losses, rewards, state
+from cfpo_jax.envs import formats
 from cfpo_jax.models.attention import DECODE_IMPLEMENTATIONS
 from cfpo_jax.models.config import ATTENTION_IMPLEMENTATIONS, LORA_TARGETS, REMAT_POLICIES
 from cfpo_jax.rewards import workers as reward_workers
@@ -216,24 +225,29 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
-# Value registries checked at load, in addition to the schema's names and types.
+
+# Float16 loads (models.config.SUPPORTED_DTYPES) but trains without loss scaling: not offered.
+TRAINING_DTYPES = ("float32", "bfloat16")
+
+# Value registries checked at load, in addition to the schema's names and types; each choice list
+# is the registry that defines the values.
 _CHOICES = {
-    "model.param_dtype": ("float32", "bfloat16"),
-    "model.dtype": ("float32", "bfloat16"),
+    "model.param_dtype": TRAINING_DTYPES,
+    "model.dtype": TRAINING_DTYPES,
     "model.remat_policy": REMAT_POLICIES,
     "model.attention": ATTENTION_IMPLEMENTATIONS,
-    "rewards.rm_dtype": ("", "float32", "bfloat16"),
-    "data.template": ("chat", "plain"),
-    "data.preset": (None, "gsm8k", "math", "math500", "prompt_collection", "humaneval", "mbpp"),
+    "rewards.rm_dtype": ("", *TRAINING_DTYPES),
+    "data.template": data.TEMPLATES,
+    "data.preset": tuple(data.PRESETS),
     "rl.objective": tuple(losses.REGISTRY["objective"]),
     "rl.level": tuple(losses.REGISTRY["level"]),
     "rl.agg": tuple(losses.REGISTRY["agg"]),
     "rl.kl_estimator": tuple(losses.REGISTRY["kl"]),
     "rl.estimator": tuple(advantages.ESTIMATORS),
-    "optim.schedule": ("constant", "cosine", "linear"),
+    "optim.schedule": tuple(state.SCHEDULES),
     "sampling.attention": DECODE_IMPLEMENTATIONS,
-    "lora.base_dtype": (None, "float32", "bfloat16"),
-    "env.format": ("tag", "hermes", "llama3"),
+    "lora.base_dtype": (None, *TRAINING_DTYPES),
+    "env.format": formats.FORMATS,
 }
 
 
@@ -275,88 +289,28 @@ def validate(config: ml_collections.ConfigDict) -> None:
         value = config[section][key]
         if value not in valid:
             errors.append(f"{path}={value!r}; valid: {list(valid)}")
-    rl = config.rl
-    if rl.eps <= 0 or (rl.eps_high is not None and rl.eps_high <= 0):
-        errors.append(f"rl.eps and rl.eps_high must be > 0; got {rl.eps}, {rl.eps_high}")
-    if rl.dual_clip is not None and (rl.objective != "ppo" or rl.dual_clip <= 1):
-        errors.append(f"rl.dual_clip={rl.dual_clip} needs rl.objective='ppo' and a value > 1")
-    for name in ("group_size", "num_epochs", "num_minibatches"):
-        if rl[name] < 1:
-            errors.append(f"rl.{name} must be >= 1; got {rl[name]}")
-    if rl.beta < 0:
-        errors.append(f"rl.beta must be >= 0; got {rl.beta}")
-    if rl.kl_in_reward and rl.beta == 0:
-        errors.append("rl.kl_in_reward=True subtracts β·KL from rewards; it needs rl.beta > 0")
-    rollout = config.data.batch_size * rl.group_size
-    if rollout % rl.num_minibatches:
-        errors.append(
-            f"rl.num_minibatches={rl.num_minibatches} must divide data.batch_size × rl.group_size"
-            f" = {rollout}"
-        )
-    minibatch = rollout // max(rl.num_minibatches, 1)
-    if rl.micro_batch_size and minibatch % rl.micro_batch_size:
-        errors.append(
-            f"rl.micro_batch_size={rl.micro_batch_size} must divide the minibatch of {minibatch}"
-        )
-    if len(config.rewards.fns) != len(config.rewards.weights) or not config.rewards.fns:
-        errors.append(
-            f"rewards.fns {config.rewards.fns} and rewards.weights {config.rewards.weights} "
-            "must be non-empty and of the same length"
-        )
-    if config.rewards.num_workers < 1:
-        errors.append(f"rewards.num_workers must be >= 1 (rewards are scored in bounded worker "
-                      f"processes only); got {config.rewards.num_workers}")
-    if not config.rewards.timeout_s > 0 or not config.rewards.max_memory_gb > 0:
-        errors.append(f"rewards.timeout_s and rewards.max_memory_gb must be > 0; got "
-                      f"{config.rewards.timeout_s}, {config.rewards.max_memory_gb}")
+    for check in _SECTION_CHECKS:
+        errors.extend(check(config))
+    if errors:
+        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+
+
+def _at_least(section, names, minimum: int, prefix: str) -> list[str]:
+    return [f"{prefix}.{name} must be >= {minimum}; got {section[name]}"
+            for name in names if section[name] < minimum]
+
+
+def _model_errors(config) -> list[str]:
     if not config.model.path:
-        errors.append("model.path is empty; give a HF directory, a hub id, or 'tiny'")
-    for name in ("num_steps", "checkpoint_every", "keep_checkpoints", "log_every"):
-        if config.train[name] < 1:
-            errors.append(f"train.{name} must be >= 1; got {config.train[name]}")
-    errors.extend(_lora_errors(config))
-    errors.extend(_env_errors(config.env))
-    # Data, rewards and evaluation: checked here too, before any model is built or compiled.
-    for name, source in [("data.source", config.data.source)] + [
-            ("eval.sources", s) for s in config.eval.sources]:
-        try:
-            data.check_source(source, synthetic=config.data.synthetic.to_dict())
-        except ValueError as e:
-            errors.append(f"{name}: {e}")
-    if "{question}" not in config.data.user_template:
-        errors.append(f"data.user_template must contain '{{question}}'; got "
-                      f"{config.data.user_template!r}")
-    for fn in config.rewards.fns:
-        if fn.startswith(rewards.registry.REWARD_MODEL_PREFIX):
-            if fn == rewards.registry.REWARD_MODEL_PREFIX:
-                errors.append("rewards.fns: 'rm:' needs a reward model path or hub id")
-            continue
-        try:
-            rewards.get(fn)  # imports a "package.module:function" now, not mid-run
-        except ValueError as e:
-            errors.append(f"rewards.fns: {e}")
-    ev = config.eval
-    if ev.num_samples < 1 or not ev.ks or any(not 1 <= k <= ev.num_samples for k in ev.ks):
-        errors.append(f"eval.ks {tuple(ev.ks)}: each k must be in 1..eval.num_samples="
-                      f"{ev.num_samples} (and num_samples >= 1)")
-    for name in ("every_steps", "max_examples"):
-        if ev[name] < 0:
-            errors.append(f"eval.{name} must be >= 0; got {ev[name]}")
-    for name, minimum in (("batch_size", 1),):
-        if config.data[name] < minimum:
-            errors.append(f"data.{name} must be >= {minimum}; got {config.data[name]}")
-    sampling = config.sampling
-    if sampling.max_prompt_len < 1 or sampling.max_new_tokens < 1:
-        errors.append(f"sampling.max_prompt_len and max_new_tokens must be >= 1; got "
-                      f"{sampling.max_prompt_len}, {sampling.max_new_tokens}")
-    if not 0 < sampling.top_p <= 1 or sampling.top_k < 0:
-        errors.append(f"sampling.top_p must be in (0, 1] and top_k >= 0; got {sampling.top_p}, "
-                      f"{sampling.top_k}")
+        return ["model.path is empty; give a HF directory, a hub id, or 'tiny'"]
+    return []
+
+
+def _mesh_errors(config) -> list[str]:
+    mesh, errors = config.mesh, []
     for axis in ("data", "fsdp", "tensor"):
-        if config.mesh[axis] < 1 and config.mesh[axis] != -1:
-            errors.append(f"mesh.{axis} must be >= 1 or -1 (all remaining devices); got "
-                          f"{config.mesh[axis]}")
-    mesh = config.mesh
+        if mesh[axis] < 1 and mesh[axis] != -1:
+            errors.append(f"mesh.{axis} must be >= 1 or -1 (all remaining devices); got {mesh[axis]}")
     manual = (mesh.coordinator_address, mesh.num_processes, mesh.process_id)
     if manual != ("", 0, -1):
         if not mesh.distributed:
@@ -367,49 +321,112 @@ def validate(config: ml_collections.ConfigDict) -> None:
             errors.append(f"by hand, give all of mesh.coordinator_address (host:port), "
                           f"num_processes >= 1 and 0 <= process_id < num_processes; got "
                           f"{mesh.coordinator_address!r}, {mesh.num_processes}, {mesh.process_id}")
+    return errors
+
+
+def _data_errors(config) -> list[str]:
+    errors = _at_least(config.data, ("batch_size",), 1, "data")
+    # Data and evaluation sources: checked here too, before any model is built or compiled.
+    for name, source in [("data.source", config.data.source)] + [
+            ("eval.sources", s) for s in config.eval.sources]:
+        try:
+            data.check_source(source, synthetic=config.data.synthetic.to_dict())
+        except ValueError as e:
+            errors.append(f"{name}: {e}")
+    if "{question}" not in config.data.user_template:
+        errors.append(f"data.user_template must contain '{{question}}'; got "
+                      f"{config.data.user_template!r}")
+    return errors
+
+
+def _sampling_errors(config) -> list[str]:
+    sampling, errors = config.sampling, []
+    if sampling.max_prompt_len < 1 or sampling.max_new_tokens < 1:
+        errors.append(f"sampling.max_prompt_len and max_new_tokens must be >= 1; got "
+                      f"{sampling.max_prompt_len}, {sampling.max_new_tokens}")
+    if not 0 < sampling.top_p <= 1 or sampling.top_k < 0:
+        errors.append(f"sampling.top_p must be in (0, 1] and top_k >= 0; got {sampling.top_p}, "
+                      f"{sampling.top_k}")
+    if sampling.temperature <= 0:
+        errors.append(f"sampling.temperature must be > 0 for RL (the ratio needs the sampling "
+                      f"distribution); got {sampling.temperature}")
+    if sampling.max_concurrent < 0 or sampling.kv_cache_gb <= 0:
+        errors.append(f"sampling.max_concurrent must be >= 0 (0 = from the budget) and "
+                      f"sampling.kv_cache_gb > 0; got {sampling.max_concurrent}, {sampling.kv_cache_gb}")
+    return errors
+
+
+def _rewards_errors(config) -> list[str]:
+    cfg, errors = config.rewards, []
+    if len(cfg.fns) != len(cfg.weights) or not cfg.fns:
+        errors.append(f"rewards.fns {cfg.fns} and rewards.weights {cfg.weights} must be non-empty "
+                      "and of the same length")
+    if cfg.num_workers < 1:
+        errors.append(f"rewards.num_workers must be >= 1 (rewards are scored in bounded worker "
+                      f"processes only); got {cfg.num_workers}")
+    if not cfg.timeout_s > 0 or not cfg.max_memory_gb > 0:
+        errors.append(f"rewards.timeout_s and rewards.max_memory_gb must be > 0; got "
+                      f"{cfg.timeout_s}, {cfg.max_memory_gb}")
+    for fn in cfg.fns:
+        if fn.startswith(rewards.registry.REWARD_MODEL_PREFIX):
+            if fn == rewards.registry.REWARD_MODEL_PREFIX:
+                errors.append("rewards.fns: 'rm:' needs a reward model path or hub id")
+            continue
+        try:
+            rewards.registry.implementation(fn)  # imports "package.module:function" now, not mid-run
+        except ValueError as e:
+            errors.append(f"rewards.fns: {e}")
+    return errors
+
+
+def _eval_errors(config) -> list[str]:
+    ev, errors = config.eval, []
+    if ev.num_samples < 1 or not ev.ks or any(not 1 <= k <= ev.num_samples for k in ev.ks):
+        errors.append(f"eval.ks {tuple(ev.ks)}: each k must be in 1..eval.num_samples="
+                      f"{ev.num_samples} (and num_samples >= 1)")
+    return errors + _at_least(ev, ("every_steps", "max_examples"), 0, "eval")
+
+
+def _rl_errors(config) -> list[str]:
+    rl, errors = config.rl, []
+    if rl.eps <= 0 or (rl.eps_high is not None and rl.eps_high <= 0):
+        errors.append(f"rl.eps and rl.eps_high must be > 0; got {rl.eps}, {rl.eps_high}")
+    if rl.dual_clip is not None and (rl.objective != "ppo" or rl.dual_clip <= 1):
+        errors.append(f"rl.dual_clip={rl.dual_clip} needs rl.objective='ppo' and a value > 1")
+    errors += _at_least(rl, ("group_size", "num_epochs", "num_minibatches"), 1, "rl")
+    if rl.beta < 0:
+        errors.append(f"rl.beta must be >= 0; got {rl.beta}")
+    if rl.kl_in_reward and rl.beta == 0:
+        errors.append("rl.kl_in_reward=True subtracts β·KL from rewards; it needs rl.beta > 0")
+    rollout = config.data.batch_size * rl.group_size
+    if rollout % rl.num_minibatches:
+        errors.append(f"rl.num_minibatches={rl.num_minibatches} must divide data.batch_size × "
+                      f"rl.group_size = {rollout}")
+    minibatch = rollout // max(rl.num_minibatches, 1)
+    if rl.micro_batch_size and minibatch % rl.micro_batch_size:
+        errors.append(f"rl.micro_batch_size={rl.micro_batch_size} must divide the minibatch of "
+                      f"{minibatch}")
+    return errors
+
+
+def _optim_errors(config) -> list[str]:
     optim = config.optim
     if optim.lr < 0 or optim.warmup_steps < 0 or optim.weight_decay < 0 or \
             optim.max_grad_norm < 0 or not (0 <= optim.b1 < 1 and 0 <= optim.b2 < 1):
-        errors.append(f"optim: need lr, warmup_steps, weight_decay, max_grad_norm >= 0 and b1, b2 "
-                      f"in [0, 1); got {optim.lr}, {optim.warmup_steps}, {optim.weight_decay}, "
-                      f"{optim.max_grad_norm}, {optim.b1}, {optim.b2}")
-    if config.warmstart.steps < 0 or config.warmstart.batch_size < 1:
-        errors.append(f"warmstart.steps must be >= 0 and batch_size >= 1; got "
-                      f"{config.warmstart.steps}, {config.warmstart.batch_size}")
-    if config.sampling.temperature <= 0:
-        errors.append(
-            f"sampling.temperature must be > 0 for RL (the ratio needs the sampling "
-            f"distribution); got {config.sampling.temperature}"
-        )
-    if config.sampling.max_concurrent < 0 or config.sampling.kv_cache_gb <= 0:
-        errors.append(
-            f"sampling.max_concurrent must be >= 0 (0 = from the budget) and sampling.kv_cache_gb "
-            f"> 0; got {config.sampling.max_concurrent}, {config.sampling.kv_cache_gb}"
-        )
-    if errors:
-        raise ValueError("invalid config:\n  " + "\n  ".join(errors))
+        return [f"optim: need lr, warmup_steps, weight_decay, max_grad_norm >= 0 and b1, b2 "
+                f"in [0, 1); got {optim.lr}, {optim.warmup_steps}, {optim.weight_decay}, "
+                f"{optim.max_grad_norm}, {optim.b1}, {optim.b2}"]
+    return []
 
 
-def _env_errors(env) -> list[str]:
-    if not env.name:
-        return []
-    from cfpo_jax.envs import environment, tools  # imports a user's module now, not mid-run
+def _train_errors(config) -> list[str]:
+    return _at_least(config.train, ("num_steps", "checkpoint_every", "keep_checkpoints",
+                                    "log_every"), 1, "train")
 
-    errors = []
-    for kind, names, get in (("env.name", (env.name,), environment.get), ("env.tools", env.tools, tools.get)):
-        for name in names:
-            try:
-                get(name)
-            except ValueError as e:
-                errors.append(f"{kind}: {e}")
-    if env.name == "tools" and not env.tools:
-        errors.append("env.name='tools' runs the model's tool calls; give env.tools, e.g. ('calculator',)")
-    if env.max_turns < 1 or env.num_threads < 1 or env.max_observation_chars < 1:
-        errors.append(f"env.max_turns, env.num_threads and env.max_observation_chars must be >= 1; got "
-                      f"{env.max_turns}, {env.num_threads}, {env.max_observation_chars}")
-    if not env.tool_timeout_s > 0:
-        errors.append(f"env.tool_timeout_s must be > 0; got {env.tool_timeout_s}")
-    return errors
+
+def _warmstart_errors(config) -> list[str]:
+    return (_at_least(config.warmstart, ("steps",), 0, "warmstart")
+            + _at_least(config.warmstart, ("batch_size",), 1, "warmstart"))
 
 
 def _lora_errors(config) -> list[str]:
@@ -427,3 +444,91 @@ def _lora_errors(config) -> list[str]:
     if not lora.rank and (config.train.export_peft or lora.base_dtype is not None):
         errors.append("train.export_peft and lora.base_dtype need lora.rank > 0")
     return errors
+
+
+def _env_errors(config) -> list[str]:
+    env = config.env
+    if not env.name:
+        return []
+    from cfpo_jax.envs import environment, tools  # imports a user's module now, not mid-run
+
+    errors = []
+    for kind, names, get in (("env.name", (env.name,), environment.get), ("env.tools", env.tools, tools.get)):
+        for name in names:
+            try:
+                get(name)
+            except ValueError as e:
+                errors.append(f"{kind}: {e}")
+    if env.name == "tools" and not env.tools:
+        errors.append("env.name='tools' runs the model's tool calls; give env.tools, e.g. ('calculator',)")
+    errors += _at_least(env, ("max_turns", "num_threads", "max_observation_chars"), 1, "env")
+    if not env.tool_timeout_s > 0:
+        errors.append(f"env.tool_timeout_s must be > 0; got {env.tool_timeout_s}")
+    return errors
+
+
+# One check per section, in the order of `base_config`.
+_SECTION_CHECKS = (_model_errors, _mesh_errors, _data_errors, _sampling_errors, _rewards_errors,
+                   _eval_errors, _rl_errors, _optim_errors, _train_errors, _warmstart_errors,
+                   _lora_errors, _env_errors)
+
+
+# ---------------------------------------------------------------- config files by name
+
+
+def shipped_configs_dir() -> str:
+    """The shipped configs/: inside the package after a wheel install, beside it in a checkout."""
+    package = os.path.dirname(os.path.abspath(__file__))
+    inside = os.path.join(package, "configs")
+    return inside if os.path.isdir(inside) else os.path.join(os.path.dirname(package), "configs")
+
+
+def find(spec: str) -> str:
+    """The config file `spec` ("path/to/x.py[:arg]" or a shipped config's name "x.py[:arg]",
+    "x[:arg]", "studies/y.py") names, with its ":arg" kept: a path that exists as given is
+    used as it is; otherwise the name is looked up in the shipped configs (`configs/x.py` also
+    works, for commands written for a checkout)."""
+    path, colon, arg = spec.partition(":")
+    if os.path.exists(path):
+        return spec
+    name = path[len("configs/"):] if path.startswith("configs/") else path
+    name = name if name.endswith(".py") else name + ".py"
+    shipped = os.path.join(shipped_configs_dir(), name)
+    if not os.path.exists(shipped):
+        here = shipped_configs_dir()
+        names = sorted(f for f in os.listdir(here) if f.endswith(".py")) if os.path.isdir(here) else []
+        raise ValueError(f"config {path!r}: no such file, and no shipped config {name!r}; shipped "
+                         f"(in {here}): {names}")
+    return shipped + colon + arg
+
+
+def resolve_flag(argv: list[str], flag: str, *, default: str | None = None) -> list[str]:
+    """`argv` with `--<flag>=<spec>` replaced by the file `find` gives (or `default` added when
+    the flag is absent); a spec that names nothing exits with the shipped names."""
+    out, found = list(argv), False
+    for i, arg in enumerate(out):
+        # "--flag=spec", or "--flag spec" as two arguments
+        value_at = i if arg.startswith(f"--{flag}=") else i + 1 if arg == f"--{flag}" else None
+        if value_at is None or value_at >= len(out):
+            continue
+        found = True
+        prefix, spec = (f"--{flag}=", arg.split("=", 1)[1]) if value_at == i else ("", out[value_at])
+        try:
+            out[value_at] = prefix + find(spec)
+        except ValueError as e:
+            sys.exit(f"error: --{flag}: {e}")
+    if not found and default is not None:
+        out.insert(1, f"--{flag}={find(default)}")
+    return out
+
+
+def valid_fields_hint(override: str) -> str:
+    """For a bad `--config.a.b=v`: a line naming the valid fields of its section ("" if none)."""
+    *sections, _ = override[len("--config."):].split("=")[0].split(".")
+    node = base_config()
+    for section in sections:
+        node = node.get(section) if isinstance(node, ml_collections.ConfigDict) else None
+    if not isinstance(node, ml_collections.ConfigDict):
+        return ""
+    where = ".".join(sections) or "the top level"
+    return f"  valid fields of {where}: {sorted(node.keys())}\n"

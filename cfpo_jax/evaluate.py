@@ -330,16 +330,18 @@ def alignment_tax_report(config, before_path: str, after_path: str, output_dir: 
 
 def main(argv):
     del argv
+    from absl import flags
+
     from cfpo_jax import config as config_lib
     from cfpo_jax import models
 
-    config = _CONFIG.value
+    config = flags.FLAGS.config
     config_lib.validate(config)  # everything, before any model is loaded or compiled
     if not config.eval.sources and not config.eval.lm_eval_tasks:
         raise ValueError("config.eval.sources and config.eval.lm_eval_tasks are empty: name the "
                          "data sets or lm-eval tasks to evaluate on")
     path = config.eval.checkpoint or config.model.path
-    workdir = _WORKDIR.value or config.workdir
+    workdir = flags.FLAGS.workdir or config.workdir
     output_dir = config.eval.output_dir or os.path.join(workdir or ".", "eval")
     if config.eval.lm_eval_tasks:
         if not config.eval.checkpoint:
@@ -365,14 +367,28 @@ def main(argv):
     print(f"generations and summary.json in {output_dir}")
 
 
-if __name__ == "__main__":
-    # Flags are defined only when run as a program: the trainer imports this module and defines
-    # its own --config.
-    from absl import app, flags
+def _define_flags():
+    """The command's flags, defined where they are parsed (the trainer imports this module)."""
+    from absl import flags
     from ml_collections import config_flags
 
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "evaluation config file",
-                                              lock_config=True)
-    _WORKDIR = flags.DEFINE_string("workdir", None, "where eval/ goes (default config.workdir)")
+    config_flags.DEFINE_config_file("config", None, "evaluation config: a shipped config by name "
+                                    "or a path[:arg]", lock_config=True)
+    flags.DEFINE_string("workdir", None, "where eval/ goes (default config.workdir)")
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+
+
+def _parse_flags(argv):
+    """absl flag parsing with the config found by name (`config.find`)."""
+    from absl import flags
+
+    from cfpo_jax import config as config_lib
+
+    return flags.FLAGS(config_lib.resolve_flag(argv, "config"))
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main, flags_parser=_parse_flags)

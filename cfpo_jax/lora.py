@@ -80,7 +80,7 @@ def adapt(model: Transformer, *, rank: int, alpha: float, targets, seed: int = 0
 
     def init():
         paths_and_leaves = jax.tree_util.tree_leaves_with_path(abstract_adapters)
-        keys = jax.random.split(jax.random.PRNGKey(seed), len(paths_and_leaves))
+        keys = jax.random.split(jax.random.key(seed), len(paths_and_leaves))
         values = []
         for key, (path, leaf) in zip(keys, paths_and_leaves):
             if any(getattr(k, "key", None) in _A_NAMES for k in path):  # stacked [L, *in, R]

@@ -37,21 +37,31 @@ Decisions:
 * A completion's length is its attended span (`Samples.lengths`, the sum of `Samples.mask`): in a
   multi-turn episode that includes the observation tokens, which are context. Which of its tokens
   count in the loss is the rollout's loss mask, gathered into the packed layout like the other
-  per-token arrays (`train.pack_minibatch`), not the plan's `comp_mask`.
+  per-token arrays (`pack_minibatch`), not the plan's `comp_mask`.
+* This module is the one owner of packing: the plans (`plan`, a pytree), the device gathers
+  (`pack_minibatch`, a `batch.PackedBatch` from a `batch.Batch`) and the run's counters
+  (`Packer`: the learner shapes compiled, the rows run over the unpacked rows). A plan that
+  would need as many rows as the unpacked minibatch saves nothing, and its gathers and index
+  arrays only cost: `Packer.plan` then returns None and the learner takes the unpacked layout.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
+
+from cfpo_jax import batch as batch_lib
 
 
-@dataclasses.dataclass(frozen=True)
+@struct.dataclass
 class Plan:
-    """Where each token of the packed sequences goes; host numpy int32 arrays (R rows, width W,
-    completion capacity N, S sequences in the order `plan` was given them).
+    """Where each token of the packed sequences goes: int32 arrays (R rows, width W, completion
+    capacity N, S sequences in the order `plan` was given them), numpy on the host; a pytree,
+    uploaded leaf by leaf.
 
     token_src_RxW: flat index b·W + l of the unpacked [B, W] token it holds (0 on padding).
     segment_RxW: 1, 2, ... per sequence in the row; 0 on padding.
@@ -195,3 +205,65 @@ def unpack_completion(x_RxN, unpack_SxN, mask_SxN):
     """The unpacked [S, N] of a packed completion array (0 where `mask_SxN` is 0)."""
     values = jnp.take(x_RxN.reshape(-1), unpack_SxN, axis=0)
     return jnp.where(mask_SxN != 0, values, jnp.zeros_like(values))
+
+
+def pack_minibatch(batch: batch_lib.Batch, plan_: Plan) -> batch_lib.PackedBatch:
+    """Jittable: the packed minibatch of the rollout `batch` under `plan_` (on device): rows
+    gathered on device; the advantages of the S sequences in plan order."""
+    completion = {name: pack_completion(getattr(batch, name), plan_.comp_src_RxN, plan_.comp_mask_RxN)
+                  for name in batch_lib.COMPLETION_FIELDS if getattr(batch, name) is not None}
+    return batch_lib.PackedBatch(
+        tokens=pack_rows(batch.tokens, plan_.token_src_RxW), segment=plan_.segment_RxW,
+        positions=plan_.positions_RxW, comp_col=plan_.comp_col_RxN, comp_seq=plan_.comp_seq_RxN,
+        adv=jnp.take(batch.adv, plan_.rows_S, axis=0), **completion)
+
+
+def spec(*, rows: int, sequences: int, prompt_width: int, completion_width: int, sharding) -> Plan:
+    """The abstract plan of `sequences` sequences in `rows` packed rows (ShapeDtypeStructs with
+    `sharding`): what `cfpo_jax.aot` compiles the packed prepare pass for."""
+    W, N = prompt_width + completion_width, completion_width
+    ints = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=sharding)
+    return Plan(token_src_RxW=ints(rows, W), segment_RxW=ints(rows, W), positions_RxW=ints(rows, W),
+                comp_col_RxN=ints(rows, N), comp_src_RxN=ints(rows, N), comp_seq_RxN=ints(rows, N),
+                comp_mask_RxN=ints(rows, N), unpack_SxN=ints(sequences, N), rows_S=ints(sequences))
+
+
+@dataclasses.dataclass
+class Packer:
+    """Plans minibatches for one run and counts what they cost.
+
+    granule: rows of a micro-batch (or the batch shards without micro-batching): packed row
+    counts are its multiples. `learner_shapes` holds (function, (R, W, N)) of every learner shape
+    planned so far — packed, or "update unpacked" / "prepare unpacked" where packing saved no row:
+    what the learner compiled for. `metrics()` reports them and the rows run over the unpacked
+    rows since it was last called.
+    """
+
+    granule: int
+    learner_shapes: set = dataclasses.field(default_factory=set)
+    _planned_rows: list = dataclasses.field(default_factory=list)
+
+    def plan(self, lengths_Bx2, rows_S, kind: str, *, prompt_width: int,
+             completion_width: int) -> Plan | None:
+        """The packing (host arrays) of rollout rows `rows_S` (host lengths [B, 2]: prompt and
+        completion tokens; rollout rows are `prompt_width` + `completion_width` columns); `kind`
+        ("prepare" or "update") names the function it feeds. None when the packed rows would be
+        as many as the unpacked ones: then the unpacked layout is cheaper (no gathers)."""
+        lengths_Bx2 = np.asarray(lengths_Bx2)
+        max_rows = -(-len(rows_S) // self.granule) * self.granule
+        planned = plan(lengths_Bx2[:, 0], lengths_Bx2[:, 1], rows_S, prompt_width=prompt_width,
+                       completion_width=completion_width, granule=self.granule, max_rows=max_rows)
+        if not saves_rows(planned, len(rows_S)):
+            self.learner_shapes.add((f"{kind} unpacked", (len(rows_S), *planned.shape[1:])))
+            self._planned_rows.append((len(rows_S), len(rows_S)))
+            return None
+        self.learner_shapes.add((kind, planned.shape))
+        self._planned_rows.append((planned.shape[0], len(rows_S)))
+        return planned
+
+    def metrics(self) -> dict[str, float]:
+        """learner_shapes: how many learner shapes (packed or not) were planned so far;
+        packed_rows_frac: rows run over unpacked rows since the last call (1: packing saved none)."""
+        ran, unpacked = np.sum(self._planned_rows, axis=0) if self._planned_rows else (1, 1)
+        self._planned_rows.clear()
+        return dict(learner_shapes=len(self.learner_shapes), packed_rows_frac=float(ran / unpacked))

@@ -694,6 +694,11 @@ def main(argv):
     print(f"report: {os.path.join(study.output_dir, 'report.md')}", flush=True)
 
 
+def _parse_flags(argv):
+    """absl flag parsing with the base config and the study file found by name (`config.find`)."""
+    return flags.FLAGS(config_lib.resolve_flag(config_lib.resolve_flag(argv, "config"), "study"))
+
+
 if __name__ == "__main__":
     _define_flags()
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

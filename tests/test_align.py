@@ -76,14 +76,14 @@ def test_digit_reward_model_scores_the_last_character(tmp_path):
 
 
 def test_verbosity_metrics_match_numpy():
-    from cfpo_jax import train
+    from cfpo_jax import metrics
 
     rng = np.random.default_rng(0)
     group = 4
     lengths = rng.integers(1, 50, 12)
     reward = 0.05 * lengths + rng.normal(0, 1, 12) + np.repeat([5.0, -3.0, 0.0], group)
     reward[8:] = 1.0  # a flat group adds nothing to the correlation
-    ours = train.verbosity_metrics(reward, lengths, group)
+    ours = metrics.verbosity_metrics(reward, lengths, group)
     centred_r, centred_l = [], []
     for g in range(3):
         r, n = reward[g * group:(g + 1) * group], lengths[g * group:(g + 1) * group].astype(float)
@@ -97,7 +97,7 @@ def test_verbosity_metrics_match_numpy():
     np.testing.assert_allclose(ours["reward_len_corr"], expected_corr, rtol=1e-9)
     np.testing.assert_allclose(ours["response_len_p90"], expected_p90, rtol=1e-9)
     np.testing.assert_allclose(ours["reward_per_token"], reward.sum() / lengths.sum(), rtol=1e-9)
-    assert train.verbosity_metrics(np.ones(8), lengths[:8], group)["reward_len_corr"] == 0.0
+    assert metrics.verbosity_metrics(np.ones(8), lengths[:8], group)["reward_len_corr"] == 0.0
 
 
 # ----------------------------------------------------------------------------- the trainer
@@ -149,40 +149,39 @@ def test_kl_in_reward_shapes_the_rloo_advantages(digit_reward_model, tmp_path):
     import jax.numpy as jnp
     from flax import nnx
 
-    from cfpo_jax import checkpoint, models, train
-    from cfpo_jax import logging as metrics_lib
+    from cfpo_jax import checkpoint, metrics, models, train
 
     beta = 0.5
     config = tiny_config(digit_reward_model, estimator="rloo", beta=beta, kl_estimator="k3",
                          kl_in_reward=True)
     config_lib.validate(config)
-    setup, state, iterator = train.build(
+    parts, state = train.build(
         config, str(tmp_path), devices=jax.devices()[:1],
         ckpt=checkpoint.Checkpointer(str(tmp_path / "ckpt"), every=1000, keep=1),
-        progress=metrics_lib.Progress(1, every=1, enabled=False))
+        progress=metrics.Progress(1, every=1, enabled=False))
     # A reference that differs from the policy, so that the KL is not zero.
     state["ref_params"] = jax.tree.map(lambda x: x + 0.05 * jnp.sin(jnp.arange(x.size).reshape(x.shape)),
                                        state["ref_params"])
-    prompts = next(iterator)
-    batch, _, device_metrics, _ = train.rollout(setup, state, prompts, jax.random.key(1))
-    batch = jax.device_get(batch)
-    assert "ref_logp" not in batch  # no KL loss term when the KL is in the reward
+    prompts = next(parts.iterator)
+    rollout = parts.rollout(state, prompts, jax.random.key(1))
+    batch, device_metrics = jax.device_get(rollout.batch), rollout.device_metrics
+    assert batch.ref_logp is None  # no KL loss term when the KL is in the reward
 
-    num_new = batch["mask"].shape[1]
-    texts = setup.tokenizer.batch_decode(
-        [row[-num_new:][mask > 0] for row, mask in zip(batch["tokens"], batch["mask"])],
+    num_new = batch.mask.shape[1]
+    texts = parts.policy.tokenizer.batch_decode(
+        [row[-num_new:][mask > 0] for row, mask in zip(batch.tokens, batch.mask)],
         skip_special_tokens=True)
     reward = np.array([1.0 if (t or "?")[-1] in DIGITS else -1.0 for t in texts])
     logp = {}
     for key in ("params", "ref_params"):
-        model = nnx.merge(setup.graphdef, state[key], setup.frozen)
-        logp[key] = np.asarray(models.sequence_logprobs(model, batch["tokens"], batch["attn"])[0])[:, -num_new:]
+        model = nnx.merge(parts.policy.graphdef, state[key], parts.policy.frozen)
+        logp[key] = np.asarray(models.sequence_logprobs(model, batch.tokens, batch.attn)[0])[:, -num_new:]
     log_ratio = logp["ref_params"] - logp["params"]
-    kl = np.sum((np.exp(log_ratio) - log_ratio - 1) * batch["mask"], axis=1)
+    kl = np.sum((np.exp(log_ratio) - log_ratio - 1) * batch.mask, axis=1)
     assert kl.min() > 0
     shaped = reward - beta * kl
     group = config.rl.group_size
     expected = np.array([shaped[i] - np.delete(shaped[i - i % group:i - i % group + group], i % group).mean()
                          for i in range(len(shaped))])
-    np.testing.assert_allclose(batch["adv"], expected, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(batch.adv, expected, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(float(device_metrics["kl_penalty"]), beta * kl.mean(), rtol=1e-4)

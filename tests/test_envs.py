@@ -12,7 +12,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from cfpo_jax import data, envs, models, tiny, train
+from cfpo_jax import data, envs, learner, models, tiny, train
 from cfpo_jax.config import base_config
 from cfpo_jax.envs import environment, formats, tools
 
@@ -240,25 +240,26 @@ def test_episode_token_bookkeeping_against_a_hand_built_transcript(tiny_policy):
     assert metrics["turns_mean"] > 2 and metrics["tool_calls_mean"] >= 0.75 and metrics["tool_errors_mean"] == 0
     assert metrics["observation_tokens_mean"] == pytest.approx((mask - generated).sum() / 4)
 
-    # The trainer's view (train.make_prepare): one sequence per episode, positions from the
+    # The trainer's view (learner.make_prepare): one sequence per episode, positions from the
     # attention mask, which covers the answers; the loss mask covers only sampled tokens.
-    prepare = train.make_prepare(
-        nnx_graphdef(model), ml_collections.ConfigDict(dict(micro_batch_size=0, beta=0.0, kl_in_reward=False,
-                                                            estimator="grpo", group_size=2, pack=False)),
-        temperature=1.0, pad_id=tokenizer.pad_token_id, on_policy=False,
-        batch_sh=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    rl = ml_collections.ConfigDict(dict(micro_batch_size=0, beta=0.0, kl_in_reward=False,
+                                        estimator="grpo", group_size=2, pack=False, num_epochs=2,
+                                        num_minibatches=1))
+    prepare = learner.make_prepare(nnx_graphdef(model), rl, temperature=1.0,
+                                   pad_id=tokenizer.pad_token_id,
+                                   batch_sh=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
     graphdef, params, frozen = split(model)
-    batch, batch_metrics = prepare(params, None, frozen, samples, jnp.arange(4, dtype=jnp.float32))
-    width = batch["tokens"].shape[1] - tokens.shape[1]
-    np.testing.assert_array_equal(batch["tokens"][:, width:], tokens)
-    np.testing.assert_array_equal(batch["attn"][:, width:], mask)
-    np.testing.assert_array_equal(batch["mask"], generated)
-    positions = np.cumsum(np.asarray(batch["attn"]), axis=1) - 1
+    batch, batch_metrics = prepare(params, None, frozen, samples, jnp.arange(4, dtype=jnp.float32), None)
+    width = batch.tokens.shape[1] - tokens.shape[1]
+    np.testing.assert_array_equal(batch.tokens[:, width:], tokens)
+    np.testing.assert_array_equal(batch.attn[:, width:], mask)
+    np.testing.assert_array_equal(batch.mask, generated)
+    positions = np.cumsum(np.asarray(batch.attn), axis=1) - 1
     for row in range(4):
         prompt_len = len(prompts[row // 2])
         assert positions[row, width] == prompt_len  # the first episode token follows the prompt
         assert positions[row, width + int(samples.lengths[row]) - 1] == prompt_len + int(samples.lengths[row]) - 1
-    logp = np.asarray(batch["old_logp"])
+    logp = np.asarray(batch.old_logp)
     np.testing.assert_allclose(np.where(generated, logp, 0), np.where(generated, samples.logprobs, 0), atol=1e-5)
     assert float(batch_metrics["sampler_logprob_gap"]) < 1e-5
 

@@ -224,43 +224,44 @@ def test_training_moves_only_the_adapters_and_the_reference_is_the_base(tmp_path
     reference log-probabilities are those of the base model loaded on its own."""
     from test_train import _stages, tiny
 
-    from cfpo_jax import models, train
+    from cfpo_jax import models
 
     config = tiny(**LORA, lora__base_dtype="bfloat16", rl__beta=0.1, rl__num_epochs=2)
-    setup, state, prompts = _stages(tmp_path, config, jax.devices()[:1])
+    parts, state, prompts = _stages(tmp_path, config, jax.devices()[:1])
+    frozen = parts.policy.frozen
     assert "ref_params" not in state
     names = _leaf_names(state["params"])
     assert names and all("_lora_" in name for name in names)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state["params"]))
-    assert {x.dtype for x in jax.tree.leaves(setup.frozen)} == {jnp.dtype(jnp.bfloat16)}
+    assert {x.dtype for x in jax.tree.leaves(frozen)} == {jnp.dtype(jnp.bfloat16)}
     adapter_size = sum(x.size for x in jax.tree.leaves(state["params"]))
     moments_size = sum(x.size for x in jax.tree.leaves(state["opt_state"]) if x.ndim > 0)
     assert moments_size == 2 * adapter_size  # Adam's mu and nu, of the adapters alone
-    base_before = jax.device_get(setup.frozen)
+    base_before = jax.device_get(frozen)
     adapters_before = jax.device_get(state["params"])
     for step in range(2):
-        next_rng, sample_key = setup.split_rng(state["rng"])
-        batch, _, _, _ = train.rollout(setup, state, prompts, sample_key)
-        state, _ = train.learn(setup, state, batch, step)
-        state = setup.finish_step(state, next_rng)
-    base_after = jax.device_get(setup.frozen)
+        next_rng, sample_key = parts.learner.split_rng(state["rng"])
+        rollout = parts.rollout(state, prompts, sample_key)
+        state, _ = parts.learner.learn(state, rollout.batch, rollout.lengths_Bx2, step)
+        state = parts.learner.finish_step(state, next_rng)
+    base_after = jax.device_get(frozen)
     for before, after in zip(jax.tree.leaves(base_before), jax.tree.leaves(base_after)):
         np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
     moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
                 zip(jax.tree.leaves(jax.device_get(state["params"])), jax.tree.leaves(adapters_before)))
     assert moved > 0
 
-    _, sample_key = setup.split_rng(state["rng"])
-    batch, _, _, _ = train.rollout(setup, state, prompts, sample_key)
-    tokens, attn, mask = (np.asarray(batch[k]) for k in ("tokens", "attn", "mask"))
+    _, sample_key = parts.learner.split_rng(state["rng"])
+    batch = parts.rollout(state, prompts, sample_key).batch
+    tokens, attn, mask = (np.asarray(x) for x in (batch.tokens, batch.attn, batch.mask))
     base = models.from_pretrained(str(tmp_path / "tiny_model"), param_dtype="bfloat16",
                                   dtype=config.model.dtype)
     expected, _ = models.sequence_logprobs(base, jnp.asarray(tokens), jnp.asarray(attn),
                                            temperature=config.sampling.temperature)
     expected = np.asarray(expected)[:, -mask.shape[1]:] * mask
-    np.testing.assert_allclose(np.asarray(batch["ref_logp"]) * mask, expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(batch.ref_logp) * mask, expected, rtol=0, atol=1e-5)
     # ... while the policy (adapters on) has moved away from it.
-    assert np.abs(np.asarray(batch["old_logp"]) * mask - expected).max() > 1e-4
+    assert np.abs(np.asarray(batch.old_logp) * mask - expected).max() > 1e-4
 
 
 def test_resumed_lora_run_equals_an_uninterrupted_one_and_exports(tmp_path):
@@ -325,24 +326,25 @@ def test_the_sampler_draws_from_the_adapted_policy(tmp_path, merge):
     adapters are applied on the fly or merged once per rollout (`lora.merge_for_sampling`)."""
     from test_train import _stages, tiny
 
-    from cfpo_jax import models, train
+    from cfpo_jax import models
 
     config = tiny(**LORA, lora__merge_for_sampling=merge, rl__num_epochs=2)  # off policy: old_logp
-    setup, state, prompts = _stages(tmp_path, config, jax.devices()[:1])
+    parts, state, prompts = _stages(tmp_path, config, jax.devices()[:1])
     leaves, treedef = jax.tree.flatten(state["params"])
-    keys = jax.random.split(jax.random.PRNGKey(3), len(leaves))
+    keys = jax.random.split(jax.random.key(3), len(leaves))
     moved = [x + 0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]
     state = dict(state, params=jax.tree.unflatten(treedef, moved))
-    _, sample_key = setup.split_rng(state["rng"])
-    batch, _, device_metrics, _ = train.rollout(setup, state, prompts, sample_key)
-    assert float(device_metrics["sampler_logprob_gap"]) < 1e-4
+    _, sample_key = parts.learner.split_rng(state["rng"])
+    rollout = parts.rollout(state, prompts, sample_key)
+    batch = rollout.batch
+    assert float(rollout.device_metrics["sampler_logprob_gap"]) < 1e-4
 
-    tokens, attn, mask = (np.asarray(batch[k]) for k in ("tokens", "attn", "mask"))
+    tokens, attn, mask = (np.asarray(x) for x in (batch.tokens, batch.attn, batch.mask))
     base = models.from_pretrained(str(tmp_path / "tiny_model"), dtype=config.model.dtype)
     base_logp, _ = models.sequence_logprobs(base, jnp.asarray(tokens), jnp.asarray(attn),
                                             temperature=config.sampling.temperature)
     base_logp = np.asarray(base_logp)[:, -mask.shape[1]:]
-    assert np.abs((np.asarray(batch["old_logp"]) - base_logp) * mask).max() > 1e-2
+    assert np.abs((np.asarray(batch.old_logp) - base_logp) * mask).max() > 1e-2
 
 
 @pytest.mark.slow  # 2 min 18 s on the 2-core box: three runs of the trainer, two of them processes

@@ -125,8 +125,8 @@ def test_device_gathers_match_numpy():
 
 
 # ---------------------------------------------------------------- packed = unpacked on a model
-# The reference in each test is the unpacked path (`train.completion_logprobs`, unpacked loss
-# terms, `train.make_update` on unpacked rows), float32 throughout.
+# The reference in each test is the unpacked path (`learner.completion_logprobs`, unpacked loss
+# terms, `learner.make_update` on unpacked rows), float32 throughout.
 
 B, BP, BN = 8, 8, 8  # rollout rows, prompt bucket, completion budget
 PROMPTS = np.array([8, 3, 1, 5, 8, 2, 6, 4])
@@ -155,7 +155,7 @@ def tiny_model(lora_rank=0):
 
 
 def rollout_batch(seed=0, beta=True):
-    """An unpacked rollout as `train.make_prepare` lays it out, with random old/ref logprobs
+    """An unpacked rollout as `learner.make_prepare` lays it out (a dict of its fields), with random old/ref logprobs
     around the model's (so ratios move off 1 and clipping acts) and advantages."""
     rng = np.random.default_rng(seed)
     L = BP + BN
@@ -174,21 +174,25 @@ def rollout_batch(seed=0, beta=True):
 
 
 def device_plan(rows, granule=2):
+    """(host plan, the plan on device) of rollout rows `rows`."""
     import jax
-
-    from cfpo_jax import train
 
     plan = packing.plan(PROMPTS, COMPLETIONS, rows, prompt_width=BP, completion_width=BN,
                         granule=granule, max_rows=len(rows))
-    return plan, train.plan_arrays(plan, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    return plan, jax.tree.map(jax.numpy.asarray, plan)
+
+
+def as_batch(batch):
+    """The rollout dict as the learner's typed unpacked batch."""
+    import jax.numpy as jnp
+
+    from cfpo_jax.batch import Batch
+
+    return Batch(**{k: jnp.asarray(v) for k, v in batch.items()})
 
 
 def packed_rows(batch, plan_dev):
-    from cfpo_jax import train
-
-    packed = train.pack_minibatch({k: __import__("jax").numpy.asarray(v) for k, v in batch.items()},
-                                  plan_dev)
-    return packed
+    return packing.pack_minibatch(as_batch(batch), plan_dev)
 
 
 @pytest.mark.parametrize("lora_rank", [0, pytest.param(4, marks=pytest.mark.slow)])
@@ -196,21 +200,20 @@ def test_packed_logprobs_and_entropies_equal_unpacked(lora_rank):
     import jax
     from flax import nnx
 
-    from cfpo_jax import train
+    from cfpo_jax import learner
 
     graphdef, params, frozen = tiny_model(lora_rank)
     model = nnx.merge(graphdef, params, frozen)
     batch = rollout_batch()
-    logp_ref, entropy_ref = train.completion_logprobs(model, batch["tokens"], batch["attn"], BN, 1.3)
+    logp_ref, entropy_ref = learner.completion_logprobs(model, batch["tokens"], batch["attn"], BN, 1.3)
     rows = np.arange(B)
     plan, plan_dev = device_plan(rows)
     assert plan.shape[0] < B  # something was packed together
-    logprobs = jax.jit(train.make_packed_logprobs(graphdef, frozen, temperature=1.3,
-                                                  micro_batch_size=2))
-    packed = packed_rows(batch, plan_dev)
-    packed["mask"] = plan_dev["comp_mask"]
+    logprobs = jax.jit(learner.make_packed_logprobs(graphdef, frozen, temperature=1.3,
+                                                    micro_batch_size=2))
+    packed = packed_rows(batch, plan_dev).replace(mask=plan_dev.comp_mask_RxN)
     logp_RxN, entropy_RxN = logprobs(params, packed)
-    unpack = lambda x: packing.unpack_completion(x, plan_dev["unpack"], batch["mask"])
+    unpack = lambda x: packing.unpack_completion(x, plan_dev.unpack_SxN, batch["mask"])
     np.testing.assert_allclose(unpack(logp_RxN), logp_ref * batch["mask"], atol=1e-5, rtol=0)
     np.testing.assert_allclose(unpack(entropy_RxN), entropy_ref * batch["mask"], atol=1e-5, rtol=0)
     assert np.abs(np.asarray(logp_ref) * batch["mask"]).max() > 1.0  # not trivially zero
@@ -220,13 +223,13 @@ def test_a_sequence_does_not_see_its_neighbour_in_the_packed_row():
     import jax
     from flax import nnx
 
-    from cfpo_jax import train
+    from cfpo_jax import learner
 
     graphdef, params, frozen = tiny_model()
     batch = rollout_batch()
     plan, plan_dev = device_plan(np.arange(B))
-    logprobs = jax.jit(train.make_packed_logprobs(graphdef, frozen, temperature=1.0,
-                                                  micro_batch_size=0))
+    logprobs = jax.jit(learner.make_packed_logprobs(graphdef, frozen, temperature=1.0,
+                                                    micro_batch_size=0))
     # A row holding several sequences; change every token of its first sequence.
     r = next(r for r in range(plan.shape[0]) if plan.segment_RxW[r].max() >= 2)
     first = plan.token_src_RxW[r][plan.segment_RxW[r] == 1] // (BP + BN)
@@ -234,8 +237,7 @@ def test_a_sequence_does_not_see_its_neighbour_in_the_packed_row():
     changed["tokens"][first[0]] = (batch["tokens"][first[0]] + 7) % 64 * batch["attn"][first[0]]
 
     def run(b):
-        packed = packed_rows(b, plan_dev)
-        packed["mask"] = plan_dev["comp_mask"]
+        packed = packed_rows(b, plan_dev).replace(mask=plan_dev.comp_mask_RxN)
         return np.asarray(logprobs(params, packed)[0])
 
     before, after = run(batch), run(changed)
@@ -265,8 +267,8 @@ def test_every_loss_aggregation_equals_unpacked(objective, level, agg):
                   dual_clip=3.0 if objective == "ppo" else None)
     reference = losses.policy_loss_terms(logp[rows], batch["old_logp"][rows], batch["adv"][rows],
                                          batch["mask"][rows], **kwargs)
-    pack = lambda x: packing.pack_completion(jnp.asarray(x), plan_dev["comp_src"], plan_dev["comp_mask"])
-    seqs = dict(sequence_ids=plan_dev["comp_seq"], num_sequences=B)
+    pack = lambda x: packing.pack_completion(jnp.asarray(x), plan_dev.comp_src_RxN, plan_dev.comp_mask_RxN)
+    seqs = dict(sequence_ids=plan_dev.comp_seq_RxN, num_sequences=B)
     packed = losses.policy_loss_terms(pack(logp), pack(batch["old_logp"]), batch["adv"][rows],
                                       pack(batch["mask"]), **kwargs, **seqs)
     for key in reference:
@@ -276,7 +278,7 @@ def test_every_loss_aggregation_equals_unpacked(objective, level, agg):
                              max_len=BN)
     kl_packed = losses.kl_terms(pack(logp), pack(batch["ref_logp"]), pack(batch["mask"]), agg=agg,
                                 max_len=BN,
-                                sequence_sums=losses.segment_sums(plan_dev["comp_seq"], B))
+                                sequence_sums=losses.segment_sums(plan_dev.comp_seq_RxN, B))
     for key in kl_ref:
         np.testing.assert_allclose(kl_packed[key], kl_ref[key], rtol=1e-5, atol=1e-6, err_msg=key)
 
@@ -304,11 +306,12 @@ def test_packed_update_equals_unpacked(name):
     import optax
 
     from cfpo_jax import config as config_lib
-    from cfpo_jax import train
+    from cfpo_jax import learner
 
     overrides, micro, lora_rank = UPDATE_CASES[name]
     rl = config_lib.base_config().rl
-    rl.update(overrides)
+    # Off policy (old logprobs in the batch) but for the on-policy case
+    rl.update(dict(num_epochs=1 if name == "ppo-on-policy" else 2, **overrides))
     graphdef, params, frozen = tiny_model(lora_rank)
     tx = optax.sgd(1.0)
     batch = rollout_batch(beta=rl.beta > 0)
@@ -318,10 +321,12 @@ def test_packed_update_equals_unpacked(name):
     _, plan_dev = device_plan(rows, granule=max(micro, 1))
     state = lambda: dict(params=jax.tree.map(jax.numpy.copy, params), opt_state=tx.init(params),
                          updates=np.int32(0), skipped_updates=np.int32(0))
-    update = jax.jit(train.make_update(graphdef, tx, lambda _: 1.0, rl, temperature=1.0,
-                                       max_len=BN, micro_batch_size=micro))
-    unpacked_state, reference = update(state(), frozen, {k: v[rows] for k, v in batch.items()})
-    packed_state, metrics = update(state(), frozen, packed_rows(batch, plan_dev))
+    update = lambda packed: jax.jit(learner.make_update(
+        graphdef, tx, lambda _: 1.0, rl, temperature=1.0, max_len=BN, micro_batch_size=micro,
+        packed=packed))
+    unpacked_state, reference = update(False)(state(), frozen,
+                                              as_batch({k: v[rows] for k, v in batch.items()}))
+    packed_state, metrics = update(True)(state(), frozen, packed_rows(batch, plan_dev))
     assert set(metrics) == set(reference)
     for key in reference:
         np.testing.assert_allclose(metrics[key], reference[key], rtol=1e-5, atol=1e-6, err_msg=key)

@@ -7,6 +7,7 @@ gradients agreeing at r = 1 (losses docstring), and the resume test compares aga
 uninterrupted run.
 """
 
+import dataclasses
 import importlib.util
 import json
 import os
@@ -19,7 +20,10 @@ import jax
 import numpy as np
 import pytest
 
-from cfpo_jax import checkpoint, train
+from cfpo_jax import batch as batch_lib
+from cfpo_jax import checkpoint, learner, packing, train
+from cfpo_jax import policy as policy_lib
+from cfpo_jax import state as state_lib
 from cfpo_jax import config as config_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -190,22 +194,24 @@ def test_non_finite_update_is_skipped_and_never_checkpointed(tmp_path):
     config = tiny()
     path = tiny_lib.build(str(tmp_path / "model"), seed=0, **config.model.tiny.to_dict())
     graphdef, params, frozen = nnx.split(models.from_pretrained(path), nnx.Param, ...)
-    tx, schedule = train.make_optimizer(config.optim, 10)
-    state = dict(params=params, opt_state=tx.init(params), rng=jax.random.PRNGKey(0),
+    tx, schedule = state_lib.make_optimizer(config.optim, 10)
+    state = dict(params=params, opt_state=tx.init(params), rng=jax.random.key(0),
                  step=np.int32(0), updates=np.int32(0), skipped_updates=np.int32(0))
-    update = jax.jit(train.make_update(graphdef, tx, schedule, config.rl, temperature=1.0,
-                                       max_len=3, micro_batch_size=0))
+    off_policy = config.copy_and_resolve_references()
+    off_policy.rl.num_epochs = 2
+    update = jax.jit(learner.make_update(graphdef, tx, schedule, off_policy.rl, temperature=1.0,
+                                         max_len=3, micro_batch_size=0, packed=False))
     rng = np.random.default_rng(0)
-    batch = dict(tokens=rng.integers(3, 50, (4, 8)).astype(np.int32),
-                 attn=np.ones((4, 8), np.int32), mask=np.ones((4, 3), np.float32),
-                 old_logp=np.full((4, 3), -3.0, np.float32),
-                 adv=np.array([1.0, np.nan, -1.0, 0.5], np.float32))
+    batch = batch_lib.Batch(tokens=rng.integers(3, 50, (4, 8)).astype(np.int32),
+                            attn=np.ones((4, 8), np.int32), mask=np.ones((4, 3), np.float32),
+                            old_logp=np.full((4, 3), -3.0, np.float32),
+                            adv=np.array([1.0, np.nan, -1.0, 0.5], np.float32))
     before = jax.tree.leaves(jax.device_get(params))
     new_state, metrics = update(state, frozen, batch)
     assert int(new_state["skipped_updates"]) == 1 and int(new_state["updates"]) == 0
     assert float(metrics["update_skipped"]) == 1.0
     assert max_diff(jax.tree.leaves(jax.device_get(new_state["params"])), before) == 0.0
-    batch["adv"][1] = 0.25
+    batch = batch.replace(adv=np.array([1.0, 0.25, -1.0, 0.5], np.float32))
     new_state, _ = update(new_state, frozen, batch)
     assert int(new_state["skipped_updates"]) == 1 and int(new_state["updates"]) == 1
 
@@ -344,15 +350,14 @@ def test_dataset_without_its_answer_field_is_a_clear_error(tmp_path):
 
 
 def _stages(tmp_path, config, devices):
-    """Stage 1 of the trainer on its own: (setup, state, the first batch of prompts)."""
-    from cfpo_jax import logging as metrics_lib
+    """Stage 1 of the trainer on its own: (parts, state, the first batch of prompts)."""
+    from cfpo_jax import metrics
 
     ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), every=100, keep=1)
-    progress = metrics_lib.Progress(1, enabled=False)
-    setup, state, iterator = train.build(config, str(tmp_path), devices=devices, ckpt=ckpt,
-                                         progress=progress)
+    progress = metrics.Progress(1, enabled=False)
+    parts, state = train.build(config, str(tmp_path), devices=devices, ckpt=ckpt, progress=progress)
     ckpt.close()
-    return setup, state, next(iterator)
+    return parts, state, next(parts.iterator)
 
 
 @pytest.mark.parametrize("pack", [False, True])
@@ -362,7 +367,7 @@ def test_learner_compiles_once_and_keeps_the_step_on_device(tmp_path, pack):
     packed shape the learner planned), and everything after scoring runs with implicit
     host/device transfers disallowed."""
     config = tiny(rl__num_epochs=2, rl__num_minibatches=2, rl__beta=0.1, rl__pack=pack)
-    setup, state, prompts = _stages(tmp_path, config, jax.devices()[:1])
+    parts, state, prompts = _stages(tmp_path, config, jax.devices()[:1])
     compiled = []
 
     def on_compile(event, duration, fun_name="", **kwargs):
@@ -372,37 +377,43 @@ def test_learner_compiles_once_and_keeps_the_step_on_device(tmp_path, pack):
     jax.monitoring.register_event_duration_secs_listener(on_compile)
     try:
         for step in range(3):
-            next_rng, sample_key = setup.split_rng(state["rng"])
+            next_rng, sample_key = parts.learner.split_rng(state["rng"])
             # The same prompts each step, so every step has the same shapes.
-            batch, _, _, _ = train.rollout(setup, state, prompts, sample_key)
+            rollout = parts.rollout(state, prompts, sample_key)
             with jax.transfer_guard("disallow"):
-                state, update_metrics = train.learn(setup, state, batch, step)
-                state = setup.finish_step(state, next_rng)
+                state, update_metrics = parts.learner.learn(state, rollout.batch,
+                                                            rollout.lengths_Bx2, step)
+                state = parts.learner.finish_step(state, next_rng)
     finally:
         jax.monitoring.unregister_event_duration_listener(on_compile)
-    update_shapes = {shape for kind, shape in setup.learner_shapes if kind.startswith("update")}
-    assert [name for name in compiled if "update" in name] == \
-        ["jit(update)"] * (len(update_shapes) if pack else 1), compiled
+    if pack:
+        shapes = parts.learner.packer.learner_shapes
+        packed = {shape for kind, shape in shapes if kind == "update"}
+        unpacked = {shape for kind, shape in shapes if kind == "update unpacked"}
+        expected = ["jit(update)"] * (len(packed) + len(unpacked))
+    else:
+        expected = ["jit(update)"]
+    assert sorted(name for name in compiled if "update" in name) == expected, compiled
     assert len(update_metrics) == 4
     assert jax.device_get(state["updates"]) == 12 and jax.device_get(state["step"]) == 3
 
 
-def test_learner_packs_only_where_it_saves_rows(tmp_path):
-    """Setup.plan: a minibatch of short sequences is packed into fewer rows; one where every
+def test_learner_packs_only_where_it_saves_rows():
+    """packing.Packer: a minibatch of short sequences is packed into fewer rows; one where every
     sequence is full length gets no plan (the unpacked layout, no gathers), and both are
-    recorded for the learner_shapes and packed_rows_frac metrics."""
-    config = tiny(rl__num_minibatches=2)
-    setup, _, _ = _stages(tmp_path, config, jax.devices()[:1])
+    counted in the learner_shapes and packed_rows_frac metrics."""
+    packer = packing.Packer(granule=1)
     P, N, S = 16, 3, 8
     rows_S = np.arange(S)
     # 2 prompt + 1 completion tokens: a 19-column row holds 3 (its N = 3 completion slots bind)
     short = np.tile([[2, 1]], (16, 1)).astype(np.int32)
     full = np.tile([[P, N]], (16, 1)).astype(np.int32)
-    plan = setup.plan(short, rows_S, "update", prompt_width=P, completion_width=N)
-    assert plan is not None and plan["segment"].shape == (3, P + N)  # 8 sequences in 3 rows
-    assert setup.plan(full, rows_S, "update", prompt_width=P, completion_width=N) is None
-    assert setup.learner_shapes == {("update", (3, P + N, N)), ("update unpacked", (S, P + N, N))}
-    assert setup.planned_rows == [(3, S), (S, S)]
+    plan = packer.plan(short, rows_S, "update", prompt_width=P, completion_width=N)
+    assert plan is not None and plan.segment_RxW.shape == (3, P + N)  # 8 sequences in 3 rows
+    assert packer.plan(full, rows_S, "update", prompt_width=P, completion_width=N) is None
+    assert packer.learner_shapes == {("update", (3, P + N, N)), ("update unpacked", (S, P + N, N))}
+    assert packer.metrics() == dict(learner_shapes=2, packed_rows_frac=(3 + S) / (2 * S))
+    assert packer.metrics()["packed_rows_frac"] == 1.0  # nothing planned since
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.1])
@@ -411,48 +422,55 @@ def test_rollout_plans_packing_only_for_a_prepare_pass_that_runs_the_model(tmp_p
     the old policy's), so the rollout makes no plan and records no prepare shape; with β > 0 the
     reference forward runs, and its rollout is planned."""
     config = tiny(rl__num_epochs=1, rl__num_minibatches=1, rl__beta=beta, rl__pack=True)
-    setup, state, prompts = _stages(tmp_path, config, jax.devices()[:1])
-    _, sample_key = setup.split_rng(state["rng"])
-    train.rollout(setup, state, prompts, sample_key)
-    kinds = {kind for kind, _ in setup.learner_shapes}
+    parts, state, prompts = _stages(tmp_path, config, jax.devices()[:1])
+    _, sample_key = parts.learner.split_rng(state["rng"])
+    parts.rollout(state, prompts, sample_key)
+    kinds = {kind for kind, _ in parts.learner.packer.learner_shapes}
     if beta == 0:
-        assert kinds == set() and setup.planned_rows == []
+        assert kinds == set()
     else:  # packed, or unpacked where packing saves no row: planned either way
-        assert kinds in ({"prepare"}, {"prepare unpacked"}) and len(setup.planned_rows) == 1
+        assert kinds in ({"prepare"}, {"prepare unpacked"})
 
 
 def test_on_policy_update_reuses_its_own_logprobs_with_unchanged_losses(tmp_path):
     """num_epochs = num_minibatches = 1: the rollout runs no old-logprob forward (no matrix
     product at all with β = 0), and the update gives the losses, gradients and parameters of the
-    path that recomputes the old logprobs in a separate forward."""
+    update that reads old logprobs recomputed in a separate forward."""
     import jax.numpy as jnp
 
     from cfpo_jax import sampling
 
     config = tiny(rl__num_epochs=1, rl__micro_batch_size=8, rl__pack=False)
-    setup, state, prompts = _stages(tmp_path, config, jax.devices()[:1])
-    _, sample_key = setup.split_rng(state["rng"])
-    batch, _, _, _ = train.rollout(setup, state, prompts, sample_key)
-    batch.pop("lengths")  # host lengths for the packer; this test calls the update directly
-    assert "old_logp" not in batch and "sampler_logp" in batch
-    rows, width = batch["tokens"].shape
+    parts, state, prompts = _stages(tmp_path, config, jax.devices()[:1])
+    _, sample_key = parts.learner.split_rng(state["rng"])
+    batch = parts.rollout(state, prompts, sample_key).batch
+    assert batch.old_logp is None and batch.sampler_logp is not None
+    rows, width = batch.tokens.shape
     spec = lambda shape, dtype=jnp.int32: jax.ShapeDtypeStruct(shape, dtype)
     samples = sampling.Samples(
         prompt_tokens=spec((rows, width - 3)), prompt_mask=spec((rows, width - 3)),
         tokens=spec((rows, 3)), mask=spec((rows, 3)), logprobs=spec((rows, 3), jnp.float32),
         lengths=spec((rows,)), eos=spec((rows,), bool))
-    prepare_jaxpr = jax.make_jaxpr(setup.prepare)(state["params"], None, setup.frozen, samples,
-                                                  spec((rows,), jnp.float32))
+    prepare_jaxpr = jax.make_jaxpr(parts.learner.programs["prepare"])(
+        state["params"], None, parts.policy.frozen, samples, spec((rows,), jnp.float32), None)
     assert "dot_general" not in str(prepare_jaxpr)
 
-    logprobs = jax.jit(train.make_logprobs(setup.graphdef, setup.frozen, temperature=1.0,
-                                           micro_batch_size=8, num_new=3))
-    old_logp, _ = logprobs(state["params"], batch["tokens"], batch["attn"])
-    recomputed = {k: v for k, v in batch.items() if k != "sampler_logp"}
-    recomputed["old_logp"] = old_logp
+    graphdef, frozen = parts.policy.graphdef, parts.policy.frozen
+    logprobs = jax.jit(learner.make_logprobs(graphdef, frozen, temperature=1.0,
+                                             micro_batch_size=8, num_new=3))
+    old_logp, _ = logprobs(state["params"], batch.tokens, batch.attn)
+    recomputed = dataclasses.replace(batch, sampler_logp=None, old_logp=old_logp)
+    # The same update, built for the off-policy layout (old logprobs read from the batch).
+    off_policy = config.copy_and_resolve_references()
+    off_policy.rl.num_epochs = 2
+    tx, schedule = state_lib.make_optimizer(config.optim, state_lib.total_updates(config))
+    reference_update = jax.jit(learner.make_update(
+        graphdef, tx, schedule, off_policy.rl, temperature=1.0, max_len=3, micro_batch_size=8,
+        packed=False))
     state_copy = jax.tree.map(jnp.copy, state)
-    on_policy_state, on_policy = jax.device_get(setup.update(state, setup.frozen, batch))
-    recomputed_state, reference = jax.device_get(setup.update(state_copy, setup.frozen, recomputed))
+    on_policy_state, on_policy = jax.device_get(
+        parts.learner.programs["update"](state, frozen, batch))
+    recomputed_state, reference = jax.device_get(reference_update(state_copy, frozen, recomputed))
     for key in ("loss", "grad_norm", "clip_frac", "ratio_dev"):
         np.testing.assert_allclose(on_policy[key], reference[key], rtol=1e-5, atol=1e-7, err_msg=key)
     assert on_policy["grad_norm"] > 0
@@ -504,7 +522,6 @@ def test_model_remat_reaches_the_update_and_cuts_its_compiled_memory(tmp_path):
     """`config.model.remat` / `remat_policy` reach the trainer's model: XLA's compiled temporary
     memory of the trainer's update (abstract state and batch, one device) drops with remat by at
     least the float32 [B, heads, T, T] attention probabilities every layer keeps without it."""
-    import jax.numpy as jnp
     from flax import nnx
 
     from cfpo_jax import sharding
@@ -512,21 +529,20 @@ def test_model_remat_reaches_the_update_and_cuts_its_compiled_memory(tmp_path):
     B, P, N = 8, 128, 128
 
     def temp_bytes(**model):
-        config = tiny(model__tiny__num_layers=4, **model)
+        config = tiny(model__tiny__num_layers=4, rl__num_epochs=2, **model)
         mesh = sharding.make_mesh(devices=jax.devices()[:1])
-        policy, *_ = train._load_policy(config, str(tmp_path), mesh)
-        assert (policy.config.remat, policy.config.remat_policy) == (config.model.remat, config.model.remat_policy)
-        graphdef, params, frozen = nnx.split(policy, nnx.Param, ...)
-        tx, schedule = train.make_optimizer(config.optim, 10)
-        _, state = train.create_state(params, tx, mesh, seed=0, beta=0.0)
-        batch = dict(tokens=jax.ShapeDtypeStruct((B, P + N), jnp.int32),
-                     attn=jax.ShapeDtypeStruct((B, P + N), jnp.int32),
-                     mask=jax.ShapeDtypeStruct((B, N), jnp.float32), adv=jax.ShapeDtypeStruct((B,), jnp.float32),
-                     old_logp=jax.ShapeDtypeStruct((B, N), jnp.float32))
-        update = jax.jit(train.make_update(graphdef, tx, schedule, config.rl, temperature=1.0,
-                                           max_len=N, micro_batch_size=0))
-        compiled = update.lower(state, frozen, batch).compile()
-        return compiled.memory_analysis().temp_size_in_bytes, policy.config
+        policy = policy_lib.load(config, str(tmp_path), mesh)
+        model_config = nnx.merge(policy.graphdef, policy.params, policy.frozen).config
+        assert (model_config.remat, model_config.remat_policy) == (config.model.remat, config.model.remat_policy)
+        tx, schedule = state_lib.make_optimizer(config.optim, 10)
+        _, state = state_lib.create_state(policy.params, tx, mesh, seed=0, beta=0.0)
+        batch = batch_lib.spec(config.rl, rows=B, prompt_width=P, completion_width=N, packed=False,
+                               sharding=None)
+        update = jax.jit(learner.make_update(policy.graphdef, tx, schedule, config.rl,
+                                             temperature=1.0, max_len=N, micro_batch_size=0,
+                                             packed=False))
+        compiled = update.lower(state, policy.frozen, batch).compile()
+        return compiled.memory_analysis().temp_size_in_bytes, model_config
 
     off, model_config = temp_bytes(model__remat=False)
     full, _ = temp_bytes(model__remat=True, model__remat_policy="full")

@@ -1,7 +1,7 @@
 """The trainer's and sampler's own programs with abstract inputs, ready to lower for any mesh.
 
-Each `Program` is a jitted function that a run calls — built by the trainer's
-`train.make_programs`, the sampler's jitted insert (prefill) and decode chunk, the reward model's
+Each `Program` is a jitted function that a run calls — built by the learner's
+`learner.make_programs`, the sampler's jitted insert (prefill) and decode chunk, the reward model's
 forward — together with `jax.ShapeDtypeStruct` arguments carrying the shardings the run gives
 them, at a config's shapes. Nothing is materialised, so a 7B model's update can be lowered and
 compiled for a mesh of compile-only devices (`cfpo_jax.aot.targets`) or fake CPU devices.
@@ -35,7 +35,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from cfpo_jax import data, lora, models, sampling, sharding, train
+from cfpo_jax import batch, data, learner, lora, models, packing, sampling, sharding, state
 from cfpo_jax.models import decoding
 from cfpo_jax.models.attention import resolve_decode
 
@@ -82,16 +82,18 @@ def _num_params(tree) -> int:
 
 def learner_programs(config, model_config, mesh) -> dict[str, Program]:
     """The update and the prepare pass (old logprobs, reference logprobs) of `config` with the
-    model `model_config`, from `train.make_programs`."""
+    model `model_config`, from `learner.make_programs`, on the abstract inputs the trainer gives
+    them (`batch.spec`, `packing.spec`: the layouts' own constructors)."""
     rl, sampling_config = config.rl, config.sampling
     graphdef, params, frozen = abstract_policy(config, model_config, mesh)
     adapters = config.lora.rank > 0
-    tx, schedule = train.make_optimizer(config.optim,
-                                        config.train.num_steps * rl.num_epochs * rl.num_minibatches)
-    _, state = train.create_state(params, tx, mesh, seed=config.seed, beta=rl.beta, adapters=adapters)
-    programs = train.make_programs(
+    tx, schedule = state.make_optimizer(config.optim, state.total_updates(config))
+    _, abstract_state = state.create_state(params, tx, mesh, seed=config.seed, beta=rl.beta,
+                                           adapters=adapters)
+    programs = learner.make_programs(
         config, mesh, graphdef, pad_id=0, tx=tx, schedule=schedule,
-        state_sh=jax.tree.map(lambda x: x.sharding, state), frozen_sh=jax.tree.map(lambda x: x.sharding, frozen))
+        state_sh=jax.tree.map(lambda x: x.sharding, abstract_state),
+        frozen_sh=jax.tree.map(lambda x: x.sharding, frozen))
 
     batch_sh = sharding.batch_sharding(mesh)
     column = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=batch_sh)
@@ -99,42 +101,32 @@ def learner_programs(config, model_config, mesh) -> dict[str, Program]:
     rows = rollout // rl.num_minibatches
     N = sampling_config.max_new_tokens
     P = data.bucket_width(sampling_config.max_prompt_len)
-    on_policy = train.is_on_policy(rl)
-    if rl.pack:  # `train.pack_minibatch`'s layout at its largest row bucket
-        minibatch = dict(tokens=column((rows, P + N), jnp.int32),
-                         segment=column((rows, P + N), jnp.int32),
-                         positions=column((rows, P + N), jnp.int32),
-                         comp_col=column((rows, N), jnp.int32), comp_seq=column((rows, N), jnp.int32),
-                         mask=column((rows, N), jnp.float32), adv=column((rows,), jnp.float32))
-    else:
-        minibatch = dict(tokens=column((rows, P + N), jnp.int32), attn=column((rows, P + N), jnp.int32),
-                         mask=column((rows, N), jnp.float32), adv=column((rows,), jnp.float32))
-    minibatch["sampler_logp" if on_policy else "old_logp"] = column((rows, N), jnp.float32)
-    if rl.beta > 0 and not rl.kl_in_reward:
-        minibatch["ref_logp"] = column((rows, N), jnp.float32)
+    # With `rl.pack` the packed layout at its largest row bucket
+    minibatch = batch.spec(rl, rows=rows, prompt_width=P, completion_width=N, packed=rl.pack,
+                           sharding=batch_sh)
     samples = sampling.Samples(
         prompt_tokens=column((rollout, P), jnp.int32), prompt_mask=column((rollout, P), jnp.int32),
         tokens=column((rollout, N), jnp.int32), mask=column((rollout, N), jnp.int32),
         logprobs=column((rollout, N), jnp.float32), lengths=column((rollout,), jnp.int32),
         eos=column((rollout,), jnp.bool_))
     reward = jax.ShapeDtypeStruct((rollout,), jnp.float32, sharding=NamedSharding(mesh, PS()))
-    plan = ()
-    if rl.pack and train.prepare_runs_model(rl):
-        # `train.Setup.plan`'s arrays for the whole rollout, at its largest row bucket
-        ints = lambda *shape: column(shape, jnp.int32)
-        plan = (dict(token_src=ints(rollout, P + N), segment=ints(rollout, P + N),
-                     positions=ints(rollout, P + N), comp_col=ints(rollout, N),
-                     comp_src=ints(rollout, N), comp_seq=ints(rollout, N), comp_mask=ints(rollout, N),
-                     unpack=ints(rollout, N), rows=ints(rollout)),)
+    plan = None
+    if rl.pack and learner.prepare_runs_model(rl):
+        # The learner's plan of the whole rollout, at its largest row bucket
+        plan = packing.spec(rows=rollout, sequences=rollout, prompt_width=P, completion_width=N,
+                            sharding=batch_sh)
 
     # Analytic FLOPs count the model's weights (base and adapters) over every token.
     weights = _num_params(params) + _num_params(frozen)
+    on_policy = batch.is_on_policy(rl)
     forwards = (0 if on_policy else 1) + (1 if rl.beta > 0 else 0) + (
         1 if rl.beta > 0 and rl.kl_in_reward and on_policy else 0)
+    update = programs["update_packed" if rl.pack else "update"]
     return dict(
-        update=Program(programs["update"], (state, frozen, minibatch),
+        update=Program(update, (abstract_state, frozen, minibatch),
                        6 * weights * rows * (P + N), rows * (P + N)),
-        prepare=Program(programs["prepare"], (params, state.get("ref_params"), frozen, samples, reward, *plan),
+        prepare=Program(programs["prepare"],
+                        (params, abstract_state.get("ref_params"), frozen, samples, reward, plan),
                         2 * forwards * weights * rollout * (P + N), forwards * rollout * (P + N)),
     )
 

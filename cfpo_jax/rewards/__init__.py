@@ -23,8 +23,9 @@ when called directly, except `code`, whose every item runs in its own sandboxed 
 
 from __future__ import annotations
 
-from cfpo_jax.rewards import workers
-from cfpo_jax.rewards.registry import REGISTRY, SANDBOXED, VOTE_KEYS, get
+from cfpo_jax.rewards import registry, workers
+from cfpo_jax.rewards.registry import NAMES, SANDBOXED, VOTE_KEYS
 from cfpo_jax.rewards.scorer import Scorer, Scores
+from cfpo_jax.rewards.workers import get
 
-__all__ = ["REGISTRY", "SANDBOXED", "Scorer", "Scores", "VOTE_KEYS", "get", "workers"]
+__all__ = ["NAMES", "SANDBOXED", "Scorer", "Scores", "VOTE_KEYS", "get", "registry", "workers"]

@@ -37,7 +37,7 @@ from typing import Sequence
 import numpy as np
 
 from cfpo_jax.rewards import workers
-from cfpo_jax.rewards.registry import REWARD_MODEL_PREFIX, SANDBOXED, get
+from cfpo_jax.rewards.registry import REWARD_MODEL_PREFIX, SANDBOXED, implementation
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +143,7 @@ class Scorer:
         self.names, self.weights, self.timeout_s = fns, weights, float(timeout_s)
         self._host_names = tuple(name for name in fns if not name.startswith(REWARD_MODEL_PREFIX))
         for name in self._host_names:
-            get(name)  # fails here, with the valid names, if one is bad
+            implementation(name)  # fails here, with the valid names, if one is bad
         self._reward_models = {}
         if len(self._host_names) < len(fns):
             from cfpo_jax.rewards import reward_model  # jax and the model code only when used

@@ -41,6 +41,8 @@ from typing import Sequence
 
 import numpy as np
 
+from cfpo_jax.rewards import registry
+
 DEFAULT_NUM_WORKERS = 2
 DEFAULT_TIMEOUT_S = 5.0
 DEFAULT_MAX_MEMORY_GB = 2.0
@@ -114,8 +116,6 @@ def _worker_main(fd: int, timeout_s: float):
     global _in_worker
     _in_worker = True
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is for the parent to handle
-    from cfpo_jax.rewards import registry
-
     conn = connection.Connection(fd)
     fns = {}
     # Imports happen here, before "ready", not inside the first item's deadline.
@@ -302,3 +302,30 @@ def shared_pool() -> WorkerPool:
             _shared = WorkerPool()
             atexit.register(_shared.close)
         return _shared
+
+
+def get(name: str) -> registry.RewardFn:
+    """The reward function `name` as a caller outside a worker calls it: a built-in of
+    `registry.IMPLEMENTATIONS` bounded item by item in the shared pool (its own error — a gold
+    answer it cannot read — raises ValueError); a SANDBOXED one or a user function as it is."""
+    if name not in registry.IMPLEMENTATIONS:
+        return registry.implementation(name)
+
+    def fn(completions: list[str], answers: list[str], **example_fields) -> np.ndarray:
+        if in_worker():
+            return registry.IMPLEMENTATIONS[name](completions, answers, **example_fields)
+        for field, values in {"answers": answers, **example_fields}.items():
+            if len(values) != len(completions):
+                raise ValueError(f"got {len(completions)} completions but {len(values)} "
+                                 f"{field}; they pair up")
+        results = shared_pool().run(
+            [(name, completion, answer, {f: v[i] for f, v in example_fields.items()})
+             for i, (completion, answer) in enumerate(zip(completions, answers))])
+        raised = [message for _, kind, message in results if kind == "raised"]
+        if raised:  # the function's own error (a gold answer it cannot read), not the text's
+            raise ValueError(f"reward {name!r}: {raised[0]}")
+        return np.asarray([score for score, _, _ in results], np.float32)
+
+    fn.__name__ = name
+    fn.__doc__ = registry.IMPLEMENTATIONS[name].__doc__
+    return fn

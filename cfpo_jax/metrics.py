@@ -1,4 +1,9 @@
-"""Metrics writers: `<workdir>/metrics.jsonl` (always), TensorBoard, optional W&B, console progress.
+"""Metrics: one RL step's metrics computed in one place, and where they go — `<workdir>/metrics.jsonl`
+(always), TensorBoard, optional W&B, console progress.
+
+`step_metrics` gathers a step's metrics on the host with one fetch of the device scalars: the
+rollout's host metrics (rewards, lengths, `verbosity_metrics`), the rollout's device metrics and
+the mean over the step's updates (`mean_metrics`).
 
 `MetricsWriter.write(step, metrics)` appends one JSON object per call (one per RL step, and one per
 evaluation with an `eval/` prefix on its keys) and forwards scalars to TensorBoard (tensorboardX,
@@ -17,6 +22,7 @@ import os
 import sys
 import time
 
+import jax
 import numpy as np
 
 
@@ -28,6 +34,59 @@ def _scalar(value):
     if isinstance(value, (bool, np.bool_)):
         return int(value)
     return value
+
+
+def mean_metrics(metrics_list: list[dict]) -> dict[str, float]:
+    """The mean over a step's updates of each metric; ratio_max / ratio_min their max / min."""
+    out = {}
+    for key in metrics_list[0]:
+        values = np.array([m[key] for m in metrics_list], np.float64)
+        out[key] = values.max() if key == "ratio_max" else values.min() if key == "ratio_min" \
+            else values.mean()
+    return {k: float(v) for k, v in out.items()}
+
+
+def verbosity_metrics(reward_B, lengths_B, group_size: int) -> dict[str, float]:
+    """Length diagnostics of one rollout (the paper's verbosity exploitation: responses that grow
+    with the reward). `reward_B` is the reward functions' total, before any KL penalty.
+
+    response_len_p90: 90th percentile of response lengths (tokens, linear interpolation).
+    reward_len_corr: Pearson correlation of reward and length within groups: both centred on
+      their group's mean, then pooled over the batch, so that prompts with longer answers and
+      higher rewards do not make a correlation of their own; 0 when either has no spread.
+    reward_per_token: Σ reward / Σ length over the batch.
+    """
+    reward_NxG = np.asarray(reward_B, np.float64).reshape(-1, group_size)
+    length_NxG = np.asarray(lengths_B, np.float64).reshape(-1, group_size)
+    reward_dev = reward_NxG - reward_NxG.mean(axis=1, keepdims=True)
+    length_dev = length_NxG - length_NxG.mean(axis=1, keepdims=True)
+    scale = np.sqrt(np.sum(reward_dev**2) * np.sum(length_dev**2))
+    return dict(
+        response_len_p90=float(np.percentile(length_NxG, 90)),
+        reward_len_corr=float(np.sum(reward_dev * length_dev) / scale) if scale > 0 else 0.0,
+        reward_per_token=float(np.sum(reward_NxG) / max(np.sum(length_NxG), 1.0)),
+    )
+
+
+def rollout_metrics(scores, lengths_B, group_size: int, sample_seconds: float) -> dict:
+    """The host metrics of one scored rollout (`scores`: `rewards.Scores`; `lengths_B` host)."""
+    groups = scores.total_B.reshape(-1, group_size)
+    return dict(
+        **scores.metrics("reward"),
+        response_len_mean=float(lengths_B.mean()),
+        response_len_max=int(lengths_B.max()),
+        **verbosity_metrics(scores.total_B, lengths_B, group_size),
+        zero_std_groups=int((np.ptp(groups, axis=1) == 0).sum()),
+        tokens_per_s=float(lengths_B.sum()) / max(sample_seconds, 1e-9),
+    )
+
+
+def step_metrics(host_metrics, device_metrics, update_metrics, state) -> dict:
+    """All of one step's metrics on the host: one fetch of the device scalars."""
+    device_metrics, update_metrics, skipped = jax.device_get(
+        (device_metrics, update_metrics, state["skipped_updates"]))
+    return dict(**host_metrics, **mean_metrics(update_metrics),
+                **{k: float(v) for k, v in device_metrics.items()}, skipped_updates=int(skipped))
 
 
 class MetricsWriter:
