@@ -311,6 +311,8 @@ def _mesh_errors(config) -> list[str]:
     for axis in ("data", "fsdp", "tensor"):
         if mesh[axis] < 1 and mesh[axis] != -1:
             errors.append(f"mesh.{axis} must be >= 1 or -1 (all remaining devices); got {mesh[axis]}")
+    if mesh.dcn < 1:
+        errors.append(f"mesh.dcn (slices) must be >= 1; got {mesh.dcn}")
     manual = (mesh.coordinator_address, mesh.num_processes, mesh.process_id)
     if manual != ("", 0, -1):
         if not mesh.distributed:

@@ -20,7 +20,8 @@ from cfpo_jax import lora, models, sharding, tiny
 def make_mesh(config, devices=None):
     """The run's ('data', 'fsdp', 'tensor') mesh over `devices` (default all), checked against
     the micro-batch it must split."""
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices,
+                              dcn=config.mesh.dcn)
     rl = config.rl
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     micro = rl.micro_batch_size or config.data.batch_size * rl.group_size // rl.num_minibatches

@@ -10,7 +10,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import hf_fixtures
-from cfpo_jax import sampling, sharding
+from cfpo_jax import config as config_lib
+from cfpo_jax import policy, sampling, sharding
 from cfpo_jax.models import decoding, default_positions, from_pretrained
 
 MESHES = [(8, 1), (4, 2), (2, 4)]  # (fsdp, tensor)
@@ -48,6 +49,11 @@ def test_make_mesh_dcn_slices_span_the_data_axis():
     assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     ids = np.vectorize(lambda d: d.id)(mesh.devices)
     assert sorted(ids[0].ravel()) == [0, 1, 2, 3] and sorted(ids[1].ravel()) == [4, 5, 6, 7]
+    # The run's mesh (cfpo_jax.policy.make_mesh) takes mesh.dcn from the config.
+    config = config_lib.base_config()
+    config.mesh.tensor, config.mesh.dcn = 2, 2
+    config.data.batch_size, config.rl.group_size, config.rl.num_minibatches = 4, 2, 1
+    assert dict(policy.make_mesh(config).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
     with pytest.raises(ValueError, match="mesh.dcn=3"):
         sharding.make_mesh(dcn=3)
     with pytest.raises(ValueError, match="per slice"):
