@@ -51,7 +51,7 @@ import jax  # noqa: E402
 import chips  # noqa: E402
 import shapes  # noqa: E402
 from cfpo_jax import config as config_lib  # noqa: E402
-from cfpo_jax import data, policy  # noqa: E402
+from cfpo_jax import data, sharding  # noqa: E402
 from cfpo_jax.aot import programs, report, targets  # noqa: E402
 from cfpo_jax.rewards import registry  # noqa: E402
 
@@ -116,7 +116,8 @@ def make_mesh(config, target, devices):
     if config.mesh.dcn not in (1, target.slices):
         raise ValueError(f"mesh.dcn={config.mesh.dcn} but target {target.name} has {target.slices} slice(s)")
     config.mesh.dcn = target.slices
-    return policy.make_mesh(config, devices)
+    return sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices,
+                              dcn=config.mesh.dcn)
 
 
 def rows_for(spec, target, config, mesh, only=PROGRAMS):
