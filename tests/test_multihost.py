@@ -134,7 +134,8 @@ def test_four_processes_train_like_one_process_and_restore_on_two_with_another_m
     """4 processes × 2 devices (fsdp 8 across them) and 1 process × 8 devices: the same first steps
     (losses, gradient norms, rewards); one metrics file, written once per step. The 4 processes'
     checkpoint of step 1 (each wrote its own shards) restores on 2 processes × 4 devices with a
-    different mesh (fsdp 4 × tensor 2), whose step 2 is the 4 processes' step 2."""
+    different mesh — each process a slice (`mesh.dcn` = 2: data 2 across them, fsdp 2 × tensor 2
+    inside) — whose step 2 is the 4 processes' step 2."""
     four = launch_trainer(tmp_path / "four", "--config.train.num_steps=2",
                           "--config.train.checkpoint_every=1", processes=4)
     one = launch_trainer(tmp_path / "one", "--config.train.num_steps=2", processes=1)
@@ -144,8 +145,8 @@ def test_four_processes_train_like_one_process_and_restore_on_two_with_another_m
     assert_same_steps(steps_four, steps_one)
     assert steps_one[0]["grad_norm"] > 0 and steps_one[0]["loss"] != steps_one[1]["loss"]
 
-    steps_two = resume_from_step_1(tmp_path / "four", tmp_path / "two", "--config.mesh.tensor=2",
-                                   processes=2, devices=4)
+    steps_two = resume_from_step_1(tmp_path / "four", tmp_path / "two", "--config.mesh.dcn=2",
+                                   "--config.mesh.tensor=2", processes=2, devices=4)
     assert_same_steps(steps_two, steps_four[1:])
 
 
