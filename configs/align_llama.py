@@ -13,6 +13,13 @@ Launch (TPU VM / pod slice, every host runs the same command; see launch/tpu_vm.
   launch/tpu_vm.sh my-tpu us-central2-b "--config=configs/align_llama.py --config.mesh.distributed=True"
   # one TPU VM: a v5p-8 as above; a v6e-8 (32 GiB chips) with its memory knobs (SLICES below)
   python -m cfpo_jax.train --config=configs/align_llama.py:v6e --workdir=runs/align_cfpo
+Launch, Llama-3.1-70B-Instruct as the policy (`70b`: 8-way tensor parallelism inside a host, FSDP
+over the rest; the reward model stays Skywork's 8B), every host the same command:
+  launch/tpu_vm.sh my-v5p-128 us-east5-a "--config=configs/align_llama.py:70b --config.mesh.distributed=True \
+      --workdir=gs://my-bucket/runs/align_70b"
+  sbatch --nodes=8 --gpus-per-node=8 launch/slurm.sh --config=configs/align_llama.py:70b \
+      --workdir=/shared/runs/align_70b                                  # 64 × H100
+PODS_70B
 
 Hardware: one node of 8 × 80 GB GPUs (H100/A100), a v5p-8, or a v6e-8 with `:v6e` (compiled
 for each, below). Memory: the 8B
