@@ -7,12 +7,12 @@ on a CPU host without the hardware.
     python benchmarks/compile.py --target v5p-64x2 --configs configs/math_qwen.py:32b --programs update
 
 Targets (`cfpo_jax.aot.targets`): h100x1, h100x8, v5p-8, v5e-8, v6e-8, v4-8 (one host; Cloud's
-names: v5p-8 and v4-8 are 4 chips, v5e-8 and v6e-8 are 8), and pods over many hosts: v5p-64,
-v5p-128, v5p-256 (32, 64, 128 chips), v6e-64, v6e-256, h100x16, h100x64, and v5p-64x2 (two v5p-64
-slices over DCN: the config runs with `mesh.dcn` = 2, its `data` axis spanning the slices). The programs are the run's own (`cfpo_jax.aot.
-programs`): update, prepare (old-logprob and reference passes), the sampler's prefill and decode
-chunk with the config's KV cache, the reward model's forward (align_llama), at each config's
-shapes with the model's shape from benchmarks/shapes.py, on the config's mesh over the target's
+names: v5p-8 and v4-8 are 4 chips, v5e-8 and v6e-8 are 8), and pods over many hosts: v5p-16 to
+v5p-256 (8 to 128 chips), v6e-64, v6e-256, h100x16, h100x32, h100x64, and v5p-64x2 (two v5p-64
+slices over DCN: the config runs with `mesh.dcn` = 2, its `data` axis spanning the slices). The
+programs are the run's own (`cfpo_jax.aot.programs`): update, prepare (old-logprob and reference
+passes), the sampler's prefill and decode chunk with the config's KV cache, the reward model's
+forward (align_llama), at each config's shapes with the model's shape from benchmarks/shapes.py, on the config's mesh over the target's
 chips (`-1` axes take the rest). One row per (config, target, program):
 
 * compiled / error; kernels: the fused-kernel custom calls in the compiled HLO;
