@@ -12,8 +12,8 @@ v5p-256 (8 to 128 chips), v6e-64, v6e-256, h100x16, h100x32, h100x64, and v5p-64
 slices over DCN: the config runs with `mesh.dcn` = 2, its `data` axis spanning the slices). The
 programs are the run's own (`cfpo_jax.aot.programs`): update, prepare (old-logprob and reference
 passes), the sampler's prefill and decode chunk with the config's KV cache, the reward model's
-forward (align_llama), at each config's shapes with the model's shape from benchmarks/shapes.py, on the config's mesh over the target's
-chips (`-1` axes take the rest). One row per (config, target, program):
+forward (align_llama), at each config's shapes with the model's shape from benchmarks/shapes.py,
+on the config's mesh over the target's chips (`-1` axes take the rest). One row per (config, target, program):
 
 * compiled / error; kernels: the fused-kernel custom calls in the compiled HLO;
 * per-chip GB (1e9 bytes): arguments, temporaries, peak (= args + out − aliased + temp) against
