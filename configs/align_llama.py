@@ -19,7 +19,16 @@ over the rest; the reward model stays Skywork's 8B), every host the same command
       --workdir=gs://my-bucket/runs/align_70b"
   sbatch --nodes=8 --gpus-per-node=8 launch/slurm.sh --config=configs/align_llama.py:70b \
       --workdir=/shared/runs/align_70b                                  # 64 × H100
-PODS_70B
+70b compiled for pods (issue 33; benchmarks/README.md, 2026-12-06; the whole pod's compile-only
+devices, many hosts; per-chip GB = 1e9 bytes): on 64 × H100 (fsdp 8 × tensor 8) the update peaks
+at 31.0 GB (17.7 of arguments: the policy's float32 master shard and Adam moments, the bf16
+reference's shard), the prepare pass (old-logprob and reference forwards) at 12.2, the prefill at
+30.5, the reward model's forward at 0.9; while sampling, 30.5 + 17.7 of state ≈ 48.1 of 84.9. On a
+v5p-128 (64 chips, the same mesh) the update peaks at 39.1 of 102. Compiled FLOPs per chip: 1.21 ×
+the model's for the update (remat), 0.93–0.98 for the forwards. Smallest it fits: 32 × H100
+(update 61.8 GB, prefill 28.0 + 35.3 of state = 63.2 of 84.9); on 16 the state alone is ≈ 70.6 GB
+beside a 28 GB sampler (from these figures, not compiled). On TPU the v5p-128 is the smallest
+compiled; a v5p-64 has the 32 H100s' per-chip layout with 102 GB chips (not compiled here).
 
 Hardware: one node of 8 × 80 GB GPUs (H100/A100), a v5p-8, or a v6e-8 with `:v6e` (compiled
 for each, below). Memory: the 8B
