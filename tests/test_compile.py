@@ -237,11 +237,12 @@ def test_tpu_decode_step_writes_the_cache_in_place():
 
 # Cloud's figures per pod target: chips, hosts (4 chips per v5p / v6e pod host, 8 GPUs per H100
 # host), slices, device kind.
-PODS = {"v5p-16": (8, 2, 1, "TPU v5"), "v5p-32": (16, 4, 1, "TPU v5"), "v5p-64": (32, 8, 1, "TPU v5"), "v5p-128": (64, 16, 1, "TPU v5"), "v5p-256": (128, 32, 1, "TPU v5"),
+H100 = "NVIDIA H100 80GB HBM3"
+PODS = {"v5p-16": (8, 2, 1, "TPU v5"), "v5p-32": (16, 4, 1, "TPU v5"), "v5p-64": (32, 8, 1, "TPU v5"),
+        "v5p-128": (64, 16, 1, "TPU v5"), "v5p-256": (128, 32, 1, "TPU v5"),
         "v5p-64x2": (64, 16, 2, "TPU v5"), "v6e-64": (64, 16, 1, "TPU v6 lite"),
-        "v6e-256": (256, 64, 1, "TPU v6 lite"), "h100x16": (16, 2, 1, "NVIDIA H100 80GB HBM3"),
-        "h100x32": (32, 4, 1, "NVIDIA H100 80GB HBM3"),
-        "h100x64": (64, 8, 1, "NVIDIA H100 80GB HBM3")}
+        "v6e-256": (256, 64, 1, "TPU v6 lite"),
+        "h100x16": (16, 2, 1, H100), "h100x32": (32, 4, 1, H100), "h100x64": (64, 8, 1, H100)}
 
 
 @pytest.mark.parametrize("name", list(PODS))
