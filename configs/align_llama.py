@@ -23,14 +23,16 @@ over the rest; the reward model stays Skywork's 8B), every host the same command
 devices, many hosts; per-chip GB = 1e9 bytes): on 64 × H100 (fsdp 8 × tensor 8) the update peaks
 at 31.0 GB (17.7 of arguments: the policy's float32 master shard and Adam moments, the bf16
 reference's shard), the prepare pass (old-logprob and reference forwards) at 12.2, the prefill at
-30.5, the reward model's forward at 0.9; while sampling, 30.5 + 17.7 of state ≈ 48.1 of 84.9. On a
+30.5, the decode at 25.7, the reward model's forward at 0.9 (cuDNN attention, the Pallas decode
+kernel); while sampling, 30.5 + 17.7 of state ≈ 48.1 of 84.9. On a
 v5p-128 (64 chips, the same mesh; splash and paged attention) update 39.1, prepare 11.4, prefill
 27.1, decode 27.2, reward forward 1.2 GB per chip; while sampling 27.2 + 17.7 ≈ 44.8 of 102.
 Compiled FLOPs per chip: 1.21 × the model's for the update (remat), 0.93–0.99 for the forwards.
 A lower bound on one RL step on the v5p-128 from its compiled programs (each program's
 max(FLOPs / peak, bytes / bandwidth) times its calls per step, every completion 1,024 tokens long
 — a bound, not a time): ≥ 115 s (8 updates 55 s, prepare 30 s, 2,070 decode steps of ≥ 13.3 ms
-over ≈ 760 slots 28 s, 24 reward-model calls 2 s). Smallest it fits: 32 × H100
+over ≈ 760 slots 28 s, 24 reward-model calls 2 s). On 64 × H100, from FLOPs alone (the GPU compiler
+reports no bytes, so decode steps are bounded by their FLOPs only): ≥ 44 s. Smallest it fits: 32 × H100
 (update 61.8 GB, prefill 28.0 + 35.3 of state = 63.2 of 84.9); on 16 the state alone is ≈ 70.6 GB
 beside a 28 GB sampler (from these figures, not compiled). On TPU the v5p-128 is the smallest
 compiled; a v5p-64 has the 32 H100s' per-chip layout with 102 GB chips (not compiled here).

@@ -62,7 +62,7 @@ compile-only devices of the whole pod, many hosts; per-chip GB = 1e9 bytes):
   target              update  prepare  prefill  decode  run          kernels
   v5p-64 (32 chips)    32.5     6.5     17.7     16.8    30.0 of 102   splash, paged
   h100x16 (2 hosts)    49.6    11.6     17.5     16.2    42.1 of 84.9  cuDNN, Pallas decode
-  v5p-64x2 (2 slices)  30.7      —        —        —       —           splash
+  v5p-64x2 (2 slices)  30.7     6.4     24.0     16.8    36.3 of 102   splash, paged
 ("run": the sampler's peak + the training state resident, 12.3 and 24.6 GB.) Over two v5p-64
 slices (`--config.mesh.dcn=2`) the state is the same 12.3 GB per chip — FSDP stays inside a slice,
 the slices hold replicas and exchange only the gradients' reduction — and the update's FLOPs per
