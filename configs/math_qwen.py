@@ -67,11 +67,12 @@ compile-only devices of the whole pod, many hosts; per-chip GB = 1e9 bytes):
 slices (`--config.mesh.dcn=2`) the state is the same 12.3 GB per chip — FSDP stays inside a slice,
 the slices hold replicas and exchange only the gradients' reduction — and the update's FLOPs per
 chip halve. Compiled FLOPs per chip are 1.19 × the model's for the update (rematted forward),
-0.94–0.98 for the forwards. A lower bound on one RL step from the compiled programs (every completion 1,024 tokens long; each
-program's max(FLOPs / peak, bytes / bandwidth) times its calls per step — a bound, not a time):
-≥ 314 s on the v5p-64 (4 updates 167 s, old-logprob pass 45 s, 11,015 decode steps of ≥ 8.9 ms
-98 s over 476 slots), ≥ 222 s on 16 H100s (FLOPs alone: the GPU compiler reports no bytes, so
-its 22,029 decode steps over 238 slots are bounded by their FLOPs only, 0.96 ms each).
+0.94–0.98 for the forwards. A lower bound on one RL step from the compiled programs (every
+completion 1,024 tokens long; each program's max(FLOPs / peak, bytes / bandwidth) times its calls
+per step — a bound, not a time): ≥ 314 s on the v5p-64 (4 updates 167 s, old-logprob pass 45 s,
+11,015 decode steps of ≥ 8.9 ms over 476 slots 98 s), ≥ 156 s over two v5p-64 slices (half the
+work per chip), ≥ 222 s on 16 H100s (FLOPs alone: the GPU compiler reports no bytes, so its
+22,029 decode steps over 238 slots are bounded by their FLOPs only, 0.96 ms each).
 Smallest it fits: 16 × H100 (compiled above). On 8 × H100 the update does not fit (94.1 GB per
 GPU at micro-batch 8, 87.9 at 4, of 84.9: 49.2 GB of state and a whole float32 gradient shard,
 with tensor = 8 leaving no FSDP to split them). On TPU the v5p-64 is the smallest compiled; it
