@@ -4,13 +4,16 @@ on a CPU host without the hardware.
     python benchmarks/compile.py --target v5e-8 --configs configs/gsm8k_qwen.py:0.5b
     python benchmarks/compile.py --target h100x8 --configs configs/math_qwen.py:7b --json out.json
     python benchmarks/compile.py --target v5p-8            # its recorded configs (CONFIGS; minutes per 7B program)
+    python benchmarks/compile.py --target v5p-64x2 --configs configs/math_qwen.py:32b --programs update
 
-Targets (`cfpo_jax.aot.targets`): h100x8, h100x1, v5p-8, v5e-8, v6e-8, v4-8 (Cloud's names: v5p-8
-and v4-8 are 4 chips, v5e-8 and v6e-8 are 8). The programs are the run's own (`cfpo_jax.aot.
-programs`): update, prepare (old-logprob and reference passes), the sampler's prefill and decode
-chunk with the config's KV cache, the reward model's forward (align_llama), at each config's
-shapes with the model's shape from benchmarks/shapes.py, on the config's mesh over the target's
-chips (`-1` axes take the rest). One row per (config, target, program):
+Targets (`cfpo_jax.aot.targets`): h100x1, h100x8, v5p-8, v5e-8, v6e-8, v4-8 (one host; Cloud's
+names: v5p-8 and v4-8 are 4 chips, v5e-8 and v6e-8 are 8), and pods over many hosts: v5p-16 to
+v5p-256 (8 to 128 chips), v6e-64, v6e-256, h100x16, h100x32, h100x64, and v5p-64x2 (two v5p-64
+slices over DCN: the config runs with `mesh.dcn` = 2, its `data` axis spanning the slices). The
+programs are the run's own (`cfpo_jax.aot.programs`): update, prepare (old-logprob and reference
+passes), the sampler's prefill and decode chunk with the config's KV cache, the reward model's
+forward (align_llama), at each config's shapes with the model's shape from benchmarks/shapes.py,
+on the config's mesh over the target's chips (`-1` axes take the rest). One row per (config, target, program):
 
 * compiled / error; kernels: the fused-kernel custom calls in the compiled HLO;
 * per-chip GB (1e9 bytes): arguments, temporaries, peak (= args + out − aliased + temp) against
@@ -21,7 +24,12 @@ chips (`-1` axes take the rest). One row per (config, target, program):
   analytic model FLOPs per chip (6·params·tokens for the update, 2·params·tokens per forward),
   and their ratio (> 1: recomputation such as remat, or waste);
 * bound ms: max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip — a lower bound on the step,
-  never a time (TPU only, where XLA reports the bytes).
+  never a time. The GPU compiler reports no bytes: there the bound is FLOPs / peak alone, marked
+  "(FLOPs)" — weaker still (a decode step is bandwidth-bound).
+
+After each config whose programs all compiled, a line bounds one RL step from them (`step_bound`):
+each program's bound times the calls a step makes of it, for a rollout in which every completion
+runs to max_new_tokens — a lower bound on such a step, not a time.
 """
 
 from __future__ import annotations
@@ -43,7 +51,7 @@ import jax  # noqa: E402
 import chips  # noqa: E402
 import shapes  # noqa: E402
 from cfpo_jax import config as config_lib  # noqa: E402
-from cfpo_jax import sharding  # noqa: E402
+from cfpo_jax import data, sharding  # noqa: E402
 from cfpo_jax.aot import programs, report, targets  # noqa: E402
 from cfpo_jax.rewards import registry  # noqa: E402
 
@@ -102,6 +110,16 @@ def reward_models(config):
     return out
 
 
+def make_mesh(config, target, devices):
+    """The config's mesh over the target's chips; a multi-slice target's slices are `mesh.dcn`
+    (the config's, or the target's count where the config leaves it at 1)."""
+    if config.mesh.dcn not in (1, target.slices):
+        raise ValueError(f"mesh.dcn={config.mesh.dcn} but target {target.name} has {target.slices} slice(s)")
+    config.mesh.dcn = target.slices
+    return sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices,
+                              dcn=config.mesh.dcn)
+
+
 def rows_for(spec, target, config, mesh, only=PROGRAMS):
     model = policy_model_config(config)
     built = {}
@@ -117,12 +135,36 @@ def rows_for(spec, target, config, mesh, only=PROGRAMS):
                 continue
             row = report.compile_program(program, mesh)
             row.update(config=spec.removeprefix("configs/"), target=target.name, program=name,
-                       chip_bytes=target.chip_bytes, model_flops=program.model_flops / mesh.size)
+                       chip_bytes=target.chip_bytes, model_flops=program.model_flops / mesh.size,
+                       tokens=program.tokens)
             row["fits"] = bool(row["compiled"] and row["peak"] <= target.chip_bytes)
             chip = chips.lookup(mesh.devices.flat[0].device_kind)
-            if row["compiled"] and row.get("bytes_accessed") and chip:
-                row["bound_s"] = max(row["flops"] / chip.bf16_flops, row["bytes_accessed"] / chip.hbm_bytes_per_s)
+            if row["compiled"] and chip:
+                row["bound_s"] = max(row["flops"] / chip.bf16_flops,
+                                     (row.get("bytes_accessed") or 0) / chip.hbm_bytes_per_s)
             yield row
+
+
+def step_bound(config, rows):
+    """(seconds, {program: calls}): a lower bound on one RL step of `config` from its programs'
+    per-call bounds, None if one is missing. Calls per step, for a rollout of B prompts × G
+    samples whose completions all run to N = max_new_tokens: the update num_epochs ×
+    num_minibatches times; prepare once; the prefill ⌈B / M⌉ times (each distinct prompt is
+    prefilled once, M at a time); the decode step ⌈B·G·N / slots⌉ times (every slot busy every
+    step: continuous batching at best); the reward model's forward ⌈B·G / its rows⌉ times."""
+    by_name = {row["program"]: row for row in rows}
+    if any(not row.get("bound_s") for row in rows) or not {"update", "prefill", "decode"} <= set(by_name):
+        return None, {}
+    rl, s = config.rl, config.sampling
+    rollout = config.data.batch_size * rl.group_size
+    prefill_prompts = by_name["prefill"]["tokens"] // (data.bucket_width(s.max_prompt_len) - 1)
+    calls = dict(update=rl.num_epochs * rl.num_minibatches, prepare=1,
+                 prefill=-(-config.data.batch_size // prefill_prompts),
+                 decode=-(-rollout * s.max_new_tokens // by_name["decode"]["tokens"]))
+    if "reward" in by_name:
+        calls["reward"] = -(-rollout // (by_name["reward"]["tokens"] // config.rewards.rm_max_len))
+    calls = {name: n for name, n in calls.items() if name in by_name}
+    return sum(by_name[name]["bound_s"] * n for name, n in calls.items()), calls
 
 
 def cells(row):
@@ -131,6 +173,8 @@ def cells(row):
                 "", "", "", "", "", f"{row['compile_s']:.0f}", "", "", "", "")
     ratio = row["flops"] / row["model_flops"] if row["model_flops"] else float("nan")
     bound = f"{row['bound_s'] * 1e3:.1f}" if row.get("bound_s") else "—"
+    if row.get("bound_s") and not row.get("bytes_accessed"):
+        bound += " (FLOPs)"
     return (row["config"], row["target"], row["program"], "yes", ", ".join(row["kernels"]) or "—",
             f"{row['args'] / GB:.2f}", f"{row['temp'] / GB:.2f}", f"{row['peak'] / GB:.2f}",
             f"{row['chip_bytes'] / GB:.1f} " + ("yes" if row["fits"] else "**no**"),
@@ -154,7 +198,8 @@ def main():
         parser.error(f"no configs are recorded for {target.name} (only for {', '.join(CONFIGS)}): "
                      "name them with --configs")
     devices = list(targets.devices(target.name))
-    print(f"jax {jax.__version__}; {target.name}: {len(devices)} × {devices[0].device_kind} (compile-only); "
+    print(f"jax {jax.__version__}; {target.name}: {len(devices)} × {devices[0].device_kind} on {target.hosts} "
+          f"host(s), {target.slices} slice(s) (compile-only); "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; per-chip GB = 1e9 bytes")
     header = ("config", "target", "program", "compiled", "kernels", "args GB", "temp GB", "peak GB",
               "chip GB fits", "compile s", "FLOPs/chip", "model FLOPs/chip", "ratio", "bound ms")
@@ -162,13 +207,19 @@ def main():
     rows = []
     for spec in specs:
         config = load_config(spec, args.set)
-        mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices)
+        mesh = make_mesh(config, target, devices)
+        config_rows = []
         for row in rows_for(spec, target, config, mesh, args.programs):
             rows.append(row)
+            config_rows.append(row)
             print("| " + " | ".join(cells(row)) + " |", flush=True)
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(rows, f, indent=1)
+        bound, calls = step_bound(config, config_rows)
+        if bound is not None:
+            print(f"\n{spec} on {target.name}: RL step ≥ {bound:.1f} s (a bound: every completion "
+                  f"max_new_tokens long; calls {calls})\n", flush=True)
 
 
 if __name__ == "__main__":

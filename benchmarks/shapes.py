@@ -8,6 +8,13 @@ QWEN25 = dict(model_type="qwen2", qkv_bias=True, rope_theta=1e6, max_position_em
 LLAMA3_8B = dict(model_type="llama", rope_theta=5e5, max_position_embeddings=8192, rms_norm_eps=1e-5,
                  hidden_size=4096, intermediate_size=14336, num_layers=32, num_heads=32,
                  num_kv_heads=8, head_dim=128, vocab_size=128256, tie_embeddings=False)
+# Llama 3.1 70B (the policy of configs/align_llama.py:70b), config.json: Llama 3.1's RoPE scaling.
+LLAMA31_70B = dict(model_type="llama", rope_theta=5e5, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                   rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                     original_max_position_embeddings=8192),
+                   hidden_size=8192, intermediate_size=28672, num_layers=80, num_heads=64,
+                   num_kv_heads=8, head_dim=128, vocab_size=128256, tie_embeddings=False)
+LLAMA = {"llama3-8b": LLAMA3_8B, "llama3.1-70b": LLAMA31_70B}
 
 # Qwen3-MoE (configs/math_qwen3_moe.py), config.json of Qwen/Qwen3-30B-A3B and Qwen/Qwen3-235B-A22B.
 _QWEN3_MOE = dict(model_type="qwen3_moe", qk_norm=True, rope_theta=1e6, max_position_embeddings=40960,
@@ -29,6 +36,8 @@ SHAPES = {
                num_kv_heads=2, head_dim=128, vocab_size=151936, tie_embeddings=True),
     "7b": dict(hidden_size=3584, intermediate_size=18944, num_layers=28, num_heads=28,
                num_kv_heads=4, head_dim=128, vocab_size=152064, tie_embeddings=False),
+    "32b": dict(hidden_size=5120, intermediate_size=27648, num_layers=64, num_heads=40,
+                num_kv_heads=8, head_dim=128, vocab_size=152064, tie_embeddings=False),
     "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4,
                  num_kv_heads=2, head_dim=16, vocab_size=512, tie_embeddings=True),
 }
@@ -36,7 +45,10 @@ SHAPES = {
 
 def shape_of_hub_id(path: str) -> str:
     """'Qwen/Qwen2.5-7B-Instruct' -> '7b' (the shape of a Qwen2.5 hub id); a Llama 3 / 3.1 8B
-    id -> 'llama3-8b'; 'Qwen/Qwen3-30B-A3B' -> '30b-a3b' (and 235b-a22b)."""
+    id -> 'llama3-8b', a Llama 3.1 70B one -> 'llama3.1-70b'; 'Qwen/Qwen3-30B-A3B' -> '30b-a3b'
+    (and 235b-a22b)."""
+    if "Llama-3" in path and "70B" in path.upper():
+        return "llama3.1-70b"
     if "Llama-3" in path and "8B" in path.upper():
         return "llama3-8b"
     for name in QWEN3_MOE:
@@ -51,8 +63,8 @@ def shape_of_hub_id(path: str) -> str:
 def model_config(shape: str, **overrides):
     from cfpo_jax.models import ModelConfig
 
-    if shape == "llama3-8b":
-        return ModelConfig(**LLAMA3_8B, **overrides)
+    if shape in LLAMA:
+        return ModelConfig(**LLAMA[shape], **overrides)
     if shape in QWEN3_MOE:
         return ModelConfig(**QWEN3_MOE[shape], **overrides)
     return ModelConfig(**QWEN25, **SHAPES[shape], **overrides)

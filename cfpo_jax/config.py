@@ -68,6 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.data = 1
     c.mesh.fsdp = -1  # -1: all remaining devices
     c.mesh.tensor = 1
+    # Slices joined by the data-centre network (multi-slice TPU): `data` spans them, the sizes above
+    # are per slice (cfpo_jax.sharding.make_mesh); 1 = one slice.
+    c.mesh.dcn = 1
     c.mesh.distributed = False  # jax.distributed.initialize() (TPU pods, SLURM)
     # Multi-process by hand (sharding.initialize_distributed); empty: jax's cluster auto-detection.
     c.mesh.coordinator_address = ""  # "host:port" of process 0
@@ -376,6 +379,8 @@ def _mesh_errors(config) -> list[str]:
     if mesh.rollout_devices:
         errors.append(f"mesh.rollout_devices={mesh.rollout_devices}: a separate rollout mesh is "
                       f"not wired into the trainer yet (issue 32); use 0 (colocated)")
+    if mesh.dcn < 1:
+        errors.append(f"mesh.dcn (slices) must be >= 1; got {mesh.dcn}")
     manual = (mesh.coordinator_address, mesh.num_processes, mesh.process_id)
     if manual != ("", 0, -1):
         if not mesh.distributed:

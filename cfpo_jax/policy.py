@@ -18,10 +18,10 @@ from cfpo_jax import lora, models, sharding, tiny
 
 
 def make_mesh(config, devices=None):
-    """The run's ('data', 'fsdp', 'expert', 'tensor') mesh over `devices` (default all), checked
-    against the micro-batch it must split."""
+    """The run's ('data', 'fsdp', 'expert', 'tensor') mesh over `devices` (default all; 'data'
+    spans `mesh.dcn` slices), checked against the micro-batch it must split."""
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices,
-                              expert=config.mesh.expert)
+                              expert=config.mesh.expert, dcn=config.mesh.dcn)
     rl = config.rl
     batch_shards = sharding.batch_shards(mesh)
     micro = rl.micro_batch_size or config.data.batch_size * rl.group_size // rl.num_minibatches

@@ -1,7 +1,8 @@
 """Device mesh, the one table of partition rules, and multi-host start-up.
 
 Mesh axes:
-* `data`: pure data parallelism (parameters replicated along it).
+* `data`: pure data parallelism (parameters replicated along it); with `dcn` slices it spans
+  them (`make_mesh`).
 * `fsdp`: data parallelism with parameters (and optimizer state) sharded along it (ZeRO-3 style;
   XLA all-gathers a layer's weights inside the scan when it needs them).
 * `expert`: expert parallelism for mixture-of-experts models: each expert's weights live on one
@@ -58,25 +59,43 @@ RULES: dict[str, P] = {
 log = logging.getLogger(__name__)
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None, *, expert: int = 1) -> Mesh:
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None, *, expert: int = 1,
+              dcn: int = 1) -> Mesh:
     """Mesh with axes ('data', 'fsdp', 'expert', 'tensor'); one size may be -1 (the remaining
-    devices)."""
+    devices).
+
+    `dcn` > 1: the devices are that many slices (TPU slices joined by the data-centre network;
+    without slice ids, equal consecutive blocks of `devices`), and `data` spans them: its size is
+    dcn × data, slice-major, every other axis inside one slice (the sizes given are per slice) —
+    MaxText's DCN data parallelism. Parameters are replicated along `data`, so only the
+    gradients' reduction crosses the slower network; FSDP gathers, expert exchanges and tensor
+    collectives stay on the chips' interconnect."""
     devices = list(jax.devices() if devices is None else devices)
+    if dcn < 1 or len(devices) % dcn:
+        raise ValueError(f"mesh.dcn={dcn} must be >= 1 and divide the {len(devices)} devices into slices")
+    per_slice = len(devices) // dcn
     sizes = {"data": data, "fsdp": fsdp, "expert": expert, "tensor": tensor}
     if any(s == 0 or s < -1 for s in sizes.values()) or list(sizes.values()).count(-1) > 1:
         raise ValueError(f"mesh sizes must be positive, with at most one -1; got {sizes}")
     known = int(np.prod([s for s in sizes.values() if s != -1]))
     if -1 in sizes.values():
-        if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices are not divisible by the fixed mesh sizes {sizes}")
-        sizes = {k: (len(devices) // known if s == -1 else s) for k, s in sizes.items()}
+        if per_slice % known:
+            raise ValueError(f"{per_slice} devices per slice are not divisible by the fixed mesh sizes {sizes}")
+        sizes = {k: (per_slice // known if s == -1 else s) for k, s in sizes.items()}
     shape = tuple(sizes[a] for a in MESH_AXES)
-    if int(np.prod(shape)) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices; have {len(devices)}")
-    try:
-        device_array = mesh_utils.create_device_mesh(shape, devices)
-    except (AssertionError, NotImplementedError, ValueError):
-        device_array = np.asarray(devices).reshape(shape)
+    if int(np.prod(shape)) != per_slice:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {int(np.prod(shape))} devices"
+                         f"{' per slice' if dcn > 1 else ''}; have {per_slice}")
+    if dcn == 1:
+        try:
+            device_array = mesh_utils.create_device_mesh(shape, devices)
+        except (AssertionError, NotImplementedError, ValueError):
+            device_array = np.asarray(devices).reshape(shape)
+    else:
+        try:
+            device_array = mesh_utils.create_hybrid_device_mesh(shape, (dcn,) + (1,) * (len(shape) - 1), devices)
+        except (AssertionError, AttributeError, NotImplementedError, ValueError):
+            device_array = np.asarray(devices).reshape((dcn * shape[0],) + shape[1:])
     return Mesh(device_array, MESH_AXES)
 
 

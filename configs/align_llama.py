@@ -13,6 +13,29 @@ Launch (TPU VM / pod slice, every host runs the same command; see launch/tpu_vm.
   launch/tpu_vm.sh my-tpu us-central2-b "--config=configs/align_llama.py --config.mesh.distributed=True"
   # one TPU VM: a v5p-8 as above; a v6e-8 (32 GiB chips) with its memory knobs (SLICES below)
   python -m cfpo_jax.train --config=configs/align_llama.py:v6e --workdir=runs/align_cfpo
+Launch, Llama-3.1-70B-Instruct as the policy (`70b`: 8-way tensor parallelism inside a host, FSDP
+over the rest; the reward model stays Skywork's 8B), every host the same command:
+  launch/tpu_vm.sh my-v5p-128 us-east5-a "--config=configs/align_llama.py:70b --config.mesh.distributed=True \
+      --workdir=gs://my-bucket/runs/align_70b"
+  sbatch --nodes=8 --gpus-per-node=8 launch/slurm.sh --config=configs/align_llama.py:70b \
+      --workdir=/shared/runs/align_70b                                  # 64 × H100
+70b compiled for pods (issue 33; benchmarks/README.md, 2026-12-06; the whole pod's compile-only
+devices, many hosts; per-chip GB = 1e9 bytes): on 64 × H100 (fsdp 8 × tensor 8) the update peaks
+at 31.0 GB (17.7 of arguments: the policy's float32 master shard and Adam moments, the bf16
+reference's shard), the prepare pass (old-logprob and reference forwards) at 12.2, the prefill at
+30.5, the decode at 25.7, the reward model's forward at 0.9 (cuDNN attention, the Pallas decode
+kernel); while sampling, 30.5 + 17.7 of state ≈ 48.1 of 84.9. On a
+v5p-128 (64 chips, the same mesh; splash and paged attention) update 39.1, prepare 11.4, prefill
+27.1, decode 27.2, reward forward 1.2 GB per chip; while sampling 27.2 + 17.7 ≈ 44.8 of 102.
+Compiled FLOPs per chip: 1.21 × the model's for the update (remat), 0.93–0.99 for the forwards.
+A lower bound on one RL step on the v5p-128 from its compiled programs (each program's
+max(FLOPs / peak, bytes / bandwidth) times its calls per step, every completion 1,024 tokens long
+— a bound, not a time): ≥ 115 s (8 updates 55 s, prepare 30 s, 2,070 decode steps of ≥ 13.3 ms
+over ≈ 760 slots 28 s, 24 reward-model calls 2 s). On 64 × H100, from FLOPs alone (the GPU compiler
+reports no bytes, so decode steps are bounded by their FLOPs only): ≥ 44 s. Smallest it fits: 32 × H100
+(update 61.8 GB, prefill 28.0 + 35.3 of state = 63.2 of 84.9); on 16 the state alone is ≈ 70.6 GB
+beside a 28 GB sampler (from these figures, not compiled). On TPU the v5p-128 is the smallest
+compiled; a v5p-64 has the 32 H100s' per-chip layout with 102 GB chips (not compiled here).
 
 Hardware: one node of 8 × 80 GB GPUs (H100/A100), a v5p-8, or a v6e-8 with `:v6e` (compiled
 for each, below). Memory: the 8B
@@ -79,9 +102,14 @@ from cfpo_jax.config import base_config
 # parallelism splits that copy and the KV cache, FSDP takes the other 2 ways; micro-batches of 4
 # (the update's activations) and a 6 GB per-chip KV budget leave room for the reference and
 # reward models' shards while sampling (docstring).
+# "70b": the same run with Llama-3.1-70B-Instruct as the policy (and its reference), on a pod (a
+# v5p-128 or 64 × H100): its sampler's bf16 copy (141 GB) is split 8 ways by tensor parallelism
+# (inside one host of 8 GPUs), FSDP takes the rest; the reward model stays the 8B one.
 SLICES = {
     "": dict(fsdp=-1, tensor=1, micro_batch_size=8, kv_cache_gb=8.0),
     "v6e": dict(fsdp=2, tensor=4, micro_batch_size=4, kv_cache_gb=6.0),
+    "70b": dict(fsdp=-1, tensor=8, micro_batch_size=8, kv_cache_gb=8.0,
+                path="meta-llama/Llama-3.1-70B-Instruct"),
 }
 
 
@@ -93,7 +121,7 @@ def get_config(arg: str = ""):
     c.seed = 0
     c.workdir = "runs/align_llama"
 
-    c.model.path = "OpenRLHF/Llama-3-8b-sft-mixture"
+    c.model.path = slice_knobs.get("path", "OpenRLHF/Llama-3-8b-sft-mixture")
     c.model.param_dtype = "float32"  # fp32 master weights and Adam moments
     c.model.dtype = "bfloat16"
     c.model.remat = True

@@ -15,6 +15,15 @@ Launch (TPU VM / pod slice, every host runs the same command; see launch/tpu_vm.
   python -m cfpo_jax.train --config=configs/math_qwen.py:7b-v5p --workdir=runs/math_qwen_7b
 The -v5e/-v6e/-v5p sizes are the same run and maths (results do not depend on either knob) with
 the memory knobs of that slice: micro-batch and the sampler's slots (SIZES below).
+Launch, Qwen2.5-32B-Instruct on a pod (`32b`: 8-way tensor parallelism inside a host, FSDP over
+the rest; every host runs the same command):
+  launch/tpu_vm.sh my-v5p-64 us-east5-a "--config=configs/math_qwen.py:32b --config.mesh.distributed=True \
+      --workdir=gs://my-bucket/runs/math_qwen_32b"
+  # two v5p-64 slices over DCN (Multislice): the data axis spans the slices
+  ... "--config=configs/math_qwen.py:32b --config.mesh.distributed=True --config.mesh.dcn=2 ..."
+  # 16 × H100 (2 nodes of 8)
+  sbatch --nodes=2 --gpus-per-node=8 launch/slurm.sh --config=configs/math_qwen.py:32b \
+      --workdir=/shared/runs/math_qwen_32b
 
 Expected run time on 8 × H100 (an estimate, not yet measured end to end): 1.5b ≈ 2–3 min per RL
 step, ≈ 4–5 h for the 100 steps; 3b about twice that; 7b ≈ 10–12 min per step, ≈ 18–20 h. Basis:
@@ -47,6 +56,29 @@ ones before it (on the GPU it changed nothing: 1.5b's decode recompiled after it
 The compiled matmul FLOPs per chip are 1.1 × the model FLOPs for the 7b's update on TPU as on the
 H100s (the rematted forward; benchmarks/README.md, third session — the 1.9–2.8 × recorded before
 was a miscount of the TPU's HLO, since fixed).
+
+32b on pods (issue 33; benchmarks/README.md, 2026-12-06, the run's programs compiled for
+compile-only devices of the whole pod, many hosts; per-chip GB = 1e9 bytes):
+  target              update  prepare  prefill  decode  run          kernels
+  v5p-64 (32 chips)    32.5     6.5     17.7     16.8    30.0 of 102   splash, paged
+  h100x16 (2 hosts)    49.6    11.6     17.5     16.2    42.1 of 84.9  cuDNN, Pallas decode
+  v5p-64x2 (2 slices)  30.7     6.4     24.0     16.8    36.3 of 102   splash, paged
+("run": the sampler's peak + the training state resident, 12.3 and 24.6 GB.) Over two v5p-64
+slices (`--config.mesh.dcn=2`) the state is the same 12.3 GB per chip — FSDP stays inside a slice,
+the slices hold replicas and exchange only the gradients' reduction — and the update's FLOPs per
+chip halve. Compiled FLOPs per chip are 1.19 × the model's for the update (rematted forward),
+0.94–0.98 for the forwards. A lower bound on one RL step from the compiled programs (every
+completion 1,024 tokens long; each program's max(FLOPs / peak, bytes / bandwidth) times its calls
+per step — a bound, not a time): ≥ 314 s on the v5p-64 (4 updates 167 s, old-logprob pass 45 s,
+11,015 decode steps of ≥ 8.9 ms over 476 slots 98 s), ≥ 156 s over two v5p-64 slices (half the
+work per chip), ≥ 222 s on 16 H100s (FLOPs alone: the GPU compiler reports no bytes, so its
+22,029 decode steps over 238 slots are bounded by their FLOPs only, 0.96 ms each).
+Smallest it fits: 16 × H100 (compiled above). On 8 × H100 the update does not fit (94.1 GB per
+GPU at micro-batch 8, 87.9 at 4, of 84.9: 49.2 GB of state and a whole float32 gradient shard,
+with tensor = 8 leaving no FSDP to split them). On TPU the v5p-64 is the smallest compiled; it
+leaves 3 × headroom, and a v5p-32 has the per-chip layout of the 16 H100s above (fsdp 2 × tensor
+8) with 102 GB chips — not compiled here (a program of this size took 10–13 minutes of this
+box's CPU share).
 
 Sampling memory per GPU (8-way FSDP, tensor = 1; sampling.max_concurrent rows over the 8 GPUs,
 so max_concurrent / 8 slots each; cfpo_jax.sampling): every slot holds keys and values for
@@ -91,6 +123,11 @@ SIZES["7b-v6e"] = dict(SIZES["7b"], max_concurrent=0, kv_cache_gb=4.0)
 # A TPU v5p-8 (4 chips of 95 GiB): the 7b's 2048 rows at once would be 512 slots per chip; 1024
 # keeps 8 × H100's 256 per chip.
 SIZES["7b-v5p"] = dict(SIZES["7b"], max_concurrent=1024)
+# Qwen2.5-32B on a pod (a v5p-64, two v5p-64 slices with --config.mesh.dcn=2, or 16 × H100): its
+# sampler's bf16 copy (66 GB) fits no chip whole beside the training state, so 8-way tensor
+# parallelism (inside one host of 8 GPUs) splits that copy and the KV cache, FSDP takes the rest.
+SIZES["32b"] = dict(path="Qwen/Qwen2.5-32B-Instruct", micro_batch_size=8, max_concurrent=0,
+                    kv_cache_gb=8.0, tensor=8)
 
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 
@@ -108,7 +145,7 @@ def get_config(arg: str = "1.5b"):
     c.model.dtype = "bfloat16"
     c.model.remat = True
 
-    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, 1
+    c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, -1, size.get("tensor", 1)
 
     c.data.source = "hf:DigitalLearningGmbH/MATH-lighteval:train"
     c.data.preset = "math"

@@ -251,7 +251,6 @@ def rollout_routing(prompt_routing_BxQxLxK, prompt_mask_BxP, step_routing_BxNxLx
       then completion token s - 1; steps past the row's end are ignored by the caller's mask.
     """
     B, P = prompt_mask_BxP.shape
-    N = step_routing_BxNxLxK.shape[1]
     length_B = jnp.sum(prompt_mask_BxP != 0, axis=1, dtype=jnp.int32)
     column_P = jnp.arange(P)
     # Rollout column c < P - 1 holds the prompt's token c - (P - length); the prefill covers those.

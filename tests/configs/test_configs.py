@@ -92,6 +92,7 @@ def test_validation_names_each_bad_value(tmp_path):
     config.rewards.fns, config.rewards.weights = ("math", "no_such_module:fn", "nope"), (1, 1, 1)
     config.rewards.num_workers = 0
     config.data.synthetic.ops = "/"
+    config.mesh.dcn = 0
     with pytest.raises(ValueError) as error:
         config_lib.validate(config)
     message = str(error.value)
@@ -102,5 +103,6 @@ def test_validation_names_each_bad_value(tmp_path):
                     "cannot import module 'no_such_module'",
                     "unknown reward function 'nope'",
                     "rewards.num_workers must be >= 1",
-                    "valid operations are '+', '-', '*'"]:
+                    "valid operations are '+', '-', '*'",
+                    "mesh.dcn (slices) must be >= 1; got 0"]:
         assert problem in message, (problem, message)

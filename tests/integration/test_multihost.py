@@ -1,9 +1,11 @@
-"""Multi-process runs through jax.distributed on localhost (127.0.0.1 only): 2 CPU processes × 4
-devices each, compared with 1 process × 8 devices."""
+"""Multi-process runs through jax.distributed on localhost (127.0.0.1 only): 4 CPU processes × 2
+devices each (and 2 × 4), compared with 1 process × 8 devices; the mesh's fsdp axis spans the
+processes (quickstart's `mesh.fsdp = -1`: 8-way over all of them)."""
 
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,9 +58,11 @@ TRAIN_ARGS = ["--config.data.batch_size=4", "--config.rl.group_size=4",
               "--config.train.checkpoint_every=100"]
 
 
-def launch_trainer(workdir, *overrides, processes=2):
-    """`python -m cfpo_jax.train` as `processes` jax.distributed processes (4 devices each) or,
-    with processes=1, one process with 8 devices; each one's output goes to <workdir>.<i>.log."""
+def launch_trainer(workdir, *overrides, processes=2, devices=None):
+    """`python -m cfpo_jax.train` as `processes` jax.distributed processes of `devices` CPU devices
+    each (default: 8 devices in all), or one process without jax.distributed when processes=1;
+    each one's output goes to <workdir>.<i>.log."""
+    devices = devices or 8 // processes
     base = [sys.executable, "-m", "cfpo_jax.train", "--config=configs/quickstart.py",
             f"--workdir={workdir}", *TRAIN_ARGS, *overrides]
     port = free_port()
@@ -68,7 +72,7 @@ def launch_trainer(workdir, *overrides, processes=2):
             "--config.mesh.distributed=True", f"--config.mesh.coordinator_address=127.0.0.1:{port}",
             f"--config.mesh.num_processes={processes}", f"--config.mesh.process_id={i}"]
         log = open(f"{workdir}.{i}.log", "a")
-        procs.append(subprocess.Popen(args, env=process_env(8 if processes == 1 else 4), cwd=ROOT,
+        procs.append(subprocess.Popen(args, env=process_env(devices), cwd=ROOT,
                                       stdout=log, stderr=subprocess.STDOUT, text=True))
         procs[-1].log_path = log.name
     return procs
@@ -94,18 +98,58 @@ def read_steps(workdir):
 KEYS = ("loss", "grad_norm", "reward_mean", "clip_frac", "response_len_mean")
 
 
-def test_two_processes_train_like_one_process(tmp_path):
-    """2 processes × 4 devices and 1 process × 8 devices: the same first steps (losses, gradient
-    norms, rewards); one metrics file, written once per step."""
-    two = launch_trainer(tmp_path / "two", "--config.train.num_steps=2")
-    one = launch_trainer(tmp_path / "one", "--config.train.num_steps=2", processes=1)
-    finish(two + one)
-    steps_two, steps_one = read_steps(tmp_path / "two"), read_steps(tmp_path / "one")
-    assert [r["step"] for r in steps_two] == [1, 2]  # process 1 wrote nothing
+def assert_same_steps(steps, expected):
+    assert [r["step"] for r in steps] == [r["step"] for r in expected]
     for key in KEYS:
-        np.testing.assert_allclose([r[key] for r in steps_two], [r[key] for r in steps_one],
+        np.testing.assert_allclose([r[key] for r in steps], [r[key] for r in expected],
                                    rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def resume_from_step_1(saved_workdir, workdir, *overrides, processes, devices):
+    """A new run in `workdir` that starts from `saved_workdir`'s checkpoint of step 1 (its later
+    ones left out) and trains step 2 with `processes` × `devices` and the mesh `overrides`."""
+    shutil.copytree(saved_workdir / "checkpoints", workdir / "checkpoints",
+                    ignore=lambda d, names: [n for n in names if d.endswith("checkpoints") and n == "2"])
+    outputs = finish(launch_trainer(workdir, "--config.train.num_steps=2", *overrides,
+                                    processes=processes, devices=devices))
+    assert "resumed from step 1" in outputs[0], outputs[0][-3000:]
+    return read_steps(workdir)
+
+
+def test_four_processes_train_like_one_process_and_restore_on_two_with_another_mesh(tmp_path):
+    """4 processes × 2 devices (fsdp 8 across them) and 1 process × 8 devices: the same first steps
+    (losses, gradient norms, rewards); one metrics file, written once per step. The 4 processes'
+    checkpoint of step 1 (each wrote its own shards) restores on 2 processes × 4 devices with a
+    different mesh — each process a slice (`mesh.dcn` = 2: data 2 across them, fsdp 2 × tensor 2
+    inside) — whose step 2 is the 4 processes' step 2."""
+    four = launch_trainer(tmp_path / "four", "--config.train.num_steps=2",
+                          "--config.train.checkpoint_every=1", processes=4)
+    one = launch_trainer(tmp_path / "one", "--config.train.num_steps=2", processes=1)
+    finish(four + one)
+    steps_four, steps_one = read_steps(tmp_path / "four"), read_steps(tmp_path / "one")
+    assert [r["step"] for r in steps_four] == [1, 2]  # processes 1-3 wrote nothing
+    assert_same_steps(steps_four, steps_one)
     assert steps_one[0]["grad_norm"] > 0 and steps_one[0]["loss"] != steps_one[1]["loss"]
+
+    steps_two = resume_from_step_1(tmp_path / "four", tmp_path / "two", "--config.mesh.dcn=2",
+                                   "--config.mesh.tensor=2", processes=2, devices=4)
+    assert_same_steps(steps_two, steps_four[1:])
+
+
+@pytest.mark.slow  # a 4-process and a 1-process launch
+def test_checkpoint_of_four_processes_restores_on_one_process_with_another_mesh(tmp_path):
+    """The 4 processes' checkpoint of step 1 restores in one process of 4 devices on a mesh of
+    data 2 × fsdp 2: its step 2 is the 4 processes' step 2."""
+    finish(launch_trainer(tmp_path / "four", "--config.train.num_steps=2",
+                          "--config.train.checkpoint_every=1", processes=4))
+    steps_four = read_steps(tmp_path / "four")
+    steps_one = resume_from_step_1(tmp_path / "four", tmp_path / "one", "--config.mesh.data=2",
+                                   "--config.mesh.fsdp=2", processes=1, devices=4)
+    assert_same_steps(steps_one, steps_four[1:])
+
+
+# The expert axis spanning processes (issue 33, with the MoE model): a 4-process run of a MoE
+# config whose `expert` mesh axis crosses process boundaries, against one process, goes here.
 
 
 @pytest.mark.slow  # three 2-process launches: minutes on 2 cores

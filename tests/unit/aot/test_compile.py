@@ -294,3 +294,44 @@ def test_moe_compiles_with_expert_parallelism_and_fits(name):
             assert not missing, f"{name} {program}: no {sorted(missing)} in the compiled HLO"
             bound = _moe_peak_bound(program, mesh.size, shards)
             assert 0 < row["peak"] < bound, f"{name} {program}: peak {row['peak']:,} B > bound {bound:,.0f} B"
+
+
+# Cloud's figures per pod target: chips, hosts (4 chips per v5p / v6e pod host, 8 GPUs per H100
+# host), slices, device kind.
+H100 = "NVIDIA H100 80GB HBM3"
+PODS = {"v5p-16": (8, 2, 1, "TPU v5"), "v5p-32": (16, 4, 1, "TPU v5"), "v5p-64": (32, 8, 1, "TPU v5"),
+        "v5p-128": (64, 16, 1, "TPU v5"), "v5p-256": (128, 32, 1, "TPU v5"),
+        "v5p-64x2": (64, 16, 2, "TPU v5"), "v6e-64": (64, 16, 1, "TPU v6 lite"),
+        "v6e-256": (256, 64, 1, "TPU v6 lite"),
+        "h100x16": (16, 2, 1, H100), "h100x32": (32, 4, 1, H100), "h100x64": (64, 8, 1, H100)}
+
+
+@pytest.mark.parametrize("name", list(PODS))
+def test_pod_target_spans_its_hosts_and_a_data_parallel_step_compiles(name):
+    """Each pod's compile-only devices: its chips over its hosts (and slices), and a data-parallel
+    gradient step (batch over data × fsdp, weights over fsdp) compiled for all of them — with
+    `mesh.dcn` = the slices, the data axis across the two v5p-64 slices — holding the all-reduce
+    or reduce-scatter that crosses the hosts."""
+    from cfpo_jax.aot import targets
+
+    target = targets.get(name)
+    if importlib.util.find_spec("libtpu" if target.platform == "tpu" else "jax_cuda12_plugin") is None:
+        pytest.skip("no compile-only devices for it (pip install -e '.[compile]')")
+    import jax.numpy as jnp
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from cfpo_jax import sharding
+
+    chips, hosts, slices, kind = PODS[name]
+    devices = targets.devices(name)
+    assert (len(devices), len({d.process_index for d in devices}), devices[0].device_kind) == (chips, hosts, kind)
+    assert (target.chips, target.hosts, target.slices) == (chips, hosts, slices)
+    mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1, devices=devices, dcn=slices)
+    assert dict(mesh.shape) == {"data": slices, "fsdp": chips // slices, "tensor": 1}
+    x = jax.ShapeDtypeStruct((8 * chips, 256), jnp.bfloat16, sharding=sharding.batch_sharding(mesh))
+    w = jax.ShapeDtypeStruct((256, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp", None)))
+    grad = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w).astype(jnp.float32))),
+                   out_shardings=NamedSharding(mesh, P("fsdp", None)))
+    hlo = grad.lower(w, x).compile().as_text()
+    assert "all-reduce" in hlo or "reduce-scatter" in hlo
