@@ -92,7 +92,7 @@ def test_lag_2_samples_from_the_policy_two_steps_older(tmp_path):
     assert any(lagged[i]["loss"] != sync[i]["loss"] for i in (1, 2, 3))
 
 
-def failing_produce(self, params, prompts, sample_key):
+def failing_produce(self, params, prompts, sample_key, more_prompts=None):
     raise ConnectionError("reward worker lost")
 
 
