@@ -49,14 +49,14 @@ def test_make_mesh_dcn_slices_span_the_data_axis():
     """mesh.dcn = 2 on 8 devices without slice ids: two slices of 4 consecutive devices, the data
     axis (2 × data 1) across them, fsdp × tensor (2 × 2) inside each; sizes are per slice."""
     mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=2, dcn=2)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
     ids = np.vectorize(lambda d: d.id)(mesh.devices)
     assert sorted(ids[0].ravel()) == [0, 1, 2, 3] and sorted(ids[1].ravel()) == [4, 5, 6, 7]
     # The run's mesh (cfpo_jax.policy.make_mesh) takes mesh.dcn from the config.
     config = config_lib.base_config()
     config.mesh.tensor, config.mesh.dcn = 2, 2
     config.data.batch_size, config.rl.group_size, config.rl.num_minibatches = 4, 2, 1
-    assert dict(policy.make_mesh(config).shape) == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert dict(policy.make_mesh(config).shape) == {"data": 2, "fsdp": 2, "expert": 1, "tensor": 2}
     with pytest.raises(ValueError, match="mesh.dcn=3"):
         sharding.make_mesh(dcn=3)
     with pytest.raises(ValueError, match="per slice"):
@@ -75,7 +75,7 @@ def test_make_mesh_dcn_follows_slice_ids_of_two_v5p_slices():
     devices = targets.devices("v5p-64x2")
     assert len({d.process_index for d in devices}) == 16
     mesh = sharding.make_mesh(fsdp=-1, tensor=4, devices=devices, dcn=2)
-    assert dict(mesh.shape) == {"data": 2, "fsdp": 8, "tensor": 4}
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 8, "expert": 1, "tensor": 4}
     slices = np.vectorize(lambda d: d.slice_index)(mesh.devices)
     assert (slices[0] == 0).all() and (slices[1] == 1).all()
 

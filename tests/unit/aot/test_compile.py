@@ -328,7 +328,7 @@ def test_pod_target_spans_its_hosts_and_a_data_parallel_step_compiles(name):
     assert (len(devices), len({d.process_index for d in devices}), devices[0].device_kind) == (chips, hosts, kind)
     assert (target.chips, target.hosts, target.slices) == (chips, hosts, slices)
     mesh = sharding.make_mesh(data=1, fsdp=-1, tensor=1, devices=devices, dcn=slices)
-    assert dict(mesh.shape) == {"data": slices, "fsdp": chips // slices, "tensor": 1}
+    assert dict(mesh.shape) == {"data": slices, "fsdp": chips // slices, "expert": 1, "tensor": 1}
     x = jax.ShapeDtypeStruct((8 * chips, 256), jnp.bfloat16, sharding=sharding.batch_sharding(mesh))
     w = jax.ShapeDtypeStruct((256, 512), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp", None)))
     grad = jax.jit(jax.grad(lambda w, x: jnp.sum(jnp.tanh(x @ w).astype(jnp.float32))),
