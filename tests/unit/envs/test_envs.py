@@ -8,7 +8,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -243,9 +242,8 @@ def test_episode_token_bookkeeping_against_a_hand_built_transcript(tiny_policy):
 
     # The trainer's view (learner.make_prepare): one sequence per episode, positions from the
     # attention mask, which covers the answers; the loss mask covers only sampled tokens.
-    rl = ml_collections.ConfigDict(dict(micro_batch_size=0, beta=0.0, kl_in_reward=False,
-                                        estimator="grpo", group_size=2, pack=False, num_epochs=2,
-                                        num_minibatches=1))
+    rl = base_config().rl
+    rl.update(dict(estimator="grpo", group_size=2, pack=False, num_epochs=2, num_minibatches=1))
     prepare = learner.make_prepare(nnx_graphdef(model), rl, temperature=1.0,
                                    pad_id=tokenizer.pad_token_id,
                                    batch_sh=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
