@@ -116,6 +116,7 @@ def resume_from_step_1(saved_workdir, workdir, *overrides, processes, devices):
     return read_steps(workdir)
 
 
+@pytest.mark.slow  # 4 + 1 + 2 trainer processes: 851 s on the loaded 2-core box (issue 33)
 def test_four_processes_train_like_one_process_and_restore_on_two_with_another_mesh(tmp_path):
     """4 processes × 2 devices (fsdp 8 across them) and 1 process × 8 devices: the same first steps
     (losses, gradient norms, rewards); one metrics file, written once per step. The 4 processes'
