@@ -363,7 +363,7 @@ def test_bad_checkpoints_give_clear_errors(tmp_path):
     cfg["model_type"] = "mistral"
     with open(os.path.join(directory, "config.json"), "w") as f:
         json.dump(cfg, f)
-    with pytest.raises(ValueError, match="'mistral'.*qwen2, qwen3, llama"):
+    with pytest.raises(ValueError, match="'mistral'.*qwen2, qwen3, qwen3_moe, llama"):
         from_pretrained(directory)
     with pytest.raises(ValueError, match="param_dtype='float64'.*float32"):
         ModelConfig(model_type="llama", vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1,
