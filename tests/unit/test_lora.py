@@ -271,7 +271,7 @@ def test_resumed_lora_run_equals_an_uninterrupted_one_and_exports(tmp_path):
     adapter directory, which peft loads onto the base with the merged model's logits."""
     import peft
 
-    from tests.fixtures.runs import read_metrics, tiny
+    from tests.fixtures.runs import read_metrics, state_leaves, tiny
 
     from cfpo_jax import train
 
@@ -282,8 +282,7 @@ def test_resumed_lora_run_equals_an_uninterrupted_one_and_exports(tmp_path):
     full = run("full", 4, train__export_hf=True, train__export_peft=True)
     run("resumed", 2)
     resumed = run("resumed", 4)
-    for a, b in zip(jax.tree.leaves(jax.device_get(resumed["state"])),
-                    jax.tree.leaves(jax.device_get(full["state"]))):
+    for a, b in zip(state_leaves(resumed["state"]), state_leaves(full["state"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert [m["loss"] for m in read_metrics(str(tmp_path / "resumed"))][-2:] == \
         [m["loss"] for m in read_metrics(str(tmp_path / "full"))][-2:]
@@ -352,7 +351,7 @@ def test_lora_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapter
     """A real preemption: `python -m cfpo_jax.train` with adapters, SIGKILLed once its first
     checkpoint is complete, then restarted, ends with the adapters and Adam moments of the same
     run done in one go (in this process, same 8 devices, same seed)."""
-    from tests.fixtures.runs import launch, restore_like, tiny, wait_for
+    from tests.fixtures.runs import launch, restore_like, state_leaves, tiny, wait_for
 
     from cfpo_jax import train
 
@@ -376,8 +375,7 @@ def test_lora_run_killed_after_a_checkpoint_resumes_to_the_uninterrupted_adapter
     resumed = restore_like(ckpts, 6, reference["state"])
     assert set(_leaf_names(resumed["params"])) == set(_leaf_names(reference["state"]["params"]))
     assert all("lora" in name for name in _leaf_names(resumed["params"]))  # adapters only
-    for a, b in zip(jax.tree.leaves(jax.device_get(resumed)),
-                    jax.tree.leaves(jax.device_get(reference["state"]))):
+    for a, b in zip(state_leaves(resumed), state_leaves(reference["state"])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
