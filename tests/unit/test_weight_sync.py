@@ -101,7 +101,7 @@ import jax
 jax.distributed.initialize("127.0.0.1:{port}", 2, int(sys.argv[1]))
 import numpy as np
 from cfpo_jax import sharding, weight_sync
-from test_weight_sync import host_params, placed, check_shards, mesh_config
+from tests.unit.test_weight_sync import host_params, placed, check_shards, mesh_config
 devices = jax.devices()
 if {interleave}:  # the first 4 devices take 2 from each process: both meshes span both
     devices = [devices[i] for i in (0, 1, 4, 5, 2, 3, 6, 7)]
