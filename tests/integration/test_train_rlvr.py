@@ -4,9 +4,14 @@ corrections run end to end with their metrics. References: the zero-std criterio
 here from the trained batch's metrics; the resumed run is compared with an uninterrupted one; a
 correction whose weights are all 1 must leave the run unchanged."""
 
+import os
+import signal
+
 import jax
+import numpy as np
 import pytest
-from tests.fixtures.runs import max_diff, params_of, read_metrics, tiny
+from tests.fixtures.runs import (launch, max_diff, params_of, read_metrics, restore_like,
+                                 state_leaves, tiny, wait_for)
 
 from cfpo_jax import train
 
@@ -44,6 +49,37 @@ def test_dynamic_sampling_trains_informative_groups_and_resumes_exactly(tmp_path
     assert max_diff(params_of(resumed), params_of(whole)) <= 1e-6
     key = lambda m: (m["step"], m["dynamic_sampling_rounds"], m["reward_mean"])
     assert [key(m) for m in read_metrics(workdir)] == [key(m) for m in steps]
+
+
+@pytest.mark.slow  # two trainer processes and a reference run: ~3 minutes on the 2-core box
+def test_dynamic_sampling_killed_and_resumed_ends_where_the_uninterrupted_run_ends(tmp_path):
+    """SIGKILL once the first checkpoint is complete, then the same command again: the data
+    iterator's position (prompts consumed by the extra rounds included) comes back with the
+    checkpoint, so the final state is the uninterrupted run's, bit for bit, and so is every step's
+    number of rounds."""
+    flags = ("--config.rl.dynamic_sampling=True", "--config.rl.dynamic_sampling_max_rounds=4")
+    workdir = tmp_path / "preempted"
+    ckpts = workdir / "checkpoints"
+    first = launch(workdir, *flags, reward=BINARY_REWARD)
+    wait_for(lambda: ckpts.is_dir() and any(d.isdigit() for d in os.listdir(ckpts)), first)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    killed_at = max(int(d) for d in os.listdir(ckpts) if d.isdigit())
+    assert killed_at < 6
+    second = launch(workdir, *flags, reward=BINARY_REWARD)
+    output = second.communicate(timeout=900)[0]
+    assert second.returncode == 0, output
+    assert f"resumed from step {killed_at}" in output
+
+    reference_dir = str(tmp_path / "reference")
+    reference = train.run(_dynamic(train__num_steps=6, train__checkpoint_every=2), reference_dir)
+    rounds = [m["dynamic_sampling_rounds"] for m in read_metrics(reference_dir)]
+    assert max(rounds) > 1  # more prompts than one round's were drawn: the case is not trivial
+    resumed = restore_like(ckpts, 6, reference["state"])
+    for a, b in zip(state_leaves(resumed), state_leaves(reference["state"])):
+        np.testing.assert_array_equal(a, b)
+    after = {m["step"]: m["dynamic_sampling_rounds"] for m in read_metrics(str(workdir))}
+    assert [after[s] for s in sorted(after)] == rounds
 
 
 @pytest.mark.slow  # four short runs
