@@ -4,7 +4,9 @@ A stability study in the paper's sense: the same task trained over a grid of con
 typically each objective (CFPO, and `ppo` — GRPO when `rl.estimator` is `grpo`) × the number of
 epochs per rollout batch μ (`rl.num_epochs`) × the learning rate — and seeds. Every axis is a
 field of the training config, named by its path in the study file (`axes.rl.num_epochs = (1, 8)`,
-`axes.optim.lr = (7e-4, 1.5e-3)`, `axes.model.path = (...)`; see `axes_of`). Every run is an
+`axes.optim.lr = (7e-4, 1.5e-3)`, `axes.model.path = (...)`; see `axes_of`); the grid is every
+combination, except for axes the study file links (`linked = (("rl.a", "rl.b"),)`: their values go
+in step, the i-th with the i-th). Every run is an
 ordinary training run, `python -m cfpo_jax.train --config=<base> --workdir=<dir>/runs/<name>
 --config.rl.objective=... ...`, in its own workdir, named after its values
 (`cfpo_lr0.0015_mu8_seed0`); its exact command is in `<run>/command.sh`, its console output in
@@ -167,14 +169,37 @@ class Study:
     def axis(self, path: str) -> Axis | None:
         return next((a for a in self.axes if a.path == path), None)
 
+    def _groups(self) -> list[list[Axis]]:
+        """The axes grouped as they vary: alone, or together with the axes they are linked to
+        (`spec.linked`: tuples of axis paths whose values go in step — the i-th value of each —
+        e.g. a ratio reference with the correction that belongs to it)."""
+        linked = [tuple(group) for group in self.spec.get("linked", ())]
+        groups, placed = [], set()
+        for group in linked:
+            axes = [self.axis(path) for path in group]
+            missing = [path for path, axis in zip(group, axes) if axis is None]
+            if missing or len(group) < 2:
+                raise ValueError(f"study `linked` group {group!r}: give two or more of the axes "
+                                 f"({', '.join(a.path for a in self.axes)}); not axes: {missing}")
+            if len({len(axis.values) for axis in axes}) != 1:
+                raise ValueError(f"study `linked` group {group!r}: linked axes need as many values "
+                                 f"each; got {[len(axis.values) for axis in axes]}")
+            if placed & set(group):
+                raise ValueError(f"study `linked` group {group!r}: an axis is in two groups")
+            placed |= set(group)
+            groups.append(axes)
+        return groups + [[a] for a in self.axes if a.path not in placed]
+
     def runs(self) -> list[Run]:
         """Every run, seeds outermost (the first seed of every cell comes first), then the axes
-        with the objective fastest, so the objectives of a cell run side by side."""
-        order = self.axes[1:] + self.axes[:1] if self.axes[0].path == OBJECTIVE else self.axes
+        with the objective fastest, so the objectives of a cell run side by side; linked axes
+        (`spec.linked`) take their values in step instead of every combination."""
+        groups = self._groups()
+        groups.sort(key=lambda g: any(a.path == OBJECTIVE for a in g))
         runs, names = [], set()
         for seed in self.spec.seeds:
-            for combo in itertools.product(*(a.values for a in order)):
-                chosen = dict(zip((a.path for a in order), combo))
+            for combo in itertools.product(*(range(len(g[0].values)) for g in groups)):
+                chosen = {a.path: a.values[i] for g, i in zip(groups, combo) for a in g}
                 cell = tuple((a.path, chosen[a.path]) for a in self.axes)
                 name = "_".join([*(a.name(chosen[a.path]) for a in self.axes), f"seed{seed}"])
                 if name in names:

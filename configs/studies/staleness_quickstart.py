@@ -5,22 +5,19 @@ Launch (resumable — run the same command again):
   python -m cfpo_jax.study --config=configs/quickstart.py --study=configs/studies/staleness_quickstart.py --parallel=2
 
 Axes: `rl.max_staleness` k ∈ {0, 1, 2, 4, 8} (the rollout of step t sampled by the policy of
-step t - k, `rollout.Lagged`) × {CFPO, GRPO} at the stability map's frontier cell (lr 1e-3, μ = 4:
-docs/studies/stability_map_quickstart), 5 seeds, 100 RL steps of 16 prompts × 8, with the map's
-collapse rule. The old logprobs are the learner's at the start of each step (the proximal
-policy), so at μ = 1 the first update is on-policy whatever k: μ = 4 makes the later updates of a
-step off-policy, where clipping and CFPO's penalty differ.
+step t - k, `rollout.Lagged`) × {CFPO, GRPO} × the ratio's reference, two ways (linked axes):
+  * `recomputed` + `tis`: r = π/π_old with π_old the learner's logprobs at the start of the step
+    (AReaL's proximal policy), each token weighted by min(π_old/π_sampler, 2) (truncated IS);
+  * `behaviour` + `none`: r = π/π_sampler, the sampler's own logprobs — a stale token is off
+    policy before the first gradient step, where clipping zeroes its gradient and CFPO's penalty
+    stays smooth;
+at the stability map's frontier cell (lr 1e-3, μ = 4: docs/studies/stability_map_quickstart),
+5 seeds, 100 RL steps of 16 prompts × 8, with the map's collapse rule. The second learning rate
+the issue asks for where time allows: `--study.axes.optim.lr='(7e-4,)'`.
 
-Not in this file yet: the issue's third axis, the ratio's reference — recomputed old logprobs with
-token-level TIS against the behaviour (sampler) logprobs as the reference — needs issue 34's
-`rl.rollout_correction` fields (branch issue34); add it as an axis once they are on main. The
-second learning rate the issue asks for where time allows: `--study.axes.optim.lr='(7e-4,)'`.
-
-Run time: 5 × 2 × 5 = 50 runs, each about as long as a μ = 4 run of the stability map (428–550 s
-under load, docs/studies/README.md) — roughly 3–4 hours at --parallel=2 on the 2-core box
-(computed from those times, not measured). NOT RUN: on 2026-12-06 the box was shared by six
-sessions (load average ≈ 20) and the session had under two hours; the file is committed so the
-study runs as one command when a machine is free.
+Run time: 5 × 2 × 2 × 5 = 100 runs of about 100 s each on the idle 2-core box (the map's μ = 4
+runs: 79–109 s; the composition study's first two, 2026-12-06: 97 and 99 s at --parallel=2) —
+about 1.5 hours at --parallel=2 when nothing else runs (computed from those times, not measured).
 """
 
 import ml_collections
@@ -35,7 +32,10 @@ def get_config(arg: str = ""):
     s.axes.rl = ml_collections.ConfigDict(dict(
         objective=("cfpo", "ppo"),  # ppo with the base config's grpo advantages = GRPO
         max_staleness=(0, 1, 2, 4, 8),
+        ratio_reference=("recomputed", "behaviour"),
+        rollout_correction=("tis", "none"),
     ))
+    s.linked = (("rl.ratio_reference", "rl.rollout_correction"),)
     s.axes.optim = ml_collections.ConfigDict(dict(lr=(1e-3,)))
     s.seeds = (0, 1, 2, 3, 4)
     s.map = ml_collections.ConfigDict(dict(x="rl.max_staleness", y="optim.lr"))

@@ -289,6 +289,35 @@ def test_any_config_field_is_an_axis_and_names_the_runs(tmp_path):
         "cfpo", 1.5e-3, 0.2, "tiny")
 
 
+def test_linked_axes_take_their_values_in_step(tmp_path):
+    """`linked`: the i-th value of each linked axis together, every combination with the rest."""
+    spec = _axes_spec(tmp_path, {"rl.objective": ("cfpo", "ppo"), "rl.max_staleness": (0, 2),
+                                 "rl.ratio_reference": ("recomputed", "behaviour"),
+                                 "rl.rollout_correction": ("tis", "none")}, seeds=(0,))
+    spec.linked = (("rl.ratio_reference", "rl.rollout_correction"),)
+    study = study_lib.Study(spec=spec, base=quickstart(), base_file="configs/quickstart.py")
+    cells = [(r.value("rl.objective"), r.value("rl.max_staleness"), r.value("rl.ratio_reference"),
+              r.value("rl.rollout_correction")) for r in study.runs()]
+    expected = [(o, k, ref, corr) for ref, corr in (("recomputed", "tis"), ("behaviour", "none"))
+                for k in (0, 2) for o in ("cfpo", "ppo")]
+    assert sorted(cells) == sorted(expected) and len(cells) == len(set(cells)) == 8
+    assert [c[0] for c in cells[:2]] == ["cfpo", "ppo"]  # the objective still varies fastest
+    for run in study.runs():
+        study.config(run)  # (behaviour, tis) would fail validation: it is not in the grid
+
+    for linked, message in [((("rl.ratio_reference", "rl.eps"),), "not axes: \\['rl.eps'\\]"),
+                            ((("rl.ratio_reference",),), "two or more"),
+                            ((("rl.ratio_reference", "rl.max_staleness"),
+                              ("rl.max_staleness", "rl.rollout_correction")), "in two groups")]:
+        spec.linked = linked
+        with pytest.raises(ValueError, match=message):
+            study_lib.Study(spec=spec, base=quickstart(), base_file="q.py").runs()
+    spec.axes.rl.max_staleness = (0, 1, 2)
+    spec.linked = (("rl.ratio_reference", "rl.max_staleness"),)
+    with pytest.raises(ValueError, match="as many values each; got \\[2, 3\\]"):
+        study_lib.Study(spec=spec, base=quickstart(), base_file="q.py").runs()
+
+
 def test_bad_axes_fail_with_the_bad_value(tmp_path):
     base = quickstart()
     make = lambda axes: study_lib.Study(spec=_axes_spec(tmp_path, axes), base=base, base_file="q.py")
