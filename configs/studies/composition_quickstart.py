@@ -63,6 +63,8 @@ def get_config(arg: str = ""):
     ))
     s.axes.optim = ml_collections.ConfigDict(dict(lr=(1e-3,)))
     s.seeds = (0, 1, 2, 3, 4)
+    # A map per objective over the two tricks, with Fisher's test of CFPO against GRPO per cell.
+    s.map = ml_collections.ConfigDict(dict(x="rl.dynamic_sampling", y="rl.entropy_control"))
 
     # The stability map's settings, unchanged, and the tricks' own knobs.
     s.overrides = ml_collections.ConfigDict()
