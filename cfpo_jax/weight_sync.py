@@ -89,7 +89,8 @@ class WeightSync:
     batch back the other way.
 
     `target_shardings`: a pytree of NamedShardings on `target_mesh` with the params' structure
-    (e.g. `sharding.param_shardings(target_mesh, params)`). `method` forces the union
+    (e.g. `sharding.param_shardings(target_mesh, params)`), or one NamedSharding for every leaf
+    (a rollout batch, whose shapes may change from call to call). `method` forces the union
     program ("union") on disjoint meshes of one process (tests, benchmarks); default: chosen."""
 
     def __init__(self, source_mesh: Mesh, target_mesh: Mesh, target_shardings, *,
@@ -132,7 +133,8 @@ class WeightSync:
 
     def _union(self, params):
         leaves, treedef = jax.tree.flatten(params)
-        if self._send is None:
+        if self._send is None or [(b.shape, b.dtype) for b in self._send] != [
+                (x.shape, x.dtype) for x in leaves]:
             self._send = [self._zeros(x) for x in leaves]
         stacked = [self._stack(x, buffer) for x, buffer in zip(leaves, self._send)]
         key = tuple((x.shape, x.dtype, x.sharding.spec) for x in leaves)
@@ -141,7 +143,8 @@ class WeightSync:
         received = self._programs[key](*stacked)
         transfer = [self._rollout_half(r, x) for r, x in zip(received, leaves)]
         self._send = transfer
-        targets = jax.tree.leaves(self.target_shardings)
+        targets = jax.tree.leaves(self.target_shardings) if not isinstance(
+            self.target_shardings, NamedSharding) else [self.target_shardings] * len(transfer)
         # A reshard on the rollout devices alone, where the rollout rules differ.
         out = [t if t.sharding.is_equivalent_to(s, t.ndim) else jax.device_put(t, s)
                for t, s in zip(transfer, targets)]

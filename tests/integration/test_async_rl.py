@@ -108,7 +108,7 @@ def test_bad_values_are_refused():
     from cfpo_jax import config as config_lib
 
     for overrides, message in [(dict(rl__max_staleness=-1), "rl.max_staleness must be"),
-                               (dict(mesh__rollout_devices=2), "mesh.rollout_devices=2"),
+                               (dict(mesh__rollout_devices=-2), "mesh.rollout_devices=-2"),
                                (dict(rl__max_staleness=1, mesh__distributed=True),
                                 "one process only")]:
         with pytest.raises(ValueError, match=message):

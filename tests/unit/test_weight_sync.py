@@ -42,7 +42,7 @@ def check_shards(out, expected, mesh):
 
 def mesh_config(rollout_devices, *, fsdp=-1, tensor=1, rollout_fsdp=-1, rollout_tensor=1):
     return ml_collections.ConfigDict(dict(
-        data=1, fsdp=fsdp, tensor=tensor, rollout_devices=rollout_devices,
+        data=1, fsdp=fsdp, tensor=tensor, expert=1, dcn=1, rollout_devices=rollout_devices,
         rollout=dict(data=1, fsdp=rollout_fsdp, tensor=rollout_tensor)))
 
 
