@@ -133,6 +133,8 @@ class WeightSync:
 
     def _union(self, params):
         leaves, treedef = jax.tree.flatten(params)
+        if not leaves:  # e.g. the frozen state of a policy without adapters
+            return params
         if self._send is None or [(b.shape, b.dtype) for b in self._send] != [
                 (x.shape, x.dtype) for x in leaves]:
             self._send = [self._zeros(x) for x in leaves]
@@ -140,22 +142,27 @@ class WeightSync:
         key = tuple((x.shape, x.dtype, x.sharding.spec) for x in leaves)
         if key not in self._programs:
             self._programs[key] = send_program(self.union_mesh, [s.sharding.spec for s in stacked])
-        received = self._programs[key](*stacked)
+        # Each program with its own mesh in context, whatever mesh the caller has in context.
+        with jax.set_mesh(self.union_mesh):
+            received = self._programs[key](*stacked)
         transfer = [self._rollout_half(r, x) for r, x in zip(received, leaves)]
         self._send = transfer
         targets = jax.tree.leaves(self.target_shardings) if not isinstance(
             self.target_shardings, NamedSharding) else [self.target_shardings] * len(transfer)
-        # A reshard on the rollout devices alone, where the rollout rules differ.
-        out = [t if t.sharding.is_equivalent_to(s, t.ndim) else jax.device_put(t, s)
-               for t, s in zip(transfer, targets)]
+        # A reshard on the rollout devices alone, where the rollout rules differ; else the same
+        # buffers under the target sharding (its mesh is what later programs are traced with).
+        with jax.set_mesh(self.target_mesh):
+            out = [t if t.sharding == s else jax.device_put(t, s)
+                   for t, s in zip(transfer, targets)]
         return jax.tree.unflatten(treedef, out)
 
     def _transfer_sharding(self, x) -> NamedSharding:
         return NamedSharding(self.transfer_mesh, x.sharding.spec)
 
     def _zeros(self, x):
-        return jax.jit(lambda: jnp.zeros(x.shape, x.dtype),
-                       out_shardings=self._transfer_sharding(x))()
+        with jax.set_mesh(self.transfer_mesh):
+            return jax.jit(lambda: jnp.zeros(x.shape, x.dtype),
+                           out_shardings=self._transfer_sharding(x))()
 
     def _stack(self, x, buffer):
         """`x` (learner devices) and `buffer` (rollout devices, same layout) as one [2·d0, ...]
