@@ -29,8 +29,9 @@ The move (`WeightSync`), chosen once from the two meshes:
   program's output there, freed at once); the rollout side keeps the last transfer-layout result
   as the next call's send buffer (no copy when the two layouts are the same).
 
-`WeightSync.seconds` holds the last move's wall time, up to the weights being ready on the
-rollout devices: the `weight_sync_s` metric.
+`WeightSync.seconds` holds the last move's wall time, from the weights being ready on the
+learner devices (the update that made them is not counted) to their being ready on the rollout
+devices: the `weight_sync_s` metric.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ class WeightSync:
             self._programs = {}
 
     def __call__(self, params):
+        jax.block_until_ready(params)  # the update that made them is not the move's time
         t0 = time.perf_counter()
         if self.method == "copy":
             out = self._copy(params)
