@@ -1,8 +1,8 @@
 """Asynchronous RL in the trainer (`rl.max_staleness`, `rollout.Lagged`): the producer path at
 k = 0 equals the synchronous loop metric for metric; at k = 2 the rollouts come from the policy two
 steps older (staleness metrics); a producer or scorer failure surfaces with its traceback; SIGKILL
-or SIGTERM and resume at k = 2 ends where the uninterrupted run ends. References: the synchronous loop (the code
-path that existed before this feature) and an uninterrupted run."""
+or SIGTERM and resume at k = 2 ends where the uninterrupted run ends. References: the synchronous
+loop (the code path that existed before this feature) and an uninterrupted run."""
 
 import os
 import signal
