@@ -350,7 +350,8 @@ def _placeholder_batch(work, rollout_mesh):
 def _mesh_config():
     import ml_collections
 
-    return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, rollout_devices=1,
+    return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1, dcn=1,
+                                          rollout_devices=1,
                                           rollout=dict(data=1, fsdp=-1, tensor=1)))
 
 

@@ -77,9 +77,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.num_processes = 0
     c.mesh.process_id = -1
     # Rollout / learner placement (issue 32; sharding.placement, cfpo_jax.weight_sync). 0: both
-    # share every device (colocated). N > 0 (disaggregated: the first N devices sample, the rest
-    # learn, each mesh with its own sizes) is not wired into the trainer yet and is refused;
-    # benchmarks/async_rl.py runs it.
+    # share every device (colocated). N > 0 (disaggregated; one process for now): the first N
+    # devices sample (the rollout mesh, sized by mesh.rollout), the rest learn (the mesh above);
+    # the weights reach the sampler after each update device to device (metric weight_sync_s)
+    # and the rollout batch comes back the same way. N must leave at least one learner device.
     c.mesh.rollout_devices = 0
     c.mesh.rollout = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # its mesh sizes
 
@@ -376,9 +377,17 @@ def _mesh_errors(config) -> list[str]:
     for axis in ("data", "fsdp", "tensor"):
         if mesh[axis] < 1 and mesh[axis] != -1:
             errors.append(f"mesh.{axis} must be >= 1 or -1 (all remaining devices); got {mesh[axis]}")
-    if mesh.rollout_devices:
-        errors.append(f"mesh.rollout_devices={mesh.rollout_devices}: a separate rollout mesh is "
-                      f"not wired into the trainer yet (issue 32); use 0 (colocated)")
+    if mesh.rollout_devices < 0:
+        errors.append(f"mesh.rollout_devices={mesh.rollout_devices}: must be 0 (colocated) or the "
+                      f"number of devices that sample (1 to the device count - 1)")
+    if mesh.rollout_devices and mesh.distributed:
+        errors.append(f"mesh.rollout_devices={mesh.rollout_devices} with mesh.distributed=True: a "
+                      f"separate rollout mesh runs on one process only for now; use "
+                      f"mesh.rollout_devices=0 (colocated) on several processes")
+    for axis in ("data", "fsdp", "tensor"):
+        if mesh.rollout[axis] < 1 and mesh.rollout[axis] != -1:
+            errors.append(f"mesh.rollout.{axis} must be >= 1 or -1 (all remaining rollout "
+                          f"devices); got {mesh.rollout[axis]}")
     if mesh.dcn < 1:
         errors.append(f"mesh.dcn (slices) must be >= 1; got {mesh.dcn}")
     manual = (mesh.coordinator_address, mesh.num_processes, mesh.process_id)

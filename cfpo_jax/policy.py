@@ -17,11 +17,12 @@ from jax.experimental import multihost_utils
 from cfpo_jax import lora, models, sharding, tiny
 
 
-def make_mesh(config, devices=None):
-    """The run's ('data', 'fsdp', 'expert', 'tensor') mesh over `devices` (default all; 'data'
-    spans `mesh.dcn` slices), checked against the micro-batch it must split."""
-    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices,
-                              expert=config.mesh.expert, dcn=config.mesh.dcn)
+def make_meshes(config, devices=None):
+    """(rollout mesh, learner mesh) over `devices` (default all) per `mesh.rollout_devices`
+    (`sharding.placement`: one mesh twice when colocated, else the first N devices sample and the
+    rest learn). The learner's ('data', 'fsdp', 'expert', 'tensor') mesh ('data' spans `mesh.dcn`
+    slices) is checked against the micro-batch it must split."""
+    rollout_mesh, mesh = sharding.placement(config.mesh, devices)
     rl = config.rl
     batch_shards = sharding.batch_shards(mesh)
     micro = rl.micro_batch_size or config.data.batch_size * rl.group_size // rl.num_minibatches
@@ -31,7 +32,12 @@ def make_mesh(config, devices=None):
             f"rl.group_size / rl.num_minibatches) must divide over the {batch_shards} "
             f"data × fsdp × expert shards of the mesh {dict(mesh.shape)}"
         )
-    return mesh
+    return rollout_mesh, mesh
+
+
+def make_mesh(config, devices=None):
+    """The learner mesh of `make_meshes` (the run's only mesh when colocated)."""
+    return make_meshes(config, devices)[1]
 
 
 def build_tiny(config, workdir: str) -> str:

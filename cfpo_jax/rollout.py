@@ -43,8 +43,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from cfpo_jax import data, dynamic_sampling, envs, lora, metrics, rewards, sampling, sandbox, sharding
+from cfpo_jax import (data, dynamic_sampling, envs, lora, metrics, rewards, sampling, sandbox,
+                      sharding, weight_sync)
 from cfpo_jax.rewards import overlong
 from cfpo_jax.batch import Batch
 
@@ -141,13 +144,35 @@ def _decode(text: str) -> np.ndarray:
 
 class Rollout:
     """sample → completion text → rewards → advantages, old / reference logprobs; `produce` (the
-    sampler's half) and `finish` (the learner's) apart for asynchronous rollouts (`Lagged`)."""
+    sampler's half) and `finish` (the learner's) apart for asynchronous rollouts (`Lagged`).
+
+    Placement (`mesh.rollout_devices`, `policy.make_meshes`): the sampler runs on `mesh`, the
+    rollout mesh, and `finish` on the learner's. Colocated (one mesh) the sampler reads the
+    learner's parameters as they are. Disaggregated (disjoint meshes, each with its own sharding
+    rules) the frozen state is placed on the rollout mesh once, the parameters before each
+    rollout (`sync_weights`, device to device; `weight_sync_s` in the step's times), the sampler
+    key goes with them, and the sampled batch goes back to the learner mesh device to device
+    before `learner.prepare` — so the numbers are the colocated run's."""
 
     def __init__(self, config, mesh, policy, learner, *, scorer=None, generator=None):
-        """`policy`: a `policy.Policy` (graph, frozen state, tokenizer, ids); `learner`: the
-        `learner.Learner` whose `prepare` makes the rollout batch."""
+        """`mesh`: the rollout mesh (the learner's own when colocated); `policy`: a
+        `policy.Policy` (graph, frozen state, tokenizer, ids; placed on the learner mesh);
+        `learner`: the `learner.Learner` whose `prepare` makes the rollout batch."""
         self.config, self.mesh, self.learner = config, mesh, learner
         self.graphdef, self.frozen = policy.graphdef, policy.frozen
+        self.disaggregated = set(mesh.devices.flat) != set(learner.mesh.devices.flat)
+        self._weights = None  # the learner -> rollout `WeightSync`, made at the first move
+        self.weight_sync_s = 0.0
+        if self.disaggregated:
+            if jax.process_count() > 1:
+                raise ValueError(
+                    f"mesh.rollout_devices={config.mesh.rollout_devices}: a separate rollout mesh "
+                    f"runs on one process only for now; this run has {jax.process_count()} "
+                    f"processes (use mesh.rollout_devices=0)")
+            self.frozen = weight_sync.WeightSync(
+                learner.mesh, mesh, sharding.param_shardings(mesh, policy.frozen))(policy.frozen)
+            self._to_learner = weight_sync.WeightSync(mesh, learner.mesh,
+                                                      sharding.batch_sharding(learner.mesh))
         self.tokenizer, self.pad_id = policy.tokenizer, policy.pad_id
         sandbox.from_config(config)  # protections logged (strict: refused) now, not mid-rollout
         self.scorer = scorer or rewards.Scorer.from_config(config.rewards, mesh=mesh)
@@ -165,17 +190,41 @@ class Rollout:
         """One step's rollout of `prompts` from the policy in `state`. With
         `rl.dynamic_sampling`, `more_prompts()` gives the next `data.batch_size` prompts of each
         further round (the trainer's data iterator)."""
-        return self.finish(state, self.produce(state["params"], prompts, sample_key, more_prompts))
+        if not self.disaggregated:
+            return self.finish(state, self.produce(state["params"], prompts, sample_key,
+                                                   more_prompts))
+        params = self.sync_weights(state["params"])
+        result = self.finish(state, self.produce(params, prompts, sample_key, more_prompts))
+        return dataclasses.replace(result, times=dict(result.times,
+                                                      weight_sync_s=self.weight_sync_s))
+
+    def sync_weights(self, params):
+        """The learner's `params` for the sampler: moved to the rollout mesh in its own shardings
+        (disaggregated), or copied in place (colocated: the learner donates its own to the next
+        update while an asynchronous rollout may still sample) — `weight_sync.WeightSync`. Its
+        wall time goes to `weight_sync_s`."""
+        if self._weights is None:
+            shardings = (sharding.param_shardings(self.mesh, params) if self.disaggregated
+                         else jax.tree.map(lambda x: x.sharding, params))
+            self._weights = weight_sync.WeightSync(self.learner.mesh, self.mesh, shardings)
+        params = self._weights(params)
+        self.weight_sync_s = self._weights.seconds
+        return params
 
     def produce(self, params, prompts: data.Batch, sample_key, more_prompts=None) -> Produced:
-        """The sampler's half: sample from `params` → completion text → rewards (host), in
-        rounds with `rl.dynamic_sampling`."""
-        if not self.config.rl.dynamic_sampling:
-            return self._produced(*self._sample_and_score(params, prompts, sample_key), {})
-        if more_prompts is None:
-            raise ValueError("rl.dynamic_sampling samples more rounds of prompts: pass "
-                             "more_prompts (e.g. the data iterator's next)")
-        return self._dynamically_sampled(params, prompts, sample_key, more_prompts)
+        """The sampler's half: sample from `params` (on the rollout mesh) → completion text →
+        rewards (host), in rounds with `rl.dynamic_sampling`. `sample_key` may be on the learner
+        mesh (its rng chain); it is placed on the rollout mesh here."""
+        if self.disaggregated:
+            sample_key = jax.device_put(sample_key, NamedSharding(self.mesh, P()))
+        # The rollout mesh in context (per thread: `Lagged` calls this from its producer).
+        with jax.set_mesh(self.mesh):
+            if not self.config.rl.dynamic_sampling:
+                return self._produced(*self._sample_and_score(params, prompts, sample_key), {})
+            if more_prompts is None:
+                raise ValueError("rl.dynamic_sampling samples more rounds of prompts: pass "
+                                 "more_prompts (e.g. the data iterator's next)")
+            return self._dynamically_sampled(params, prompts, sample_key, more_prompts)
 
     def _dynamically_sampled(self, params, prompts: data.Batch, sample_key, more_prompts) -> Produced:
         """Rounds of sampling until `data.batch_size` informative groups (see the module doc)."""
@@ -265,7 +314,10 @@ class Rollout:
 
     def finish(self, state, produced: Produced) -> Result:
         """The learner's half: advantages, old / reference logprobs from `state` (on device)."""
-        batch, device_metrics = self.learner.prepare(state, produced.samples, produced.reward_B,
+        samples = produced.samples
+        if self.disaggregated:  # back to the learner mesh, device to device
+            samples = self._to_learner(samples)
+        batch, device_metrics = self.learner.prepare(state, samples, produced.reward_B,
                                                      produced.lengths_Bx2)
         return Result(batch, produced.lengths_Bx2, produced.host_metrics, device_metrics,
                       produced.times)
@@ -293,8 +345,9 @@ class Lagged:
     The sampler key of step t is the one the synchronous loop uses (the state's rng chain,
     advanced here on the producer's side) and the prompts come from the data iterator in step
     order, so a rollout depends on (seed, step, version) only. After each update the learner's
-    parameters are copied for the sampler (`weight_sync.WeightSync`: the learner donates its own
-    to the next update), timed as `weight_sync_s`.
+    parameters are copied for the sampler (`Rollout.sync_weights`: onto the rollout mesh when
+    disaggregated, else a copy, as the learner donates its own to the next update), timed as
+    `weight_sync_s`: the sampler of step t samples from the synced copy of version t - k.
 
     Checkpoints: `meta(step)` is the data iterator's snapshot from before step step+k's prompts
     and the k queued rollouts (`Produced.to_json`); a `Lagged` built with that meta
@@ -304,7 +357,7 @@ class Lagged:
 
     def __init__(self, rollout: Rollout, iterator, learner, state, *, num_steps: int,
                  restored_meta: dict | None = None):
-        from cfpo_jax import async_rollout, weight_sync
+        from cfpo_jax import async_rollout
 
         config = rollout.config
         self.k = config.rl.max_staleness
@@ -324,8 +377,6 @@ class Lagged:
                                               Produced.from_json(r["produced"], rollout.mesh),
                                               r["seconds"])
                         for r in restored_meta["rollout_queue"]]
-        params_sh = jax.tree.map(lambda x: x.sharding, state["params"])
-        self._sync = weight_sync.WeightSync(rollout.mesh, rollout.mesh, params_sh)
         self.weight_sync_s = 0.0
         self._producer = async_rollout.FixedLagProducer(
             self._generate, max_staleness=self.k, start_step=start, num_steps=num_steps,
@@ -343,14 +394,13 @@ class Lagged:
         return self._keys.pop(step)
 
     def _generate(self, step: int, version: int, params) -> Produced:
-        with jax.set_mesh(self.rollout.mesh):  # the mesh context is per thread
-            return self.rollout.produce(params, next(self.iterator), self._sample_key(step),
-                                        more_prompts=lambda: next(self.iterator))
+        return self.rollout.produce(params, next(self.iterator), self._sample_key(step),
+                                    more_prompts=lambda: next(self.iterator))
 
     def publish(self, version: int, state) -> None:
         """The learner's policy after `version` RL steps (its parameters copied for the sampler)."""
-        params = self._sync(state["params"])
-        self.weight_sync_s = self._sync.seconds
+        params = self.rollout.sync_weights(state["params"])
+        self.weight_sync_s = self.rollout.weight_sync_s
         self._producer.publish(version, params)
 
     def get(self, state, step: int) -> Result:

@@ -232,12 +232,12 @@ def split_devices(devices, rollout_devices: int):
 
 def placement(mesh_config, devices=None) -> tuple[Mesh, Mesh]:
     """(rollout mesh, learner mesh) per `mesh_config` (`mesh.rollout_devices`, the learner sizes
-    `mesh.{data,fsdp,tensor}` and the rollout sizes `mesh.rollout.{data,fsdp,tensor}`); one and
-    the same mesh twice when colocated."""
+    `mesh.{data,fsdp,expert,tensor,dcn}` and the rollout sizes `mesh.rollout.{data,fsdp,tensor}`);
+    one and the same mesh twice when colocated."""
     devices = jax.devices() if devices is None else devices
     rollout, learner = split_devices(devices, mesh_config.rollout_devices)
     learner_mesh = make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor,
-                             devices=learner)
+                             devices=learner, expert=mesh_config.expert, dcn=mesh_config.dcn)
     if mesh_config.rollout_devices == 0:
         return learner_mesh, learner_mesh
     sizes = mesh_config.rollout

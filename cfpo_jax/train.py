@@ -47,7 +47,7 @@ from cfpo_jax import state as state_lib
 class Parts:
     """A built run: what the loop drives."""
 
-    mesh: jax.sharding.Mesh
+    mesh: jax.sharding.Mesh  # the learner's (`rollout.mesh` is the sampler's)
     policy: policy_lib.Policy  # its `params` were donated to `state`
     learner: learner.Learner
     rollout: rollout_lib.Rollout
@@ -58,9 +58,11 @@ class Parts:
 
 def build(config, workdir: str, *, devices=None, ckpt: checkpoint.Checkpointer, progress):
     """Stage 1: (parts, state) — the state restored from `ckpt`'s latest checkpoint when there is
-    one, else fresh (after the warm start when configured). `devices` restricts the mesh (tests
-    compare 1 device with 8); default all devices."""
-    mesh = policy_lib.make_mesh(config, devices)
+    one, else fresh (after the warm start when configured). `devices` restricts the meshes (tests
+    compare 1 device with 8); default all devices. The state and the learner live on the learner
+    mesh (`parts.mesh`), the rollout's sampler on the rollout mesh — the same one unless
+    `mesh.rollout_devices` > 0 (`policy.make_meshes`)."""
+    rollout_mesh, mesh = policy_lib.make_meshes(config, devices)
     # Every program (the warm start's too) is traced with the mesh in context: attention runs the
     # kernel of the mesh's platform, per shard (`models.attention`).
     with jax.set_mesh(mesh):
@@ -85,7 +87,7 @@ def build(config, workdir: str, *, devices=None, ckpt: checkpoint.Checkpointer, 
                                    tx=tx, schedule=schedule,
                                    state_sh=jax.tree.map(lambda x: x.sharding, abstract_state))
         parts = Parts(mesh=mesh, policy=policy, learner=learner_,
-                      rollout=rollout_lib.Rollout(config, mesh, policy, learner_),
+                      rollout=rollout_lib.Rollout(config, rollout_mesh, policy, learner_),
                       hooks=hooks.from_config(config, workdir, policy, mesh), iterator=iterator,
                       restored_meta=meta)
     return parts, state

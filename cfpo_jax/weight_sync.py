@@ -29,8 +29,9 @@ The move (`WeightSync`), chosen once from the two meshes:
   program's output there, freed at once); the rollout side keeps the last transfer-layout result
   as the next call's send buffer (no copy when the two layouts are the same).
 
-`WeightSync.seconds` holds the last move's wall time, up to the weights being ready on the
-rollout devices: the `weight_sync_s` metric.
+`WeightSync.seconds` holds the last move's wall time, from the weights being ready on the
+learner devices (the update that made them is not counted) to their being ready on the rollout
+devices: the `weight_sync_s` metric.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ class WeightSync:
     batch back the other way.
 
     `target_shardings`: a pytree of NamedShardings on `target_mesh` with the params' structure
-    (e.g. `sharding.param_shardings(target_mesh, params)`). `method` forces the union
+    (e.g. `sharding.param_shardings(target_mesh, params)`), or one NamedSharding for every leaf
+    (a rollout batch, whose shapes may change from call to call). `method` forces the union
     program ("union") on disjoint meshes of one process (tests, benchmarks); default: chosen."""
 
     def __init__(self, source_mesh: Mesh, target_mesh: Mesh, target_shardings, *,
@@ -117,6 +119,7 @@ class WeightSync:
             self._programs = {}
 
     def __call__(self, params):
+        jax.block_until_ready(params)  # the update that made them is not the move's time
         t0 = time.perf_counter()
         if self.method == "copy":
             out = self._copy(params)
@@ -132,27 +135,36 @@ class WeightSync:
 
     def _union(self, params):
         leaves, treedef = jax.tree.flatten(params)
-        if self._send is None:
+        if not leaves:  # e.g. the frozen state of a policy without adapters
+            return params
+        if self._send is None or [(b.shape, b.dtype) for b in self._send] != [
+                (x.shape, x.dtype) for x in leaves]:
             self._send = [self._zeros(x) for x in leaves]
         stacked = [self._stack(x, buffer) for x, buffer in zip(leaves, self._send)]
         key = tuple((x.shape, x.dtype, x.sharding.spec) for x in leaves)
         if key not in self._programs:
             self._programs[key] = send_program(self.union_mesh, [s.sharding.spec for s in stacked])
-        received = self._programs[key](*stacked)
+        # Each program with its own mesh in context, whatever mesh the caller has in context.
+        with jax.set_mesh(self.union_mesh):
+            received = self._programs[key](*stacked)
         transfer = [self._rollout_half(r, x) for r, x in zip(received, leaves)]
         self._send = transfer
-        targets = jax.tree.leaves(self.target_shardings)
-        # A reshard on the rollout devices alone, where the rollout rules differ.
-        out = [t if t.sharding.is_equivalent_to(s, t.ndim) else jax.device_put(t, s)
-               for t, s in zip(transfer, targets)]
+        targets = jax.tree.leaves(self.target_shardings) if not isinstance(
+            self.target_shardings, NamedSharding) else [self.target_shardings] * len(transfer)
+        # A reshard on the rollout devices alone, where the rollout rules differ; else the same
+        # buffers under the target sharding (its mesh is what later programs are traced with).
+        with jax.set_mesh(self.target_mesh):
+            out = [t if t.sharding == s else jax.device_put(t, s)
+                   for t, s in zip(transfer, targets)]
         return jax.tree.unflatten(treedef, out)
 
     def _transfer_sharding(self, x) -> NamedSharding:
         return NamedSharding(self.transfer_mesh, x.sharding.spec)
 
     def _zeros(self, x):
-        return jax.jit(lambda: jnp.zeros(x.shape, x.dtype),
-                       out_shardings=self._transfer_sharding(x))()
+        with jax.set_mesh(self.transfer_mesh):
+            return jax.jit(lambda: jnp.zeros(x.shape, x.dtype),
+                           out_shardings=self._transfer_sharding(x))()
 
     def _stack(self, x, buffer):
         """`x` (learner devices) and `buffer` (rollout devices, same layout) as one [2·d0, ...]

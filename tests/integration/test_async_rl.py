@@ -1,8 +1,8 @@
 """Asynchronous RL in the trainer (`rl.max_staleness`, `rollout.Lagged`): the producer path at
 k = 0 equals the synchronous loop metric for metric; at k = 2 the rollouts come from the policy two
-steps older (staleness metrics); a producer failure surfaces with its traceback; SIGKILL and
-resume at k = 2 ends where the uninterrupted run ends. References: the synchronous loop (the code
-path that existed before this feature) and an uninterrupted run."""
+steps older (staleness metrics); a producer or scorer failure surfaces with its traceback; SIGKILL
+or SIGTERM and resume at k = 2 ends where the uninterrupted run ends. References: the synchronous
+loop (the code path that existed before this feature) and an uninterrupted run."""
 
 import os
 import signal
@@ -104,11 +104,30 @@ def test_a_producer_failure_surfaces_with_its_traceback(tmp_path, monkeypatch):
     assert "failing_produce" in str(info.value) and "ConnectionError: reward worker lost" in str(info.value)
 
 
+def failing_scorer(self, completions, answers, **fields):
+    raise BrokenPipeError("reward worker pool lost")
+
+
+def test_a_reward_failure_in_the_producer_surfaces_with_its_traceback(tmp_path, monkeypatch):
+    """The scorer itself failing (not one reward function on one item, which scores 0 and is
+    counted) inside the producer thread at k = 1: the trainer raises with the traceback through
+    the rollout's scoring, and returns (no hang)."""
+    from cfpo_jax import rewards
+
+    monkeypatch.setattr(rewards.Scorer, "__call__", failing_scorer)
+    with pytest.raises(async_rollout.ProducerError) as info:
+        train.run(tiny(rl__max_staleness=1), str(tmp_path), devices=jax.devices()[:1])
+    message = str(info.value)
+    assert "failed at step 0" in message
+    assert "_sample_and_score" in message and "failing_scorer" in message
+    assert "BrokenPipeError: reward worker pool lost" in message
+
+
 def test_bad_values_are_refused():
     from cfpo_jax import config as config_lib
 
     for overrides, message in [(dict(rl__max_staleness=-1), "rl.max_staleness must be"),
-                               (dict(mesh__rollout_devices=2), "mesh.rollout_devices=2"),
+                               (dict(mesh__rollout_devices=-2), "mesh.rollout_devices=-2"),
                                (dict(rl__max_staleness=1, mesh__distributed=True),
                                 "one process only")]:
         with pytest.raises(ValueError, match=message):
@@ -140,6 +159,38 @@ def test_sigkill_and_resume_at_lag_2_matches_an_uninterrupted_run(tmp_path):
         np.testing.assert_array_equal(a, b)
     steps = read_metrics(str(workdir))
     assert [h["staleness_mean"] for h in steps if h["step"] > killed_at][-1] == 2.0
+
+
+@pytest.mark.slow  # three trainer runs
+def test_sigterm_at_lag_2_saves_the_queue_exits_0_and_resumes_to_the_same_state(tmp_path):
+    """SIGTERM after the first checkpoint: the step in progress finishes, the state and the queued
+    rollouts are saved, exit 0; the resumed run ends where the uninterrupted run ends."""
+    workdir = tmp_path / "stopped"
+    ckpts = workdir / "checkpoints"
+    lag = ("--config.rl.max_staleness=2", "--config.train.num_steps=8")
+    first = launch(workdir, *lag)
+    wait_for(lambda: ckpts.is_dir() and any(d.isdigit() for d in os.listdir(ckpts)), first)
+    first.send_signal(signal.SIGTERM)
+    output = first.communicate(timeout=600)[0]
+    assert first.returncode == 0, output
+    stopped_at = max(int(d) for d in os.listdir(ckpts) if d.isdigit())
+    assert f"SIGTERM: saved step {stopped_at} and stopped" in output
+    assert stopped_at < 8
+    second = launch(workdir, *lag)
+    output = second.communicate(timeout=600)[0]
+    assert second.returncode == 0, output
+    assert f"resumed from step {stopped_at}" in output
+
+    reference = train.run(tiny(train__num_steps=8, train__checkpoint_every=2, rl__max_staleness=2),
+                          str(tmp_path / "ref"))
+    resumed = restore_like(ckpts, 8, reference["state"])
+    for a, b in zip(state_leaves(resumed), state_leaves(reference["state"])):
+        np.testing.assert_array_equal(a, b)
+    # Every step once, and the metrics of the steps after the stop are the reference's.
+    steps = read_metrics(str(workdir))
+    assert [h["step"] for h in steps] == list(range(1, 9))
+    for got, want in zip(steps[stopped_at:], reference["history"][stopped_at:]):
+        assert (got["loss"], got["reward_mean"]) == (want["loss"], want["reward_mean"])
 
 
 def test_the_staleness_study_expands_to_valid_configs():

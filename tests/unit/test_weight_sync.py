@@ -42,7 +42,7 @@ def check_shards(out, expected, mesh):
 
 def mesh_config(rollout_devices, *, fsdp=-1, tensor=1, rollout_fsdp=-1, rollout_tensor=1):
     return ml_collections.ConfigDict(dict(
-        data=1, fsdp=fsdp, tensor=tensor, rollout_devices=rollout_devices,
+        data=1, fsdp=fsdp, tensor=tensor, expert=1, dcn=1, rollout_devices=rollout_devices,
         rollout=dict(data=1, fsdp=rollout_fsdp, tensor=rollout_tensor)))
 
 
@@ -87,6 +87,25 @@ def test_disaggregated_sync_on_one_process(method):
         want = jax.tree.map(lambda x: x * scale, expected)
         out = sync(jax.tree.map(lambda x: x * scale, params))
         check_shards(out, want, rollout_mesh)
+
+
+def test_batches_of_changing_shapes_move_back_to_the_learner_under_a_mesh_in_context():
+    """A rollout batch (one NamedSharding for every leaf; its widths change from step to step)
+    from the rollout mesh to the learner mesh through the union program, called with the
+    learner mesh in context as the trainer does."""
+    rollout_mesh, learner_mesh = sharding.placement(mesh_config(4, rollout_fsdp=2, rollout_tensor=2))
+    to_learner = weight_sync.WeightSync(rollout_mesh, learner_mesh,
+                                        sharding.batch_sharding(learner_mesh), method="union")
+    rng = np.random.default_rng(1)
+    with jax.set_mesh(learner_mesh):
+        for width in (3, 5, 3):
+            host = dict(tokens=rng.integers(0, 9, (16, width)).astype(np.int32),
+                        logprobs=rng.standard_normal((16, width)).astype(np.float32))
+            out = to_learner(jax.device_put(host, sharding.batch_sharding(rollout_mesh)))
+            for name, want in host.items():
+                assert out[name].sharding == sharding.batch_sharding(learner_mesh)
+                for shard in out[name].addressable_shards:
+                    np.testing.assert_array_equal(np.asarray(shard.data), want[shard.index])
 
 
 def test_union_needs_equal_halves():
