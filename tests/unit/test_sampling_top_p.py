@@ -71,7 +71,9 @@ def test_nucleus_is_numpy_top_p(monkeypatch, candidates, top_p):
 def test_ties_at_the_cutoff_keep_the_lower_indices():
     keep = nucleus(rows()[12:13], 0.6)[0]
     assert sorted(np.flatnonzero(keep)) == [3, 17, 500]  # 0.4 (index 500), then the ties 3 and 17
-    uniform = nucleus(np.zeros((1, 1000), np.float32), 0.5)[0]
+    zeros = np.zeros((1, 1000), np.float32)
+    zeros[0, ::2] = -0.0  # the two zeros tie
+    uniform = nucleus(zeros, 0.5)[0]
     assert np.flatnonzero(uniform).tolist() == list(range(500))  # before < 0.5: the first 500
 
 
