@@ -32,6 +32,10 @@ within one run after a warm-up call each (the box is shared, so both see the sam
   decode time and the measured copy bandwidth (a large jnp elementwise copy, bytes read +
   written). Both peaks are measured in the same run, on the same cores.
 
+Rows: every model × dtype (`--dtypes`, float32 and bfloat16) × batch (`--batches`, 256 and 32). A
+dtype vLLM's worker does not start with (its CPU build on a CPU it does not support it on) gives a
+row that says so, with the worker's last error line, and ours is timed alone.
+
 vLLM gets both cores (`VLLM_CPU_OMP_THREADS_BIND=0-<cores-1>`, `VLLM_CPU_NUM_OF_RESERVED_CPU=0`;
 by default it keeps one for itself) and `--vllm-kv-gb` GiB of KV cache. The vLLM worker keeps its
 model loaded while cfpo_jax runs, idle between its calls.
@@ -46,6 +50,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 PROMPT_LEN = 16
@@ -84,9 +89,10 @@ class VLLM:
         env = {**os.environ, "VLLM_CPU_OMP_THREADS_BIND": f"0-{cores - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0",
                "VLLM_CPU_KVCACHE_SPACE": str(kv_gb), "VLLM_LOGGING_LEVEL": "WARNING"}
         env.pop("PYTHONPATH", None)  # its own site-packages, not this checkout's jax
+        self.stderr = tempfile.TemporaryFile("w+")  # its log; the last line names why it failed
         self.proc = subprocess.Popen(
             [python, os.path.abspath(__file__), "--worker", model_dir, dtype, str(max_rows)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
         ready = self._read()
         self.version = ready["version"]
 
@@ -94,7 +100,10 @@ class VLLM:
         for line in self.proc.stdout:
             if line.startswith("{"):
                 return json.loads(line)
-        raise RuntimeError(f"the vLLM worker exited with code {self.proc.wait()} (its stderr is above)")
+        code = self.proc.wait()
+        self.stderr.seek(0)
+        last = ([line.strip() for line in self.stderr if line.strip()] or ["no output"])[-1]
+        raise RuntimeError(f"the vLLM worker exited with code {code}: {last}")
 
     def generate(self, prompts, n, new_tokens) -> float:
         self.proc.stdin.write(json.dumps({"prompts": prompts, "n": n, "new_tokens": new_tokens}) + "\n")
@@ -106,6 +115,7 @@ class VLLM:
     def close(self):
         self.proc.stdin.close()
         self.proc.wait(timeout=120)
+        self.stderr.close()
 
 
 def vllm_missing(python: str) -> str | None:
@@ -257,7 +267,12 @@ def main(argv=None) -> int:
             batches = [int(b) for b in args.batches.split(",")]
             theirs = None
             if not missing:
-                theirs = VLLM(args.vllm_python, model_dir, dtype, max(batches), args.vllm_kv_gb, cores)
+                try:
+                    theirs = VLLM(args.vllm_python, model_dir, dtype, max(batches), args.vllm_kv_gb, cores)
+                except RuntimeError as error:  # e.g. a dtype its CPU build does not run here
+                    print(f"{model_name:8s} {dtype:9s} vLLM: no row, its worker did not start ({error})",
+                          flush=True)
+                    rows.append(dict(model=model_name, dtype=dtype, engine="vllm", error=str(error)))
             for batch in batches:
                 rng = np.random.default_rng(batch)
                 prompts = rng.integers(0, ours.model.config.vocab_size,

@@ -37,7 +37,8 @@ Layout (R = prompts × n rows, P padded prompt length, N = max_new_tokens, V voc
   distribution at one uniform per row (`inverse_cdf`, two-level: block masses, then inside one
   block), the logsumexp of the logprob from the same exp pass. The reported logprob is under the
   *unrestricted* softmax(logits / temperature), the distribution the trainer recomputes. Top-p
-  without top-k sorts the whole vocabulary (`lax.top_k` with k = V) to find its nucleus.
+  without top-k finds its nucleus without sorting the vocabulary (`nucleus`: the sorted top 256
+  entries, else a bisection over the logits) and draws over the vocabulary in index order.
 * A row ends after one of `eos_token_ids` (kept: mask 1) or its budget (N, or its prompt's own
   `max_new_tokens`); later columns hold `pad_id`, mask 0 and logprob 0.
 * Weights are gathered once per call into the sampling layout (`models.decoding.gather_weights`:
@@ -259,10 +260,14 @@ def sample(logits_BxV, key_B, *, temperature: float, top_k: int = 0, top_p: floa
     if top_k == 0 and top_p == 1.0:
         token_B, log_mass_B = inverse_cdf(u_B, scaled_BxV)
         return token_B, _picked(scaled_BxV, token_B) - log_mass_B
-    # Sorted candidates (the top k, or the whole vocabulary for top-p alone); drawing an index
-    # among them keeps the allowed set exact even when logits tie at the cutoff.
-    k = top_k if top_k > 0 else scaled_BxV.shape[-1]
-    top_BxK, index_BxK = jax.lax.top_k(scaled_BxV, k)
+    log_mass_B = jax.nn.logsumexp(scaled_BxV, axis=-1)
+    if top_k == 0:
+        keep_BxV = nucleus(scaled_BxV, log_mass_B, top_p)
+        token_B, _ = inverse_cdf(u_B, jnp.where(keep_BxV, scaled_BxV, -jnp.inf))
+        return token_B, _picked(scaled_BxV, token_B) - log_mass_B
+    # The sorted top k; drawing an index among them keeps the allowed set exact even when logits
+    # tie at the cutoff.
+    top_BxK, index_BxK = jax.lax.top_k(scaled_BxV, top_k)
     if top_p < 1.0:
         probs_BxK = jax.nn.softmax(top_BxK, axis=-1)
         # Keep the smallest prefix whose mass reaches top_p: a candidate stays if the mass before
@@ -272,7 +277,75 @@ def sample(logits_BxV, key_B, *, temperature: float, top_k: int = 0, top_p: floa
     choice_B, _ = inverse_cdf(u_B, top_BxK)
     token_B = jnp.take_along_axis(index_BxK, choice_B[:, None], axis=-1)[:, 0].astype(jnp.int32)
     # The reported logprob is under the unrestricted distribution (what the trainer recomputes).
-    return token_B, _picked(scaled_BxV, token_B) - jax.nn.logsumexp(scaled_BxV, axis=-1)
+    return token_B, _picked(scaled_BxV, token_B) - log_mass_B
+
+
+_TOP_P_CANDIDATES = 256  # top-p alone: sorted candidates tried before the exact search over all
+
+
+def nucleus(scaled_BxV, log_mass_B, top_p: float):
+    """Each row's top-p set, bool [B, V], without sorting the vocabulary: order the entries by
+    logit, highest first and ties by lower index, and keep an entry while the softmax mass of the
+    entries before it is short of top_p (the smallest prefix that reaches top_p; the most likely
+    entry always stays). `log_mass_B` is logsumexp(scaled_BxV) over the row; NaN logits count as
+    -inf. Same set as sorting the whole row (what the sampler did, `lax.top_k` with k = V: 3.6 CPU
+    seconds per SmolLM2 step at 256 rows, benchmarks/README.md).
+
+    The set is {logit > t} plus, at logit == t, tied entries in index order while the mass before
+    them is short of top_p, where t is the smallest logit whose mass strictly above is below top_p
+    ("mass above" is one masked sum over the row, `above`, the same arithmetic whichever way t is
+    found). t is read off the sorted top `_TOP_P_CANDIDATES` entries (`lax.top_k`) and checked
+    with two masked sums; when the check fails for any row (its nucleus is larger than the
+    candidates, or rounding disagrees at the boundary) t is found by bisection over the logits'
+    ordered int32 bit patterns (32 masked sums over the batch). Either way the same t, so a row's
+    set does not depend on the other rows of its batch (token identity across batch schedules)."""
+    V = scaled_BxV.shape[-1]
+    # NaN as -inf, -0.0 as 0.0 (the two zeros tie, as in a sort).
+    scaled_BxV = jnp.where(jnp.isnan(scaled_BxV), -jnp.inf, jnp.where(scaled_BxV == 0, 0.0, scaled_BxV))
+    probs_BxV = jnp.exp(scaled_BxV - log_mass_B[:, None])
+    key_BxV = _ordered_bits(scaled_BxV)
+
+    def above(key_B):  # mass of the entries whose logit is strictly above key_B's
+        return jnp.sum(jnp.where(key_BxV > key_B[:, None], probs_BxV, 0.0), axis=-1)
+
+    lowest_B, highest_B = jnp.min(key_BxV, axis=-1), jnp.max(key_BxV, axis=-1)
+    top_BxC, _ = jax.lax.top_k(scaled_BxV, min(_TOP_P_CANDIDATES, V))
+    sorted_BxC = jnp.exp(top_BxC - log_mass_B[:, None])
+    kept_B = jnp.sum(jnp.cumsum(sorted_BxC, axis=-1) - sorted_BxC < top_p, axis=-1)
+    guess_B = _ordered_bits(_picked(top_BxC, jnp.maximum(kept_B - 1, 0)))
+    # t is the guess iff the mass above it is short of top_p and the mass at or above it is not
+    # (or it is the row's lowest logit).
+    found_B = (above(guess_B) < top_p) & ((above(guess_B - 1) >= top_p) | (guess_B == lowest_B))
+
+    def bisect():
+        # Invariant: above(high) < top_p; t in (low, high]. 32 halvings close any int32 range.
+        def halve(_, bounds):
+            low_B, high_B = bounds
+            middle_B = (low_B >> 1) + (high_B >> 1) + (low_B & high_B & 1)  # floor of the mean, no overflow
+            open_B = low_B < high_B - 1
+            short_B = open_B & (above(middle_B) < top_p)
+            return (jnp.where(open_B & ~short_B, middle_B, low_B), jnp.where(short_B, middle_B, high_B))
+
+        return jax.lax.fori_loop(0, 32, halve, (lowest_B - 1, highest_B))[1]
+
+    threshold_B = jax.lax.cond(jnp.all(found_B), lambda: guess_B, bisect)
+    tie_BxV = key_BxV == threshold_B[:, None]
+
+    def tie_rule():
+        tied_BxV = jnp.where(tie_BxV, probs_BxV, 0.0)
+        before_BxV = above(threshold_B)[:, None] + (jnp.cumsum(tied_BxV, axis=-1) - tied_BxV)
+        return (key_BxV > threshold_B[:, None]) | (tie_BxV & (before_BxV < top_p))
+
+    # A lone entry at t is always kept (the mass above t is short of top_p): the cumulative sum
+    # over the row runs only when some row has a tie at t.
+    return jax.lax.cond(jnp.any(jnp.sum(tie_BxV, axis=-1) > 1), tie_rule,
+                        lambda: key_BxV >= threshold_B[:, None])
+
+
+def _ordered_bits(x):
+    """int32 keys in the order of the float32 values x (-inf lowest; -0.0 below 0.0: callers map it to 0.0)."""
+    bits = jax.lax.bitcast_convert_type(x, jnp.int32)
+    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
 
 
 def _picked(x_BxV, token_B):
