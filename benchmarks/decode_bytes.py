@@ -108,7 +108,7 @@ def facts(config, model, program) -> dict:
         cache_keys=sorted({_key(x.dtype, x.sharding.shard_shape(x.shape)) for x in cache_leaves}),
         weights_bytes=sum(_shard_bytes(x) for x in weight_leaves),
         untied_embed_bytes=0 if model.tie_embeddings or not embed else _shard_bytes(embed[0]),
-        hidden=model.hidden_size, kv_bytes=sum(_shard_bytes(x) for x in cache_leaves),
+        hidden=model.hidden_size, vocab=model.vocab_size, kv_bytes=sum(_shard_bytes(x) for x in cache_leaves),
         prompt=data.bucket_width(config.sampling.max_prompt_len), new=config.sampling.max_new_tokens,
         matmul_params=params - (0 if model.tie_embeddings else model.vocab_size * model.hidden_size))
 
@@ -117,32 +117,45 @@ def analyse(hlo: str, f: dict, top: int = 0) -> dict:
     """The decode step's traffic by category and its FLOPs (module doc) against the ideal."""
     body, rows = report.loop_traffic(hlo)
     lines = report._computations(hlo)[body]
-    param, carry = _carry(lines, set(f["cache_keys"]))
+    cache_keys = set(f["cache_keys"])
+    param, carry = _carry(lines, cache_keys)
     # Where each value of the body comes from: an element of the carried tuple (through bitcasts).
     origin = {}
     for line in lines:
         parsed = report._parse(line)
         if not parsed:
             continue
-        name, _, opcode, operands, attrs = parsed
+        name, out_type, opcode, operands, attrs = parsed
         if opcode == "get-tuple-element" and operands == [param]:
             origin[name] = carry.get(int(re.search(r"index=(\d+)", attrs).group(1)), "state")
         elif opcode == "bitcast" and operands and operands[0] in origin:
             origin[name] = origin[operands[0]]
-    totals = dict(weights=0, kv=0, kv_write=0, other=0)
+        elif any(f"{t}[{d}]" in cache_keys for t, d in re.findall(r"(\w+)\[([\d,]*)\]", out_type)[:1]):
+            origin[name] = "kv"  # the cache after this step's in-place write
+    text = {p[0]: (line, p) for line in lines for p in [report._parse(line)] if p}
+    vocab_dims = {str(f["vocab"]), str(-(-f["vocab"] // 256))}  # logits, and the sampler's block masses
+    totals = dict(weights=0, kv=0, kv_write=0, logits=0, attention=0, activations=0)
     detail = []
     for inst, opcode, reads, written in rows:
+        line, parsed = text[inst]
+        shapes = [parsed[1]] + [text[o][1][1] for o, _ in reads if o in text]
+        if any(set(dims.split(",")) & vocab_dims for s in shapes for _, dims in re.findall(r"(\w+)\[([\d,]*)\]", s)):
+            other = "logits"  # the head's [slots, vocab] logits and the sampling passes over them
+        elif "shard_map" in line:
+            other = "attention"  # the decode kernel's partial outputs and their combination
+        else:
+            other = "activations"
         cats = {}
         for operand, nbytes in reads:
-            cat = origin.get(operand, "other")
-            cat = "other" if cat == "state" else cat
+            cat = origin.get(operand, other)
+            cat = other if cat == "state" else cat
             cats[cat] = cats.get(cat, 0) + nbytes
         kv_read = sum(b for o, b in reads if origin.get(o) == "kv")
         if kv_read and opcode != "custom-call" and written <= kv_read:
             # An in-place cache update: its read of the cache and its write are the cache write
             cats["kv_write"] = cats.pop("kv", 0) + written
         else:
-            cats["other"] = cats.get("other", 0) + written
+            cats[other] = cats.get(other, 0) + written
         for cat, nbytes in cats.items():
             totals[cat] += nbytes
         detail.append((sum(cats.values()), inst, opcode, cats))
@@ -175,7 +188,8 @@ def main():
     print(f"jax {jax.__version__}; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; per chip, one decode "
           f"step; GB = 1e9 bytes")
     header = ("config", "target", "slots/chip", "cache cols S (mean valid)", "ideal GB: weights + KV at S (at mean)",
-              "compiled GB: weights", "KV read", "KV write", "other", "total", "compiled / ideal at S (at mean)",
+              "compiled GB: weights", "KV read", "KV write", "logits & sampling", "attention glue", "activations",
+              "total", "compiled / ideal at S (at mean)",
               "XLA bytes GB", "FLOPs/step", "2·matmul params·slots", "ratio", "peak GB")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
     tops = []
@@ -207,7 +221,8 @@ def main():
             spec.removeprefix("configs/"), target_name, str(r["slots"]), f"{r['columns']} ({r['mean_columns']:.0f})",
             f"{r['weights_ideal'] / GB:.2f} + {r['kv_full'] / GB:.2f} = {ideal_s / GB:.2f} "
             f"({ideal_mean / GB:.2f})",
-            f"{c['weights'] / GB:.2f}", f"{c['kv'] / GB:.2f}", f"{c['kv_write'] / GB:.3f}", f"{c['other'] / GB:.2f}",
+            f"{c['weights'] / GB:.2f}", f"{c['kv'] / GB:.2f}", f"{c['kv_write'] / GB:.3f}", f"{c['logits'] / GB:.2f}",
+            f"{c['attention'] / GB:.2f}", f"{c['activations'] / GB:.2f}",
             f"{r['compiled_total'] / GB:.2f}",
             f"{r['compiled_total'] / ideal_s:.2f} ({r['compiled_total'] / ideal_mean:.2f})", xla,
             f"{r['flops']:.3g}", f"{r['model_flops']:.3g}", f"{r['flops'] / r['model_flops']:.3f}",

@@ -249,7 +249,8 @@ def _error_line(e: Exception) -> str:
 
 _ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
              "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
-_ARRAY = re.compile(r"\b(" + "|".join(_ITEMSIZE) + r")\[([\d,]*)\]")
+_ARRAY = re.compile(r"\b(" + "|".join(_ITEMSIZE) + r")\[([\d,]*)\](\{[^}]*\})?")
+_ON_CHIP = re.compile(r"S\([1-9]\d*\)")  # a layout's memory space other than HBM: TPU VMEM, sync flags
 _FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all", "partition-id",
          "replica-id", "opt-barrier", "iota"}
 _SLICING = {"dynamic-slice", "slice", "gather"}
@@ -257,10 +258,16 @@ _IN_PLACE = {"dynamic-update-slice": 1, "scatter": 2}  # op -> operand index of 
 _INSTRUCTION = re.compile(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
 
 
-def _bytes_of(type_text: str) -> int:
-    """Logical bytes of an HLO type: an array or a tuple of arrays (layout padding not counted)."""
-    return sum(_ITEMSIZE[t] * math.prod(int(d) for d in dims.split(",") if d)
-               for t, dims in _ARRAY.findall(type_text))
+def _arrays(type_text: str) -> list[tuple[int, bool]]:
+    """(logical bytes, in HBM) of each array of an HLO type, in order (tuples flattened)."""
+    return [(_ITEMSIZE[t] * math.prod(int(d) for d in dims.split(",") if d), not _ON_CHIP.search(layout))
+            for t, dims, layout in _ARRAY.findall(type_text)]
+
+
+def _bytes_of(type_text: str, hbm_only: bool = True) -> int:
+    """Logical bytes of an HLO type (an array or a tuple of arrays; layout padding not counted),
+    by default only of the arrays in HBM (a TPU layout's `S(1)`: on-chip memory, not counted)."""
+    return sum(b for b, hbm in _arrays(type_text) if hbm or not hbm_only)
 
 
 def _parse(line):
@@ -311,9 +318,9 @@ def _fusion_traffic(fused_lines, operand_bytes):
         name = params.get(index)
         uses = users.get(name, [])
         if name in in_place:
-            read.append(in_place[name])
+            read.append(min(in_place[name], operand_bytes[index]))
         elif uses and all(opcode in _SLICING and i == 0 for _, opcode, i in uses):
-            read.append(sum(_bytes_of(defs[u][0]) for u, _, _ in uses))
+            read.append(min(sum(_bytes_of(defs[u][0], False) for u, _, _ in uses), operand_bytes[index]))
         else:
             read.append(operand_bytes[index])
     return read, written
@@ -364,6 +371,12 @@ def loop_traffic(hlo_text: str, body: str | None = None):
                 update = operand_bytes[_IN_PLACE[opcode]]
                 operand_bytes = [update if i == 0 else b for i, b in enumerate(operand_bytes)]
                 written = update
+            elif opcode == "copy-start":  # (destination, source, context)
+                written = sum(b for b, hbm in _arrays(out_type)[:1] if hbm)
+            elif opcode.endswith("-start") and out_type.startswith("(("):  # ((operands), output, context)
+                moved, out_hbm = _arrays(out_type)[len(operands)]
+                operand_bytes = [min(moved, b) for b in operand_bytes]  # a slice-start reads its slice
+                written = moved if out_hbm else 0
             elif opcode.endswith("-done") or opcode.endswith("-update"):
                 continue  # the -start half carries the transfer
             rows.append((inst, opcode, [(o, b * repeat) for o, b in zip(operands, operand_bytes)],

@@ -174,6 +174,41 @@ def test_hlo_flops_of_a_dot_written_as_a_padded_window(name):
     assert report.hlo_dot_flops(compiled.as_text()) == 2 * 64 * 512 * 28 * 128
 
 
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_loop_traffic_charges_a_slice_and_an_in_place_write_not_the_buffer(name):
+    """One trip of a decode-like loop: x = tanh(x @ w) with w [256, 256] bf16 read every trip, and
+    x written into column i of a donated cache [64, 512, 256] in place. Per trip the traffic
+    (`report.loop_traffic`) is w once (131,072 bytes) plus a few [64, 256] activations — never the
+    16.8 MB cache, which a count of the in-place update's operands would charge every trip."""
+    if importlib.util.find_spec(TARGETS[name][0]) is None:
+        pytest.skip(f"{TARGETS[name][0]} is not installed (pip install -e '.[compile]')")
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from cfpo_jax.aot import report, targets
+
+    B, S, D = 64, 512, 256
+    mesh = Mesh(np.array(targets.devices(name)[:1]), ("x",))
+    abstract = lambda shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, P()))
+
+    def steps(x_BxD, w_DxD, cache_BxSxD, n):
+        def body(i, carry):
+            x_BxD, cache_BxSxD = carry
+            x_BxD = jnp.tanh(x_BxD @ w_DxD)
+            return x_BxD, jax.lax.dynamic_update_slice(cache_BxSxD, x_BxD[:, None], (0, i, 0))
+        return jax.lax.fori_loop(0, n, body, (x_BxD, cache_BxSxD))
+
+    hlo = jax.jit(steps, donate_argnums=(2,)).lower(
+        abstract((B, D)), abstract((D, D)), abstract((B, S, D)), abstract((), jnp.int32)).compile().as_text()
+    _, rows = report.loop_traffic(hlo)
+    reads = [b for _, _, operands, _ in rows for _, b in operands]
+    total = sum(reads) + sum(written for *_, written in rows)
+    assert max(reads) == D * D * 2  # w, whole; nothing reads more
+    assert D * D * 2 < total < D * D * 2 + 16 * B * D * 4, total
+
+
 def test_hlo_flops_of_a_windowed_matmul():
     """x[rows, 3584] @ w[3584, 18944] with rows and w's first axis split over a v5e-8's 8 chips (an
     FSDP layer): 2 · rows/chip · 3584 · 18944 FLOPs per chip. The TPU compiler gathers w in a
