@@ -119,19 +119,22 @@ def analyse(hlo: str, f: dict, top: int = 0) -> dict:
     lines = report._computations(hlo)[body]
     cache_keys = set(f["cache_keys"])
     param, carry = _carry(lines, cache_keys)
-    # Where each value of the body comes from: an element of the carried tuple (through bitcasts).
-    origin = {}
+    # Where each value of the body comes from: an element of the carried tuple, through bitcasts
+    # and in-place updates (an output the size of a cache operand it was computed from is that
+    # cache, after this step's write, whatever its shape).
+    origin, size = {}, {}
     for line in lines:
         parsed = report._parse(line)
         if not parsed:
             continue
         name, out_type, opcode, operands, attrs = parsed
+        size[name] = report._bytes_of(out_type, hbm_only=False)
         if opcode == "get-tuple-element" and operands == [param]:
             origin[name] = carry.get(int(re.search(r"index=(\d+)", attrs).group(1)), "state")
         elif opcode == "bitcast" and operands and operands[0] in origin:
             origin[name] = origin[operands[0]]
-        elif any(f"{t}[{d}]" in cache_keys for t, d in re.findall(r"(\w+)\[([\d,]*)\]", out_type)[:1]):
-            origin[name] = "kv"  # the cache after this step's in-place write
+        elif any(origin.get(o) == "kv" and size.get(o) == size[name] for o in operands):
+            origin[name] = "kv"
     text = {p[0]: (line, p) for line in lines for p in [report._parse(line)] if p}
     vocab_dims = {str(f["vocab"]), str(-(-f["vocab"] // 256))}  # logits, and the sampler's block masses
     totals = dict(weights=0, kv=0, kv_write=0, logits=0, attention=0, activations=0)
