@@ -70,7 +70,7 @@ CONFIGS = {
     "h100x1": ("configs/gsm8k_qwen.py:0.5b", "configs/gsm8k_qwen.py:1.5b", "configs/gsm8k_qwen_lora.py",
                "configs/code_qwen.py:1.5b"),
     "h100x8": ("configs/math_qwen.py:1.5b", "configs/math_qwen.py:3b", "configs/math_qwen.py:7b",
-               "configs/align_llama.py", "configs/code_qwen.py:7b"),
+               "configs/align_llama.py", "configs/code_qwen.py:7b", "configs/dapo_qwen.py:cfpo"),
     "v5e-8": ("configs/gsm8k_qwen.py:0.5b", "configs/gsm8k_qwen.py:1.5b", "configs/math_qwen.py:1.5b-v5e",
               "configs/code_qwen.py:1.5b"),
     "v6e-8": ("configs/math_qwen.py:7b-v6e", "configs/align_llama.py:v6e", "configs/gsm8k_qwen_lora.py",
