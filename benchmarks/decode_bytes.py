@@ -25,8 +25,8 @@ trip is the whole step). Per chip:
 * XLA's own `cost_analysis()` bytes for the whole program (TPU; the GPU compiler reports none),
   which counts the loop body once: a cross-check of the step's total.
 
-`--top N` also prints the N instructions of the step with the most traffic, by category: where
-any excess is.
+`--top N` also prints the N largest (category, op, source op) groups of the step's traffic, summed
+over its instructions (the layers): where any excess is.
 """
 
 from __future__ import annotations
@@ -161,7 +161,9 @@ def analyse(hlo: str, f: dict, top: int = 0) -> dict:
             cats[other] = cats.get(other, 0) + written
         for cat, nbytes in cats.items():
             totals[cat] += nbytes
-        detail.append((sum(cats.values()), inst, opcode, cats))
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        where = re.sub(r"\.\d+$", "", op_name.group(1).split("/while/body/")[-1] if op_name else inst)
+        detail.append((opcode, where, cats))
     K, S = f["slots"], f["columns"]
     ideal_weights = f["weights_bytes"] - f["untied_embed_bytes"] + (
         K * f["hidden"] * 2 if f["untied_embed_bytes"] else 0)
@@ -172,7 +174,14 @@ def analyse(hlo: str, f: dict, top: int = 0) -> dict:
         compiled=totals, compiled_total=sum(totals.values()),
         flops=report.hlo_dot_flops(hlo, body), model_flops=2 * f["matmul_params"] * K)
     if top:
-        out["top"] = sorted(detail, reverse=True)[:top]
+        # Summed over the layers: (bytes, count) per (category, opcode, source op)
+        groups = {}
+        for opcode, where, cats in detail:
+            for cat, nbytes in cats.items():
+                if nbytes:
+                    total, count = groups.get((cat, opcode, where), (0, 0))
+                    groups[(cat, opcode, where)] = (total + nbytes, count + 1)
+        out["top"] = sorted(((b, n, *key) for key, (b, n) in groups.items()), reverse=True)[:top]
     return out
 
 
@@ -184,7 +193,7 @@ def _peak(compiled) -> int:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cases", nargs="+", default=list(CASES), help="config@target (default: %(default)s)")
-    parser.add_argument("--top", type=int, default=0, help="also list the N instructions with most traffic")
+    parser.add_argument("--top", type=int, default=0, help="also list the N largest groups of the step's traffic")
     parser.add_argument("--save", help="also write each case's compiled HLO and facts into this directory")
     parser.add_argument("--load", help="analyse the HLO and facts --save wrote there instead of compiling")
     args = parser.parse_args()
@@ -233,10 +242,10 @@ def main():
         if args.top:
             tops.append((case, r["top"]))
     for case, top in tops:
-        print(f"\n{case}: the step's instructions with most traffic (MB per chip)")
-        for total, inst, opcode, cats in top:
-            split = ", ".join(f"{k} {v / 1e6:.1f}" for k, v in sorted(cats.items()) if v)
-            print(f"  {total / 1e6:10.1f}  {opcode:14s} {inst[:60]:60s} {split}")
+        print(f"\n{case}: where the step's traffic goes, by category and source op (MB per chip, summed "
+              f"over the instructions: count)")
+        for nbytes, count, cat, opcode, where in top:
+            print(f"  {nbytes / 1e6:9.1f}  {count:4d} × {cat:11s} {opcode:13s} {where[-80:]}")
 
 
 if __name__ == "__main__":
