@@ -102,7 +102,10 @@ def facts(config, model, program) -> dict:
     K, _, S, _ = cache_leaves[0].sharding.shard_shape(cache_leaves[0].shape)
     embed = [x for p, x in jax.tree_util.tree_flatten_with_path(weights.top)[0]
              if x.ndim == 2 and "embed" in jax.tree_util.keystr(p)]
-    params = sum(int(np.prod(x.shape)) for x in weight_leaves)
+    # Matmul parameters: every weight but the norms' scales and the biases (and an untied
+    # embedding table, below)
+    matmul = sum(int(np.prod(x.shape)) for p, x in jax.tree_util.tree_flatten_with_path(weights)[0]
+                 if x.ndim > 0 and not re.search(r"bias|scale", jax.tree_util.keystr(p)))
     return dict(
         slots=int(K), columns=int(S),
         cache_keys=sorted({_key(x.dtype, x.sharding.shard_shape(x.shape)) for x in cache_leaves}),
@@ -110,7 +113,7 @@ def facts(config, model, program) -> dict:
         untied_embed_bytes=0 if model.tie_embeddings or not embed else _shard_bytes(embed[0]),
         hidden=model.hidden_size, vocab=model.vocab_size, kv_bytes=sum(_shard_bytes(x) for x in cache_leaves),
         prompt=data.bucket_width(config.sampling.max_prompt_len), new=config.sampling.max_new_tokens,
-        matmul_params=params - (0 if model.tie_embeddings else model.vocab_size * model.hidden_size))
+        matmul_params=matmul - (0 if model.tie_embeddings else model.vocab_size * model.hidden_size))
 
 
 def analyse(hlo: str, f: dict, top: int = 0) -> dict:

@@ -209,6 +209,41 @@ def test_loop_traffic_charges_a_slice_and_an_in_place_write_not_the_buffer(name)
     assert D * D * 2 < total < D * D * 2 + 16 * B * D * 4, total
 
 
+@pytest.mark.parametrize("name", list(TARGETS))
+def test_decode_step_reads_each_weight_once_and_writes_one_cache_column(name):
+    """benchmarks/decode_bytes.py on the small model's decode chunk: one step reads every bf16
+    weight once — of the untied embedding table only the fed rows: 2 · (params − V·D) + slots·D·2
+    bytes per chip, the weights whole on each — charges the attention kernel the allocated cache
+    (its static shapes), writes only one column per slot, layer, key and value in place (read and
+    written: 2 · 2 · layers · slots · kv heads · head_dim · 2 bytes), and its matmuls are
+    2 · (matmul params: no biases, norms or embedding lookup) FLOPs per slot."""
+    if importlib.util.find_spec(TARGETS[name][0]) is None:
+        pytest.skip(f"{TARGETS[name][0]} is not installed (pip install -e '.[compile]')")
+    import os
+    import sys
+
+    from cfpo_jax import sharding
+    from cfpo_jax.aot import programs, targets
+
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "..", "benchmarks"))
+    import decode_bytes
+
+    config, model = _config()
+    mesh = sharding.make_mesh(1, -1, 1, devices=list(targets.devices(name)))
+    decode = programs.sampler_programs(config, model, mesh)["decode"]
+    with jax.default_matmul_precision("default"), programs.mesh_context(mesh):
+        hlo = decode.jitted.lower(*decode.args).compile().as_text()
+    r = decode_bytes.analyse(hlo, decode_bytes.facts(config, model, decode))
+    slots = SLOTS // mesh.shape["fsdp"]
+    assert r["weights_ideal"] == 2 * (_num_params() - V * D) + slots * D * 2
+    assert r["compiled"]["weights"] == r["weights_ideal"]
+    columns = r["columns"]  # the prompt bucket - 1 + new tokens, rounded up to the kernel's 128
+    assert r["compiled"]["kv"] == r["kv_full"] == 2 * LAYERS * slots * KV_HEADS * columns * HEAD_DIM * 2
+    assert 0 < r["compiled"]["kv_write"] <= 2 * 2 * LAYERS * slots * KV_HEADS * HEAD_DIM * 2
+    matmul = _num_params() - V * D - LAYERS * ((HEADS + 2 * KV_HEADS) * HEAD_DIM + 2 * D) - D  # no biases, norms
+    assert r["flops"] == r["model_flops"] == 2 * matmul * slots
+
+
 def test_hlo_flops_of_a_windowed_matmul():
     """x[rows, 3584] @ w[3584, 18944] with rows and w's first axis split over a v5e-8's 8 chips (an
     FSDP layer): 2 · rows/chip · 3584 · 18944 FLOPs per chip. The TPU compiler gathers w in a
