@@ -11,6 +11,10 @@
   XLA's `cost_analysis()` bytes accessed where the compiler reports them (TPU; the GPU compiler
   reports none), which count a loop body once: an undercount, so a bound built on it stays a
   lower bound.
+* traffic (`loop_traffic`): the HBM bytes one trip of a loop reads and writes, per instruction,
+  from the compiled HLO (a decode chunk's trip is one decode step: benchmarks/decode_bytes.py) —
+  with what fusions actually touch (a slice of a buffer, an in-place update) and without TPU
+  values held in on-chip memory, which XLA's whole-program `bytes accessed` does not separate.
 """
 
 from __future__ import annotations
