@@ -286,12 +286,14 @@ def test_decode_step_reads_each_weight_once_and_writes_one_cache_column(name):
         hlo = decode.jitted.lower(*decode.args).compile().as_text()
     r = decode_bytes.analyse(hlo, decode_bytes.facts(config, model, decode))
     slots = SLOTS // mesh.shape["fsdp"]
-    assert r["weights_ideal"] == 2 * (_num_params() - V * D) + slots * D * 2
+    assert not model.qkv_bias  # (_num_params counts biases: a bound elsewhere)
+    norms = LAYERS * 2 * D + D
+    matmul = LAYERS * (2 * D * HEADS * HEAD_DIM + 2 * D * KV_HEADS * HEAD_DIM + 3 * D * F) + V * D  # + the head
+    assert r["weights_ideal"] == 2 * (matmul + norms) + slots * D * 2
     assert r["compiled"]["weights"] == r["weights_ideal"]
     columns = r["columns"]  # the prompt bucket - 1 + new tokens, rounded up to the kernel's 128
     assert r["compiled"]["kv"] == r["kv_full"] == 2 * LAYERS * slots * KV_HEADS * columns * HEAD_DIM * 2
     assert 0 < r["compiled"]["kv_write"] <= 2 * 2 * LAYERS * slots * KV_HEADS * HEAD_DIM * 2
-    matmul = _num_params() - V * D - LAYERS * ((HEADS + 2 * KV_HEADS) * HEAD_DIM + 2 * D) - D  # no biases, norms
     assert r["flops"] == r["model_flops"] == 2 * matmul * slots
 
 
