@@ -33,7 +33,7 @@ otherwise; the GRPO update compiled too). Per-chip peak of each program and "run
 peak + the training state (the update's arguments) resident beside it:
   target   update  prepare  prefill  decode   run           kernels
   h100x8    30.5     7.3     39.2     39.6    51.9 of 84.9  cuDNN, Pallas decode
-  {V5P_ROW}
+  v5p-8     78.2    15.6     40.1     41.4    66.0 of 102   splash, paged
 Compiled matmul FLOPs / model FLOPs (6·params·tokens for the update, 2·params·tokens per
 forward): update 1.12 (the rematted forward), prepare 0.91, prefill 0.83 (no logits over the
 prompt), decode 0.92 (the untied embedding is a lookup, not a matmul). The sampler has 15 slots
@@ -43,7 +43,9 @@ per GPU: a slot's keys and values over 10,240 columns are 2 × 36 × 8 × 10,240
 (benchmarks/decode_bytes.py's ideal), ≥ 4.9 ms at an H100's 3.35 TB/s, so ≥ 45 min of decoding per
 step when every response runs to the limit (a bound from bytes and bandwidth, not a time; the
 FLOPs-only step bound compile.py prints, ≥ 870 s, misses it). More slots per GPU shorten it in
-proportion: the 33 GB the run leaves free on an H100 would hold ~21 more.
+proportion: the 33 GB the run leaves free on an H100 would hold ~21 more. A v5p-8 (4 chips) fits
+the recipe but, with 60 slots, bounds a step at ≥ 4 h (1,118,482 decode steps of ≥ 10.2 ms from
+XLA's bytes and the chip's bandwidth): run it on a larger slice (more chips: more slots).
 """
 
 from cfpo_jax.config import base_config
