@@ -76,7 +76,7 @@ CONFIGS = {
     "v6e-8": ("configs/math_qwen.py:7b-v6e", "configs/align_llama.py:v6e", "configs/gsm8k_qwen_lora.py",
               "configs/code_qwen.py:7b"),
     "v5p-8": ("configs/math_qwen.py:7b-v5p", "configs/align_llama.py", "configs/gsm8k_qwen_lora.py",
-              "configs/code_qwen.py:7b"),
+              "configs/code_qwen.py:7b", "configs/dapo_qwen.py:cfpo"),
 }
 PROGRAMS = ("update", "prepare", "prefill", "decode", "reward")
 GB = 1e9
