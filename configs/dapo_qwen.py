@@ -41,7 +41,7 @@ per GPU: a slot's keys and values over 10,240 columns are 2 × 36 × 8 × 10,240
 1.51 GB, and kv_cache_gb = 24 holds 15 of them. With 8,192 responses of up to 8,192 tokens that is
 559,241 decode steps of 120 rows per RL step; each step reads 15.1 GB of bf16 weights and, at the
 mean valid length, 13.6 GB of keys and values (benchmarks/decode_bytes.py: ideal 28.7 GB per GPU,
-the compiled step 1.05 × its full-length ideal), ≥ 8.6 ms at an H100's 3.35 TB/s, so ≥ 80 min of
+the compiled step 1.05 × its full-length ideal), ≥ 8.6 ms at an H100's 3.35 TB/s, so ≥ 79 min of
 decoding per step when every response runs to the limit (a bound from bytes and bandwidth, not a
 time; the FLOPs-only step bound compile.py prints, ≥ 870 s, misses it). More slots per GPU shorten it in
 proportion: the 33 GB the run leaves free on an H100 would hold ~21 more. A v5p-8 (4 chips) fits
