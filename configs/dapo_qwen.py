@@ -43,8 +43,9 @@ per GPU: a slot's keys and values over 10,240 columns are 2 × 36 × 8 × 10,240
 mean valid length, 13.6 GB of keys and values (benchmarks/decode_bytes.py: ideal 28.7 GB per GPU,
 the compiled step 1.05 × its full-length ideal), ≥ 8.6 ms at an H100's 3.35 TB/s, so ≥ 79 min of
 decoding per step when every response runs to the limit (a bound from bytes and bandwidth, not a
-time; the FLOPs-only step bound compile.py prints, ≥ 870 s, misses it). More slots per GPU shorten it in
-proportion: the 33 GB the run leaves free on an H100 would hold ~21 more. A v5p-8 (4 chips) fits
+time; the FLOPs-only step bound compile.py prints, ≥ 870 s, misses it). More slots per GPU spread
+the weights' read over more rows: the 33 GB the run leaves free on an H100 would hold ~21 more,
+and at 36 per GPU the same bound is ≥ 55 min (sampling.kv_cache_gb ≈ 55). A v5p-8 (4 chips) fits
 the recipe but, with 60 slots, bounds a step at ≥ 4 h (1,118,482 decode steps of ≥ 10.2 ms from
 XLA's bytes and the chip's bandwidth): run it on a larger slice (more chips: more slots).
 """
