@@ -266,9 +266,9 @@ def test_decode_step_reads_each_weight_once_and_writes_one_cache_column(name):
     weight once from HBM — of the untied embedding table only the fed rows: 2 · (params − V·D) +
     slots·D·2 bytes per chip, the weights whole on each; on the TPU at most that, as XLA keeps
     some of this small model's weights in on-chip memory across steps — charges the attention
-    kernel the allocated cache (its static shapes), writes only one column per slot, layer, key and value in place (read and
-    written: 2 · 2 · layers · slots · kv heads · head_dim · 2 bytes), and its matmuls are
-    2 · (matmul params: no biases, norms or embedding lookup) FLOPs per slot."""
+    kernel the allocated cache (its static shapes), writes only one column per slot, layer, key
+    and value in place (read and written: 2 · 2 · layers · slots · kv heads · head_dim · 2 bytes),
+    and its matmuls are 2 · (matmul params: no biases, norms or embedding lookup) FLOPs per slot."""
     if importlib.util.find_spec(TARGETS[name][0]) is None:
         pytest.skip(f"{TARGETS[name][0]} is not installed (pip install -e '.[compile]')")
     import os
