@@ -260,12 +260,14 @@ def test_loop_traffic_charges_what_a_trip_touches_in_hbm():
     assert report.hlo_dot_flops(_LOOP_HLO, body) == 2 * 2 * 64 * 256 * 256
 
 
-@pytest.mark.parametrize("name", list(TARGETS))
+# The H100 only: at this model's size XLA:TPU keeps weights and even the KV cache in on-chip
+# memory across decode steps (VMEM, no HBM traffic to count); the real configs' TPU rows are in
+# benchmarks/README.md (decode_bytes.py).
+@pytest.mark.parametrize("name", ["h100x2"])
 def test_decode_step_reads_each_weight_once_and_writes_one_cache_column(name):
     """benchmarks/decode_bytes.py on the small model's decode chunk: one step reads every bf16
     weight once from HBM — of the untied embedding table only the fed rows: 2 · (params − V·D) +
-    slots·D·2 bytes per chip, the weights whole on each; on the TPU at most that, as XLA keeps
-    some of this small model's weights in on-chip memory across steps — charges the attention
+    slots·D·2 bytes per chip, the weights whole on each — charges the attention
     kernel the allocated cache (its static shapes), writes only one column per slot, layer, key
     and value in place (read and written: 2 · 2 · layers · slots · kv heads · head_dim · 2 bytes),
     and its matmuls are 2 · (matmul params: no biases, norms or embedding lookup) FLOPs per slot."""
@@ -291,10 +293,7 @@ def test_decode_step_reads_each_weight_once_and_writes_one_cache_column(name):
     norms = LAYERS * 2 * D + D
     matmul = LAYERS * (2 * D * HEADS * HEAD_DIM + 2 * D * KV_HEADS * HEAD_DIM + 3 * D * F) + V * D  # + the head
     assert r["weights_ideal"] == 2 * (matmul + norms) + slots * D * 2
-    if TARGETS[name][0] == "libtpu":  # XLA:TPU may keep small weights in on-chip memory across steps
-        assert 0 < r["compiled"]["weights"] <= r["weights_ideal"]
-    else:
-        assert r["compiled"]["weights"] == r["weights_ideal"]
+    assert r["compiled"]["weights"] == r["weights_ideal"]
     columns = r["columns"]  # the prompt bucket - 1 + new tokens, rounded up to the kernel's 128
     assert r["compiled"]["kv"] == r["kv_full"] == 2 * LAYERS * slots * KV_HEADS * columns * HEAD_DIM * 2
     assert 0 < r["compiled"]["kv_write"] <= 2 * 2 * LAYERS * slots * KV_HEADS * HEAD_DIM * 2
