@@ -260,9 +260,9 @@ def test_loop_traffic_charges_what_a_trip_touches_in_hbm():
     assert report.hlo_dot_flops(_LOOP_HLO, body) == 2 * 2 * 64 * 256 * 256
 
 
-# The H100 only: at this model's size XLA:TPU keeps weights and even the KV cache in on-chip
-# memory across decode steps (VMEM, no HBM traffic to count); the real configs' TPU rows are in
-# benchmarks/README.md (decode_bytes.py).
+# The H100 only: at this model's size XLA:TPU keeps part of the weights in on-chip memory across
+# decode steps (fewer HBM bytes than the formula), and the count found no HBM read of its small
+# cache (not investigated); the real configs' TPU rows are in benchmarks/README.md (decode_bytes.py).
 @pytest.mark.parametrize("name", ["h100x2"])
 def test_decode_step_reads_each_weight_once_and_writes_one_cache_column(name):
     """benchmarks/decode_bytes.py on the small model's decode chunk: one step reads every bf16
