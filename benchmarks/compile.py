@@ -5,6 +5,7 @@ on a CPU host without the hardware.
     python benchmarks/compile.py --target h100x8 --configs configs/math_qwen.py:7b --json out.json
     python benchmarks/compile.py --target v5p-8            # its recorded configs (CONFIGS; minutes per 7B program)
     python benchmarks/compile.py --target v5p-64x2 --configs configs/math_qwen.py:32b --programs update
+    python benchmarks/compile.py --target v5p-16 --configs configs/math_qwen.py:7b --side rollout
 
 Targets (`cfpo_jax.aot.targets`): h100x1, h100x8, v5p-8, v5e-8, v6e-8, v4-8 (one host; Cloud's
 names: v5p-8 and v4-8 are 4 chips, v5e-8 and v6e-8 are 8), and pods over many hosts: v5p-16 to
@@ -26,6 +27,13 @@ on the config's mesh over the target's chips (`-1` axes take the rest). One row 
 * bound ms: max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip — a lower bound on the step,
   never a time. The GPU compiler reports no bytes: there the bound is FLOPs / peak alone, marked
   "(FLOPs)" — weaker still (a decode step is bandwidth-bound).
+
+`--side rollout|learner`: the disaggregated layout (issue 32, `mesh.rollout_devices`) — the
+target's devices host by host, the first `mesh.rollout_devices` of them (half the chips where the
+config leaves it 0) the rollout mesh with `mesh.rollout`'s sizes, the rest the learner mesh
+(`sharding.placement`, as the run splits its devices): the rollout side compiles the sampler's
+programs (prefill, decode) on its half of the pod, the learner side the update and prepare on the
+other half. The weight move between them is `benchmarks/async_rl.py compile`'s.
 
 After each config whose programs all compiled, a line bounds one RL step from them (`step_bound`):
 each program's bound times the calls a step makes of it, for a rollout in which every completion
@@ -62,13 +70,13 @@ CONFIGS = {
     "h100x1": ("configs/gsm8k_qwen.py:0.5b", "configs/gsm8k_qwen.py:1.5b", "configs/gsm8k_qwen_lora.py",
                "configs/code_qwen.py:1.5b"),
     "h100x8": ("configs/math_qwen.py:1.5b", "configs/math_qwen.py:3b", "configs/math_qwen.py:7b",
-               "configs/align_llama.py", "configs/code_qwen.py:7b"),
+               "configs/align_llama.py", "configs/code_qwen.py:7b", "configs/dapo_qwen.py:cfpo"),
     "v5e-8": ("configs/gsm8k_qwen.py:0.5b", "configs/gsm8k_qwen.py:1.5b", "configs/math_qwen.py:1.5b-v5e",
               "configs/code_qwen.py:1.5b"),
     "v6e-8": ("configs/math_qwen.py:7b-v6e", "configs/align_llama.py:v6e", "configs/gsm8k_qwen_lora.py",
               "configs/code_qwen.py:7b"),
     "v5p-8": ("configs/math_qwen.py:7b-v5p", "configs/align_llama.py", "configs/gsm8k_qwen_lora.py",
-              "configs/code_qwen.py:7b"),
+              "configs/code_qwen.py:7b", "configs/dapo_qwen.py:cfpo"),
 }
 PROGRAMS = ("update", "prepare", "prefill", "decode", "reward")
 GB = 1e9
@@ -118,6 +126,21 @@ def make_mesh(config, target, devices):
     config.mesh.dcn = target.slices
     return sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices,
                               dcn=config.mesh.dcn)
+
+
+SIDES = {"rollout": ("prefill", "decode"), "learner": ("update", "prepare")}
+
+
+def side_mesh(config, target, devices, side):
+    """The mesh of one side of the disaggregated layout over `target`'s devices (module doc):
+    devices ordered host by host, split by `sharding.placement` at `mesh.rollout_devices` (half
+    of them where the config says 0)."""
+    if target.slices > 1:
+        raise ValueError(f"--side over the {target.slices} slices of {target.name} is not supported")
+    ordered = sorted(devices, key=lambda d: (d.process_index, d.id))
+    config.mesh.rollout_devices = config.mesh.rollout_devices or len(ordered) // 2
+    rollout, learner = sharding.placement(config.mesh, ordered)
+    return rollout if side == "rollout" else learner
 
 
 def rows_for(spec, target, config, mesh, only=PROGRAMS):
@@ -190,6 +213,8 @@ def main():
     parser.add_argument("--set", nargs="*", default=(), metavar="SECTION.FIELD=VALUE",
                         help="config overrides (e.g. rl.micro_batch_size=8 model.remat_policy=full)")
     parser.add_argument("--programs", nargs="+", default=list(PROGRAMS), choices=PROGRAMS)
+    parser.add_argument("--side", choices=sorted(SIDES), help="one side of the disaggregated layout: its "
+                        "programs on its half of the target's devices (module doc)")
     parser.add_argument("--json", help="write the rows as a JSON list here")
     args = parser.parse_args()
     target = targets.get(args.target)
@@ -205,11 +230,19 @@ def main():
               "chip GB fits", "compile s", "FLOPs/chip", "model FLOPs/chip", "ratio", "bound ms")
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header), flush=True)
     rows = []
+    only = [p for p in args.programs if not args.side or p in SIDES[args.side]]
     for spec in specs:
         config = load_config(spec, args.set)
-        mesh = make_mesh(config, target, devices)
+        if args.side:
+            mesh = side_mesh(config, target, devices, args.side)
+            print(f"{spec}, {args.side} side: {mesh.size} of {len(devices)} chips on hosts "
+                  f"{sorted({d.process_index for d in mesh.devices.flat})}, mesh {dict(mesh.shape)}", flush=True)
+        else:
+            mesh = make_mesh(config, target, devices)
         config_rows = []
-        for row in rows_for(spec, target, config, mesh, args.programs):
+        for row in rows_for(spec, target, config, mesh, only):
+            if args.side:
+                row.update(side=args.side, program=f"{row['program']} ({args.side} half)")
             rows.append(row)
             config_rows.append(row)
             print("| " + " | ".join(cells(row)) + " |", flush=True)

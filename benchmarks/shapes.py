@@ -16,6 +16,14 @@ LLAMA31_70B = dict(model_type="llama", rope_theta=5e5, max_position_embeddings=1
                    num_kv_heads=8, head_dim=128, vocab_size=128256, tie_embeddings=False)
 LLAMA = {"llama3-8b": LLAMA3_8B, "llama3.1-70b": LLAMA31_70B}
 
+# Qwen3 dense (configs/dapo_qwen.py), config.json of Qwen/Qwen3-8B-Base: no qkv bias, RMSNorm on
+# queries and keys (qk_norm), an untied head.
+QWEN3 = {
+    "qwen3-8b": dict(model_type="qwen3", qk_norm=True, rope_theta=1e6, max_position_embeddings=32768,
+                     rms_norm_eps=1e-6, hidden_size=4096, intermediate_size=12288, num_layers=36,
+                     num_heads=32, num_kv_heads=8, head_dim=128, vocab_size=151936, tie_embeddings=False),
+}
+
 # Qwen3-MoE (configs/math_qwen3_moe.py), config.json of Qwen/Qwen3-30B-A3B and Qwen/Qwen3-235B-A22B.
 _QWEN3_MOE = dict(model_type="qwen3_moe", qk_norm=True, rope_theta=1e6, max_position_embeddings=40960,
                   head_dim=128, vocab_size=151936, tie_embeddings=False, num_kv_heads=4,
@@ -46,7 +54,7 @@ SHAPES = {
 def shape_of_hub_id(path: str) -> str:
     """'Qwen/Qwen2.5-7B-Instruct' -> '7b' (the shape of a Qwen2.5 hub id); a Llama 3 / 3.1 8B
     id -> 'llama3-8b', a Llama 3.1 70B one -> 'llama3.1-70b'; 'Qwen/Qwen3-30B-A3B' -> '30b-a3b'
-    (and 235b-a22b)."""
+    (and 235b-a22b); 'Qwen/Qwen3-8B-Base' (or -8B) -> 'qwen3-8b'."""
     if "Llama-3" in path and "70B" in path.upper():
         return "llama3.1-70b"
     if "Llama-3" in path and "8B" in path.upper():
@@ -54,10 +62,14 @@ def shape_of_hub_id(path: str) -> str:
     for name in QWEN3_MOE:
         if f"Qwen3-{name.upper()}" in path:
             return name
+    for name in QWEN3:
+        if f"Qwen3-{name.removeprefix('qwen3-').upper()}" in path:
+            return name
     for name in SHAPES:
         if f"Qwen2.5-{name.upper()}" in path:
             return name
-    raise ValueError(f"no benchmark shape for model {path!r}; known: Qwen2.5-{{{', '.join(SHAPES)}}}")
+    raise ValueError(f"no benchmark shape for model {path!r}; known: Qwen2.5-{{{', '.join(SHAPES)}}}, "
+                     f"Qwen3-{{{', '.join(QWEN3_MOE)}, 8B}}, Llama 3 8B and 3.1 70B")
 
 
 def model_config(shape: str, **overrides):
@@ -67,4 +79,6 @@ def model_config(shape: str, **overrides):
         return ModelConfig(**LLAMA[shape], **overrides)
     if shape in QWEN3_MOE:
         return ModelConfig(**QWEN3_MOE[shape], **overrides)
+    if shape in QWEN3:
+        return ModelConfig(**QWEN3[shape], **overrides)
     return ModelConfig(**QWEN25, **SHAPES[shape], **overrides)

@@ -24,10 +24,30 @@ Data: `hf:BytedTsinghua-SIA/DAPO-Math-17k` (verl's RL format, the `dapo_math` pr
 without DAPO's "Answer:" instruction, the integer ground truth). The prompt asks for \boxed{}, which
 the `math` reward (math-verify) reads. Evaluated on MATH-500 every 10 steps (mean@4).
 
-Not compiled for its chips yet (benchmarks/compile.py): the sizes below are chosen from
-math_qwen.py's compiled 7b rows scaled to 5 × longer sequences, not measured. Per GPU a sampler slot
-holds 2 × 36 layers × 8 kv heads × 10,240 columns × 128 × 2 bytes = 1.5 GB of keys and values, so
-the 24 GB budget (sampling.kv_cache_gb) holds ~16 slots per GPU.
+Compiled for its chips (benchmarks/compile.py with the Qwen3-8B shape of benchmarks/shapes.py —
+config.json of Qwen/Qwen3-8B-Base: hidden 4096, MLP 12,288, 36 layers, 32 heads / 8 kv heads of 128,
+qk-norm, vocab 151,936, untied head; 8.19B parameters — the run's own programs for compile-only
+devices; per-chip GB = 1e9 bytes, measured by the compiler; benchmarks/README.md, 2026-12-06, issue
+34). The CFPO and GRPO variants differ only in the update's loss (same shapes, same programs
+otherwise; the GRPO update compiled too). Per-chip peak of each program and "run": the sampler's
+peak + the training state (the update's arguments) resident beside it:
+  target   update  prepare  prefill  decode   run           kernels
+  h100x8    30.5     7.3     39.2     39.6    51.9 of 84.9  cuDNN, Pallas decode
+  v5p-8     78.2    15.6     40.1     41.4    66.0 of 102   splash, paged
+Compiled matmul FLOPs / model FLOPs (6·params·tokens for the update, 2·params·tokens per
+forward): update 1.12 (the rematted forward), prepare 0.91, prefill 0.83 (no logits over the
+prompt), decode 0.92 (the untied embedding is a lookup, not a matmul). The sampler has 15 slots
+per GPU: a slot's keys and values over 10,240 columns are 2 × 36 × 8 × 10,240 × 128 × 2 bytes =
+1.51 GB, and kv_cache_gb = 24 holds 15 of them. With 8,192 responses of up to 8,192 tokens that is
+559,241 decode steps of 120 rows per RL step; each step reads 15.1 GB of bf16 weights and, at the
+mean valid length, 13.6 GB of keys and values (benchmarks/decode_bytes.py: ideal 28.7 GB per GPU,
+the compiled step 1.05 × its full-length ideal), ≥ 8.6 ms at an H100's 3.35 TB/s, so ≥ 79 min of
+decoding per step when every response runs to the limit (a bound from bytes and bandwidth, not a
+time; the FLOPs-only step bound compile.py prints, ≥ 870 s, misses it). More slots per GPU spread
+the weights' read over more rows: the 33 GB the run leaves free on an H100 would hold ~21 more,
+and at 36 per GPU the same bound is ≥ 55 min (sampling.kv_cache_gb ≈ 55). A v5p-8 (4 chips) fits
+the recipe but, with 60 slots, bounds a step at ≥ 4 h (1,118,482 decode steps of ≥ 10.2 ms from
+XLA's bytes and the chip's bandwidth): run it on a larger slice (more chips: more slots).
 """
 
 from cfpo_jax.config import base_config

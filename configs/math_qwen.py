@@ -80,6 +80,16 @@ leaves 3 × headroom, and a v5p-32 has the per-chip layout of the 16 H100s above
 8) with 102 GB chips — not compiled here (a program of this size took 10–13 minutes of this
 box's CPU share).
 
+Disaggregated (issue 32: `mesh.rollout_devices`, the first host the rollout mesh, the second the
+learner mesh; benchmarks/compile.py --side, benchmarks/README.md, 2026-12-06): 7b's programs
+compiled on each half of the pod, per-chip peak GB (nothing else resident on a half; the weight
+move between them, benchmarks/async_rl.py compile, 22.85 on the v5p-16, 7.62 on the H100s):
+  target                 rollout: prefill  decode   learner: update  prepare
+  v5p-16 (2 × 4 chips)            83.6      77.4             55.8     13.6   of 102
+  h100x16 (2 × 8 GPUs)            48.1      45.5             21.7      6.4   of 84.9
+So 7b as configured, which does not fit a colocated v5p-8, fits a v5p-16 disaggregated, program by
+program (the weight move beside a live decode would be 77.4 + 22.9 = 100.3 GB: tight).
+
 Sampling memory per GPU (8-way FSDP, tensor = 1; sampling.max_concurrent rows over the 8 GPUs,
 so max_concurrent / 8 slots each; cfpo_jax.sampling): every slot holds keys and values for
 2,048 cache columns (1,024-token prompt bucket + 1,024 new, rounded up to the Pallas kernel's 128)

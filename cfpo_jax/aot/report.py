@@ -11,6 +11,10 @@
   XLA's `cost_analysis()` bytes accessed where the compiler reports them (TPU; the GPU compiler
   reports none), which count a loop body once: an undercount, so a bound built on it stays a
   lower bound.
+* traffic (`loop_traffic`): the HBM bytes one trip of a loop reads and writes, per instruction,
+  from the compiled HLO (a decode chunk's trip is one decode step: benchmarks/decode_bytes.py) —
+  with what fusions actually touch (a slice of a buffer, an in-place update) and without TPU
+  values held in on-chip memory, which XLA's whole-program `bytes accessed` does not separate.
 """
 
 from __future__ import annotations
@@ -43,11 +47,12 @@ def _dims(text):
     return [int(d) for d in match.group(2).split(",") if d] if match else []
 
 
-def hlo_dot_flops(hlo_text: str) -> float:
+def hlo_dot_flops(hlo_text: str, computation: str | None = None) -> float:
     """2 · (output elements) · (contracted elements) summed over the matmuls of a compiled HLO
     module's text — `dot`s, cuBLAS GEMM custom calls (GPU), `convolution`s (TPU lowers dots to
     them) — each `while` body counted once per trip (`_trip_count`). XLA's own `cost_analysis()`
-    counts a loop body once (a 6-step scan of matmuls on a v5e: 1/6 of the FLOPs), which is why this exists."""
+    counts a loop body once (a 6-step scan of matmuls on a v5e: 1/6 of the FLOPs), which is why this exists.
+    `computation`: count from that computation (a loop body: one trip) instead of the entry."""
     computations = _computations(hlo_text)
     shapes = {}
     for body in computations.values():
@@ -73,7 +78,8 @@ def hlo_dot_flops(hlo_text: str) -> float:
         flops_of[name] = total
         return total
 
-    entry = next((n for n, body in computations.items() if body and body[0].startswith("ENTRY")), None)
+    entry = computation or next((n for n, body in computations.items() if body and body[0].startswith("ENTRY")),
+                                None)
     return flops(entry) if entry else 0.0
 
 
@@ -241,3 +247,144 @@ def _error_line(e: Exception) -> str:
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     line = lines[-1] if lines and lines[0].endswith("(most recent call last):") else (lines or [""])[0]
     return f"{type(e).__name__}: {line[:300]}"
+
+
+# ----------------------------------------------------------------------------- bytes per loop trip
+
+_ITEMSIZE = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2, "s32": 4, "u32": 4,
+             "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_ARRAY = re.compile(r"\b(" + "|".join(_ITEMSIZE) + r")\[([\d,]*)\](\{[^}]*\})?")
+_ON_CHIP = re.compile(r"S\([1-9]\d*\)")  # a layout's memory space other than HBM: TPU VMEM, sync flags
+_FREE = {"parameter", "get-tuple-element", "tuple", "constant", "bitcast", "after-all", "partition-id",
+         "replica-id", "opt-barrier", "iota"}
+_SLICING = {"dynamic-slice", "slice", "gather"}
+_IN_PLACE = {"dynamic-update-slice": 1, "scatter": 2}  # op -> operand index of the update
+_INSTRUCTION = re.compile(r"\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s([a-z][\w\-]*)\((.*)$")
+
+
+def _arrays(type_text: str) -> list[tuple[int, bool]]:
+    """(logical bytes, in HBM) of each array of an HLO type, in order (tuples flattened)."""
+    return [(_ITEMSIZE[t] * math.prod(int(d) for d in dims.split(",") if d), not _ON_CHIP.search(layout))
+            for t, dims, layout in _ARRAY.findall(type_text)]
+
+
+def _bytes_of(type_text: str, hbm_only: bool = True) -> int:
+    """Logical bytes of an HLO type (an array or a tuple of arrays; layout padding not counted),
+    by default only of the arrays in HBM (a TPU layout's `S(1)`: on-chip memory, not counted)."""
+    return sum(b for b, hbm in _arrays(type_text) if hbm or not hbm_only)
+
+
+def _parse(line):
+    """(name, output type, opcode, operand names, attributes) of an HLO instruction line, or None."""
+    m = _INSTRUCTION.match(line)
+    if not m:
+        return None
+    name, out_type, opcode, rest = m.groups()
+    depth, end = 1, len(rest)
+    for i, ch in enumerate(rest):
+        depth += {"(": 1, ")": -1}.get(ch, 0)
+        if depth == 0:
+            end = i
+            break
+    operands = [o for o in re.findall(r"%([\w.\-]+)", rest[:end])]
+    return name, out_type, opcode, operands, rest[end + 1:]
+
+
+def _fusion_traffic(fused_lines, operand_bytes):
+    """(bytes read per operand, bytes written) of one fusion from its fused computation: a
+    parameter read only through slices / gathers costs what they take; the buffer a root
+    dynamic-update-slice / scatter updates in place costs its update, read and written."""
+    params, users, defs = {}, {}, {}
+    for line in fused_lines:
+        parsed = _parse(line)
+        if not parsed:
+            continue
+        name, out_type, opcode, operands, attrs = parsed
+        defs[name] = (out_type, opcode, operands, line.lstrip().startswith("ROOT"))
+        if opcode == "parameter":
+            params[int(re.search(r"parameter\((\d+)\)", line).group(1))] = name
+        for i, o in enumerate(operands):
+            users.setdefault(o, []).append((name, opcode, i))
+    root = next((n for n, d in defs.items() if d[3]), None)
+    roots = [root] if root is None or defs[root][1] != "tuple" else defs[root][2]
+    in_place = {}  # parameter name -> update bytes
+    written = 0
+    for r in roots:
+        out_type, opcode, operands, _ = defs.get(r, ("", "", [], False))
+        if opcode in _IN_PLACE and operands and operands[0] in params.values():
+            update = defs.get(operands[_IN_PLACE[opcode]], ("",))[0]
+            in_place[operands[0]] = _bytes_of(update)
+            written += _bytes_of(update)
+        else:
+            written += _bytes_of(out_type)
+    read = []
+    for index in range(len(operand_bytes)):
+        name = params.get(index)
+        uses = users.get(name, [])
+        if name in in_place:
+            read.append(min(in_place[name], operand_bytes[index]))
+        elif uses and all(opcode in _SLICING and i == 0 for _, opcode, i in uses):
+            read.append(min(sum(_bytes_of(defs[u][0], False) for u, _, _ in uses), operand_bytes[index]))
+        else:
+            read.append(operand_bytes[index])
+    return read, written
+
+
+def loop_traffic(hlo_text: str, body: str | None = None):
+    """The HBM traffic of one trip of a compiled program's `while` loop — by default the one
+    whose body is largest (a decode chunk: one decode step) — as (body name, a list of
+    (instruction, opcode, [(operand, bytes read)], bytes written)), inner loops and calls
+    expanded once per trip (`_trip_count`). Each instruction outside fusions reads its operands
+    and writes its output, with the fused computation's view of what a fusion touches
+    (`_fusion_traffic`); custom calls (the attention kernels) are charged every operand whole,
+    as their static shapes say. Logical bytes: a TPU layout's tile padding is not counted."""
+    computations = _computations(hlo_text)
+    types = {}
+    for lines in computations.values():
+        for line in lines:
+            parsed = _parse(line)
+            if parsed:
+                types[parsed[0]] = parsed[1]
+    if body is None:
+        bodies = [re.search(r"body=%?([\w.\-]+)", line).group(1)
+                  for lines in computations.values() for line in lines if re.search(r"\bwhile\(", line)]
+        if not bodies:
+            raise ValueError("no while loop in the program")
+        body = max(bodies, key=lambda b: len(computations.get(b, ())))
+    rows = []
+
+    def walk(name, repeat):
+        for line in computations.get(name, ()):
+            parsed = _parse(line)
+            if not parsed:
+                continue
+            inst, out_type, opcode, operands, attrs = parsed
+            if opcode in _FREE:
+                continue
+            if opcode in ("while", "call", "conditional") or opcode.endswith("-start") and "calls=" in attrs:
+                trips = _trip_count(line, computations[name], computations) if opcode == "while" else 1
+                for callee in re.findall(r"(?:body|to_apply|calls|branch_computations)=\{?%?([\w.\-]+)", attrs):
+                    walk(callee, repeat * trips)
+                continue
+            operand_bytes = [_bytes_of(types.get(o, "")) for o in operands]
+            written = _bytes_of(out_type)
+            if opcode == "fusion":
+                called = re.search(r"calls=%?([\w.\-]+)", attrs)
+                operand_bytes, written = _fusion_traffic(computations.get(called.group(1), ()), operand_bytes)
+            elif opcode in _IN_PLACE:
+                update = operand_bytes[_IN_PLACE[opcode]]
+                operand_bytes = [update if i == 0 else b for i, b in enumerate(operand_bytes)]
+                written = update
+            elif opcode == "copy-start":  # (destination, source, context)
+                written = sum(b for b, hbm in _arrays(out_type)[:1] if hbm)
+            elif opcode.endswith("-start") and out_type.startswith("(("):  # ((operands), output, context)
+                moved, out_hbm = _arrays(out_type)[len(operands)]
+                operand_bytes = [min(moved, b) for b in operand_bytes]  # a slice-start reads its slice
+                written = moved if out_hbm else 0
+            elif opcode.endswith("-done") or opcode.endswith("-update"):
+                continue  # the -start half carries the transfer
+            rows.append((inst, opcode, [(o, b * repeat) for o, b in zip(operands, operand_bytes)],
+                         written * repeat))
+
+    walk(body, 1)
+    return body, rows

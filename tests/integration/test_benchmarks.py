@@ -169,3 +169,30 @@ def test_every_recorded_compile_config_builds_its_mesh_on_its_target(monkeypatch
             assert mesh.shape["data"] == target.slices * config.mesh.data, (target_name, config_spec)
     if missing:
         pytest.skip(f"no compile-only devices for {missing} (pip install -e '.[compile]')")
+
+
+@pytest.mark.parametrize("name", ["v5p-16", "h100x16"])
+def test_side_meshes_are_the_two_hosts_of_the_pod(name, monkeypatch):
+    """`compile.py --side`: math_qwen:7b's rollout mesh is the first host's chips, its learner mesh
+    the second's (mesh.rollout_devices 0 in the config: half the chips), each with its own sizes —
+    fsdp over the host — and the halves share no chip."""
+    import importlib.util
+
+    from cfpo_jax.aot import targets
+
+    target = targets.get(name)
+    plugin = {"tpu": "libtpu", "cuda": "jax_cuda12_plugin"}[target.platform]
+    if importlib.util.find_spec(plugin) is None:
+        pytest.skip(f"{plugin} is not installed (pip install -e '.[compile]')")
+    monkeypatch.chdir(ROOT)
+    devices = targets.devices(name)
+    meshes = {}
+    for side in ("rollout", "learner"):
+        config = compile_benchmark.load_config("configs/math_qwen.py:7b")
+        meshes[side] = compile_benchmark.side_mesh(config, target, devices, side)
+        assert config.mesh.rollout_devices == target.chips // 2
+    hosts = {side: {d.process_index for d in m.devices.flat} for side, m in meshes.items()}
+    assert len(hosts["rollout"]) == len(hosts["learner"]) == 1 and hosts["rollout"] != hosts["learner"]
+    for mesh in meshes.values():
+        assert dict(mesh.shape) == {"data": 1, "fsdp": target.chips // 2, "expert": 1, "tensor": 1}
+    assert not {d.id for d in meshes["rollout"].devices.flat} & {d.id for d in meshes["learner"].devices.flat}
