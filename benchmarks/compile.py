@@ -52,7 +52,7 @@ import jax  # noqa: E402
 import chips  # noqa: E402
 import shapes  # noqa: E402
 from cfpo_jax import config as config_lib  # noqa: E402
-from cfpo_jax import data, sharding  # noqa: E402
+from cfpo_jax import data, policy  # noqa: E402
 from cfpo_jax.aot import programs, report, targets  # noqa: E402
 from cfpo_jax.rewards import registry  # noqa: E402
 
@@ -113,13 +113,13 @@ def reward_models(config):
 
 
 def make_mesh(config, target, devices):
-    """The config's mesh over the target's chips; a multi-slice target's slices are `mesh.dcn`
+    """The config's mesh over the target's chips, as the trainer builds it (`policy.make_mesh`:
+    its micro-batch must split over the batch axes); a multi-slice target's slices are `mesh.dcn`
     (the config's, or the target's count where the config leaves it at 1)."""
     if config.mesh.dcn not in (1, target.slices):
         raise ValueError(f"mesh.dcn={config.mesh.dcn} but target {target.name} has {target.slices} slice(s)")
     config.mesh.dcn = target.slices
-    return sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices,
-                              expert=config.mesh.expert, dcn=config.mesh.dcn)
+    return policy.make_mesh(config, devices)
 
 
 def rows_for(spec, target, config, mesh, only=PROGRAMS):
