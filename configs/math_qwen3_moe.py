@@ -35,10 +35,10 @@ import os
 from cfpo_jax.config import base_config
 
 # The micro-batch must split over the data × fsdp × expert shards (16 on a v5p-32 or 16 H100s,
-# 128 on a v5p-256): 2 and 1 sequences per chip there. 1024 slots keep the KV cache per chip at
+# 128 on a v5p-256): 1 sequence per chip there. 1024 slots keep the KV cache per chip at
 # 26 GB on a v5p-16 (128 slots of 48 layers × 2048 columns) and 3.2 GB on a v5p-256.
 SIZES = {
-    "30b-a3b": dict(path="Qwen/Qwen3-30B-A3B", micro_batch_size=32, max_concurrent=1024),
+    "30b-a3b": dict(path="Qwen/Qwen3-30B-A3B", micro_batch_size=16, max_concurrent=1024),
     "235b-a22b": dict(path="Qwen/Qwen3-235B-A22B", micro_batch_size=128, max_concurrent=1024),
 }
 VALID = ("tiny", *SIZES)

@@ -55,6 +55,8 @@ _INIT = nnx.initializers.normal(stddev=0.02)
 # cfpo_jax.sharding.BATCH_AXES (models import no sharding code): the axes the tokens split over.
 _BATCH_AXES = ("data", "fsdp", "expert")
 _MEGABLOX_TILE = 128
+# The Pallas interpreter runs megablox on any platform (tests on CPU); the TPU compiles the kernel.
+_MEGABLOX_INTERPRET = False
 
 
 @flax.struct.dataclass
@@ -95,9 +97,14 @@ def _grouped(x_AxI, kernel_GxIxO, group_sizes_G, implementation: str):
 
         rows = x_AxI.shape[0]
         padded = -(-rows // _MEGABLOX_TILE) * _MEGABLOX_TILE
-        x_AxI = jnp.pad(x_AxI, ((0, padded - rows), (0, 0)))
+        # The kernel leaves its output rows past the groups unwritten (whatever the buffer held;
+        # NaN in interpret mode), in the forward and in its input gradient alike: zero them on
+        # both sides, so neither the output nor the gradient of x reads them.
+        valid_Ax1 = (jnp.arange(padded) < jnp.sum(group_sizes_G))[:, None]
+        x_AxI = jnp.where(valid_Ax1, jnp.pad(x_AxI, ((0, padded - rows), (0, 0))), 0)
         tiling = tuple(min(_MEGABLOX_TILE, d) for d in (padded, x_AxI.shape[1], kernel_GxIxO.shape[2]))
-        return gmm(x_AxI, kernel_GxIxO, group_sizes_G, x_AxI.dtype, tiling)[:rows]
+        out_AxO = gmm(x_AxI, kernel_GxIxO, group_sizes_G, x_AxI.dtype, tiling, interpret=_MEGABLOX_INTERPRET)
+        return jnp.where(valid_Ax1, out_AxO, 0)[:rows]
     return jax.lax.ragged_dot(x_AxI, kernel_GxIxO, group_sizes_G)
 
 
@@ -175,7 +182,7 @@ def sparse_mlp(x_BxTxD, weights_BxTxK, experts_BxTxK, gate_ExDxF, up_ExDxF, down
     fn = jax.shard_map(
         lambda *args: local(*args, axes=axes), mesh=mesh,
         in_specs=(token_spec, token_spec, token_spec, P(ex, fs, tp), P(ex, fs, tp), P(ex, tp, fs)),
-        out_specs=token_spec)
+        out_specs=token_spec, check_vma=implementation != "megablox")
     return fn(x_BxTxD, weights_BxTxK, experts_BxTxK, gate_ExDxF, up_ExDxF, down_ExFxD)
 
 

@@ -111,6 +111,34 @@ def test_expert_parallel_matches_one_device(checkpoint, sizes):
                                    err_msg=jax.tree_util.keystr(path))
 
 
+def test_megablox_under_expert_parallelism_matches_ragged_dot(monkeypatch):
+    """The Pallas megablox kernel (`moe_matmul="megablox"`, run by the Pallas interpreter here: it
+    is a TPU kernel) inside the expert-parallel `shard_map` (expert × fsdp × tensor = 2 × 2 × 2)
+    gives the experts' output and the gradients of every input that `jax.lax.ragged_dot` gives on
+    one device. It needs `check_vma=False` (its pallas_call output has no varying-axes type) and
+    the rows past the groups zeroed (the kernel leaves them unwritten: NaN in the interpreter, in
+    the output and in the input gradient)."""
+    monkeypatch.setattr(moe, "_MEGABLOX_INTERPRET", True)
+    B, T, D, E, F, K = 8, 16, 128, 8, 128, 2
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(B, T, D)), jnp.float32)
+    weights, experts, _, _ = moe.route(jnp.asarray(rng.normal(size=(B * T, E))), K, True, jnp.float32)
+    kernels = [jnp.asarray(rng.normal(size=shape) * 0.1, jnp.float32) for shape in ((E, D, F),) * 2 + ((E, F, D),)]
+
+    def loss(implementation, x, weights, *kernels):
+        y = moe.sparse_mlp(x, weights, experts.reshape(B, T, K), *kernels, implementation=implementation)
+        return jnp.sum(jnp.sin(y))
+
+    args = (x, weights.reshape(B, T, K), *kernels)
+    argnums = tuple(range(len(args)))
+    value, grads = jax.value_and_grad(functools.partial(loss, "ragged_dot"), argnums)(*args)
+    with sharding.mesh_context(sharding.make_mesh(1, 2, 2, expert=2)):
+        value_mb, grads_mb = jax.jit(jax.value_and_grad(functools.partial(loss, "megablox"), argnums))(*args)
+    np.testing.assert_allclose(float(value_mb), float(value), rtol=1e-5)
+    for name, g, g_mb in zip(("x", "weights", "gate", "up", "down"), grads, grads_mb):
+        np.testing.assert_allclose(np.asarray(g_mb), np.asarray(g), atol=1e-5 * float(np.abs(g).max()), err_msg=name)
+
+
 def sampler_routing(model, tokens, mask, prompt_len):
     """What the sampler records for rows `tokens` (prompt left-padded to `prompt_len`, then the
     completion): the prefill of the prompts, then one decode step per token, with
