@@ -376,3 +376,32 @@ def test_config_checks_name_each_bad_moe_value():
     dense.model.moe_routing = "replay"
     with pytest.raises(ValueError, match="need a mixture-of-experts model"):
         config_lib.validate(dense)
+
+
+@pytest.mark.slow  # about 1 minute of CPU: two RL steps of the trainer
+def test_lora_training_on_a_moe_moves_only_the_adapters(tmp_path):
+    """LoRA (q, k, v, o; the experts and the router have no adapters) on a tiny MoE policy with
+    routing replay, two off-policy RL steps through the trainer's parts: the state holds only the
+    adapters, they move, and every base parameter — experts and router included — is bit-identical
+    afterwards."""
+    from tests.fixtures.runs import build_parts
+
+    config = _moe_config(lora__rank=4, lora__alpha=8.0, lora__targets=("q", "k", "v", "o"),
+                         model__moe_routing="replay", rl__num_epochs=2)
+    parts, state, prompts = build_parts(tmp_path, config, jax.devices()[:1])
+    paths = ["/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+             for path, _ in jax.tree_util.tree_leaves_with_path(state["params"])]
+    assert paths and all("_lora_" in p for p in paths) and not any("expert" in p or "router" in p for p in paths)
+    frozen_before = jax.device_get(parts.policy.frozen)
+    assert {"expert_gate_kernel", "router_kernel"} <= set(frozen_before["blocks"]["mlp"])
+    adapters_before = jax.device_get(state["params"])
+    for step in range(2):
+        next_rng, sample_key = parts.learner.split_rng(state["rng"])
+        rollout = parts.rollout(state, prompts, sample_key)
+        state, _ = parts.learner.learn(state, rollout.batch, rollout.lengths_Bx2, step)
+        state = parts.learner.finish_step(state, next_rng)
+    for before, after in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(jax.device_get(parts.policy.frozen))):
+        np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
+    moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in
+                zip(jax.tree.leaves(jax.device_get(state["params"])), jax.tree.leaves(adapters_before)))
+    assert moved > 0
