@@ -34,12 +34,15 @@ import os
 
 from cfpo_jax.config import base_config
 
-# The micro-batch must split over the data × fsdp × expert shards (16 on a v5p-32 or 16 H100s,
-# 128 on a v5p-256): 1 sequence per chip there. 1024 slots keep the KV cache per chip at
-# 26 GB on a v5p-16 (128 slots of 48 layers × 2048 columns) and 3.2 GB on a v5p-256.
+# The micro-batch must split over the data × fsdp × expert shards: 16 on a v5p-16 (8 chips) or
+# 16 H100s, 32 on a v5p-256 with 235b-a22b's tensor = 4 (1–2 sequences per chip). 1024 slots keep
+# the KV cache per chip at 26 GB on a v5p-16 (128 slots of 48 layers × 2048 columns) and 3.2 GB
+# on a v5p-256. The sampler's bf16 copy keeps the expert and tensor splits and drops fsdp
+# (`decoding._sampling_spec`): 235b-a22b's experts (454 GB in bf16) are 57 GB per chip over
+# expert = 8 alone, 14 GB with tensor = 4 splitting each expert's width too.
 SIZES = {
     "30b-a3b": dict(path="Qwen/Qwen3-30B-A3B", micro_batch_size=16, max_concurrent=1024),
-    "235b-a22b": dict(path="Qwen/Qwen3-235B-A22B", micro_batch_size=128, max_concurrent=1024),
+    "235b-a22b": dict(path="Qwen/Qwen3-235B-A22B", micro_batch_size=32, max_concurrent=1024, tensor=4),
 }
 VALID = ("tiny", *SIZES)
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -74,7 +77,7 @@ def get_config(arg: str = "tiny"):
     c.model.remat = True
     c.model.moe_routing = "replay"
 
-    c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.tensor = 1, -1, 8, 1
+    c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.tensor = 1, -1, 8, size.get("tensor", 1)
 
     c.data.source = "hf:DigitalLearningGmbH/MATH-lighteval:train"
     c.data.preset = "math"
