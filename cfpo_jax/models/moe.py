@@ -13,15 +13,24 @@ token reaches all k of its experts: nothing is dropped, no capacity factor.
 Dispatch: the N·k (token, expert) assignments are sorted by expert, the tokens gathered in that
 order, and the three projections run as grouped matmuls over the E contiguous groups
 (`jax.lax.ragged_dot`; with `config.moe_matmul="megablox"` the Pallas TPU kernel
-`megablox.gmm`), then each output is weighted and added back to its token. On TPU the choice
-matters and is not made yet (benchmarks/README.md, moe_matmul.py, 2026-12-06): the TPU compiler
-lowers ragged_dot densely, 42.7 × the routed FLOPs of a Qwen3-30B-A3B layer's forward + backward,
-while megablox compiles on its own (no dot outside the kernel, a smaller peak) but not yet inside
-this module's `shard_map` — its pallas_call output carries no varying-axes type, which
-`check_vma=True` requires ("manual_axis_type on jax.ShapeDtypeStruct must not be None"), and
-`check_vma=False` changes how the layer's psums transpose, which nothing here has checked yet. So
-ragged_dot is the default everywhere.
+`megablox.gmm`), then each output is weighted and added back to its token.
 
+Which grouped matmul (benchmarks/README.md, "moe_matmul.py" and the MoE pod rows): XLA lowers
+`ragged_dot` densely on TPU and on GPU alike — every row times every local expert, masked — so its
+compiled FLOPs are ~E_local / (k / expert) × the routed ones (42.7 × for one Qwen3-30B-A3B layer
+on one v5e chip; 70 × the model's for 30b-a3b's decode step on 16 H100s). Megablox computes only
+the routed rows (its FLOPs are inside the kernel, a custom call the HLO dot count does not see).
+It runs inside this module's expert-parallel `shard_map` with `check_vma=False`: its pallas_call
+output carries no varying-axes type, which `check_vma=True` requires ("When `check_vma=True` on
+`jax.shard_map`, `manual_axis_type` on `jax.ShapeDtypeStruct` must not be `None`"). Without the
+check, shard_map transposes the collectives plainly and rescales the cotangents of outputs
+replicated over an axis, which gives the same gradients: tests/unit/models/test_moe.py checks the
+output and every input's gradient against ragged_dot on one device (megablox run by the Pallas
+interpreter, expert × fsdp × tensor = 2 × 2 × 2). The kernel leaves output rows past the groups
+unwritten (the other shards' assignments here; NaN in the interpreter), in its forward and in its
+input gradient, so `_grouped` zeroes them on both sides. ragged_dot stays the default (every
+platform; its dense lowering is the cost); on TPU set `model.moe_matmul="megablox"`, as the
+configs/math_qwen3_moe.py TPU launch lines do.
 Replay (`routing_NxK` given): the experts are the given ones (e.g. the sampler's choice, recorded
 while decoding) instead of the top k; their weights are the current router's probabilities of
 those experts, renormalised as above — so the router still gets gradients, and a model whose own
