@@ -4,9 +4,14 @@ Qwen3-235B-A22B on MATH with CFPO, expert parallelism and routing replay.
 Launch:
   python -m cfpo_jax.train --config=configs/math_qwen3_moe.py:tiny --workdir=runs/moe_tiny
   python -m cfpo_jax.train --config=configs/math_qwen3_moe.py:tiny --config.model.moe_routing=replay
-  # TPU pod slice, every host the same command (launch/tpu_vm.sh):
-  launch/tpu_vm.sh my-pod us-east5-a "--config=configs/math_qwen3_moe.py:30b-a3b --config.mesh.distributed=True"
-  launch/tpu_vm.sh my-pod us-east5-a "--config=configs/math_qwen3_moe.py:235b-a22b --config.mesh.distributed=True"
+  # TPU pod slice, every host the same command (launch/tpu_vm.sh); megablox experts on TPU:
+  launch/tpu_vm.sh my-v5p-16 us-east5-a "--config=configs/math_qwen3_moe.py:30b-a3b --config.mesh.distributed=True \
+      --config.model.moe_matmul=megablox --workdir=gs://my-bucket/runs/moe_30b"
+  launch/tpu_vm.sh my-v5p-256 us-east5-a "--config=configs/math_qwen3_moe.py:235b-a22b --config.mesh.distributed=True \
+      --config.model.moe_matmul=megablox --workdir=gs://my-bucket/runs/moe_235b"
+  # 16 × H100 (2 nodes of 8): compiled, but does not fit (below)
+  sbatch --nodes=2 --gpus-per-node=8 launch/slurm.sh --config=configs/math_qwen3_moe.py:30b-a3b \
+      --workdir=/shared/runs/moe_30b
 
 tiny: the quickstart (configs/quickstart.py: 1-digit addition, a 150-step warm start, then 300
 CFPO steps) with the 2-layer decoder's MLP replaced by 8 experts of width 64, 2 per token
@@ -18,15 +23,29 @@ wrote a Qwen3MoeForCausalLM directory. 8.5 min of CPU time (the quickstart: 2.5)
 and this session's own test runs), not what an idle laptop takes.
 
 30b-a3b (Qwen/Qwen3-30B-A3B: 48 layers, 128 experts of width 768, 8 per token, 30.5B parameters
-of which 3.3B active) and 235b-a22b (Qwen/Qwen3-235B-A22B: 94 layers, 128 experts of width 1536,
-8 per token, 235B parameters, 22B active): MATH train with math_qwen.py's recipe (CFPO ε = 0.2,
+of which 3.35B active) and 235b-a22b (Qwen/Qwen3-235B-A22B: 94 layers, 128 experts of width 1536,
+8 per token, 235.1B parameters, 22.2B active): MATH train with math_qwen.py's recipe (CFPO ε = 0.2,
 GRPO advantages, 1024 + 1024 tokens, lr 1e-6), bfloat16 compute over float32 master weights,
-rematerialised layers, experts split over `mesh.expert` (8) and everything over fsdp; routing
-replay on (the learner runs the sampler's experts, `model.moe_routing`), no load-balancing loss
-(the published routers are trained; `rl.moe_aux_loss_coef` adds it). Hardware: a TPU v5p slice
-(30b-a3b: v5p-32 or smaller, 235b-a22b: up to v5p-256) or H100 clusters (16 GPUs for 30b-a3b).
-Compiled per-chip peaks are not in this docstring yet: they are written only once measured
-(benchmarks/compile.py on the pod targets, issue 33's pod half).
+rematerialised layers, experts split over `mesh.expert` (8), 235b-a22b's widths over `tensor` (4),
+everything else over fsdp; routing replay on (the learner runs the sampler's experts,
+`model.moe_routing`), no load-balancing loss (the published routers are trained;
+`rl.moe_aux_loss_coef` adds it). LoRA (`lora.rank` > 0) adapts attention only here — q, k, v, o;
+a MoE layer has no dense gate/up/down, and the experts and the router get no adapters (they stay
+frozen: tests/unit/models/test_moe.py::test_lora_training_on_a_moe_moves_only_the_adapters).
+
+Compiled for the chips (benchmarks/compile.py, the run's own programs on compile-only devices of
+the whole pod; benchmarks/README.md, "MoE configs on pods", 2026-12-07; per-chip GB = 1e9 bytes;
+model FLOPs count the active parameters). Per-chip peak of each program:
+  size       target                 update   prepare  prefill  decode
+  30b-a3b    h100x16 (ragged_dot)   86.3 no   29.6    97.6 no   33.7    of 84.9
+COMPILED_TPU_ROWS
+On the H100s XLA lowers `jax.lax.ragged_dot` densely (every local expert on every routed row):
+compiled FLOPs are 93 × the model's for the update, 139 × for prepare, 68–70 × for prefill and
+decode, and the update and the prefill overflow the 84.9 GB (the temporaries of that dense
+product). 30b-a3b needs a grouped GEMM that computes only routed rows on the GPU (jax's Mosaic
+GPU ragged_dot kernels, not wired in) before it runs on 16 H100s; a lower bound on one RL step from
+these programs is 2,037 s (FLOPs alone). On TPU megablox computes only the routed rows (its FLOPs
+are inside the kernel, not in the compiled count).
 """
 
 import importlib.util
