@@ -17,8 +17,9 @@ order, and the three projections run as grouped matmuls over the E contiguous gr
 
 Which grouped matmul (benchmarks/README.md, "moe_matmul.py" and the MoE pod rows): XLA lowers
 `ragged_dot` densely on TPU and on GPU alike — every row times every local expert, masked — so its
-compiled FLOPs are ~E_local / (k / expert) × the routed ones (42.7 × for one Qwen3-30B-A3B layer
-on one v5e chip; 70 × the model's for 30b-a3b's decode step on 16 H100s). Megablox computes only
+compiled FLOPs are tens of times the routed ones (42.7 × for one Qwen3-30B-A3B layer's forward +
+backward on a v5e chip, 113.8 × on an H100; 70 × the model's FLOPs for 30b-a3b's decode step on
+16 H100s). Megablox computes only
 the routed rows (its FLOPs are inside the kernel, a custom call the HLO dot count does not see).
 It runs inside this module's expert-parallel `shard_map` with `check_vma=False`: its pallas_call
 output carries no varying-axes type, which `check_vma=True` requires ("When `check_vma=True` on
@@ -31,6 +32,12 @@ unwritten (the other shards' assignments here; NaN in the interpreter), in its f
 input gradient, so `_grouped` zeroes them on both sides. ragged_dot stays the default (every
 platform; its dense lowering is the cost); on TPU set `model.moe_matmul="megablox"`, as the
 configs/math_qwen3_moe.py TPU launch lines do.
+
+LoRA (`cfpo_jax.lora`) on a MoE model adapts attention only (q, k, v, o): a MoE layer has no dense
+gate/up/down to adapt (asking for them is refused), and the router and the experts get no adapters
+— they stay frozen while the adapters train (tests/unit/models/test_moe.py). Adapters on the
+stacked experts ([E, D, r] × [E, r, F] per kernel, grouped like the kernels) are not built.
+
 Replay (`routing_NxK` given): the experts are the given ones (e.g. the sampler's choice, recorded
 while decoding) instead of the top k; their weights are the current router's probabilities of
 those experts, renormalised as above — so the router still gets gradients, and a model whose own
