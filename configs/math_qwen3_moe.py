@@ -40,11 +40,14 @@ model FLOPs count the active parameters). Per-chip peak of each program:
   30b-a3b    h100x16 (ragged_dot)   86.3 no   29.6    97.6 no   33.7    of 84.9
   30b-a3b    v5p-16 (megablox)     >95.7 no     —        —       52.4    of 102 (update: HLO temps 109.5)
   30b-a3b    v5p-32 (megablox)      73.3        —        —        —      of 102
-235B_ROWS
+  235b-a22b  v5p-256 (megablox)     72.2        —        —        —      of 102
 Smallest v5p slice for 30b-a3b: a v5p-32 (the update, 73.3 GB with 31.1 GB of state per chip;
 its sampler is at most the v5p-16's decode, 52.4 GB, so a run holds ≤ 83.5 GB per chip there); a
 v5p-16 runs out of HBM in the update. Bounds per update call on the v5p-32: ≥ 7.2 s from the
 model FLOPs (3.3e15 per chip at 459 TFLOP/s; megablox's own FLOPs are not in the compiled count).
+235b-a22b on a v5p-256 (fsdp 4 × expert 8 × tensor 4): the update 72.2 GB per chip (27.5 GB of
+state); ≥ 5.9 s per update call from its model FLOPs (2.73e15 per chip). "—": not compiled in
+that session (CPU time on a shared 2-core host; one command each, benchmarks/README.md).
 On the H100s XLA lowers `jax.lax.ragged_dot` densely (every local expert on every routed row):
 compiled FLOPs are 93 × the model's for the update, 139 × for prepare, 68–70 × for prefill and
 decode, and the update and the prefill overflow the 84.9 GB (the temporaries of that dense
