@@ -39,12 +39,14 @@ model FLOPs count the active parameters). Per-chip peak of each program:
   size       target                 update   prepare  prefill  decode
   30b-a3b    h100x16 (ragged_dot)   86.3 no   29.6    97.6 no   33.7    of 84.9
   30b-a3b    v5p-16 (megablox)     >95.7 no     —        —       52.4    of 102 (update: HLO temps 109.5)
-  30b-a3b    v5p-32 (megablox)      73.3        —        —        —      of 102
+  30b-a3b    v5p-32 (megablox)      73.3      19.5     33.3     57.3    of 102
   235b-a22b  v5p-256 (megablox)     72.2        —        —        —      of 102
-Smallest v5p slice for 30b-a3b: a v5p-32 (the update, 73.3 GB with 31.1 GB of state per chip;
-its sampler is at most the v5p-16's decode, 52.4 GB, so a run holds ≤ 83.5 GB per chip there); a
-v5p-16 runs out of HBM in the update. Bounds per update call on the v5p-32: ≥ 7.2 s from the
-model FLOPs (3.3e15 per chip at 459 TFLOP/s; megablox's own FLOPs are not in the compiled count).
+Smallest v5p slice for 30b-a3b: a v5p-32, every program compiled and fitting (with the 31.1 GB
+of training state resident beside the sampler, a run holds 57.3 + 31.1 = 88.4 GB per chip); a
+v5p-16 runs out of HBM in the update. A lower bound on one RL step there (every completion 1,024
+tokens long; each program's max(FLOPs / peak, bytes / bandwidth) times its calls): ≥ 270 s from
+the compiled programs, ≥ 290 s with the model FLOPs in place of the compiled count where larger
+(megablox's FLOPs are inside the kernel) — a bound, not a time; per update call ≥ 7.2 s.
 235b-a22b on a v5p-256 (fsdp 4 × expert 8 × tensor 4): the update 72.2 GB per chip (27.5 GB of
 state); ≥ 5.9 s per update call from its model FLOPs (2.73e15 per chip). "—": not compiled in
 that session (CPU time on a shared 2-core host; one command each, benchmarks/README.md).
