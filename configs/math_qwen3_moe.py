@@ -5,7 +5,7 @@ Launch:
   python -m cfpo_jax.train --config=configs/math_qwen3_moe.py:tiny --workdir=runs/moe_tiny
   python -m cfpo_jax.train --config=configs/math_qwen3_moe.py:tiny --config.model.moe_routing=replay
   # TPU pod slice, every host the same command (launch/tpu_vm.sh); megablox experts on TPU:
-  launch/tpu_vm.sh my-v5p-16 us-east5-a "--config=configs/math_qwen3_moe.py:30b-a3b --config.mesh.distributed=True \
+  launch/tpu_vm.sh my-v5p-32 us-east5-a "--config=configs/math_qwen3_moe.py:30b-a3b --config.mesh.distributed=True \
       --config.model.moe_matmul=megablox --workdir=gs://my-bucket/runs/moe_30b"
   launch/tpu_vm.sh my-v5p-256 us-east5-a "--config=configs/math_qwen3_moe.py:235b-a22b --config.mesh.distributed=True \
       --config.model.moe_matmul=megablox --workdir=gs://my-bucket/runs/moe_235b"
@@ -64,9 +64,9 @@ import os
 
 from cfpo_jax.config import base_config
 
-# The micro-batch must split over the data × fsdp × expert shards: 16 on a v5p-16 (8 chips) or
-# 16 H100s, 32 on a v5p-256 with 235b-a22b's tensor = 4 (1–2 sequences per chip). 1024 slots keep
-# the KV cache per chip at 26 GB on a v5p-16 (128 slots of 48 layers × 2048 columns) and 3.2 GB
+# The micro-batch must split over the data × fsdp × expert shards: 16 on a v5p-32 (16 chips) or
+# 16 H100s, 32 on a v5p-256 with 235b-a22b's tensor = 4 (1 sequence per chip). 1024 slots keep
+# the KV cache per chip at 13 GB on a v5p-32 (64 slots of 48 layers × 2048 columns) and 3.2 GB
 # on a v5p-256. The sampler's bf16 copy keeps the expert and tensor splits and drops fsdp
 # (`decoding._sampling_spec`): 235b-a22b's experts (454 GB in bf16) are 57 GB per chip over
 # expert = 8 alone, 14 GB with tensor = 4 splitting each expert's width too.
