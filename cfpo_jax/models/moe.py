@@ -19,8 +19,8 @@ Which grouped matmul (benchmarks/README.md, "moe_matmul.py" and the MoE pod rows
 `ragged_dot` densely on TPU and on GPU alike — every row times every local expert, masked — so its
 compiled FLOPs are tens of times the routed ones (42.7 × for one Qwen3-30B-A3B layer's forward +
 backward on a v5e chip, 113.8 × on an H100; 70 × the model's FLOPs for 30b-a3b's decode step on
-16 H100s). Megablox computes only
-the routed rows (its FLOPs are inside the kernel, a custom call the HLO dot count does not see).
+16 H100s). Megablox computes only the routed rows (its FLOPs are inside the kernel, a custom
+call the HLO dot count does not see).
 It runs inside this module's expert-parallel `shard_map` with `check_vma=False`: its pallas_call
 output carries no varying-axes type, which `check_vma=True` requires ("When `check_vma=True` on
 `jax.shard_map`, `manual_axis_type` on `jax.ShapeDtypeStruct` must not be `None`"). Without the
