@@ -95,7 +95,8 @@ def main():
                         help="compile the expert-parallel layer over this many chips (0: grouped_mlp on one chip)")
     a = parser.parse_args()
     ideal = 6 * a.tokens * a.top_k * 3 * a.hidden * a.width
-    print(f"one MoE layer fwd+bwd: {a.tokens} tokens{' per chip, expert-parallel over ' + str(a.expert) if a.expert else ''}, D={a.hidden}, E={a.experts}, F={a.width}, "
+    where = f" per chip, expert-parallel over {a.expert}" if a.expert else ""
+    print(f"one MoE layer fwd+bwd: {a.tokens} tokens{where}, D={a.hidden}, E={a.experts}, F={a.width}, "
           f"k={a.top_k}; the layer's own matmul FLOPs {ideal:.3e}")
     print(f"{'target':8} {'matmul':11} {'compiles':8} {'dot FLOPs':>10} {'× own':>6} {'peak GB':>8} "
           f"{'bytes GB':>8} {'compile s':>9}  kernel")
