@@ -22,7 +22,8 @@ on the config's mesh over the target's chips (`-1` axes take the rest). One row 
 * compile s (on this host; 2 shared cores when recorded);
 * per-chip FLOPs of the compiled program, counted from its HLO's matmuls (`report.hlo_dot_flops`:
   every trip of a loop; fused attention kernels are custom calls and not counted) next to the
-  analytic model FLOPs per chip (6·params·tokens for the update, 2·params·tokens per forward),
+  analytic model FLOPs per chip (6·params·tokens for the update, 2·params·tokens per forward;
+  for a mixture of experts the params a token runs through: k of the E experts, `programs.active_params`),
   and their ratio (> 1: recomputation such as remat, or waste);
 * bound ms: max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per chip — a lower bound on the step,
   never a time. The GPU compiler reports no bytes: there the bound is FLOPs / peak alone, marked
@@ -59,7 +60,7 @@ import jax  # noqa: E402
 import chips  # noqa: E402
 import shapes  # noqa: E402
 from cfpo_jax import config as config_lib  # noqa: E402
-from cfpo_jax import data, sharding  # noqa: E402
+from cfpo_jax import data, policy  # noqa: E402
 from cfpo_jax.aot import programs, report, targets  # noqa: E402
 from cfpo_jax.rewards import registry  # noqa: E402
 
@@ -102,7 +103,8 @@ def policy_model_config(config):
         shapes.shape_of_hub_id(config.model.path),
         param_dtype=config.lora.base_dtype or config.model.param_dtype, dtype=config.model.dtype,
         remat=config.model.remat, remat_policy=config.model.remat_policy,
-        attention=config.model.attention, unroll_layers=config.model.unroll_layers)
+        attention=config.model.attention, unroll_layers=config.model.unroll_layers,
+        moe_matmul=config.model.moe_matmul)
 
 
 def reward_models(config):
@@ -119,13 +121,13 @@ def reward_models(config):
 
 
 def make_mesh(config, target, devices):
-    """The config's mesh over the target's chips; a multi-slice target's slices are `mesh.dcn`
+    """The config's mesh over the target's chips, as the trainer builds it (`policy.make_mesh`:
+    its micro-batch must split over the batch axes); a multi-slice target's slices are `mesh.dcn`
     (the config's, or the target's count where the config leaves it at 1)."""
     if config.mesh.dcn not in (1, target.slices):
         raise ValueError(f"mesh.dcn={config.mesh.dcn} but target {target.name} has {target.slices} slice(s)")
     config.mesh.dcn = target.slices
-    return sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor, devices=devices,
-                              dcn=config.mesh.dcn)
+    return policy.make_mesh(config, devices)
 
 
 SIDES = {"rollout": ("prefill", "decode"), "learner": ("update", "prepare")}

@@ -28,6 +28,9 @@ kernel); while sampling, 30.5 + 17.7 of state ≈ 48.1 of 84.9. On a
 v5p-128 (64 chips, the same mesh; splash and paged attention) update 39.1, prepare 11.4, prefill
 27.1, decode 27.2, reward forward 1.2 GB per chip; while sampling 27.2 + 17.7 ≈ 44.8 of 102.
 Compiled FLOPs per chip: 1.21 × the model's for the update (remat), 0.93–0.99 for the forwards.
+On a v6e-256 (256 chips of 32 GB; fsdp 32 × tensor 8, `--config.rl.micro_batch_size=32` so the
+micro-batch splits over the 32 batch shards; 2026-12-07) only the prepare pass was compiled: 3.1 GB
+per chip, FLOPs 0.98 × the model's, bound ≥ 3.7 s per call; the rest not yet.
 A lower bound on one RL step on the v5p-128 from its compiled programs (each program's
 max(FLOPs / peak, bytes / bandwidth) times its calls per step, every completion 1,024 tokens long
 — a bound, not a time): ≥ 115 s (8 updates 55 s, prepare 30 s, 2,070 decode steps of ≥ 13.3 ms

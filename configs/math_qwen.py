@@ -79,6 +79,8 @@ with tensor = 8 leaving no FSDP to split them). On TPU the v5p-64 is the smalles
 leaves 3 × headroom, and a v5p-32 has the per-chip layout of the 16 H100s above (fsdp 2 × tensor
 8) with 102 GB chips — not compiled here (a program of this size took 10–13 minutes of this
 box's CPU share).
+On a v6e-64 (64 chips of 32 GB, fsdp 8 × tensor 8; 2026-12-07) only the prepare pass was
+compiled: 3.3 GB per chip, FLOPs 0.96 × the model's, bound ≥ 11.3 s per call; the rest not yet.
 
 Disaggregated (issue 32: `mesh.rollout_devices`, the first host the rollout mesh, the second the
 learner mesh; benchmarks/compile.py --side, benchmarks/README.md, 2026-12-06): 7b's programs

@@ -4,9 +4,14 @@ Qwen3-235B-A22B on MATH with CFPO, expert parallelism and routing replay.
 Launch:
   python -m cfpo_jax.train --config=configs/math_qwen3_moe.py:tiny --workdir=runs/moe_tiny
   python -m cfpo_jax.train --config=configs/math_qwen3_moe.py:tiny --config.model.moe_routing=replay
-  # TPU pod slice, every host the same command (launch/tpu_vm.sh):
-  launch/tpu_vm.sh my-pod us-east5-a "--config=configs/math_qwen3_moe.py:30b-a3b --config.mesh.distributed=True"
-  launch/tpu_vm.sh my-pod us-east5-a "--config=configs/math_qwen3_moe.py:235b-a22b --config.mesh.distributed=True"
+  # TPU pod slice, every host the same command (launch/tpu_vm.sh); megablox experts on TPU:
+  launch/tpu_vm.sh my-v5p-32 us-east5-a "--config=configs/math_qwen3_moe.py:30b-a3b --config.mesh.distributed=True \
+      --config.model.moe_matmul=megablox --workdir=gs://my-bucket/runs/moe_30b"
+  launch/tpu_vm.sh my-v5p-256 us-east5-a "--config=configs/math_qwen3_moe.py:235b-a22b --config.mesh.distributed=True \
+      --config.model.moe_matmul=megablox --workdir=gs://my-bucket/runs/moe_235b"
+  # 16 × H100 (2 nodes of 8): compiled, but does not fit (below)
+  sbatch --nodes=2 --gpus-per-node=8 launch/slurm.sh --config=configs/math_qwen3_moe.py:30b-a3b \
+      --workdir=/shared/runs/moe_30b
 
 tiny: the quickstart (configs/quickstart.py: 1-digit addition, a 150-step warm start, then 300
 CFPO steps) with the 2-layer decoder's MLP replaced by 8 experts of width 64, 2 per token
@@ -18,15 +23,40 @@ wrote a Qwen3MoeForCausalLM directory. 8.5 min of CPU time (the quickstart: 2.5)
 and this session's own test runs), not what an idle laptop takes.
 
 30b-a3b (Qwen/Qwen3-30B-A3B: 48 layers, 128 experts of width 768, 8 per token, 30.5B parameters
-of which 3.3B active) and 235b-a22b (Qwen/Qwen3-235B-A22B: 94 layers, 128 experts of width 1536,
-8 per token, 235B parameters, 22B active): MATH train with math_qwen.py's recipe (CFPO ε = 0.2,
+of which 3.35B active) and 235b-a22b (Qwen/Qwen3-235B-A22B: 94 layers, 128 experts of width 1536,
+8 per token, 235.1B parameters, 22.2B active): MATH train with math_qwen.py's recipe (CFPO ε = 0.2,
 GRPO advantages, 1024 + 1024 tokens, lr 1e-6), bfloat16 compute over float32 master weights,
-rematerialised layers, experts split over `mesh.expert` (8) and everything over fsdp; routing
-replay on (the learner runs the sampler's experts, `model.moe_routing`), no load-balancing loss
-(the published routers are trained; `rl.moe_aux_loss_coef` adds it). Hardware: a TPU v5p slice
-(30b-a3b: v5p-32 or smaller, 235b-a22b: up to v5p-256) or H100 clusters (16 GPUs for 30b-a3b).
-Compiled per-chip peaks are not in this docstring yet: they are written only once measured
-(benchmarks/compile.py on the pod targets, issue 33's pod half).
+rematerialised layers, experts split over `mesh.expert` (8), 235b-a22b's widths over `tensor` (4),
+everything else over fsdp; routing replay on (the learner runs the sampler's experts,
+`model.moe_routing`), no load-balancing loss (the published routers are trained;
+`rl.moe_aux_loss_coef` adds it). LoRA (`lora.rank` > 0) adapts attention only here — q, k, v, o;
+a MoE layer has no dense gate/up/down, and the experts and the router get no adapters (they stay
+frozen: tests/unit/models/test_moe.py::test_lora_training_on_a_moe_moves_only_the_adapters).
+
+Compiled for the chips (benchmarks/compile.py, the run's own programs on compile-only devices of
+the whole pod; benchmarks/README.md, "MoE configs on pods", 2026-12-07; per-chip GB = 1e9 bytes;
+model FLOPs count the active parameters). Per-chip peak of each program:
+  size       target                 update   prepare  prefill  decode
+  30b-a3b    h100x16 (ragged_dot)   86.3 no   29.6    97.6 no   33.7    of 84.9
+  30b-a3b    v5p-16 (megablox)     >95.7 no     —        —       52.4    of 102 (update: HLO temps 109.5)
+  30b-a3b    v5p-32 (megablox)      73.3      19.5     33.3     57.3    of 102
+  235b-a22b  v5p-256 (megablox)     72.2        —        —        —      of 102
+Smallest v5p slice for 30b-a3b: a v5p-32, every program compiled and fitting (with the 31.1 GB
+of training state resident beside the sampler, a run holds 57.3 + 31.1 = 88.4 GB per chip); a
+v5p-16 runs out of HBM in the update. A lower bound on one RL step there (every completion 1,024
+tokens long; each program's max(FLOPs / peak, bytes / bandwidth) times its calls): ≥ 270 s from
+the compiled programs, ≥ 290 s with the model FLOPs in place of the compiled count where larger
+(megablox's FLOPs are inside the kernel) — a bound, not a time; per update call ≥ 7.2 s.
+235b-a22b on a v5p-256 (fsdp 4 × expert 8 × tensor 4): the update 72.2 GB per chip (27.5 GB of
+state); ≥ 5.9 s per update call from its model FLOPs (2.73e15 per chip). "—": not compiled in
+that session (CPU time on a shared 2-core host; one command each, benchmarks/README.md).
+On the H100s XLA lowers `jax.lax.ragged_dot` densely (every local expert on every routed row):
+compiled FLOPs are 93 × the model's for the update, 139 × for prepare, 68–70 × for prefill and
+decode, and the update and the prefill overflow the 84.9 GB (the temporaries of that dense
+product). 30b-a3b needs a grouped GEMM that computes only routed rows on the GPU (jax's Mosaic
+GPU ragged_dot kernels, not wired in) before it runs on 16 H100s; a lower bound on one RL step from
+these programs is 2,037 s (FLOPs alone). On TPU megablox computes only the routed rows (its FLOPs
+are inside the kernel, not in the compiled count).
 """
 
 import importlib.util
@@ -34,9 +64,15 @@ import os
 
 from cfpo_jax.config import base_config
 
+# The micro-batch must split over the data × fsdp × expert shards: 16 on a v5p-32 (16 chips) or
+# 16 H100s, 32 on a v5p-256 with 235b-a22b's tensor = 4 (1 sequence per chip). 1024 slots keep
+# the KV cache per chip at 13 GB on a v5p-32 (64 slots of 48 layers × 2048 columns) and 3.2 GB
+# on a v5p-256. The sampler's bf16 copy keeps the expert and tensor splits and drops fsdp
+# (`decoding._sampling_spec`): 235b-a22b's experts (454 GB in bf16) are 57 GB per chip over
+# expert = 8 alone, 14 GB with tensor = 4 splitting each expert's width too.
 SIZES = {
-    "30b-a3b": dict(path="Qwen/Qwen3-30B-A3B", micro_batch_size=8, max_concurrent=2048),
-    "235b-a22b": dict(path="Qwen/Qwen3-235B-A22B", micro_batch_size=4, max_concurrent=1024),
+    "30b-a3b": dict(path="Qwen/Qwen3-30B-A3B", micro_batch_size=16, max_concurrent=1024),
+    "235b-a22b": dict(path="Qwen/Qwen3-235B-A22B", micro_batch_size=32, max_concurrent=1024, tensor=4),
 }
 VALID = ("tiny", *SIZES)
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -71,7 +107,7 @@ def get_config(arg: str = "tiny"):
     c.model.remat = True
     c.model.moe_routing = "replay"
 
-    c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.tensor = 1, -1, 8, 1
+    c.mesh.data, c.mesh.fsdp, c.mesh.expert, c.mesh.tensor = 1, -1, 8, size.get("tensor", 1)
 
     c.data.source = "hf:DigitalLearningGmbH/MATH-lighteval:train"
     c.data.preset = "math"

@@ -45,7 +45,7 @@ from cfpo_jax.models.attention import resolve_decode
 class Program:
     jitted: object  # the run's own jitted function
     args: tuple  # ShapeDtypeStructs with the run's shardings
-    model_flops: float  # analytic: 6·params·tokens (update), 2·params·tokens (forwards)
+    model_flops: float  # analytic: 6·active·tokens (update), 2·active·tokens (forwards): `active_params`
     tokens: int  # tokens the program processes (rows × length)
 
 
@@ -77,8 +77,21 @@ def abstract_policy(config, model_config, mesh):
     return graphdef, params, frozen
 
 
-def _num_params(tree) -> int:
-    return sum(int(x.size) for x in jax.tree.leaves(tree))
+# The stacked experts' kernels of a mixture of experts (`cfpo_jax.models.moe.MoE`): a token runs
+# num_experts_per_tok of their num_experts slices.
+_EXPERT_KERNELS = ("expert_gate_kernel", "expert_up_kernel", "expert_down_kernel")
+
+
+def active_params(tree, model_config) -> float:
+    """The parameters of `tree` one token runs through: all of them for a dense model; for a
+    mixture of experts the experts' kernels count k / E of their size (k = num_experts_per_tok of
+    E = num_experts) and everything else (embeddings, attention, norms, router, adapters) whole.
+    The analytic model FLOPs are 6 (update) or 2 (forward) × this × tokens."""
+    def size(path, x):
+        if model_config.num_experts and any(getattr(k, "key", None) in _EXPERT_KERNELS for k in path):
+            return x.size * model_config.num_experts_per_tok / model_config.num_experts
+        return x.size
+    return sum(size(path, x) for path, x in jax.tree_util.tree_leaves_with_path(tree))
 
 
 def learner_programs(config, model_config, mesh) -> dict[str, Program]:
@@ -120,8 +133,8 @@ def learner_programs(config, model_config, mesh) -> dict[str, Program]:
         plan = packing.spec(rows=rollout, sequences=rollout, prompt_width=P, completion_width=N,
                             sharding=batch_sh)
 
-    # Analytic FLOPs count the model's weights (base and adapters) over every token.
-    weights = _num_params(params) + _num_params(frozen)
+    # Analytic FLOPs count the weights (base and adapters) a token runs through, over every token.
+    weights = active_params(params, model_config) + active_params(frozen, model_config)
     on_policy = batch.is_on_policy(rl)
     forwards = (0 if on_policy else 1) + (1 if rl.beta > 0 else 0) + (
         1 if rl.beta > 0 and rl.kl_in_reward and on_policy else 0)
@@ -170,7 +183,7 @@ def sampler_programs(config, model_config, mesh) -> dict[str, Program]:
                                       num_cache_slots, num_rows)
     replicated = NamedSharding(mesh, PS())
     host = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
-    weights_count = _num_params(params) + _num_params(frozen)
+    weights_count = active_params(params, model_config) + active_params(frozen, model_config)
     prefill = (settings, weights, slots, host((M, P), jnp.int32), host((M, P), jnp.int32),
                host((num_slots,), jnp.int32), host((num_slots,), jnp.int32))
     key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
@@ -198,7 +211,7 @@ def reward_program(config, model_config, mesh) -> Program:
     batch_sh = sharding.batch_sharding(mesh)
     column = jax.ShapeDtypeStruct((rows, width), jnp.int32, sharding=batch_sh)
     return Program(reward_model.forward, (graphdef, state, column, column),
-                   2 * _num_params(state) * rows * width, rows * width)
+                   2 * active_params(state, model_config) * rows * width, rows * width)
 
 
 def _batch_shards(mesh) -> int:

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from cfpo_jax.aot import programs
+from cfpo_jax.aot import programs, targets
 
 KERNEL_PATTERNS = (r"__cudnn\$fmha\w*", r"tpu_custom_call", r"__gpu\$xla\.gpu\.triton\w*", r"triton_kernel_call")
 
@@ -222,8 +222,9 @@ def compile_program(program, mesh) -> dict:
     compile_s."""
     start = time.time()
     try:
+        options = targets.COMPILER_OPTIONS.get(mesh.devices.flat[0].platform, {})
         with programs.mesh_context(mesh):
-            compiled = program.jitted.lower(*program.args).compile()
+            compiled = program.jitted.lower(*program.args).compile(compiler_options=options)
     except Exception as e:  # a compile error is a result: the row says which one
         return dict(compiled=False, error=_error_line(e),
                     kernels=[], compile_s=time.time() - start)

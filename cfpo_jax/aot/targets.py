@@ -79,6 +79,12 @@ TARGETS = {t.name: t for t in (
     _tpu("v6e-64", "v6e:8x8", 64, 32, host_chips=POD_HOST),
     _tpu("v6e-256", "v6e:16x16", 256, 32, host_chips=POD_HOST),
 )}
+# XLA options per platform for compiling without the chips. XLA:GPU rewrites large sorts (a
+# mixture of experts' dispatch argsorts its token-expert assignments: 262,144 per chip for
+# Qwen3-30B-A3B's update) into CUB's radix sort, and sizes its scratch by calling CUDA, which a
+# host without a GPU cannot load ("Error loading CUDA libraries"); its comparison sort compiles.
+# A run on the GPUs keeps the CUB sort: the compiled program differs only in that sort.
+COMPILER_OPTIONS = {"gpu": {"xla_gpu_enable_cub_radix_sort": False}}
 # h100x2 and v5e-4 are the small meshes of the tests; the rest are what configs are run on.
 TARGET_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "h100_sxm.txtpb")
 

@@ -13,14 +13,30 @@ token reaches all k of its experts: nothing is dropped, no capacity factor.
 Dispatch: the N·k (token, expert) assignments are sorted by expert, the tokens gathered in that
 order, and the three projections run as grouped matmuls over the E contiguous groups
 (`jax.lax.ragged_dot`; with `config.moe_matmul="megablox"` the Pallas TPU kernel
-`megablox.gmm`), then each output is weighted and added back to its token. On TPU the choice
-matters and is not made yet (benchmarks/README.md, moe_matmul.py, 2026-12-06): the TPU compiler
-lowers ragged_dot densely, 42.7 × the routed FLOPs of a Qwen3-30B-A3B layer's forward + backward,
-while megablox compiles on its own (no dot outside the kernel, a smaller peak) but not yet inside
-this module's `shard_map` — its pallas_call output carries no varying-axes type, which
-`check_vma=True` requires ("manual_axis_type on jax.ShapeDtypeStruct must not be None"), and
-`check_vma=False` changes how the layer's psums transpose, which nothing here has checked yet. So
-ragged_dot is the default everywhere.
+`megablox.gmm`), then each output is weighted and added back to its token.
+
+Which grouped matmul (benchmarks/README.md, "moe_matmul.py" and the MoE pod rows): XLA lowers
+`ragged_dot` densely on TPU and on GPU alike — every row times every local expert, masked — so its
+compiled FLOPs are tens of times the routed ones (42.7 × for one Qwen3-30B-A3B layer's forward +
+backward on a v5e chip, 113.8 × on an H100; 70 × the model's FLOPs for 30b-a3b's decode step on
+16 H100s). Megablox computes only the routed rows (its FLOPs are inside the kernel, a custom
+call the HLO dot count does not see).
+It runs inside this module's expert-parallel `shard_map` with `check_vma=False`: its pallas_call
+output carries no varying-axes type, which `check_vma=True` requires ("When `check_vma=True` on
+`jax.shard_map`, `manual_axis_type` on `jax.ShapeDtypeStruct` must not be `None`"). Without the
+check, shard_map transposes the collectives plainly and rescales the cotangents of outputs
+replicated over an axis, which gives the same gradients: tests/unit/models/test_moe.py checks the
+output and every input's gradient against ragged_dot on one device (megablox run by the Pallas
+interpreter, expert × fsdp × tensor = 2 × 2 × 2). The kernel leaves output rows past the groups
+unwritten (the other shards' assignments here; NaN in the interpreter), in its forward and in its
+input gradient, so `_grouped` zeroes them on both sides. ragged_dot stays the default (every
+platform; its dense lowering is the cost); on TPU set `model.moe_matmul="megablox"`, as the
+configs/math_qwen3_moe.py TPU launch lines do.
+
+LoRA (`cfpo_jax.lora`) on a MoE model adapts attention only (q, k, v, o): a MoE layer has no dense
+gate/up/down to adapt (asking for them is refused), and the router and the experts get no adapters
+— they stay frozen while the adapters train (tests/unit/models/test_moe.py). Adapters on the
+stacked experts ([E, D, r] × [E, r, F] per kernel, grouped like the kernels) are not built.
 
 Replay (`routing_NxK` given): the experts are the given ones (e.g. the sampler's choice, recorded
 while decoding) instead of the top k; their weights are the current router's probabilities of
@@ -55,6 +71,8 @@ _INIT = nnx.initializers.normal(stddev=0.02)
 # cfpo_jax.sharding.BATCH_AXES (models import no sharding code): the axes the tokens split over.
 _BATCH_AXES = ("data", "fsdp", "expert")
 _MEGABLOX_TILE = 128
+# The Pallas interpreter runs megablox on any platform (tests on CPU); the TPU compiles the kernel.
+_MEGABLOX_INTERPRET = False
 
 
 @flax.struct.dataclass
@@ -95,9 +113,14 @@ def _grouped(x_AxI, kernel_GxIxO, group_sizes_G, implementation: str):
 
         rows = x_AxI.shape[0]
         padded = -(-rows // _MEGABLOX_TILE) * _MEGABLOX_TILE
-        x_AxI = jnp.pad(x_AxI, ((0, padded - rows), (0, 0)))
+        # The kernel leaves its output rows past the groups unwritten (whatever the buffer held;
+        # NaN in interpret mode), in the forward and in its input gradient alike: zero them on
+        # both sides, so neither the output nor the gradient of x reads them.
+        valid_Ax1 = (jnp.arange(padded) < jnp.sum(group_sizes_G))[:, None]
+        x_AxI = jnp.where(valid_Ax1, jnp.pad(x_AxI, ((0, padded - rows), (0, 0))), 0)
         tiling = tuple(min(_MEGABLOX_TILE, d) for d in (padded, x_AxI.shape[1], kernel_GxIxO.shape[2]))
-        return gmm(x_AxI, kernel_GxIxO, group_sizes_G, x_AxI.dtype, tiling)[:rows]
+        out_AxO = gmm(x_AxI, kernel_GxIxO, group_sizes_G, x_AxI.dtype, tiling, interpret=_MEGABLOX_INTERPRET)
+        return jnp.where(valid_Ax1, out_AxO, 0)[:rows]
     return jax.lax.ragged_dot(x_AxI, kernel_GxIxO, group_sizes_G)
 
 
@@ -175,7 +198,7 @@ def sparse_mlp(x_BxTxD, weights_BxTxK, experts_BxTxK, gate_ExDxF, up_ExDxF, down
     fn = jax.shard_map(
         lambda *args: local(*args, axes=axes), mesh=mesh,
         in_specs=(token_spec, token_spec, token_spec, P(ex, fs, tp), P(ex, fs, tp), P(ex, tp, fs)),
-        out_specs=token_spec)
+        out_specs=token_spec, check_vma=implementation != "megablox")
     return fn(x_BxTxD, weights_BxTxK, experts_BxTxK, gate_ExDxF, up_ExDxF, down_ExFxD)
 
 
