@@ -60,7 +60,7 @@ import jax  # noqa: E402
 import chips  # noqa: E402
 import shapes  # noqa: E402
 from cfpo_jax import config as config_lib  # noqa: E402
-from cfpo_jax import data, policy  # noqa: E402
+from cfpo_jax import data, policy, sharding  # noqa: E402
 from cfpo_jax.aot import programs, report, targets  # noqa: E402
 from cfpo_jax.rewards import registry  # noqa: E402
 
@@ -72,8 +72,7 @@ CONFIGS = {
                "configs/code_qwen.py:1.5b"),
     "h100x8": ("configs/math_qwen.py:1.5b", "configs/math_qwen.py:3b", "configs/math_qwen.py:7b",
                "configs/align_llama.py", "configs/code_qwen.py:7b", "configs/dapo_qwen.py:cfpo"),
-    "v5e-8": ("configs/gsm8k_qwen.py:0.5b", "configs/gsm8k_qwen.py:1.5b", "configs/math_qwen.py:1.5b-v5e",
-              "configs/code_qwen.py:1.5b"),
+    "v5e-8": ("configs/gsm8k_qwen.py:0.5b", "configs/gsm8k_qwen.py:1.5b", "configs/math_qwen.py:1.5b-v5e"),
     "v6e-8": ("configs/math_qwen.py:7b-v6e", "configs/align_llama.py:v6e", "configs/gsm8k_qwen_lora.py",
               "configs/code_qwen.py:7b"),
     "v5p-8": ("configs/math_qwen.py:7b-v5p", "configs/align_llama.py", "configs/gsm8k_qwen_lora.py",

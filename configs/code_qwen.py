@@ -47,7 +47,9 @@ TPU slices (per-chip peak GB; splash and paged attention in every program): 1.5b
 (2026-12-03 second session, continued): update 7.2, old-logprob pass 2.0, prefill 4.9, decode 4.5;
 with the 2.3 GB of training state resident beside the sampler, at most 7.2 of 17.2 — it fits.
 (Its mesh was one device then, fsdp = 1, which a slice of 8 cannot hold; fsdp = -1 now spreads the
-parameters over every device there is: 1 GPU, 8 GPUs or a slice.) 7b (third session): on a v5p-8
+parameters over every device there is: 1 GPU, 8 GPUs or a slice. On a slice of 8 the trainer's
+micro-batch must split over the 8 chips: run 1.5b there with --config.rl.micro_batch_size=8, which
+is not what was compiled above, so compile.py no longer lists it for v5e-8.) 7b (third session): on a v5p-8
 (4 chips) update 53.3 (22.9 arguments), old-logprob pass 13.1, prefill 19.3, decode 20.9, with the
 state beside the sampler 43.8 of 102; on a v6e-8 update 27.5 (11.4 arguments), old-logprob pass
 7.2, prefill 16.5, decode 18.6, with the state beside the sampler 30.0 of 34.4 — it fits both.
