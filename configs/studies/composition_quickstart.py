@@ -7,33 +7,18 @@ Launch (resumable — run the same command again):
 Run time: 2 objectives × dynamic sampling off/on × Clip-Cov off/on × 5 seeds = 40 runs of 100 RL
 steps (16 prompts × 8 samples) at μ = 4, lr 1e-3, after the quickstart's 150-step warm start —
 the stability map's settings (configs/studies/stability_map_quickstart.py), so the 10 runs with
-both tricks off are the map's own frontier runs. A run with dynamic sampling samples up to 4
-rounds per step (1.9–2.0 on average in the first pass below). Measured 2026-12-06 with
---parallel=2 under `nice -n 19` on the 2-core box shared with five other sessions (load average
-15–29): 1,247–1,300 s per run with dynamic sampling, against the map's 79–109 s per run on the
-idle box; the 30 runs not in the map would take hours there.
+both tricks off are the map's own frontier config. A run with dynamic sampling samples up to 4
+rounds per step. Measured 2026-12-06/07 with --parallel=2 on the 2-core box: 97–99 s per run while
+it was quiet, 270–590 s while four other sessions shared it; the whole study 7,230 s.
 
-First pass (2026-12-06): seed 0 only, the six cells with a trick, through
-  python -m cfpo_jax.study --config=configs/quickstart.py --study=configs/studies/composition_quickstart.py \
-    --parallel=2 --study.seeds='(0,)' --study.axes.rl.dynamic_sampling='(True,)'
-and the same with --study.axes.rl.dynamic_sampling='(False,)' --study.axes.rl.entropy_control="('clip_cov',)"
-(one seed: an anecdote, not the study; the 5-seed study and its report are still to run).
-Final reward (last 10 steps) / greedy accuracy on the 200 held-out problems / wall time:
-  CFPO + dynamic sampling             0.513 / 0.685 / 1,261 s   no collapse
-  CFPO + dynamic sampling + Clip-Cov  0.562 / 0.860 / 1,247 s   no collapse
-  CFPO + Clip-Cov                     0.548 / 0.735 /   690 s   no collapse
-  GRPO + dynamic sampling             0.645 / 0.875 / 1,300 s   no collapse
-  GRPO + dynamic sampling + Clip-Cov  0.639 / 0.870 / 1,293 s   no collapse
-  GRPO + Clip-Cov                     0.616 / 0.920 /   695 s   no collapse
-  CFPO without either (rerun today)   0.515 / 0.830 /   273 s   no collapse
-  the map's seed 0 without either     CFPO 0.250 (collapsed at step 3), GRPO 0.648
-The map's seed-0 CFPO collapse did not reproduce with today's code (the trainer split into parts,
-typed keys: other random draws), so this seed shows no effect of either trick on CFPO — its
-held-out accuracy was 0.69–0.86 with them and 0.83 without. Only the 5-seed study can say more.
-(The two CFPO runs logged `reward_mean` over the trained groups only — a version before it became
-the mean over every sampled row; the GRPO runs show the two within 0.03 of each other.) Every
-trained batch had zero_std_groups = 0, none needed filling, and Clip-Cov stopped the gradient of
-1.8–1.9% of the tokens.
+Result (docs/studies/composition_quickstart/, docs/studies/README.md), collapsed seeds of 5 and the
+final reward, CFPO / GRPO:
+  neither trick             2/5, 0.41   /  0/5, 0.75
+  dynamic sampling          0/5, 0.62   /  0/5, 0.82
+  Clip-Cov                  3/5, 0.42   /  0/5, 0.78
+  both                      1/5, 0.52   /  0/5, 0.79
+Dynamic sampling helps CFPO (1/10 collapsed with it, 5/10 without: Fisher p = 0.14); Clip-Cov
+does not; GRPO stays the more stable objective (0/20 against 6/20, p = 0.020).
 
 What it asks: at lr 1e-3, μ = 4, CFPO collapsed in 4 of 5 seeds and GRPO in none
 (docs/studies/stability_map_quickstart). Dynamic sampling keeps every trained group informative
