@@ -11,8 +11,11 @@ and collapse rule. Its counterpart with clipping on is the composition study's c
 trick (configs/studies/composition_quickstart.py: the same settings and seeds, run with today's
 code), so the two are read side by side in docs/studies/grad_clip_frontier_quickstart.md.
 
-Run time: 10 runs, 97–99 s each at --parallel=2 on the idle 2-core box (the same cell with
-clipping on, 2026-12-06).
+Run time: 10 runs, 95–96 s each at --parallel=2 on the quiet 2-core box (2026-12-07).
+
+Result (docs/studies/grad_clip_frontier_quickstart/, docs/studies/README.md): without clipping
+CFPO collapsed in 3 of 5 seeds (2 of 5 with it), final reward 0.33 (0.41 with it); GRPO 0 of 5,
+0.76 (0.75). Clipping does not explain CFPO's collapses.
 """
 
 import ml_collections
