@@ -2,14 +2,10 @@
 format written here) and the composition study's cells against the stability map's."""
 
 import json
-import os
 
 from cfpo_jax import data
-from cfpo_jax import study as study_lib
-from tests.fixtures import paths
-from tests.fixtures.runs import quickstart
+from tests.fixtures.runs import quickstart, quickstart_study
 
-ROOT = paths.ROOT
 
 DAPO_ROW = {
     "data_source": "math_dapo",
@@ -40,18 +36,11 @@ def test_dapo_math_preset_keeps_the_problem_and_the_ground_truth(tmp_path):
         raise AssertionError("a row without a user turn must fail")
 
 
-def _study(name):
-    path = os.path.join(ROOT, "configs", "studies", f"{name}.py")
-    namespace = {}
-    exec(compile(open(path).read(), path, "exec"), namespace)
-    return study_lib.Study(spec=namespace["get_config"](), base=quickstart(),
-                           base_file="configs/quickstart.py")
-
-
 def test_composition_study_without_the_tricks_is_the_maps_frontier_cell():
     """Its runs with dynamic sampling and Clip-Cov off train the stability map's config at
     (lr 1e-3, μ = 4) with the same seed (the tricks' own knobs are inert when they are off)."""
-    composition, stability_map = _study("composition_quickstart"), _study("stability_map_quickstart")
+    composition = quickstart_study("composition_quickstart")
+    stability_map = quickstart_study("stability_map_quickstart")
     stability_map.spec.seeds = composition.spec.seeds
     map_configs = {(r.value("rl.objective"), r.value("optim.lr"), r.value("rl.num_epochs"), r.seed):
                    stability_map.config(r).to_dict() for r in stability_map.runs()}

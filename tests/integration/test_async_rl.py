@@ -13,8 +13,8 @@ import pytest
 
 from cfpo_jax import async_rollout, checkpoint, metrics, train
 from cfpo_jax import rollout as rollout_lib
-from tests.fixtures.runs import (launch, params_of, quickstart, read_metrics, restore_like,
-                                 state_leaves, tiny, wait_for)
+from tests.fixtures.runs import (launch, params_of, quickstart, quickstart_study, read_metrics,
+                                 restore_like, state_leaves, tiny, wait_for)
 
 # What differs between two identical runs: wall times and what is derived from them.
 TIMING = ("time_", "tokens_per_s", "weight_sync_s", "eta")
@@ -198,11 +198,7 @@ def test_the_staleness_study_expands_to_valid_configs():
     (recomputed with TIS, behaviour without) × 5 seeds, each a valid training config at the frontier
     cell (lr 1e-3, μ = 4)."""
     from cfpo_jax import config as config_lib
-    from cfpo_jax import study as study_lib
-    from tests.fixtures.runs import load_study_file
-
-    study = study_lib.Study(spec=load_study_file("staleness_quickstart"), base=quickstart(),
-                            base_file="configs/quickstart.py")
+    study = quickstart_study("staleness_quickstart")
     runs = study.runs()
     assert len(runs) == 100
     configs = [study.config(r) for r in runs]
@@ -218,13 +214,7 @@ def test_the_staleness_study_expands_to_valid_configs():
 def test_the_grad_clip_study_is_the_composition_studys_plain_cell_with_clipping_off():
     """configs/studies/grad_clip_frontier_quickstart.py is read beside the composition study's
     cell without either trick: the same configs, seed for seed, but optim.max_grad_norm = 0."""
-    from cfpo_jax import study as study_lib
-    from tests.fixtures.runs import load_study_file
-
-    def study(name):
-        return study_lib.Study(spec=load_study_file(name), base=quickstart(),
-                               base_file="configs/quickstart.py")
-
+    study = quickstart_study
     composition = {(r.value("rl.objective"), r.seed): study("composition_quickstart").config(r)
                    for r in study("composition_quickstart").runs()
                    if not r.value("rl.dynamic_sampling") and r.value("rl.entropy_control") == "none"}
