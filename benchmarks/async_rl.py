@@ -351,7 +351,7 @@ def _mesh_config():
     import ml_collections
 
     return ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1, expert=1, dcn=1,
-                                          rollout_devices=1,
+                                          rollout_devices=1, rollout_placement="first",
                                           rollout=dict(data=1, fsdp=-1, tensor=1)))
 
 

@@ -28,6 +28,10 @@ parameters (tokens, masks, logprobs, rewards), so saving them beats keeping k ol
 Failures: an exception in `generate` (reward worker, environment, sampler) is re-raised in the
 trainer by `get` as `ProducerError` with the producer's traceback in the message — never a hang.
 `close` stops the thread after the item in progress.
+
+Without a thread (`threaded=False`, several processes: every process must issue the same
+programs in the same order), `publish` generates in line every rollout the new version allows —
+the same schedule and values; a failure then raises from `publish` itself.
 """
 
 from __future__ import annotations
@@ -78,11 +82,12 @@ class FixedLagProducer:
 
     The learner calls `publish(version, params)` for every version it makes (the first, the
     state's own, at once), `get(step)` for each step's rollout, and `pending` to checkpoint.
+    threaded=False: no thread; `publish` generates what the version allows (module doc).
     """
 
     def __init__(self, generate: Callable[[int, int, Any], Any], *, max_staleness: int,
                  start_step: int, num_steps: int, snapshot: Callable[[], Any] = lambda: None,
-                 restored: Sequence[Rollout] = ()):
+                 restored: Sequence[Rollout] = (), threaded: bool = True):
         if max_staleness < 0:
             raise ValueError(f"max_staleness={max_staleness}: must be >= 0 (0: each step waits "
                              f"for the previous update, i.e. the synchronous loop's order)")
@@ -103,8 +108,10 @@ class FixedLagProducer:
         self._error: tuple[int, BaseException, str] | None = None
         self._closed = False
         self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="rollout-producer", daemon=True)
-        self._thread.start()
+        self._thread = None
+        if threaded:
+            self._thread = threading.Thread(target=self._run, name="rollout-producer", daemon=True)
+            self._thread.start()
 
     # ------------------------------------------------------------------ learner side
 
@@ -114,6 +121,10 @@ class FixedLagProducer:
             if self._next < self.num_steps and version >= behaviour_version(self._next, self.k):
                 self._versions[version] = params
             self._cond.notify_all()
+        while self._thread is None and not self._closed and self._runnable():
+            with self._cond:
+                item = self._take()
+            self._generate_one(*item)
 
     def get(self, step: int) -> Rollout:
         """The rollout of `step` (blocks until generated); raises `ProducerError` if the producer
@@ -123,7 +134,7 @@ class FixedLagProducer:
                 self._raise_if_failed()
                 if self._closed:
                     raise ProducerError("the rollout producer was closed")
-                if step >= self._next and not self._thread.is_alive():
+                if step >= self._next and (self._thread is None or not self._thread.is_alive()):
                     raise ProducerError(f"the rollout producer stopped before step {step}")
                 self._cond.wait(timeout=1.0)
             return self._ready.pop(step)
@@ -136,6 +147,8 @@ class FixedLagProducer:
         with self._cond:
             while not all(t in self._ready for t in wanted):
                 self._raise_if_failed()
+                if self._thread is None:
+                    raise ProducerError(f"rollouts of steps {list(wanted)} were not generated")
                 self._cond.wait(timeout=1.0)
             later = step + self.k
             snapshot = self._snapshots[later] if later in self._snapshots else self._snapshot()
@@ -146,7 +159,8 @@ class FixedLagProducer:
         with self._cond:
             self._closed = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        if self._thread is not None:
+            self._thread.join(timeout)
 
     def __enter__(self):
         return self
@@ -161,29 +175,42 @@ class FixedLagProducer:
             step, exc, trace = self._error
             raise ProducerError(f"the rollout producer failed at step {step}:\n{trace}") from exc
 
+    def _runnable(self) -> bool:
+        """Whether the next step's version is published (under the lock)."""
+        return self._next < self.num_steps and \
+            behaviour_version(self._next, self.k) in self._versions
+
+    def _take(self):
+        """(step, version, params) of the next rollout to generate (under the lock)."""
+        step = self._next
+        version = behaviour_version(step, self.k)
+        params = self._versions[version]
+        # Versions no later step needs are dropped (steps only need newer ones).
+        for old in [v for v in self._versions if v < version]:
+            del self._versions[old]
+        self._snapshots = {step: self._snapshot()}
+        return step, version, params
+
+    def _generate_one(self, step: int, version: int, params) -> None:
+        t0 = time.perf_counter()
+        value = self._generate(step, version, params)
+        with self._cond:
+            self._ready[step] = Rollout(step, version, value, time.perf_counter() - t0)
+            self._next = step + 1
+            self._cond.notify_all()
+
     def _run(self):
         while True:
             with self._cond:
-                step = self._next
-                version = behaviour_version(step, self.k)
-                while not self._closed and step < self.num_steps and version not in self._versions:
+                while not self._closed and self._next < self.num_steps and not self._runnable():
                     self._cond.wait()
-                if self._closed or step >= self.num_steps:
+                if self._closed or self._next >= self.num_steps:
                     return
-                params = self._versions[version]
-                # Versions no later step needs are dropped (steps only need newer ones).
-                for old in [v for v in self._versions if v < version]:
-                    del self._versions[old]
-                self._snapshots = {step: self._snapshot()}
-            t0 = time.perf_counter()
+                step, version, params = self._take()
             try:
-                value = self._generate(step, version, params)
+                self._generate_one(step, version, params)
             except BaseException as exc:  # noqa: BLE001 — re-raised in the trainer by `get`
                 with self._cond:
                     self._error = (step, exc, traceback.format_exc())
                     self._cond.notify_all()
                 return
-            with self._cond:
-                self._ready[step] = Rollout(step, version, value, time.perf_counter() - t0)
-                self._next = step + 1
-                self._cond.notify_all()

@@ -18,6 +18,14 @@ Faults:
   `<step>.corrupt` (kept for inspection, no longer a step) with a warning naming it, and the
   previous one is used. Never a silent restart from step 0: if checkpoints exist but none is
   good, it raises.
+* a state some processes hold none of (a disaggregated run whose sampler is a process of its own:
+  `host_copy=True`): orbax refuses jax arrays that one process holds whole in a multi-process run
+  (it takes them for pmap's host-local arrays) and writes host arrays from process 0 only, so the
+  state is broadcast to every process as numpy (PRNG keys as their key data), written by process
+  0, and restored as numpy on every process, then placed into the state's shardings (a process
+  without them gets arrays without a local shard). The broadcast costs a host copy of the state
+  per save: fine for the one-learner-process runs this layout allows (as many sampler as learner
+  devices). Such a checkpoint resumes in the same layout.
 * a failing write (disk full, permissions) raises `CheckpointError` naming the step and the
   directory, from `save` or from the next `wait`/`save` for an asynchronous one; orbax writes into
   a temporary directory, so the previous checkpoints stay intact.
@@ -34,6 +42,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+from cfpo_jax import sharding
 
 log = logging.getLogger(__name__)
 
@@ -90,8 +100,11 @@ def _meta_digest(meta: dict) -> str:
 class Checkpointer:
     """Saves every `every` steps (or when forced), keeps the last `keep`, restores the latest."""
 
-    def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True):
+    def __init__(self, directory: str, *, every: int, keep: int, async_save: bool = True,
+                 host_copy: bool = False):
+        """`host_copy`: the state as numpy, for a state some processes hold none of (module doc)."""
         self.directory = os.path.abspath(directory)
+        self._host_copy = host_copy
         options = ocp.CheckpointManagerOptions(
             save_interval_steps=every,
             max_to_keep=keep,
@@ -115,7 +128,9 @@ class Checkpointer:
         Raises CheckpointError when this write (or the previous asynchronous one) fails."""
         if not force and not self._manager.should_save(step):
             return False
-        finite, checksums = integrity(state)
+        if self._host_copy:
+            state = _to_host(state)
+        finite, checksums = self._integrity(state)
         if not finite:
             print(f"checkpoint: step {step} holds non-finite values; not saved", flush=True)
             return False
@@ -132,6 +147,14 @@ class Checkpointer:
         except Exception as e:
             raise CheckpointError(self._write_failure(step, e)) from e
 
+    def _integrity(self, state):
+        """`integrity`; of a host copy on this process's devices, whatever mesh is in context
+        (one this process may hold none of)."""
+        if not self._host_copy:
+            return integrity(state)
+        with jax.set_mesh(sharding.make_mesh(devices=jax.local_devices())):
+            return integrity(state)
+
     def _write_failure(self, step, error) -> str:
         return (f"checkpoint write failed in {self.directory} (step {step} or the asynchronous "
                 f"save before it): {type(error).__name__}: {error}. The previous checkpoints "
@@ -141,25 +164,29 @@ class Checkpointer:
         """(state, meta) of checkpoint `step`, placed like `abstract_state` (ShapeDtypeStructs
         with shardings, e.g. from `jax.eval_shape` + the training shardings). Raises
         CheckpointError when it does not match its integrity record."""
+        target = _host_target(abstract_state) if self._host_copy else abstract_state
         restored = self._manager.restore(
             step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()
             ),
         )
         state, meta = restored["state"], dict(restored["meta"])
         record = meta.pop(_INTEGRITY, None)
+        place = (lambda tree: jax.tree.map(_placed, tree, abstract_state)) if self._host_copy \
+            else (lambda tree: tree)
         if record is None:  # written before integrity records existed
             log.warning("checkpoint %s/%s has no integrity record; restored unverified",
                         self.directory, step)
-            return state, meta
+            return place(state), meta
         if record["meta_sha256"] != _meta_digest(meta):
             raise CheckpointError(f"checkpoint {self.directory}/{step}: meta does not match its "
                                   "checksum")
-        if record["state"] != integrity(state)[1]:
+        # (A host copy is checked as numpy, on every process: the same checksums.)
+        if record["state"] != self._integrity(state)[1]:
             raise CheckpointError(f"checkpoint {self.directory}/{step}: state arrays do not match "
                                   "their checksums")
-        return state, meta
+        return place(state), meta
 
     def restore_latest(self, abstract_state):
         """(step, state, meta) of the newest checkpoint that restores intact, or None when there
@@ -219,3 +246,34 @@ def abstract_like(state, shardings):
         lambda x, s: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=s), state, shardings
     )
 
+
+def _is_key(x) -> bool:
+    return jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _to_host(state):
+    """`state` as numpy on every process (`sharding.fetch`: broadcast from the processes that
+    hold it), PRNG keys as their key data."""
+    return sharding.fetch(jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x,
+                                       state))
+
+
+def _host_target(abstract_state):
+    """`_to_host`'s numpy tree for `abstract_state` (the restore target of a host copy)."""
+    key_shape = jax.random.key_data(jax.random.key(0)).shape
+
+    def host(x):
+        if _is_key(x):
+            return np.zeros((*x.shape, *key_shape), np.uint32)
+        return np.zeros(x.shape, x.dtype)
+    return jax.tree.map(host, abstract_state)
+
+
+def _placed(host, abstract):
+    """A host copy's leaf in `abstract`'s sharding (a PRNG key of the default implementation
+    rebuilt from its data)."""
+    host = np.asarray(host)
+    with jax.transfer_guard_host_to_device("allow"):
+        x = jax.make_array_from_callback(host.shape, abstract.sharding, lambda index: host[index],
+                                         dtype=host.dtype)
+    return jax.random.wrap_key_data(x) if _is_key(abstract) else x

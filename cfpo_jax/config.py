@@ -77,11 +77,15 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.num_processes = 0
     c.mesh.process_id = -1
     # Rollout / learner placement (issue 32; sharding.placement, cfpo_jax.weight_sync). 0: both
-    # share every device (colocated). N > 0 (disaggregated; one process for now): the first N
-    # devices sample (the rollout mesh, sized by mesh.rollout), the rest learn (the mesh above);
-    # the weights reach the sampler after each update device to device (metric weight_sync_s)
-    # and the rollout batch comes back the same way. N must leave at least one learner device.
+    # share every device (colocated). N > 0 (disaggregated): N devices sample (the rollout mesh,
+    # sized by mesh.rollout), the rest learn (the mesh above); the weights reach the sampler after
+    # each update device to device (metric weight_sync_s) and the rollout batch comes back the
+    # same way. N must leave at least one learner device.
     c.mesh.rollout_devices = 0
+    # Which N devices: "first" (the first N of the process-major device list: with several
+    # processes, whole processes — one process samples, the others learn) or "per_process" (the
+    # first N / P devices of each of the P processes: both meshes span every process).
+    c.mesh.rollout_placement = "first"
     c.mesh.rollout = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))  # its mesh sizes
 
     c.data = ml_collections.ConfigDict()
@@ -183,7 +187,8 @@ def base_config() -> ml_collections.ConfigDict:
     # Asynchronous RL at a fixed lag (issue 32; cfpo_jax.async_rollout, rollout.Lagged): k >= 1
     # generates the rollout of step t with the policy of step max(t - k, 0) in a producer thread
     # while the learner runs, whatever the timing (runs reproduce); the k queued rollouts are
-    # saved with each checkpoint. 0: the synchronous loop. One process only for now.
+    # saved with each checkpoint. 0: the synchronous loop. Several processes (mesh.distributed):
+    # no thread, the same fixed-lag schedule issued in one order on every process (no overlap yet).
     c.rl.max_staleness = 0
 
     c.optim = ml_collections.ConfigDict()
@@ -380,10 +385,25 @@ def _mesh_errors(config) -> list[str]:
     if mesh.rollout_devices < 0:
         errors.append(f"mesh.rollout_devices={mesh.rollout_devices}: must be 0 (colocated) or the "
                       f"number of devices that sample (1 to the device count - 1)")
-    if mesh.rollout_devices and mesh.distributed:
-        errors.append(f"mesh.rollout_devices={mesh.rollout_devices} with mesh.distributed=True: a "
-                      f"separate rollout mesh runs on one process only for now; use "
-                      f"mesh.rollout_devices=0 (colocated) on several processes")
+    if mesh.rollout_placement not in ("first", "per_process"):
+        errors.append(f"mesh.rollout_placement={mesh.rollout_placement!r}: must be 'first' (the "
+                      f"first N devices) or 'per_process' (N / P devices of each process)")
+    elif mesh.rollout_devices and mesh.distributed and mesh.rollout_placement == "first":
+        # One process samples and holds none of the learner's state; what samples in rounds or
+        # episodes, or reads the learner's parameters on every process, is not wired there.
+        unsupported = [name for name, on in [
+            ("env.name", bool(config.env.name)), ("rl.dynamic_sampling", config.rl.dynamic_sampling),
+            ("eval.sources", bool(config.eval.sources)), ("warmstart.steps", config.warmstart.steps),
+            ("train.export_hf", config.train.export_hf),
+            ("train.export_peft", config.train.export_peft),
+            ("a reward model in rewards.fns", any(
+                str(f).startswith(rewards.registry.REWARD_MODEL_PREFIX)
+                for f in config.rewards.fns))] if on]
+        if unsupported:
+            errors.append(f"mesh.rollout_devices={mesh.rollout_devices} with mesh.distributed=True "
+                          f"and mesh.rollout_placement='first' (the sampler on processes of its "
+                          f"own) does not support {', '.join(unsupported)}: turn them off, or use "
+                          f"mesh.rollout_placement='per_process' or mesh.rollout_devices=0")
     for axis in ("data", "fsdp", "tensor"):
         if mesh.rollout[axis] < 1 and mesh.rollout[axis] != -1:
             errors.append(f"mesh.rollout.{axis} must be >= 1 or -1 (all remaining rollout "
@@ -494,9 +514,6 @@ def _rl_errors(config) -> list[str]:
     if not isinstance(rl.max_staleness, int) or rl.max_staleness < 0:
         errors.append(f"rl.max_staleness must be an integer >= 0 (0: synchronous); got "
                       f"{rl.max_staleness!r}")
-    elif rl.max_staleness and config.mesh.distributed:
-        errors.append(f"rl.max_staleness={rl.max_staleness} runs on one process only for now "
-                      f"(mesh.distributed=True)")
     return errors + _rlvr_errors(rl)
 
 

@@ -425,7 +425,9 @@ def upload(x, sharding_):
     explicit transfer, allowed under the trainer's transfer guard."""
     x = np.asarray(x)
     with jax.transfer_guard_host_to_device("allow"):
-        return jax.make_array_from_callback(x.shape, sharding_, lambda index: x[index])
+        # dtype: a process without devices in `sharding_` calls back nothing to infer it from.
+        return jax.make_array_from_callback(x.shape, sharding_, lambda index: x[index],
+                                            dtype=x.dtype)
 
 
 class Learner:

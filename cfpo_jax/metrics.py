@@ -22,8 +22,9 @@ import os
 import sys
 import time
 
-import jax
 import numpy as np
+
+from cfpo_jax import sharding
 
 
 def _scalar(value):
@@ -83,8 +84,9 @@ def rollout_metrics(scores, lengths_B, group_size: int, sample_seconds: float) -
 
 
 def step_metrics(host_metrics, device_metrics, update_metrics, state) -> dict:
-    """All of one step's metrics on the host: one fetch of the device scalars."""
-    device_metrics, update_metrics, skipped = jax.device_get(
+    """All of one step's metrics on the host: one fetch of the device scalars (on every process,
+    also one that holds none of the learner's devices: `sharding.fetch`)."""
+    device_metrics, update_metrics, skipped = sharding.fetch(
         (device_metrics, update_metrics, state["skipped_updates"]))
     return dict(**host_metrics, **mean_metrics(update_metrics),
                 **{k: float(v) for k, v in device_metrics.items()}, skipped_updates=int(skipped))

@@ -44,7 +44,12 @@ def build_tiny(config, workdir: str) -> str:
     """The tiny model's directory in `workdir`. Process 0 writes it; the others wait for it, and
     write their own copy only where they do not see the workdir's (no shared file system)."""
     path = os.path.join(workdir, "tiny_model")
-    build = lambda: tiny.build(path, seed=config.seed, **config.model.tiny.to_dict())
+
+    def build():
+        # On this process's own devices, whatever mesh is in context: a process may hold none
+        # of it (the sampling process of a disaggregated run holds no learner device).
+        with jax.set_mesh(sharding.make_mesh(devices=jax.local_devices())):
+            tiny.build(path, seed=config.seed, **config.model.tiny.to_dict())
     if jax.process_index() == 0:
         build()
     if jax.process_count() > 1:

@@ -128,7 +128,8 @@ class Produced:
         batch_sh = sharding.batch_sharding(mesh)
         with jax.transfer_guard_host_to_device("allow"):
             samples = sampling.Samples(**{k: jax.make_array_from_callback(
-                v.shape, batch_sh, lambda index, v=v: v[index]) for k, v in arrays.items()})
+                v.shape, batch_sh, lambda index, v=v: v[index], dtype=v.dtype)
+                for k, v in arrays.items()})
         return cls(samples, reward_B, lengths_Bx2, record["host_metrics"], record["times"])
 
 
@@ -152,7 +153,15 @@ class Rollout:
     rules) the frozen state is placed on the rollout mesh once, the parameters before each
     rollout (`sync_weights`, device to device; `weight_sync_s` in the step's times), the sampler
     key goes with them, and the sampled batch goes back to the learner mesh device to device
-    before `learner.prepare` — so the numbers are the colocated run's."""
+    before `learner.prepare` — so the numbers are the colocated run's.
+
+    Across processes (`weight_sync`'s union programs, which every process runs) two layouts
+    (`sharding.placement`): both meshes span every process ('per_process': every process samples
+    SPMD, as colocated), or the rollout mesh is one process of its own ('first'): only that
+    process samples; it broadcasts the samples' shapes and the completion tokens (host, small),
+    so every process scores the same text together (`rewards.Scorer` splits the items over the
+    processes) and takes part in the batch's move to the learner mesh with stand-ins of the same
+    shapes and no local shard (`sharding.without_local_shards`). Other splits are refused."""
 
     def __init__(self, config, mesh, policy, learner, *, scorer=None, generator=None):
         """`mesh`: the rollout mesh (the learner's own when colocated); `policy`: a
@@ -163,16 +172,31 @@ class Rollout:
         self.disaggregated = set(mesh.devices.flat) != set(learner.mesh.devices.flat)
         self._weights = None  # the learner -> rollout `WeightSync`, made at the first move
         self.weight_sync_s = 0.0
+        samplers = {d.process_index for d in mesh.devices.flat}
+        learners = {d.process_index for d in learner.mesh.devices.flat}
+        everyone = set(range(jax.process_count()))
+        # Whether this process samples, and whether the others need what it sampled.
+        self.samples_here = jax.process_index() in samplers
+        self.sampler_process = min(samplers)
+        self.shares_samples = samplers != everyone
+        if self.shares_samples and (len(samplers) > 1 or samplers & learners):
+            raise ValueError(
+                f"mesh.rollout_devices={config.mesh.rollout_devices} with mesh.rollout_placement="
+                f"{config.mesh.rollout_placement!r} puts the rollout mesh on processes "
+                f"{sorted(samplers)} and the learner mesh on {sorted(learners)} of "
+                f"{len(everyone)}: across processes both must span every process "
+                f"('per_process') or the rollout mesh must be one whole process ('first' with N "
+                f"= the devices of one process)")
         if self.disaggregated:
-            if jax.process_count() > 1:
-                raise ValueError(
-                    f"mesh.rollout_devices={config.mesh.rollout_devices}: a separate rollout mesh "
-                    f"runs on one process only for now; this run has {jax.process_count()} "
-                    f"processes (use mesh.rollout_devices=0)")
             self.frozen = weight_sync.WeightSync(
                 learner.mesh, mesh, sharding.param_shardings(mesh, policy.frozen))(policy.frozen)
             self._to_learner = weight_sync.WeightSync(mesh, learner.mesh,
                                                       sharding.batch_sharding(learner.mesh))
+            # The sampler key as its data ([2] uint32): the union program moves arrays of rank >= 1.
+            self._key_data = jax.jit(jax.random.key_data,
+                                     out_shardings=NamedSharding(learner.mesh, P()))
+            self._key_to_rollout = weight_sync.WeightSync(learner.mesh, mesh,
+                                                          NamedSharding(mesh, P()))
         self.tokenizer, self.pad_id = policy.tokenizer, policy.pad_id
         sandbox.from_config(config)  # protections logged (strict: refused) now, not mid-rollout
         self.scorer = scorer or rewards.Scorer.from_config(config.rewards, mesh=mesh)
@@ -216,7 +240,9 @@ class Rollout:
         rewards (host), in rounds with `rl.dynamic_sampling`. `sample_key` may be on the learner
         mesh (its rng chain); it is placed on the rollout mesh here."""
         if self.disaggregated:
-            sample_key = jax.device_put(sample_key, NamedSharding(self.mesh, P()))
+            sample_key = jax.random.wrap_key_data(
+                self._key_to_rollout(self._key_data(sample_key)),
+                impl=jax.random.key_impl(sample_key))
         # The rollout mesh in context (per thread: `Lagged` calls this from its producer).
         with jax.set_mesh(self.mesh):
             if not self.config.rl.dynamic_sampling:
@@ -266,15 +292,21 @@ class Rollout:
         config = self.config
         rl, sampling_config = config.rl, config.sampling
         t0 = time.time()
-        samples, generator_metrics = self.generator.generate(
-            self.sampling_policy(params), prompts,
-            max_new_tokens=sampling_config.max_new_tokens, temperature=sampling_config.temperature,
-            top_p=sampling_config.top_p, top_k=sampling_config.top_k, seed=sample_key,
-            n=rl.group_size, pad_id=self.pad_id, mesh=self.mesh,
-            record_routing=config.model.moe_routing == "replay",
-            **sampling.engine_settings(sampling_config))
+        samples, generator_metrics = None, {}
+        if self.samples_here:
+            samples, generator_metrics = self.generator.generate(
+                self.sampling_policy(params), prompts,
+                max_new_tokens=sampling_config.max_new_tokens,
+                temperature=sampling_config.temperature, top_p=sampling_config.top_p,
+                top_k=sampling_config.top_k, seed=sample_key, n=rl.group_size, pad_id=self.pad_id,
+                mesh=self.mesh, record_routing=config.model.moe_routing == "replay",
+                **sampling.engine_settings(sampling_config))
         # The completion text is all the host needs from the samples.
-        tokens_BxN, lengths_B = sharding.to_host((samples.tokens, samples.lengths))
+        if self.shares_samples:
+            samples, generator_metrics = self._shared(samples, generator_metrics)
+            tokens_BxN, lengths_B = sharding.fetch((samples.tokens, samples.lengths))
+        else:
+            tokens_BxN, lengths_B = sharding.to_host((samples.tokens, samples.lengths))
         t1 = time.time()
 
         completions = self.tokenizer.batch_decode(
@@ -295,6 +327,29 @@ class Rollout:
             lengths_Bx2=np.stack([prompt_lengths, lengths_B], axis=1).astype(np.int32))
         return rows, dict(failures=scores.failures, generator_metrics=generator_metrics,
                           times=dict(time_sample_s=t1 - t0, time_score_s=t2 - t1))
+
+    def _shared(self, samples, generator_metrics):
+        """(samples, generator metrics) of the sampling process on every process: there its
+        own; elsewhere stand-ins of the same shapes, dtypes and shardings with no local shard
+        (for the programs that move them) and its metrics."""
+        layout = None
+        if samples is not None:
+            arrays = {f.name: getattr(samples, f.name) for f in dataclasses.fields(samples)}
+            layout = dict(metrics=generator_metrics, arrays={
+                name: [list(x.shape), str(x.dtype), [list(a) if isinstance(a, tuple) else a
+                                                     for a in x.sharding.spec]]
+                for name, x in arrays.items() if x is not None})
+        layout = sharding.broadcast_json(layout, self.sampler_process)
+        if samples is not None:
+            return samples, generator_metrics
+
+        def stand_in(shape, dtype, spec):
+            spec = P(*[tuple(a) if isinstance(a, list) else a for a in spec])
+            return sharding.without_local_shards(shape, jnp.dtype(dtype),
+                                                 NamedSharding(self.mesh, spec))
+        return (sampling.Samples(**{name: stand_in(*entry)
+                                    for name, entry in layout["arrays"].items()}),
+                layout["metrics"])
 
     def _produced(self, rows: dict, meta: dict, extra_metrics: dict) -> Produced:
         """The scored rows (one round's, or the kept groups of several) with their host metrics;
@@ -351,8 +406,14 @@ class Lagged:
 
     Checkpoints: `meta(step)` is the data iterator's snapshot from before step step+k's prompts
     and the k queued rollouts (`Produced.to_json`); a `Lagged` built with that meta
-    (`restored_meta`) continues exactly. One process only: a producer thread's programs and the
-    learner's would be issued in different orders on different processes.
+    (`restored_meta`) continues exactly.
+
+    Several processes: no thread (its programs and the learner's would be issued in different
+    orders on different processes, and every process must issue the same collective programs in
+    the same order). `publish` then generates, in line, every rollout its version allows — the
+    same fixed-lag schedule, in one order everywhere. Sampling and learning then take turns (the
+    step's metrics and the shared completions are sync points); overlapping them across
+    processes needs the next update dispatched before the in-line rollout (issue 32, point 5).
     """
 
     def __init__(self, rollout: Rollout, iterator, learner, state, *, num_steps: int,
@@ -361,11 +422,8 @@ class Lagged:
 
         config = rollout.config
         self.k = config.rl.max_staleness
-        if jax.process_count() > 1:
-            raise ValueError(f"rl.max_staleness={self.k} runs on one process only for now; this "
-                             f"run has {jax.process_count()}")
         self.rollout, self.iterator, self.learner = rollout, iterator, learner
-        start = int(jax.device_get(state["step"]))
+        start = int(sharding.fetch(state["step"]))
         self._rng_step, self._rng = start, state["rng"]
         self._keys = {}
         # The chain's first link now: `state["rng"]` is donated by the loop's `finish_step`.
@@ -380,7 +438,8 @@ class Lagged:
         self.weight_sync_s = 0.0
         self._producer = async_rollout.FixedLagProducer(
             self._generate, max_staleness=self.k, start_step=start, num_steps=num_steps,
-            snapshot=lambda: iterator.state, restored=restored)
+            snapshot=lambda: iterator.state, restored=restored,
+            threaded=jax.process_count() == 1)
         self.publish(start, state)
 
     def _advance(self):
@@ -423,9 +482,13 @@ class Lagged:
     def meta(self, step: int) -> dict:
         """What a checkpoint after `step` RL steps needs to resume exactly (JSON)."""
         pending, snapshot = self._producer.pending(step)
-        return dict(data=snapshot, max_staleness=self.k, rollout_queue=[
-            dict(step=r.step, version=r.version, seconds=r.seconds, produced=r.value.to_json())
-            for r in pending])
+        queue = None
+        if self.rollout.samples_here or not self.rollout.shares_samples:
+            queue = [dict(step=r.step, version=r.version, seconds=r.seconds,
+                          produced=r.value.to_json()) for r in pending]
+        if self.rollout.shares_samples:  # the sampling process holds the queued samples
+            queue = sharding.broadcast_json(queue, self.rollout.sampler_process)
+        return dict(data=snapshot, max_staleness=self.k, rollout_queue=queue)
 
     def close(self):
         self._producer.close()

@@ -45,10 +45,11 @@ Layout (R = prompts × n rows, P padded prompt length, N = max_new_tokens, V voc
   compute dtype, one buffer per layer, replicated over the batch axes and split over 'tensor'),
   never per decode step; the memory this costs is stated there.
 * Decode attention runs jax's Pallas flash-decoding kernel on GPU, jax's Pallas paged-attention
-  kernel on TPU (bfloat16, head_dim a multiple of 128) and the plain-XLA masked einsum otherwise
-  (`models.attention.decode_attention`; `attention=` overrides). With a Pallas kernel the cache's
-  slot count is rounded up to a multiple of 128 for its blocks/pages. The prefill runs the
-  trainer's full-sequence kernel (`config.attention`: cuDNN / splash / einsum).
+  kernel on TPU (bfloat16, head_dim a multiple of 128), products and sums over the cache on CPU,
+  and the plain-XLA masked einsum otherwise (`models.attention.decode_attention`; `attention=`
+  overrides). With a Pallas kernel the cache's slot count is rounded up to a multiple of 128 for
+  its blocks/pages. The prefill runs the trainer's full-sequence kernel (`config.attention`:
+  cuDNN / splash / einsum).
 
 Multi-turn (`turn_end` given; episodes and tools live in `cfpo_jax.envs`, which passes it):
 
@@ -754,7 +755,7 @@ def generate(
       mesh: split the slots over its ('data', 'fsdp') axes (weights: see `models.decoding`).
       max_concurrent: K, the rows decoded at once (rounded up to a multiple of the batch shards;
         more than the rows is the rows); None: as many as fit `kv_cache_gb` per device.
-      attention: decode attention kernel ("auto", "einsum", "pallas", "paged"; see `models.attention`).
+      attention: decode attention kernel ("auto", "einsum", "reduce", "pallas", "paged"; see `models.attention`).
       turn_end: multi-turn rollouts (see "Multi-turn" in the module doc): called as
         turn_end(row, tokens) when a row's turn ends (an EOS or a stop sequence), `tokens` the
         row's completion columns so far; returns the tokens to force next (an observation), or

@@ -24,6 +24,7 @@ failing, so any checkpoint runs on any mesh (logged at INFO).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 
 import jax
@@ -180,7 +181,10 @@ def to_host(tree):
     must call it then)."""
     def get(x):
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            x = multihost_utils.process_allgather(x, tiled=True)
+            # Under the array's own mesh, whatever the caller's (e.g. a rollout mesh's samples
+            # while the learner's is in context).
+            with mesh_context(getattr(x.sharding, "mesh", None)):
+                x = multihost_utils.process_allgather(x, tiled=True)
         return np.asarray(jax.device_get(x))
     return jax.tree.map(get, tree)
 
@@ -201,6 +205,48 @@ def initialize_distributed(mesh_config) -> None:
         process_id=None if mesh_config.process_id < 0 else mesh_config.process_id)
 
 
+def _holders(tree) -> set[int]:
+    """The processes that hold a shard of some array of `tree` (every process for host values)."""
+    arrays = [x for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)]
+    if not arrays:
+        return set(range(jax.process_count()))
+    return {d.process_index for x in arrays for d in x.sharding.device_set}
+
+
+def fetch(tree):
+    """`tree`'s replicated arrays as numpy on every process: `jax.device_get` where every process
+    holds them, else one broadcast from the first process that does — a disaggregated run across
+    processes, where the learner's step and metrics live on processes the sampler's lacks (and
+    the other way round). Every process must call it then."""
+    owners = _holders(tree)
+    if owners == set(range(jax.process_count())):
+        return jax.device_get(tree)
+    source = jax.process_index() == min(owners)
+    local = jax.device_get(tree) if source else jax.tree.map(
+        lambda x: np.zeros(np.shape(x), x.dtype if hasattr(x, "dtype") else np.float32), tree)
+    return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(local, is_source=source))
+
+
+def without_local_shards(shape, dtype, sharding: NamedSharding) -> jax.Array:
+    """An array of `shape`, `dtype` and `sharding` on a process that holds none of its devices:
+    what that process passes to the programs only the others compute."""
+    return jax.make_array_from_single_device_arrays(tuple(shape), sharding, [], dtype=dtype)
+
+
+def broadcast_json(value, source: int):
+    """Process `source`'s JSON-able `value` on every process (its length, then its bytes; the
+    others pass anything, e.g. None). Every process must call it; a no-op on one process."""
+    if jax.process_count() == 1:
+        return value
+    is_source = jax.process_index() == source
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8) if is_source else None
+    size = multihost_utils.broadcast_one_to_all(
+        np.asarray(len(data) if is_source else 0, np.int32), is_source=is_source)
+    data = multihost_utils.broadcast_one_to_all(
+        data if is_source else np.zeros(int(size), np.uint8), is_source=is_source)
+    return json.loads(np.asarray(data, np.uint8).tobytes().decode())
+
+
 def any_process(flag: bool) -> bool:
     """True on every process when `flag` is true on any (one all-gather; no-op on one process):
     decisions that change the collective program (stop here, checkpoint now) must agree."""
@@ -211,15 +257,22 @@ def any_process(flag: bool) -> bool:
 
 # ---------------------------------------------------------------- rollout / learner placement
 # (issue 32) `mesh.rollout_devices = 0`: rollout and learning share every device (colocated).
-# N > 0: the first N devices of the run's device list form the rollout mesh, the rest the learner
-# mesh, each shaped by its own sizes (`mesh.rollout.{data,fsdp,tensor}`, `mesh.{data,fsdp,tensor}`)
-# so the one rule table resolves to each mesh's own shardings (e.g. tensor-parallel sampling
-# beside an FSDP learner). `cfpo_jax.weight_sync` moves the weights from one to the other.
+# N > 0: N devices form the rollout mesh, the rest the learner mesh, each shaped by its own sizes
+# (`mesh.rollout.{data,fsdp,tensor}`, `mesh.{data,fsdp,tensor}`) so the one rule table resolves to
+# each mesh's own shardings (e.g. tensor-parallel sampling beside an FSDP learner). Which N
+# (`mesh.rollout_placement`): "first" — the first N of the run's device list, which is
+# process-major (`jax.devices()`), so with several processes N = a multiple of the devices per
+# process gives whole processes to the sampler (process 0 samples, the others learn);
+# "per_process" — the first N / P devices of each of the P processes, so both meshes span every
+# process (each host samples on some of its chips and learns on the rest).
+# `cfpo_jax.weight_sync` moves the weights from one to the other.
+
+PLACEMENTS = ("first", "per_process")
 
 
-def split_devices(devices, rollout_devices: int):
+def split_devices(devices, rollout_devices: int, placement: str = "first"):
     """(rollout devices, learner devices) of the run's `devices` (in order): both all of them
-    when `rollout_devices` is 0, else the first `rollout_devices` and the rest."""
+    when `rollout_devices` is 0, else per `placement` (see above)."""
     devices = list(devices)
     if rollout_devices == 0:
         return devices, devices
@@ -227,15 +280,31 @@ def split_devices(devices, rollout_devices: int):
         raise ValueError(
             f"mesh.rollout_devices={rollout_devices}: must be 0 (colocated) or between 1 and "
             f"{len(devices) - 1} (the rest learn) with {len(devices)} devices")
-    return devices[:rollout_devices], devices[rollout_devices:]
+    if placement == "first":
+        return devices[:rollout_devices], devices[rollout_devices:]
+    if placement != "per_process":
+        raise ValueError(f"mesh.rollout_placement={placement!r}: one of {PLACEMENTS}")
+    by_process: dict[int, list] = {}
+    for d in devices:
+        by_process.setdefault(d.process_index, []).append(d)
+    count, sizes = len(by_process), {len(v) for v in by_process.values()}
+    per = rollout_devices // count
+    if rollout_devices % count or len(sizes) != 1 or not 0 < per < min(sizes):
+        raise ValueError(
+            f"mesh.rollout_devices={rollout_devices} with mesh.rollout_placement='per_process': "
+            f"must be a multiple of the {count} processes leaving each some learner devices "
+            f"(each has {sorted(sizes)} devices): N / {count} between 1 and {min(sizes) - 1}")
+    rollout = [d for ds in by_process.values() for d in ds[:per]]
+    return rollout, [d for ds in by_process.values() for d in ds[per:]]
 
 
 def placement(mesh_config, devices=None) -> tuple[Mesh, Mesh]:
-    """(rollout mesh, learner mesh) per `mesh_config` (`mesh.rollout_devices`, the learner sizes
-    `mesh.{data,fsdp,expert,tensor,dcn}` and the rollout sizes `mesh.rollout.{data,fsdp,tensor}`);
-    one and the same mesh twice when colocated."""
+    """(rollout mesh, learner mesh) per `mesh_config` (`mesh.rollout_devices`,
+    `mesh.rollout_placement`, the learner sizes `mesh.{data,fsdp,expert,tensor,dcn}` and the
+    rollout sizes `mesh.rollout.{data,fsdp,tensor}`); one and the same mesh twice when colocated."""
     devices = jax.devices() if devices is None else devices
-    rollout, learner = split_devices(devices, mesh_config.rollout_devices)
+    rollout, learner = split_devices(devices, mesh_config.rollout_devices,
+                                     mesh_config.rollout_placement)
     learner_mesh = make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor,
                              devices=learner, expert=mesh_config.expert, dcn=mesh_config.dcn)
     if mesh_config.rollout_devices == 0:

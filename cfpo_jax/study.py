@@ -500,8 +500,10 @@ def map_section(study: Study, finished: list[RunSummary], planned: int, plot: bo
              f"no collapsed seed there or at any smaller {x.title}. The last columns are late-run "
              f"means (last {study.spec.late_fraction:.0%} of steps) of where the objectives differ "
              "even without a collapse.", ""]
-    for combo in itertools.product(*(a.values for a in others)):
-        fixed = dict(zip((a.path for a in others), combo))
+    # One map per combination of the other axes that the study runs: linked axes in step.
+    groups = [g for g in ([a for a in group if a in others] for group in study._groups()) if g]
+    for combo in itertools.product(*(range(len(g[0].values)) for g in groups)):
+        fixed = {a.path: a.values[i] for g, i in zip(groups, combo) for a in g}
         runs = [stability.MapRun(
             x=s.run.value(x.path), y=s.run.value(y.path), objective=s.run.value(OBJECTIVE),
             collapsed=s.collapse is not None, dipped=bool(s.dips), final=s.final,

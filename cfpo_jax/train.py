@@ -127,9 +127,12 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, devices=None) -> dic
 def _run(config, workdir, devices, stop):
     os.makedirs(workdir, exist_ok=True)
     is_main = jax.process_index() == 0
-    ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                   every=config.train.checkpoint_every,
-                                   keep=config.train.keep_checkpoints)
+    # A sampler process of its own holds none of the state: it is checkpointed as a host copy.
+    learner_mesh = policy_lib.make_mesh(config, devices)
+    ckpt = checkpoint.Checkpointer(
+        os.path.join(workdir, "checkpoints"), every=config.train.checkpoint_every,
+        keep=config.train.keep_checkpoints,
+        host_copy=len({d.process_index for d in learner_mesh.devices.flat}) < jax.process_count())
     writer = metrics.MetricsWriter(workdir, tensorboard=config.train.tensorboard,
                                    wandb_project=config.train.wandb_project,
                                    config=config.to_dict(), enabled=is_main)
@@ -147,7 +150,7 @@ def _loop(config, parts: Parts, state, ckpt, writer, progress, stop):
     num_steps = config.train.num_steps
     if parts.restored_meta is not None:
         rollout_lib.check_lag(parts.restored_meta, config.rl.max_staleness,
-                              int(jax.device_get(state["step"])))
+                              int(sharding.fetch(state["step"])))
     # rl.max_staleness >= 1: the rollouts come from a producer thread at a fixed lag.
     lagged = rollout_lib.Lagged(parts.rollout, parts.iterator, parts.learner, state,
                                 num_steps=num_steps, restored_meta=parts.restored_meta) \
@@ -170,7 +173,7 @@ def _steps(config, parts: Parts, state, ckpt, writer, progress, stop, lagged):
         policy=lambda: nnx.merge(parts.policy.graphdef, state["params"], parts.policy.frozen))
 
     history = []
-    step = int(jax.device_get(state["step"]))
+    step = int(sharding.fetch(state["step"]))
     for hook in parts.hooks:
         hook.on_start(view(step))
     # Stopping changes the collective program (a checkpoint now, no next step), so the processes

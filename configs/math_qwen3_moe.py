@@ -9,9 +9,9 @@ Launch:
       --config.model.moe_matmul=megablox --workdir=gs://my-bucket/runs/moe_30b"
   launch/tpu_vm.sh my-v5p-256 us-east5-a "--config=configs/math_qwen3_moe.py:235b-a22b --config.mesh.distributed=True \
       --config.model.moe_matmul=megablox --workdir=gs://my-bucket/runs/moe_235b"
-  # 16 × H100 (2 nodes of 8): compiled, but does not fit (below)
+  # 16 × H100 (2 nodes of 8): expert 4 × fsdp 4 and 256 sampler slots, the layout that fits (below)
   sbatch --nodes=2 --gpus-per-node=8 launch/slurm.sh --config=configs/math_qwen3_moe.py:30b-a3b \
-      --workdir=/shared/runs/moe_30b
+      --config.mesh.expert=4 --config.sampling.max_concurrent=256 --workdir=/shared/runs/moe_30b
 
 tiny: the quickstart (configs/quickstart.py: 1-digit addition, a 150-step warm start, then 300
 CFPO steps) with the 2-layer decoder's MLP replaced by 8 experts of width 64, 2 per token
@@ -37,26 +37,41 @@ Compiled for the chips (benchmarks/compile.py, the run's own programs on compile
 the whole pod; benchmarks/README.md, "MoE configs on pods", 2026-12-07; per-chip GB = 1e9 bytes;
 model FLOPs count the active parameters). Per-chip peak of each program:
   size       target                 update   prepare  prefill  decode
-  30b-a3b    h100x16 (ragged_dot)   86.3 no   29.6    97.6 no   33.7    of 84.9
+  30b-a3b    h100x8 (ragged_dot)   157.2 no     —        —        —      of 84.9 (expert 4)
+  30b-a3b    h100x16 (ragged_dot)   74.5      27.5     40.1     29.0    of 84.9 (expert 4, 256 slots)
+  30b-a3b    h100x16 (ragged_dot)   86.3 no   29.6    97.6 no   33.7    of 84.9 (expert 8, 1024 slots)
   30b-a3b    v5p-16 (megablox)     >95.7 no     —        —       52.4    of 102 (update: HLO temps 109.5)
   30b-a3b    v5p-32 (megablox)      73.3      19.5     33.3     57.3    of 102
-  235b-a22b  v5p-256 (megablox)     72.2        —        —        —      of 102
-Smallest v5p slice for 30b-a3b: a v5p-32, every program compiled and fitting (with the 31.1 GB
+  235b-a22b  v5p-256 (megablox)     72.2      20.8     30.5     45.5    of 102
+  235b-a22b  v5p-128 (megablox)    >95.7 no     —        —        —      of 102 (update: HLO temps 103.5)
+Smallest slices: 16 H100s for 30b-a3b (8 do not hold its update), a v5p-256 for 235b-a22b (a
+v5p-128 does not); for 30b-a3b on TPU a v5p-32, every program compiled and fitting (with the 31.1 GB
 of training state resident beside the sampler, a run holds 57.3 + 31.1 = 88.4 GB per chip); a
 v5p-16 runs out of HBM in the update. A lower bound on one RL step there (every completion 1,024
 tokens long; each program's max(FLOPs / peak, bytes / bandwidth) times its calls): ≥ 270 s from
 the compiled programs, ≥ 290 s with the model FLOPs in place of the compiled count where larger
 (megablox's FLOPs are inside the kernel) — a bound, not a time; per update call ≥ 7.2 s.
 235b-a22b on a v5p-256 (fsdp 4 × expert 8 × tensor 4): the update 72.2 GB per chip (27.5 GB of
-state); ≥ 5.9 s per update call from its model FLOPs (2.73e15 per chip). "—": not compiled in
-that session (CPU time on a shared 2-core host; one command each, benchmarks/README.md).
-On the H100s XLA lowers `jax.lax.ragged_dot` densely (every local expert on every routed row):
-compiled FLOPs are 93 × the model's for the update, 139 × for prepare, 68–70 × for prefill and
-decode, and the update and the prefill overflow the 84.9 GB (the temporaries of that dense
-product). 30b-a3b needs a grouped GEMM that computes only routed rows on the GPU (jax's Mosaic
-GPU ragged_dot kernels, not wired in) before it runs on 16 H100s; a lower bound on one RL step from
-these programs is 2,037 s (FLOPs alone). On TPU megablox computes only the routed rows (its FLOPs
-are inside the kernel, not in the compiled count).
+state); ≥ 5.9 s per update call from its model FLOPs (2.73e15 per chip); prepare 20.8, prefill
+30.5 and decode 45.5 GB per chip, every program fitting (with the state resident beside the
+sampler, 45.5 + 27.5 = 73.0 GB). "—": not
+compiled (CPU time on a shared 2-core host; one command each, benchmarks/README.md).
+16 H100s: every program fits with `--config.mesh.expert=4 --config.sampling.max_concurrent=256`
+(the sbatch line above; benchmarks/README.md, "30b-a3b on 16 H100s", 2026-12-07). The config's own
+layout (expert 8 × fsdp 2, 1024 slots) does not: update 86.3 and prefill 97.6 GB of 84.9. Why the
+other layout fits: parameters that are not experts (1.5B: attention, embeddings) are replicated
+over `expert` and split over fsdp only, so fsdp 4 instead of 2 holds 4.6 GB less of their float32
+state per GPU (update arguments 26.5 GB instead of 31.1); and the prefill's largest batch follows
+the slots (64 prompts instead of 256), a quarter of the temporaries. With the training state
+resident beside the sampler a run holds at most 40.1 + 26.5 = 66.6 GB per GPU (prefill) — a
+conservative sum. XLA lowers `jax.lax.ragged_dot` densely on the GPU (every local expert on every
+routed row), so its FLOPs and temporaries do not shrink with more expert parallelism (the tokens
+gathered per expert shard grow by the factor the local experts shrink): compiled FLOPs are 93 ×
+the model's for the update, 139 × for prepare, 68–70 × for prefill and decode, and a lower bound
+on one RL step from these programs is ≥ 2,037 s (FLOPs alone) — it fits, but a grouped GEMM that
+computes only the routed rows (jax's Mosaic GPU ragged_dot kernels; not wired in) is what would
+make it fast. On TPU megablox computes only the routed rows (its FLOPs are inside the kernel, not
+in the compiled count).
 """
 
 import importlib.util

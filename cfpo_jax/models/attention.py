@@ -31,10 +31,17 @@ b's valid keys are the slots `[0, length_B[b])` (its prompt, then the tokens dec
 
 | implementation | where                       | kernel                                                  |
 |----------------|-----------------------------|---------------------------------------------------------|
-| "einsum"       | CPU; TPU/GPU fallback; reference | masked einsum over all S slots of the layer's buffer, read in place (no copy) |
+| "einsum"       | TPU/GPU fallback; reference | masked einsum over all S slots of the layer's buffer, read in place (no copy) |
+| "reduce"       | CPU                         | the same sums as products and reductions over head_dim and slots, not dots |
 | "pallas"       | GPU (CPU: interpret)        | jax's Pallas/Triton flash-decoding kernel (`pallas.ops.gpu.decode_attention`), reading only the 64-slot blocks below a row's length |
 | "paged"        | TPU (CPU: TPU interpret mode) | jax's Pallas TPU paged-attention kernel (`pallas.ops.tpu.paged_attention`), DMA-ing only the blocks of pages that start below a row's length |
-| "auto"         | everywhere (default)        | "pallas" on GPU; "paged" on TPU for a bfloat16 cache with head_dim % 128 = 0; else "einsum" |
+| "auto"         | everywhere (default)        | "pallas" on GPU; "paged" on TPU for a bfloat16 cache with head_dim % 128 = 0; "reduce" on CPU; else "einsum" |
+
+"reduce" exists for XLA:CPU, which lowers the einsum to B·K matmuls of [N/K, head_dim] × [head_dim,
+S], too small to run near either roofline: 14 ms a layer at 256 rows and 144 slots of SmolLM2,
+against 6–8 ms for the products-and-sums form (which still reads the buffer at ~7–9 GB/s where a
+plain sum reads 21–28 GB/s; benchmarks/README.md, "Decode attention as products and sums on
+CPU"). On a TPU or GPU the einsum's matmuls are the better fallback.
 
 Both Pallas kernels need S to be a multiple of `DECODE_SLOT_ALIGN` = 128 (the sampler rounds its
 cache up) and read the buffer as it lies:
@@ -88,7 +95,7 @@ from jax.sharding import PartitionSpec as P
 from cfpo_jax.models.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 
 _SPLASH_BLOCK = 128
-DECODE_IMPLEMENTATIONS = ("auto", "einsum", "pallas", "paged")
+DECODE_IMPLEMENTATIONS = ("auto", "einsum", "reduce", "pallas", "paged")
 DECODE_SLOT_ALIGN = 128  # the Pallas decode kernels' unit of slots: a split (GPU), a page (TPU)
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _tpu_interpret_params = None  # "paged" off TPU: TPU interpret mode's settings (None: defaults; a test adds race detection)
@@ -255,12 +262,14 @@ def _splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT):
 
 def resolve_decode(implementation: str, dtype, head_dim: int, platform: str | None = None) -> str:
     """The decode kernel that runs: `implementation`, or for "auto" "pallas" on GPU, "paged" on a
-    TPU for a bfloat16 cache with head_dim a multiple of 128, else "einsum"."""
+    TPU for a bfloat16 cache with head_dim a multiple of 128, "reduce" on CPU, else "einsum"."""
     if implementation not in DECODE_IMPLEMENTATIONS:
         raise ValueError(
             f"decode attention implementation {implementation!r}; valid: {', '.join(DECODE_IMPLEMENTATIONS)}")
     platform = platform or target_platform()
     if implementation == "auto":
+        if platform == "cpu":
+            return "reduce"
         paged_fits = platform == "tpu" and jnp.dtype(dtype) == jnp.bfloat16 and head_dim % 128 == 0
         return "pallas" if platform == "gpu" else "paged" if paged_fits else "einsum"
     if implementation == "pallas" and platform not in ("gpu", "cpu"):
@@ -285,13 +294,19 @@ def decode_attention(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B, *, implementation:
     B, N, H = q_BxNxH.shape
     K, S = k_BxKxSxH.shape[1], k_BxKxSxH.shape[2]
     q_BxKxGxH = q_BxNxH.reshape(B, K, N // K, H)
-    scores_BxKxGxS = jnp.einsum(
-        "bkgh,bksh->bkgs", q_BxKxGxH, k_BxKxSxH.astype(q_BxNxH.dtype), preferred_element_type=jnp.float32
-    ) * (H**-0.5)
+    k_BxKxSxH, v_BxKxSxH = k_BxKxSxH.astype(q_BxNxH.dtype), v_BxKxSxH.astype(q_BxNxH.dtype)
+    if kernel == "reduce":
+        scores_BxKxGxS = jnp.sum(q_BxKxGxH[:, :, :, None].astype(jnp.float32) * k_BxKxSxH[:, :, None], axis=-1)
+    else:
+        scores_BxKxGxS = jnp.einsum("bkgh,bksh->bkgs", q_BxKxGxH, k_BxKxSxH, preferred_element_type=jnp.float32)
     valid_BxS = jnp.arange(S)[None] < length_B[:, None]
-    scores_BxKxGxS = jnp.where(valid_BxS[:, None, None], scores_BxKxGxS, -jnp.inf)
+    scores_BxKxGxS = jnp.where(valid_BxS[:, None, None], scores_BxKxGxS * (H**-0.5), -jnp.inf)
     probs_BxKxGxS = jax.nn.softmax(scores_BxKxGxS, axis=-1).astype(q_BxNxH.dtype)
-    out_BxKxGxH = jnp.einsum("bkgs,bksh->bkgh", probs_BxKxGxS, v_BxKxSxH.astype(q_BxNxH.dtype))
+    if kernel == "reduce":
+        out_BxKxGxH = jnp.sum(probs_BxKxGxS[..., None].astype(jnp.float32) * v_BxKxSxH[:, :, None], axis=3)
+        out_BxKxGxH = out_BxKxGxH.astype(q_BxNxH.dtype)
+    else:
+        out_BxKxGxH = jnp.einsum("bkgs,bksh->bkgh", probs_BxKxGxS, v_BxKxSxH)
     return out_BxKxGxH.reshape(B, N, H)
 
 

@@ -241,7 +241,8 @@ def from_pretrained(path: str, *, mesh=None, param_dtype=None, dtype=None, remat
             raise ValueError(f"{_path_key(path)}: checkpoint shape {host.shape} != model shape {leaf.shape}")
         if sharding is None:
             return jax.device_put(host)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index],
+                                            dtype=host.dtype)
 
     if shardings is None:
         state = jax.tree_util.tree_map_with_path(load, abstract_state)

@@ -29,7 +29,6 @@ import atexit
 import collections
 import dataclasses
 import os
-import resource
 import signal
 import subprocess
 import sys

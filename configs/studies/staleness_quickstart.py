@@ -15,9 +15,9 @@ at the stability map's frontier cell (lr 1e-3, μ = 4: docs/studies/stability_ma
 5 seeds, 100 RL steps of 16 prompts × 8, with the map's collapse rule. The second learning rate
 the issue asks for where time allows: `--study.axes.optim.lr='(7e-4,)'`.
 
-Run time: 5 × 2 × 2 × 5 = 100 runs of about 100 s each on the idle 2-core box (the map's μ = 4
-runs: 79–109 s; the composition study's first two, 2026-12-06: 97 and 99 s at --parallel=2) —
-about 1.5 hours at --parallel=2 when nothing else runs (computed from those times, not measured).
+Run time: 5 × 2 × 2 × 5 = 100 runs; measured 2026-12-07 on the 2-core box: 79–151 s a run at
+--parallel=2 when the study had the box (the last 44 runs in 36 minutes), up to 2,567 s beside
+other work — about 1.5 hours when nothing else runs. Results: docs/studies/staleness_quickstart.
 """
 
 import ml_collections

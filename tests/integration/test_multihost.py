@@ -1,6 +1,7 @@
 """Multi-process runs through jax.distributed on localhost (127.0.0.1 only): 4 CPU processes × 2
 devices each (and 2 × 4), compared with 1 process × 8 devices; the mesh's fsdp axis spans the
-processes (quickstart's `mesh.fsdp = -1`: 8-way over all of them)."""
+processes (quickstart's `mesh.fsdp = -1`: 8-way over all of them), and with the tiny mixture of
+experts the `expert` axis too."""
 
 import json
 import os
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.fixtures.paths import ROOT
-from tests.fixtures.processes import free_port, process_env
+from tests.fixtures.processes import finish, free_port, launch_trainer, process_env, read_steps
 from tests.fixtures.shared_data import shared_file
 
 
@@ -49,51 +50,6 @@ def test_rewards_are_scored_once_across_processes_and_shared():
 
 
 # ---------------------------------------------------------------- the trainer
-
-# The trainer tests' tiny run (tests/fixtures/runs.py), with a dense reward and no evaluation.
-TRAIN_ARGS = ["--config.data.batch_size=4", "--config.rl.group_size=4",
-              "--config.sampling.max_new_tokens=3", "--config.warmstart.steps=0",
-              "--config.train.tensorboard=False", "--config.rewards.fns=('tests.fixtures.rewards:digit_fraction',)",
-              "--config.optim.schedule=constant", "--config.eval.sources=()",
-              "--config.train.checkpoint_every=100"]
-
-
-def launch_trainer(workdir, *overrides, processes=2, devices=None):
-    """`python -m cfpo_jax.train` as `processes` jax.distributed processes of `devices` CPU devices
-    each (default: 8 devices in all), or one process without jax.distributed when processes=1;
-    each one's output goes to <workdir>.<i>.log."""
-    devices = devices or 8 // processes
-    base = [sys.executable, "-m", "cfpo_jax.train", "--config=configs/quickstart.py",
-            f"--workdir={workdir}", *TRAIN_ARGS, *overrides]
-    port = free_port()
-    procs = []
-    for i in range(processes):
-        args = base if processes == 1 else base + [
-            "--config.mesh.distributed=True", f"--config.mesh.coordinator_address=127.0.0.1:{port}",
-            f"--config.mesh.num_processes={processes}", f"--config.mesh.process_id={i}"]
-        log = open(f"{workdir}.{i}.log", "a")
-        procs.append(subprocess.Popen(args, env=process_env(devices), cwd=ROOT,
-                                      stdout=log, stderr=subprocess.STDOUT, text=True))
-        procs[-1].log_path = log.name
-    return procs
-
-
-def finish(procs, timeout=900):
-    """Each process's output, once all have exited 0."""
-    outputs = []
-    for proc in procs:
-        proc.wait(timeout=timeout)
-        with open(proc.log_path) as f:
-            out = f.read()
-        assert proc.returncode == 0, out[-4000:]
-        outputs.append(out)
-    return outputs
-
-
-def read_steps(workdir):
-    with open(os.path.join(workdir, "metrics.jsonl")) as f:
-        return [r for r in map(json.loads, f) if "loss" in r]
-
 
 KEYS = ("loss", "grad_norm", "reward_mean", "clip_frac", "response_len_mean")
 
@@ -149,8 +105,25 @@ def test_checkpoint_of_four_processes_restores_on_one_process_with_another_mesh(
     assert_same_steps(steps_one, steps_four[1:])
 
 
-# The expert axis spanning processes (issue 33, with the MoE model): a 4-process run of a MoE
-# config whose `expert` mesh axis crosses process boundaries, against one process, goes here.
+@pytest.mark.slow  # a 4-process and a 1-process launch of the tiny MoE: 326 s on the 2-core box beside a compile
+def test_four_processes_with_the_expert_axis_across_them_train_like_one_process(tmp_path):
+    """The tiny mixture of experts (configs/math_qwen3_moe.py:tiny: 8 experts, 2 per token) on a
+    mesh of fsdp 2 × expert 4, run by 4 processes × 2 devices and by 1 process × 8 devices: the
+    same first steps. An expert group (4 devices) spans at least 2 of the 4 processes whatever
+    the device order, and in the mesh's process-major order each fsdp pair spans two; so the MoE
+    layer's token all-gather and reduce-scatter over 'expert' (`cfpo_jax.models.moe`) and the
+    fsdp gathers of the expert weights cross processes."""
+    args = ["--config.train.num_steps=2", "--config.mesh.expert=4", "--config.mesh.fsdp=-1"]
+    four = launch_trainer(tmp_path / "four", *args, processes=4, config="configs/math_qwen3_moe.py:tiny")
+    one = launch_trainer(tmp_path / "one", *args, processes=1, config="configs/math_qwen3_moe.py:tiny")
+    finish(four + one)
+    for run in ("four", "one"):  # the model trained is the mixture of experts
+        with open(tmp_path / run / "tiny_model" / "config.json") as f:
+            assert json.load(f)["model_type"] == "qwen3_moe"
+    steps_four, steps_one = read_steps(tmp_path / "four"), read_steps(tmp_path / "one")
+    assert [r["step"] for r in steps_four] == [1, 2]  # processes 1-3 wrote nothing
+    assert_same_steps(steps_four, steps_one)
+    assert steps_one[0]["grad_norm"] > 0 and steps_one[0]["loss"] != steps_one[1]["loss"]
 
 
 @pytest.mark.slow  # three 2-process launches: minutes on 2 cores

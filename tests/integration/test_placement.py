@@ -50,7 +50,11 @@ def test_a_separate_rollout_mesh_trains_like_the_colocated_run(tmp_path, lag):
 def test_bad_rollout_device_counts_are_refused(tmp_path):
     for overrides, message in [
             (dict(mesh__rollout_devices=-1), r"mesh.rollout_devices=-1: must be 0"),
-            (dict(mesh__rollout_devices=2, mesh__distributed=True), "one process only"),
+            (dict(mesh__rollout_devices=2, mesh__distributed=True, rl__dynamic_sampling=True),
+             r"mesh.rollout_placement='first' \(the sampler on processes of its own\) does not "
+             r"support rl.dynamic_sampling"),
+            (dict(mesh__rollout_placement="hosts"),
+             r"mesh.rollout_placement='hosts': must be 'first' .* or 'per_process'"),
             (dict(mesh__rollout__tensor=0), r"mesh.rollout.tensor must be")]:
         with pytest.raises(ValueError, match=message):
             config_lib.validate(tiny(**overrides))

@@ -1,6 +1,7 @@
 """The fixed-lag producer (`cfpo_jax.async_rollout`) with a fake sampler and learner: the rollout
 of step t comes from version max(t - k, 0) whatever the timing; k = 0's producer equals the
-synchronous loop; pending + restore resumes exactly; failures surface with their traceback."""
+synchronous loop; pending + restore resumes exactly; failures surface with their traceback. The
+same holds without a thread (`threaded=False`, several processes: generated in line by `publish`)."""
 
 import random
 import threading
@@ -48,7 +49,7 @@ def synchronous_lagged(num_steps, k):
 
 
 def run_async(num_steps, k, *, jitter=0.0, start=0, params=1.0, data=None, restored=(),
-              stop_after=None, seed=0):
+              stop_after=None, seed=0, threaded=True):
     """The trainer's use of the producer; with `stop_after` s returns what a checkpoint after
     step s saves (params, pending rollouts, data snapshot) instead of finishing."""
     data = data or FakeData()
@@ -60,7 +61,8 @@ def run_async(num_steps, k, *, jitter=0.0, start=0, params=1.0, data=None, resto
 
     history = []
     with FixedLagProducer(generate, max_staleness=k, start_step=start, num_steps=num_steps,
-                          snapshot=lambda: data.state, restored=restored) as producer:
+                          snapshot=lambda: data.state, restored=restored,
+                          threaded=threaded) as producer:
         producer.publish(start, params)
         for t in range(start, num_steps):
             rollout = producer.get(t)
@@ -73,11 +75,12 @@ def run_async(num_steps, k, *, jitter=0.0, start=0, params=1.0, data=None, resto
     return params, history
 
 
+@pytest.mark.parametrize("threaded", [True, False])
 @pytest.mark.parametrize("k", [0, 1, 2, 3])
-def test_rollout_of_step_t_comes_from_version_t_minus_k_whatever_the_timing(k):
+def test_rollout_of_step_t_comes_from_version_t_minus_k_whatever_the_timing(k, threaded):
     final, reference = synchronous_lagged(12, k)
     for jitter, seed in [(0.0, 0), (0.01, 1), (0.01, 2)]:
-        got, history = run_async(12, k, jitter=jitter, seed=seed)
+        got, history = run_async(12, k, jitter=jitter, seed=seed, threaded=threaded)
         assert [h[1] for h in history] == [max(t - k, 0) for t in range(12)]
         np.testing.assert_allclose([h[2] for h in history], [r[2] for r in reference], rtol=0, atol=0)
         assert got == final
@@ -95,19 +98,22 @@ def test_staleness_metrics():
     assert [async_rollout.behaviour_version(t, 2) for t in range(5)] == [0, 0, 0, 1, 2]
 
 
+@pytest.mark.parametrize("threaded", [True, False])
 @pytest.mark.parametrize("stop", [1, 2, 5])
-def test_pending_and_restore_resume_exactly(stop):
+def test_pending_and_restore_resume_exactly(stop, threaded):
     """Checkpoint after step `stop` (params, the k queued rollouts, the iterator snapshot from
     before step stop+k's prompts), then a new producer from it: the uninterrupted run's end."""
     k, steps = 2, 9
     uninterrupted, full_history = run_async(steps, k, jitter=0.005)
-    params, history, (pending, snapshot) = run_async(steps, k, jitter=0.005, stop_after=stop, seed=3)
+    params, history, (pending, snapshot) = run_async(steps, k, jitter=0.005, stop_after=stop,
+                                                     seed=3, threaded=threaded)
     assert [r.step for r in pending] == [stop, stop + 1]
     assert [r.version for r in pending] == [max(stop - 2, 0), max(stop - 1, 0)]
     data = FakeData()
     data.position = snapshot["position"]
     assert data.position == stop + k  # the prompts of steps < stop + k were pulled already
-    resumed, rest = run_async(steps, k, start=stop, params=params, data=data, restored=pending)
+    resumed, rest = run_async(steps, k, start=stop, params=params, data=data, restored=pending,
+                              threaded=threaded)
     assert resumed == uninterrupted
     assert history + rest == full_history
 
@@ -157,3 +163,21 @@ def test_close_stops_a_waiting_producer():
     assert not producer._thread.is_alive()
     with pytest.raises(ProducerError, match="closed"):
         producer.get(0)
+
+
+def test_without_a_thread_publish_generates_in_line_and_raises_a_failure_itself():
+    calls = []
+
+    def generate(step, version, params):
+        calls.append((step, version))
+        if step == 2:
+            failing_reward_worker(step)
+        return step
+
+    producer = FixedLagProducer(generate, max_staleness=1, start_step=0, num_steps=5,
+                                threaded=False)
+    producer.publish(0, 0)
+    assert calls == [(0, 0), (1, 0)]  # what version 0 allows at lag 1, at once
+    assert producer.get(0).value == 0
+    with pytest.raises(ConnectionError, match="scoring step 2"):
+        producer.publish(1, 1)

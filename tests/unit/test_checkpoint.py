@@ -2,6 +2,7 @@
 save. Each run against real orbax checkpoints on disk; expected values are written here."""
 
 import glob
+import json
 import logging
 import os
 import shutil
@@ -17,6 +18,7 @@ import pytest
 
 from cfpo_jax import checkpoint
 from tests.fixtures import paths
+from tests.fixtures.processes import free_port, process_env
 
 REPO_ROOT = paths.ROOT
 
@@ -198,3 +200,58 @@ def test_kill_during_an_asynchronous_save_resumes_from_the_last_complete_one(tmp
     assert (step, meta) == (1, {"data": {"position": 1}}), leftovers
     np.testing.assert_array_equal(np.asarray(state["params"]["b"], np.float32), np.ones(7))
     ckpt.close()
+
+
+_LEARNER_ONLY = """
+import json, sys
+import jax
+jax.distributed.initialize("127.0.0.1:{port}", 2, int(sys.argv[1]))
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from cfpo_jax import checkpoint, sharding
+
+learner = Mesh(np.array(jax.devices()[2:]), ("fsdp",))  # process 1's devices only
+shardings = dict(w=NamedSharding(learner, P("fsdp")), step=NamedSharding(learner, P()),
+                 rng=NamedSharding(learner, P()))
+state = jax.jit(lambda: dict(w=jnp.arange(8.0), step=jnp.int32(3), rng=jax.random.key(7)),
+                out_shardings=shardings)()
+ckpt = checkpoint.Checkpointer({directory!r}, every=2, keep=2, host_copy=True)
+due = [ckpt.due(s) for s in (1, 2)]
+saved = ckpt.save(2, state, dict(data=[1, 2]))
+ckpt.wait()
+latest = ckpt.latest_step()
+abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+step, restored, meta = ckpt.restore_latest(abstract)
+ckpt.close()
+local = [len(x.addressable_shards) for x in jax.tree.leaves(restored)]
+values = sharding.fetch(dict(w=restored["w"], step=restored["step"],
+                             rng=jax.random.key_data(restored["rng"])))
+print(json.dumps(dict(due=due, saved=saved, latest=latest, step=step, meta=meta, local=local,
+                      w=values["w"].tolist(), state_step=int(values["step"]),
+                      rng=values["rng"].tolist(), want=jax.random.key_data(jax.random.key(7)).tolist())))
+"""
+
+
+def test_a_state_on_some_processes_is_saved_and_restored_as_a_host_copy(tmp_path):
+    """2 processes, the state on process 1's devices only (a disaggregated run whose sampler is
+    process 0; orbax refuses such arrays): saved as a host copy (`host_copy=True`), restored into
+    the shardings — process 1 holds the values again, process 0 arrays of the right shapes without
+    a local shard — with the step, the meta and the PRNG key; the values reach both
+    (`sharding.fetch`)."""
+    script = _LEARNER_ONLY.format(port=free_port(), directory=str(tmp_path / "ckpt"))
+    procs = [subprocess.Popen([sys.executable, "-c", script, str(i)], env=process_env(2),
+                              cwd=paths.ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True)
+             for i in range(2)]
+    outputs = [p.communicate(timeout=300) for p in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+    results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    for process, result in enumerate(results):
+        assert result["due"] == results[0]["due"] and result["saved"] is True
+        assert result["latest"] == 2 and result["step"] == 2 and result["meta"] == {"data": [1, 2]}
+        assert result["w"] == list(map(float, range(8))) and result["state_step"] == 3
+        assert result["rng"] == result["want"]
+        assert result["local"] == ([0, 0, 0] if process == 0 else [2, 2, 2])
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["2"]

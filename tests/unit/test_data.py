@@ -4,7 +4,6 @@ import json
 import re
 import sys
 
-import numpy as np
 import pytest
 
 from tests.fixtures.shared_data import shared_file

@@ -222,7 +222,7 @@ def test_training_moves_only_the_adapters_and_the_reference_is_the_base(tmp_path
     """Two off-policy RL steps with β > 0 on a bfloat16 base: the state holds the adapters and
     their Adam moments only (no reference copy), the base is bit-identical afterwards, and the
     reference log-probabilities are those of the base model loaded on its own."""
-    from tests.fixtures.runs import build_parts, tiny
+    from tests.fixtures.runs import build_parts, tiny, train_steps
 
     from cfpo_jax import models
 
@@ -239,11 +239,7 @@ def test_training_moves_only_the_adapters_and_the_reference_is_the_base(tmp_path
     assert moments_size == 2 * adapter_size  # Adam's mu and nu, of the adapters alone
     base_before = jax.device_get(frozen)
     adapters_before = jax.device_get(state["params"])
-    for step in range(2):
-        next_rng, sample_key = parts.learner.split_rng(state["rng"])
-        rollout = parts.rollout(state, prompts, sample_key)
-        state, _ = parts.learner.learn(state, rollout.batch, rollout.lengths_Bx2, step)
-        state = parts.learner.finish_step(state, next_rng)
+    state = train_steps(parts, state, prompts, 2)
     base_after = jax.device_get(frozen)
     for before, after in zip(jax.tree.leaves(base_before), jax.tree.leaves(base_after)):
         np.testing.assert_array_equal(np.asarray(after), np.asarray(before))

@@ -333,14 +333,17 @@ def test_memfd_and_shared_memory_count_against_memory_mb(where):
 
 @needs_bwrap
 def test_four_processes_share_one_memory_limit():
-    """4 processes × 200 MiB touched at memory_mb=512: not all four get to hold theirs."""
+    """4 processes × 200 MiB touched at memory_mb=512: not all four keep theirs to the end.
+    (All four may print 'holding': the OOM killer picks the largest process, often one that
+    already holds its 200 MiB, and the allocating one then goes on.)"""
     code = ("import os, time\nfor k in range(4):\n    if os.fork() == 0:\n"
             "        b = bytearray(200 << 20)\n        b[::4096] = b'x' * len(b[::4096])\n"
-            "        print('holding', k, flush=True)\n        time.sleep(3)\n        os._exit(0)\n"
+            "        print('holding', k, flush=True)\n        time.sleep(3)\n"
+            "        print('released', k, flush=True)\n        os._exit(0)\n"
             "for k in range(4):\n    os.wait()\n")
     result = run_python(code, limits=Limits(memory_mb=512, wall_s=15.0))  # a loaded box
     assert result.killed_by == "memory", result
-    assert result.stdout.count("holding") < 4, result
+    assert result.stdout.count("released") < 4, result
     assert 200 < result.memory_peak_mb <= 512, result
 
 

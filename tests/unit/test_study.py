@@ -318,6 +318,24 @@ def test_linked_axes_take_their_values_in_step(tmp_path):
         study_lib.Study(spec=spec, base=quickstart(), base_file="q.py").runs()
 
 
+def test_the_map_has_one_section_per_linked_combination(tmp_path):
+    """Linked axes outside the map's x and y: a section (and plot) per pair the study runs, none
+    for the pairs it never runs."""
+    spec = _axes_spec(tmp_path, {"rl.objective": ("cfpo", "ppo"), "rl.max_staleness": (0, 2),
+                                 "rl.ratio_reference": ("recomputed", "behaviour"),
+                                 "rl.rollout_correction": ("tis", "none"), "optim.lr": (1e-3,)},
+                      seeds=(0,), eval_metric="")
+    spec.linked = (("rl.ratio_reference", "rl.rollout_correction"),)
+    spec.map = ml_collections.ConfigDict(dict(x="rl.max_staleness", y="optim.lr"))
+    study = study_lib.Study(spec=spec, base=quickstart(), base_file="configs/quickstart.py")
+    for run in study.runs():
+        _write_curve(study.workdir(run), [0.5] * 4, {})
+    text = study_lib.write_report(study, plot=False)
+    sections = [line for line in text.splitlines() if line.startswith("### ")]
+    assert sections == ["### rl.ratio_reference = recomputed, rl.rollout_correction = tis",
+                        "### rl.ratio_reference = behaviour, rl.rollout_correction = none"], sections
+
+
 def test_bad_axes_fail_with_the_bad_value(tmp_path):
     base = quickstart()
     make = lambda axes: study_lib.Study(spec=_axes_spec(tmp_path, axes), base=base, base_file="q.py")

@@ -2,6 +2,7 @@
 device_put, the union program) and across 2 jax.distributed CPU processes (each mesh one process;
 both meshes spanning both), checked against the numpy values each shard must hold."""
 
+import collections
 import json
 import subprocess
 import sys
@@ -43,6 +44,7 @@ def check_shards(out, expected, mesh):
 def mesh_config(rollout_devices, *, fsdp=-1, tensor=1, rollout_fsdp=-1, rollout_tensor=1):
     return ml_collections.ConfigDict(dict(
         data=1, fsdp=fsdp, tensor=tensor, expert=1, dcn=1, rollout_devices=rollout_devices,
+        rollout_placement="first",
         rollout=dict(data=1, fsdp=rollout_fsdp, tensor=rollout_tensor)))
 
 
@@ -54,6 +56,22 @@ def test_split_devices_and_bad_counts():
     for bad in (-1, len(devices)):
         with pytest.raises(ValueError, match=f"rollout_devices={bad}"):
             sharding.split_devices(devices, bad)
+
+
+def test_placement_rule_across_processes():
+    """2 processes × 4 devices (stand-ins with a process index): 'first' takes the head of the
+    process-major list (whole processes when N is a multiple of 4), 'per_process' the first
+    N / 2 devices of each process, so both meshes span both."""
+    Device = collections.namedtuple("Device", "id process_index")
+    devices = [Device(i, i // 4) for i in range(8)]
+    rollout, learner = sharding.split_devices(devices, 4, "first")
+    assert [d.id for d in rollout] == [0, 1, 2, 3] and [d.id for d in learner] == [4, 5, 6, 7]
+    rollout, learner = sharding.split_devices(devices, 4, "per_process")
+    assert [d.id for d in rollout] == [0, 1, 4, 5] and [d.id for d in learner] == [2, 3, 6, 7]
+    with pytest.raises(ValueError, match=r"rollout_devices=3 .* multiple of the 2 processes"):
+        sharding.split_devices(devices, 3, "per_process")
+    with pytest.raises(ValueError, match=r"rollout_placement='hosts': one of"):
+        sharding.split_devices(devices, 4, "hosts")
 
 
 def test_colocated_sync_is_a_copy_in_the_rollout_layout():

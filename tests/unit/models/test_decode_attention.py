@@ -45,7 +45,7 @@ def inputs(dtype, seed=0, lengths=LENGTHS, batch=B):
     return q, k, v
 
 
-@pytest.mark.parametrize("implementation", ["einsum", "pallas", "paged"])
+@pytest.mark.parametrize("implementation", ["einsum", "reduce", "pallas", "paged"])
 def test_each_row_reads_exactly_its_valid_slots(implementation):
     # Keys/values exact in bfloat16: the paged kernel reads them as bfloat16 whatever their dtype.
     q, k, v = inputs(jnp.bfloat16)
@@ -66,6 +66,16 @@ def test_paged_kernel_in_bfloat16_matches_the_einsum_path_and_numpy():
     # probabilities to bfloat16 before the second product (the kernel keeps them float32).
     np.testing.assert_allclose(np.asarray(paged, np.float32), expected, atol=2e-2)
     np.testing.assert_allclose(np.asarray(paged, np.float32), np.asarray(einsum, np.float32), atol=3e-2)
+
+
+def test_reduce_kernel_in_bfloat16_matches_numpy():
+    """The CPU kernel with a bfloat16 cache: float32 products and sums, the probabilities rounded
+    to bfloat16 as the einsum path rounds them, against numpy in float64."""
+    q, k, v = (jnp.asarray(x) for x in inputs(jnp.bfloat16, seed=4))
+    got = jax.jit(functools.partial(decode_attention, implementation="reduce"))(q, k, v, jnp.asarray(LENGTHS))
+    assert got.dtype == jnp.bfloat16
+    expected = numpy_decode_attention(*(np.asarray(x, np.float64) for x in (q, k, v)), LENGTHS)
+    np.testing.assert_allclose(np.asarray(got, np.float32), expected, atol=2e-2)
 
 
 def test_paged_kernel_runs_free_of_data_races(monkeypatch):
@@ -108,7 +118,7 @@ def test_auto_picks_the_platform_kernel():
     # The paged kernel reads keys/values as bfloat16, and is tested upstream for head_dim 128/256.
     assert resolve_decode("auto", jnp.float32, 128, platform="tpu") == "einsum"
     assert resolve_decode("auto", jnp.bfloat16, 64, platform="tpu") == "einsum"
-    assert resolve_decode("auto", jnp.bfloat16, 128, platform="cpu") == "einsum"
+    assert resolve_decode("auto", jnp.bfloat16, 128, platform="cpu") == "reduce"
     with pytest.raises(ValueError, match="'paged' needs a TPU"):
         resolve_decode("paged", jnp.bfloat16, 128, platform="gpu")
     with pytest.raises(ValueError, match="'pallas' needs a GPU"):
@@ -117,6 +127,6 @@ def test_auto_picks_the_platform_kernel():
 
 def test_unknown_implementation_is_named():
     x = jnp.zeros((1, 2, 4))
-    with pytest.raises(ValueError, match="'flash'.*auto, einsum, pallas, paged"):
+    with pytest.raises(ValueError, match="'flash'.*auto, einsum, reduce, pallas, paged"):
         decode_attention(x, jnp.zeros((1, 1, 128, 4)), jnp.zeros((1, 1, 128, 4)), jnp.ones(1, int),
                          implementation="flash")

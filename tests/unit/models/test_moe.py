@@ -384,7 +384,7 @@ def test_lora_training_on_a_moe_moves_only_the_adapters(tmp_path):
     routing replay, two off-policy RL steps through the trainer's parts: the state holds only the
     adapters, they move, and every base parameter — experts and router included — is bit-identical
     afterwards."""
-    from tests.fixtures.runs import build_parts
+    from tests.fixtures.runs import build_parts, train_steps
 
     config = _moe_config(lora__rank=4, lora__alpha=8.0, lora__targets=("q", "k", "v", "o"),
                          model__moe_routing="replay", rl__num_epochs=2)
@@ -395,11 +395,7 @@ def test_lora_training_on_a_moe_moves_only_the_adapters(tmp_path):
     frozen_before = jax.device_get(parts.policy.frozen)
     assert {"expert_gate_kernel", "router_kernel"} <= set(frozen_before["blocks"]["mlp"])
     adapters_before = jax.device_get(state["params"])
-    for step in range(2):
-        next_rng, sample_key = parts.learner.split_rng(state["rng"])
-        rollout = parts.rollout(state, prompts, sample_key)
-        state, _ = parts.learner.learn(state, rollout.batch, rollout.lengths_Bx2, step)
-        state = parts.learner.finish_step(state, next_rng)
+    state = train_steps(parts, state, prompts, 2)
     for before, after in zip(jax.tree.leaves(frozen_before), jax.tree.leaves(jax.device_get(parts.policy.frozen))):
         np.testing.assert_array_equal(np.asarray(after), np.asarray(before))
     moved = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in

@@ -3,7 +3,6 @@ text scored in bounded workers (time, memory, side effects), failures counted an
 
 import json
 import logging
-import math
 import os
 import subprocess
 import sys
