@@ -121,8 +121,10 @@ class FixedLagProducer:
             if self._next < self.num_steps and version >= behaviour_version(self._next, self.k):
                 self._versions[version] = params
             self._cond.notify_all()
-        while self._thread is None and not self._closed and self._runnable():
+        while self._thread is None:
             with self._cond:
+                if self._closed or not self._runnable():
+                    break
                 item = self._take()
             self._generate_one(*item)
 
