@@ -568,9 +568,9 @@ def _check_settings(vocab, max_new_tokens, temperature, top_p, top_k, eos_token_
 
 def kv_bytes_per_slot(config, num_cache_slots: int, tensor: int = 1) -> int:
     """Bytes of keys and values one slot holds on one device (kv heads split over `tensor` when
-    it divides them)."""
+    it divides them), on the platform of the mesh in context (`decoding.cache_dtype`)."""
     heads = config.num_kv_heads // tensor if config.num_kv_heads % tensor == 0 else config.num_kv_heads
-    itemsize = jnp.dtype(config.dtype).itemsize
+    itemsize = decoding.cache_dtype(config).itemsize
     return 2 * config.num_layers * heads * num_cache_slots * config.head_dim * itemsize
 
 

@@ -157,14 +157,14 @@ def sampler_programs(config, model_config, mesh) -> dict[str, Program]:
     if config.lora.rank and config.lora.merge_for_sampling:
         policy = nnx.eval_shape(lambda: lora.merge(nnx.merge(graphdef, params, frozen)))
     engine = sampling.engine_settings(s)
-    with mesh_context(mesh):
-        attention = resolve_decode(engine["attention"], model_config.dtype, model_config.head_dim)
     P = data.bucket_width(s.max_prompt_len)
     N = s.max_new_tokens
     num_rows = config.data.batch_size * rl.group_size
-    num_cache_slots, num_slots, max_prefill = sampling.slot_layout(
-        model_config, prompt_len=P, max_new_tokens=N, num_rows=num_rows, mesh=mesh,
-        max_concurrent=engine["max_concurrent"], kv_cache_gb=engine["kv_cache_gb"], attention=attention)
+    with mesh_context(mesh):  # the chips' decode kernel and cache dtype
+        attention = resolve_decode(engine["attention"], model_config.dtype, model_config.head_dim)
+        num_cache_slots, num_slots, max_prefill = sampling.slot_layout(
+            model_config, prompt_len=P, max_new_tokens=N, num_rows=num_rows, mesh=mesh,
+            max_concurrent=engine["max_concurrent"], kv_cache_gb=engine["kv_cache_gb"], attention=attention)
     shards = _batch_shards(mesh)
     # The first insert's prompts: those of the rows that fill every slot, rounded as the sampler
     # rounds (a power of two, a multiple of the shards), at most `max_prefill`.

@@ -9,7 +9,8 @@ new rows, and one decode step over a fixed number of cache slots.
   model in bfloat16 with tensor = 1: 15.2 GB), alive for the call; the FSDP-sharded originals are
   untouched. Separate per-layer buffers let the unrolled layer loop below read each layer's
   weights where they lie, instead of slicing (copying) them out of the stacked arrays every step.
-* `SlotCache`: one key and one value buffer per layer, `[slots, kv_heads, S, head_dim]`. The
+* `SlotCache`: one key and one value buffer per layer, `[slots, kv_heads, S, head_dim]`, in the
+  compute dtype (float32 on CPU: `cache_dtype`). The
   layer loop is unrolled (a Python loop, not the trainer's `lax.scan`) so each layer's buffer is
   its own array: a decode step writes one column per slot in place and decode attention reads the
   buffer where it lies (`cfpo_jax.models.attention.decode_attention`) — no per-layer slice of a stacked
@@ -37,7 +38,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
-from cfpo_jax.models.attention import causal_attention, decode_attention
+from cfpo_jax.models.attention import causal_attention, decode_attention, target_platform
 from cfpo_jax.models.transformer import default_positions, rope_angles
 
 
@@ -102,9 +103,20 @@ def gather_weights(model, mesh=None) -> SamplingWeights:
     return gather_program(graphdef, block_graphdef, mesh, str(jnp.dtype(model.config.dtype)), state)
 
 
+def cache_dtype(config) -> jnp.dtype:
+    """The KV cache's dtype, for the program being traced: the compute dtype, but float32 on CPU
+    for a sub-float32 one. XLA:CPU writes a decode step's column into a bfloat16 buffer by
+    converting the whole buffer to float32 and back (two more passes over every layer's cache
+    per step: a fifth of SmolLM2's bfloat16 step at 32 rows); float32 is scattered in place. The
+    float32 cache holds the same bfloat16 keys and values exactly and attention reads them back
+    as bfloat16, so the numbers are those of a bfloat16 cache, for twice its memory."""
+    dtype = jnp.dtype(config.dtype)
+    return jnp.dtype(jnp.float32) if dtype.itemsize < 4 and target_platform() == "cpu" else dtype
+
+
 def init_slot_cache(config, num_slots: int, num_cache_slots: int) -> SlotCache:
     shape = (num_slots, config.num_kv_heads, num_cache_slots, config.head_dim)
-    dtype = jnp.dtype(config.dtype)
+    dtype = cache_dtype(config)
     zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))  # noqa: E731
     return SlotCache(k=zeros(), v=zeros())
 

@@ -39,8 +39,8 @@ the kernel chosen by `config.attention` (fused on GPU/TPU). The sampler runs the
 with its own KV cache and decode attention (`cfpo_jax.models.decoding`).
 
 Numerics follow transformers: RMSNorm and softmax in float32, RoPE angles in float32, matmuls in
-the compute dtype with float32 accumulation for the logits. A left-padding query reads only the
-padding keys before it, which keeps it finite; its output is never used.
+the compute dtype with float32 accumulation (`dense`), the logits kept in float32. A left-padding
+query reads only the padding keys before it, which keeps it finite; its output is never used.
 """
 
 from __future__ import annotations
@@ -80,12 +80,28 @@ def dense(x, kernel, *, num_in: int = 1, preferred_element_type=None):
     two axes, XLA's CPU backend first copies the cotangent into a transposed 3-D layout, which made
     an MLP's forward + backward 2.3× slower at [256, 144] tokens (benchmarks/README.md, vs_tunix);
     as rows, it is one matmul. The reshapes merge contiguous axes and cost nothing.
+
+    A bfloat16 (or other sub-float32) matmul on CPU asks for float32 accumulation and rounds the
+    output to the compute dtype: without it XLA:CPU converts both operands to float32 and runs a
+    float32 matmul, with it the bfloat16 kernel runs (AVX-512 BF16 where the CPU has it):
+    SmolLM2's bfloat16 decode at 32 rows 1.4× faster (benchmarks/README.md). The sums are
+    float32 either way. TPUs and GPUs accumulate bfloat16 in float32 already; their programs are
+    left as they were.
     """
     lead, in_shape, out_shape = x.shape[: x.ndim - num_in], kernel.shape[:num_in], kernel.shape[num_in:]
     rows_RxI = x.reshape(-1, math.prod(in_shape))
-    out_RxO = jnp.matmul(rows_RxI, kernel.reshape(math.prod(in_shape), -1),
-                         preferred_element_type=preferred_element_type)
+    accumulate = preferred_element_type or _cpu_accumulation(x.dtype)
+    out_RxO = jnp.matmul(rows_RxI, kernel.reshape(math.prod(in_shape), -1), preferred_element_type=accumulate)
+    if preferred_element_type is None:
+        out_RxO = out_RxO.astype(jnp.result_type(x.dtype, kernel.dtype))
     return out_RxO.reshape(*lead, *out_shape)
+
+
+def _cpu_accumulation(dtype):
+    """float32 for a sub-float32 matmul traced for the CPU (see `dense`), else None."""
+    if jnp.dtype(dtype).itemsize < 4 and attention.target_platform() == "cpu":
+        return jnp.float32
+    return None
 
 
 def _adapt(module, target, x, out):

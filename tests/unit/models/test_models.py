@@ -3,6 +3,7 @@
 import functools
 import json
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,6 +14,7 @@ from flax import nnx
 from tests.fixtures import hf_fixtures
 from cfpo_jax import sampling
 from cfpo_jax.models import decoding
+from cfpo_jax.models.transformer import dense
 from cfpo_jax.models import (
     ModelConfig,
     Transformer,
@@ -111,6 +113,41 @@ def test_sampler_prefill_then_decode_matches_transformers(checkpoint):
             assert np.all(np.abs(np.asarray(keys[row, :, length - 1])) > 0)
             np.testing.assert_array_equal(np.asarray(keys[row, :, length:]), 0.0)
             np.testing.assert_array_equal(np.asarray(values[row, :, length:]), 0.0)
+
+
+def test_bfloat16_decode_on_cpu_keeps_bfloat16_values_in_a_float32_cache(tmp_path, monkeypatch):
+    """On CPU a bfloat16 model's KV cache is float32 (`decoding.cache_dtype`: XLA:CPU rewrites a
+    whole bfloat16 buffer per scatter): it must hold exactly the bfloat16 keys and values, and
+    give every step's logits bit for bit as a bfloat16 cache does."""
+    directory = hf_fixtures.build_checkpoint("qwen2", tmp_path)
+    model = from_pretrained(directory, param_dtype="bfloat16", dtype="bfloat16")
+    P, N = 8, 6
+    tokens, mask = batch(T=P + N, pad=(0, 3))
+    logits, cache = sampler_decode(model, jnp.asarray(tokens), jnp.asarray(mask), P, P + N, "reduce")
+    assert cache.k[0].dtype == jnp.float32
+    monkeypatch.setattr(decoding, "cache_dtype", lambda config: jnp.dtype(jnp.bfloat16))
+    jax.clear_caches()  # the decode step retraces with the bfloat16 cache
+    logits_bf16, cache_bf16 = sampler_decode(model, jnp.asarray(tokens), jnp.asarray(mask), P, P + N, "reduce")
+    assert cache_bf16.k[0].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(logits, logits_bf16)
+    for ours, theirs in zip(cache.k + cache.v, cache_bf16.k + cache_bf16.v):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs.astype(jnp.float32)))
+
+
+def test_bfloat16_matmul_on_cpu_accumulates_in_float32():
+    """`dense` in bfloat16 on CPU: the dot takes bfloat16 operands and returns float32 (what runs
+    XLA:CPU's bfloat16 kernel instead of converting the weights), and its output is the float64
+    product rounded to bfloat16 within one bfloat16 step."""
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=(16, 256)), jnp.bfloat16)
+    w = jnp.asarray(rng.normal(size=(256, 64)) / 16, jnp.bfloat16)
+    out = jax.jit(dense)(x, w)
+    assert out.dtype == jnp.bfloat16
+    hlo = jax.jit(dense).lower(x, w).as_text()
+    assert re.search(r"dot_general.*\(tensor<16x256xbf16>, tensor<256x64xbf16>\) -> tensor<16x64xf32>", hlo), hlo
+    exact = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    step = 2.0 ** (np.floor(np.log2(np.abs(exact))) - 7)  # one bfloat16 step at each value
+    assert np.all(np.abs(np.asarray(out, np.float64) - exact) <= step)
 
 
 def test_sequence_logprobs_match_transformers(checkpoint):
