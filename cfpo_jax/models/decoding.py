@@ -107,9 +107,10 @@ def cache_dtype(config) -> jnp.dtype:
     """The KV cache's dtype, for the program being traced: the compute dtype, but float32 on CPU
     for a sub-float32 one. XLA:CPU writes a decode step's column into a bfloat16 buffer by
     converting the whole buffer to float32 and back (two more passes over every layer's cache
-    per step: a fifth of SmolLM2's bfloat16 step at 32 rows); float32 is scattered in place. The
-    float32 cache holds the same bfloat16 keys and values exactly and attention reads them back
-    as bfloat16, so the numbers are those of a bfloat16 cache, for twice its memory."""
+    per step: 23 % of SmolLM2's profiled bfloat16 step at 32 rows); float32 is scattered in
+    place. The float32 cache holds the same bfloat16 keys and values exactly and attention reads
+    them back as bfloat16, so the numbers are those of a bfloat16 cache, for twice its memory
+    (benchmarks/README.md)."""
     dtype = jnp.dtype(config.dtype)
     return jnp.dtype(jnp.float32) if dtype.itemsize < 4 and target_platform() == "cpu" else dtype
 
