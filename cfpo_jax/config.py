@@ -113,7 +113,7 @@ def base_config() -> ml_collections.ConfigDict:
     # rollout). Results do not depend on it; memory does.
     c.sampling.max_concurrent = 0
     c.sampling.kv_cache_gb = 8.0
-    c.sampling.attention = "auto"  # decode attention: auto (Pallas on GPU, paged on TPU, reduce on CPU), einsum, reduce, pallas, paged
+    c.sampling.attention = "auto"  # decode attention: auto (Pallas on GPU, paged on TPU, native on CPU), einsum, reduce, native, pallas, paged
 
     c.rewards = ml_collections.ConfigDict()
     c.rewards.fns = ("math",)  # registered names or "package.module:function"

@@ -755,7 +755,8 @@ def generate(
       mesh: split the slots over its ('data', 'fsdp') axes (weights: see `models.decoding`).
       max_concurrent: K, the rows decoded at once (rounded up to a multiple of the batch shards;
         more than the rows is the rows); None: as many as fit `kv_cache_gb` per device.
-      attention: decode attention kernel ("auto", "einsum", "reduce", "pallas", "paged"; see `models.attention`).
+      attention: decode attention kernel ("auto", "einsum", "reduce", "native", "pallas", "paged"; see
+        `models.attention`).
       turn_end: multi-turn rollouts (see "Multi-turn" in the module doc): called as
         turn_end(row, tokens) when a row's turn ends (an EOS or a stop sequence), `tokens` the
         row's completion columns so far; returns the tokens to force next (an observation), or

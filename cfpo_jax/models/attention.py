@@ -32,16 +32,25 @@ b's valid keys are the slots `[0, length_B[b])` (its prompt, then the tokens dec
 | implementation | where                       | kernel                                                  |
 |----------------|-----------------------------|---------------------------------------------------------|
 | "einsum"       | TPU/GPU fallback; reference | masked einsum over all S slots of the layer's buffer, read in place (no copy) |
-| "reduce"       | CPU                         | the same sums as products and reductions over head_dim and slots, not dots |
+| "reduce"       | CPU fallback                | the same sums as products and reductions over head_dim and slots, not dots |
+| "native"       | CPU                         | a C++ kernel through `jax.ffi` (`cpu_kernel`, built on first use): the "reduce" sums over only the slots below a row's length |
 | "pallas"       | GPU (CPU: interpret)        | jax's Pallas/Triton flash-decoding kernel (`pallas.ops.gpu.decode_attention`), reading only the 64-slot blocks below a row's length |
 | "paged"        | TPU (CPU: TPU interpret mode) | jax's Pallas TPU paged-attention kernel (`pallas.ops.tpu.paged_attention`), DMA-ing only the blocks of pages that start below a row's length |
-| "auto"         | everywhere (default)        | "pallas" on GPU; "paged" on TPU for a bfloat16 cache with head_dim % 128 = 0; "reduce" on CPU; else "einsum" |
+| "auto"         | everywhere (default)        | "pallas" on GPU; "paged" on TPU for a bfloat16 cache with head_dim % 128 = 0; "native" on CPU ("reduce" where it does not build: no C++ compiler); else "einsum" |
 
 "reduce" exists for XLA:CPU, which lowers the einsum to B·K matmuls of [N/K, head_dim] × [head_dim,
 S], too small to run near either roofline: 14 ms a layer at 256 rows and 144 slots of SmolLM2,
 against 6–8 ms for the products-and-sums form (which still reads the buffer at ~7–9 GB/s where a
 plain sum reads 21–28 GB/s; benchmarks/README.md, "Decode attention as products and sums on
 CPU"). On a TPU or GPU the einsum's matmuls are the better fallback.
+
+"native" exists because no XLA:CPU formulation reads only a row's valid slots without a copy of the
+slice (tried: static prefixes, per-block buffers; benchmarks/README.md) and jax has no Pallas
+backend for CPU. It computes the "reduce" kernel's sums in the same precisions (float32 products,
+sums and softmax; the probabilities and the output rounded to q's dtype), in another summation
+order and with glibc's vector expf, per (row, kv head) on XLA's intra-op threads: at SmolLM2's
+shapes and 32 rows it reads the valid keys and values at the box's memory bandwidth (0.12 ms a
+layer, against ~0.6 ms for "reduce"; benchmarks/README.md, "A C++ decode attention for XLA:CPU").
 
 Both Pallas kernels need S to be a multiple of `DECODE_SLOT_ALIGN` = 128 (the sampler rounds its
 cache up) and read the buffer as it lies:
@@ -92,10 +101,11 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
+from cfpo_jax.models import cpu_kernel
 from cfpo_jax.models.config import ATTENTION_IMPLEMENTATIONS as IMPLEMENTATIONS
 
 _SPLASH_BLOCK = 128
-DECODE_IMPLEMENTATIONS = ("auto", "einsum", "reduce", "pallas", "paged")
+DECODE_IMPLEMENTATIONS = ("auto", "einsum", "reduce", "native", "pallas", "paged")
 DECODE_SLOT_ALIGN = 128  # the Pallas decode kernels' unit of slots: a split (GPU), a page (TPU)
 _CUDNN_DTYPES = (jnp.bfloat16, jnp.float16)
 _tpu_interpret_params = None  # "paged" off TPU: TPU interpret mode's settings (None: defaults; a test adds race detection)
@@ -262,18 +272,21 @@ def _splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT):
 
 def resolve_decode(implementation: str, dtype, head_dim: int, platform: str | None = None) -> str:
     """The decode kernel that runs: `implementation`, or for "auto" "pallas" on GPU, "paged" on a
-    TPU for a bfloat16 cache with head_dim a multiple of 128, "reduce" on CPU, else "einsum"."""
+    TPU for a bfloat16 cache with head_dim a multiple of 128, "native" on CPU where it builds
+    (else "reduce"), else "einsum"."""
     if implementation not in DECODE_IMPLEMENTATIONS:
         raise ValueError(
             f"decode attention implementation {implementation!r}; valid: {', '.join(DECODE_IMPLEMENTATIONS)}")
     platform = platform or target_platform()
     if implementation == "auto":
         if platform == "cpu":
-            return "reduce"
+            return "native" if cpu_kernel.available()[0] else "reduce"
         paged_fits = platform == "tpu" and jnp.dtype(dtype) == jnp.bfloat16 and head_dim % 128 == 0
         return "pallas" if platform == "gpu" else "paged" if paged_fits else "einsum"
     if implementation == "pallas" and platform not in ("gpu", "cpu"):
         raise ValueError(f"decode attention 'pallas' needs a GPU (or CPU interpret mode); got platform {platform!r}")
+    if implementation == "native" and platform != "cpu":
+        raise ValueError(f"decode attention 'native' is a CPU kernel; got platform {platform!r}")
     if implementation == "paged" and platform not in ("tpu", "cpu"):
         raise ValueError(f"decode attention 'paged' needs a TPU (or CPU interpret mode); got platform {platform!r}")
     return implementation
@@ -285,9 +298,10 @@ def decode_attention(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B, *, implementation:
     dtype, read in place. Returns [B, N, H] in q's dtype. Needs length >= 1 per row. The Pallas
     kernels run per shard of the mesh in context (see the module doc)."""
     kernel = resolve_decode(implementation, k_BxKxSxH.dtype, q_BxNxH.shape[-1])
-    if kernel in ("pallas", "paged"):
-        _check_slot_align(kernel, k_BxKxSxH.shape[2])
-        per_shard = _pallas_decode if kernel == "pallas" else _paged_decode
+    if kernel in ("pallas", "paged", "native"):
+        if kernel != "native":
+            _check_slot_align(kernel, k_BxKxSxH.shape[2])
+        per_shard = {"pallas": _pallas_decode, "paged": _paged_decode, "native": cpu_kernel.decode_attention}[kernel]
         B, N, _ = q_BxNxH.shape
         K = k_BxKxSxH.shape[1]
         return _per_shard(per_shard, B, (N, K), (1, 1, 1, None))(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B)
