@@ -68,6 +68,8 @@ inline float RoundTo<float>(float value) { return value; }
 template <>
 inline float RoundTo<uint16_t>(float value) { return Bf16ToF32(F32ToBf16(value)); }
 
+constexpr int64_t kMaxGroup = 8;  // query heads per kv head the AVX-512 score loop keeps in registers
+
 struct Shape {
   int64_t B, N, K, S, H;
 };
@@ -132,6 +134,27 @@ void RunUnits(const Shape& shape, const Q* q, const C* k, const C* v, const int3
     const C* k_unit = k + (b * shape.K + kv) * S * H;
     const C* v_unit = v + (b * shape.K + kv) * S * H;
     // Scores, slot by slot: each key row is read from memory once for all G query heads.
+#ifdef __AVX512F__
+    if (H % 16 == 0 && G <= kMaxGroup) {
+      constexpr int64_t kAhead = 16;  // slots ahead; with the hardware prefetcher alone the loop read ~14 GB/s
+      const int64_t row_bytes = H * static_cast<int64_t>(sizeof(C));
+      for (int64_t s = 0; s < valid; ++s) {
+        // The key row kAhead slots on, and this slot's value row for the p·v pass below.
+        for (int64_t byte = 0; byte < row_bytes; byte += 64) {
+          if (s + kAhead < valid)
+            _mm_prefetch(reinterpret_cast<const char*>(k_unit + (s + kAhead) * H) + byte, _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(v_unit + s * H) + byte, _MM_HINT_T1);
+        }
+        __m512 acc[kMaxGroup];
+        for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
+        for (int64_t i = 0; i < H; i += 16) {
+          const __m512 key = Load16(k_unit + s * H + i);
+          for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(query.data() + g * H + i), key, acc[g]);
+        }
+        for (int64_t g = 0; g < G; ++g) scores[g * S + s] = _mm512_reduce_add_ps(acc[g]) * scale;
+      }
+    } else
+#endif
     for (int64_t s = 0; s < valid; ++s)
       for (int64_t g = 0; g < G; ++g) scores[g * S + s] = Dot(query.data() + g * H, k_unit + s * H, H) * scale;
     // Softmax over the valid slots (the rest have probability 0), rounded to the query dtype.
