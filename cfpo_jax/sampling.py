@@ -45,8 +45,9 @@ Layout (R = prompts × n rows, P padded prompt length, N = max_new_tokens, V voc
   compute dtype, one buffer per layer, replicated over the batch axes and split over 'tensor'),
   never per decode step; the memory this costs is stated there.
 * Decode attention runs jax's Pallas flash-decoding kernel on GPU, jax's Pallas paged-attention
-  kernel on TPU (bfloat16, head_dim a multiple of 128), products and sums over the cache on CPU,
-  and the plain-XLA masked einsum otherwise (`models.attention.decode_attention`; `attention=`
+  kernel on TPU (bfloat16, head_dim a multiple of 128), a C++ kernel over each row's valid slots
+  on CPU (products and sums over the whole cache where no compiler builds it), and the plain-XLA
+  masked einsum otherwise (`models.attention.decode_attention`; `attention=`
   overrides). With a Pallas kernel the cache's slot count is rounded up to a multiple of 128 for
   its blocks/pages. The prefill runs the trainer's full-sequence kernel (`config.attention`:
   cuDNN / splash / einsum).

@@ -36,7 +36,7 @@ b's valid keys are the slots `[0, length_B[b])` (its prompt, then the tokens dec
 | "native"       | CPU                         | a C++ kernel through `jax.ffi` (`cpu_kernel`, built on first use): the "reduce" sums over only the slots below a row's length |
 | "pallas"       | GPU (CPU: interpret)        | jax's Pallas/Triton flash-decoding kernel (`pallas.ops.gpu.decode_attention`), reading only the 64-slot blocks below a row's length |
 | "paged"        | TPU (CPU: TPU interpret mode) | jax's Pallas TPU paged-attention kernel (`pallas.ops.tpu.paged_attention`), DMA-ing only the blocks of pages that start below a row's length |
-| "auto"         | everywhere (default)        | "pallas" on GPU; "paged" on TPU for a bfloat16 cache with head_dim % 128 = 0; "native" on CPU ("reduce" where it does not build: no C++ compiler); else "einsum" |
+| "auto"         | everywhere (default)        | "pallas" on GPU; "paged" on TPU for a bfloat16 cache with head_dim % 128 = 0; "native" on CPU for float32/bfloat16 ("reduce" where it does not build: no C++ compiler); else "einsum" |
 
 "reduce" exists for XLA:CPU, which lowers the einsum to B·K matmuls of [N/K, head_dim] × [head_dim,
 S], too small to run near either roofline: 14 ms a layer at 256 rows and 144 slots of SmolLM2,
@@ -49,8 +49,10 @@ slice (tried: static prefixes, per-block buffers; benchmarks/README.md) and jax 
 backend for CPU. It computes the "reduce" kernel's sums in the same precisions (float32 products,
 sums and softmax; the probabilities and the output rounded to q's dtype), in another summation
 order and with glibc's vector expf, per (row, kv head) on XLA's intra-op threads: at SmolLM2's
-shapes and 32 rows it reads the valid keys and values at the box's memory bandwidth (0.12 ms a
-layer, against ~0.6 ms for "reduce"; benchmarks/README.md, "A C++ decode attention for XLA:CPU").
+shapes (32 rows, 80 of 143 slots valid) 30 layers take 7.6–8.4 ms against 18.5–23.9 ms for
+"reduce", and at 256 rows it reads the valid keys and values at 21 GB/s of the box's ~33
+(benchmarks/README.md, "A C++ decode attention for XLA:CPU"). It takes float32 or bfloat16 queries
+and caches ("auto" picks it for those dtypes).
 
 Both Pallas kernels need S to be a multiple of `DECODE_SLOT_ALIGN` = 128 (the sampler rounds its
 cache up) and read the buffer as it lies:
@@ -272,15 +274,16 @@ def _splash_causal(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, segment_BxT):
 
 def resolve_decode(implementation: str, dtype, head_dim: int, platform: str | None = None) -> str:
     """The decode kernel that runs: `implementation`, or for "auto" "pallas" on GPU, "paged" on a
-    TPU for a bfloat16 cache with head_dim a multiple of 128, "native" on CPU where it builds
-    (else "reduce"), else "einsum"."""
+    TPU for a bfloat16 cache with head_dim a multiple of 128, "native" on CPU for float32 or
+    bfloat16 where it builds (else "reduce"), else "einsum"."""
     if implementation not in DECODE_IMPLEMENTATIONS:
         raise ValueError(
             f"decode attention implementation {implementation!r}; valid: {', '.join(DECODE_IMPLEMENTATIONS)}")
     platform = platform or target_platform()
     if implementation == "auto":
         if platform == "cpu":
-            return "native" if cpu_kernel.available()[0] else "reduce"
+            native_fits = jnp.dtype(dtype) in (jnp.float32, jnp.bfloat16) and cpu_kernel.available()[0]
+            return "native" if native_fits else "reduce"
         paged_fits = platform == "tpu" and jnp.dtype(dtype) == jnp.bfloat16 and head_dim % 128 == 0
         return "pallas" if platform == "gpu" else "paged" if paged_fits else "einsum"
     if implementation == "pallas" and platform not in ("gpu", "cpu"):

@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import warnings
 
 import jax
@@ -83,6 +84,9 @@ def _build() -> str:
     return path
 
 
+_LOAD_LOCK = threading.Lock()  # the sampler's threads (async rollout) may ask at once: build and register once
+
+
 @functools.cache
 def _load() -> tuple[bool, str]:
     try:
@@ -97,7 +101,8 @@ def _load() -> tuple[bool, str]:
 
 def available() -> tuple[bool, str]:
     """(whether the kernel is built and registered, the reason when not); builds it on first call."""
-    return _load()
+    with _LOAD_LOCK:
+        return _load()
 
 
 def decode_attention(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B):

@@ -201,6 +201,7 @@ def test_auto_picks_the_platform_kernel():
     assert resolve_decode("auto", jnp.float32, 128, platform="tpu") == "einsum"
     assert resolve_decode("auto", jnp.bfloat16, 64, platform="tpu") == "einsum"
     assert resolve_decode("auto", jnp.bfloat16, 128, platform="cpu") == "native"
+    assert resolve_decode("auto", jnp.float16, 128, platform="cpu") == "reduce"  # the C++ kernel reads f32/bf16
     with pytest.raises(ValueError, match="'native' is a CPU kernel"):
         resolve_decode("native", jnp.bfloat16, 128, platform="gpu")
     with pytest.raises(ValueError, match="'paged' needs a TPU"):
