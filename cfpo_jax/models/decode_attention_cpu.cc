@@ -149,7 +149,8 @@ void RunUnits(const Shape& shape, const Q* q, const C* k, const C* v, const int3
         for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_setzero_ps();
         for (int64_t i = 0; i < H; i += 16) {
           const __m512 key = Load16(k_unit + s * H + i);
-          for (int64_t g = 0; g < G; ++g) acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(query.data() + g * H + i), key, acc[g]);
+          for (int64_t g = 0; g < G; ++g)
+            acc[g] = _mm512_fmadd_ps(_mm512_loadu_ps(query.data() + g * H + i), key, acc[g]);
         }
         for (int64_t g = 0; g < G; ++g) scores[g * S + s] = _mm512_reduce_add_ps(acc[g]) * scale;
       }
@@ -213,10 +214,13 @@ ffi::Future DecodeAttention(ffi::ThreadPool pool, ffi::AnyBuffer q, ffi::AnyBuff
             q.element_type() == out->element_type();
   for (size_t i = 0; ok && i < 4; ++i) ok = kd[i] == vd[i];
   ok = ok && kd[0] == qd[0] && kd[1] > 0 && qd[1] % kd[1] == 0 && kd[3] == qd[2];
+  ok = ok && length.dimensions().size() == 1 && length.dimensions()[0] == qd[0];
   if (!ok) {
     ffi::Promise failed;
     ffi::Future future(failed);
-    failed.SetError(ffi::Error::InvalidArgument("decode attention: needs q [B, N, H] and k, v [B, K, S, H] with N % K == 0, float32 or bfloat16"));
+    failed.SetError(ffi::Error::InvalidArgument(
+        "decode attention: needs q [B, N, H], k, v [B, K, S, H] with N % K == 0 and length [B], "
+        "float32 or bfloat16"));
     return future;
   }
   const Shape shape{qd[0], qd[1], kd[1], kd[2], qd[2]};

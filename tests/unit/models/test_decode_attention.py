@@ -132,6 +132,14 @@ def test_native_kernel_rejects_an_unsupported_dtype():
 
 
 @needs_compiler
+def test_native_kernel_rejects_lengths_not_one_per_row():
+    x = jnp.zeros((2, 2, 4))
+    with pytest.raises(Exception, match=r"length \[B\]"):
+        jax.block_until_ready(cpu_kernel.decode_attention(x, jnp.zeros((2, 1, 8, 4)), jnp.zeros((2, 1, 8, 4)),
+                                                          jnp.ones(3, jnp.int32)))
+
+
+@needs_compiler
 def test_native_kernel_build_is_cached_per_cpu_and_atomic(tmp_path, monkeypatch):
     """A build lands under its hash in the cache directory with no partial file left; a second
     call finds it without compiling; a missing compiler is a clear error."""
