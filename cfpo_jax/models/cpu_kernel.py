@@ -36,8 +36,9 @@ _LIBRARIES = ("-lmvec",) if sys.platform == "linux" else ()  # glibc's vector ex
 
 def _compiler() -> str | None:
     for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+        path = shutil.which(name) if name else None
+        if path:
+            return path
     return None
 
 

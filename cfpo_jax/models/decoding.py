@@ -10,9 +10,9 @@ new rows, and one decode step over a fixed number of cache slots.
   untouched. Separate per-layer buffers let the unrolled layer loop below read each layer's
   weights where they lie, instead of slicing (copying) them out of the stacked arrays every step.
 * `SlotCache`: one key and one value buffer per layer, `[slots, kv_heads, S, head_dim]`, in the
-  compute dtype (float32 on CPU: `cache_dtype`). The
-  layer loop is unrolled (a Python loop, not the trainer's `lax.scan`) so each layer's buffer is
-  its own array: a decode step writes one column per slot in place and decode attention reads the
+  compute dtype (float32 on CPU: `cache_dtype`). The layer loop is unrolled (a Python loop, not
+  the trainer's `lax.scan`) so each layer's buffer is its own array: a decode step writes one
+  column per slot in place and decode attention reads the
   buffer where it lies (`cfpo_jax.models.attention.decode_attention`) — no per-layer slice of a stacked
   cache, which copied the whole layer's cache every step (benchmarks/README.md). The price is a
   compiled program that grows with depth (one copy of a layer per layer), as in Tunix and vLLM.
