@@ -28,6 +28,7 @@ import sys
 from cfpo_jax import advantages, data, losses, moe_config, rewards, state
 from cfpo_jax.envs import formats
 from cfpo_jax.models.attention import DECODE_IMPLEMENTATIONS
+from cfpo_jax.models.matmul import IMPLEMENTATIONS as MATMUL_IMPLEMENTATIONS
 from cfpo_jax.models.config import ATTENTION_IMPLEMENTATIONS, LORA_TARGETS, REMAT_POLICIES
 from cfpo_jax.rewards import workers as reward_workers
 
@@ -114,6 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.max_concurrent = 0
     c.sampling.kv_cache_gb = 8.0
     c.sampling.attention = "auto"  # decode attention: auto (Pallas on GPU, paged on TPU, native on CPU), einsum, reduce, native, pallas, paged
+    c.sampling.matmul = "auto"  # the sampler's projections: auto (native on CPU for bfloat16), xla, native (models/matmul.py)
 
     c.rewards = ml_collections.ConfigDict()
     c.rewards.fns = ("math",)  # registered names or "package.module:function"
@@ -317,6 +319,7 @@ _CHOICES = {
     "rl.rollout_correction": tuple(losses.REGISTRY["rollout_correction"]),
     "optim.schedule": tuple(state.SCHEDULES),
     "sampling.attention": DECODE_IMPLEMENTATIONS,
+    "sampling.matmul": MATMUL_IMPLEMENTATIONS,
     "lora.base_dtype": (None, *TRAINING_DTYPES),
     "env.format": formats.FORMATS,
 }

@@ -51,6 +51,9 @@ Layout (R = prompts × n rows, P padded prompt length, N = max_new_tokens, V voc
   overrides). With a Pallas kernel the cache's slot count is rounded up to a multiple of 128 for
   its blocks/pages. The prefill runs the trainer's full-sequence kernel (`config.attention`:
   cuDNN / splash / einsum).
+* The projections (q/k/v/o, MLP) of the prefill and the decode steps run XLA's dot, except on CPU
+  in bfloat16, where a C++ kernel runs them (`models.matmul`: the same float32 sums rounded once;
+  `matmul=` overrides). The unembedding stays XLA's dot (float32 logits).
 
 Multi-turn (`turn_end` given; episodes and tools live in `cfpo_jax.envs`, which passes it):
 
@@ -90,6 +93,7 @@ from jax.sharding import PartitionSpec as PS
 
 from cfpo_jax.models import decoding, moe
 from cfpo_jax.models.attention import DECODE_SLOT_ALIGN, resolve_decode
+from cfpo_jax.models.matmul import resolve as resolve_matmul
 from cfpo_jax.sharding import BATCH_AXES, mesh_context, to_host
 
 DEFAULT_KV_CACHE_GB = 8.0
@@ -145,6 +149,7 @@ class Settings:
     pad_id: int
     mesh: jax.sharding.Mesh | None
     attention: str
+    matmul: str = "xla"  # the projections' kernel (`models.matmul`, resolved)
     # Multi-turn only (`turn_end` given): a row's turn also ends after one of these token
     # sequences, and forced tokens (`_Outputs.forced_RxN`) replace the samples where set.
     multi_turn: bool = False
@@ -412,7 +417,7 @@ def _insert(settings: Settings, weights, slots: _Slots, prompt_tokens_MxP, promp
     if prompt_len > 1:
         keys, values = decoding.prefill(
             weights, _constrain_batch(prompt_tokens_MxP[:, :-1], settings.mesh),
-            _constrain_batch(prompt_mask_MxP[:, :-1], settings.mesh))
+            _constrain_batch(prompt_mask_MxP[:, :-1], settings.mesh), matmul=settings.matmul)
 
         def write(old_KxGxSxH, new_MxGxTxH):
             prefix_KxGxTxH = jnp.where(insert_K[:, None, None, None], new_MxGxTxH[source_K],
@@ -450,7 +455,7 @@ def _decode_chunk(settings: Settings, weights, slots: _Slots, outputs: _Outputs,
         column_K = jnp.clip(slots.length_K - 1 + slots.step_K, 0, num_cache_slots - 1)
         logits_KxV, cache, *experts = decoding.decode_step(
             weights, slots.token_K, slots.cache, column_K, implementation=settings.attention,
-            record_routing=settings.record_routing)
+            record_routing=settings.record_routing, matmul=settings.matmul)
         key_K = jax.vmap(lambda r, t: jax.random.fold_in(jax.random.fold_in(key, r), t))(slots.row_K, slots.step_K)
         token_K, logprob_K = sample(logits_KxV, key_K, temperature=settings.temperature, top_k=settings.top_k,
                                     top_p=settings.top_p)
@@ -587,7 +592,8 @@ def slots_for_budget(config, num_cache_slots: int, kv_cache_gb: float, mesh=None
 def engine_settings(sampling_config) -> dict:
     """`generate`'s engine arguments from `config.sampling` (max_concurrent 0: from the budget)."""
     return dict(max_concurrent=sampling_config.max_concurrent or None,
-                kv_cache_gb=sampling_config.kv_cache_gb, attention=sampling_config.attention)
+                kv_cache_gb=sampling_config.kv_cache_gb, attention=sampling_config.attention,
+                matmul=sampling_config.matmul)
 
 
 def _run_turns(settings: Settings, weights, slots: _Slots, outputs: _Outputs, key, budget_R,
@@ -679,17 +685,19 @@ def slot_layout(config, *, prompt_len: int, max_new_tokens: int, num_rows: int, 
     return num_cache_slots, num_slots, max_prefill
 
 
-@jax.jit
-def _prefill_routing(weights, prompt_tokens_MxP, prompt_mask_MxP):
-    return decoding.prefill(weights, prompt_tokens_MxP[:, :-1], prompt_mask_MxP[:, :-1], record_routing=True)[2]
+@functools.partial(jax.jit, static_argnames="matmul")
+def _prefill_routing(weights, prompt_tokens_MxP, prompt_mask_MxP, matmul: str):
+    return decoding.prefill(weights, prompt_tokens_MxP[:, :-1], prompt_mask_MxP[:, :-1], record_routing=True,
+                            matmul=matmul)[2]
 
 
-def _prompt_routing(weights, prompt_tokens_BxP, prompt_mask_BxP, outputs: _Outputs, n: int):
+def _prompt_routing(weights, prompt_tokens_BxP, prompt_mask_BxP, outputs: _Outputs, n: int, matmul: str):
     """`Samples.routing`: the prompts' experts (one prefill of the distinct prompts) and the
     decode steps' (`outputs.routing_RxNxLxK`) in the rollout's columns."""
     step_RxNxLxK = outputs.routing_RxNxLxK
     if prompt_tokens_BxP.shape[1] > 1:
-        prompt_BxQxLxK = _prefill_routing(weights, jnp.asarray(prompt_tokens_BxP), jnp.asarray(prompt_mask_BxP))
+        prompt_BxQxLxK = _prefill_routing(weights, jnp.asarray(prompt_tokens_BxP), jnp.asarray(prompt_mask_BxP),
+                                          matmul)
     else:  # a one-token prompt bucket: decode step 0 routes its only token
         prompt_BxQxLxK = jnp.full((prompt_tokens_BxP.shape[0], 1, *step_RxNxLxK.shape[2:]), -1, jnp.int16)
     return moe.rollout_routing(jnp.repeat(prompt_BxQxLxK.astype(jnp.int16), n, axis=0),
@@ -731,6 +739,7 @@ def generate(
     max_concurrent: int | None = None,
     kv_cache_gb: float = DEFAULT_KV_CACHE_GB,
     attention: str = "auto",
+    matmul: str = "auto",
     turn_end: Callable[[int, list[int]], Sequence[int] | None] | None = None,
     stop_sequences: Sequence[Sequence[int]] = (),
     executor: concurrent.futures.Executor | None = None,
@@ -758,6 +767,7 @@ def generate(
         more than the rows is the rows); None: as many as fit `kv_cache_gb` per device.
       attention: decode attention kernel ("auto", "einsum", "reduce", "native", "pallas", "paged"; see
         `models.attention`).
+      matmul: the projections' kernel ("auto", "xla", "native"; see `models.matmul`).
       turn_end: multi-turn rollouts (see "Multi-turn" in the module doc): called as
         turn_end(row, tokens) when a row's turn ends (an EOS or a stop sequence), `tokens` the
         row's completion columns so far; returns the tokens to force next (an observation), or
@@ -784,11 +794,11 @@ def generate(
         raise ValueError(f"record_routing records a mixture of experts' routing; this "
                          f"{model.config.model_type!r} model has no experts")
     engine = _engine(model.config, request, mesh=mesh, max_concurrent=max_concurrent, kv_cache_gb=kv_cache_gb,
-                     attention=attention)
+                     attention=attention, matmul=matmul)
     settings = Settings(
         max_new_tokens=request.max_new_tokens, temperature=float(temperature), top_k=int(top_k),
         top_p=float(top_p), eos_token_ids=request.eos_token_ids, pad_id=int(pad_id), mesh=mesh,
-        attention=engine.attention, multi_turn=turn_end is not None, stop_sequences=request.stop_sequences,
+        attention=engine.attention, matmul=engine.matmul, multi_turn=turn_end is not None, stop_sequences=request.stop_sequences,
         record_routing=record_routing)
     weights = decoding.gather_weights(model, mesh)
     slots, outputs = init_program(settings, model.config, engine.num_slots, engine.num_cache_slots, request.num_rows)
@@ -799,8 +809,8 @@ def generate(
     else:
         outputs = _run_turns(settings, weights, slots, outputs, key, request.budget_R, inserter, turn_end,
                              executor, clock)
-    routing = (_prompt_routing(weights, request.prompt_tokens_BxP, request.prompt_mask_BxP, outputs, n)
-               if record_routing else None)
+    routing = (_prompt_routing(weights, request.prompt_tokens_BxP, request.prompt_mask_BxP, outputs, n,
+                               settings.matmul) if record_routing else None)
     samples = _samples(request, outputs, mesh, multi_turn=turn_end is not None, routing=routing)
     clock.finish()
     return samples
@@ -872,19 +882,21 @@ class _Engine:
     """The call's slots: K slots of S cache columns, prefills of at most `max_prefill` prompts."""
 
     attention: str
+    matmul: str
     num_cache_slots: int
     num_slots: int
     max_prefill: int
     shards: int
 
 
-def _engine(config, request: _Request, *, mesh, max_concurrent, kv_cache_gb, attention) -> _Engine:
+def _engine(config, request: _Request, *, mesh, max_concurrent, kv_cache_gb, attention, matmul) -> _Engine:
     """The slot layout of a call (`slot_layout`), printed once per setting."""
     if max_concurrent is not None and max_concurrent < 1:
         raise ValueError(f"max_concurrent must be >= 1 (or None for the kv_cache_gb budget); got {max_concurrent}")
     if kv_cache_gb <= 0:
         raise ValueError(f"kv_cache_gb must be > 0; got {kv_cache_gb}")
     attention = resolve_decode(attention, config.dtype, config.head_dim)
+    matmul = resolve_matmul(matmul, config.dtype, mesh)
     num_rows = request.num_rows
     num_cache_slots, num_slots, max_prefill = slot_layout(
         config, prompt_len=request.prompt_tokens_BxP.shape[1], max_new_tokens=request.max_new_tokens,
@@ -900,8 +912,8 @@ def _engine(config, request: _Request, *, mesh, max_concurrent, kv_cache_gb, att
         f"sampling: {min(max_concurrent, num_rows)} rows at a time ({source}; {num_slots} slots of "
         f"{num_cache_slots} cache columns, "
         f"{num_slots // shards * kv_bytes_per_slot(config, num_cache_slots, tensor) / 1e6:,.1f} MB "
-        f"of keys/values per device; {attention} decode attention)")
-    return _Engine(attention=attention, num_cache_slots=num_cache_slots, num_slots=num_slots,
+        f"of keys/values per device; {attention} decode attention, {matmul} matmuls)")
+    return _Engine(attention=attention, matmul=matmul, num_cache_slots=num_cache_slots, num_slots=num_slots,
                    max_prefill=max_prefill, shards=shards)
 
 

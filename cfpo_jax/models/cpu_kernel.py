@@ -1,15 +1,20 @@
-"""The C++ decode attention for XLA:CPU (decode_attention_cpu.cc beside this file), built on first
-use and called through `jax.ffi`: attention.py's "native" decode kernel.
+"""The sampler's C++ kernels for XLA:CPU, built on first use and called through `jax.ffi`:
 
-XLA:CPU has no Pallas backend, and its own fusions of the decode attention read every cache slot
-at a third of the box's bandwidth (benchmarks/README.md, "A C++ decode attention for XLA:CPU").
-The kernel is a single C++ file against jax's FFI headers (`jax.ffi.include_dir()`), compiled by
-the host's C++ compiler (`$CXX`, else `c++`/`g++`/`clang++` on PATH) with `-O3 -march=native`
-into `$CFPO_JAX_KERNEL_CACHE` (default `~/.cache/cfpo_jax/kernels`), under a name that hashes the
-source, the compile command, jax's version and the CPU's model and flags, so a shared home
-directory never hands one CPU another's build. The shared object is written to a temporary name
-and renamed into place (a concurrent or killed build leaves no half file). `available()` says
-whether it built (with the reason when not); nothing here runs at import.
+* decode_attention_cpu.cc, attention.py's "native" decode kernel. XLA:CPU has no Pallas backend,
+  and its own fusions of the decode attention read every cache slot at a third of the box's
+  bandwidth (benchmarks/README.md, "A C++ decode attention for XLA:CPU").
+* matmul_cpu.cc, `transformer.dense`'s "native" bfloat16 matmul for the sampler: XLA:CPU's dot
+  ran the decode step's shapes at ~45 % of the box's bfloat16 peak (benchmarks/README.md, "A C++
+  bfloat16 matmul for the sampler").
+
+The sources (and bfloat16.h, which both include) are C++ against jax's FFI headers
+(`jax.ffi.include_dir()`), compiled into one shared object by the host's C++ compiler (`$CXX`,
+else `c++`/`g++`/`clang++` on PATH) with `-O3 -march=native` into `$CFPO_JAX_KERNEL_CACHE`
+(default `~/.cache/cfpo_jax/kernels`), under a name that hashes the sources, the compile
+command, jax's version and the CPU's model and flags, so a shared home directory never hands one
+CPU another's build. The shared object is written to a temporary name and renamed into place (a
+concurrent or killed build leaves no half file). `available()` says whether it built (with the
+reason when not); nothing here runs at import.
 """
 
 from __future__ import annotations
@@ -28,8 +33,10 @@ import warnings
 
 import jax
 
-SOURCE = os.path.join(os.path.dirname(__file__), "decode_attention_cpu.cc")
-TARGET = "cfpo_decode_attention"
+_HERE = os.path.dirname(__file__)
+SOURCES = tuple(os.path.join(_HERE, name) for name in ("decode_attention_cpu.cc", "matmul_cpu.cc"))
+HEADERS = (os.path.join(_HERE, "bfloat16.h"),)
+TARGETS = {"cfpo_decode_attention": "CfpoDecodeAttention", "cfpo_matmul": "CfpoMatmul"}  # FFI name: symbol
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _LIBRARIES = ("-lmvec",) if sys.platform == "linux" else ()  # glibc's vector expf (AVX-512 builds)
 
@@ -63,12 +70,14 @@ def _build() -> str:
     compiler = _compiler()
     if compiler is None:
         raise RuntimeError("no C++ compiler found ($CXX, c++, g++ or clang++ on PATH)")
-    command = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), SOURCE, *_LIBRARIES]
-    with open(SOURCE, "rb") as f:
-        source = f.read()
-    key = hashlib.sha256(b"\0".join([source, " ".join(command).encode(), jax.__version__.encode(),
+    command = [compiler, *_FLAGS, "-I", jax.ffi.include_dir(), *SOURCES, *_LIBRARIES]
+    texts = []
+    for name in (*SOURCES, *HEADERS):
+        with open(name, "rb") as f:
+            texts.append(f.read())
+    key = hashlib.sha256(b"\0".join([*texts, " ".join(command).encode(), jax.__version__.encode(),
                                      _cpu_signature().encode()])).hexdigest()[:16]
-    path = os.path.join(_cache_dir(), f"decode_attention_cpu-{key}.so")
+    path = os.path.join(_cache_dir(), f"cpu_kernels-{key}.so")
     if os.path.exists(path):
         return path
     os.makedirs(_cache_dir(), exist_ok=True)
@@ -77,7 +86,8 @@ def _build() -> str:
     try:
         result = subprocess.run([*command, "-o", partial], capture_output=True, text=True, timeout=300)
         if result.returncode:
-            raise RuntimeError(f"{os.path.basename(compiler)} failed on {SOURCE}: {result.stderr.strip()[-2000:]}")
+            raise RuntimeError(f"{os.path.basename(compiler)} failed on {', '.join(SOURCES)}: "
+                               f"{result.stderr.strip()[-2000:]}")
         os.replace(partial, path)
     finally:
         if os.path.exists(partial):
@@ -89,21 +99,29 @@ _LOAD_LOCK = threading.Lock()  # the sampler's threads (async rollout) may ask a
 
 
 @functools.cache
-def _load() -> tuple[bool, str]:
+def _load() -> tuple[bool, str, bool]:
     try:
         library = ctypes.cdll.LoadLibrary(_build())
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.CfpoDecodeAttention), platform="cpu")
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (RuntimeError, OSError, subprocess.TimeoutExpired) as error:
-        warnings.warn(f"the C++ decode attention for CPU is unavailable ({error}); decode attention on CPU "
-                      "falls back to the 'reduce' kernel")
-        return False, str(error)
-    return True, ""
+        warnings.warn(f"the C++ kernels for CPU are unavailable ({error}); on CPU decode attention falls back "
+                      "to the 'reduce' kernel and the sampler's matmuls to XLA's")
+        return False, str(error), False
+    return True, "", bool(library.CfpoMatmulVectorized())
 
 
 def available() -> tuple[bool, str]:
-    """(whether the kernel is built and registered, the reason when not); builds it on first call."""
+    """(whether the kernels are built and registered, the reason when not); builds them on first call."""
     with _LOAD_LOCK:
-        return _load()
+        return _load()[:2]
+
+
+def matmul_vectorized() -> bool:
+    """Whether the matmul kernel was built with its AVX-512 BF16 path (what "auto" picks it for);
+    without it the kernel is a plain loop, slower than XLA's dot."""
+    with _LOAD_LOCK:
+        return _load()[2]
 
 
 def decode_attention(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B):
@@ -111,5 +129,21 @@ def decode_attention(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B):
     ok, reason = available()
     if not ok:
         raise RuntimeError(f"the 'native' decode attention kernel is unavailable: {reason}")
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q_BxNxH.shape, q_BxNxH.dtype), vmap_method="sequential")
+    call = jax.ffi.ffi_call("cfpo_decode_attention", jax.ShapeDtypeStruct(q_BxNxH.shape, q_BxNxH.dtype),
+                            vmap_method="sequential")
     return call(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B.astype("int32"))
+
+
+def matmul(a_MxK, b_KxN):
+    """a · b for bfloat16 a [M, K] and b [K, N] on one device (see matmul_cpu.cc): bfloat16 [M, N],
+    float32 sums rounded once."""
+    ok, reason = available()
+    if not ok:
+        raise RuntimeError(f"the 'native' matmul kernel is unavailable: {reason}")
+    if a_MxK.ndim != 2 or b_KxN.ndim != 2 or a_MxK.shape[1] != b_KxN.shape[0] or not (
+            a_MxK.dtype == b_KxN.dtype == jax.numpy.bfloat16):
+        raise ValueError(f"the 'native' matmul takes bfloat16 a [M, K] and b [K, N]; got {a_MxK.dtype}"
+                         f"{list(a_MxK.shape)} and {b_KxN.dtype}{list(b_KxN.shape)}")
+    call = jax.ffi.ffi_call("cfpo_matmul", jax.ShapeDtypeStruct((a_MxK.shape[0], b_KxN.shape[1]), a_MxK.dtype),
+                            vmap_method="sequential")
+    return call(a_MxK, b_KxN)

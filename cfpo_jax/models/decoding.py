@@ -23,7 +23,9 @@ new rows, and one decode step over a fixed number of cache slots.
 * The maths is the trainer's: the same `Block` modules (`Attention.qkv` / `Attention.out`, MLP,
   RMSNorm), RoPE and embedding/unembedding of `cfpo_jax.models.transformer`, and the prefill's
   full-sequence attention is the trainer's kernel (`config.attention`); only the decode attention
-  differs in what it reads. tests/unit/test_sampling.py checks the sampler against transformers.
+  differs in what it reads, and on CPU in bfloat16 the projections' kernel (`matmul`, see
+  `cfpo_jax.models.matmul`: the same float32 sums rounded once). tests/unit/test_sampling.py checks
+  the sampler against transformers.
 * Routing record (mixture of experts, `record_routing=True`): `prefill` and `decode_step` also
   return the experts each fed token's router chose in every layer, in the cache's column layout,
   for the learner to replay (`cfpo_jax.models.moe`).
@@ -39,6 +41,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as PS
 
 from cfpo_jax.models.attention import causal_attention, decode_attention, target_platform
+from cfpo_jax.models.matmul import kernel as matmul_kernel
 from cfpo_jax.models.transformer import default_positions, rope_angles
 
 
@@ -130,66 +133,72 @@ def _mlp(block, x_BxTxD, record: bool):
     return y_BxTxD, experts_BxTxK
 
 
-def prefill(weights: SamplingWeights, tokens_MxT, mask_MxT, *, record_routing: bool = False):
+def prefill(weights: SamplingWeights, tokens_MxT, mask_MxT, *, record_routing: bool = False,
+            matmul: str = "xla"):
     """Keys and values of M left-padded prompts, per layer [M, kv_heads, T, head_dim] (compute
     dtype), causal over real tokens; positions from the mask as in the trainer. Returned
     left-aligned: row m's real tokens in columns [0, sum(mask_MxT[m])), the columns after them
     unspecified. With `record_routing` (a MoE model) also the experts of every token, int32
-    [M, T, L, k], left-aligned the same way."""
-    model = weights.model()
-    T = tokens_MxT.shape[1]
-    sin_MxTxH, cos_MxTxH = rope_angles(model.config, default_positions(mask_MxT))
-    x_MxTxD = model._embed(tokens_MxT)
-    # Column c of the output reads input column c + (row's padding), clipped.
-    padding_M = T - jnp.sum(mask_MxT != 0, axis=1, dtype=jnp.int32)
-    source_Mx1xTx1 = jnp.minimum(jnp.arange(T)[None] + padding_M[:, None], T - 1)[:, None, :, None]
-    keys, values, experts = [], [], []
-    for layer in range(len(weights.layers)):
-        block = weights.block(layer)
-        q_MxTxNxH, k_MxTxKxH, v_MxTxKxH = block.attn.qkv(block.attn_norm(x_MxTxD), sin_MxTxH, cos_MxTxH)
-        attn_MxTxNxH = causal_attention(q_MxTxNxH, k_MxTxKxH, v_MxTxKxH, mask_MxT,
-                                        implementation=model.config.attention)
-        x_MxTxD = x_MxTxD + block.attn.out(attn_MxTxNxH)
-        y_MxTxD, experts_MxTxK = _mlp(block, block.mlp_norm(x_MxTxD), record_routing)
-        x_MxTxD = x_MxTxD + y_MxTxD
-        keys.append(jnp.take_along_axis(k_MxTxKxH.swapaxes(1, 2), source_Mx1xTx1, axis=2))
-        values.append(jnp.take_along_axis(v_MxTxKxH.swapaxes(1, 2), source_Mx1xTx1, axis=2))
+    [M, T, L, k], left-aligned the same way. `matmul`: the projections' kernel
+    (`cfpo_jax.models.matmul`, resolved)."""
+    with matmul_kernel(matmul):
+        model = weights.model()
+        T = tokens_MxT.shape[1]
+        sin_MxTxH, cos_MxTxH = rope_angles(model.config, default_positions(mask_MxT))
+        x_MxTxD = model._embed(tokens_MxT)
+        # Column c of the output reads input column c + (row's padding), clipped.
+        padding_M = T - jnp.sum(mask_MxT != 0, axis=1, dtype=jnp.int32)
+        source_Mx1xTx1 = jnp.minimum(jnp.arange(T)[None] + padding_M[:, None], T - 1)[:, None, :, None]
+        keys, values, experts = [], [], []
+        for layer in range(len(weights.layers)):
+            block = weights.block(layer)
+            q_MxTxNxH, k_MxTxKxH, v_MxTxKxH = block.attn.qkv(block.attn_norm(x_MxTxD), sin_MxTxH, cos_MxTxH)
+            attn_MxTxNxH = causal_attention(q_MxTxNxH, k_MxTxKxH, v_MxTxKxH, mask_MxT,
+                                            implementation=model.config.attention)
+            x_MxTxD = x_MxTxD + block.attn.out(attn_MxTxNxH)
+            y_MxTxD, experts_MxTxK = _mlp(block, block.mlp_norm(x_MxTxD), record_routing)
+            x_MxTxD = x_MxTxD + y_MxTxD
+            keys.append(jnp.take_along_axis(k_MxTxKxH.swapaxes(1, 2), source_Mx1xTx1, axis=2))
+            values.append(jnp.take_along_axis(v_MxTxKxH.swapaxes(1, 2), source_Mx1xTx1, axis=2))
+            if record_routing:
+                experts.append(jnp.take_along_axis(experts_MxTxK, source_Mx1xTx1[:, 0], axis=1))
         if record_routing:
-            experts.append(jnp.take_along_axis(experts_MxTxK, source_Mx1xTx1[:, 0], axis=1))
-    if record_routing:
-        return keys, values, jnp.stack(experts, axis=2)
-    return keys, values
+            return keys, values, jnp.stack(experts, axis=2)
+        return keys, values
 
 
 def decode_step(weights: SamplingWeights, token_K, cache: SlotCache, column_K, *, implementation: str = "auto",
-                record_routing: bool = False):
+                record_routing: bool = False, matmul: str = "xla"):
     """Feeds one token per slot at position column_K[k]: writes its key/value at that cache column
     of slot k (in place) and attends over columns [0, column_K[k]] (`attention.decode_attention`
     with `implementation`, per shard of the mesh in context). Returns (logits [K, V] float32, cache),
-    and with `record_routing` (a MoE model) third the fed tokens' experts, int32 [K, L, k]."""
-    model = weights.model()
-    num_slots = token_K.shape[0]
-    sin_Kx1xH, cos_Kx1xH = rope_angles(model.config, column_K[:, None])
-    x_Kx1xD = model._embed(token_K[:, None])
-    slot_Kx1 = jnp.arange(num_slots)[:, None]
-    head_1xG = jnp.arange(model.config.num_kv_heads)[None]
-    column_Kx1 = column_K[:, None]
-    keys, values, experts = list(cache.k), list(cache.v), []
-    for layer in range(len(weights.layers)):
-        block = weights.block(layer)
-        q_Kx1xNxH, k_Kx1xGxH, v_Kx1xGxH = block.attn.qkv(block.attn_norm(x_Kx1xD), sin_Kx1xH, cos_Kx1xH)
-        # One [head_dim] row per (slot, kv head): a write window on the minor dim only. With a
-        # [kv_heads, head_dim] window per slot the TPU compiler gave the loop's cache a
-        # kv-heads-minor layout and copied every layer's cache into the decode kernel's layout
-        # at every step (benchmarks/README.md, compile.py, 2026-12-03 second session).
-        keys[layer] = keys[layer].at[slot_Kx1, head_1xG, column_Kx1].set(k_Kx1xGxH[:, 0].astype(keys[layer].dtype))
-        values[layer] = values[layer].at[slot_Kx1, head_1xG, column_Kx1].set(v_Kx1xGxH[:, 0].astype(values[layer].dtype))
-        attn_KxNxH = decode_attention(q_Kx1xNxH[:, 0], keys[layer], values[layer], column_K + 1,
-                                      implementation=implementation)
-        x_Kx1xD = x_Kx1xD + block.attn.out(attn_KxNxH[:, None])
-        y_Kx1xD, experts_Kx1xk = _mlp(block, block.mlp_norm(x_Kx1xD), record_routing)
-        x_Kx1xD = x_Kx1xD + y_Kx1xD
-        experts.append(experts_Kx1xk)
-    logits_Kx1xV = model.unembed(model.final_norm(x_Kx1xD))
-    out = logits_Kx1xV[:, 0], SlotCache(k=tuple(keys), v=tuple(values))
-    return (*out, jnp.stack(experts, axis=1)[:, :, 0]) if record_routing else out
+    and with `record_routing` (a MoE model) third the fed tokens' experts, int32 [K, L, k].
+    `matmul`: the projections' kernel (`cfpo_jax.models.matmul`, resolved)."""
+    with matmul_kernel(matmul):
+        model = weights.model()
+        num_slots = token_K.shape[0]
+        sin_Kx1xH, cos_Kx1xH = rope_angles(model.config, column_K[:, None])
+        x_Kx1xD = model._embed(token_K[:, None])
+        slot_Kx1 = jnp.arange(num_slots)[:, None]
+        head_1xG = jnp.arange(model.config.num_kv_heads)[None]
+        column_Kx1 = column_K[:, None]
+        keys, values, experts = list(cache.k), list(cache.v), []
+        for layer in range(len(weights.layers)):
+            block = weights.block(layer)
+            q_Kx1xNxH, k_Kx1xGxH, v_Kx1xGxH = block.attn.qkv(block.attn_norm(x_Kx1xD), sin_Kx1xH, cos_Kx1xH)
+            # One [head_dim] row per (slot, kv head): a write window on the minor dim only. With a
+            # [kv_heads, head_dim] window per slot the TPU compiler gave the loop's cache a
+            # kv-heads-minor layout and copied every layer's cache into the decode kernel's layout
+            # at every step (benchmarks/README.md, compile.py, 2026-12-03 second session).
+            write_at = (slot_Kx1, head_1xG, column_Kx1)
+            keys[layer] = keys[layer].at[write_at].set(k_Kx1xGxH[:, 0].astype(keys[layer].dtype))
+            values[layer] = values[layer].at[write_at].set(v_Kx1xGxH[:, 0].astype(values[layer].dtype))
+            attn_KxNxH = decode_attention(q_Kx1xNxH[:, 0], keys[layer], values[layer], column_K + 1,
+                                          implementation=implementation)
+            x_Kx1xD = x_Kx1xD + block.attn.out(attn_KxNxH[:, None])
+            y_Kx1xD, experts_Kx1xk = _mlp(block, block.mlp_norm(x_Kx1xD), record_routing)
+            x_Kx1xD = x_Kx1xD + y_Kx1xD
+            experts.append(experts_Kx1xk)
+        logits_Kx1xV = model.unembed(model.final_norm(x_Kx1xD))
+        out = logits_Kx1xV[:, 0], SlotCache(k=tuple(keys), v=tuple(values))
+        return (*out, jnp.stack(experts, axis=1)[:, :, 0]) if record_routing else out

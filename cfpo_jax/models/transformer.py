@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from cfpo_jax.models import attention, moe
+from cfpo_jax.models import attention, matmul, moe
 from cfpo_jax.models.config import ModelConfig
 
 _INIT = nnx.initializers.normal(stddev=0.02)
@@ -87,9 +87,15 @@ def dense(x, kernel, *, num_in: int = 1, preferred_element_type=None):
     SmolLM2's bfloat16 decode at 32 rows 1.4× faster (benchmarks/README.md). The sums are
     float32 either way. TPUs and GPUs accumulate bfloat16 in float32 already; their programs are
     left as they were.
+
+    Traced inside `matmul.kernel("native")` (the sampler on CPU), a bfloat16 call without
+    `preferred_element_type` runs the C++ kernel instead (`cfpo_jax.models.matmul`): the same
+    float32 sums rounded once, no gradient.
     """
     lead, in_shape, out_shape = x.shape[: x.ndim - num_in], kernel.shape[:num_in], kernel.shape[num_in:]
     rows_RxI = x.reshape(-1, math.prod(in_shape))
+    if preferred_element_type is None and matmul.native_applies(x.dtype, kernel.dtype):
+        return matmul.native(rows_RxI, kernel.reshape(math.prod(in_shape), -1)).reshape(*lead, *out_shape)
     accumulate = preferred_element_type or _cpu_accumulation(x.dtype)
     out_RxO = jnp.matmul(rows_RxI, kernel.reshape(math.prod(in_shape), -1), preferred_element_type=accumulate)
     if preferred_element_type is None:

@@ -412,7 +412,7 @@ def test_n_samples_prefill_each_prompt_once(monkeypatch):
 
     traced = []
     prefill = decoding.prefill
-    monkeypatch.setattr(decoding, "prefill", lambda w, t, m: traced.append(t.shape) or prefill(w, t, m))
+    monkeypatch.setattr(decoding, "prefill", lambda w, t, m, **kw: traced.append(t.shape) or prefill(w, t, m, **kw))
     model = fixed_logits_model(np.log(PROBS))
     s = sampling.generate(model, [[3, 4], [5, 6, 7, 8]], max_new_tokens=5, n=3, seed=1)
     # Two prompts padded to 4, six rows in six slots: one prefill of 2 rows x 3 columns.
@@ -431,7 +431,7 @@ def test_prefill_batches_are_capped_and_rows_stay_in_order(checkpoint, monkeypat
     whole = sampling.generate(model, prompts, **kwargs)
     traced = []
     prefill = decoding.prefill
-    monkeypatch.setattr(decoding, "prefill", lambda w, t, m: traced.append(t.shape) or prefill(w, t, m))
+    monkeypatch.setattr(decoding, "prefill", lambda w, t, m, **kw: traced.append(t.shape) or prefill(w, t, m, **kw))
     monkeypatch.setattr(sampling, "_PREFILL_TOKENS", 4)  # one prompt of the 4-token bucket per call
     capped = sampling.generate(model, prompts, **kwargs)
     assert traced == [(1, 3)]  # one prompt per prefill (traced once, called three times)
