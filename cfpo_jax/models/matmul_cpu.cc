@@ -113,7 +113,7 @@ void RowBlock(const uint16_t* a, const uint16_t* packed, const Shape& s, int64_t
 
 void RunItems(const uint16_t* a, const uint16_t* b, const Shape& s, uint16_t* out, int64_t begin, int64_t end) {
   const int64_t panels = (s.N + kPanel - 1) / kPanel;
-  std::vector<uint16_t, std::allocator<uint16_t>> storage((s.K + 1) / 2 * 2 * kPanel + 32);
+  std::vector<uint16_t> storage((s.K + 1) / 2 * 2 * kPanel + 32);
   // 64-byte aligned start for the aligned panel loads.
   uint16_t* packed = storage.data() + ((64 - reinterpret_cast<uintptr_t>(storage.data()) % 64) % 64) / 2;
   for (int64_t item = begin; item < end; ++item) {
