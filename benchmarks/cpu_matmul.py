@@ -1,9 +1,9 @@
-"""The sampler's bfloat16 matmul on CPU: the "native" C++ kernel (cfpo_jax/models/matmul_cpu.cc)
-against XLA's dot (bfloat16 operands, float32 accumulation, rounded to bfloat16: what
-`transformer.dense` runs otherwise), in the same run.
+"""The sampler's matmul on CPU: the "native" C++ kernel (cfpo_jax/models/matmul_cpu.cc) against
+XLA's dot (what `transformer.dense` runs otherwise: float32, or bfloat16 operands with float32
+accumulation rounded to bfloat16), in the same run.
 
     python benchmarks/cpu_matmul.py                    # SmolLM2-135M's shapes, 32 and 256 rows
-    python benchmarks/cpu_matmul.py --rows 8,32 --layers 30 --repeats 15
+    python benchmarks/cpu_matmul.py --rows 8,32 --dtypes bfloat16 --layers 30 --repeats 15
 
 Two tables, each the median over `--repeats` calls with the two kernels alternating:
 
@@ -32,7 +32,7 @@ SHAPES = [("q / o", D, Q), ("k / v", D, KV), ("gate / up", D, F), ("down", F, D)
 
 
 def xla(x, w):
-    return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(jnp.bfloat16)
+    return jnp.matmul(x, w, preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def _median_ms(fn, repeats):
@@ -55,12 +55,13 @@ def _alternating(programs, args, repeats):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def per_shape(rows, layers, repeats, rng):
-    print("\n| rows | shape (K x N) | XLA µs | native µs | XLA / native | native GFLOP/s | native weights GB/s |")
+def per_shape(rows, dtype, layers, repeats, rng):
+    print(f"\n| rows | {dtype} shape (K x N) | XLA µs | native µs | XLA / native | native GFLOP/s | "
+          "native weights GB/s |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, K, N in SHAPES:
-        x = jnp.asarray(rng.standard_normal((rows, K)), jnp.bfloat16)
-        ws = [jnp.asarray(rng.standard_normal((K, N)) * 0.03, jnp.bfloat16) for _ in range(layers)]
+        x = jnp.asarray(rng.standard_normal((rows, K)), dtype)
+        ws = [jnp.asarray(rng.standard_normal((K, N)) * 0.03, dtype) for _ in range(layers)]
         programs = {kernel: jax.jit(lambda x, ws, mm=mm: [mm(x, w) for w in ws])
                     for kernel, mm in (("xla", xla), ("native", cpu_kernel.matmul))}
         ms = _alternating(programs, (x, ws), repeats)
@@ -68,12 +69,12 @@ def per_shape(rows, layers, repeats, rng):
         t = per_call["native"] * 1e-6
         print(f"| {rows} | {name} ({K} x {N}) | {per_call['xla']:.1f} | {per_call['native']:.1f} | "
               f"{per_call['xla'] / per_call['native']:.2f} | {2 * rows * K * N / t / 1e9:.0f} | "
-              f"{K * N * 2 / t / 1e9:.1f} |")
+              f"{K * N * jnp.dtype(dtype).itemsize / t / 1e9:.1f} |")
 
 
-def step(rows, layers, repeats, rng):
+def step(rows, dtype, layers, repeats, rng):
     def weights(K, N):
-        return jnp.asarray(rng.standard_normal((K, N)) * 0.03, jnp.bfloat16)
+        return jnp.asarray(rng.standard_normal((K, N)) * 0.03, dtype)
 
     params = [dict(q=weights(D, Q), k=weights(D, KV), v=weights(D, KV), o=weights(Q, D), gate=weights(D, F),
                    up=weights(D, F), down=weights(F, D)) for _ in range(layers)]
@@ -85,7 +86,7 @@ def step(rows, layers, repeats, rng):
             x = x + mm(mm(x, p["gate"]) * mm(x, p["up"]), p["down"])
         return x
 
-    x = jnp.asarray(rng.standard_normal((rows, D)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((rows, D)), dtype)
     programs = {kernel: jax.jit(lambda x, p, mm=mm: projections(mm, x, p))
                 for kernel, mm in (("xla", xla), ("native", cpu_kernel.matmul))}
     ms = _alternating(programs, (x, params), repeats)
@@ -96,6 +97,7 @@ def step(rows, layers, repeats, rng):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default="32,256")
+    parser.add_argument("--dtypes", default="bfloat16,float32")
     parser.add_argument("--layers", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=11)
     args = parser.parse_args(argv)
@@ -107,14 +109,18 @@ def main(argv=None) -> int:
         print("note: this CPU has no AVX-512 BF16; the native kernel is its plain loop ('auto' keeps XLA's dot)")
     rng = np.random.default_rng(0)
     rows_list = [int(r) for r in args.rows.split(",")]
-    for rows in rows_list:
-        per_shape(rows, args.layers, args.repeats, rng)
-    print(f"\n| rows | {args.layers} layers' projections | XLA ms | native ms | XLA / native | native GFLOP/s |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for rows in rows_list:
-        ms, flops = step(rows, args.layers, args.repeats, rng)
-        print(f"| {rows} | q k v o gate up down | {ms['xla']:.1f} | {ms['native']:.1f} | "
-              f"{ms['xla'] / ms['native']:.2f} | {flops / ms['native'] / 1e6:.0f} |")
+    dtypes = [jnp.dtype(d) for d in args.dtypes.split(",")]
+    for dtype in dtypes:
+        for rows in rows_list:
+            per_shape(rows, dtype, args.layers, args.repeats, rng)
+    print(f"\n| rows | dtype | {args.layers} layers' projections | XLA ms | native ms | XLA / native | "
+          "native GFLOP/s |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for dtype in dtypes:
+        for rows in rows_list:
+            ms, flops = step(rows, dtype, args.layers, args.repeats, rng)
+            print(f"| {rows} | {dtype} | q k v o gate up down | {ms['xla']:.1f} | {ms['native']:.1f} | "
+                  f"{ms['xla'] / ms['native']:.2f} | {flops / ms['native'] / 1e6:.0f} |")
     return 0
 
 

@@ -115,7 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.sampling.max_concurrent = 0
     c.sampling.kv_cache_gb = 8.0
     c.sampling.attention = "auto"  # decode attention: auto (Pallas on GPU, paged on TPU, native on CPU), einsum, reduce, native, pallas, paged
-    c.sampling.matmul = "auto"  # the sampler's projections: auto (native on CPU for bfloat16), xla, native (models/matmul.py)
+    c.sampling.matmul = "auto"  # the sampler's projections: auto (native on CPU), xla, native (models/matmul.py)
 
     c.rewards = ml_collections.ConfigDict()
     c.rewards.fns = ("math",)  # registered names or "package.module:function"

@@ -51,9 +51,9 @@ Layout (R = prompts × n rows, P padded prompt length, N = max_new_tokens, V voc
   overrides). With a Pallas kernel the cache's slot count is rounded up to a multiple of 128 for
   its blocks/pages. The prefill runs the trainer's full-sequence kernel (`config.attention`:
   cuDNN / splash / einsum).
-* The projections (q/k/v/o, MLP) of the prefill and the decode steps run XLA's dot, except on CPU
-  in bfloat16, where a C++ kernel runs them (`models.matmul`: the same float32 sums rounded once;
-  `matmul=` overrides). The unembedding stays XLA's dot (float32 logits).
+* The projections (q/k/v/o, MLP) of the prefill and the decode steps run XLA's dot, except on CPU,
+  where a C++ kernel runs them (`models.matmul`: float32 sums in another order; `matmul=`
+  overrides). The unembedding stays XLA's dot (float32 logits).
 
 Multi-turn (`turn_end` given; episodes and tools live in `cfpo_jax.envs`, which passes it):
 

@@ -3,9 +3,9 @@
 * decode_attention_cpu.cc, attention.py's "native" decode kernel. XLA:CPU has no Pallas backend,
   and its own fusions of the decode attention read every cache slot at a third of the box's
   bandwidth (benchmarks/README.md, "A C++ decode attention for XLA:CPU").
-* matmul_cpu.cc, `transformer.dense`'s "native" bfloat16 matmul for the sampler: XLA:CPU's dot
-  ran the decode step's shapes at ~45 % of the box's bfloat16 peak (benchmarks/README.md, "A C++
-  bfloat16 matmul for the sampler").
+* matmul_cpu.cc, `transformer.dense`'s "native" float32 / bfloat16 matmul for the sampler:
+  XLA:CPU's dot ran the decode step's shapes at ~45 % of the box's bfloat16 peak
+  (benchmarks/README.md, "A C++ matmul for the sampler").
 
 The sources (and bfloat16.h, which both include) are C++ against jax's FFI headers
 (`jax.ffi.include_dir()`), compiled into one shared object by the host's C++ compiler (`$CXX`,
@@ -37,6 +37,7 @@ _HERE = os.path.dirname(__file__)
 SOURCES = tuple(os.path.join(_HERE, name) for name in ("decode_attention_cpu.cc", "matmul_cpu.cc"))
 HEADERS = (os.path.join(_HERE, "bfloat16.h"),)
 TARGETS = {"cfpo_decode_attention": "CfpoDecodeAttention", "cfpo_matmul": "CfpoMatmul"}  # FFI name: symbol
+MATMUL_DTYPES = (jax.numpy.dtype("float32"), jax.numpy.dtype("bfloat16"))
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 _LIBRARIES = ("-lmvec",) if sys.platform == "linux" else ()  # glibc's vector expf (AVX-512 builds)
 
@@ -118,7 +119,7 @@ def available() -> tuple[bool, str]:
 
 
 def matmul_vectorized() -> bool:
-    """Whether the matmul kernel was built with its AVX-512 BF16 path (what "auto" picks it for);
+    """Whether the matmul kernel was built with its AVX-512 (BF16) path (what "auto" picks it for);
     without it the kernel is a plain loop, slower than XLA's dot."""
     with _LOAD_LOCK:
         return _load()[2]
@@ -135,15 +136,15 @@ def decode_attention(q_BxNxH, k_BxKxSxH, v_BxKxSxH, length_B):
 
 
 def matmul(a_MxK, b_KxN):
-    """a · b for bfloat16 a [M, K] and b [K, N] on one device (see matmul_cpu.cc): bfloat16 [M, N],
-    float32 sums rounded once."""
+    """a · b for a [M, K] and b [K, N], both float32 or both bfloat16, on one device (see
+    matmul_cpu.cc): [M, N] in their dtype, float32 sums (for bfloat16 rounded once)."""
     ok, reason = available()
     if not ok:
         raise RuntimeError(f"the 'native' matmul kernel is unavailable: {reason}")
-    if a_MxK.ndim != 2 or b_KxN.ndim != 2 or a_MxK.shape[1] != b_KxN.shape[0] or not (
-            a_MxK.dtype == b_KxN.dtype == jax.numpy.bfloat16):
-        raise ValueError(f"the 'native' matmul takes bfloat16 a [M, K] and b [K, N]; got {a_MxK.dtype}"
-                         f"{list(a_MxK.shape)} and {b_KxN.dtype}{list(b_KxN.shape)}")
+    if a_MxK.ndim != 2 or b_KxN.ndim != 2 or a_MxK.shape[1] != b_KxN.shape[0] or a_MxK.dtype != b_KxN.dtype or (
+            a_MxK.dtype not in MATMUL_DTYPES):
+        raise ValueError(f"the 'native' matmul takes a [M, K] and b [K, N], both float32 or both bfloat16; got "
+                         f"{a_MxK.dtype}{list(a_MxK.shape)} and {b_KxN.dtype}{list(b_KxN.shape)}")
     call = jax.ffi.ffi_call("cfpo_matmul", jax.ShapeDtypeStruct((a_MxK.shape[0], b_KxN.shape[1]), a_MxK.dtype),
                             vmap_method="sequential")
     return call(a_MxK, b_KxN)

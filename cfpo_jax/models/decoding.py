@@ -23,8 +23,8 @@ new rows, and one decode step over a fixed number of cache slots.
 * The maths is the trainer's: the same `Block` modules (`Attention.qkv` / `Attention.out`, MLP,
   RMSNorm), RoPE and embedding/unembedding of `cfpo_jax.models.transformer`, and the prefill's
   full-sequence attention is the trainer's kernel (`config.attention`); only the decode attention
-  differs in what it reads, and on CPU in bfloat16 the projections' kernel (`matmul`, see
-  `cfpo_jax.models.matmul`: the same float32 sums rounded once). tests/unit/test_sampling.py checks
+  differs in what it reads, and on CPU the projections' kernel (`matmul`, see
+  `cfpo_jax.models.matmul`: float32 sums in another order). tests/unit/test_sampling.py checks
   the sampler against transformers.
 * Routing record (mixture of experts, `record_routing=True`): `prefill` and `decode_step` also
   return the experts each fed token's router chose in every layer, in the cache's column layout,

@@ -88,9 +88,9 @@ def dense(x, kernel, *, num_in: int = 1, preferred_element_type=None):
     float32 either way. TPUs and GPUs accumulate bfloat16 in float32 already; their programs are
     left as they were.
 
-    Traced inside `matmul.kernel("native")` (the sampler on CPU), a bfloat16 call without
-    `preferred_element_type` runs the C++ kernel instead (`cfpo_jax.models.matmul`): the same
-    float32 sums rounded once, no gradient.
+    Traced inside `matmul.kernel("native")` (the sampler on CPU), a float32 or bfloat16 call
+    without `preferred_element_type` runs the C++ kernel instead (`cfpo_jax.models.matmul`): float32
+    sums (bfloat16: rounded once), no gradient.
     """
     lead, in_shape, out_shape = x.shape[: x.ndim - num_in], kernel.shape[:num_in], kernel.shape[num_in:]
     rows_RxI = x.reshape(-1, math.prod(in_shape))
