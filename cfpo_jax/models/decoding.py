@@ -9,6 +9,10 @@ new rows, and one decode step over a fixed number of cache slots.
   model in bfloat16 with tensor = 1: 15.2 GB), alive for the call; the FSDP-sharded originals are
   untouched. Separate per-layer buffers let the unrolled layer loop below read each layer's
   weights where they lie, instead of slicing (copying) them out of the stacked arrays every step.
+  On CPU a model with tied embeddings also gets its unembedding as its own [D, V] array
+  (`head_DxV`, V·D·itemsize more: 56.6 MB for SmolLM2 in bfloat16): XLA:CPU's dot against the
+  embedding transposed took 1.1–2.3× the time of the same dot against a [D, V] array inside the
+  decode loop, and 6× alone (benchmarks/README.md, "A C++ matmul for the sampler").
 * `SlotCache`: one key and one value buffer per layer, `[slots, kv_heads, S, head_dim]`, in the
   compute dtype (float32 on CPU: `cache_dtype`). The layer loop is unrolled (a Python loop, not
   the trainer's `lax.scan`) so each layer's buffer is its own array: a decode step writes one
@@ -42,16 +46,19 @@ from jax.sharding import PartitionSpec as PS
 
 from cfpo_jax.models.attention import causal_attention, decode_attention, target_platform
 from cfpo_jax.models.matmul import kernel as matmul_kernel
-from cfpo_jax.models.transformer import default_positions, rope_angles
+from cfpo_jax.models.transformer import default_positions, dense, rope_angles
 
 
 @flax.struct.dataclass
 class SamplingWeights:
     """top: the model's state with each stacked-layer leaf replaced by a 0-d placeholder (only the
-    embedding, final norm and head are read from it); layers: one Block state per layer."""
+    embedding, final norm and head are read from it); layers: one Block state per layer;
+    head_DxV: on CPU for tied embeddings the unembedding [D, V] (the embedding transposed), else
+    None."""
 
     top: nnx.State
     layers: tuple
+    head_DxV: jax.Array | None
     graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
     block_graphdef: nnx.GraphDef = flax.struct.field(pytree_node=False)
 
@@ -61,6 +68,12 @@ class SamplingWeights:
 
     def block(self, layer: int):
         return nnx.merge(self.block_graphdef, self.layers[layer])
+
+    def unembed(self, model, hidden_BxTxD):
+        """Logits [B, T, V] float32: `model.unembed`, from `head_DxV` where there is one."""
+        if self.head_DxV is None:
+            return model.unembed(hidden_BxTxD)
+        return dense(hidden_BxTxD, self.head_DxV, preferred_element_type=jnp.float32)
 
 
 @flax.struct.dataclass
@@ -93,7 +106,12 @@ def _gather(graphdef, block_graphdef, mesh, dtype, state):
     layers = tuple(jax.tree.map(lambda x, i=i: x[i], blocks) for i in range(num_layers))
     top = nnx.State({**{k: v for k, v in state.items() if k != "blocks"},
                      "blocks": jax.tree.map(lambda x: jnp.zeros((), x.dtype), blocks)})
-    return SamplingWeights(top=top, layers=layers, graphdef=graphdef, block_graphdef=block_graphdef)
+    config = nnx.merge(graphdef, state).config
+    head_DxV = None
+    if config.tie_embeddings and not config.num_labels and target_platform() == "cpu":
+        head_DxV = state["embedding"][...].T
+    return SamplingWeights(top=top, layers=layers, head_DxV=head_DxV, graphdef=graphdef,
+                           block_graphdef=block_graphdef)
 
 
 gather_program = jax.jit(_gather, static_argnums=(0, 1, 2, 3))
@@ -199,6 +217,6 @@ def decode_step(weights: SamplingWeights, token_K, cache: SlotCache, column_K, *
             y_Kx1xD, experts_Kx1xk = _mlp(block, block.mlp_norm(x_Kx1xD), record_routing)
             x_Kx1xD = x_Kx1xD + y_Kx1xD
             experts.append(experts_Kx1xk)
-        logits_Kx1xV = model.unembed(model.final_norm(x_Kx1xD))
+        logits_Kx1xV = weights.unembed(model, model.final_norm(x_Kx1xD))
         out = logits_Kx1xV[:, 0], SlotCache(k=tuple(keys), v=tuple(values))
         return (*out, jnp.stack(experts, axis=1)[:, :, 0]) if record_routing else out
