@@ -28,8 +28,8 @@ import sys
 from cfpo_jax import advantages, data, losses, moe_config, rewards, state
 from cfpo_jax.envs import formats
 from cfpo_jax.models.attention import DECODE_IMPLEMENTATIONS
-from cfpo_jax.models.matmul import IMPLEMENTATIONS as MATMUL_IMPLEMENTATIONS
 from cfpo_jax.models.config import ATTENTION_IMPLEMENTATIONS, LORA_TARGETS, REMAT_POLICIES
+from cfpo_jax.models.matmul import IMPLEMENTATIONS as MATMUL_IMPLEMENTATIONS
 from cfpo_jax.rewards import workers as reward_workers
 
 OPTIONAL = config_dict.placeholder

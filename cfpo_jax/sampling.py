@@ -53,7 +53,8 @@ Layout (R = prompts × n rows, P padded prompt length, N = max_new_tokens, V voc
   cuDNN / splash / einsum).
 * The projections (q/k/v/o, MLP) of the prefill and the decode steps run XLA's dot, except on CPU,
   where a C++ kernel runs them (`models.matmul`: float32 sums in another order; `matmul=`
-  overrides). The unembedding stays XLA's dot (float32 logits).
+  overrides). The unembedding stays XLA's dot (float32 logits; on CPU a tied one from its own
+  [D, V] copy, `models.decoding`).
 
 Multi-turn (`turn_end` given; episodes and tools live in `cfpo_jax.envs`, which passes it):
 

@@ -13,9 +13,8 @@ not have) always traces "xla". jit's cache does not key on the context: the samp
 take the kernel as a static argument (`sampling.Settings.matmul`), so each kernel has its own
 compiled program. The kernel's sums are float32 (over exact products for bfloat16, rounded to
 bfloat16 once), like XLA's, in another order; tests/unit/models/test_matmul.py compares it with
-numpy and with XLA.
-Under a mesh the kernel runs per shard: rows split over the ('data', 'fsdp') axes, the weights
-whole on every shard.
+numpy and with XLA. Under a mesh the kernel runs per shard: rows split over the ('data', 'fsdp')
+axes, the weights whole on every shard.
 """
 
 from __future__ import annotations
