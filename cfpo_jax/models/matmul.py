@@ -13,8 +13,8 @@ not have) always traces "xla". jit's cache does not key on the context: the samp
 take the kernel as a static argument (`sampling.Settings.matmul`), so each kernel has its own
 compiled program. The kernel's sums are float32 (over exact products for bfloat16, rounded to
 bfloat16 once), like XLA's, in another order; tests/unit/models/test_matmul.py compares it with
-numpy and with XLA. Under a mesh the kernel runs per shard: rows split over the ('data', 'fsdp')
-axes, the weights whole on every shard.
+numpy and with XLA. Under a mesh the kernel runs per shard: rows split over the batch axes
+('data', 'fsdp', 'expert'), the weights whole on every shard.
 """
 
 from __future__ import annotations
@@ -28,10 +28,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from cfpo_jax.models import cpu_kernel
-from cfpo_jax.models.attention import target_platform
+from cfpo_jax.models.attention import _BATCH_AXES, target_platform
 
 IMPLEMENTATIONS = ("auto", "xla", "native")
-_BATCH_AXES = ("data", "fsdp")
 _CURRENT = contextvars.ContextVar("cfpo_jax_matmul", default="xla")
 
 
